@@ -1,0 +1,499 @@
+//! [`HybridCache`], the shared handle, and its builder.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName};
+use tokio::sync::watch;
+
+use crate::entry::{CachedResponse, Entry, VaryIndex};
+use crate::error::BuildError;
+use crate::key::normalised_value;
+use crate::layer::HybridCacheLayer;
+use crate::store::memory::MemoryStore;
+use crate::store::{HybridStore, Tier};
+use crate::telemetry::{CacheStats, Counter, Counters};
+use crate::CacheKey;
+
+/// Default memory-tier capacity: 64 MiB.
+pub const DEFAULT_MEMORY_CAPACITY_BYTES: u64 = 64 << 20;
+/// Default namespace: the first part of every storage key.
+pub const DEFAULT_NAMESPACE: &str = "thc";
+/// Default name in `Cache-Status` (RFC 9211).
+pub const DEFAULT_CACHE_STATUS_NAME: &str = "tower-hybrid-cache";
+
+/// The shared cache: its stores, settings and counters.
+///
+/// Cheap to clone; every clone, and every [`HybridCacheLayer`] made from it, shares
+/// the same stores. Build one per process and make a layer per route from it.
+///
+/// ```
+/// use std::time::Duration;
+/// use axum::{routing::get, Router};
+/// use tower_hybrid_cache::HybridCache;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let cache = HybridCache::builder()
+///     .memory_capacity_bytes(256 << 20)
+///     .build()
+///     .await?;
+///
+/// let app: Router = Router::new()
+///     .route("/jobs/search", get(|| async { "results" }).layer(cache.layer().ttl(Duration::from_secs(30))))
+///     .route("/jobs/{id}", get(|| async { "a job" }).layer(cache.layer().ttl(Duration::from_secs(300))));
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct HybridCache {
+    pub(crate) inner: Arc<CacheInner>,
+}
+
+pub(crate) struct CacheInner {
+    pub(crate) store: HybridStore,
+    pub(crate) flights: SingleFlight,
+    pub(crate) counters: Counters,
+    pub(crate) cache_status_name: String,
+    pub(crate) single_flight_timeout: Duration,
+    pub(crate) namespace: String,
+}
+
+impl std::fmt::Debug for HybridCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HybridCache")
+            .field("cache_status_name", &self.inner.cache_status_name)
+            .field("memory_bytes", &self.inner.store.memory().weighted_size())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds a [`HybridCache`]. Every knob has a default; `HybridCache::builder().build()`
+/// is a working memory-only cache.
+#[derive(Debug, Clone)]
+pub struct HybridCacheBuilder {
+    memory_capacity_bytes: u64,
+    namespace: String,
+    cache_status_name: String,
+    single_flight_timeout: Duration,
+    maintenance_interval: Duration,
+}
+
+impl Default for HybridCacheBuilder {
+    fn default() -> Self {
+        HybridCacheBuilder {
+            memory_capacity_bytes: DEFAULT_MEMORY_CAPACITY_BYTES,
+            namespace: DEFAULT_NAMESPACE.to_owned(),
+            cache_status_name: DEFAULT_CACHE_STATUS_NAME.to_owned(),
+            single_flight_timeout: Duration::from_secs(5),
+            maintenance_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+impl HybridCacheBuilder {
+    /// The most bytes the memory tier holds: bodies, headers and a fixed per-entry
+    /// overhead, as its weigher counts them. Least recently and least frequently used
+    /// entries are evicted past it (moka's TinyLFU). Default 64 MiB.
+    pub fn memory_capacity_bytes(mut self, bytes: u64) -> Self {
+        self.memory_capacity_bytes = bytes;
+        self
+    }
+
+    /// The namespace that starts every storage key (`{namespace}:v1:{digest}`), so
+    /// several applications can share one store. ASCII letters, digits and `-_.:`,
+    /// 1 to 64 characters. Default `thc`.
+    pub fn namespace(mut self, namespace: impl Into<String>) -> Self {
+        self.namespace = namespace.into();
+        self
+    }
+
+    /// The cache's name in `Cache-Status` (an RFC 8941 token: a letter or `*`, then
+    /// letters, digits and `_-.:%*/!#$&'+^|~`). Default `tower-hybrid-cache`.
+    pub fn cache_status_name(mut self, name: impl Into<String>) -> Self {
+        self.cache_status_name = name.into();
+        self
+    }
+
+    /// How long a request that finds another request already fetching the same URL
+    /// waits for it before going to the origin itself. Default 5 s.
+    pub fn single_flight_timeout(mut self, timeout: Duration) -> Self {
+        self.single_flight_timeout = timeout;
+        self
+    }
+
+    /// How often moka's pending housekeeping runs, so that expired and evicted
+    /// entries free their memory even when the cache is idle. Default 1 s.
+    pub fn maintenance_interval(mut self, interval: Duration) -> Self {
+        self.maintenance_interval = interval;
+        self
+    }
+
+    /// Builds the cache and starts its housekeeping task on the current tokio runtime.
+    ///
+    /// Fails only on an invalid setting, never because a store is unreachable.
+    pub async fn build(self) -> Result<HybridCache, BuildError> {
+        validate_namespace(&self.namespace)?;
+        validate_token(&self.cache_status_name)?;
+        if self.maintenance_interval.is_zero() {
+            return Err(BuildError::invalid(
+                "maintenance_interval",
+                "must be more than zero",
+            ));
+        }
+        let memory = MemoryStore::new(self.memory_capacity_bytes);
+        let inner = Arc::new(CacheInner {
+            store: HybridStore::new(memory),
+            flights: SingleFlight::default(),
+            counters: Counters::default(),
+            cache_status_name: self.cache_status_name,
+            single_flight_timeout: self.single_flight_timeout,
+            namespace: self.namespace,
+        });
+        spawn_maintenance(Arc::downgrade(&inner), self.maintenance_interval);
+        Ok(HybridCache { inner })
+    }
+}
+
+fn validate_namespace(namespace: &str) -> Result<(), BuildError> {
+    if namespace.is_empty() || namespace.len() > 64 {
+        return Err(BuildError::invalid(
+            "namespace",
+            "must be 1 to 64 characters",
+        ));
+    }
+    if !namespace
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+    {
+        return Err(BuildError::invalid(
+            "namespace",
+            format_args!("{namespace:?} may hold only ASCII letters, digits and -_.:"),
+        ));
+    }
+    Ok(())
+}
+
+fn validate_token(name: &str) -> Result<(), BuildError> {
+    let mut bytes = name.bytes();
+    let first_ok = matches!(bytes.next(), Some(b) if b.is_ascii_alphabetic() || b == b'*');
+    let rest_ok = bytes.all(|b| {
+        b.is_ascii_alphanumeric()
+            || matches!(
+                b,
+                b'_' | b'-'
+                    | b'.'
+                    | b':'
+                    | b'%'
+                    | b'*'
+                    | b'/'
+                    | b'!'
+                    | b'#'
+                    | b'$'
+                    | b'&'
+                    | b'\''
+                    | b'+'
+                    | b'^'
+                    | b'|'
+                    | b'~'
+            )
+    });
+    if first_ok && rest_ok {
+        Ok(())
+    } else {
+        Err(BuildError::invalid(
+            "cache_status_name",
+            format_args!("{name:?} is not an RFC 8941 token"),
+        ))
+    }
+}
+
+fn spawn_maintenance(inner: Weak<CacheInner>, every: Duration) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        tracing::warn!(target: crate::telemetry::TARGET, "no tokio runtime: memory housekeeping runs only on access");
+        return;
+    };
+    runtime.spawn(async move {
+        let mut ticks = tokio::time::interval(every);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticks.tick().await;
+            // Holding only a weak reference: the task ends with the last handle.
+            let Some(inner) = inner.upgrade() else { return };
+            inner.store.memory().run_pending_tasks().await;
+        }
+    });
+}
+
+impl HybridCache {
+    /// A builder with every default.
+    pub fn builder() -> HybridCacheBuilder {
+        HybridCacheBuilder::default()
+    }
+
+    /// A layer for one route (or a whole router), with the default route settings:
+    /// no route TTL (only the origin's freshness counts), 1 MiB body limit,
+    /// `Cache-Status` and `Age` on.
+    pub fn layer(&self) -> HybridCacheLayer {
+        HybridCacheLayer::new(self.clone())
+    }
+
+    /// The namespace that starts this cache's storage keys.
+    pub fn namespace(&self) -> &str {
+        &self.inner.namespace
+    }
+
+    /// Counters of what the cache did since it was built.
+    pub fn stats(&self) -> CacheStats {
+        self.inner.counters.snapshot()
+    }
+
+    /// Bytes held by the memory tier, as its weigher counts them (may lag by the
+    /// pending housekeeping).
+    pub fn memory_weighted_size(&self) -> u64 {
+        self.inner.store.memory().weighted_size()
+    }
+
+    /// Entries held by the memory tier (may lag by the pending housekeeping).
+    pub fn memory_entry_count(&self) -> u64 {
+        self.inner.store.memory().entry_count()
+    }
+
+    /// Runs the memory tier's pending housekeeping now.
+    pub async fn run_pending_tasks(&self) {
+        self.inner.store.memory().run_pending_tasks().await;
+    }
+
+    pub(crate) fn count(&self, counter: Counter) {
+        self.inner.counters.add(counter);
+    }
+
+    /// Finds the stored response for a request: the entry under the primary key, or
+    /// the variant its `Vary` index selects.
+    pub(crate) async fn lookup(&self, primary: &CacheKey, headers: &HeaderMap) -> Lookup {
+        let Some((entry, tier)) = self.inner.store.get(primary).await else {
+            return Lookup::Miss(MissKind::Uri);
+        };
+        let response = match entry {
+            Entry::Response(response) => response,
+            Entry::Variants(index) => {
+                let variant = primary.variant(&index.names, headers);
+                match self.inner.store.get(&variant).await {
+                    Some((Entry::Response(response), _)) => response,
+                    _ => return Lookup::Miss(MissKind::Vary),
+                }
+            }
+        };
+        // The stored request values must match: a variant is never served to a
+        // request that would not have selected it.
+        let matches = response.vary.iter().all(|(name, stored)| {
+            let present = headers.contains_key(name);
+            match stored {
+                Some(value) => present && normalised_value(headers, name) == value.as_ref(),
+                None => !present,
+            }
+        });
+        if !matches {
+            return Lookup::Miss(MissKind::Vary);
+        }
+        Lookup::Hit(response, tier)
+    }
+
+    /// Stores a response under its primary key, or as a variant with its index.
+    pub(crate) async fn store(&self, primary: CacheKey, response: CachedResponse) {
+        let store = &self.inner.store;
+        if response.vary.is_empty() {
+            store
+                .put(primary, Entry::Response(Arc::new(response)))
+                .await;
+            return;
+        }
+        let names: Vec<HeaderName> = response.vary.iter().map(|(name, _)| name.clone()).collect();
+        let variant = variant_key(&primary, &response.vary);
+        let mut stale_until = response.stale_until;
+        // Keep the index alive as long as the longest-lived variant under it.
+        if let Some((Entry::Variants(old), _)) = store.get(&primary).await {
+            if old.names == names {
+                stale_until = stale_until.max(old.stale_until);
+            }
+        }
+        store
+            .put(variant, Entry::Response(Arc::new(response)))
+            .await;
+        store
+            .put(
+                primary,
+                Entry::Variants(Arc::new(VaryIndex { names, stale_until })),
+            )
+            .await;
+    }
+}
+
+/// The variant key from stored request values (as the lookup computes it from the
+/// request's headers).
+fn variant_key(primary: &CacheKey, vary: &[(HeaderName, Option<Bytes>)]) -> CacheKey {
+    let mut headers = HeaderMap::new();
+    let mut names = Vec::with_capacity(vary.len());
+    for (name, value) in vary {
+        names.push(name.clone());
+        if let Some(value) = value {
+            if let Ok(value) = http::HeaderValue::from_maybe_shared(value.clone()) {
+                headers.insert(name.clone(), value);
+            }
+        }
+    }
+    primary.variant(&names, &headers)
+}
+
+/// What a lookup found.
+pub(crate) enum Lookup {
+    Hit(Arc<CachedResponse>, Tier),
+    Miss(MissKind),
+}
+
+/// Why a lookup missed, as `Cache-Status` `fwd` says it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum MissKind {
+    /// Nothing stored for the URL.
+    Uri,
+    /// Something stored for the URL, not for these `Vary`'d header values.
+    Vary,
+    /// The stored response is stale.
+    Stale,
+    /// The request's directives forbade using what is stored.
+    Request,
+}
+
+impl MissKind {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            MissKind::Uri => "uri-miss",
+            MissKind::Vary => "vary-miss",
+            MissKind::Stale => "stale",
+            MissKind::Request => "request",
+        }
+    }
+}
+
+/// Per-key single-flight: the first miss for a key leads, the rest wait for its store
+/// (or its failure) and look again.
+#[derive(Default)]
+pub(crate) struct SingleFlight {
+    flights: Arc<Mutex<HashMap<CacheKey, watch::Receiver<()>>>>,
+}
+
+pub(crate) enum Flight {
+    /// This request fetches; dropping the guard releases the followers.
+    Leader(FlightGuard),
+    /// Another request fetches; this one waits on the receiver.
+    Follower(watch::Receiver<()>),
+}
+
+impl SingleFlight {
+    pub(crate) fn join(&self, key: CacheKey) -> Flight {
+        let mut flights = self
+            .flights
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(rx) = flights.get(&key) {
+            return Flight::Follower(rx.clone());
+        }
+        let (tx, rx) = watch::channel(());
+        flights.insert(key, rx);
+        Flight::Leader(FlightGuard {
+            key,
+            tx: Some(tx),
+            flights: Arc::clone(&self.flights),
+        })
+    }
+
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.flights.lock().map(|f| f.len()).unwrap_or(0)
+    }
+}
+
+/// Held by a leader until its response is stored or known not to be; its drop wakes
+/// every follower (their `changed()` ends when the sender goes).
+pub(crate) struct FlightGuard {
+    key: CacheKey,
+    tx: Option<watch::Sender<()>>,
+    flights: Arc<Mutex<HashMap<CacheKey, watch::Receiver<()>>>>,
+}
+
+impl Drop for FlightGuard {
+    fn drop(&mut self) {
+        let mut flights = self
+            .flights
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let (Some(rx), Some(tx)) = (flights.get(&self.key), self.tx.as_ref()) {
+            if rx.same_channel(&tx.subscribe()) {
+                flights.remove(&self.key);
+            }
+        }
+        drop(flights);
+        self.tx.take();
+    }
+}
+
+/// Waits for a leader at most `timeout`; returns whether the leader finished in time.
+pub(crate) async fn wait_for_leader(mut rx: watch::Receiver<()>, timeout: Duration) -> bool {
+    tokio::time::timeout(timeout, rx.changed()).await.is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn followers_are_released_when_the_leader_drops() {
+        let flights = SingleFlight::default();
+        let key = CacheKey::from_bytes([1; 32]);
+        let Flight::Leader(guard) = flights.join(key) else {
+            panic!("first is leader")
+        };
+        let Flight::Follower(rx) = flights.join(key) else {
+            panic!("second follows")
+        };
+        let waiter = tokio::spawn(wait_for_leader(rx, Duration::from_secs(60)));
+        drop(guard);
+        assert!(waiter.await.unwrap(), "released, not timed out");
+        assert_eq!(flights.len(), 0);
+        assert!(matches!(flights.join(key), Flight::Leader(_)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn followers_give_up_after_the_timeout() {
+        let flights = SingleFlight::default();
+        let key = CacheKey::from_bytes([2; 32]);
+        let _guard = flights.join(key);
+        let Flight::Follower(rx) = flights.join(key) else {
+            panic!("second follows")
+        };
+        assert!(!wait_for_leader(rx, Duration::from_secs(5)).await);
+    }
+
+    #[tokio::test]
+    async fn invalid_settings_are_clear_errors() {
+        let err = HybridCache::builder()
+            .namespace("a{b}")
+            .build()
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("namespace"), "{err}");
+        let err = HybridCache::builder()
+            .cache_status_name("1bad name")
+            .build()
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("cache_status_name"), "{err}");
+        assert!(HybridCache::builder()
+            .namespace("jobs-api:prod")
+            .build()
+            .await
+            .is_ok());
+    }
+}

@@ -1,0 +1,267 @@
+//! The stored entry: a complete response with the timestamps and `Vary` data needed to
+//! serve it again, and its versioned binary codec.
+
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::header::{ETAG, LAST_MODIFIED};
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Version};
+
+mod codec;
+
+pub use codec::DecodeError;
+pub(crate) use codec::{decode_entry, encode_entry};
+
+/// The version of the stored-entry format; part of every storage key, so a new format
+/// never reads an old one.
+pub const FORMAT_VERSION: u8 = 1;
+
+/// A response as the cache stores it.
+///
+/// Bodies are [`Bytes`]: a hit hands out a reference-counted view, never a copy.
+///
+/// ```
+/// use std::time::{Duration, SystemTime};
+/// use bytes::Bytes;
+/// use http::{HeaderMap, StatusCode};
+/// use tower_hybrid_cache::CachedResponse;
+///
+/// let now = SystemTime::now();
+/// let entry = CachedResponse::builder(StatusCode::OK, HeaderMap::new(), Bytes::from_static(b"hi"))
+///     .stored_at(now)
+///     .fresh_until(now + Duration::from_secs(60))
+///     .build();
+/// let bytes = entry.encode();
+/// let back = CachedResponse::decode(bytes).unwrap();
+/// assert_eq!(back.body(), &Bytes::from_static(b"hi"));
+/// assert!(back.is_fresh(now + Duration::from_secs(59)));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CachedResponse {
+    pub(crate) status: StatusCode,
+    pub(crate) version: Version,
+    pub(crate) headers: HeaderMap,
+    pub(crate) body: Bytes,
+    pub(crate) stored_at: SystemTime,
+    pub(crate) initial_age: Duration,
+    pub(crate) fresh_until: SystemTime,
+    pub(crate) stale_until: SystemTime,
+    /// The `Vary` names and the storing request's values (`None`: header absent).
+    pub(crate) vary: Vec<(HeaderName, Option<Bytes>)>,
+    pub(crate) tags: Vec<String>,
+}
+
+impl CachedResponse {
+    /// Starts an entry; it is stored now and stale at once unless the builder says
+    /// otherwise.
+    pub fn builder(status: StatusCode, headers: HeaderMap, body: Bytes) -> CachedResponseBuilder {
+        let now = SystemTime::now();
+        CachedResponseBuilder(CachedResponse {
+            status,
+            version: Version::HTTP_11,
+            headers,
+            body,
+            stored_at: now,
+            initial_age: Duration::ZERO,
+            fresh_until: now,
+            stale_until: now,
+            vary: Vec::new(),
+            tags: Vec::new(),
+        })
+    }
+
+    /// The status code.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// The HTTP version the origin answered with.
+    pub fn version(&self) -> Version {
+        self.version
+    }
+
+    /// The stored header fields (hop-by-hop fields removed, `Content-Length` exact).
+    pub fn headers(&self) -> &HeaderMap {
+        &self.headers
+    }
+
+    /// The body.
+    pub fn body(&self) -> &Bytes {
+        &self.body
+    }
+
+    /// When the response was received from the origin.
+    pub fn stored_at(&self) -> SystemTime {
+        self.stored_at
+    }
+
+    /// Until when the entry may be served without asking the origin.
+    pub fn fresh_until(&self) -> SystemTime {
+        self.fresh_until
+    }
+
+    /// Until when the entry is kept at all (equal to `fresh_until` unless a stale
+    /// window applies).
+    pub fn stale_until(&self) -> SystemTime {
+        self.stale_until
+    }
+
+    /// The `ETag` validator, if the origin sent one.
+    pub fn etag(&self) -> Option<&HeaderValue> {
+        self.headers.get(ETAG)
+    }
+
+    /// The `Last-Modified` validator, if the origin sent one.
+    pub fn last_modified(&self) -> Option<&HeaderValue> {
+        self.headers.get(LAST_MODIFIED)
+    }
+
+    /// The `Vary` field names the response was selected by, with the storing
+    /// request's values (`None` where the request lacked the header).
+    pub fn vary(&self) -> &[(HeaderName, Option<Bytes>)] {
+        &self.vary
+    }
+
+    /// The tags (surrogate keys) the entry carries.
+    pub fn tags(&self) -> &[String] {
+        &self.tags
+    }
+
+    /// Whether the entry is fresh at `now`.
+    pub fn is_fresh(&self, now: SystemTime) -> bool {
+        now < self.fresh_until
+    }
+
+    /// The entry's age at `now` (RFC 9111 §4.2.3 `current_age`).
+    pub fn age(&self, now: SystemTime) -> Duration {
+        self.initial_age + now.duration_since(self.stored_at).unwrap_or(Duration::ZERO)
+    }
+
+    /// How long the entry stays fresh after `now` (zero when stale).
+    pub fn time_to_live(&self, now: SystemTime) -> Duration {
+        self.fresh_until
+            .duration_since(now)
+            .unwrap_or(Duration::ZERO)
+    }
+
+    /// Encodes the entry in the versioned binary format.
+    pub fn encode(&self) -> Bytes {
+        encode_entry(&Entry::Response(std::sync::Arc::new(self.clone())))
+    }
+
+    /// Decodes an entry; anything but a well-formed response entry of this format
+    /// version is an error.
+    pub fn decode(bytes: Bytes) -> Result<Self, DecodeError> {
+        match decode_entry(bytes)? {
+            Entry::Response(response) => Ok(std::sync::Arc::unwrap_or_clone(response)),
+            Entry::Variants(_) => Err(DecodeError::wrong_kind()),
+        }
+    }
+
+    /// Bytes the entry holds, as the memory tier's weigher counts them.
+    pub(crate) fn weight(&self) -> usize {
+        const OVERHEAD: usize = 256;
+        let headers: usize = self
+            .headers
+            .iter()
+            .map(|(name, value)| name.as_str().len() + value.len() + 32)
+            .sum();
+        let vary: usize = self
+            .vary
+            .iter()
+            .map(|(name, value)| name.as_str().len() + value.as_ref().map_or(0, Bytes::len) + 32)
+            .sum();
+        OVERHEAD
+            + headers
+            + vary
+            + self.body.len()
+            + self.tags.iter().map(String::len).sum::<usize>()
+    }
+}
+
+/// Builds a [`CachedResponse`].
+#[derive(Debug, Clone)]
+pub struct CachedResponseBuilder(CachedResponse);
+
+impl CachedResponseBuilder {
+    /// The HTTP version the origin answered with (default HTTP/1.1).
+    pub fn version(mut self, version: Version) -> Self {
+        self.0.version = version;
+        self
+    }
+
+    /// When the response was received (default: when the builder was made).
+    pub fn stored_at(mut self, at: SystemTime) -> Self {
+        self.0.stored_at = at;
+        self
+    }
+
+    /// The age the response already had when it was received.
+    pub fn initial_age(mut self, age: Duration) -> Self {
+        self.0.initial_age = age;
+        self
+    }
+
+    /// Until when the entry is fresh; also moves `stale_until` if that was earlier.
+    pub fn fresh_until(mut self, at: SystemTime) -> Self {
+        self.0.fresh_until = at;
+        self.0.stale_until = self.0.stale_until.max(at);
+        self
+    }
+
+    /// Until when the entry is kept at all; never earlier than `fresh_until`.
+    pub fn stale_until(mut self, at: SystemTime) -> Self {
+        self.0.stale_until = at.max(self.0.fresh_until);
+        self
+    }
+
+    /// The `Vary` names and the storing request's values.
+    pub fn vary(mut self, vary: Vec<(HeaderName, Option<Bytes>)>) -> Self {
+        self.0.vary = vary;
+        self
+    }
+
+    /// Tags (surrogate keys).
+    pub fn tags(mut self, tags: Vec<String>) -> Self {
+        self.0.tags = tags;
+        self
+    }
+
+    /// The entry.
+    pub fn build(self) -> CachedResponse {
+        self.0
+    }
+}
+
+/// The `Vary` names under which a URL's variants are stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct VaryIndex {
+    pub(crate) names: Vec<HeaderName>,
+    pub(crate) stale_until: SystemTime,
+}
+
+/// What a store holds under one key: a response, or, under a URL's primary key when
+/// its responses vary, the names that select the variant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Entry {
+    Response(std::sync::Arc<CachedResponse>),
+    Variants(std::sync::Arc<VaryIndex>),
+}
+
+impl Entry {
+    pub(crate) fn stale_until(&self) -> SystemTime {
+        match self {
+            Entry::Response(r) => r.stale_until,
+            Entry::Variants(v) => v.stale_until,
+        }
+    }
+
+    pub(crate) fn weight(&self) -> usize {
+        match self {
+            Entry::Response(r) => r.weight(),
+            Entry::Variants(v) => {
+                128 + v.names.iter().map(|n| n.as_str().len() + 32).sum::<usize>()
+            }
+        }
+    }
+}

@@ -1,0 +1,266 @@
+//! Cache keys: what makes two requests ask for the same stored response.
+
+use std::fmt;
+
+use http::{HeaderMap, HeaderName, Method, Uri};
+
+use crate::entry::FORMAT_VERSION;
+use crate::policy::settings::RouteSettings;
+
+mod canonical;
+
+pub(crate) use canonical::{canonical_path, canonical_query};
+
+/// The identity of a stored response: a BLAKE3 digest of the method (HEAD counts as
+/// GET), the authority, the path and query in canonical form, the route's extra key
+/// headers and, for a variant, the request's values of the headers the response
+/// `Vary`s on.
+///
+/// Being a digest, a key has a fixed size whatever the URL, and no byte of a URL can
+/// reach a storage key (no Redis hash tag, no separator, no unbounded length).
+///
+/// ```
+/// use tower_hybrid_cache::CacheKey;
+///
+/// let key = CacheKey::from_bytes([7; 32]);
+/// assert_eq!(key.storage_key("jobs"), format!("jobs:v1:{}", "07".repeat(32)));
+/// ```
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CacheKey([u8; 32]);
+
+impl CacheKey {
+    /// A key from a digest made elsewhere.
+    pub const fn from_bytes(bytes: [u8; 32]) -> Self {
+        CacheKey(bytes)
+    }
+
+    /// The digest.
+    pub const fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    /// The key as a shared store sees it: `{namespace}:v{format}:{hex digest}`.
+    pub fn storage_key(&self, namespace: &str) -> String {
+        format!("{namespace}:v{FORMAT_VERSION}:{self}")
+    }
+
+    /// The key of a request's URL, before any `Vary`.
+    pub(crate) fn primary(
+        method: &Method,
+        uri: &Uri,
+        headers: &HeaderMap,
+        settings: &RouteSettings,
+    ) -> Self {
+        let mut hasher = blake3::Hasher::new();
+        field(&mut hasher, b"primary");
+        // HEAD is answered from the GET entry.
+        let method = if method == Method::HEAD {
+            &Method::GET
+        } else {
+            method
+        };
+        field(&mut hasher, method.as_str().as_bytes());
+        field(&mut hasher, authority(uri, headers).as_bytes());
+        field(&mut hasher, canonical_path(uri.path()).as_bytes());
+        field(
+            &mut hasher,
+            canonical_query(uri.query(), &settings.query).as_bytes(),
+        );
+        header_values(&mut hasher, &settings.key_headers, headers);
+        CacheKey(*hasher.finalize().as_bytes())
+    }
+
+    /// The key of one variant of this URL: the primary key plus the request's values
+    /// of the `Vary` names.
+    pub(crate) fn variant(&self, vary: &[HeaderName], headers: &HeaderMap) -> Self {
+        let mut hasher = blake3::Hasher::new();
+        field(&mut hasher, b"variant");
+        field(&mut hasher, &self.0);
+        header_values(&mut hasher, vary, headers);
+        CacheKey(*hasher.finalize().as_bytes())
+    }
+}
+
+impl fmt::Display for CacheKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for byte in self.0 {
+            write!(f, "{byte:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for CacheKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "CacheKey({self})")
+    }
+}
+
+/// The request's authority, lower-cased: from an absolute URI, else from `Host`.
+fn authority(uri: &Uri, headers: &HeaderMap) -> String {
+    let raw = match uri.authority() {
+        Some(authority) => authority.as_str().as_bytes(),
+        None => headers
+            .get(http::header::HOST)
+            .map(|h| h.as_bytes())
+            .unwrap_or_default(),
+    };
+    String::from_utf8_lossy(raw).to_ascii_lowercase()
+}
+
+/// Hashes a request's values of `names`: all field lines of a name, trimmed and joined
+/// with ", ", so `a, b` and two lines `a` and `b` match; an absent header differs from
+/// an empty one.
+fn header_values(hasher: &mut blake3::Hasher, names: &[HeaderName], headers: &HeaderMap) {
+    for name in names {
+        field(hasher, name.as_str().as_bytes());
+        let mut values = headers.get_all(name).iter().peekable();
+        if values.peek().is_none() {
+            hasher.update(&[0]);
+            continue;
+        }
+        hasher.update(&[1]);
+        let joined = normalised_value(headers, name);
+        field(hasher, &joined);
+    }
+}
+
+/// All field lines of `name`, each trimmed, joined with ", ".
+pub(crate) fn normalised_value(headers: &HeaderMap, name: &HeaderName) -> Vec<u8> {
+    let mut joined = Vec::new();
+    for (i, value) in headers.get_all(name).iter().enumerate() {
+        if i > 0 {
+            joined.extend_from_slice(b", ");
+        }
+        joined.extend_from_slice(value.as_bytes().trim_ascii());
+    }
+    joined
+}
+
+/// Length-prefixed, so that no two different field lists hash the same input.
+fn field(hasher: &mut blake3::Hasher, bytes: &[u8]) {
+    hasher.update(&(bytes.len() as u64).to_le_bytes());
+    hasher.update(bytes);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::settings::{NamePattern, QueryFilter};
+    use http::HeaderValue;
+
+    fn key(uri: &str, settings: &RouteSettings) -> CacheKey {
+        let uri: Uri = uri.parse().unwrap();
+        CacheKey::primary(&Method::GET, &uri, &HeaderMap::new(), settings)
+    }
+
+    #[test]
+    fn equivalent_urls_share_a_key() {
+        let s = RouteSettings::default();
+        assert_eq!(
+            key("http://A.example/x?b=2&a=1", &s),
+            key("http://a.example/x?a=1&b=2", &s)
+        );
+        assert_eq!(
+            key("http://a/%7euser?q=%4a", &s),
+            key("http://a/~user?q=J", &s)
+        );
+        assert_eq!(key("http://a/x?q=%2f", &s), key("http://a/x?q=%2F", &s));
+        assert_eq!(key("http://a/x?&a=1&&", &s), key("http://a/x?a=1", &s));
+    }
+
+    #[test]
+    fn different_urls_do_not() {
+        let s = RouteSettings::default();
+        let distinct = [
+            "http://a/x",
+            "http://b/x",
+            "http://a/y",
+            "http://a/x?a=1",
+            "http://a/x?a=2",
+            "http://a/x?a=1&a=2",
+            "http://a/x?a=2&a=1",
+            "http://a/x?q=%2F",
+            "http://a/x?q=/",
+            "http://a/x?q=a+b",
+            "http://a/x?q=a%20b",
+        ];
+        let keys: std::collections::HashSet<_> = distinct.iter().map(|u| key(u, &s)).collect();
+        assert_eq!(keys.len(), distinct.len());
+    }
+
+    #[test]
+    fn host_header_stands_for_a_missing_authority() {
+        let s = RouteSettings::default();
+        let mut headers = HeaderMap::new();
+        headers.insert("host", HeaderValue::from_static("A.Example"));
+        let from_host = CacheKey::primary(&Method::GET, &"/x".parse().unwrap(), &headers, &s);
+        assert_eq!(from_host, key("http://a.example/x", &s));
+    }
+
+    #[test]
+    fn head_is_keyed_as_get() {
+        let s = RouteSettings::default();
+        let uri: Uri = "http://a/x".parse().unwrap();
+        assert_eq!(
+            CacheKey::primary(&Method::HEAD, &uri, &HeaderMap::new(), &s),
+            CacheKey::primary(&Method::GET, &uri, &HeaderMap::new(), &s)
+        );
+    }
+
+    #[test]
+    fn ignored_query_params_do_not_count() {
+        let s = RouteSettings {
+            query: QueryFilter::Ignore(vec![NamePattern::new("utm_*")]),
+            ..RouteSettings::default()
+        };
+        assert_eq!(
+            key("http://a/x?q=1&utm_source=mail&utm_medium=x", &s),
+            key("http://a/x?q=1", &s)
+        );
+        assert_ne!(key("http://a/x?q=1", &s), key("http://a/x?q=2", &s));
+        let s = RouteSettings {
+            query: QueryFilter::Keep(vec![NamePattern::new("q")]),
+            ..RouteSettings::default()
+        };
+        assert_eq!(key("http://a/x?q=1&page=3", &s), key("http://a/x?q=1", &s));
+    }
+
+    #[test]
+    fn key_headers_and_vary_values_split_keys() {
+        let s = RouteSettings {
+            key_headers: vec![HeaderName::from_static("x-tenant")],
+            ..RouteSettings::default()
+        };
+        let uri: Uri = "http://a/x".parse().unwrap();
+        let mut one = HeaderMap::new();
+        one.insert("x-tenant", HeaderValue::from_static("one"));
+        let mut two = HeaderMap::new();
+        two.insert("x-tenant", HeaderValue::from_static("two"));
+        let k1 = CacheKey::primary(&Method::GET, &uri, &one, &s);
+        let k2 = CacheKey::primary(&Method::GET, &uri, &two, &s);
+        assert_ne!(k1, k2);
+
+        let vary = [HeaderName::from_static("accept-language")];
+        let mut en = HeaderMap::new();
+        en.insert("accept-language", HeaderValue::from_static("en"));
+        let mut en_spaced = HeaderMap::new();
+        en_spaced.insert("accept-language", HeaderValue::from_static("  en "));
+        let none = HeaderMap::new();
+        let mut empty = HeaderMap::new();
+        empty.insert("accept-language", HeaderValue::from_static(""));
+        assert_eq!(k1.variant(&vary, &en), k1.variant(&vary, &en_spaced));
+        assert_ne!(k1.variant(&vary, &en), k1.variant(&vary, &none));
+        assert_ne!(k1.variant(&vary, &none), k1.variant(&vary, &empty));
+        assert_ne!(k1.variant(&vary, &en), k1);
+    }
+
+    #[test]
+    fn storage_key_is_bounded_and_plain() {
+        let long = format!("http://a/{}?{}", "x".repeat(8000), "{tag}=1&".repeat(200));
+        let k = key(&long, &RouteSettings::default());
+        let storage = k.storage_key("thc");
+        assert_eq!(storage.len(), "thc:v1:".len() + 64);
+        assert!(!storage.contains('{'));
+    }
+}

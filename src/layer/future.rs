@@ -1,0 +1,84 @@
+//! [`ResponseFuture`] of [`HybridCacheService`](crate::HybridCacheService).
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use http::{HeaderValue, Response};
+use pin_project_lite::pin_project;
+
+use super::body::CacheBody;
+
+pub(crate) type BoxedResponse<B, E> =
+    Pin<Box<dyn Future<Output = Result<Response<CacheBody<B>>, E>> + Send + 'static>>;
+
+pin_project! {
+    /// The response future of [`HybridCacheService`](crate::HybridCacheService).
+    ///
+    /// A request the cache does not handle is the inner future plus a header; a
+    /// cacheable one runs the lookup, single-flight and origin call in one boxed
+    /// future.
+    pub struct ResponseFuture<F, B, E> {
+        #[pin]
+        kind: Kind<F, B, E>,
+    }
+}
+
+pin_project! {
+    #[project = KindProj]
+    enum Kind<F, B, E> {
+        Bypass { #[pin] future: F, cache_status: Option<HeaderValue> },
+        Cached { future: BoxedResponse<B, E> },
+    }
+}
+
+impl<F, B, E> ResponseFuture<F, B, E> {
+    pub(crate) fn bypass(future: F, cache_status: Option<HeaderValue>) -> Self {
+        ResponseFuture {
+            kind: Kind::Bypass {
+                future,
+                cache_status,
+            },
+        }
+    }
+
+    pub(crate) fn cached(future: BoxedResponse<B, E>) -> Self {
+        ResponseFuture {
+            kind: Kind::Cached { future },
+        }
+    }
+}
+
+impl<F, B, E> fmt::Debug for ResponseFuture<F, B, E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+impl<F, B, E> Future for ResponseFuture<F, B, E>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+{
+    type Output = Result<Response<CacheBody<B>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().kind.project() {
+            KindProj::Bypass {
+                future,
+                cache_status,
+            } => {
+                let response = std::task::ready!(future.poll(cx))?;
+                let (mut parts, body) = response.into_parts();
+                if let Some(value) = cache_status.take() {
+                    parts.headers.append(super::service::CACHE_STATUS, value);
+                }
+                Poll::Ready(Ok(Response::from_parts(
+                    parts,
+                    CacheBody::passthrough(body),
+                )))
+            }
+            KindProj::Cached { future } => future.as_mut().poll(cx),
+        }
+    }
+}

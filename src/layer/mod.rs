@@ -1,0 +1,167 @@
+//! [`HybridCacheLayer`]: per-route settings, the service it builds, its future and
+//! body.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::HeaderName;
+use tower::Layer;
+
+use crate::policy::settings::{NamePattern, QueryFilter, RouteSettings};
+use crate::policy::{RequestDirectives, TtlMode};
+use crate::HybridCache;
+
+mod body;
+mod future;
+mod service;
+
+pub use body::CacheBody;
+pub use future::ResponseFuture;
+pub use service::HybridCacheService;
+
+/// Caches the responses of the service it wraps, with one route's settings, in a
+/// [`HybridCache`].
+///
+/// Made by [`HybridCache::layer`]; every builder method takes and returns the layer.
+/// Clones share the cache and the settings.
+///
+/// ```
+/// use std::time::Duration;
+/// use axum::{body::Body, routing::get, Router};
+/// use http::Request;
+/// use tower::ServiceExt;
+/// use tower_hybrid_cache::{HybridCache, TtlMode};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let cache = HybridCache::builder().build().await?;
+/// let layer = cache
+///     .layer()
+///     .ttl(Duration::from_secs(30))
+///     .ttl_mode(TtlMode::Fallback)
+///     .ignore_query_params(["utm_*"]);
+/// let app = Router::new().route("/jobs/search", get(|| async { "results" }).layer(layer));
+///
+/// let request = || Request::get("http://api.example/jobs/search?q=rust&utm_source=mail").body(Body::empty());
+/// let first = app.clone().oneshot(request()?).await?;
+/// assert!(first.headers()["cache-status"].to_str()?.contains("fwd=uri-miss"));
+/// # cache.run_pending_tasks().await;
+/// # tokio::task::yield_now().await;
+/// # let deadline = std::time::Instant::now() + Duration::from_secs(5);
+/// # while cache.stats().stores == 0 && std::time::Instant::now() < deadline { tokio::task::yield_now().await; }
+/// let second = app.oneshot(request()?).await?;
+/// assert!(second.headers()["cache-status"].to_str()?.contains("hit"));
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct HybridCacheLayer {
+    cache: HybridCache,
+    settings: Arc<RouteSettings>,
+}
+
+impl std::fmt::Debug for HybridCacheLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HybridCacheLayer")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+impl HybridCacheLayer {
+    pub(crate) fn new(cache: HybridCache) -> Self {
+        HybridCacheLayer {
+            cache,
+            settings: Arc::new(RouteSettings::default()),
+        }
+    }
+
+    fn with(mut self, change: impl FnOnce(&mut RouteSettings)) -> Self {
+        change(Arc::make_mut(&mut self.settings));
+        self
+    }
+
+    /// How long a response of this route stays fresh when the origin says nothing
+    /// (or always, with [`TtlMode::Override`]). Only statuses RFC 9110 calls
+    /// heuristically cacheable are stored on a route TTL alone: 200, 203, 204, 300,
+    /// 301, 308, 404, 405, 410, 414, 501. Default: none.
+    pub fn ttl(self, ttl: Duration) -> Self {
+        self.with(|s| s.ttl = Some(ttl))
+    }
+
+    /// Whether the origin's freshness or the route TTL wins. Default
+    /// [`TtlMode::Fallback`]: the origin's.
+    pub fn ttl_mode(self, mode: TtlMode) -> Self {
+        self.with(|s| s.ttl_mode = mode)
+    }
+
+    /// Query parameters left out of the key, by name; a trailing `*` matches a prefix
+    /// (`utm_*`). Replaces any earlier [`keep_query_params`](Self::keep_query_params).
+    pub fn ignore_query_params<I, T>(self, names: I) -> Self
+    where
+        I: IntoIterator<Item = T>,
+        T: AsRef<str>,
+    {
+        let patterns = names
+            .into_iter()
+            .map(|n| NamePattern::new(n.as_ref()))
+            .collect();
+        self.with(|s| s.query = QueryFilter::Ignore(patterns))
+    }
+
+    /// The only query parameters that count in the key, by name; a trailing `*`
+    /// matches a prefix. Replaces any earlier
+    /// [`ignore_query_params`](Self::ignore_query_params).
+    pub fn keep_query_params<I, T>(self, names: I) -> Self
+    where
+        I: IntoIterator<Item = T>,
+        T: AsRef<str>,
+    {
+        let patterns = names
+            .into_iter()
+            .map(|n| NamePattern::new(n.as_ref()))
+            .collect();
+        self.with(|s| s.query = QueryFilter::Keep(patterns))
+    }
+
+    /// Request headers whose values are part of the key for every response of this
+    /// route, as if the origin always sent `Vary` with them (e.g. a tenant header).
+    pub fn key_headers<I>(self, names: I) -> Self
+    where
+        I: IntoIterator<Item = HeaderName>,
+    {
+        let names = names.into_iter().collect();
+        self.with(|s| s.key_headers = names)
+    }
+
+    /// The largest body stored. A larger one streams to the client untouched and is
+    /// not stored. Default 1 MiB.
+    pub fn max_body_bytes(self, bytes: usize) -> Self {
+        self.with(|s| s.max_body_bytes = bytes)
+    }
+
+    /// Whether responses carry a `Cache-Status` field (RFC 9211). Default on.
+    pub fn cache_status_header(self, on: bool) -> Self {
+        self.with(|s| s.cache_status_header = on)
+    }
+
+    /// Whether hits carry an `Age` field. Default on. (RFC 9111 requires it of a
+    /// cache; turn it off only behind another cache that sets it.)
+    pub fn age_header(self, on: bool) -> Self {
+        self.with(|s| s.age_header = on)
+    }
+
+    /// What to do with the client's `no-cache`, `max-age`, `min-fresh` and
+    /// `only-if-cached`. Default [`RequestDirectives::Honour`].
+    pub fn request_directives(self, directives: RequestDirectives) -> Self {
+        self.with(|s| s.request_directives = directives)
+    }
+}
+
+impl<S> Layer<S> for HybridCacheLayer {
+    type Service = HybridCacheService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        HybridCacheService::new(inner, self.cache.clone(), Arc::clone(&self.settings))
+    }
+}

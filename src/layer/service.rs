@@ -1,0 +1,453 @@
+//! [`HybridCacheService`]: the request path of the cache.
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use http::header::{AGE, AUTHORIZATION, CONNECTION, RANGE};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version};
+use http_body::Body;
+use tower::Service;
+
+use super::body::{CacheBody, Capture};
+use super::future::ResponseFuture;
+use crate::cache::{wait_for_leader, Flight, Lookup, MissKind};
+use crate::entry::CachedResponse;
+use crate::key::normalised_value;
+use crate::policy::cache_control::CacheControl;
+use crate::policy::settings::RouteSettings;
+use crate::policy::storable::{store_plan, NotStored, RequestFacts};
+use crate::policy::RequestDirectives;
+use crate::store::Tier;
+use crate::telemetry::{Counter, TARGET};
+use crate::{CacheKey, HybridCache};
+
+/// The `Cache-Status` field name (RFC 9211).
+pub(crate) const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
+
+/// Hop-by-hop fields (RFC 9110 §7.6.1), never stored.
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Caches the responses of `S`. Made by [`HybridCacheLayer`](crate::HybridCacheLayer).
+///
+/// GET requests are answered from the cache when a fresh response is stored, and
+/// their storable responses are stored; HEAD requests are answered from the GET
+/// entry; every other request, and any request with `Range`, passes through.
+/// Errors of `S` pass through untouched.
+#[derive(Clone)]
+pub struct HybridCacheService<S> {
+    inner: S,
+    cache: HybridCache,
+    settings: Arc<RouteSettings>,
+}
+
+impl<S: std::fmt::Debug> std::fmt::Debug for HybridCacheService<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HybridCacheService")
+            .field("inner", &self.inner)
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S> HybridCacheService<S> {
+    pub(crate) fn new(inner: S, cache: HybridCache, settings: Arc<RouteSettings>) -> Self {
+        HybridCacheService {
+            inner,
+            cache,
+            settings,
+        }
+    }
+
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The wrapped service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Unwraps the wrapped service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for HybridCacheService<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ReqBody: Send + 'static,
+    ResBody: Body<Data = Bytes> + Send + 'static,
+{
+    type Response = Response<CacheBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future, ResBody, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+        let method = request.method();
+        if (method != Method::GET && method != Method::HEAD)
+            || request.headers().contains_key(RANGE)
+        {
+            self.cache.count(Counter::Bypass);
+            let status = self
+                .settings
+                .cache_status_header
+                .then(|| status_value(&self.cache, "fwd=bypass"))
+                .flatten();
+            return ResponseFuture::bypass(self.inner.call(request), status);
+        }
+        // The ready service goes into the future; a clone stays for the next call.
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        let cache = self.cache.clone();
+        let settings = Arc::clone(&self.settings);
+        ResponseFuture::cached(Box::pin(handle(inner, cache, settings, request)))
+    }
+}
+
+async fn handle<S, ReqBody, ResBody>(
+    inner: S,
+    cache: HybridCache,
+    settings: Arc<RouteSettings>,
+    request: Request<ReqBody>,
+) -> Result<Response<CacheBody<ResBody>>, S::Error>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send,
+    S::Future: Send,
+    ReqBody: Send,
+    ResBody: Body + Send,
+{
+    let request_cc = CacheControl::from_headers(request.headers());
+    let honour = settings.request_directives == RequestDirectives::Honour;
+    let primary = CacheKey::primary(
+        request.method(),
+        request.uri(),
+        request.headers(),
+        &settings,
+    );
+    let ask = Ask {
+        cache: &cache,
+        settings: &settings,
+        primary: &primary,
+        request_cc: &request_cc,
+        honour,
+    };
+    // `no-cache` and `max-age=0` must reach the origin (RFC 9111 §5.2.1).
+    let must_forward = honour && (request_cc.no_cache || request_cc.max_age == Some(0));
+    let miss = if must_forward {
+        MissKind::Request
+    } else {
+        match ask.serve(&RequestHead::of(&request)).await {
+            Ok(response) => return Ok(response),
+            Err(miss) => miss,
+        }
+    };
+    if honour && request_cc.only_if_cached {
+        return Ok(only_if_cached_miss(&cache, &settings, miss));
+    }
+    if request.method() == Method::HEAD || must_forward {
+        // A HEAD response has no body to store; a forced forward does not wait for
+        // others' fetches.
+        return forward(inner, &ask, request, miss, None).await;
+    }
+    let guard = match cache.inner.flights.join(primary) {
+        Flight::Leader(guard) => Some(guard),
+        Flight::Follower(rx) => {
+            cache.count(Counter::Coalesced);
+            let released = wait_for_leader(rx, cache.inner.single_flight_timeout).await;
+            if let Ok(response) = ask.serve(&RequestHead::of(&request)).await {
+                return Ok(response);
+            }
+            tracing::debug!(target: TARGET, key = %primary, outcome = "collapsed-miss", released);
+            None
+        }
+    };
+    forward(inner, &ask, request, miss, guard).await
+}
+
+/// What serving from the cache needs of the request (borrowed apart from the body,
+/// which need not be `Sync`).
+struct RequestHead<'a> {
+    headers: &'a HeaderMap,
+    head: bool,
+    version: Version,
+}
+
+impl<'a> RequestHead<'a> {
+    fn of<B>(request: &'a Request<B>) -> Self {
+        RequestHead {
+            headers: request.headers(),
+            head: request.method() == Method::HEAD,
+            version: request.version(),
+        }
+    }
+}
+
+/// What a lookup needs to know of the request and route.
+struct Ask<'a> {
+    cache: &'a HybridCache,
+    settings: &'a RouteSettings,
+    primary: &'a CacheKey,
+    request_cc: &'a CacheControl,
+    honour: bool,
+}
+
+impl Ask<'_> {
+    /// A response from the cache, or why there is none.
+    async fn serve<ResBody>(
+        &self,
+        request: &RequestHead<'_>,
+    ) -> Result<Response<CacheBody<ResBody>>, MissKind> {
+        let (entry, tier) = match self.cache.lookup(self.primary, request.headers).await {
+            Lookup::Hit(entry, tier) => (entry, tier),
+            Lookup::Miss(miss) => return Err(miss),
+        };
+        let now = SystemTime::now();
+        if !entry.is_fresh(now) {
+            return Err(MissKind::Stale);
+        }
+        if self.honour {
+            let too_old = self
+                .request_cc
+                .max_age
+                .is_some_and(|max| entry.age(now).as_secs() > max);
+            let too_close = self
+                .request_cc
+                .min_fresh
+                .is_some_and(|min| entry.time_to_live(now).as_secs() < min);
+            if too_old || too_close {
+                return Err(MissKind::Request);
+            }
+        }
+        self.cache.count(Counter::Hit);
+        tracing::debug!(target: TARGET, key = %self.primary, outcome = "hit", detail = tier.as_str());
+        Ok(hit_response(
+            &entry,
+            tier,
+            request.head,
+            request.version,
+            now,
+            self.settings,
+            self.cache,
+        ))
+    }
+}
+
+fn hit_response<B>(
+    entry: &CachedResponse,
+    tier: Tier,
+    head: bool,
+    version: Version,
+    now: SystemTime,
+    settings: &RouteSettings,
+    cache: &HybridCache,
+) -> Response<CacheBody<B>> {
+    let body = if head {
+        CacheBody::empty()
+    } else {
+        CacheBody::full(entry.body.clone())
+    };
+    let mut response = Response::new(body);
+    *response.status_mut() = entry.status;
+    *response.version_mut() = version;
+    *response.headers_mut() = entry.headers.clone();
+    let headers = response.headers_mut();
+    if settings.age_header {
+        headers.insert(AGE, HeaderValue::from(entry.age(now).as_secs()));
+    }
+    if settings.cache_status_header {
+        let ttl = entry.time_to_live(now).as_secs();
+        if let Some(value) =
+            status_value(cache, &format!("hit; ttl={ttl}; detail={}", tier.as_str()))
+        {
+            headers.append(CACHE_STATUS, value);
+        }
+    }
+    response
+}
+
+/// Sends the request to the origin and, when the response may be stored, tees its
+/// body into the store.
+async fn forward<S, ReqBody, ResBody>(
+    mut inner: S,
+    ask: &Ask<'_>,
+    request: Request<ReqBody>,
+    miss: MissKind,
+    guard: Option<crate::cache::FlightGuard>,
+) -> Result<Response<CacheBody<ResBody>>, S::Error>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    ResBody: Body,
+{
+    let cache = ask.cache;
+    let settings = ask.settings;
+    cache.count(Counter::Miss);
+    let storing = request.method() == Method::GET;
+    let facts = RequestFacts {
+        has_authorization: request.headers().contains_key(AUTHORIZATION),
+        no_store: ask.request_cc.no_store,
+        request_time: Some(SystemTime::now()),
+    };
+    // The request's values of the response's `Vary` names are known only once the
+    // response is in; keep the headers for that, on the miss path only.
+    let request_headers = storing.then(|| request.headers().clone());
+    let response = inner.call(request).await?;
+    let response_time = SystemTime::now();
+    let (mut parts, body) = response.into_parts();
+    let fwd = format!(
+        "fwd={}; fwd-status={}",
+        miss.as_str(),
+        parts.status.as_u16()
+    );
+
+    let plan = match request_headers {
+        None => None,
+        Some(request_headers) => {
+            let plan = store_plan(facts, parts.status, &parts.headers, settings, response_time)
+                .and_then(|plan| {
+                    if body.size_hint().lower() > settings.max_body_bytes as u64 {
+                        Err(NotStored::TooLarge)
+                    } else {
+                        Ok(plan)
+                    }
+                });
+            Some(plan.map(|plan| (plan, request_headers)))
+        }
+    };
+    let (status, body) = match plan {
+        None => (fwd, CacheBody::passthrough(body)),
+        Some(Err(reason)) => {
+            cache.count(Counter::NotStored);
+            tracing::debug!(target: TARGET, key = %ask.primary, outcome = "not-stored", detail = reason.as_str());
+            (
+                format!("{fwd}; detail={}", reason.as_str()),
+                CacheBody::passthrough(body),
+            )
+        }
+        Some(Ok((plan, request_headers))) => {
+            let vary = plan
+                .vary
+                .iter()
+                .map(|name| {
+                    let value = request_headers
+                        .contains_key(name)
+                        .then(|| Bytes::from(normalised_value(&request_headers, name)));
+                    (name.clone(), value)
+                })
+                .collect();
+            let entry = CachedResponse::builder(
+                parts.status,
+                storable_headers(&parts.headers),
+                Bytes::new(),
+            )
+            .version(parts.version)
+            .stored_at(plan.stored_at)
+            .initial_age(plan.initial_age)
+            .fresh_until(plan.fresh_until)
+            .vary(vary)
+            .build();
+            let capture = Capture {
+                cache: cache.clone(),
+                key: *ask.primary,
+                entry,
+                max_bytes: settings.max_body_bytes,
+                chunks: Vec::new(),
+                len: 0,
+                guard,
+            };
+            (
+                format!("{fwd}; stored"),
+                CacheBody::capturing(body, capture),
+            )
+        }
+    };
+    if settings.cache_status_header {
+        if let Some(value) = status_value(cache, &status) {
+            parts.headers.append(CACHE_STATUS, value);
+        }
+    }
+    Ok(Response::from_parts(parts, body))
+}
+
+/// `504` for `only-if-cached` when nothing usable is stored (RFC 9111 §5.2.1.7).
+fn only_if_cached_miss<B>(
+    cache: &HybridCache,
+    settings: &RouteSettings,
+    miss: MissKind,
+) -> Response<CacheBody<B>> {
+    let mut response = Response::new(CacheBody::empty());
+    *response.status_mut() = StatusCode::GATEWAY_TIMEOUT;
+    if settings.cache_status_header {
+        if let Some(value) = status_value(
+            cache,
+            &format!("fwd={}; detail=only-if-cached", miss.as_str()),
+        ) {
+            response.headers_mut().append(CACHE_STATUS, value);
+        }
+    }
+    response
+}
+
+/// The headers worth storing: all but hop-by-hop fields, those `Connection` names,
+/// and `Age` (recomputed on every hit).
+fn storable_headers(headers: &HeaderMap) -> HeaderMap {
+    let mut stored = headers.clone();
+    let named: Vec<HeaderName> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim_ascii()).ok())
+        .collect();
+    for name in HOP_BY_HOP.iter().copied() {
+        stored.remove(name);
+    }
+    for name in named {
+        stored.remove(name);
+    }
+    stored.remove(AGE);
+    stored
+}
+
+fn status_value(cache: &HybridCache, params: &str) -> Option<HeaderValue> {
+    HeaderValue::try_from(format!("{}; {params}", cache.inner.cache_status_name)).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_and_connection_named_fields_are_not_stored() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            "connection",
+            HeaderValue::from_static("close, x-private-hop"),
+        );
+        headers.insert("x-private-hop", HeaderValue::from_static("1"));
+        headers.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        headers.insert("age", HeaderValue::from_static("5"));
+        headers.insert("content-type", HeaderValue::from_static("text/plain"));
+        let stored = storable_headers(&headers);
+        assert_eq!(stored.len(), 1);
+        assert!(stored.contains_key("content-type"));
+    }
+}

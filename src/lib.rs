@@ -1,0 +1,77 @@
+//! A tower middleware that caches HTTP responses as a correct shared cache
+//! (RFC 9111), over a bounded in-process [moka](https://docs.rs/moka) tier.
+//!
+//! Build one [`HybridCache`] per process, then put a [`HybridCacheLayer`] on each
+//! route (or a whole router) with that route's settings:
+//!
+//! ```
+//! use std::time::Duration;
+//! use axum::{body::Body, routing::get, Router};
+//! use http::Request;
+//! use tower::ServiceExt;
+//! use tower_hybrid_cache::HybridCache;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let cache = HybridCache::builder().memory_capacity_bytes(64 << 20).build().await?;
+//! let app = Router::new().route(
+//!     "/jobs/{id}",
+//!     get(|| async { "a job" }).layer(cache.layer().ttl(Duration::from_secs(300))),
+//! );
+//!
+//! let response = app.oneshot(Request::get("/jobs/42").body(Body::empty())?).await?;
+//! let status = response.headers()["cache-status"].to_str()?;
+//! assert_eq!(status, "tower-hybrid-cache; fwd=uri-miss; fwd-status=200; stored");
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! What is stored and for how long follows RFC 9111 for a shared cache: only GET
+//! (HEAD is answered from the GET entry), never `no-store`, `private`, `Set-Cookie`,
+//! `Vary: *`, or a response to a request with `Authorization` unless the response
+//! allows it; freshness from `s-maxage`, `max-age`, `Expires`, `Date` and `Age`, with
+//! the route TTL where the origin says nothing. Every response says what the cache
+//! did in `Cache-Status` (RFC 9211), and every hit carries `Age`.
+//!
+//! The layer needs a tokio runtime: stores are written by a background task, so the
+//! client never waits for them.
+
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+mod cache;
+mod entry;
+mod error;
+mod key;
+mod layer;
+mod policy;
+mod store;
+mod telemetry;
+
+pub use cache::{
+    HybridCache, HybridCacheBuilder, DEFAULT_CACHE_STATUS_NAME, DEFAULT_MEMORY_CAPACITY_BYTES,
+    DEFAULT_NAMESPACE,
+};
+pub use entry::{CachedResponse, CachedResponseBuilder, FORMAT_VERSION};
+pub use error::{BuildError, DecodeError};
+pub use key::CacheKey;
+pub use layer::{CacheBody, HybridCacheLayer, HybridCacheService, ResponseFuture};
+pub use policy::{RequestDirectives, TtlMode, DEFAULT_MAX_BODY_BYTES};
+pub use store::Tier;
+pub use telemetry::CacheStats;
+
+#[doc(hidden)]
+pub mod __bench {
+    //! Internals exposed for the benchmarks only; not part of the API.
+
+    use http::{HeaderMap, Method, Uri};
+
+    /// Parses a `Cache-Control` value.
+    pub fn parse_cache_control(value: &str) -> impl std::fmt::Debug {
+        crate::policy::cache_control::CacheControl::parse(value)
+    }
+
+    /// Derives the primary key of a GET with every parameter kept.
+    pub fn primary_key(uri: &Uri, headers: &HeaderMap) -> crate::CacheKey {
+        crate::CacheKey::primary(&Method::GET, uri, headers, &Default::default())
+    }
+}

@@ -1,0 +1,140 @@
+//! Per-route settings of a [`HybridCacheLayer`](crate::HybridCacheLayer).
+
+use std::time::Duration;
+
+use http::HeaderName;
+
+/// The default largest body the layer captures and stores: 1 MiB.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 1 << 20;
+
+/// How a route's TTL relates to the freshness the origin states.
+///
+/// Whatever the mode, what the origin forbids (`no-store`, `private`, `Set-Cookie`, …)
+/// is never stored: the TTL only decides *how long* a storable response stays fresh.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum TtlMode {
+    /// The origin's `s-maxage`, `max-age` or `Expires` wins; the route TTL applies
+    /// only where the origin states none (the default).
+    #[default]
+    Fallback,
+    /// The route TTL wins over anything the origin states.
+    Override,
+}
+
+/// What the layer does with a client's `Cache-Control` request directives
+/// `no-cache`, `max-age`, `min-fresh` and `only-if-cached`.
+///
+/// `no-store` in a request is always honoured: its response is never stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum RequestDirectives {
+    /// Follow RFC 9111: `no-cache` and `max-age=0` go to the origin (and the fresh
+    /// response is stored for the next client), `max-age=N` and `min-fresh=N` refuse
+    /// entries that are too old, `only-if-cached` answers `504` on a miss.
+    /// The default.
+    #[default]
+    Honour,
+    /// Serve from the cache whatever the client asks, as Varnish and nginx do by
+    /// default: a reload in a browser can then not push load onto the origin.
+    Ignore,
+}
+
+/// Which query parameters take part in the cache key.
+#[derive(Debug, Clone, Default)]
+pub(crate) enum QueryFilter {
+    /// Every parameter counts.
+    #[default]
+    All,
+    /// Parameters whose names match are dropped from the key.
+    Ignore(Vec<NamePattern>),
+    /// Only parameters whose names match count.
+    Keep(Vec<NamePattern>),
+}
+
+impl QueryFilter {
+    /// Whether a parameter of this (percent-decoded) name takes part in the key.
+    pub(crate) fn keeps(&self, name: &[u8]) -> bool {
+        match self {
+            QueryFilter::All => true,
+            QueryFilter::Ignore(patterns) => !patterns.iter().any(|p| p.matches(name)),
+            QueryFilter::Keep(patterns) => patterns.iter().any(|p| p.matches(name)),
+        }
+    }
+}
+
+/// A parameter name, or a prefix when written with a trailing `*` (`utm_*`).
+#[derive(Debug, Clone)]
+pub(crate) struct NamePattern {
+    text: Box<[u8]>,
+    prefix: bool,
+}
+
+impl NamePattern {
+    pub(crate) fn new(pattern: &str) -> Self {
+        match pattern.strip_suffix('*') {
+            Some(prefix) => NamePattern {
+                text: prefix.as_bytes().into(),
+                prefix: true,
+            },
+            None => NamePattern {
+                text: pattern.as_bytes().into(),
+                prefix: false,
+            },
+        }
+    }
+
+    fn matches(&self, name: &[u8]) -> bool {
+        if self.prefix {
+            name.starts_with(&self.text)
+        } else {
+            *name == *self.text
+        }
+    }
+}
+
+/// Everything a route can set; shared behind an `Arc` by the layer's clones.
+#[derive(Debug, Clone)]
+pub(crate) struct RouteSettings {
+    pub(crate) ttl: Option<Duration>,
+    pub(crate) ttl_mode: TtlMode,
+    pub(crate) query: QueryFilter,
+    pub(crate) key_headers: Vec<HeaderName>,
+    pub(crate) max_body_bytes: usize,
+    pub(crate) cache_status_header: bool,
+    pub(crate) age_header: bool,
+    pub(crate) request_directives: RequestDirectives,
+}
+
+impl Default for RouteSettings {
+    fn default() -> Self {
+        RouteSettings {
+            ttl: None,
+            ttl_mode: TtlMode::Fallback,
+            query: QueryFilter::All,
+            key_headers: Vec::new(),
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            cache_status_header: true,
+            age_header: true,
+            request_directives: RequestDirectives::Honour,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patterns_match_names_and_prefixes() {
+        let filter =
+            QueryFilter::Ignore(vec![NamePattern::new("utm_*"), NamePattern::new("fbclid")]);
+        assert!(!filter.keeps(b"utm_source"));
+        assert!(!filter.keeps(b"fbclid"));
+        assert!(filter.keeps(b"fbclid2"));
+        assert!(filter.keeps(b"q"));
+        let filter = QueryFilter::Keep(vec![NamePattern::new("q")]);
+        assert!(filter.keeps(b"q"));
+        assert!(!filter.keeps(b"page"));
+    }
+}

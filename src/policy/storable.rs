@@ -1,0 +1,333 @@
+//! Whether a response may be stored by a shared cache (RFC 9111 §3), decided from
+//! the status and headers alone, before any body byte is read.
+
+use std::time::{Duration, SystemTime};
+
+use http::header::{SET_COOKIE, VARY};
+use http::{HeaderMap, HeaderName, StatusCode};
+
+use super::cache_control::CacheControl;
+use super::freshness::{self, LifetimeSource};
+use super::settings::RouteSettings;
+
+/// Most `Vary` names a storable response may list. More is not stored: each name
+/// costs a header lookup on every hit, and hundreds of them are a sign of a broken or
+/// hostile origin.
+pub(crate) const MAX_VARY_NAMES: usize = 32;
+
+/// What the request contributes to the decision.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct RequestFacts {
+    pub(crate) has_authorization: bool,
+    pub(crate) no_store: bool,
+    pub(crate) request_time: Option<SystemTime>,
+}
+
+/// Why a response was not stored; reported in `Cache-Status` as `detail`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum NotStored {
+    NoStore,
+    Private,
+    NoCache,
+    SetCookie,
+    Authorization,
+    VaryStar,
+    VaryTooLong,
+    Status,
+    NoFreshness,
+    AlreadyStale,
+    MalformedCacheControl,
+    TooLarge,
+}
+
+impl NotStored {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            NotStored::NoStore => "no-store",
+            NotStored::Private => "private",
+            NotStored::NoCache => "no-cache",
+            NotStored::SetCookie => "set-cookie",
+            NotStored::Authorization => "authorization",
+            NotStored::VaryStar => "vary-star",
+            NotStored::VaryTooLong => "vary-too-long",
+            NotStored::Status => "status",
+            NotStored::NoFreshness => "no-freshness",
+            NotStored::AlreadyStale => "already-stale",
+            NotStored::MalformedCacheControl => "malformed-cache-control",
+            NotStored::TooLarge => "too-large",
+        }
+    }
+}
+
+/// How to store a response that may be stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct StorePlan {
+    pub(crate) stored_at: SystemTime,
+    pub(crate) initial_age: Duration,
+    pub(crate) fresh_until: SystemTime,
+    pub(crate) vary: Vec<HeaderName>,
+}
+
+/// Statuses a cache may store with a route TTL or heuristic freshness
+/// (RFC 9110 §15.1 "heuristically cacheable", less 206: ranges are not cached).
+fn heuristically_cacheable(status: StatusCode) -> bool {
+    matches!(
+        status.as_u16(),
+        200 | 203 | 204 | 300 | 301 | 308 | 404 | 405 | 410 | 414 | 501
+    )
+}
+
+/// Decides whether a response to a GET may be stored, and for how long it is fresh.
+pub(crate) fn store_plan(
+    request: RequestFacts,
+    status: StatusCode,
+    headers: &HeaderMap,
+    settings: &RouteSettings,
+    response_time: SystemTime,
+) -> Result<StorePlan, NotStored> {
+    let cc = CacheControl::from_headers(headers);
+    if cc.malformed {
+        return Err(NotStored::MalformedCacheControl);
+    }
+    if cc.no_store || request.no_store {
+        return Err(NotStored::NoStore);
+    }
+    if cc.private {
+        return Err(NotStored::Private);
+    }
+    if cc.no_cache {
+        return Err(NotStored::NoCache);
+    }
+    if headers.contains_key(SET_COOKIE) {
+        return Err(NotStored::SetCookie);
+    }
+    if request.has_authorization && !(cc.public || cc.s_maxage.is_some() || cc.must_revalidate) {
+        return Err(NotStored::Authorization);
+    }
+    if status.is_informational()
+        || status == StatusCode::PARTIAL_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        return Err(NotStored::Status);
+    }
+    let vary = vary_names(headers)?;
+    let (lifetime, source) =
+        freshness::lifetime(&cc, headers, response_time, settings.ttl, settings.ttl_mode)
+            .ok_or(NotStored::NoFreshness)?;
+    if source != LifetimeSource::Explicit && !heuristically_cacheable(status) {
+        return Err(NotStored::Status);
+    }
+    let request_time = request.request_time.unwrap_or(response_time);
+    let initial_age = freshness::initial_age(headers, request_time, response_time);
+    let remaining = lifetime
+        .checked_sub(initial_age)
+        .filter(|d| !d.is_zero())
+        .ok_or(NotStored::AlreadyStale)?;
+    let fresh_until = response_time
+        .checked_add(remaining)
+        .ok_or(NotStored::NoFreshness)?;
+    Ok(StorePlan {
+        stored_at: response_time,
+        initial_age,
+        fresh_until,
+        vary,
+    })
+}
+
+/// The field names a response varies on, lower-cased, in order, without repeats.
+pub(crate) fn vary_names(headers: &HeaderMap) -> Result<Vec<HeaderName>, NotStored> {
+    let mut names: Vec<HeaderName> = Vec::new();
+    for value in headers.get_all(VARY) {
+        for item in value.as_bytes().split(|&b| b == b',') {
+            let item = item.trim_ascii();
+            if item.is_empty() {
+                continue;
+            }
+            if item == b"*" {
+                return Err(NotStored::VaryStar);
+            }
+            // An unreadable name could match nothing; storing would serve one
+            // client's variant to another.
+            let name = HeaderName::from_bytes(item).map_err(|_| NotStored::VaryStar)?;
+            if !names.contains(&name) {
+                if names.len() == MAX_VARY_NAMES {
+                    return Err(NotStored::VaryTooLong);
+                }
+                names.push(name);
+            }
+        }
+    }
+    Ok(names)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn now() -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000)
+    }
+
+    fn plan(
+        request: RequestFacts,
+        status: u16,
+        pairs: &[(&'static str, &'static str)],
+        ttl: Option<u64>,
+    ) -> Result<StorePlan, NotStored> {
+        let mut headers = HeaderMap::new();
+        for (name, value) in pairs {
+            headers.append(*name, HeaderValue::from_static(value));
+        }
+        let settings = RouteSettings {
+            ttl: ttl.map(Duration::from_secs),
+            ..RouteSettings::default()
+        };
+        store_plan(
+            request,
+            StatusCode::from_u16(status).unwrap(),
+            &headers,
+            &settings,
+            now(),
+        )
+    }
+
+    #[test]
+    fn each_refusal_has_its_reason() {
+        let r = RequestFacts::default();
+        let cases: &[(&[(&'static str, &'static str)], NotStored)] = &[
+            (
+                &[("cache-control", "no-store, max-age=60")],
+                NotStored::NoStore,
+            ),
+            (
+                &[("cache-control", "private, max-age=60")],
+                NotStored::Private,
+            ),
+            (
+                &[("cache-control", "private=\"x\", max-age=60")],
+                NotStored::Private,
+            ),
+            (
+                &[("cache-control", "no-cache, max-age=60")],
+                NotStored::NoCache,
+            ),
+            (
+                &[("cache-control", "max-age=60"), ("set-cookie", "a=b")],
+                NotStored::SetCookie,
+            ),
+            (
+                &[("cache-control", "max-age=60"), ("vary", "accept, *")],
+                NotStored::VaryStar,
+            ),
+            (&[("cache-control", "max-age=0")], NotStored::AlreadyStale),
+            (
+                &[("cache-control", "max-age=60"), ("age", "60")],
+                NotStored::AlreadyStale,
+            ),
+            (&[], NotStored::NoFreshness),
+        ];
+        for (headers, reason) in cases {
+            assert_eq!(plan(r, 200, headers, None), Err(*reason), "{headers:?}");
+        }
+    }
+
+    #[test]
+    fn request_no_store_forbids_storing() {
+        let r = RequestFacts {
+            no_store: true,
+            ..RequestFacts::default()
+        };
+        assert_eq!(
+            plan(r, 200, &[("cache-control", "max-age=60")], None),
+            Err(NotStored::NoStore)
+        );
+    }
+
+    #[test]
+    fn authorization_needs_public_s_maxage_or_must_revalidate() {
+        let r = RequestFacts {
+            has_authorization: true,
+            ..RequestFacts::default()
+        };
+        assert_eq!(
+            plan(r, 200, &[("cache-control", "max-age=60")], None),
+            Err(NotStored::Authorization)
+        );
+        assert_eq!(plan(r, 200, &[], Some(60)), Err(NotStored::Authorization));
+        for cc in [
+            "public, max-age=60",
+            "s-maxage=60",
+            "must-revalidate, max-age=60",
+        ] {
+            let mut headers = HeaderMap::new();
+            headers.insert("cache-control", HeaderValue::from_static(cc));
+            let settings = RouteSettings::default();
+            assert!(
+                store_plan(r, StatusCode::OK, &headers, &settings, now()).is_ok(),
+                "{cc}"
+            );
+        }
+    }
+
+    #[test]
+    fn route_ttl_stores_only_heuristically_cacheable_statuses() {
+        let r = RequestFacts::default();
+        assert!(plan(r, 200, &[], Some(30)).is_ok());
+        assert!(plan(r, 404, &[], Some(30)).is_ok());
+        assert_eq!(plan(r, 500, &[], Some(30)), Err(NotStored::Status));
+        assert_eq!(plan(r, 302, &[], Some(30)), Err(NotStored::Status));
+        // Explicit freshness makes any final status storable...
+        assert!(plan(r, 500, &[("cache-control", "max-age=5")], None).is_ok());
+        assert!(plan(r, 302, &[("cache-control", "max-age=5")], None).is_ok());
+        // ...but never a partial or a 304.
+        assert_eq!(
+            plan(r, 206, &[("cache-control", "max-age=5")], None),
+            Err(NotStored::Status)
+        );
+        assert_eq!(
+            plan(r, 304, &[("cache-control", "max-age=5")], None),
+            Err(NotStored::Status)
+        );
+    }
+
+    #[test]
+    fn fresh_until_subtracts_the_age_already_spent() {
+        let p = plan(
+            RequestFacts::default(),
+            200,
+            &[("cache-control", "max-age=60"), ("age", "20")],
+            None,
+        )
+        .unwrap();
+        assert_eq!(p.initial_age, Duration::from_secs(20));
+        assert_eq!(p.fresh_until, now() + Duration::from_secs(40));
+    }
+
+    #[test]
+    fn vary_names_are_normalised_and_bounded() {
+        let mut headers = HeaderMap::new();
+        headers.append(
+            VARY,
+            HeaderValue::from_static("Accept-Encoding, accept-language"),
+        );
+        headers.append(VARY, HeaderValue::from_static("ACCEPT-ENCODING,,"));
+        assert_eq!(
+            vary_names(&headers).unwrap(),
+            vec![
+                HeaderName::from_static("accept-encoding"),
+                HeaderName::from_static("accept-language")
+            ]
+        );
+        let many: String = (0..300)
+            .map(|i| format!("x-h{i}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut headers = HeaderMap::new();
+        headers.insert(VARY, HeaderValue::from_str(&many).unwrap());
+        assert_eq!(vary_names(&headers), Err(NotStored::VaryTooLong));
+        let mut headers = HeaderMap::new();
+        headers.insert(VARY, HeaderValue::from_bytes(b"acc\xffept").unwrap());
+        assert_eq!(vary_names(&headers), Err(NotStored::VaryStar));
+    }
+}

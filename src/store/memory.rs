@@ -1,0 +1,80 @@
+//! The in-process tier: a moka cache bounded by bytes, each entry expiring when it can
+//! no longer be served.
+
+use std::time::{Duration, Instant, SystemTime};
+
+use moka::future::Cache;
+use moka::Expiry;
+
+use crate::entry::Entry;
+use crate::CacheKey;
+
+/// The memory tier. Cloning shares the same cache.
+#[derive(Clone)]
+pub(crate) struct MemoryStore {
+    cache: Cache<CacheKey, Entry>,
+}
+
+struct EntryExpiry;
+
+impl Expiry<CacheKey, Entry> for EntryExpiry {
+    fn expire_after_create(
+        &self,
+        _key: &CacheKey,
+        entry: &Entry,
+        _created_at: Instant,
+    ) -> Option<Duration> {
+        Some(remaining(entry))
+    }
+
+    fn expire_after_update(
+        &self,
+        _key: &CacheKey,
+        entry: &Entry,
+        _updated_at: Instant,
+        _duration_until_expiry: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(remaining(entry))
+    }
+}
+
+fn remaining(entry: &Entry) -> Duration {
+    entry
+        .stale_until()
+        .duration_since(SystemTime::now())
+        .unwrap_or(Duration::ZERO)
+}
+
+impl MemoryStore {
+    pub(crate) fn new(capacity_bytes: u64) -> Self {
+        let cache = Cache::builder()
+            .max_capacity(capacity_bytes)
+            .weigher(|_key: &CacheKey, entry: &Entry| {
+                u32::try_from(entry.weight()).unwrap_or(u32::MAX)
+            })
+            .expire_after(EntryExpiry)
+            .build();
+        MemoryStore { cache }
+    }
+
+    pub(crate) async fn get(&self, key: &CacheKey) -> Option<Entry> {
+        self.cache.get(key).await
+    }
+
+    pub(crate) async fn insert(&self, key: CacheKey, entry: Entry) {
+        self.cache.insert(key, entry).await;
+    }
+
+    /// Runs moka's pending housekeeping: evictions and expirations free their memory.
+    pub(crate) async fn run_pending_tasks(&self) {
+        self.cache.run_pending_tasks().await;
+    }
+
+    pub(crate) fn weighted_size(&self) -> u64 {
+        self.cache.weighted_size()
+    }
+
+    pub(crate) fn entry_count(&self) -> u64 {
+        self.cache.entry_count()
+    }
+}

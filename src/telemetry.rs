@@ -1,0 +1,75 @@
+//! Counters and tracing fields in one place.
+//!
+//! Every decision is a `tracing` event at `debug` level with the target
+//! `tower_hybrid_cache` and the fields `key`, `outcome` and, where it applies,
+//! `detail`; counters are plain atomics read through
+//! [`HybridCache::stats`](crate::HybridCache::stats).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// The `tracing` target of every event the crate emits.
+pub(crate) const TARGET: &str = "tower_hybrid_cache";
+
+/// Counters of what the cache did since it was built.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CacheStats {
+    /// Requests answered from a stored response.
+    pub hits: u64,
+    /// Cacheable requests that went to the origin.
+    pub misses: u64,
+    /// Requests the cache did not handle (unsafe methods, `Range`).
+    pub bypasses: u64,
+    /// Responses written to the store.
+    pub stores: u64,
+    /// Responses to cacheable requests that were not stored (policy or size).
+    pub not_stored: u64,
+    /// Requests that waited for another request's origin call instead of making their
+    /// own.
+    pub coalesced: u64,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    hits: AtomicU64,
+    misses: AtomicU64,
+    bypasses: AtomicU64,
+    stores: AtomicU64,
+    not_stored: AtomicU64,
+    coalesced: AtomicU64,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Counter {
+    Hit,
+    Miss,
+    Bypass,
+    Store,
+    NotStored,
+    Coalesced,
+}
+
+impl Counters {
+    pub(crate) fn add(&self, counter: Counter) {
+        let cell = match counter {
+            Counter::Hit => &self.hits,
+            Counter::Miss => &self.misses,
+            Counter::Bypass => &self.bypasses,
+            Counter::Store => &self.stores,
+            Counter::NotStored => &self.not_stored,
+            Counter::Coalesced => &self.coalesced,
+        };
+        cell.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn snapshot(&self) -> CacheStats {
+        CacheStats {
+            hits: self.hits.load(Ordering::Relaxed),
+            misses: self.misses.load(Ordering::Relaxed),
+            bypasses: self.bypasses.load(Ordering::Relaxed),
+            stores: self.stores.load(Ordering::Relaxed),
+            not_stored: self.not_stored.load(Ordering::Relaxed),
+            coalesced: self.coalesced.load(Ordering::Relaxed),
+        }
+    }
+}
