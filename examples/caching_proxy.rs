@@ -1,0 +1,201 @@
+//! A caching reverse proxy: every request is forwarded to one upstream, and the
+//! layer caches what the upstream's own headers allow (no route TTL).
+//!
+//! ```text
+//! cargo run --release --example caching_proxy -- --listen 127.0.0.1:8080 --upstream http://127.0.0.1:3000
+//! curl -i http://127.0.0.1:8080/jobs/42
+//! ```
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue, HOST, VIA};
+use http::{Request, Response, StatusCode, Uri};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tower::Layer;
+use tower_hybrid_cache::HybridCache;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// The body the forwarder answers with: the upstream's, or a short error text.
+pub type ProxyBody = BoxBody<Bytes, BoxError>;
+
+/// Request fields that concern one connection only (RFC 9110 §7.6.1).
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Forwards a request to `upstream`: same path and query, `Host` set to the upstream,
+/// hop-by-hop fields removed, `Via` added. An unreachable upstream is a `502`.
+pub async fn forward(
+    client: Client<HttpConnector, Incoming>,
+    upstream: Uri,
+    request: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    let (mut parts, body) = request.into_parts();
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let target = match Uri::builder()
+        .scheme(upstream.scheme_str().unwrap_or("http"))
+        .authority(upstream.authority().map_or("", |a| a.as_str()))
+        .path_and_query(path)
+        .build()
+    {
+        Ok(uri) => uri,
+        Err(e) => {
+            return Ok(error_response(
+                StatusCode::BAD_REQUEST,
+                format!("bad request target: {e}"),
+            ))
+        }
+    };
+    for name in HOP_BY_HOP {
+        parts.headers.remove(name);
+    }
+    if let Some(authority) = upstream.authority() {
+        if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
+            parts.headers.insert(HOST, host);
+        }
+    }
+    parts
+        .headers
+        .append(VIA, HeaderValue::from_static("1.1 tower-hybrid-cache"));
+    parts.uri = target;
+    match client.request(Request::from_parts(parts, body)).await {
+        Ok(response) => {
+            let (mut parts, body) = response.into_parts();
+            parts
+                .headers
+                .append(VIA, HeaderValue::from_static("1.1 tower-hybrid-cache"));
+            Ok(Response::from_parts(
+                parts,
+                body.map_err(BoxError::from).boxed(),
+            ))
+        }
+        Err(e) => Ok(error_response(
+            StatusCode::BAD_GATEWAY,
+            format!("upstream error: {e}"),
+        )),
+    }
+}
+
+fn error_response(status: StatusCode, text: String) -> Response<ProxyBody> {
+    let mut response = Response::new(
+        Full::new(Bytes::from(text))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        HeaderName::from_static("content-type"),
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+/// Serves the caching proxy on `listener` until the task is dropped.
+pub async fn serve(
+    listener: TcpListener,
+    upstream: Uri,
+    cache: HybridCache,
+) -> std::io::Result<()> {
+    let client: Client<HttpConnector, Incoming> =
+        Client::builder(TokioExecutor::new()).build_http();
+    let forwarder = tower::service_fn(move |request: Request<Incoming>| {
+        forward(client.clone(), upstream.clone(), request)
+    });
+    let service = cache.layer().layer(forwarder);
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let service = TowerToHyperService::new(service.clone());
+        tokio::spawn(async move {
+            let _ = auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+struct Args {
+    listen: SocketAddr,
+    upstream: Uri,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut listen = None;
+    let mut upstream = None;
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = || args.next().ok_or_else(|| format!("{arg} needs a value"));
+        match arg.as_str() {
+            "--listen" => {
+                listen = Some(
+                    value()?
+                        .parse::<SocketAddr>()
+                        .map_err(|e| format!("--listen: {e}"))?,
+                )
+            }
+            "--upstream" => {
+                upstream = Some(
+                    value()?
+                        .parse::<Uri>()
+                        .map_err(|e| format!("--upstream: {e}"))?,
+                )
+            }
+            "--redis-url" => {
+                let url = value()?;
+                eprintln!(
+                    "--redis-url {url}: this version has only the memory tier; serving from memory"
+                );
+            }
+            "-h" | "--help" => return Err(String::new()),
+            other => return Err(format!("unknown argument {other}")),
+        }
+    }
+    let upstream = upstream.ok_or("--upstream is required")?;
+    if upstream.authority().is_none() {
+        return Err("--upstream must be an absolute http:// URL".to_owned());
+    }
+    Ok(Args {
+        listen: listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080))),
+        upstream,
+    })
+}
+
+#[allow(dead_code)] // Tests include this file as a module and do not call `main`.
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args = match parse_args() {
+        Ok(args) => args,
+        Err(message) => {
+            if !message.is_empty() {
+                eprintln!("{message}");
+            }
+            eprintln!("usage: caching_proxy --listen ADDR --upstream URL [--redis-url URL]");
+            std::process::exit(2);
+        }
+    };
+    let cache = HybridCache::builder().build().await?;
+    let listener = TcpListener::bind(args.listen).await?;
+    eprintln!(
+        "caching {} on http://{}",
+        args.upstream,
+        listener.local_addr()?
+    );
+    serve(listener, args.upstream, cache).await?;
+    Ok(())
+}
