@@ -1,1 +1,413 @@
-fn main() {}
+//! HTTP load benchmark: the layer against its baselines, in one run on one machine.
+//!
+//! `cargo bench --bench http_load` (options after `--`: `--seconds 3 --rounds 3
+//! --connections 32 --memory-requests 60000`).
+//!
+//! - (a) a handler returning pre-rendered bytes;
+//! - (b) the same route behind the layer, every request a memory hit;
+//! - (c) a handler that renders its JSON on every request, under unique URLs;
+//! - (d) the same behind the layer under the same all-miss load (every response
+//!   stored, the memory tier evicting once full);
+//! - memory: resident size before and after a load of unique URLs that stores far
+//!   more than the configured capacity.
+//!
+//! Each scenario runs `rounds` times, interleaved, and the table shows the median
+//! requests/s and each ratio against its baseline in the same round.
+
+#![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::Query;
+use axum::routing::get;
+use axum::Router;
+use bytes::Bytes;
+use http::header::CONTENT_TYPE;
+use http::Request;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use tower_hybrid_cache::HybridCache;
+
+struct Args {
+    seconds: f64,
+    rounds: usize,
+    connections: usize,
+    memory_requests: usize,
+}
+
+fn args() -> Args {
+    let mut args = Args {
+        seconds: 3.0,
+        rounds: 3,
+        connections: 32,
+        memory_requests: 60_000,
+    };
+    let list: Vec<String> = std::env::args().collect();
+    let value = |name: &str| {
+        list.iter()
+            .position(|a| a == name)
+            .and_then(|i| list.get(i + 1))
+            .cloned()
+    };
+    if let Some(v) = value("--seconds") {
+        args.seconds = v.parse().expect("--seconds N");
+    }
+    if let Some(v) = value("--rounds") {
+        args.rounds = v.parse().expect("--rounds N");
+    }
+    if let Some(v) = value("--connections") {
+        args.connections = v.parse().expect("--connections N");
+    }
+    if let Some(v) = value("--memory-requests") {
+        args.memory_requests = v.parse().expect("--memory-requests N");
+    }
+    args
+}
+
+#[derive(Serialize, Clone)]
+struct Job {
+    id: u64,
+    title: &'static str,
+    company: &'static str,
+    location: &'static str,
+    skills: [&'static str; 4],
+    salary: u32,
+    score: f64,
+}
+
+/// The JSON document every handler serves (about 3 KB): twenty search results.
+fn render(seed: u64) -> Vec<u8> {
+    let jobs: Vec<Job> = (0..20)
+        .map(|i| Job {
+            id: seed.wrapping_mul(31).wrapping_add(i),
+            title: "Senior backend engineer",
+            company: "Acme Corporation",
+            location: "Berlin, Germany",
+            skills: ["rust", "tokio", "postgres", "kubernetes"],
+            salary: 70_000 + (i as u32) * 1_000,
+            score: 1.0 / (i as f64 + 1.0),
+        })
+        .collect();
+    serde_json::to_vec(&jobs).unwrap()
+}
+
+#[derive(serde::Deserialize)]
+struct Seed {
+    i: Option<u64>,
+}
+
+async fn serve(router: Router) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    addr
+}
+
+struct Run {
+    rps: f64,
+    p50_us: u32,
+    p99_us: u32,
+}
+
+/// Drives `connections` keep-alive HTTP/1.1 connections for `seconds`. With
+/// `unique`, every request has a URL never asked before.
+async fn load(
+    addr: SocketAddr,
+    path: &'static str,
+    unique: bool,
+    seconds: f64,
+    connections: usize,
+    counter: Arc<AtomicU64>,
+) -> Run {
+    let deadline = Instant::now() + Duration::from_secs_f64(seconds);
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..connections)
+        .map(|_| {
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+                stream.set_nodelay(true).unwrap();
+                let (mut sender, conn) =
+                    hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                        .await
+                        .unwrap();
+                tokio::spawn(conn);
+                let mut latencies = Vec::with_capacity(100_000);
+                while Instant::now() < deadline {
+                    let uri = if unique {
+                        format!("{path}?i={}", counter.fetch_add(1, Ordering::Relaxed))
+                    } else {
+                        path.to_owned()
+                    };
+                    let request = Request::get(uri)
+                        .header("host", "bench")
+                        .body(Empty::<Bytes>::new())
+                        .unwrap();
+                    let sent = Instant::now();
+                    sender.ready().await.unwrap();
+                    let response = sender.send_request(request).await.unwrap();
+                    assert!(response.status().is_success());
+                    let body = response.into_body().collect().await.unwrap().to_bytes();
+                    assert!(!body.is_empty());
+                    latencies.push(sent.elapsed().as_micros() as u32);
+                }
+                latencies
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for task in tasks {
+        all.extend(task.await.unwrap());
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    all.sort_unstable();
+    let pct = |p: f64| {
+        all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0)
+    };
+    Run {
+        rps: all.len() as f64 / elapsed,
+        p50_us: pct(0.50),
+        p99_us: pct(0.99),
+    }
+}
+
+fn rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+fn main() {
+    let args = args();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(run(args));
+}
+
+async fn run(args: Args) {
+    let pre_rendered = Bytes::from(render(0));
+    let cache = HybridCache::builder()
+        .memory_capacity_bytes(64 << 20)
+        .build()
+        .await
+        .unwrap();
+    let layer = || cache.layer().ttl(Duration::from_secs(3600));
+
+    let pre = {
+        let body = pre_rendered.clone();
+        move || {
+            let body = body.clone();
+            async move { ([(CONTENT_TYPE, "application/json")], body) }
+        }
+    };
+    let rendered = |Query(seed): Query<Seed>| async move {
+        (
+            [(CONTENT_TYPE, "application/json")],
+            render(seed.i.unwrap_or(0)),
+        )
+    };
+
+    let a = serve(Router::new().route("/pre", get(pre.clone()))).await;
+    let b = serve(Router::new().route("/pre", get(pre).layer(layer()))).await;
+    let c = serve(Router::new().route("/render", get(rendered))).await;
+    let d = serve(Router::new().route("/render", get(rendered).layer(layer()))).await;
+
+    let counter = Arc::new(AtomicU64::new(0));
+    // Warm up every server and store (b)'s entry.
+    for addr in [a, b] {
+        load(addr, "/pre", false, 0.3, 4, counter.clone()).await;
+    }
+    for addr in [c, d] {
+        load(addr, "/render", true, 0.3, 4, counter.clone()).await;
+    }
+    let hits_before = cache.stats().hits;
+
+    let (mut ra, mut rb, mut rc, mut rd) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut hit_ratio, mut miss_ratio) = (Vec::new(), Vec::new());
+    let mut lat = Vec::new();
+    for round in 0..args.rounds {
+        let run_a = load(
+            a,
+            "/pre",
+            false,
+            args.seconds,
+            args.connections,
+            counter.clone(),
+        )
+        .await;
+        let run_b = load(
+            b,
+            "/pre",
+            false,
+            args.seconds,
+            args.connections,
+            counter.clone(),
+        )
+        .await;
+        let run_c = load(
+            c,
+            "/render",
+            true,
+            args.seconds,
+            args.connections,
+            counter.clone(),
+        )
+        .await;
+        let run_d = load(
+            d,
+            "/render",
+            true,
+            args.seconds,
+            args.connections,
+            counter.clone(),
+        )
+        .await;
+        eprintln!(
+            "round {}: (a) {:.0}  (b) {:.0}  (c) {:.0}  (d) {:.0} req/s",
+            round + 1,
+            run_a.rps,
+            run_b.rps,
+            run_c.rps,
+            run_d.rps
+        );
+        hit_ratio.push(run_b.rps / run_a.rps);
+        miss_ratio.push(run_d.rps / run_c.rps);
+        ra.push(run_a.rps);
+        rb.push(run_b.rps);
+        rc.push(run_c.rps);
+        rd.push(run_d.rps);
+        lat.push([run_a, run_b, run_c, run_d].map(|r| (r.p50_us, r.p99_us)));
+    }
+    let stats = cache.stats();
+    assert!(stats.hits > hits_before, "(b) was served from the cache");
+    let last = lat.last().unwrap();
+    println!(
+        "| scenario | requests/s (median of {}) | p50 µs | p99 µs | ratio |",
+        args.rounds
+    );
+    println!("|---|---|---|---|---|");
+    println!(
+        "| (a) pre-rendered bytes | {:.0} | {} | {} | baseline |",
+        median(&mut ra),
+        last[0].0,
+        last[0].1
+    );
+    println!(
+        "| (b) (a) behind the layer, memory hits | {:.0} | {} | {} | **{:.3}** × (a) |",
+        median(&mut rb),
+        last[1].0,
+        last[1].1,
+        median(&mut hit_ratio)
+    );
+    println!(
+        "| (c) JSON rendered per request, unique URLs | {:.0} | {} | {} | baseline |",
+        median(&mut rc),
+        last[2].0,
+        last[2].1
+    );
+    println!(
+        "| (d) (c) behind the layer, all misses, all stored | {:.0} | {} | {} | **{:.3}** × (c) |",
+        median(&mut rd),
+        last[3].0,
+        last[3].1,
+        median(&mut miss_ratio)
+    );
+    println!();
+    println!(
+        "per-round ratios: hits {:?}, misses {:?}",
+        hit_ratio
+            .iter()
+            .map(|r| format!("{r:.3}"))
+            .collect::<Vec<_>>(),
+        miss_ratio
+            .iter()
+            .map(|r| format!("{r:.3}"))
+            .collect::<Vec<_>>()
+    );
+    println!("cache: {:?}", stats);
+    drop(cache);
+
+    memory(args.memory_requests).await;
+}
+
+/// Resident size under a load of unique URLs against a small capacity.
+async fn memory(requests: usize) {
+    const CAPACITY: u64 = 32 << 20;
+    let body = Bytes::from(vec![b'm'; 4096]);
+    let cache = HybridCache::builder()
+        .memory_capacity_bytes(CAPACITY)
+        .build()
+        .await
+        .unwrap();
+    let handler = move || {
+        let body = body.clone();
+        async move { body }
+    };
+    let addr = serve(Router::new().route(
+        "/m",
+        get(handler).layer(cache.layer().ttl(Duration::from_secs(3600))),
+    ))
+    .await;
+    let counter = Arc::new(AtomicU64::new(0));
+    load(addr, "/m", true, 0.5, 8, counter.clone()).await;
+    cache.run_pending_tasks().await;
+    let before = rss_bytes();
+    let started = Instant::now();
+    while (counter.load(Ordering::Relaxed) as usize) < requests {
+        load(addr, "/m", true, 0.5, 8, counter.clone()).await;
+    }
+    cache.run_pending_tasks().await;
+    let after = rss_bytes();
+    let stored = cache.stats().stores;
+    println!();
+    println!(
+        "| memory: 4 KiB bodies, unique URLs, capacity {} MiB | value |",
+        CAPACITY >> 20
+    );
+    println!("|---|---|");
+    println!(
+        "| requests sent | {} in {:.1} s |",
+        counter.load(Ordering::Relaxed),
+        started.elapsed().as_secs_f64()
+    );
+    println!(
+        "| responses stored | {stored} ({:.0} MiB of bodies) |",
+        stored as f64 * 4096.0 / 1048576.0
+    );
+    println!(
+        "| entries held at the end | {} |",
+        cache.memory_entry_count()
+    );
+    println!(
+        "| weighted size at the end | {:.1} MiB |",
+        cache.memory_weighted_size() as f64 / 1048576.0
+    );
+    println!(
+        "| RSS after warm-up | {:.1} MiB |",
+        before as f64 / 1048576.0
+    );
+    println!("| RSS at the end | {:.1} MiB |", after as f64 / 1048576.0);
+    println!(
+        "| RSS growth | {:.1} MiB (capacity {} MiB) |",
+        (after as f64 - before as f64) / 1048576.0,
+        CAPACITY >> 20
+    );
+}

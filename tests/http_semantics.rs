@@ -1,5 +1,7 @@
 //! RFC 9111 behaviour of the layer, through axum `oneshot` over the scriptable origin.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 
 use std::convert::Infallible;
@@ -143,7 +145,8 @@ async fn vary_keeps_variants_apart() {
 
 #[tokio::test]
 async fn responses_a_shared_cache_must_not_store_go_to_the_origin_every_time() {
-    let cases: &[(&str, &[(&str, &str)], &str)] = &[
+    type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
+    let cases: &[Case] = &[
         ("h=cache-control:no-store,max-age%3D60", &[], "no-store"),
         ("h=cache-control:private,max-age%3D60", &[], "private"),
         (

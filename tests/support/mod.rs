@@ -1,6 +1,6 @@
 //! Shared test support: a scriptable origin on a real socket, an HTTP client, and
 //! polling with a deadline (never sleep-and-hope).
-#![allow(dead_code, unreachable_pub)]
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
 use std::future::Future;

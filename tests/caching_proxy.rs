@@ -1,0 +1,199 @@
+//! The caching proxy example on a real socket, in front of a real origin server.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+#[allow(dead_code, unreachable_pub)]
+#[path = "../examples/caching_proxy.rs"]
+mod caching_proxy;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use support::{eventually, fetch, pattern, Origin};
+use tower_hybrid_cache::HybridCache;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+struct Setup {
+    origin: Origin,
+    cache: HybridCache,
+    proxy: SocketAddr,
+}
+
+async fn setup() -> Setup {
+    let origin = Origin::new();
+    let upstream = origin.spawn().await;
+    let cache = HybridCache::builder().build().await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy = listener.local_addr().unwrap();
+    let upstream = format!("http://{upstream}").parse().unwrap();
+    tokio::spawn(caching_proxy::serve(listener, upstream, cache.clone()));
+    Setup {
+        origin,
+        cache,
+        proxy,
+    }
+}
+
+impl Setup {
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.proxy)
+    }
+
+    async fn stored(&self, n: u64) {
+        eventually(&format!("{n} stores"), WAIT, || async {
+            self.cache.stats().stores >= n
+        })
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn the_proxy_caches_by_the_origin_headers() {
+    let s = setup().await;
+    let client = support::client();
+    let url = s.url("/jobs/1?h=cache-control:public,max-age%3D120&h=content-type:application/json");
+    let miss = fetch(&client, "GET", &url, &[]).await;
+    assert_eq!(
+        miss.cache_status(),
+        "tower-hybrid-cache; fwd=uri-miss; fwd-status=200; stored"
+    );
+    assert!(miss
+        .headers
+        .get_all("via")
+        .iter()
+        .any(|v| v == "1.1 tower-hybrid-cache"));
+    s.stored(1).await;
+    let hit = fetch(&client, "GET", &url, &[]).await;
+    assert!(hit.is_hit(), "{}", hit.cache_status());
+    assert_eq!(hit.body, miss.body);
+    assert_eq!(hit.headers["content-type"], "application/json");
+    assert!(hit.age().is_some());
+    let head = fetch(&client, "HEAD", &url, &[]).await;
+    assert!(head.is_hit());
+    assert!(head.body.is_empty());
+    assert_eq!(head.headers["content-length"], miss.body.len().to_string());
+    assert_eq!(s.origin.log.calls(), 1);
+
+    // Without freshness from the origin (and no route TTL) nothing is stored.
+    let plain = s.url("/plain");
+    fetch(&client, "GET", &plain, &[]).await;
+    let again = fetch(&client, "GET", &plain, &[]).await;
+    assert!(
+        again.cache_status().ends_with("detail=no-freshness"),
+        "{}",
+        again.cache_status()
+    );
+    assert_eq!(s.origin.log.calls_to("/plain"), 2);
+    // The proxy forwards with its own Host to the origin.
+    let seen = s.origin.log.last_headers().unwrap();
+    assert!(seen.get("via").is_some());
+}
+
+#[tokio::test]
+async fn vary_variants_through_the_proxy() {
+    let s = setup().await;
+    let client = support::client();
+    let url = s.url("/v?h=cache-control:max-age%3D60&h=vary:accept-encoding,accept-language&echo=accept-language");
+    let langs = ["en", "fr", "de"];
+    for (i, lang) in langs.iter().enumerate() {
+        let got = fetch(&client, "GET", &url, &[("accept-language", lang)]).await;
+        assert!(!got.is_hit());
+        s.stored(i as u64 + 1).await;
+    }
+    for lang in langs {
+        let got = fetch(&client, "GET", &url, &[("accept-language", lang)]).await;
+        assert!(got.is_hit(), "{lang}");
+        assert!(
+            got.text().contains(&format!("Some(\"{lang}\")")),
+            "{}",
+            got.text()
+        );
+    }
+    assert_eq!(s.origin.log.calls(), 3);
+}
+
+#[tokio::test]
+async fn a_5_mb_body_streams_intact_and_is_not_stored() {
+    let s = setup().await;
+    let client = support::client();
+    let five_mb = 5 * 1024 * 1024;
+    for query in ["size=5242880", "size=5242880&chunked=1"] {
+        let url = s.url(&format!("/big?{query}&h=cache-control:max-age%3D60"));
+        for _ in 0..2 {
+            let got = fetch(&client, "GET", &url, &[]).await;
+            assert_eq!(got.body.len(), five_mb, "{query}");
+            assert!(got.body == pattern(five_mb), "{query}: bytes differ");
+            assert!(!got.is_hit(), "{query}");
+        }
+    }
+    assert_eq!(s.origin.log.calls(), 4);
+    assert_eq!(s.cache.stats().stores, 0);
+    // A known length is refused before a byte is read; a streamed one once it passes
+    // the limit.
+    let known = fetch(
+        &client,
+        "GET",
+        &s.url("/big?size=5242880&h=cache-control:max-age%3D60"),
+        &[],
+    )
+    .await;
+    assert!(
+        known.cache_status().ends_with("detail=too-large"),
+        "{}",
+        known.cache_status()
+    );
+}
+
+#[tokio::test]
+async fn thirty_two_concurrent_misses_over_tcp_make_one_origin_call() {
+    let s = setup().await;
+    let client = support::client();
+    let url = s.url("/hot?gate=1&h=cache-control:max-age%3D60");
+    let requests: Vec<_> = (0..32)
+        .map(|_| {
+            let client = client.clone();
+            let url = url.clone();
+            tokio::spawn(async move { fetch(&client, "GET", &url, &[]).await })
+        })
+        .collect();
+    eventually("31 followers", WAIT, || async {
+        s.cache.stats().coalesced == 31
+    })
+    .await;
+    s.origin.gate.add_permits(1);
+    let mut hits = 0;
+    for request in requests {
+        let got = request.await.unwrap();
+        assert!(got.text().starts_with("body of /hot"));
+        hits += usize::from(got.is_hit());
+    }
+    assert_eq!(hits, 31);
+    assert_eq!(s.origin.log.calls(), 1);
+}
+
+#[tokio::test]
+async fn an_unreachable_origin_is_a_502_not_a_dropped_connection() {
+    let cache = HybridCache::builder().build().await.unwrap();
+    // A port that was free a moment ago: nothing listens there.
+    let dead = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy = listener.local_addr().unwrap();
+    tokio::spawn(caching_proxy::serve(
+        listener,
+        format!("http://{dead}").parse().unwrap(),
+        cache,
+    ));
+    let got = fetch(&support::client(), "GET", &format!("http://{proxy}/x"), &[]).await;
+    assert_eq!(got.status, http::StatusCode::BAD_GATEWAY);
+    assert_eq!(
+        got.cache_status(),
+        "tower-hybrid-cache; fwd=uri-miss; fwd-status=502; detail=no-freshness"
+    );
+}

@@ -1,0 +1,72 @@
+//! The job-matching example: its routes answer, and its read routes are cached with
+//! their own TTLs.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+#[allow(dead_code, unreachable_pub)]
+#[path = "../examples/job_match.rs"]
+mod job_match;
+
+use std::time::Duration;
+
+use axum::body::Body;
+use http::{Request, StatusCode};
+use support::{call, eventually, get};
+use tower_hybrid_cache::HybridCache;
+
+#[tokio::test]
+async fn read_routes_are_cached_with_their_ttls_and_writes_pass_through() {
+    let cache = HybridCache::builder().build().await.unwrap();
+    let app = job_match::app(&cache, job_match::Data::generate(2_000, 50));
+
+    let search = "/jobs/search?q=engineer&location=Berlin&page=1&utm_source=mail";
+    let first = call(app.clone(), get(search)).await;
+    assert_eq!(first.status, StatusCode::OK);
+    let json: serde_json::Value = serde_json::from_slice(&first.body).unwrap();
+    assert!(json["total"].as_u64().unwrap() > 0);
+    assert!(json["facets"]["company"].as_array().unwrap().len() > 1);
+
+    let matches = call(app.clone(), get("/candidates/7/matches")).await;
+    let list: serde_json::Value = serde_json::from_slice(&matches.body).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 20);
+    call(app.clone(), get("/jobs/42")).await;
+    eventually("three stores", Duration::from_secs(10), || async {
+        cache.stats().stores == 3
+    })
+    .await;
+
+    let again = call(
+        app.clone(),
+        get("/jobs/search?page=1&location=Berlin&q=engineer"),
+    )
+    .await;
+    assert!(
+        again.cache_status().contains("hit; ttl=29")
+            || again.cache_status().contains("hit; ttl=30")
+    );
+    assert_eq!(again.body, first.body);
+    assert!(call(app.clone(), get("/candidates/7/matches"))
+        .await
+        .cache_status()
+        .contains("hit; ttl=59"));
+    assert!(call(app.clone(), get("/jobs/42"))
+        .await
+        .cache_status()
+        .contains("hit; ttl=299"));
+    assert_eq!(
+        call(app.clone(), get("/jobs/999999")).await.status,
+        StatusCode::NOT_FOUND
+    );
+
+    let post = Request::post("/jobs")
+        .header("content-type", "application/json")
+        .body(Body::from(
+            r#"{"title":"Rust engineer","company":"Acme","location":"Berlin","skills":["rust"]}"#,
+        ))
+        .unwrap();
+    let created = call(app, post).await;
+    assert_eq!(created.status, StatusCode::CREATED);
+    assert_eq!(created.headers["location"], "/jobs/2000");
+}
