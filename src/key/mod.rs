@@ -9,7 +9,7 @@ use crate::policy::settings::RouteSettings;
 
 mod canonical;
 
-pub(crate) use canonical::{canonical_path, canonical_query};
+use canonical::{write_canonical_path, write_canonical_query};
 
 /// The identity of a stored response: a BLAKE3 digest of the method (HEAD counts as
 /// GET), the authority, the path and query in canonical form, the route's extra key
@@ -45,39 +45,97 @@ impl CacheKey {
     }
 
     /// The key of a request's URL, before any `Vary`.
-    pub(crate) fn primary(
-        method: &Method,
-        uri: &Uri,
-        headers: &HeaderMap,
-        settings: &RouteSettings,
-    ) -> Self {
-        let mut hasher = blake3::Hasher::new();
-        field(&mut hasher, b"primary");
-        // HEAD is answered from the GET entry.
-        let method = if method == Method::HEAD {
-            &Method::GET
-        } else {
-            method
-        };
-        field(&mut hasher, method.as_str().as_bytes());
-        field(&mut hasher, authority(uri, headers).as_bytes());
-        field(&mut hasher, canonical_path(uri.path()).as_bytes());
-        field(
-            &mut hasher,
-            canonical_query(uri.query(), &settings.query).as_bytes(),
-        );
-        header_values(&mut hasher, &settings.key_headers, headers);
-        CacheKey(*hasher.finalize().as_bytes())
+    pub(crate) fn primary(method: &Method, uri: &Uri, headers: &HeaderMap, settings: &RouteSettings) -> Self {
+        with_scratch(|input| {
+            field(input, |b| b.extend_from_slice(b"primary"));
+            // HEAD is answered from the GET entry.
+            let method = if method == Method::HEAD { &Method::GET } else { method };
+            field(input, |b| b.extend_from_slice(method.as_str().as_bytes()));
+            field(input, |b| {
+                let raw = match uri.authority() {
+                    Some(authority) => authority.as_str().as_bytes(),
+                    None => headers.get(http::header::HOST).map(|h| h.as_bytes()).unwrap_or_default(),
+                };
+                b.extend(raw.iter().map(u8::to_ascii_lowercase));
+            });
+            field(input, |b| write_canonical_path(uri.path(), b));
+            field(input, |b| write_canonical_query(uri.query(), &settings.query, b));
+            header_values(input, &settings.key_headers, headers);
+            CacheKey(*blake3::hash(input).as_bytes())
+        })
     }
 
     /// The key of one variant of this URL: the primary key plus the request's values
     /// of the `Vary` names.
     pub(crate) fn variant(&self, vary: &[HeaderName], headers: &HeaderMap) -> Self {
-        let mut hasher = blake3::Hasher::new();
-        field(&mut hasher, b"variant");
-        field(&mut hasher, &self.0);
-        header_values(&mut hasher, vary, headers);
-        CacheKey(*hasher.finalize().as_bytes())
+        with_scratch(|input| {
+            field(input, |b| b.extend_from_slice(b"variant"));
+            field(input, |b| b.extend_from_slice(&self.0));
+            header_values(input, vary, headers);
+            CacheKey(*blake3::hash(input).as_bytes())
+        })
+    }
+}
+
+thread_local! {
+    /// The key's input, reused: deriving a key allocates nothing for common URLs.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+fn with_scratch<T>(derive: impl FnOnce(&mut Vec<u8>) -> T) -> T {
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut input) => {
+            input.clear();
+            let out = derive(&mut input);
+            // Do not keep a huge URL's buffer alive for the thread's lifetime.
+            if input.capacity() > 64 * 1024 {
+                *input = Vec::new();
+            }
+            out
+        }
+        // Unreachable (derivation does not re-enter), but never worth a panic.
+        Err(_) => derive(&mut Vec::new()),
+    })
+}
+
+/// Writes one length-prefixed field, so that no two different field lists give the
+/// same input.
+fn field(input: &mut Vec<u8>, write: impl FnOnce(&mut Vec<u8>)) {
+    let at = input.len();
+    input.extend_from_slice(&[0; 8]);
+    write(input);
+    let len = (input.len() - at - 8) as u64;
+    input[at..at + 8].copy_from_slice(&len.to_le_bytes());
+}
+
+/// Writes a request's values of `names`: all field lines of a name, trimmed and joined
+/// with ", ", so `a, b` and two lines `a` and `b` match; an absent header differs from
+/// an empty one.
+fn header_values(input: &mut Vec<u8>, names: &[HeaderName], headers: &HeaderMap) {
+    for name in names {
+        field(input, |b| b.extend_from_slice(name.as_str().as_bytes()));
+        if headers.contains_key(name) {
+            input.push(1);
+            field(input, |b| write_normalised_value(headers, name, b));
+        } else {
+            input.push(0);
+        }
+    }
+}
+
+/// All field lines of `name`, each trimmed, joined with ", ".
+pub(crate) fn normalised_value(headers: &HeaderMap, name: &HeaderName) -> Vec<u8> {
+    let mut joined = Vec::new();
+    write_normalised_value(headers, name, &mut joined);
+    joined
+}
+
+fn write_normalised_value(headers: &HeaderMap, name: &HeaderName, out: &mut Vec<u8>) {
+    for (i, value) in headers.get_all(name).iter().enumerate() {
+        if i > 0 {
+            out.extend_from_slice(b", ");
+        }
+        out.extend_from_slice(value.as_bytes().trim_ascii());
     }
 }
 
@@ -94,53 +152,6 @@ impl fmt::Debug for CacheKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "CacheKey({self})")
     }
-}
-
-/// The request's authority, lower-cased: from an absolute URI, else from `Host`.
-fn authority(uri: &Uri, headers: &HeaderMap) -> String {
-    let raw = match uri.authority() {
-        Some(authority) => authority.as_str().as_bytes(),
-        None => headers
-            .get(http::header::HOST)
-            .map(|h| h.as_bytes())
-            .unwrap_or_default(),
-    };
-    String::from_utf8_lossy(raw).to_ascii_lowercase()
-}
-
-/// Hashes a request's values of `names`: all field lines of a name, trimmed and joined
-/// with ", ", so `a, b` and two lines `a` and `b` match; an absent header differs from
-/// an empty one.
-fn header_values(hasher: &mut blake3::Hasher, names: &[HeaderName], headers: &HeaderMap) {
-    for name in names {
-        field(hasher, name.as_str().as_bytes());
-        let mut values = headers.get_all(name).iter().peekable();
-        if values.peek().is_none() {
-            hasher.update(&[0]);
-            continue;
-        }
-        hasher.update(&[1]);
-        let joined = normalised_value(headers, name);
-        field(hasher, &joined);
-    }
-}
-
-/// All field lines of `name`, each trimmed, joined with ", ".
-pub(crate) fn normalised_value(headers: &HeaderMap, name: &HeaderName) -> Vec<u8> {
-    let mut joined = Vec::new();
-    for (i, value) in headers.get_all(name).iter().enumerate() {
-        if i > 0 {
-            joined.extend_from_slice(b", ");
-        }
-        joined.extend_from_slice(value.as_bytes().trim_ascii());
-    }
-    joined
-}
-
-/// Length-prefixed, so that no two different field lists hash the same input.
-fn field(hasher: &mut blake3::Hasher, bytes: &[u8]) {
-    hasher.update(&(bytes.len() as u64).to_le_bytes());
-    hasher.update(bytes);
 }
 
 #[cfg(test)]

@@ -167,7 +167,7 @@ where
     if request.method() == Method::HEAD || must_forward {
         // A HEAD response has no body to store; a forced forward does not wait for
         // others' fetches.
-        return forward(inner, &ask, request, miss, None).await;
+        return Box::pin(forward(inner, &ask, request, miss, None)).await;
     }
     let guard = match cache.inner.flights.join(primary) {
         Flight::Leader(guard) => Some(guard),
@@ -181,7 +181,8 @@ where
             None
         }
     };
-    forward(inner, &ask, request, miss, guard).await
+    // Boxed so that the hit path moves a small future, not the origin call's state.
+    Box::pin(forward(inner, &ask, request, miss, guard)).await
 }
 
 /// What serving from the cache needs of the request (borrowed apart from the body,
