@@ -1,7 +1,7 @@
 //! HTTP load benchmark: the layer against its baselines, in one run on one machine.
 //!
 //! `cargo bench --bench http_load` (options after `--`: `--seconds 3 --rounds 3
-//! --connections 32 --memory-requests 60000`).
+//! --connections 32 --memory-requests 200000`).
 //!
 //! - (a) a handler returning pre-rendered bytes;
 //! - (b) the same route behind the layer, every request a memory hit;
@@ -32,6 +32,10 @@ use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use tower_hybrid_cache::HybridCache;
 
+#[allow(dead_code, unreachable_pub)]
+#[path = "../examples/job_match.rs"]
+mod job_match;
+
 struct Args {
     seconds: f64,
     rounds: usize,
@@ -44,7 +48,7 @@ fn args() -> Args {
         seconds: 3.0,
         rounds: 3,
         connections: 32,
-        memory_requests: 60_000,
+        memory_requests: 200_000,
     };
     let list: Vec<String> = std::env::args().collect();
     let value = |name: &str| {
@@ -109,6 +113,8 @@ async fn serve(router: Router) -> SocketAddr {
 
 struct Run {
     rps: f64,
+    /// CPU µs the whole process (server and load generator) spent per request.
+    cpu_us: f64,
     p50_us: u32,
     p99_us: u32,
 }
@@ -125,6 +131,7 @@ async fn load(
 ) -> Run {
     let deadline = Instant::now() + Duration::from_secs_f64(seconds);
     let started = Instant::now();
+    let cpu_started = cpu_seconds();
     let tasks: Vec<_> = (0..connections)
         .map(|_| {
             let counter = counter.clone();
@@ -139,7 +146,8 @@ async fn load(
                 let mut latencies = Vec::with_capacity(100_000);
                 while Instant::now() < deadline {
                     let uri = if unique {
-                        format!("{path}?i={}", counter.fetch_add(1, Ordering::Relaxed))
+                        let sep = if path.contains('?') { '&' } else { '?' };
+                        format!("{path}{sep}i={}", counter.fetch_add(1, Ordering::Relaxed))
                     } else {
                         path.to_owned()
                     };
@@ -164,6 +172,7 @@ async fn load(
         all.extend(task.await.unwrap());
     }
     let elapsed = started.elapsed().as_secs_f64();
+    let cpu = cpu_seconds() - cpu_started;
     all.sort_unstable();
     let pct = |p: f64| {
         all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
@@ -172,6 +181,7 @@ async fn load(
     };
     Run {
         rps: all.len() as f64 / elapsed,
+        cpu_us: cpu * 1e6 / all.len().max(1) as f64,
         p50_us: pct(0.50),
         p99_us: pct(0.99),
     }
@@ -185,6 +195,22 @@ fn rss_bytes() -> u64 {
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|kb| kb.parse::<u64>().ok())
         .map_or(0, |kb| kb * 1024)
+}
+
+/// CPU time (user + system) this process has used: steadier than wall time on a
+/// shared machine, since time stolen by other processes does not count.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are 14 and 15.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
 }
 
 fn median(values: &mut [f64]) -> f64 {
@@ -203,6 +229,9 @@ fn main() {
 }
 
 async fn run(args: Args) {
+    // Memory first, while the process has allocated nothing else.
+    memory(args.memory_requests).await;
+
     let pre_rendered = Bytes::from(render(0));
     let cache = HybridCache::builder()
         .memory_capacity_bytes(64 << 20)
@@ -224,155 +253,150 @@ async fn run(args: Args) {
             render(seed.i.unwrap_or(0)),
         )
     };
+    let data = job_match::Data::generate(5_000, 100);
+    let search_cache = HybridCache::builder()
+        .memory_capacity_bytes(64 << 20)
+        .build()
+        .await
+        .unwrap();
 
-    let a = serve(Router::new().route("/pre", get(pre.clone()))).await;
-    let b = serve(Router::new().route("/pre", get(pre).layer(layer()))).await;
-    let c = serve(Router::new().route("/render", get(rendered))).await;
-    let d = serve(Router::new().route("/render", get(rendered).layer(layer()))).await;
+    let servers = [
+        serve(Router::new().route("/pre", get(pre.clone()))).await,
+        serve(Router::new().route("/pre", get(pre).layer(layer()))).await,
+        serve(Router::new().route("/render", get(rendered))).await,
+        serve(Router::new().route("/render", get(rendered).layer(layer()))).await,
+        serve(job_match::search_router(data.clone(), None)).await,
+        serve(job_match::search_router(data, Some(&search_cache))).await,
+    ];
+    let scenarios: [(&str, &'static str, bool); 6] = [
+        ("(a) pre-rendered bytes", "/pre", false),
+        ("(b) (a) behind the layer, memory hits", "/pre", false),
+        (
+            "(c) JSON rendered per request (~3 KB), unique URLs",
+            "/render",
+            true,
+        ),
+        (
+            "(d) (c) behind the layer, all misses, all stored",
+            "/render",
+            true,
+        ),
+        (
+            "(c2) job_match search over 5 000 jobs, unique URLs",
+            "/jobs/search?q=engineer",
+            true,
+        ),
+        (
+            "(d2) (c2) behind the layer, all misses, all stored",
+            "/jobs/search?q=engineer",
+            true,
+        ),
+    ];
 
     let counter = Arc::new(AtomicU64::new(0));
-    // Warm up every server and store (b)'s entry.
-    for addr in [a, b] {
-        load(addr, "/pre", false, 0.3, 4, counter.clone()).await;
-    }
-    for addr in [c, d] {
-        load(addr, "/render", true, 0.3, 4, counter.clone()).await;
+    for (addr, (_, path, unique)) in servers.iter().zip(scenarios) {
+        load(*addr, path, unique, 0.3, 4, counter.clone()).await;
     }
     let hits_before = cache.stats().hits;
 
-    let (mut ra, mut rb, mut rc, mut rd) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let (mut hit_ratio, mut miss_ratio) = (Vec::new(), Vec::new());
-    let mut lat = Vec::new();
+    let mut rps: Vec<Vec<f64>> = vec![Vec::new(); 6];
+    let mut cpu: Vec<Vec<f64>> = vec![Vec::new(); 6];
+    let mut lat: Vec<(u32, u32)> = vec![(0, 0); 6];
+    let mut rps_ratio: Vec<Vec<f64>> = vec![Vec::new(); 3];
+    let mut cpu_ratio: Vec<Vec<f64>> = vec![Vec::new(); 3];
     for round in 0..args.rounds {
-        let run_a = load(
-            a,
-            "/pre",
-            false,
-            args.seconds,
-            args.connections,
-            counter.clone(),
-        )
-        .await;
-        let run_b = load(
-            b,
-            "/pre",
-            false,
-            args.seconds,
-            args.connections,
-            counter.clone(),
-        )
-        .await;
-        let run_c = load(
-            c,
-            "/render",
-            true,
-            args.seconds,
-            args.connections,
-            counter.clone(),
-        )
-        .await;
-        let run_d = load(
-            d,
-            "/render",
-            true,
-            args.seconds,
-            args.connections,
-            counter.clone(),
-        )
-        .await;
-        eprintln!(
-            "round {}: (a) {:.0}  (b) {:.0}  (c) {:.0}  (d) {:.0} req/s",
-            round + 1,
-            run_a.rps,
-            run_b.rps,
-            run_c.rps,
-            run_d.rps
-        );
-        hit_ratio.push(run_b.rps / run_a.rps);
-        miss_ratio.push(run_d.rps / run_c.rps);
-        ra.push(run_a.rps);
-        rb.push(run_b.rps);
-        rc.push(run_c.rps);
-        rd.push(run_d.rps);
-        lat.push([run_a, run_b, run_c, run_d].map(|r| (r.p50_us, r.p99_us)));
+        let mut line = format!("round {}:", round + 1);
+        let mut runs = Vec::new();
+        for (i, (addr, (_, path, unique))) in servers.iter().zip(scenarios).enumerate() {
+            let run = load(
+                *addr,
+                path,
+                unique,
+                args.seconds,
+                args.connections,
+                counter.clone(),
+            )
+            .await;
+            line.push_str(&format!(" {:.0}", run.rps));
+            rps[i].push(run.rps);
+            cpu[i].push(run.cpu_us);
+            lat[i] = (run.p50_us, run.p99_us);
+            runs.push(run);
+        }
+        for pair in 0..3 {
+            let (base, layered) = (&runs[pair * 2], &runs[pair * 2 + 1]);
+            rps_ratio[pair].push(layered.rps / base.rps);
+            // Throughput ratio from CPU cost: base cost / layered cost.
+            cpu_ratio[pair].push(base.cpu_us / layered.cpu_us);
+        }
+        eprintln!("{line} req/s");
     }
     let stats = cache.stats();
     assert!(stats.hits > hits_before, "(b) was served from the cache");
-    let last = lat.last().unwrap();
-    println!(
-        "| scenario | requests/s (median of {}) | p50 µs | p99 µs | ratio |",
-        args.rounds
-    );
-    println!("|---|---|---|---|---|");
-    println!(
-        "| (a) pre-rendered bytes | {:.0} | {} | {} | baseline |",
-        median(&mut ra),
-        last[0].0,
-        last[0].1
-    );
-    println!(
-        "| (b) (a) behind the layer, memory hits | {:.0} | {} | {} | **{:.3}** × (a) |",
-        median(&mut rb),
-        last[1].0,
-        last[1].1,
-        median(&mut hit_ratio)
-    );
-    println!(
-        "| (c) JSON rendered per request, unique URLs | {:.0} | {} | {} | baseline |",
-        median(&mut rc),
-        last[2].0,
-        last[2].1
-    );
-    println!(
-        "| (d) (c) behind the layer, all misses, all stored | {:.0} | {} | {} | **{:.3}** × (c) |",
-        median(&mut rd),
-        last[3].0,
-        last[3].1,
-        median(&mut miss_ratio)
-    );
+    println!("| scenario | req/s (median of {}) | CPU µs/req | p50 µs | p99 µs | ratio by req/s | ratio by CPU |", args.rounds);
+    println!("|---|---|---|---|---|---|---|");
+    for (i, (name, _, _)) in scenarios.iter().enumerate() {
+        let (r, c) = (median(&mut rps[i]), median(&mut cpu[i]));
+        let ratios = if i % 2 == 0 {
+            "baseline | baseline".to_owned()
+        } else {
+            let pair = i / 2;
+            format!(
+                "**{:.3}** | **{:.3}**",
+                median(&mut rps_ratio[pair]),
+                median(&mut cpu_ratio[pair])
+            )
+        };
+        println!(
+            "| {name} | {r:.0} | {c:.1} | {} | {} | {ratios} |",
+            lat[i].0, lat[i].1
+        );
+    }
     println!();
-    println!(
-        "per-round ratios: hits {:?}, misses {:?}",
-        hit_ratio
-            .iter()
-            .map(|r| format!("{r:.3}"))
-            .collect::<Vec<_>>(),
-        miss_ratio
-            .iter()
+    let show = |v: &Vec<f64>| {
+        v.iter()
             .map(|r| format!("{r:.3}"))
             .collect::<Vec<_>>()
-    );
+            .join(" ")
+    };
+    for (pair, name) in ["hits (b)/(a)", "misses (d)/(c)", "misses (d2)/(c2)"]
+        .iter()
+        .enumerate()
+    {
+        println!(
+            "per-round {name}: req/s {} | CPU {}",
+            show(&rps_ratio[pair]),
+            show(&cpu_ratio[pair])
+        );
+    }
     println!("cache: {:?}", stats);
-    drop(cache);
-
-    memory(args.memory_requests).await;
 }
 
 /// Resident size under a load of unique URLs against a small capacity.
 async fn memory(requests: usize) {
     const CAPACITY: u64 = 32 << 20;
-    let body = Bytes::from(vec![b'm'; 4096]);
     let cache = HybridCache::builder()
         .memory_capacity_bytes(CAPACITY)
         .build()
         .await
         .unwrap();
-    let handler = move || {
-        let body = body.clone();
-        async move { body }
-    };
+    // A fresh 4 KiB body per response, as a real handler makes.
+    let handler =
+        |Query(seed): Query<Seed>| async move { vec![(seed.i.unwrap_or(0) % 251) as u8; 4096] };
     let addr = serve(Router::new().route(
         "/m",
         get(handler).layer(cache.layer().ttl(Duration::from_secs(3600))),
     ))
     .await;
     let counter = Arc::new(AtomicU64::new(0));
-    load(addr, "/m", true, 0.5, 8, counter.clone()).await;
+    load(addr, "/m", true, 0.2, 8, counter.clone()).await;
     cache.run_pending_tasks().await;
     let before = rss_bytes();
     let started = Instant::now();
+    let mut peak = before;
     while (counter.load(Ordering::Relaxed) as usize) < requests {
-        load(addr, "/m", true, 0.5, 8, counter.clone()).await;
+        load(addr, "/m", true, 0.25, 8, counter.clone()).await;
+        peak = peak.max(rss_bytes());
     }
     cache.run_pending_tasks().await;
     let after = rss_bytes();
@@ -405,6 +429,10 @@ async fn memory(requests: usize) {
         before as f64 / 1048576.0
     );
     println!("| RSS at the end | {:.1} MiB |", after as f64 / 1048576.0);
+    println!(
+        "| RSS peak (sampled every 0.25 s) | {:.1} MiB |",
+        peak.max(after) as f64 / 1048576.0
+    );
     println!(
         "| RSS growth | {:.1} MiB (capacity {} MiB) |",
         (after as f64 - before as f64) / 1048576.0,

@@ -100,25 +100,44 @@ fn layer(c: &mut Criterion) {
     use tower::{Layer, ServiceExt};
     use tower_hybrid_cache::HybridCache;
 
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let body = Bytes::from(vec![b'j'; 3 * 1024]);
     let inner = tower::service_fn(move |_req: Request<Full<Bytes>>| {
         let body = body.clone();
         async move { Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(body))) }
     });
     let cache = rt.block_on(HybridCache::builder().build()).unwrap();
-    let cached = cache.layer().ttl(Duration::from_secs(3600)).layer(inner.clone());
-    let request = |uri: String| Request::get(uri).header("host", "bench").body(Full::new(Bytes::new())).unwrap();
+    let cached = cache
+        .layer()
+        .ttl(Duration::from_secs(3600))
+        .layer(inner.clone());
+    let request = |uri: String| {
+        Request::get(uri)
+            .header("host", "bench")
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    };
     let counter = AtomicU64::new(0);
     let mut group = c.benchmark_group("layer");
     group.bench_function("inner service alone", |b| {
         b.to_async(&rt).iter(|| async {
-            let response = inner.clone().oneshot(request("/jobs/search?q=rust".into())).await.unwrap();
+            let response = inner
+                .clone()
+                .oneshot(request("/jobs/search?q=rust".into()))
+                .await
+                .unwrap();
             response.into_body().collect().await.unwrap()
         })
     });
     rt.block_on(async {
-        let response = cached.clone().oneshot(request("/jobs/search?q=rust".into())).await.unwrap();
+        let response = cached
+            .clone()
+            .oneshot(request("/jobs/search?q=rust".into()))
+            .await
+            .unwrap();
         response.into_body().collect().await.unwrap();
         while cache.stats().stores == 0 {
             tokio::task::yield_now().await;
@@ -126,13 +145,20 @@ fn layer(c: &mut Criterion) {
     });
     group.bench_function("memory hit", |b| {
         b.to_async(&rt).iter(|| async {
-            let response = cached.clone().oneshot(request("/jobs/search?q=rust".into())).await.unwrap();
+            let response = cached
+                .clone()
+                .oneshot(request("/jobs/search?q=rust".into()))
+                .await
+                .unwrap();
             response.into_body().collect().await.unwrap()
         })
     });
     group.bench_function("miss, stored", |b| {
         b.to_async(&rt).iter(|| async {
-            let uri = format!("/jobs/search?q=rust&page={}", counter.fetch_add(1, Ordering::Relaxed));
+            let uri = format!(
+                "/jobs/search?q=rust&page={}",
+                counter.fetch_add(1, Ordering::Relaxed)
+            );
             let response = cached.clone().oneshot(request(uri)).await.unwrap();
             response.into_body().collect().await.unwrap()
         })

@@ -377,6 +377,15 @@ pub fn app(cache: &HybridCache, data: Arc<Data>) -> Router {
         .with_state(data)
 }
 
+/// The search route alone, cached or not (for the load benchmark).
+pub fn search_router(data: Arc<Data>, cache: Option<&HybridCache>) -> Router {
+    let route = match cache {
+        Some(cache) => get(search).layer(cache.layer().ttl(Duration::from_secs(30))),
+        None => get(search),
+    };
+    Router::new().route("/jobs/search", route).with_state(data)
+}
+
 #[allow(dead_code)] // Tests include this file as a module and do not call `main`.
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {

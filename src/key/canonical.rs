@@ -13,13 +13,16 @@ pub(crate) fn write_canonical_path(path: &str, out: &mut Vec<u8>) {
     normalise_escapes_into(path.as_bytes(), out);
 }
 
+/// A query parameter: its normalised name and raw value.
+type Pair<'a> = (Cow<'a, [u8]>, Option<&'a [u8]>);
+
 /// Writes the query with empty pairs dropped, the pairs the route ignores removed,
 /// escapes normalised, and pairs sorted by name. The sort is stable: repeated names
 /// keep their order, since `a=1&a=2` and `a=2&a=1` may mean different lists to the
 /// origin. `+` is kept apart from `%20`: only form decoding equates them.
 pub(crate) fn write_canonical_query(query: Option<&str>, filter: &QueryFilter, out: &mut Vec<u8>) {
     let Some(query) = query else { return };
-    let mut pairs: Vec<(Cow<'_, [u8]>, Option<&[u8]>)> = Vec::with_capacity(8);
+    let mut pairs: Vec<Pair<'_>> = Vec::with_capacity(8);
     for pair in query.as_bytes().split(|&b| b == b'&') {
         if pair.is_empty() {
             continue;
@@ -68,7 +71,11 @@ fn normalise_escapes_into(input: &[u8], out: &mut Vec<u8>) {
                 if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
                     out.push(byte);
                 } else {
-                    out.extend_from_slice(&[b'%', HEX_UPPER[usize::from(hi)], HEX_UPPER[usize::from(lo)]]);
+                    out.extend_from_slice(&[
+                        b'%',
+                        HEX_UPPER[usize::from(hi)],
+                        HEX_UPPER[usize::from(lo)],
+                    ]);
                 }
                 i += 3;
                 continue;

@@ -45,21 +45,35 @@ impl CacheKey {
     }
 
     /// The key of a request's URL, before any `Vary`.
-    pub(crate) fn primary(method: &Method, uri: &Uri, headers: &HeaderMap, settings: &RouteSettings) -> Self {
+    pub(crate) fn primary(
+        method: &Method,
+        uri: &Uri,
+        headers: &HeaderMap,
+        settings: &RouteSettings,
+    ) -> Self {
         with_scratch(|input| {
             field(input, |b| b.extend_from_slice(b"primary"));
             // HEAD is answered from the GET entry.
-            let method = if method == Method::HEAD { &Method::GET } else { method };
+            let method = if method == Method::HEAD {
+                &Method::GET
+            } else {
+                method
+            };
             field(input, |b| b.extend_from_slice(method.as_str().as_bytes()));
             field(input, |b| {
                 let raw = match uri.authority() {
                     Some(authority) => authority.as_str().as_bytes(),
-                    None => headers.get(http::header::HOST).map(|h| h.as_bytes()).unwrap_or_default(),
+                    None => headers
+                        .get(http::header::HOST)
+                        .map(|h| h.as_bytes())
+                        .unwrap_or_default(),
                 };
                 b.extend(raw.iter().map(u8::to_ascii_lowercase));
             });
             field(input, |b| write_canonical_path(uri.path(), b));
-            field(input, |b| write_canonical_query(uri.query(), &settings.query, b));
+            field(input, |b| {
+                write_canonical_query(uri.query(), &settings.query, b)
+            });
             header_values(input, &settings.key_headers, headers);
             CacheKey(*blake3::hash(input).as_bytes())
         })

@@ -16,9 +16,9 @@ pub(crate) type BoxedResponse<B, E> =
 pin_project! {
     /// The response future of [`HybridCacheService`](crate::HybridCacheService).
     ///
-    /// A request the cache does not handle is the inner future plus a header; a
-    /// cacheable one runs the lookup, single-flight and origin call in one boxed
-    /// future.
+    /// A hit is ready at once; a request the cache does not handle is the inner
+    /// future plus a header; a miss runs single-flight and the origin call in one
+    /// boxed future.
     pub struct ResponseFuture<F, B, E> {
         #[pin]
         kind: Kind<F, B, E>,
@@ -30,6 +30,7 @@ pin_project! {
     enum Kind<F, B, E> {
         Bypass { #[pin] future: F, cache_status: Option<HeaderValue> },
         Cached { future: BoxedResponse<B, E> },
+        Ready { response: Option<Response<CacheBody<B>>> },
     }
 }
 
@@ -39,6 +40,14 @@ impl<F, B, E> ResponseFuture<F, B, E> {
             kind: Kind::Bypass {
                 future,
                 cache_status,
+            },
+        }
+    }
+
+    pub(crate) fn ready(response: Response<CacheBody<B>>) -> Self {
+        ResponseFuture {
+            kind: Kind::Ready {
+                response: Some(response),
             },
         }
     }
@@ -79,6 +88,11 @@ where
                 )))
             }
             KindProj::Cached { future } => future.as_mut().poll(cx),
+            KindProj::Ready { response } => match response.take() {
+                Some(response) => Poll::Ready(Ok(response)),
+                // Polled again after completion: a caller bug, as for any future.
+                None => Poll::Pending,
+            },
         }
     }
 }

@@ -1,7 +1,8 @@
 //! [`HybridCacheService`]: the request path of the cache.
 
+use std::future::Future;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::SystemTime;
 
 use bytes::Bytes;
@@ -115,13 +116,50 @@ where
                 .flatten();
             return ResponseFuture::bypass(self.inner.call(request), status);
         }
+        let request_cc = CacheControl::from_headers(request.headers());
+        let primary = CacheKey::primary(
+            request.method(),
+            request.uri(),
+            request.headers(),
+            &self.settings,
+        );
+        let ask = Ask::new(&self.cache, &self.settings, &primary, &request_cc);
+        let known = if ask.must_forward() {
+            Some(MissKind::Request)
+        } else {
+            // The memory tier answers without suspending: a hit is built here, with no
+            // boxed future and no clone of the inner service.
+            match ask.serve_now(&RequestHead::of(&request)) {
+                Some(Ok(response)) => return ResponseFuture::ready(response),
+                Some(Err(miss)) => Some(miss),
+                None => None,
+            }
+        };
         // The ready service goes into the future; a clone stays for the next call.
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
-        let cache = self.cache.clone();
-        let settings = Arc::clone(&self.settings);
-        ResponseFuture::cached(Box::pin(handle(inner, cache, settings, request)))
+        let lookup = Prepared {
+            primary,
+            request_cc,
+            known,
+        };
+        ResponseFuture::cached(Box::pin(handle(
+            inner,
+            self.cache.clone(),
+            Arc::clone(&self.settings),
+            request,
+            lookup,
+        )))
     }
+}
+
+/// What `call` already worked out about a request it could not answer at once.
+struct Prepared {
+    primary: CacheKey,
+    request_cc: CacheControl,
+    /// Why the cache cannot answer, when the lookup has run; `None` when it would
+    /// have had to wait and must run in the future.
+    known: Option<MissKind>,
 }
 
 async fn handle<S, ReqBody, ResBody>(
@@ -129,6 +167,7 @@ async fn handle<S, ReqBody, ResBody>(
     cache: HybridCache,
     settings: Arc<RouteSettings>,
     request: Request<ReqBody>,
+    prepared: Prepared,
 ) -> Result<Response<CacheBody<ResBody>>, S::Error>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send,
@@ -136,35 +175,23 @@ where
     ReqBody: Send,
     ResBody: Body + Send,
 {
-    let request_cc = CacheControl::from_headers(request.headers());
-    let honour = settings.request_directives == RequestDirectives::Honour;
-    let primary = CacheKey::primary(
-        request.method(),
-        request.uri(),
-        request.headers(),
-        &settings,
-    );
-    let ask = Ask {
-        cache: &cache,
-        settings: &settings,
-        primary: &primary,
-        request_cc: &request_cc,
-        honour,
-    };
-    // `no-cache` and `max-age=0` must reach the origin (RFC 9111 §5.2.1).
-    let must_forward = honour && (request_cc.no_cache || request_cc.max_age == Some(0));
-    let miss = if must_forward {
-        MissKind::Request
-    } else {
-        match ask.serve(&RequestHead::of(&request)).await {
+    let Prepared {
+        primary,
+        request_cc,
+        known,
+    } = prepared;
+    let ask = Ask::new(&cache, &settings, &primary, &request_cc);
+    let miss = match known {
+        Some(miss) => miss,
+        None => match ask.serve(&RequestHead::of(&request)).await {
             Ok(response) => return Ok(response),
             Err(miss) => miss,
-        }
+        },
     };
-    if honour && request_cc.only_if_cached {
+    if ask.honour && request_cc.only_if_cached {
         return Ok(only_if_cached_miss(&cache, &settings, miss));
     }
-    if request.method() == Method::HEAD || must_forward {
+    if request.method() == Method::HEAD || ask.must_forward() {
         // A HEAD response has no body to store; a forced forward does not wait for
         // others' fetches.
         return Box::pin(forward(inner, &ask, request, miss, None)).await;
@@ -181,7 +208,7 @@ where
             None
         }
     };
-    // Boxed so that the hit path moves a small future, not the origin call's state.
+    // Boxed so that the future of a request that waited on a lookup stays small.
     Box::pin(forward(inner, &ask, request, miss, guard)).await
 }
 
@@ -212,13 +239,55 @@ struct Ask<'a> {
     honour: bool,
 }
 
-impl Ask<'_> {
+impl<'a> Ask<'a> {
+    fn new(
+        cache: &'a HybridCache,
+        settings: &'a RouteSettings,
+        primary: &'a CacheKey,
+        request_cc: &'a CacheControl,
+    ) -> Self {
+        Ask {
+            cache,
+            settings,
+            primary,
+            request_cc,
+            honour: settings.request_directives == RequestDirectives::Honour,
+        }
+    }
+
+    /// `no-cache` and `max-age=0` must reach the origin (RFC 9111 §5.2.1).
+    fn must_forward(&self) -> bool {
+        self.honour && (self.request_cc.no_cache || self.request_cc.max_age == Some(0))
+    }
+
+    /// The lookup, if it completes without waiting (the memory tier's always does,
+    /// but for moka's rare housekeeping hand-offs).
+    fn serve_now<ResBody>(
+        &self,
+        request: &RequestHead<'_>,
+    ) -> Option<Result<Response<CacheBody<ResBody>>, MissKind>> {
+        let lookup = std::pin::pin!(self.cache.lookup(self.primary, request.headers));
+        match lookup.poll(&mut Context::from_waker(Waker::noop())) {
+            Poll::Ready(found) => Some(self.respond(found, request)),
+            Poll::Pending => None,
+        }
+    }
+
     /// A response from the cache, or why there is none.
     async fn serve<ResBody>(
         &self,
         request: &RequestHead<'_>,
     ) -> Result<Response<CacheBody<ResBody>>, MissKind> {
-        let (entry, tier) = match self.cache.lookup(self.primary, request.headers).await {
+        let found = self.cache.lookup(self.primary, request.headers).await;
+        self.respond(found, request)
+    }
+
+    fn respond<ResBody>(
+        &self,
+        found: Lookup,
+        request: &RequestHead<'_>,
+    ) -> Result<Response<CacheBody<ResBody>>, MissKind> {
+        let (entry, tier) = match found {
             Lookup::Hit(entry, tier) => (entry, tier),
             Lookup::Miss(miss) => return Err(miss),
         };
