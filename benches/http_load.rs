@@ -1,6 +1,6 @@
 //! HTTP load benchmark: the layer against its baselines, in one run on one machine.
 //!
-//! `cargo bench --bench http_load` (options after `--`: `--seconds 3 --rounds 3
+//! `cargo bench --bench http_load` (options after `--`: `--seconds 2 --rounds 10
 //! --connections 32 --memory-requests 200000`).
 //!
 //! - (a) a handler returning pre-rendered bytes;
@@ -37,6 +37,8 @@ use tower_hybrid_cache::HybridCache;
 mod job_match;
 
 struct Args {
+    /// Scenario labels to run (`a b c d c2 d2 memory`); empty: all.
+    only: Vec<String>,
     seconds: f64,
     rounds: usize,
     connections: usize,
@@ -45,8 +47,9 @@ struct Args {
 
 fn args() -> Args {
     let mut args = Args {
-        seconds: 3.0,
-        rounds: 3,
+        only: Vec::new(),
+        seconds: 2.0,
+        rounds: 10,
         connections: 32,
         memory_requests: 200_000,
     };
@@ -65,6 +68,9 @@ fn args() -> Args {
     }
     if let Some(v) = value("--connections") {
         args.connections = v.parse().expect("--connections N");
+    }
+    if let Some(v) = value("--only") {
+        args.only = v.split(',').map(str::to_owned).collect();
     }
     if let Some(v) = value("--memory-requests") {
         args.memory_requests = v.parse().expect("--memory-requests N");
@@ -229,8 +235,14 @@ fn main() {
 }
 
 async fn run(args: Args) {
+    let wanted = |label: &str| args.only.is_empty() || args.only.iter().any(|o| o == label);
     // Memory first, while the process has allocated nothing else.
-    memory(args.memory_requests).await;
+    if wanted("memory") {
+        memory(args.memory_requests).await;
+    }
+    if args.only.iter().all(|o| o == "memory") && !args.only.is_empty() {
+        return;
+    }
 
     let pre_rendered = Bytes::from(render(0));
     let cache = HybridCache::builder()
@@ -260,116 +272,169 @@ async fn run(args: Args) {
         .await
         .unwrap();
 
-    let servers = [
-        serve(Router::new().route("/pre", get(pre.clone()))).await,
-        serve(Router::new().route("/pre", get(pre).layer(layer()))).await,
-        serve(Router::new().route("/render", get(rendered))).await,
-        serve(Router::new().route("/render", get(rendered).layer(layer()))).await,
-        serve(job_match::search_router(data.clone(), None)).await,
-        serve(job_match::search_router(data, Some(&search_cache))).await,
+    // Pairs of (baseline, the same behind the layer).
+    let pairs = [
+        Pair {
+            label: "hits",
+            names: [
+                "(a) pre-rendered bytes",
+                "(b) (a) behind the layer, memory hits",
+            ],
+            path: "/pre",
+            unique: false,
+            servers: [
+                serve(Router::new().route("/pre", get(pre.clone()))).await,
+                serve(Router::new().route("/pre", get(pre).layer(layer()))).await,
+            ],
+        },
+        Pair {
+            label: "misses",
+            names: [
+                "(c) JSON rendered per request (~3 KB), unique URLs",
+                "(d) (c) behind the layer, all misses, all stored",
+            ],
+            path: "/render",
+            unique: true,
+            servers: [
+                serve(Router::new().route("/render", get(rendered))).await,
+                serve(Router::new().route("/render", get(rendered).layer(layer()))).await,
+            ],
+        },
+        Pair {
+            label: "search",
+            names: [
+                "(c2) job_match search over 5 000 jobs, unique URLs",
+                "(d2) (c2) behind the layer, all misses, all stored",
+            ],
+            path: "/jobs/search?q=engineer",
+            unique: true,
+            servers: [
+                serve(job_match::search_router(data.clone(), None)).await,
+                serve(job_match::search_router(data, Some(&search_cache))).await,
+            ],
+        },
     ];
-    let scenarios: [(&str, &'static str, bool); 6] = [
-        ("(a) pre-rendered bytes", "/pre", false),
-        ("(b) (a) behind the layer, memory hits", "/pre", false),
-        (
-            "(c) JSON rendered per request (~3 KB), unique URLs",
-            "/render",
-            true,
-        ),
-        (
-            "(d) (c) behind the layer, all misses, all stored",
-            "/render",
-            true,
-        ),
-        (
-            "(c2) job_match search over 5 000 jobs, unique URLs",
-            "/jobs/search?q=engineer",
-            true,
-        ),
-        (
-            "(d2) (c2) behind the layer, all misses, all stored",
-            "/jobs/search?q=engineer",
-            true,
-        ),
-    ];
+    let pairs: Vec<Pair> = pairs.into_iter().filter(|p| wanted(p.label)).collect();
 
     let counter = Arc::new(AtomicU64::new(0));
-    for (addr, (_, path, unique)) in servers.iter().zip(scenarios) {
-        load(*addr, path, unique, 0.3, 4, counter.clone()).await;
+    for pair in &pairs {
+        for addr in pair.servers {
+            load(addr, pair.path, pair.unique, 0.3, 4, counter.clone()).await;
+        }
     }
     let hits_before = cache.stats().hits;
 
-    let mut rps: Vec<Vec<f64>> = vec![Vec::new(); 6];
-    let mut cpu: Vec<Vec<f64>> = vec![Vec::new(); 6];
-    let mut lat: Vec<(u32, u32)> = vec![(0, 0); 6];
-    let mut rps_ratio: Vec<Vec<f64>> = vec![Vec::new(); 3];
-    let mut cpu_ratio: Vec<Vec<f64>> = vec![Vec::new(); 3];
+    let mut results: Vec<PairResult> = pairs.iter().map(|_| PairResult::default()).collect();
     for round in 0..args.rounds {
         let mut line = format!("round {}:", round + 1);
-        let mut runs = Vec::new();
-        for (i, (addr, (_, path, unique))) in servers.iter().zip(scenarios).enumerate() {
-            let run = load(
-                *addr,
-                path,
-                unique,
-                args.seconds,
-                args.connections,
-                counter.clone(),
-            )
-            .await;
-            line.push_str(&format!(" {:.0}", run.rps));
-            rps[i].push(run.rps);
-            cpu[i].push(run.cpu_us);
-            lat[i] = (run.p50_us, run.p99_us);
-            runs.push(run);
-        }
-        for pair in 0..3 {
-            let (base, layered) = (&runs[pair * 2], &runs[pair * 2 + 1]);
-            rps_ratio[pair].push(layered.rps / base.rps);
-            // Throughput ratio from CPU cost: base cost / layered cost.
-            cpu_ratio[pair].push(base.cpu_us / layered.cpu_us);
+        for (pair, result) in pairs.iter().zip(&mut results) {
+            // Alternate which side goes first, so drift in the machine's speed during
+            // a round does not favour one side.
+            let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+            let mut runs: [Option<Run>; 2] = [None, None];
+            for side in order {
+                runs[side] = Some(
+                    load(
+                        pair.servers[side],
+                        pair.path,
+                        pair.unique,
+                        args.seconds,
+                        args.connections,
+                        counter.clone(),
+                    )
+                    .await,
+                );
+            }
+            let [Some(base), Some(layered)] = runs else {
+                unreachable!()
+            };
+            line.push_str(&format!(
+                " {} {:.0}/{:.0}",
+                pair.label, base.rps, layered.rps
+            ));
+            result.rps_ratio.push(layered.rps / base.rps);
+            // The throughput ratio implied by CPU cost: base cost / layered cost.
+            result.cpu_ratio.push(base.cpu_us / layered.cpu_us);
+            result.runs.push([base, layered]);
         }
         eprintln!("{line} req/s");
     }
-    let stats = cache.stats();
-    assert!(stats.hits > hits_before, "(b) was served from the cache");
-    println!("| scenario | req/s (median of {}) | CPU µs/req | p50 µs | p99 µs | ratio by req/s | ratio by CPU |", args.rounds);
-    println!("|---|---|---|---|---|---|---|");
-    for (i, (name, _, _)) in scenarios.iter().enumerate() {
-        let (r, c) = (median(&mut rps[i]), median(&mut cpu[i]));
-        let ratios = if i % 2 == 0 {
-            "baseline | baseline".to_owned()
-        } else {
-            let pair = i / 2;
-            format!(
-                "**{:.3}** | **{:.3}**",
-                median(&mut rps_ratio[pair]),
-                median(&mut cpu_ratio[pair])
-            )
-        };
-        println!(
-            "| {name} | {r:.0} | {c:.1} | {} | {} | {ratios} |",
-            lat[i].0, lat[i].1
+    if pairs.iter().any(|p| p.label == "hits") {
+        assert!(
+            cache.stats().hits > hits_before,
+            "(b) was served from the cache"
         );
+    }
+    println!("| scenario | req/s | CPU µs/req | p50 µs | p99 µs | ratio by req/s | ratio by CPU |");
+    println!("|---|---|---|---|---|---|---|");
+    for (pair, result) in pairs.iter().zip(&mut results) {
+        for side in 0..2 {
+            let mut rps: Vec<f64> = result.runs.iter().map(|r| r[side].rps).collect();
+            let mut cpu: Vec<f64> = result.runs.iter().map(|r| r[side].cpu_us).collect();
+            let mut p50: Vec<f64> = result
+                .runs
+                .iter()
+                .map(|r| f64::from(r[side].p50_us))
+                .collect();
+            let mut p99: Vec<f64> = result
+                .runs
+                .iter()
+                .map(|r| f64::from(r[side].p99_us))
+                .collect();
+            let ratios = if side == 0 {
+                "baseline | baseline".to_owned()
+            } else {
+                format!(
+                    "**{:.3}** | **{:.3}**",
+                    median(&mut result.rps_ratio),
+                    median(&mut result.cpu_ratio)
+                )
+            };
+            println!(
+                "| {} | {:.0} | {:.1} | {:.0} | {:.0} | {ratios} |",
+                pair.names[side],
+                median(&mut rps),
+                median(&mut cpu),
+                median(&mut p50),
+                median(&mut p99)
+            );
+        }
     }
     println!();
-    let show = |v: &Vec<f64>| {
-        v.iter()
-            .map(|r| format!("{r:.3}"))
-            .collect::<Vec<_>>()
-            .join(" ")
-    };
-    for (pair, name) in ["hits (b)/(a)", "misses (d)/(c)", "misses (d2)/(c2)"]
-        .iter()
-        .enumerate()
-    {
+    println!(
+        "Medians of {} rounds of {} s per side, {} connections.",
+        args.rounds, args.seconds, args.connections
+    );
+    for (pair, result) in pairs.iter().zip(&results) {
+        let show = |v: &Vec<f64>| {
+            v.iter()
+                .map(|r| format!("{r:.3}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
         println!(
-            "per-round {name}: req/s {} | CPU {}",
-            show(&rps_ratio[pair]),
-            show(&cpu_ratio[pair])
+            "per-round {}: req/s {} | CPU {}",
+            pair.label,
+            show(&result.rps_ratio),
+            show(&result.cpu_ratio)
         );
     }
-    println!("cache: {:?}", stats);
+    println!("cache: {:?}", cache.stats());
+}
+
+struct Pair {
+    label: &'static str,
+    names: [&'static str; 2],
+    path: &'static str,
+    unique: bool,
+    servers: [SocketAddr; 2],
+}
+
+#[derive(Default)]
+struct PairResult {
+    runs: Vec<[Run; 2]>,
+    rps_ratio: Vec<f64>,
+    cpu_ratio: Vec<f64>,
 }
 
 /// Resident size under a load of unique URLs against a small capacity.
@@ -389,8 +454,8 @@ async fn memory(requests: usize) {
     ))
     .await;
     let counter = Arc::new(AtomicU64::new(0));
-    load(addr, "/m", true, 0.2, 8, counter.clone()).await;
-    cache.run_pending_tasks().await;
+    // Before anything is stored: the growth below is what the cache holds plus what
+    // the allocator keeps.
     let before = rss_bytes();
     let started = Instant::now();
     let mut peak = before;
@@ -434,8 +499,8 @@ async fn memory(requests: usize) {
         peak.max(after) as f64 / 1048576.0
     );
     println!(
-        "| RSS growth | {:.1} MiB (capacity {} MiB) |",
-        (after as f64 - before as f64) / 1048576.0,
+        "| RSS peak growth | {:.1} MiB (capacity {} MiB) |",
+        (peak.max(after) as f64 - before as f64) / 1048576.0,
         CAPACITY >> 20
     );
 }
