@@ -490,7 +490,7 @@ async fn memory(requests: usize) {
         cache.memory_weighted_size() as f64 / 1048576.0
     );
     println!(
-        "| RSS after warm-up | {:.1} MiB |",
+        "| RSS before the load | {:.1} MiB |",
         before as f64 / 1048576.0
     );
     println!("| RSS at the end | {:.1} MiB |", after as f64 / 1048576.0);

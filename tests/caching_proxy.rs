@@ -93,6 +93,21 @@ async fn the_proxy_caches_by_the_origin_headers() {
 }
 
 #[tokio::test]
+async fn a_204_is_stored_and_replayed_without_a_length() {
+    let s = setup().await;
+    let client = support::client();
+    let url = s.url("/empty?status=204&h=cache-control:max-age%3D60");
+    let miss = fetch(&client, "GET", &url, &[]).await;
+    assert_eq!(miss.status, http::StatusCode::NO_CONTENT);
+    s.stored(1).await;
+    let hit = fetch(&client, "GET", &url, &[]).await;
+    assert!(hit.is_hit(), "{}", hit.cache_status());
+    assert_eq!(hit.status, http::StatusCode::NO_CONTENT);
+    assert!(hit.body.is_empty());
+    assert!(hit.headers.get("content-length").is_none());
+}
+
+#[tokio::test]
 async fn vary_variants_through_the_proxy() {
     let s = setup().await;
     let client = support::client();

@@ -104,7 +104,7 @@ impl Capture {
     }
 
     /// Hands the complete entry to a background task; the client does not wait.
-    fn finish(self) {
+    pub(crate) fn finish(self) {
         let Capture {
             cache,
             key,
@@ -125,9 +125,14 @@ impl Capture {
                 body.freeze()
             }
         };
-        entry
-            .headers
-            .insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(len));
+        // The stored length is exact; a 204 must not carry one (RFC 9110 §8.6).
+        if entry.status == http::StatusCode::NO_CONTENT {
+            entry.headers.remove(http::header::CONTENT_LENGTH);
+        } else {
+            entry
+                .headers
+                .insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(len));
+        }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             tracing::warn!(target: TARGET, key = %key, "no tokio runtime: response not stored");
             return;

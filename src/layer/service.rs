@@ -345,10 +345,17 @@ fn hit_response<B>(
         headers.insert(AGE, HeaderValue::from(entry.age(now).as_secs()));
     }
     if settings.cache_status_header {
-        let ttl = entry.time_to_live(now).as_secs();
-        if let Some(value) =
-            status_value(cache, &format!("hit; ttl={ttl}; detail={}", tier.as_str()))
-        {
+        // Written by hand, in one allocation: this runs on every hit.
+        let name = cache.inner.cache_status_name.as_bytes();
+        let ttl = entry.time_to_live(now).as_secs().to_string();
+        let detail = tier.as_str().as_bytes();
+        let mut value = Vec::with_capacity(name.len() + ttl.len() + detail.len() + 24);
+        value.extend_from_slice(name);
+        value.extend_from_slice(b"; hit; ttl=");
+        value.extend_from_slice(ttl.as_bytes());
+        value.extend_from_slice(b"; detail=");
+        value.extend_from_slice(detail);
+        if let Ok(value) = HeaderValue::from_maybe_shared(Bytes::from(value)) {
             headers.append(CACHE_STATUS, value);
         }
     }
@@ -444,10 +451,15 @@ where
                 len: 0,
                 guard,
             };
-            (
-                format!("{fwd}; stored"),
-                CacheBody::capturing(body, capture),
-            )
+            let body = if body.is_end_stream() {
+                // Nothing to read (a 204, an empty body): a server may never poll it,
+                // so store now.
+                capture.finish();
+                CacheBody::passthrough(body)
+            } else {
+                CacheBody::capturing(body, capture)
+            };
+            (format!("{fwd}; stored"), body)
         }
     };
     if settings.cache_status_header {

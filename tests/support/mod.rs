@@ -168,7 +168,9 @@ async fn answer(State(origin): State<Origin>, request: Request) -> Response {
             _ => {}
         }
     }
+    let bodiless = status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
     let body = match (size, chunked) {
+        _ if bodiless => Body::empty(),
         (Some(n), false) => Body::from(pattern(n)),
         (Some(n), true) => {
             let data = pattern(n);
