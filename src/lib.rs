@@ -59,6 +59,11 @@ pub use policy::{RequestDirectives, TtlMode, DEFAULT_MAX_BODY_BYTES};
 pub use store::Tier;
 pub use telemetry::CacheStats;
 
+/// The README's examples, compiled as doc tests so they stay true.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
+
 #[doc(hidden)]
 pub mod __bench {
     //! Internals exposed for the benchmarks only; not part of the API.
