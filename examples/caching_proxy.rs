@@ -133,11 +133,13 @@ pub async fn serve(
 struct Args {
     listen: SocketAddr,
     upstream: Uri,
+    redis_url: Option<String>,
 }
 
 fn parse_args() -> Result<Args, String> {
     let mut listen = None;
     let mut upstream = None;
+    let mut redis_url = None;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = || args.next().ok_or_else(|| format!("{arg} needs a value"));
@@ -156,12 +158,7 @@ fn parse_args() -> Result<Args, String> {
                         .map_err(|e| format!("--upstream: {e}"))?,
                 )
             }
-            "--redis-url" => {
-                let url = value()?;
-                eprintln!(
-                    "--redis-url {url}: this version has only the memory tier; serving from memory"
-                );
-            }
+            "--redis-url" => redis_url = Some(value()?),
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown argument {other}")),
         }
@@ -173,6 +170,7 @@ fn parse_args() -> Result<Args, String> {
     Ok(Args {
         listen: listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080))),
         upstream,
+        redis_url,
     })
 }
 
@@ -189,7 +187,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             std::process::exit(2);
         }
     };
-    let cache = HybridCache::builder().build().await?;
+    let mut builder = HybridCache::builder().namespace("caching_proxy");
+    // Several proxies given one --redis-url share their entries.
+    if let Some(url) = args.redis_url {
+        builder = builder.redis_url(url);
+    }
+    let cache = builder.build().await?;
     let listener = TcpListener::bind(args.listen).await?;
     eprintln!(
         "caching {} on http://{}",

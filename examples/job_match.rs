@@ -395,13 +395,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let addr: SocketAddr = std::env::var("ADDR")
         .unwrap_or_else(|_| "127.0.0.1:3000".to_owned())
         .parse()?;
-    if let Ok(url) = std::env::var("REDIS_URL") {
-        eprintln!("REDIS_URL={url} is set, but this version has only the memory tier: serving from memory");
-    }
-    let cache = HybridCache::builder()
+    let mut builder = HybridCache::builder()
         .memory_capacity_bytes(256 << 20)
-        .build()
-        .await?;
+        .namespace("job_match");
+    // With REDIS_URL, replicas share entries through Redis; without it, memory only.
+    if let Ok(url) = std::env::var("REDIS_URL") {
+        builder = builder.redis_url(url);
+    }
+    let cache = builder.build().await?;
     let data = Data::generate(5_000, 1_000);
     let listener = tokio::net::TcpListener::bind(addr).await?;
     eprintln!("job_match listening on http://{}", listener.local_addr()?);

@@ -13,6 +13,7 @@ use crate::error::BuildError;
 use crate::key::normalised_value;
 use crate::layer::HybridCacheLayer;
 use crate::store::memory::MemoryStore;
+use crate::store::redis::{RedisConfig, RedisStore};
 use crate::store::{HybridStore, Tier};
 use crate::telemetry::{CacheStats, Counter, Counters};
 use crate::CacheKey;
@@ -55,7 +56,7 @@ pub struct HybridCache {
 pub(crate) struct CacheInner {
     pub(crate) store: HybridStore,
     pub(crate) flights: SingleFlight,
-    pub(crate) counters: Counters,
+    pub(crate) counters: Arc<Counters>,
     pub(crate) cache_status_name: String,
     pub(crate) single_flight_timeout: Duration,
     pub(crate) namespace: String,
@@ -79,6 +80,7 @@ pub struct HybridCacheBuilder {
     cache_status_name: String,
     single_flight_timeout: Duration,
     maintenance_interval: Duration,
+    redis: Option<RedisConfig>,
 }
 
 impl Default for HybridCacheBuilder {
@@ -89,6 +91,7 @@ impl Default for HybridCacheBuilder {
             cache_status_name: DEFAULT_CACHE_STATUS_NAME.to_owned(),
             single_flight_timeout: Duration::from_secs(5),
             maintenance_interval: Duration::from_secs(1),
+            redis: None,
         }
     }
 }
@@ -131,9 +134,23 @@ impl HybridCacheBuilder {
         self
     }
 
+    /// Shares entries through Redis at `url` (`redis://[user:password@]host:port[/db]`
+    /// or `rediss://`), with the default [`RedisConfig`]. Without it the cache is
+    /// memory-only.
+    pub fn redis_url(self, url: impl Into<String>) -> Self {
+        self.redis(RedisConfig::new(url))
+    }
+
+    /// Shares entries through Redis, configured in full.
+    pub fn redis(mut self, config: RedisConfig) -> Self {
+        self.redis = Some(config);
+        self
+    }
+
     /// Builds the cache and starts its housekeeping task on the current tokio runtime.
     ///
-    /// Fails only on an invalid setting, never because a store is unreachable.
+    /// Fails only on an invalid setting, never because a store is unreachable: with
+    /// Redis down, the cache serves from memory and starts using Redis once it is up.
     pub async fn build(self) -> Result<HybridCache, BuildError> {
         validate_namespace(&self.namespace)?;
         validate_token(&self.cache_status_name)?;
@@ -143,11 +160,16 @@ impl HybridCacheBuilder {
                 "must be more than zero",
             ));
         }
-        let memory = MemoryStore::new(self.memory_capacity_bytes);
+        let counters = Arc::new(Counters::default());
+        let mut store = HybridStore::new(MemoryStore::new(self.memory_capacity_bytes));
+        if let Some(config) = &self.redis {
+            let redis = RedisStore::connect(config, &self.namespace).await?;
+            store = store.with_redis(redis, config.write_queue_len(), Arc::clone(&counters));
+        }
         let inner = Arc::new(CacheInner {
-            store: HybridStore::new(memory),
+            store,
             flights: SingleFlight::default(),
-            counters: Counters::default(),
+            counters,
             cache_status_name: self.cache_status_name,
             single_flight_timeout: self.single_flight_timeout,
             namespace: self.namespace,
@@ -261,6 +283,12 @@ impl HybridCache {
         self.inner.store.memory().entry_count()
     }
 
+    /// Closes the Redis connections (a memory-only cache has nothing to close).
+    /// Requests after this are served from memory.
+    pub async fn shutdown(&self) {
+        self.inner.store.shutdown().await;
+    }
+
     /// Runs the memory tier's pending housekeeping now.
     pub async fn run_pending_tasks(&self) {
         self.inner.store.memory().run_pending_tasks().await;
@@ -273,14 +301,15 @@ impl HybridCache {
     /// Finds the stored response for a request: the entry under the primary key, or
     /// the variant its `Vary` index selects.
     pub(crate) async fn lookup(&self, primary: &CacheKey, headers: &HeaderMap) -> Lookup {
-        let Some((entry, tier)) = self.inner.store.get(primary).await else {
+        let counters = &self.inner.counters;
+        let Some((entry, tier)) = self.inner.store.get(primary, counters).await else {
             return Lookup::Miss(MissKind::Uri);
         };
         let response = match entry {
             Entry::Response(response) => response,
             Entry::Variants(index) => {
                 let variant = primary.variant(&index.names, headers);
-                match self.inner.store.get(&variant).await {
+                match self.inner.store.get(&variant, counters).await {
                     Some((Entry::Response(response), _)) => response,
                     _ => return Lookup::Miss(MissKind::Vary),
                 }
@@ -304,9 +333,10 @@ impl HybridCache {
     /// Stores a response under its primary key, or as a variant with its index.
     pub(crate) async fn store(&self, primary: CacheKey, response: CachedResponse) {
         let store = &self.inner.store;
+        let counters = &self.inner.counters;
         if response.vary.is_empty() {
             store
-                .put(primary, Entry::Response(Arc::new(response)))
+                .put(primary, Entry::Response(Arc::new(response)), counters)
                 .await;
             return;
         }
@@ -314,18 +344,19 @@ impl HybridCache {
         let variant = variant_key(&primary, &response.vary);
         let mut stale_until = response.stale_until;
         // Keep the index alive as long as the longest-lived variant under it.
-        if let Some((Entry::Variants(old), _)) = store.get(&primary).await {
+        if let Some((Entry::Variants(old), _)) = store.get(&primary, counters).await {
             if old.names == names {
                 stale_until = stale_until.max(old.stale_until);
             }
         }
         store
-            .put(variant, Entry::Response(Arc::new(response)))
+            .put(variant, Entry::Response(Arc::new(response)), counters)
             .await;
         store
             .put(
                 primary,
                 Entry::Variants(Arc::new(VaryIndex { names, stale_until })),
+                counters,
             )
             .await;
     }

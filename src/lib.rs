@@ -56,6 +56,7 @@ pub use error::{BuildError, DecodeError};
 pub use key::CacheKey;
 pub use layer::{CacheBody, HybridCacheLayer, HybridCacheService, ResponseFuture};
 pub use policy::{RequestDirectives, TtlMode, DEFAULT_MAX_BODY_BYTES};
+pub use store::redis::RedisConfig;
 pub use store::Tier;
 pub use telemetry::CacheStats;
 

@@ -27,6 +27,12 @@ pub struct CacheStats {
     /// Requests that waited for another request's origin call instead of making their
     /// own.
     pub coalesced: u64,
+    /// Entries written to Redis.
+    pub redis_writes: u64,
+    /// Redis operations that failed or timed out (the request went on without Redis).
+    pub redis_errors: u64,
+    /// Writes dropped because the Redis write queue was full.
+    pub redis_writes_dropped: u64,
 }
 
 #[derive(Debug, Default)]
@@ -37,6 +43,9 @@ pub(crate) struct Counters {
     stores: AtomicU64,
     not_stored: AtomicU64,
     coalesced: AtomicU64,
+    redis_writes: AtomicU64,
+    redis_errors: AtomicU64,
+    redis_writes_dropped: AtomicU64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -47,6 +56,9 @@ pub(crate) enum Counter {
     Store,
     NotStored,
     Coalesced,
+    RedisWrite,
+    RedisError,
+    RedisWriteDropped,
 }
 
 impl Counters {
@@ -58,6 +70,9 @@ impl Counters {
             Counter::Store => &self.stores,
             Counter::NotStored => &self.not_stored,
             Counter::Coalesced => &self.coalesced,
+            Counter::RedisWrite => &self.redis_writes,
+            Counter::RedisError => &self.redis_errors,
+            Counter::RedisWriteDropped => &self.redis_writes_dropped,
         };
         cell.fetch_add(1, Ordering::Relaxed);
     }
@@ -70,6 +85,9 @@ impl Counters {
             stores: self.stores.load(Ordering::Relaxed),
             not_stored: self.not_stored.load(Ordering::Relaxed),
             coalesced: self.coalesced.load(Ordering::Relaxed),
+            redis_writes: self.redis_writes.load(Ordering::Relaxed),
+            redis_errors: self.redis_errors.load(Ordering::Relaxed),
+            redis_writes_dropped: self.redis_writes_dropped.load(Ordering::Relaxed),
         }
     }
 }

@@ -212,3 +212,61 @@ async fn an_unreachable_origin_is_a_502_not_a_dropped_connection() {
         "tower-hybrid-cache; fwd=uri-miss; fwd-status=502; detail=no-freshness"
     );
 }
+
+#[tokio::test]
+async fn two_proxies_on_one_redis_share_entries() {
+    let redis = support::redis::RedisServer::start();
+    let origin = Origin::new();
+    let upstream: http::Uri = format!("http://{}", origin.spawn().await).parse().unwrap();
+    let mut proxies = Vec::new();
+    let mut caches = Vec::new();
+    for _ in 0..2 {
+        let cache = HybridCache::builder()
+            .redis_url(redis.url())
+            .build()
+            .await
+            .unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        proxies.push(listener.local_addr().unwrap());
+        tokio::spawn(caching_proxy::serve(
+            listener,
+            upstream.clone(),
+            cache.clone(),
+        ));
+        caches.push(cache);
+    }
+    let client = support::client();
+    let path = "/shared?h=cache-control:public,max-age%3D120";
+    // Behind a load balancer both replicas see the same Host.
+    let host = [("host", "jobs.example")];
+    let miss = fetch(
+        &client,
+        "GET",
+        &format!("http://{}{path}", proxies[0]),
+        &host,
+    )
+    .await;
+    assert!(
+        miss.cache_status().ends_with("stored"),
+        "{}",
+        miss.cache_status()
+    );
+    eventually("the write to reach Redis", WAIT, || async {
+        caches[0].stats().redis_writes == 1
+    })
+    .await;
+    let hit = fetch(
+        &client,
+        "GET",
+        &format!("http://{}{path}", proxies[1]),
+        &host,
+    )
+    .await;
+    assert!(
+        hit.cache_status().ends_with("detail=redis"),
+        "{}",
+        hit.cache_status()
+    );
+    assert_eq!(hit.body, miss.body);
+    assert_eq!(origin.log.calls(), 1);
+}

@@ -126,6 +126,9 @@ where
         let ask = Ask::new(&self.cache, &self.settings, &primary, &request_cc);
         let known = if ask.must_forward() {
             Some(MissKind::Request)
+        } else if !self.cache.inner.store.reads_are_local() {
+            // A Redis read is polled once only where it can finish: in the future.
+            None
         } else {
             // The memory tier answers without suspending: a hit is built here, with no
             // boxed future and no clone of the inner service.

@@ -1,34 +1,110 @@
-//! Routing between tiers. With the memory tier alone, every operation goes to it.
+//! Routing between tiers: reads go to Redis first and to memory when Redis errs or
+//! times out; a Redis hit also fills memory; writes go to memory at once and to Redis
+//! through a bounded queue, off the response path.
+
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
 
 use crate::entry::Entry;
+use crate::telemetry::{Counter, Counters, TARGET};
 use crate::CacheKey;
 
 use super::memory::MemoryStore;
+use super::redis::RedisStore;
 use super::Tier;
 
 /// The tiers behind one [`HybridCache`](crate::HybridCache).
 #[derive(Clone)]
 pub(crate) struct HybridStore {
     memory: MemoryStore,
+    redis: Option<RedisTier>,
+}
+
+#[derive(Clone)]
+struct RedisTier {
+    store: Arc<RedisStore>,
+    writes: mpsc::Sender<(CacheKey, Entry)>,
 }
 
 impl HybridStore {
     pub(crate) fn new(memory: MemoryStore) -> Self {
-        HybridStore { memory }
+        HybridStore {
+            memory,
+            redis: None,
+        }
+    }
+
+    /// Adds the Redis tier and starts its writer task on the current runtime.
+    pub(crate) fn with_redis(
+        mut self,
+        store: RedisStore,
+        queue: usize,
+        counters: Arc<Counters>,
+    ) -> Self {
+        let store = Arc::new(store);
+        let (writes, mut pending) = mpsc::channel::<(CacheKey, Entry)>(queue);
+        let writer = Arc::clone(&store);
+        // The task ends when the last sender (the last HybridStore clone) is gone.
+        tokio::spawn(async move {
+            while let Some((key, entry)) = pending.recv().await {
+                match writer.set(&key, &entry).await {
+                    Ok(true) => counters.add(Counter::RedisWrite),
+                    Ok(false) => {}
+                    Err(e) => {
+                        counters.add(Counter::RedisError);
+                        tracing::debug!(target: TARGET, key = %key, error = %e, outcome = "redis-write-failed");
+                    }
+                }
+            }
+        });
+        self.redis = Some(RedisTier { store, writes });
+        self
+    }
+
+    /// Whether a read completes without waiting on the network: true when memory is
+    /// the only tier.
+    pub(crate) fn reads_are_local(&self) -> bool {
+        self.redis.is_none()
     }
 
     pub(crate) fn memory(&self) -> &MemoryStore {
         &self.memory
     }
 
-    pub(crate) async fn get(&self, key: &CacheKey) -> Option<(Entry, Tier)> {
+    pub(crate) async fn get(&self, key: &CacheKey, counters: &Counters) -> Option<(Entry, Tier)> {
+        if let Some(redis) = &self.redis {
+            match redis.store.get(key).await {
+                Ok(Some(entry)) => {
+                    // An outage then finds this entry warm in memory.
+                    self.memory.insert(*key, entry.clone()).await;
+                    return Some((entry, Tier::Redis));
+                }
+                Ok(None) => return None,
+                Err(e) => {
+                    counters.add(Counter::RedisError);
+                    tracing::debug!(target: TARGET, key = %key, error = %e, outcome = "redis-read-failed");
+                }
+            }
+        }
         self.memory
             .get(key)
             .await
             .map(|entry| (entry, Tier::Memory))
     }
 
-    pub(crate) async fn put(&self, key: CacheKey, entry: Entry) {
+    pub(crate) async fn put(&self, key: CacheKey, entry: Entry, counters: &Counters) {
+        if let Some(redis) = &self.redis {
+            if redis.writes.try_send((key, entry.clone())).is_err() {
+                counters.add(Counter::RedisWriteDropped);
+            }
+        }
         self.memory.insert(key, entry).await;
+    }
+
+    pub(crate) async fn shutdown(&self) {
+        if let Some(redis) = &self.redis {
+            redis.store.quit().await;
+        }
     }
 }

@@ -1,9 +1,9 @@
-//! Where entries live. The memory tier is moka; the shared Redis tier slots in beside
-//! it behind [`HybridStore`]'s get / put / delete, so the layer does not change when
-//! it lands.
+//! Where entries live: the memory tier (moka) and, when configured, the shared Redis
+//! tier, routed by [`HybridStore`].
 
 pub(crate) mod hybrid;
 pub(crate) mod memory;
+pub(crate) mod redis;
 
 pub(crate) use hybrid::HybridStore;
 
@@ -13,6 +13,8 @@ pub(crate) use hybrid::HybridStore;
 pub enum Tier {
     /// The in-process moka cache.
     Memory,
+    /// The shared Redis tier.
+    Redis,
 }
 
 impl Tier {
@@ -20,6 +22,7 @@ impl Tier {
     pub fn as_str(self) -> &'static str {
         match self {
             Tier::Memory => "memory",
+            Tier::Redis => "redis",
         }
     }
 }

@@ -281,3 +281,4 @@ pub fn get_with(uri: &str, headers: &[(&str, &str)]) -> http::Request<Body> {
     }
     builder.body(Body::empty()).unwrap()
 }
+pub mod redis;

@@ -1,0 +1,226 @@
+//! The shared tier: entries in Redis, through a fred connection pool set up so that it
+//! never blocks start-up and never lets a command wait past its timeout (the settings
+//! measured in `shared/notes/fred-under-faults.md`).
+
+use std::fmt;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use fred::prelude::*;
+use fred::types::config::{ConnectionConfig, Options, PerformanceConfig};
+use fred::types::Expiration;
+
+use crate::entry::{decode_entry, encode_entry, Entry};
+use crate::error::BuildError;
+use crate::telemetry::TARGET;
+use crate::CacheKey;
+
+/// How to reach Redis, and how hard to try.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_hybrid_cache::RedisConfig;
+///
+/// let config = RedisConfig::new("redis://127.0.0.1:6379/0")
+///     .pool_size(4)
+///     .command_timeout(Duration::from_millis(50));
+/// # let _ = config;
+/// ```
+#[derive(Clone)]
+pub struct RedisConfig {
+    url: String,
+    pool_size: usize,
+    command_timeout: Duration,
+    connect_timeout: Duration,
+    max_value_bytes: usize,
+    write_queue: usize,
+}
+
+impl fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The URL may carry a password.
+        f.debug_struct("RedisConfig")
+            .field("pool_size", &self.pool_size)
+            .field("command_timeout", &self.command_timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("max_value_bytes", &self.max_value_bytes)
+            .field("write_queue", &self.write_queue)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisConfig {
+    /// A config for `url`: `redis://[user:password@]host:port[/db]`, or `rediss://`
+    /// for TLS (rustls).
+    pub fn new(url: impl Into<String>) -> Self {
+        RedisConfig {
+            url: url.into(),
+            pool_size: 4,
+            command_timeout: Duration::from_millis(50),
+            connect_timeout: Duration::from_millis(500),
+            max_value_bytes: 1 << 20,
+            write_queue: 1024,
+        }
+    }
+
+    /// Connections in the pool. Default 4.
+    pub fn pool_size(mut self, size: usize) -> Self {
+        self.pool_size = size;
+        self
+    }
+
+    /// Longest a Redis command may take before the request goes on without Redis.
+    /// Default 50 ms.
+    pub fn command_timeout(mut self, timeout: Duration) -> Self {
+        self.command_timeout = timeout;
+        self
+    }
+
+    /// Longest a connection attempt (TCP, TLS, `AUTH`, `SELECT`) may take. Default
+    /// 500 ms.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Largest encoded entry sent to Redis; larger ones stay in memory only.
+    /// Default 1 MiB.
+    pub fn max_value_bytes(mut self, bytes: usize) -> Self {
+        self.max_value_bytes = bytes;
+        self
+    }
+
+    /// Writes waiting for Redis; past this, a write is dropped (and counted) rather
+    /// than queued without bound. Default 1024.
+    pub fn write_queue(mut self, len: usize) -> Self {
+        self.write_queue = len;
+        self
+    }
+
+    pub(crate) fn write_queue_len(&self) -> usize {
+        self.write_queue.max(1)
+    }
+}
+
+/// Why a Redis operation failed; the caller falls back to memory.
+#[derive(Debug)]
+pub(crate) struct RedisError(pub(crate) fred::error::Error);
+
+impl fmt::Display for RedisError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "redis: {}", self.0)
+    }
+}
+
+/// The Redis tier: a fred pool and the namespace of this cache's keys.
+pub(crate) struct RedisStore {
+    pool: Pool,
+    namespace: String,
+    options: Options,
+    max_value_bytes: usize,
+}
+
+impl RedisStore {
+    /// Builds the pool, starts its connection tasks and waits for them at most the
+    /// connect timeout: whether or not Redis is up, it returns (fred reconnects in the
+    /// background).
+    pub(crate) async fn connect(config: &RedisConfig, namespace: &str) -> Result<Self, BuildError> {
+        let mut fred_config =
+            Config::from_url(&config.url).map_err(|e| BuildError::invalid("redis url", e))?;
+        // With fail_fast on, a failed first connection ignores the reconnect policy
+        // and the client stays dead.
+        fred_config.fail_fast = false;
+        let mut policy = ReconnectPolicy::new_exponential(0, 50, 2_000, 2);
+        policy.set_jitter(50);
+        let performance = PerformanceConfig {
+            default_command_timeout: config.command_timeout,
+            ..PerformanceConfig::default()
+        };
+        let connection = ConnectionConfig {
+            connection_timeout: config.connect_timeout,
+            internal_command_timeout: config.connect_timeout,
+            // Our callers fall back or retry; fred must not replay commands late.
+            max_command_attempts: 1,
+            max_command_buffer_len: 1024,
+            ..ConnectionConfig::default()
+        };
+        let pool = Pool::new(
+            fred_config,
+            Some(performance),
+            Some(connection),
+            Some(policy),
+            config.pool_size.max(1),
+        )
+        .map_err(|e| BuildError::invalid("redis pool", e))?;
+        // `connect` spawns the connection tasks; unlike `init` it does not wait.
+        let _handles = pool.connect_pool();
+        let connected = tokio::time::timeout(config.connect_timeout, pool.wait_for_connect()).await;
+        if !matches!(connected, Ok(Ok(()))) {
+            tracing::warn!(target: TARGET, "redis is not reachable yet: serving from memory until it is");
+        }
+        Ok(RedisStore {
+            pool,
+            namespace: namespace.to_owned(),
+            options: Options {
+                timeout: Some(config.command_timeout),
+                fail_fast: true,
+                max_attempts: Some(1),
+                ..Options::default()
+            },
+            max_value_bytes: config.max_value_bytes,
+        })
+    }
+
+    fn key(&self, key: &CacheKey) -> String {
+        key.storage_key(&self.namespace)
+    }
+
+    /// The entry under `key`: `Ok(None)` when absent or unreadable (a foreign or
+    /// corrupt value is a miss, overwritten by the next store).
+    pub(crate) async fn get(&self, key: &CacheKey) -> Result<Option<Entry>, RedisError> {
+        let client = self.pool.next_connected().with_options(&self.options);
+        let value: Option<Bytes> = client.get(self.key(key)).await.map_err(RedisError)?;
+        Ok(value.and_then(|bytes| match decode_entry(bytes) {
+            Ok(entry) => Some(entry),
+            Err(e) => {
+                tracing::debug!(target: TARGET, key = %key, error = %e, outcome = "redis-decode-error");
+                None
+            }
+        }))
+    }
+
+    /// Stores `entry` with `PX` set to the time it can still be served, so Redis
+    /// expires it by itself. An entry already past that, or too large, is not sent.
+    pub(crate) async fn set(&self, key: &CacheKey, entry: &Entry) -> Result<bool, RedisError> {
+        let Some(ttl) = entry
+            .stale_until()
+            .duration_since(SystemTime::now())
+            .ok()
+            .filter(|d| d.as_millis() > 0)
+        else {
+            return Ok(false);
+        };
+        let value = encode_entry(entry);
+        if value.len() > self.max_value_bytes {
+            return Ok(false);
+        }
+        let millis = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+        let client = self.pool.next_connected().with_options(&self.options);
+        let _: () = client
+            .set(
+                self.key(key),
+                value,
+                Some(Expiration::PX(millis)),
+                None,
+                false,
+            )
+            .await
+            .map_err(RedisError)?;
+        Ok(true)
+    }
+
+    /// Closes every connection.
+    pub(crate) async fn quit(&self) {
+        let _ = self.pool.quit().await;
+    }
+}

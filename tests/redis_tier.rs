@@ -1,0 +1,249 @@
+//! The Redis tier against real `redis-server` processes: entries shared between
+//! replicas, Redis-side expiry, garbage under our keys, and Redis down at start or
+//! killed under load.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::time::Duration;
+
+use support::redis::RedisServer;
+use support::{call, eventually, get, Origin};
+use tower_hybrid_cache::{HybridCache, RedisConfig};
+
+const WAIT: Duration = Duration::from_secs(15);
+
+async fn replica(redis_url: &str) -> HybridCache {
+    HybridCache::builder()
+        .namespace("jobs")
+        .redis(RedisConfig::new(redis_url).command_timeout(Duration::from_millis(200)))
+        .build()
+        .await
+        .unwrap()
+}
+
+fn app(origin: &Origin, cache: &HybridCache) -> axum::Router {
+    origin
+        .router()
+        .layer(cache.layer().ttl(Duration::from_secs(60)))
+}
+
+#[tokio::test]
+async fn a_response_stored_by_one_replica_is_a_redis_hit_on_another() {
+    let redis = RedisServer::start();
+    let origin = Origin::new();
+    let (one, two) = (replica(&redis.url()).await, replica(&redis.url()).await);
+    let url = "http://api.test/jobs/42";
+    let first = call(app(&origin, &one), get(url)).await;
+    assert!(first.cache_status().contains("stored"));
+    eventually("the write to reach Redis", WAIT, || async {
+        one.stats().redis_writes == 1
+    })
+    .await;
+
+    let second = call(app(&origin, &two), get(url)).await;
+    assert_eq!(
+        second.cache_status().split("ttl=").next().unwrap(),
+        "tower-hybrid-cache; hit; "
+    );
+    assert!(
+        second.cache_status().ends_with("detail=redis"),
+        "{}",
+        second.cache_status()
+    );
+    assert_eq!(second.body, first.body);
+    assert_eq!(origin.log.calls(), 1);
+
+    // Stored under the namespace, with Redis's own expiry at the entry's lifetime.
+    let keys = redis.cli(&["--scan", "--pattern", "jobs:v1:*"]);
+    assert_eq!(keys.lines().count(), 1, "{keys}");
+    let pttl: i64 = redis.cli(&["PTTL", keys.trim()]).parse().unwrap();
+    assert!((55_000..=60_000).contains(&pttl), "PTTL {pttl}");
+}
+
+#[tokio::test]
+async fn garbage_under_our_key_is_a_miss_and_is_overwritten() {
+    let redis = RedisServer::start();
+    let origin = Origin::new();
+    let cache = replica(&redis.url()).await;
+    let app = app(&origin, &cache);
+    let url = "http://api.test/garbage";
+    call(app.clone(), get(url)).await;
+    eventually("the write", WAIT, || async {
+        cache.stats().redis_writes == 1
+    })
+    .await;
+    let key = redis.cli(&["--scan", "--pattern", "jobs:v1:*"]);
+    for garbage in ["not an entry", "{\"json\": true}"] {
+        assert_eq!(redis.cli(&["SET", key.trim(), garbage]), "OK");
+        let got = call(app.clone(), get(url)).await;
+        assert_eq!(got.status, http::StatusCode::OK);
+        assert!(
+            got.cache_status().contains("fwd=uri-miss"),
+            "{}",
+            got.cache_status()
+        );
+    }
+    eventually("the overwrites", WAIT, || async {
+        cache.stats().redis_writes == 3
+    })
+    .await;
+    let hit = call(app, get(url)).await;
+    assert!(
+        hit.cache_status().ends_with("detail=redis"),
+        "{}",
+        hit.cache_status()
+    );
+    assert_eq!(origin.log.calls(), 3);
+}
+
+#[tokio::test]
+async fn redis_down_at_start_serves_from_memory_then_uses_redis_once_up() {
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let origin = Origin::new();
+    // Nothing listens: building must not wait for Redis.
+    let cache = tokio::time::timeout(
+        Duration::from_secs(5),
+        replica(&format!("redis://127.0.0.1:{port}")),
+    )
+    .await
+    .expect("build returns without Redis");
+    let app = app(&origin, &cache);
+    call(app.clone(), get("http://api.test/before")).await;
+    eventually("a store in memory", WAIT, || async {
+        cache.stats().stores == 1
+    })
+    .await;
+    let hit = call(app.clone(), get("http://api.test/before")).await;
+    assert!(
+        hit.cache_status().ends_with("detail=memory"),
+        "{}",
+        hit.cache_status()
+    );
+    assert!(cache.stats().redis_errors > 0);
+
+    let redis = RedisServer::start_on(port, &[]);
+    // Once fred has reconnected, new entries reach Redis and are read from it.
+    eventually("a new entry served from Redis", WAIT, || {
+        let app = app.clone();
+        async move {
+            let url = format!("http://api.test/after/{}", rand_suffix());
+            call(app.clone(), get(&url)).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            call(app, get(&url))
+                .await
+                .cache_status()
+                .ends_with("detail=redis")
+        }
+    })
+    .await;
+    assert!(!redis.cli(&["--scan", "--pattern", "jobs:v1:*"]).is_empty());
+}
+
+#[tokio::test]
+async fn redis_killed_under_load_fails_no_request() {
+    let mut redis = RedisServer::start();
+    let origin = Origin::new();
+    let cache = replica(&redis.url()).await;
+    let app = app(&origin, &cache);
+    let urls: Vec<String> = (0..20)
+        .map(|i| format!("http://api.test/load/{i}"))
+        .collect();
+    for url in &urls {
+        call(app.clone(), get(url)).await;
+    }
+    eventually("20 writes", WAIT, || async {
+        cache.stats().redis_writes == 20
+    })
+    .await;
+    redis.kill();
+    // Every request is answered, from the memory tier the Redis hits warmed.
+    for round in 0..3 {
+        for url in &urls {
+            let got = call(app.clone(), get(url)).await;
+            assert_eq!(got.status, http::StatusCode::OK, "round {round}");
+            if round > 0 {
+                assert!(
+                    got.cache_status().ends_with("detail=memory"),
+                    "{}",
+                    got.cache_status()
+                );
+            }
+        }
+    }
+    assert!(cache.stats().redis_errors > 0);
+    assert_eq!(
+        origin.log.calls(),
+        20,
+        "the memory tier answered during the outage"
+    );
+}
+
+fn rand_suffix() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+#[tokio::test]
+async fn a_frozen_redis_does_not_hang_requests() {
+    let redis = RedisServer::start();
+    let origin = Origin::new();
+    let cache = replica(&redis.url()).await;
+    let app = app(&origin, &cache);
+    call(app.clone(), get("http://api.test/frozen")).await;
+    eventually("the write", WAIT, || async {
+        cache.stats().redis_writes == 1
+    })
+    .await;
+    redis.freeze();
+    // With SIGSTOP the connection stays open and nothing answers: each Redis read
+    // gives up after its command timeout and the memory tier answers. A hang would
+    // trip the guard (which is a bound on a hang, not a measure of speed).
+    let requests = async {
+        for _ in 0..10 {
+            let got = call(app.clone(), get("http://api.test/frozen")).await;
+            assert!(
+                got.cache_status().ends_with("detail=memory"),
+                "{}",
+                got.cache_status()
+            );
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), requests)
+        .await
+        .expect("no request hangs");
+    assert!(cache.stats().redis_errors >= 10);
+    redis.resume();
+    assert_eq!(origin.log.calls(), 1);
+}
+
+#[tokio::test]
+async fn each_lookup_costs_redis_one_get() {
+    let redis = RedisServer::start();
+    let origin = Origin::new();
+    let cache = replica(&redis.url()).await;
+    let app = app(&origin, &cache);
+    call(app.clone(), get("http://api.test/counted")).await;
+    eventually("the write", WAIT, || async {
+        cache.stats().redis_writes == 1
+    })
+    .await;
+    assert_eq!(redis.cli(&["CONFIG", "RESETSTAT"]), "OK");
+    for _ in 0..10 {
+        assert!(call(app.clone(), get("http://api.test/counted"))
+            .await
+            .cache_status()
+            .ends_with("detail=redis"));
+    }
+    let stats = redis.cli(&["INFO", "commandstats"]);
+    let gets = stats
+        .lines()
+        .find(|l| l.starts_with("cmdstat_get:"))
+        .unwrap_or_default();
+    assert!(gets.starts_with("cmdstat_get:calls=10,"), "{gets}");
+}
