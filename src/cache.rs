@@ -314,6 +314,8 @@ impl HybridCache {
                     _ => return Lookup::Miss(MissKind::Vary),
                 }
             }
+            // The direct API's values live under keys of their own kind.
+            Entry::Value(_) => return Lookup::Miss(MissKind::Uri),
         };
         // The stored request values must match: a variant is never served to a
         // request that would not have selected it.

@@ -39,6 +39,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod cache;
+mod direct;
 mod entry;
 mod error;
 mod key;
@@ -51,6 +52,7 @@ pub use cache::{
     HybridCache, HybridCacheBuilder, DEFAULT_CACHE_STATUS_NAME, DEFAULT_MEMORY_CAPACITY_BYTES,
     DEFAULT_NAMESPACE,
 };
+pub use direct::ValueError;
 pub use entry::{CachedResponse, CachedResponseBuilder, FORMAT_VERSION};
 pub use error::{BuildError, DecodeError};
 pub use key::CacheKey;

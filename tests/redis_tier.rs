@@ -247,3 +247,94 @@ async fn each_lookup_costs_redis_one_get() {
         .unwrap_or_default();
     assert!(gets.starts_with("cmdstat_get:calls=10,"), "{gets}");
 }
+
+#[tokio::test]
+async fn password_and_acl_user_limited_to_the_namespace() {
+    let redis = RedisServer::start_with(&["--requirepass", "s3cret"]);
+    assert_eq!(
+        redis.cli(&[
+            "-a",
+            "s3cret",
+            "--no-auth-warning",
+            "ACL",
+            "SETUSER",
+            "cache",
+            "on",
+            ">pw",
+            "~jobs:*",
+            "+get",
+            "+set",
+            "+del",
+            "+ping",
+            "+hello",
+            "+client",
+            "+info",
+            "+select",
+            "+quit"
+        ]),
+        "OK"
+    );
+    let origin = Origin::new();
+    for url in [
+        format!("redis://:s3cret@127.0.0.1:{}", redis.port()),
+        format!("redis://cache:pw@127.0.0.1:{}", redis.port()),
+    ] {
+        let cache = replica(&url).await;
+        let app = app(&origin, &cache);
+        let path = format!("http://api.test/auth/{}", url.len());
+        call(app.clone(), get(&path)).await;
+        eventually("the write", WAIT, || async {
+            cache.stats().redis_writes == 1
+        })
+        .await;
+        assert!(call(app, get(&path))
+            .await
+            .cache_status()
+            .ends_with("detail=redis"));
+        assert_eq!(cache.stats().redis_errors, 0, "{url}");
+    }
+    // A wrong password is not an error of the request: memory serves.
+    let cache = replica(&format!("redis://:wrong@127.0.0.1:{}", redis.port())).await;
+    let app = app(&origin, &cache);
+    call(app.clone(), get("http://api.test/auth/wrong")).await;
+    eventually("a store", WAIT, || async { cache.stats().stores == 1 }).await;
+    assert!(call(app, get("http://api.test/auth/wrong"))
+        .await
+        .cache_status()
+        .ends_with("detail=memory"));
+}
+
+#[tokio::test]
+async fn a_full_redis_fails_writes_not_reads() {
+    let redis =
+        RedisServer::start_with(&["--maxmemory", "2mb", "--maxmemory-policy", "noeviction"]);
+    let origin = Origin::new();
+    let cache = replica(&redis.url()).await;
+    let app = app(&origin, &cache);
+    call(app.clone(), get("http://api.test/small")).await;
+    eventually("the first write", WAIT, || async {
+        cache.stats().redis_writes == 1
+    })
+    .await;
+    // Fill Redis past maxmemory with our own large entries until writes fail.
+    let mut i = 0;
+    eventually("writes to fail with OOM", WAIT, || {
+        i += 1;
+        let app = app.clone();
+        let cache = cache.clone();
+        let url = format!("http://api.test/big/{i}?size=262144");
+        async move {
+            call(app, get(&url)).await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            cache.stats().redis_errors > 0
+        }
+    })
+    .await;
+    // Reads of what Redis holds still work.
+    let hit = call(app, get("http://api.test/small")).await;
+    assert!(
+        hit.cache_status().ends_with("detail=redis"),
+        "{}",
+        hit.cache_status()
+    );
+}

@@ -8,6 +8,7 @@
 //!                   | vary: u16 count × (name u16-len bytes, present u8, [value u32-len bytes])
 //!                   | tags: u16 count × (u16-len UTF-8) | body u64-len bytes
 //! kind 2, variants: stale_until u64 ms | names: u16 count × (u16-len bytes)
+//! kind 3, value:    stale_until u64 ms | bytes u64-len
 //! ```
 //! Integers are big-endian. Decoding checks every length against what is left, so a
 //! truncated, foreign or hostile value is an error, never a panic or a huge allocation;
@@ -20,11 +21,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::{BufMut, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Version};
 
-use super::{CachedResponse, Entry, VaryIndex, FORMAT_VERSION};
+use super::{CachedResponse, Entry, StoredValue, VaryIndex, FORMAT_VERSION};
 
 const MAGIC: &[u8; 4] = b"\xF0THC";
 const KIND_RESPONSE: u8 = 1;
 const KIND_VARIANTS: u8 = 2;
+const KIND_VALUE: u8 = 3;
 
 /// Why a stored value could not be read as an entry. The value is then a miss.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,6 +83,7 @@ pub(crate) fn encode_entry(entry: &Entry) -> Bytes {
     let mut out = BytesMut::with_capacity(match entry {
         Entry::Response(r) => r.weight() + 64,
         Entry::Variants(_) => 128,
+        Entry::Value(v) => v.bytes.len() + 32,
     });
     out.put_slice(MAGIC);
     out.put_u8(FORMAT_VERSION);
@@ -132,6 +135,12 @@ pub(crate) fn encode_entry(entry: &Entry) -> Bytes {
                 put_short(&mut out, name.as_str().as_bytes());
             }
         }
+        Entry::Value(v) => {
+            out.put_u8(KIND_VALUE);
+            out.put_u64(millis_since_epoch(v.stale_until));
+            out.put_u64(v.bytes.len() as u64);
+            out.put_slice(&v.bytes);
+        }
     }
     out.freeze()
 }
@@ -155,6 +164,13 @@ pub(crate) fn decode_entry(bytes: Bytes) -> Result<Entry, DecodeError> {
                 names.push(header_name(&r.short()?)?);
             }
             Entry::Variants(Arc::new(VaryIndex { names, stale_until }))
+        }
+        KIND_VALUE => {
+            let stale_until = time_from_millis(r.u64()?);
+            let len = usize::try_from(r.u64()?)
+                .map_err(|_| DecodeError::new(DecodeErrorKind::Truncated))?;
+            let bytes = r.take(len)?;
+            Entry::Value(Arc::new(StoredValue { bytes, stale_until }))
         }
         other => return Err(DecodeError::new(DecodeErrorKind::UnknownKind(other))),
     };
@@ -376,6 +392,12 @@ mod tests {
         #[test]
         fn variant_indexes_roundtrip(names in proptest::collection::vec(header_name_strategy(), 0..40), stale in time_strategy()) {
             let entry = Entry::Variants(Arc::new(VaryIndex { names, stale_until: stale }));
+            prop_assert_eq!(decode_entry(encode_entry(&entry)).unwrap(), entry);
+        }
+
+        #[test]
+        fn values_roundtrip(bytes in proptest::collection::vec(any::<u8>(), 0..512), stale in time_strategy()) {
+            let entry = Entry::Value(Arc::new(StoredValue { bytes: Bytes::from(bytes), stale_until: stale }));
             prop_assert_eq!(decode_entry(encode_entry(&entry)).unwrap(), entry);
         }
 

@@ -154,7 +154,7 @@ impl CachedResponse {
     pub fn decode(bytes: Bytes) -> Result<Self, DecodeError> {
         match decode_entry(bytes)? {
             Entry::Response(response) => Ok(std::sync::Arc::unwrap_or_clone(response)),
-            Entry::Variants(_) => Err(DecodeError::wrong_kind()),
+            Entry::Variants(_) | Entry::Value(_) => Err(DecodeError::wrong_kind()),
         }
     }
 
@@ -240,12 +240,21 @@ pub(crate) struct VaryIndex {
     pub(crate) stale_until: SystemTime,
 }
 
+/// An application value stored through the direct API: its serialised bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct StoredValue {
+    pub(crate) bytes: Bytes,
+    pub(crate) stale_until: SystemTime,
+}
+
 /// What a store holds under one key: a response, or, under a URL's primary key when
-/// its responses vary, the names that select the variant.
+/// its responses vary, the names that select the variant, or a value of the direct
+/// API.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Entry {
     Response(std::sync::Arc<CachedResponse>),
     Variants(std::sync::Arc<VaryIndex>),
+    Value(std::sync::Arc<StoredValue>),
 }
 
 impl Entry {
@@ -253,6 +262,7 @@ impl Entry {
         match self {
             Entry::Response(r) => r.stale_until,
             Entry::Variants(v) => v.stale_until,
+            Entry::Value(v) => v.stale_until,
         }
     }
 
@@ -262,6 +272,7 @@ impl Entry {
             Entry::Variants(v) => {
                 128 + v.names.iter().map(|n| n.as_str().len() + 32).sum::<usize>()
             }
+            Entry::Value(v) => 128 + v.bytes.len(),
         }
     }
 }

@@ -102,6 +102,19 @@ impl HybridStore {
         self.memory.insert(key, entry).await;
     }
 
+    /// Deletes from both tiers; a Redis failure is counted and reported.
+    pub(crate) async fn delete(&self, key: &CacheKey, counters: &Counters) -> bool {
+        self.memory.remove(key).await;
+        if let Some(redis) = &self.redis {
+            if let Err(e) = redis.store.delete(key).await {
+                counters.add(Counter::RedisError);
+                tracing::debug!(target: TARGET, key = %key, error = %e, outcome = "redis-delete-failed");
+                return false;
+            }
+        }
+        true
+    }
+
     pub(crate) async fn shutdown(&self) {
         if let Some(redis) = &self.redis {
             redis.store.quit().await;

@@ -65,6 +65,10 @@ impl MemoryStore {
         self.cache.insert(key, entry).await;
     }
 
+    pub(crate) async fn remove(&self, key: &CacheKey) {
+        self.cache.invalidate(key).await;
+    }
+
     /// Runs moka's pending housekeeping: evictions and expirations free their memory.
     pub(crate) async fn run_pending_tasks(&self) {
         self.cache.run_pending_tasks().await;

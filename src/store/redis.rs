@@ -219,6 +219,13 @@ impl RedisStore {
         Ok(true)
     }
 
+    /// Deletes the entry under `key`.
+    pub(crate) async fn delete(&self, key: &CacheKey) -> Result<(), RedisError> {
+        let client = self.pool.next_connected().with_options(&self.options);
+        let _: i64 = client.del(self.key(key)).await.map_err(RedisError)?;
+        Ok(())
+    }
+
     /// Closes every connection.
     pub(crate) async fn quit(&self) {
         let _ = self.pool.quit().await;
