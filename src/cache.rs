@@ -283,6 +283,11 @@ impl HybridCache {
         self.inner.store.memory().entry_count()
     }
 
+    /// The Redis tier's connections as it sees them; `None` for a memory-only cache.
+    pub fn redis_health(&self) -> Option<crate::RedisHealth> {
+        self.inner.store.redis_health()
+    }
+
     /// Closes the Redis connections (a memory-only cache has nothing to close).
     /// Requests after this are served from memory.
     pub async fn shutdown(&self) {

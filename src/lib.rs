@@ -59,6 +59,7 @@ pub use key::CacheKey;
 pub use layer::{CacheBody, HybridCacheLayer, HybridCacheService, ResponseFuture};
 pub use policy::{RequestDirectives, TtlMode, DEFAULT_MAX_BODY_BYTES};
 pub use store::redis::RedisConfig;
+pub use store::redis_health::RedisHealth;
 pub use store::Tier;
 pub use telemetry::CacheStats;
 

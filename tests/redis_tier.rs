@@ -338,3 +338,85 @@ async fn a_full_redis_fails_writes_not_reads() {
         hit.cache_status()
     );
 }
+
+#[tokio::test]
+async fn health_follows_a_kill_and_a_restart() {
+    let mut redis = RedisServer::start();
+    let cache = HybridCache::builder()
+        .redis(RedisConfig::new(redis.url()).pool_size(3))
+        .build()
+        .await
+        .unwrap();
+    let health = cache.redis_health().unwrap();
+    assert_eq!((health.connected, health.clients), (3, 3));
+    assert!(health.up_since.is_some());
+
+    redis.kill();
+    eventually("every connection marked down", WAIT, || async {
+        let health = cache.redis_health().unwrap();
+        health.connected == 0 && health.up_since.is_none() && health.last_error.is_some()
+    })
+    .await;
+    // With no healthy connection the tier fails at once, without asking Redis.
+    cache
+        .set("k", &1_u8, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(cache.get::<u8>("k").await, Some(1), "served from memory");
+
+    redis.restart();
+    eventually("every connection back up", WAIT, || async {
+        cache.redis_health().unwrap().connected == 3
+    })
+    .await;
+    cache
+        .set("after", &2_u8, Duration::from_secs(60))
+        .await
+        .unwrap();
+    eventually("the write to reach Redis", WAIT, || async {
+        !redis.cli(&["--scan", "--pattern", "thc:v1:*"]).is_empty()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_probe_finds_a_frozen_redis_and_its_return() {
+    let redis = RedisServer::start();
+    let cache = HybridCache::builder()
+        .redis(
+            RedisConfig::new(redis.url())
+                .pool_size(2)
+                .probe_interval(Duration::from_millis(50))
+                .probe_timeout(Duration::from_millis(50)),
+        )
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(cache.redis_health().unwrap().connected, 2);
+    redis.freeze();
+    eventually("the frozen connections marked down", WAIT, || async {
+        cache.redis_health().unwrap().connected == 0
+    })
+    .await;
+    let errors_before = cache.stats().redis_errors;
+    cache
+        .set("frozen", &3_u8, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(cache.get::<u8>("frozen").await, Some(3));
+    assert!(
+        cache.stats().redis_errors > errors_before,
+        "the read failed (no healthy connection)"
+    );
+    redis.resume();
+    eventually("the connections back up", WAIT, || async {
+        cache.redis_health().unwrap().connected == 2
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_memory_only_cache_has_no_redis_health() {
+    let cache = HybridCache::builder().build().await.unwrap();
+    assert!(cache.redis_health().is_none());
+}

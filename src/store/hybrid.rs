@@ -115,6 +115,10 @@ impl HybridStore {
         true
     }
 
+    pub(crate) fn redis_health(&self) -> Option<super::redis_health::RedisHealth> {
+        self.redis.as_ref().map(|redis| redis.store.health())
+    }
+
     pub(crate) async fn shutdown(&self) {
         if let Some(redis) = &self.redis {
             redis.store.quit().await;

@@ -4,6 +4,7 @@
 pub(crate) mod hybrid;
 pub(crate) mod memory;
 pub(crate) mod redis;
+pub(crate) mod redis_health;
 
 pub(crate) use hybrid::HybridStore;
 

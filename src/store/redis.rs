@@ -10,6 +10,11 @@ use fred::prelude::*;
 use fred::types::config::{ConnectionConfig, Options, PerformanceConfig};
 use fred::types::Expiration;
 
+use std::sync::Arc;
+
+use fred::clients::{Client, WithOptions};
+
+use super::redis_health::{spawn_probe, watch_events, HealthState, RedisHealth};
 use crate::entry::{decode_entry, encode_entry, Entry};
 use crate::error::BuildError;
 use crate::telemetry::TARGET;
@@ -34,6 +39,8 @@ pub struct RedisConfig {
     connect_timeout: Duration,
     max_value_bytes: usize,
     write_queue: usize,
+    probe_interval: Duration,
+    probe_timeout: Duration,
 }
 
 impl fmt::Debug for RedisConfig {
@@ -45,6 +52,8 @@ impl fmt::Debug for RedisConfig {
             .field("connect_timeout", &self.connect_timeout)
             .field("max_value_bytes", &self.max_value_bytes)
             .field("write_queue", &self.write_queue)
+            .field("probe_interval", &self.probe_interval)
+            .field("probe_timeout", &self.probe_timeout)
             .finish_non_exhaustive()
     }
 }
@@ -60,7 +69,22 @@ impl RedisConfig {
             connect_timeout: Duration::from_millis(500),
             max_value_bytes: 1 << 20,
             write_queue: 1024,
+            probe_interval: Duration::from_millis(250),
+            probe_timeout: Duration::from_millis(100),
         }
+    }
+
+    /// How often every pooled connection is sent a PING. Default 250 ms.
+    pub fn probe_interval(mut self, every: Duration) -> Self {
+        self.probe_interval = every;
+        self
+    }
+
+    /// How long a PING may go unanswered; two in a row mark the connection down and
+    /// force a reconnection (a frozen server is found this way). Default 100 ms.
+    pub fn probe_timeout(mut self, timeout: Duration) -> Self {
+        self.probe_timeout = timeout;
+        self
     }
 
     /// Connections in the pool. Default 4.
@@ -104,17 +128,26 @@ impl RedisConfig {
 
 /// Why a Redis operation failed; the caller falls back to memory.
 #[derive(Debug)]
-pub(crate) struct RedisError(pub(crate) fred::error::Error);
+pub(crate) enum RedisError {
+    /// No pooled connection is believed healthy: Redis was not asked.
+    Unavailable,
+    /// Redis or fred answered with an error (timeouts included).
+    Command(fred::error::Error),
+}
 
 impl fmt::Display for RedisError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "redis: {}", self.0)
+        match self {
+            RedisError::Unavailable => f.write_str("redis: no healthy connection"),
+            RedisError::Command(e) => write!(f, "redis: {e}"),
+        }
     }
 }
 
 /// The Redis tier: a fred pool and the namespace of this cache's keys.
 pub(crate) struct RedisStore {
     pool: Pool,
+    health: Arc<HealthState>,
     namespace: String,
     options: Options,
     max_value_bytes: usize,
@@ -155,11 +188,21 @@ impl RedisStore {
         // `connect` spawns the connection tasks; unlike `init` it does not wait.
         let _handles = pool.connect_pool();
         let connected = tokio::time::timeout(config.connect_timeout, pool.wait_for_connect()).await;
-        if !matches!(connected, Ok(Ok(()))) {
+        let connected = matches!(connected, Ok(Ok(())));
+        if !connected {
             tracing::warn!(target: TARGET, "redis is not reachable yet: serving from memory until it is");
         }
+        let health = HealthState::new(pool.size(), connected);
+        watch_events(pool.clients(), &health);
+        spawn_probe(
+            pool.clients().to_vec(),
+            Arc::downgrade(&health),
+            config.probe_interval,
+            config.probe_timeout,
+        );
         Ok(RedisStore {
             pool,
+            health,
             namespace: namespace.to_owned(),
             options: Options {
                 timeout: Some(config.command_timeout),
@@ -175,11 +218,29 @@ impl RedisStore {
         key.storage_key(&self.namespace)
     }
 
+    /// A connection believed healthy, with per-call limits; none: fail at once.
+    fn client(&self) -> Result<WithOptions<Client>, RedisError> {
+        let index = self.health.pick().ok_or(RedisError::Unavailable)?;
+        let client = self
+            .pool
+            .clients()
+            .get(index)
+            .ok_or(RedisError::Unavailable)?;
+        Ok(client.with_options(&self.options))
+    }
+
+    pub(crate) fn health(&self) -> RedisHealth {
+        self.health.view()
+    }
+
     /// The entry under `key`: `Ok(None)` when absent or unreadable (a foreign or
     /// corrupt value is a miss, overwritten by the next store).
     pub(crate) async fn get(&self, key: &CacheKey) -> Result<Option<Entry>, RedisError> {
-        let client = self.pool.next_connected().with_options(&self.options);
-        let value: Option<Bytes> = client.get(self.key(key)).await.map_err(RedisError)?;
+        let value: Option<Bytes> = self
+            .client()?
+            .get(self.key(key))
+            .await
+            .map_err(RedisError::Command)?;
         Ok(value.and_then(|bytes| match decode_entry(bytes) {
             Ok(entry) => Some(entry),
             Err(e) => {
@@ -205,8 +266,8 @@ impl RedisStore {
             return Ok(false);
         }
         let millis = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
-        let client = self.pool.next_connected().with_options(&self.options);
-        let _: () = client
+        let _: () = self
+            .client()?
             .set(
                 self.key(key),
                 value,
@@ -215,14 +276,17 @@ impl RedisStore {
                 false,
             )
             .await
-            .map_err(RedisError)?;
+            .map_err(RedisError::Command)?;
         Ok(true)
     }
 
     /// Deletes the entry under `key`.
     pub(crate) async fn delete(&self, key: &CacheKey) -> Result<(), RedisError> {
-        let client = self.pool.next_connected().with_options(&self.options);
-        let _: i64 = client.del(self.key(key)).await.map_err(RedisError)?;
+        let _: i64 = self
+            .client()?
+            .del(self.key(key))
+            .await
+            .map_err(RedisError::Command)?;
         Ok(())
     }
 

@@ -1,0 +1,212 @@
+//! Health of the Redis connections, from fred's events and our own PING probe.
+//!
+//! fred's connection state lags a dropped connection by up to a second, and nothing in
+//! fred notices a frozen server under load (see `shared/notes/fred-under-faults.md`).
+//! So each pooled client is marked down on a lost connection (`on_error` with a
+//! server), up on a reconnection, and down after two PINGs in a row go unanswered
+//! within the probe timeout, which also forces a reconnection. Commands go only to
+//! clients marked up; with none up, the tier fails at once without touching Redis.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+
+use std::time::{Duration, SystemTime};
+
+use fred::clients::Client;
+use fred::prelude::*;
+use fred::types::config::Options;
+
+use crate::telemetry::TARGET;
+
+/// What the Redis tier knows of its connections, from
+/// [`HybridCache::redis_health`](crate::HybridCache::redis_health).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RedisHealth {
+    /// Pooled connections believed healthy.
+    pub connected: usize,
+    /// Pooled connections in all.
+    pub clients: usize,
+    /// The last connection error, if any.
+    pub last_error: Option<String>,
+    /// When the last error happened.
+    pub last_error_at: Option<SystemTime>,
+    /// Since when at least one connection has been healthy; `None` while none is.
+    pub up_since: Option<SystemTime>,
+}
+
+/// Pings in a row without an answer before a connection is marked down.
+const FAILED_PINGS_TO_DOWN: u32 = 2;
+
+#[derive(Default)]
+struct ClientHealth {
+    up: AtomicBool,
+    failed_pings: AtomicU32,
+}
+
+#[derive(Default)]
+struct Errors {
+    last: Option<(String, SystemTime)>,
+    up_since: Option<SystemTime>,
+}
+
+/// Shared by the store, fred's event listeners and the probe task.
+pub(crate) struct HealthState {
+    clients: Vec<ClientHealth>,
+    next: AtomicUsize,
+    errors: Mutex<Errors>,
+}
+
+impl HealthState {
+    pub(crate) fn new(clients: usize, all_up: bool) -> Arc<Self> {
+        let state = HealthState {
+            clients: (0..clients).map(|_| ClientHealth::default()).collect(),
+            next: AtomicUsize::new(0),
+            errors: Mutex::new(Errors::default()),
+        };
+        for client in &state.clients {
+            client.up.store(all_up, Ordering::Relaxed);
+        }
+        if all_up {
+            state.lock().up_since = Some(SystemTime::now());
+        }
+        Arc::new(state)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Errors> {
+        self.errors
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The index of the next client believed up, round-robin.
+    pub(crate) fn pick(&self) -> Option<usize> {
+        let n = self.clients.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        (0..n)
+            .map(|i| (start + i) % n)
+            .find(|&i| self.clients[i].up.load(Ordering::Relaxed))
+    }
+
+    fn set_up(&self, index: usize, up: bool) {
+        let Some(client) = self.clients.get(index) else {
+            return;
+        };
+        let was = client.up.swap(up, Ordering::Relaxed);
+        if up {
+            client.failed_pings.store(0, Ordering::Relaxed);
+        }
+        if was != up {
+            let connected = self.connected();
+            let mut errors = self.lock();
+            match (up, connected) {
+                (true, 1) => errors.up_since = Some(SystemTime::now()),
+                (false, 0) => errors.up_since = None,
+                _ => {}
+            }
+            tracing::info!(target: TARGET, client = index, up, connected, "redis connection state");
+        }
+    }
+
+    fn record_error(&self, error: &fred::error::Error) {
+        self.lock().last = Some((error.to_string(), SystemTime::now()));
+    }
+
+    fn connected(&self) -> usize {
+        self.clients
+            .iter()
+            .filter(|c| c.up.load(Ordering::Relaxed))
+            .count()
+    }
+
+    pub(crate) fn view(&self) -> RedisHealth {
+        let errors = self.lock();
+        RedisHealth {
+            connected: self.connected(),
+            clients: self.clients.len(),
+            last_error: errors.last.as_ref().map(|(e, _)| e.clone()),
+            last_error_at: errors.last.as_ref().map(|(_, at)| *at),
+            up_since: errors.up_since,
+        }
+    }
+}
+
+/// Subscribes to each client's connection events.
+/// The listeners hold the state weakly: the store owns it, and dropping the store ends
+/// the probe.
+pub(crate) fn watch_events(clients: &[Client], health: &Arc<HealthState>) {
+    for (index, client) in clients.iter().enumerate() {
+        let on_error = Arc::downgrade(health);
+        // Dropping the handle detaches the listener; it ends with the client.
+        drop(client.on_error(move |(error, server)| {
+            if let Some(health) = on_error.upgrade() {
+                health.record_error(&error);
+                // `Some(server)`: a live connection was lost; `None`: a reconnection
+                // attempt failed, and the client is down already.
+                if server.is_some() {
+                    health.set_up(index, false);
+                }
+            }
+            async { Ok(()) }
+        }));
+        let on_reconnect = Arc::downgrade(health);
+        drop(client.on_reconnect(move |_server| {
+            if let Some(health) = on_reconnect.upgrade() {
+                health.set_up(index, true);
+            }
+            async { Ok(()) }
+        }));
+    }
+}
+
+/// PINGs every client each `every`; two unanswered in a row within `timeout` mark it
+/// down and force a reconnection. Ends when the store is dropped.
+pub(crate) fn spawn_probe(
+    clients: Vec<Client>,
+    health: Weak<HealthState>,
+    every: Duration,
+    timeout: Duration,
+) {
+    let options = Options {
+        timeout: Some(timeout),
+        fail_fast: true,
+        max_attempts: Some(1),
+        ..Options::default()
+    };
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(every);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticks.tick().await;
+            let Some(health) = health.upgrade() else {
+                return;
+            };
+            for (index, client) in clients.iter().enumerate() {
+                let answered: Result<(), _> = client.with_options(&options).ping(None).await;
+                match answered {
+                    Ok(()) => {
+                        if client.is_connected() {
+                            health.set_up(index, true);
+                        }
+                    }
+                    Err(error) => {
+                        let Some(state) = health.clients.get(index) else {
+                            continue;
+                        };
+                        let failed = state.failed_pings.fetch_add(1, Ordering::Relaxed) + 1;
+                        if failed >= FAILED_PINGS_TO_DOWN && state.up.load(Ordering::Relaxed) {
+                            health.record_error(&error);
+                            health.set_up(index, false);
+                            // A frozen server keeps the socket open: only a new
+                            // connection finds out whether it came back.
+                            let client = client.clone();
+                            tokio::spawn(async move {
+                                let _ = client.force_reconnection().await;
+                            });
+                        }
+                    }
+                }
+            }
+        }
+    });
+}
