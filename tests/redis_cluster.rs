@@ -1,0 +1,70 @@
+//! The Redis tier on a real three-master Redis Cluster.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::time::Duration;
+
+use support::redis::RedisCluster;
+use support::{call, eventually, get, Origin};
+use tower_hybrid_cache::HybridCache;
+
+#[tokio::test]
+async fn entries_spread_over_the_masters_and_are_shared() {
+    let cluster = RedisCluster::start();
+    let origin = Origin::new();
+    let one = HybridCache::builder()
+        .namespace("jobs")
+        .redis_url(cluster.url())
+        .build()
+        .await
+        .unwrap();
+    let two = HybridCache::builder()
+        .namespace("jobs")
+        .redis_url(cluster.url())
+        .build()
+        .await
+        .unwrap();
+    let app_one = origin
+        .router()
+        .layer(one.layer().ttl(Duration::from_secs(60)));
+    let app_two = origin
+        .router()
+        .layer(two.layer().ttl(Duration::from_secs(60)));
+    // URLs full of hash-tag syntax: none may pin keys to one slot.
+    let urls: Vec<String> = (0..30)
+        .map(|i| format!("http://api.test/{{user{i}}}/x?tag={{same}}"))
+        .collect();
+    for url in &urls {
+        call(app_one.clone(), get(url)).await;
+    }
+    eventually("30 writes", Duration::from_secs(15), || async {
+        one.stats().redis_writes == 30
+    })
+    .await;
+    for url in &urls {
+        let hit = call(app_two.clone(), get(url)).await;
+        assert!(
+            hit.cache_status().ends_with("detail=redis"),
+            "{url}: {}",
+            hit.cache_status()
+        );
+    }
+    assert_eq!(origin.log.calls(), 30);
+    let per_node: Vec<usize> = cluster
+        .nodes
+        .iter()
+        .map(|n| n.cli(&["DBSIZE"]).parse().unwrap())
+        .collect();
+    assert_eq!(per_node.iter().sum::<usize>(), 30);
+    assert!(
+        per_node.iter().all(|&n| n > 0),
+        "keys spread over every master: {per_node:?}"
+    );
+    for node in &cluster.nodes {
+        for key in node.cli(&["--scan"]).lines() {
+            assert!(key.starts_with("jobs:v1:") && !key.contains('{'), "{key}");
+        }
+    }
+}
