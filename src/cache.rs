@@ -81,6 +81,7 @@ pub struct HybridCacheBuilder {
     single_flight_timeout: Duration,
     maintenance_interval: Duration,
     redis: Option<RedisConfig>,
+    near_cache: Option<Duration>,
 }
 
 impl Default for HybridCacheBuilder {
@@ -92,6 +93,7 @@ impl Default for HybridCacheBuilder {
             single_flight_timeout: Duration::from_secs(5),
             maintenance_interval: Duration::from_secs(1),
             redis: None,
+            near_cache: None,
         }
     }
 }
@@ -141,6 +143,16 @@ impl HybridCacheBuilder {
         self.redis(RedisConfig::new(url))
     }
 
+    /// Near-cache mode (with Redis): reads try memory first, and memory keeps an
+    /// entry at most `local_ttl`, so a replica may serve an entry up to that long
+    /// after another replica replaced or deleted it in Redis. Without it (the
+    /// default) every read asks Redis first, and memory answers only when Redis
+    /// cannot.
+    pub fn near_cache(mut self, local_ttl: Duration) -> Self {
+        self.near_cache = Some(local_ttl);
+        self
+    }
+
     /// Shares entries through Redis, configured in full.
     pub fn redis(mut self, config: RedisConfig) -> Self {
         self.redis = Some(config);
@@ -161,10 +173,18 @@ impl HybridCacheBuilder {
             ));
         }
         let counters = Arc::new(Counters::default());
-        let mut store = HybridStore::new(MemoryStore::new(self.memory_capacity_bytes));
+        // The local TTL bounds staleness against Redis; memory-only, there is nothing
+        // to be stale against.
+        let local_ttl = self.near_cache.filter(|_| self.redis.is_some());
+        let mut store = HybridStore::new(MemoryStore::new(self.memory_capacity_bytes, local_ttl));
         if let Some(config) = &self.redis {
             let redis = RedisStore::connect(config, &self.namespace).await?;
-            store = store.with_redis(redis, config.write_queue_len(), Arc::clone(&counters));
+            store = store.with_redis(
+                redis,
+                config.write_queue_len(),
+                Arc::clone(&counters),
+                local_ttl.is_some(),
+            );
         }
         let inner = Arc::new(CacheInner {
             store,

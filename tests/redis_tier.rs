@@ -420,3 +420,58 @@ async fn a_memory_only_cache_has_no_redis_health() {
     let cache = HybridCache::builder().build().await.unwrap();
     assert!(cache.redis_health().is_none());
 }
+
+#[tokio::test]
+async fn near_cache_reads_memory_first_with_bounded_staleness() {
+    let redis = RedisServer::start();
+    let origin = Origin::new();
+    let writer = replica(&redis.url()).await;
+    let near = HybridCache::builder()
+        .namespace("jobs")
+        .redis_url(redis.url())
+        .near_cache(Duration::from_millis(300))
+        .build()
+        .await
+        .unwrap();
+    let url = "http://api.test/near";
+    call(app(&origin, &writer), get(url)).await;
+    eventually("the write", WAIT, || async {
+        writer.stats().redis_writes == 1
+    })
+    .await;
+
+    let near_app = app(&origin, &near);
+    let first = call(near_app.clone(), get(url)).await;
+    assert!(
+        first.cache_status().ends_with("detail=redis"),
+        "{}",
+        first.cache_status()
+    );
+    assert_eq!(redis.cli(&["CONFIG", "RESETSTAT"]), "OK");
+    let again = call(near_app.clone(), get(url)).await;
+    assert!(
+        again.cache_status().ends_with("detail=memory"),
+        "{}",
+        again.cache_status()
+    );
+    assert!(
+        !redis
+            .cli(&["INFO", "commandstats"])
+            .contains("cmdstat_get:"),
+        "no Redis read"
+    );
+
+    // Deleted in Redis: the near cache may serve it only until its local TTL ends.
+    let key = redis.cli(&["--scan", "--pattern", "jobs:v1:*"]);
+    assert_eq!(redis.cli(&["DEL", key.trim()]), "1");
+    eventually("the local copy to expire", WAIT, || {
+        let near_app = near_app.clone();
+        async move {
+            call(near_app, get(url))
+                .await
+                .cache_status()
+                .contains("fwd=uri-miss")
+        }
+    })
+    .await;
+}

@@ -19,6 +19,8 @@ use super::Tier;
 pub(crate) struct HybridStore {
     memory: MemoryStore,
     redis: Option<RedisTier>,
+    /// Near-cache mode: memory is read first (its entries live at most the local TTL).
+    memory_first: bool,
 }
 
 #[derive(Clone)]
@@ -32,16 +34,20 @@ impl HybridStore {
         HybridStore {
             memory,
             redis: None,
+            memory_first: false,
         }
     }
 
-    /// Adds the Redis tier and starts its writer task on the current runtime.
+    /// Adds the Redis tier and starts its writer task on the current runtime; with
+    /// `memory_first`, reads try the (near-cache) memory tier before Redis.
     pub(crate) fn with_redis(
         mut self,
         store: RedisStore,
         queue: usize,
         counters: Arc<Counters>,
+        memory_first: bool,
     ) -> Self {
+        self.memory_first = memory_first;
         let store = Arc::new(store);
         let (writes, mut pending) = mpsc::channel::<(CacheKey, Entry)>(queue);
         let writer = Arc::clone(&store);
@@ -73,6 +79,11 @@ impl HybridStore {
     }
 
     pub(crate) async fn get(&self, key: &CacheKey, counters: &Counters) -> Option<(Entry, Tier)> {
+        if self.memory_first {
+            if let Some(entry) = self.memory.get(key).await {
+                return Some((entry, Tier::Memory));
+            }
+        }
         if let Some(redis) = &self.redis {
             match redis.store.get(key).await {
                 Ok(Some(entry)) => {

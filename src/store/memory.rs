@@ -15,7 +15,24 @@ pub(crate) struct MemoryStore {
     cache: Cache<CacheKey, Entry>,
 }
 
-struct EntryExpiry;
+/// An entry lives until it can no longer be served, or, as a near cache in front of
+/// Redis, at most `local_ttl` (bounding how stale it can be against the shared tier).
+struct EntryExpiry {
+    local_ttl: Option<Duration>,
+}
+
+impl EntryExpiry {
+    fn remaining(&self, entry: &Entry) -> Duration {
+        let servable = entry
+            .stale_until()
+            .duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO);
+        match self.local_ttl {
+            Some(local) => servable.min(local),
+            None => servable,
+        }
+    }
+}
 
 impl Expiry<CacheKey, Entry> for EntryExpiry {
     fn expire_after_create(
@@ -24,7 +41,7 @@ impl Expiry<CacheKey, Entry> for EntryExpiry {
         entry: &Entry,
         _created_at: Instant,
     ) -> Option<Duration> {
-        Some(remaining(entry))
+        Some(self.remaining(entry))
     }
 
     fn expire_after_update(
@@ -34,25 +51,20 @@ impl Expiry<CacheKey, Entry> for EntryExpiry {
         _updated_at: Instant,
         _duration_until_expiry: Option<Duration>,
     ) -> Option<Duration> {
-        Some(remaining(entry))
+        Some(self.remaining(entry))
     }
 }
 
-fn remaining(entry: &Entry) -> Duration {
-    entry
-        .stale_until()
-        .duration_since(SystemTime::now())
-        .unwrap_or(Duration::ZERO)
-}
-
 impl MemoryStore {
-    pub(crate) fn new(capacity_bytes: u64) -> Self {
+    /// A memory tier of `capacity_bytes`; with `local_ttl`, a near cache whose
+    /// entries live at most that long.
+    pub(crate) fn new(capacity_bytes: u64, local_ttl: Option<Duration>) -> Self {
         let cache = Cache::builder()
             .max_capacity(capacity_bytes)
             .weigher(|_key: &CacheKey, entry: &Entry| {
                 u32::try_from(entry.weight()).unwrap_or(u32::MAX)
             })
-            .expire_after(EntryExpiry)
+            .expire_after(EntryExpiry { local_ttl })
             .build();
         MemoryStore { cache }
     }
