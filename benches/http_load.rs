@@ -10,8 +10,13 @@
 //!   stored, the memory tier evicting once full);
 //! - (c′)/(d′) the same pair with a handler that costs about as much as the cache's
 //!   own miss path (3 KB of JSON rendered per request): the worst case;
+//! - (e) a handler doing one fred GET of the pre-rendered body (the Redis round-trip
+//!   limit) and (f) the layer serving Redis hits;
+//! - (g) an all-miss load on a memory-only layer and (h) the same with Redis on;
 //! - memory: resident size before and after a load of unique URLs that stores far
 //!   more than the configured capacity.
+//!
+//! The Redis pairs start their own `redis-server` (it must be on PATH).
 //!
 //! Each scenario runs `rounds` times, interleaved, and the table shows the median
 //! requests/s and each ratio against its baseline in the same round.
@@ -38,8 +43,12 @@ use tower_hybrid_cache::HybridCache;
 #[path = "../examples/job_match.rs"]
 mod job_match;
 
+#[allow(dead_code, unreachable_pub)]
+#[path = "../tests/support/redis.rs"]
+mod redis_support;
+
 struct Args {
-    /// Pairs to run (`hits`, `search`, `misses`, `memory`); empty: all.
+    /// Pairs to run (`hits`, `search`, `misses`, `redis`, `writes`, `memory`); empty: all.
     only: Vec<String>,
     seconds: f64,
     rounds: usize,
@@ -316,7 +325,24 @@ async fn run(args: Args) {
             ],
         },
     ];
-    let pairs: Vec<Pair> = pairs.into_iter().filter(|p| wanted(p.label)).collect();
+    let mut pairs: Vec<Pair> = pairs.into_iter().filter(|p| wanted(p.label)).collect();
+
+    // The Redis pairs need a redis-server; it lives until the end of the run.
+    let _redis = if wanted("redis") || wanted("writes") {
+        let redis = redis_support::RedisServer::start();
+        pairs.extend(
+            redis_pairs(
+                &redis.url(),
+                pre_rendered.clone(),
+                wanted("redis"),
+                wanted("writes"),
+            )
+            .await,
+        );
+        Some(redis)
+    } else {
+        None
+    };
 
     let counter = Arc::new(AtomicU64::new(0));
     for pair in &pairs {
@@ -422,6 +448,85 @@ async fn run(args: Args) {
         );
     }
     println!("cache: {:?}", cache.stats());
+}
+
+/// (e)/(f): one fred GET per request against the layer serving Redis hits; (g)/(h):
+/// all-miss load memory-only against the same with Redis on (every store also queued
+/// for Redis).
+async fn redis_pairs(url: &str, pre_rendered: Bytes, hits: bool, writes: bool) -> Vec<Pair> {
+    use fred::prelude::*;
+    let mut pairs = Vec::new();
+    if hits {
+        let pool = Builder::from_config(Config::from_url(url).unwrap())
+            .build_pool(4)
+            .unwrap();
+        pool.init().await.unwrap();
+        let _: () = pool
+            .set("bench:pre", pre_rendered.clone(), None, None, false)
+            .await
+            .unwrap();
+        let fred_handler = move || {
+            let pool = pool.clone();
+            async move {
+                let body: Bytes = pool.get("bench:pre").await.unwrap();
+                ([(CONTENT_TYPE, "application/json")], body)
+            }
+        };
+        let cache = HybridCache::builder().redis_url(url).build().await.unwrap();
+        let pre = move || {
+            let body = pre_rendered.clone();
+            async move { ([(CONTENT_TYPE, "application/json")], body) }
+        };
+        pairs.push(Pair {
+            label: "redis",
+            names: [
+                "(e) one fred GET of the pre-rendered body per request",
+                "(f) (a) behind the layer with Redis, every request a Redis hit",
+            ],
+            path: "/pre",
+            unique: false,
+            servers: [
+                serve(Router::new().route("/pre", get(fred_handler))).await,
+                serve(Router::new().route(
+                    "/pre",
+                    get(pre).layer(cache.layer().ttl(Duration::from_secs(3600))),
+                ))
+                .await,
+            ],
+        });
+    }
+    if writes {
+        let rendered = |Query(seed): Query<Seed>| async move {
+            (
+                [(CONTENT_TYPE, "application/json")],
+                render(seed.i.unwrap_or(0)),
+            )
+        };
+        let memory_only = HybridCache::builder().build().await.unwrap();
+        let with_redis = HybridCache::builder().redis_url(url).build().await.unwrap();
+        pairs.push(Pair {
+            label: "writes",
+            names: [
+                "(g) (c′) behind a memory-only layer, all misses, all stored",
+                "(h) (g) with Redis on: every store also written to Redis",
+            ],
+            path: "/render",
+            unique: true,
+            servers: [
+                serve(Router::new().route(
+                    "/render",
+                    get(rendered).layer(memory_only.layer().ttl(Duration::from_secs(60))),
+                ))
+                .await,
+                serve(Router::new().route(
+                    "/render",
+                    get(rendered).layer(with_redis.layer().ttl(Duration::from_secs(60))),
+                ))
+                .await,
+            ],
+        });
+    }
+    pairs
 }
 
 struct Pair {

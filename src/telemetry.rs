@@ -62,8 +62,18 @@ pub(crate) enum Counter {
 }
 
 impl Counters {
+    pub(crate) fn add_n(&self, counter: Counter, n: usize) {
+        if n > 0 {
+            self.cell(counter).fetch_add(n as u64, Ordering::Relaxed);
+        }
+    }
+
     pub(crate) fn add(&self, counter: Counter) {
-        let cell = match counter {
+        self.cell(counter).fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn cell(&self, counter: Counter) -> &AtomicU64 {
+        match counter {
             Counter::Hit => &self.hits,
             Counter::Miss => &self.misses,
             Counter::Bypass => &self.bypasses,
@@ -73,8 +83,7 @@ impl Counters {
             Counter::RedisWrite => &self.redis_writes,
             Counter::RedisError => &self.redis_errors,
             Counter::RedisWriteDropped => &self.redis_writes_dropped,
-        };
-        cell.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     pub(crate) fn snapshot(&self) -> CacheStats {

@@ -258,6 +258,23 @@ pub(crate) enum Entry {
 }
 
 impl Entry {
+    /// Whether two entries are the same stored version (as read back from a shared
+    /// store, which keeps times to the millisecond).
+    pub(crate) fn same_version(&self, other: &Entry) -> bool {
+        match (self, other) {
+            (Entry::Response(a), Entry::Response(b)) => {
+                a.stored_at == b.stored_at
+                    && a.stale_until == b.stale_until
+                    && a.body.len() == b.body.len()
+            }
+            (Entry::Variants(a), Entry::Variants(b)) => a == b,
+            (Entry::Value(a), Entry::Value(b)) => {
+                a.stale_until == b.stale_until && a.bytes == b.bytes
+            }
+            _ => false,
+        }
+    }
+
     pub(crate) fn stale_until(&self) -> SystemTime {
         match self {
             Entry::Response(r) => r.stale_until,

@@ -14,6 +14,9 @@ use super::memory::MemoryStore;
 use super::redis::RedisStore;
 use super::Tier;
 
+/// Most queued writes sent to Redis in one pipeline.
+const WRITE_BATCH: usize = 64;
+
 /// The tiers behind one [`HybridCache`](crate::HybridCache).
 #[derive(Clone)]
 pub(crate) struct HybridStore {
@@ -53,15 +56,12 @@ impl HybridStore {
         let writer = Arc::clone(&store);
         // The task ends when the last sender (the last HybridStore clone) is gone.
         tokio::spawn(async move {
-            while let Some((key, entry)) = pending.recv().await {
-                match writer.set(&key, &entry).await {
-                    Ok(true) => counters.add(Counter::RedisWrite),
-                    Ok(false) => {}
-                    Err(e) => {
-                        counters.add(Counter::RedisError);
-                        tracing::debug!(target: TARGET, key = %key, error = %e, outcome = "redis-write-failed");
-                    }
-                }
+            let mut batch = Vec::with_capacity(WRITE_BATCH);
+            while pending.recv_many(&mut batch, WRITE_BATCH).await > 0 {
+                let (written, failed) = writer.set_many(&batch).await;
+                counters.add_n(Counter::RedisWrite, written);
+                counters.add_n(Counter::RedisError, failed);
+                batch.clear();
             }
         });
         self.redis = Some(RedisTier { store, writes });
@@ -87,8 +87,12 @@ impl HybridStore {
         if let Some(redis) = &self.redis {
             match redis.store.get(key).await {
                 Ok(Some(entry)) => {
-                    // An outage then finds this entry warm in memory.
-                    self.memory.insert(*key, entry.clone()).await;
+                    // An outage then finds this entry warm in memory. Most hits find
+                    // the same version there already, and skip moka's insert.
+                    let held = self.memory.get(key).await;
+                    if !held.is_some_and(|held| held.same_version(&entry)) {
+                        self.memory.insert(*key, entry.clone()).await;
+                    }
                     return Some((entry, Tier::Redis));
                 }
                 Ok(None) => return None,

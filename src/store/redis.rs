@@ -218,15 +218,18 @@ impl RedisStore {
         key.storage_key(&self.namespace)
     }
 
-    /// A connection believed healthy, with per-call limits; none: fail at once.
-    fn client(&self) -> Result<WithOptions<Client>, RedisError> {
+    /// A connection believed healthy; none: fail at once, without asking Redis.
+    fn healthy(&self) -> Result<&Client, RedisError> {
         let index = self.health.pick().ok_or(RedisError::Unavailable)?;
-        let client = self
-            .pool
+        self.pool
             .clients()
             .get(index)
-            .ok_or(RedisError::Unavailable)?;
-        Ok(client.with_options(&self.options))
+            .ok_or(RedisError::Unavailable)
+    }
+
+    /// A healthy connection with the per-call limits (timeout, one attempt, fail fast).
+    fn client(&self) -> Result<WithOptions<Client>, RedisError> {
+        Ok(self.healthy()?.with_options(&self.options))
     }
 
     pub(crate) fn health(&self) -> RedisHealth {
@@ -250,34 +253,54 @@ impl RedisStore {
         }))
     }
 
-    /// Stores `entry` with `PX` set to the time it can still be served, so Redis
-    /// expires it by itself. An entry already past that, or too large, is not sent.
-    pub(crate) async fn set(&self, key: &CacheKey, entry: &Entry) -> Result<bool, RedisError> {
-        let Some(ttl) = entry
-            .stale_until()
-            .duration_since(SystemTime::now())
-            .ok()
-            .filter(|d| d.as_millis() > 0)
-        else {
-            return Ok(false);
+    /// Stores entries in one pipeline, each with `PX` set to the time it can still be
+    /// served, so Redis expires it by itself. An entry already past that, or too
+    /// large, is not sent. Returns how many were written and how many failed.
+    pub(crate) async fn set_many(&self, entries: &[(CacheKey, Entry)]) -> (usize, usize) {
+        let Ok(client) = self.healthy() else {
+            return (0, entries.len());
         };
-        let value = encode_entry(entry);
-        if value.len() > self.max_value_bytes {
-            return Ok(false);
+        // The pipeline goes to one connection, flushed once: one round trip and one
+        // wake-up for the whole batch. Its commands carry the pool's default timeout.
+        let pipeline = client.pipeline();
+        let now = SystemTime::now();
+        let mut queued = 0;
+        for (key, entry) in entries {
+            let Some(ttl) = entry
+                .stale_until()
+                .duration_since(now)
+                .ok()
+                .filter(|d| d.as_millis() > 0)
+            else {
+                continue;
+            };
+            let value = encode_entry(entry);
+            if value.len() > self.max_value_bytes {
+                continue;
+            }
+            let millis = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+            let queued_ok: Result<(), _> = pipeline
+                .set(
+                    self.key(key),
+                    value,
+                    Some(Expiration::PX(millis)),
+                    None,
+                    false,
+                )
+                .await;
+            if queued_ok.is_ok() {
+                queued += 1;
+            }
         }
-        let millis = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
-        let _: () = self
-            .client()?
-            .set(
-                self.key(key),
-                value,
-                Some(Expiration::PX(millis)),
-                None,
-                false,
-            )
-            .await
-            .map_err(RedisError::Command)?;
-        Ok(true)
+        if queued == 0 {
+            return (0, 0);
+        }
+        let results = pipeline.try_all::<fred::types::Value>().await;
+        let written = results.iter().filter(|r| r.is_ok()).count();
+        if let Some(Err(e)) = results.iter().find(|r| r.is_err()) {
+            tracing::debug!(target: TARGET, error = %e, outcome = "redis-write-failed");
+        }
+        (written, results.len() - written)
     }
 
     /// Deletes the entry under `key`.
