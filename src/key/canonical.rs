@@ -59,6 +59,15 @@ fn normalised(input: &[u8]) -> Cow<'_, [u8]> {
 }
 
 fn normalise_escapes_into(input: &[u8], out: &mut Vec<u8>) {
+    // Unreserved characters are decoded; every other escape stays, upper-cased.
+    transcode(input, out, |byte| {
+        !(byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~'))
+    });
+}
+
+/// Copies `input`, decoding each valid `%XX` escape unless `stays_escaped` says the
+/// byte keeps its (upper-cased) escape. Invalid escapes are copied as they are.
+fn transcode(input: &[u8], out: &mut Vec<u8>, stays_escaped: impl Fn(u8) -> bool) {
     if !input.contains(&b'%') {
         out.extend_from_slice(input);
         return;
@@ -68,14 +77,14 @@ fn normalise_escapes_into(input: &[u8], out: &mut Vec<u8>) {
         if input[i] == b'%' {
             if let (Some(hi), Some(lo)) = (hex(input.get(i + 1)), hex(input.get(i + 2))) {
                 let byte = (hi << 4) | lo;
-                if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
-                    out.push(byte);
-                } else {
+                if stays_escaped(byte) {
                     out.extend_from_slice(&[
                         b'%',
                         HEX_UPPER[usize::from(hi)],
                         HEX_UPPER[usize::from(lo)],
                     ]);
+                } else {
+                    out.push(byte);
                 }
                 i += 3;
                 continue;
@@ -103,18 +112,7 @@ fn percent_decode(input: &[u8]) -> Cow<'_, [u8]> {
         return Cow::Borrowed(input);
     }
     let mut out = Vec::with_capacity(input.len());
-    let mut i = 0;
-    while i < input.len() {
-        if input[i] == b'%' {
-            if let (Some(hi), Some(lo)) = (hex(input.get(i + 1)), hex(input.get(i + 2))) {
-                out.push((hi << 4) | lo);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(input[i]);
-        i += 1;
-    }
+    transcode(input, &mut out, |_| false);
     Cow::Owned(out)
 }
 

@@ -101,10 +101,7 @@ impl HybridCacheLayer {
         I: IntoIterator<Item = T>,
         T: AsRef<str>,
     {
-        let patterns = names
-            .into_iter()
-            .map(|n| NamePattern::new(n.as_ref()))
-            .collect();
+        let patterns = patterns(names);
         self.with(|s| s.query = QueryFilter::Ignore(patterns))
     }
 
@@ -116,10 +113,7 @@ impl HybridCacheLayer {
         I: IntoIterator<Item = T>,
         T: AsRef<str>,
     {
-        let patterns = names
-            .into_iter()
-            .map(|n| NamePattern::new(n.as_ref()))
-            .collect();
+        let patterns = patterns(names);
         self.with(|s| s.query = QueryFilter::Keep(patterns))
     }
 
@@ -155,6 +149,17 @@ impl HybridCacheLayer {
     pub fn request_directives(self, directives: RequestDirectives) -> Self {
         self.with(|s| s.request_directives = directives)
     }
+}
+
+fn patterns<I, T>(names: I) -> Vec<NamePattern>
+where
+    I: IntoIterator<Item = T>,
+    T: AsRef<str>,
+{
+    names
+        .into_iter()
+        .map(|n| NamePattern::new(n.as_ref()))
+        .collect()
 }
 
 impl<S> Layer<S> for HybridCacheLayer {
