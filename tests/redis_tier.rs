@@ -475,3 +475,42 @@ async fn near_cache_reads_memory_first_with_bounded_staleness() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn invalid_redis_settings_are_clear_errors_not_panics() {
+    for (config, what) in [
+        (RedisConfig::new("not a url"), "redis url"),
+        (
+            RedisConfig::new("redis://127.0.0.1:1").command_timeout(Duration::ZERO),
+            "command_timeout",
+        ),
+        (
+            RedisConfig::new("redis://127.0.0.1:1").probe_interval(Duration::ZERO),
+            "probe_interval",
+        ),
+        (
+            RedisConfig::new("redis://127.0.0.1:1")
+                .pool_size(0)
+                .connect_timeout(Duration::ZERO),
+            "connect_timeout",
+        ),
+    ] {
+        let err = HybridCache::builder()
+            .redis(config)
+            .build()
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains(what), "{err}");
+    }
+    // A pool size of 0 is read as 1, not an error.
+    let cache = HybridCache::builder()
+        .redis(
+            RedisConfig::new("redis://127.0.0.1:1")
+                .pool_size(0)
+                .connect_timeout(Duration::from_millis(10)),
+        )
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(cache.redis_health().unwrap().clients, 1);
+}

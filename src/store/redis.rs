@@ -158,6 +158,17 @@ impl RedisStore {
     /// connect timeout: whether or not Redis is up, it returns (fred reconnects in the
     /// background).
     pub(crate) async fn connect(config: &RedisConfig, namespace: &str) -> Result<Self, BuildError> {
+        // fred reads a zero timeout as "none": a command could then wait forever.
+        for (name, value) in [
+            ("redis command_timeout", config.command_timeout),
+            ("redis connect_timeout", config.connect_timeout),
+            ("redis probe_interval", config.probe_interval),
+            ("redis probe_timeout", config.probe_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(BuildError::invalid(name, "must be more than zero"));
+            }
+        }
         let mut fred_config =
             Config::from_url(&config.url).map_err(|e| BuildError::invalid("redis url", e))?;
         // With fail_fast on, a failed first connection ignores the reconnect policy
