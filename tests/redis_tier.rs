@@ -514,3 +514,44 @@ async fn invalid_redis_settings_are_clear_errors_not_panics() {
         .unwrap();
     assert_eq!(cache.redis_health().unwrap().clients, 1);
 }
+
+#[tokio::test]
+async fn a_full_write_queue_drops_and_counts_instead_of_blocking() {
+    let redis = RedisServer::start();
+    let cache = HybridCache::builder()
+        .redis(
+            RedisConfig::new(redis.url())
+                .write_queue(2)
+                .command_timeout(Duration::from_secs(2))
+                // No probe during the test: the writer must find Redis "up" and wait.
+                .probe_interval(Duration::from_secs(3600)),
+        )
+        .build()
+        .await
+        .unwrap();
+    redis.freeze();
+    // The writer takes the first batch and waits on the frozen server; the queue
+    // holds two more; the rest are dropped. No `set` waits for any of it.
+    let sets = async {
+        for i in 0..50 {
+            cache
+                .set(&format!("k{i}"), &i, Duration::from_secs(60))
+                .await
+                .unwrap();
+            tokio::task::yield_now().await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(1), sets)
+        .await
+        .expect("sets never wait for Redis");
+    assert!(
+        cache.stats().redis_writes_dropped >= 40,
+        "{:?}",
+        cache.stats()
+    );
+    // Memory holds every value regardless (a Redis miss would still win over it once
+    // Redis answers: Redis is the shared truth).
+    cache.run_pending_tasks().await;
+    assert_eq!(cache.memory_entry_count(), 50);
+    redis.resume();
+}

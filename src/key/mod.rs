@@ -41,7 +41,22 @@ impl CacheKey {
 
     /// The key as a shared store sees it: `{namespace}:v{format}:{hex digest}`.
     pub fn storage_key(&self, namespace: &str) -> String {
-        format!("{namespace}:v{FORMAT_VERSION}:{self}")
+        // Built by hand: this runs on every Redis command.
+        let mut key = String::with_capacity(namespace.len() + 8 + 64);
+        key.push_str(namespace);
+        key.push_str(":v");
+        key.push_str(&FORMAT_VERSION.to_string());
+        key.push(':');
+        self.push_hex(&mut key);
+        key
+    }
+
+    fn push_hex(&self, out: &mut String) {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        for byte in self.0 {
+            out.push(char::from(HEX[usize::from(byte >> 4)]));
+            out.push(char::from(HEX[usize::from(byte & 0xf)]));
+        }
     }
 
     /// The key of a request's URL, before any `Vary`.
@@ -155,10 +170,9 @@ fn write_normalised_value(headers: &HeaderMap, name: &HeaderName, out: &mut Vec<
 
 impl fmt::Display for CacheKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for byte in self.0 {
-            write!(f, "{byte:02x}")?;
-        }
-        Ok(())
+        let mut hex = String::with_capacity(64);
+        self.push_hex(&mut hex);
+        f.write_str(&hex)
     }
 }
 
