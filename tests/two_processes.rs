@@ -1,0 +1,115 @@
+//! Two `caching_proxy` processes (the example binary, as a user runs it) against one
+//! Redis: a miss stored through one is a hit with `detail=redis` through the other.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use support::redis::RedisServer;
+use support::{eventually, fetch, Origin};
+
+/// A child process killed on drop.
+struct Proxy(Child);
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `cargo test` builds the examples beside the test binaries' `deps` folder.
+fn example_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().and_then(|deps| deps.parent()).unwrap();
+    let binary = profile_dir.join("examples").join("caching_proxy");
+    assert!(
+        binary.exists(),
+        "{} is missing: run through `cargo test`",
+        binary.display()
+    );
+    binary
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test]
+async fn two_proxy_processes_share_entries_through_redis() {
+    let redis = RedisServer::start();
+    let origin = Origin::new();
+    let upstream = origin.spawn().await;
+    let ports = [free_port(), free_port()];
+    let _proxies: Vec<Proxy> = ports
+        .iter()
+        .map(|port| {
+            Proxy(
+                Command::new(example_binary())
+                    .args(["--listen", &format!("127.0.0.1:{port}")])
+                    .args(["--upstream", &format!("http://{upstream}")])
+                    .args(["--redis-url", &redis.url()])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .unwrap(),
+            )
+        })
+        .collect();
+    for port in ports {
+        eventually(
+            "the proxy to listen",
+            Duration::from_secs(20),
+            || async move {
+                tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .is_ok()
+            },
+        )
+        .await;
+    }
+    let client = support::client();
+    let path = "/jobs/7?h=cache-control:public,max-age%3D120";
+    let host = [("host", "jobs.example")];
+    let miss = fetch(
+        &client,
+        "GET",
+        &format!("http://127.0.0.1:{}{path}", ports[0]),
+        &host,
+    )
+    .await;
+    assert!(
+        miss.cache_status().ends_with("stored"),
+        "{}",
+        miss.cache_status()
+    );
+    eventually(
+        "a Redis hit through the other process",
+        Duration::from_secs(10),
+        || {
+            let client = client.clone();
+            let expected = miss.body.clone();
+            async move {
+                let got = fetch(
+                    &client,
+                    "GET",
+                    &format!("http://127.0.0.1:{}{path}", ports[1]),
+                    &host,
+                )
+                .await;
+                got.cache_status().ends_with("detail=redis") && got.body == expected
+            }
+        },
+    )
+    .await;
+    assert_eq!(origin.log.calls(), 1);
+}
