@@ -555,3 +555,28 @@ async fn a_full_write_queue_drops_and_counts_instead_of_blocking() {
     assert_eq!(cache.memory_entry_count(), 50);
     redis.resume();
 }
+
+#[tokio::test]
+async fn binary_bodies_and_multi_valued_headers_roundtrip_through_redis() {
+    let redis = RedisServer::start();
+    let origin = Origin::new();
+    let (one, two) = (replica(&redis.url()).await, replica(&redis.url()).await);
+    let url = "http://api.test/bin?size=70000&h=x-multi:a&h=x-multi:b&h=link:%3C/a%3E;rel%3Dnext&h=content-type:application/octet-stream";
+    let first = call(app(&origin, &one), get(url)).await;
+    assert_eq!(first.body, support::pattern(70_000));
+    eventually("the write", WAIT, || async {
+        one.stats().redis_writes == 1
+    })
+    .await;
+    let hit = call(app(&origin, &two), get(url)).await;
+    assert!(
+        hit.cache_status().ends_with("detail=redis"),
+        "{}",
+        hit.cache_status()
+    );
+    assert_eq!(hit.body, first.body, "every byte, non-UTF-8 included");
+    let multi: Vec<_> = hit.headers.get_all("x-multi").iter().collect();
+    assert_eq!(multi, ["a", "b"], "both values, in order");
+    assert_eq!(hit.headers["link"], "</a>;rel=next");
+    assert_eq!(hit.headers["content-type"], "application/octet-stream");
+}
