@@ -12,6 +12,8 @@ pub struct RedisServer {
     child: Option<Child>,
     dir: PathBuf,
     extra_args: Vec<String>,
+    /// The CA that signed the server's certificate, for a TLS-only server.
+    tls_ca: Option<PathBuf>,
 }
 
 fn free_port() -> u16 {
@@ -53,15 +55,116 @@ impl RedisServer {
             child: None,
             dir,
             extra_args: extra.iter().map(|s| (*s).to_owned()).collect(),
+            tls_ca: None,
         };
         server.spawn();
         server
     }
 
+    /// Starts a TLS-only server (plain port off) with a certificate for `localhost`
+    /// and 127.0.0.1 signed by a throwaway CA; `tls_ca()` is that CA's PEM file.
+    pub fn start_tls() -> Self {
+        require_redis();
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("thc-redis-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("redis dir");
+        let openssl = |args: &[&str]| {
+            let status = Command::new("openssl")
+                .args(args)
+                .current_dir(&dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .expect("run openssl (apt-get install -y openssl)");
+            assert!(status.success(), "openssl {args:?} failed");
+        };
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=thc-test-ca",
+        ]);
+        openssl(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=localhost",
+        ]);
+        std::fs::write(
+            dir.join("ext.cnf"),
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+        )
+        .expect("write ext.cnf");
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.crt",
+            "-days",
+            "1",
+            "-extfile",
+            "ext.cnf",
+        ]);
+        let path = |name: &str| dir.join(name).to_string_lossy().into_owned();
+        let extra = vec![
+            "--port".to_owned(),
+            "0".to_owned(),
+            "--tls-port".to_owned(),
+            port.to_string(),
+            "--tls-cert-file".to_owned(),
+            path("server.crt"),
+            "--tls-key-file".to_owned(),
+            path("server.key"),
+            "--tls-ca-cert-file".to_owned(),
+            path("ca.crt"),
+            "--tls-auth-clients".to_owned(),
+            "no".to_owned(),
+        ];
+        let mut server = RedisServer {
+            port,
+            child: None,
+            dir: dir.clone(),
+            extra_args: extra,
+            tls_ca: Some(dir.join("ca.crt")),
+        };
+        server.spawn();
+        server
+    }
+
+    /// The CA file of a TLS server.
+    pub fn tls_ca(&self) -> Option<&std::path::Path> {
+        self.tls_ca.as_deref()
+    }
+
     fn spawn(&mut self) {
         let mut command = Command::new("redis-server");
+        // A TLS server's ports come in `extra_args`.
+        if self.tls_ca.is_none() {
+            command.args(["--port", &self.port.to_string()]);
+        }
         command
-            .args(["--port", &self.port.to_string()])
             .args(["--bind", "127.0.0.1"])
             .args(["--save", ""])
             .args(["--appendonly", "no"])
@@ -134,11 +237,12 @@ impl RedisServer {
 
     /// Runs `redis-cli` against this server and returns its output.
     pub fn cli(&self, args: &[&str]) -> String {
-        let output = Command::new("redis-cli")
-            .args(["-p", &self.port.to_string()])
-            .args(args)
-            .output()
-            .expect("run redis-cli");
+        let mut command = Command::new("redis-cli");
+        command.args(["-p", &self.port.to_string()]);
+        if let Some(ca) = &self.tls_ca {
+            command.arg("--tls").arg("--cacert").arg(ca);
+        }
+        let output = command.args(args).output().expect("run redis-cli");
         String::from_utf8_lossy(&output.stdout).trim().to_owned()
     }
 }
