@@ -10,9 +10,12 @@ use crate::entry::Entry;
 use crate::telemetry::{Counter, Counters, TARGET};
 use crate::CacheKey;
 
+use tower::util::BoxCloneSyncService;
+use tower::ServiceExt;
+
 use super::memory::MemoryStore;
-use super::redis::RedisStore;
-use super::Tier;
+use super::redis::{RedisError, RedisService, RedisStore};
+use super::{StoreRequest, StoreResponse, Tier};
 
 /// Most queued writes sent to Redis in one pipeline.
 const WRITE_BATCH: usize = 64;
@@ -26,8 +29,13 @@ pub(crate) struct HybridStore {
     memory_first: bool,
 }
 
+/// The Redis tier's service stack, shared by every clone.
+type RedisStack = BoxCloneSyncService<StoreRequest, StoreResponse, RedisError>;
+
 #[derive(Clone)]
 struct RedisTier {
+    service: RedisStack,
+    /// The store itself, for what is not an operation (health, shutdown).
     store: Arc<RedisStore>,
     writes: mpsc::Sender<(CacheKey, Entry)>,
 }
@@ -52,19 +60,29 @@ impl HybridStore {
     ) -> Self {
         self.memory_first = memory_first;
         let store = Arc::new(store);
+        let service = BoxCloneSyncService::new(RedisService(Arc::clone(&store)));
         let (writes, mut pending) = mpsc::channel::<(CacheKey, Entry)>(queue);
-        let writer = Arc::clone(&store);
+        let writer = service.clone();
         // The task ends when the last sender (the last HybridStore clone) is gone.
         tokio::spawn(async move {
             let mut batch = Vec::with_capacity(WRITE_BATCH);
             while pending.recv_many(&mut batch, WRITE_BATCH).await > 0 {
-                let (written, failed) = writer.set_many(&batch).await;
-                counters.add_n(Counter::RedisWrite, written);
-                counters.add_n(Counter::RedisError, failed);
-                batch.clear();
+                let sent = std::mem::replace(&mut batch, Vec::with_capacity(WRITE_BATCH));
+                let count = sent.len();
+                match writer.clone().oneshot(StoreRequest::Set(sent)).await {
+                    Ok(StoreResponse::Written { written, failed }) => {
+                        counters.add_n(Counter::RedisWrite, written);
+                        counters.add_n(Counter::RedisError, failed);
+                    }
+                    Ok(_) | Err(_) => counters.add_n(Counter::RedisError, count),
+                }
             }
         });
-        self.redis = Some(RedisTier { store, writes });
+        self.redis = Some(RedisTier {
+            service,
+            store,
+            writes,
+        });
         self
     }
 
@@ -85,7 +103,12 @@ impl HybridStore {
             }
         }
         if let Some(redis) = &self.redis {
-            match redis.store.get(key).await {
+            let found = match redis.service.clone().oneshot(StoreRequest::Get(*key)).await {
+                Ok(StoreResponse::Found(found)) => Ok(found),
+                Ok(_) => Ok(None),
+                Err(e) => Err(e),
+            };
+            match found {
                 Ok(Some(entry)) => {
                     // An outage then finds this entry warm in memory. Most hits find
                     // the same version there already, and skip moka's insert.
@@ -121,7 +144,12 @@ impl HybridStore {
     pub(crate) async fn delete(&self, key: &CacheKey, counters: &Counters) -> bool {
         self.memory.remove(key).await;
         if let Some(redis) = &self.redis {
-            if let Err(e) = redis.store.delete(key).await {
+            if let Err(e) = redis
+                .service
+                .clone()
+                .oneshot(StoreRequest::Delete(*key))
+                .await
+            {
                 counters.add(Counter::RedisError);
                 tracing::debug!(target: TARGET, key = %key, error = %e, outcome = "redis-delete-failed");
                 return false;

@@ -10,11 +10,15 @@ use fred::prelude::*;
 use fred::types::config::{ConnectionConfig, Options, PerformanceConfig};
 use fred::types::Expiration;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use fred::clients::{Client, WithOptions};
 
 use super::redis_health::{spawn_probe, watch_events, HealthState, RedisHealth};
+use super::{StoreRequest, StoreResponse};
 use crate::entry::{decode_entry, encode_entry, Entry};
 use crate::error::BuildError;
 use crate::telemetry::TARGET;
@@ -327,5 +331,36 @@ impl RedisStore {
     /// Closes every connection.
     pub(crate) async fn quit(&self) {
         let _ = self.pool.quit().await;
+    }
+}
+
+/// The Redis tier as a tower service; clones share the store.
+#[derive(Clone)]
+pub(crate) struct RedisService(pub(crate) Arc<RedisStore>);
+
+impl tower::Service<StoreRequest> for RedisService {
+    type Response = StoreResponse;
+    type Error = RedisError;
+    type Future = Pin<Box<dyn Future<Output = Result<StoreResponse, RedisError>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), RedisError>> {
+        // fred queues commands itself (bounded); health is checked per command.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: StoreRequest) -> Self::Future {
+        let store = Arc::clone(&self.0);
+        Box::pin(async move {
+            match request {
+                StoreRequest::Get(key) => store.get(&key).await.map(StoreResponse::Found),
+                StoreRequest::Set(entries) => {
+                    let (written, failed) = store.set_many(&entries).await;
+                    Ok(StoreResponse::Written { written, failed })
+                }
+                StoreRequest::Delete(key) => {
+                    store.delete(&key).await.map(|()| StoreResponse::Deleted)
+                }
+            }
+        })
     }
 }
