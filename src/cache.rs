@@ -12,6 +12,7 @@ use crate::entry::{CachedResponse, Entry, VaryIndex};
 use crate::error::BuildError;
 use crate::key::normalised_value;
 use crate::layer::HybridCacheLayer;
+use crate::resilience::breaker::{CircuitBreaker, CircuitBreakerLayer};
 use crate::store::memory::MemoryStore;
 use crate::store::redis::{RedisConfig, RedisStore};
 use crate::store::{HybridStore, Tier};
@@ -82,6 +83,7 @@ pub struct HybridCacheBuilder {
     maintenance_interval: Duration,
     redis: Option<RedisConfig>,
     near_cache: Option<Duration>,
+    redis_breaker: Option<CircuitBreakerLayer>,
 }
 
 impl Default for HybridCacheBuilder {
@@ -94,6 +96,7 @@ impl Default for HybridCacheBuilder {
             maintenance_interval: Duration::from_secs(1),
             redis: None,
             near_cache: None,
+            redis_breaker: None,
         }
     }
 }
@@ -153,6 +156,15 @@ impl HybridCacheBuilder {
         self
     }
 
+    /// The circuit breaker around the Redis tier. Default:
+    /// [`CircuitBreakerLayer::new`] (5 failures in a row or 50 % of 20 calls; open
+    /// 1 s doubling to 30 s). The connections also drive it: all lost opens it at
+    /// once, one back lets its probe through.
+    pub fn redis_breaker(mut self, breaker: CircuitBreakerLayer) -> Self {
+        self.redis_breaker = Some(breaker);
+        self
+    }
+
     /// Shares entries through Redis, configured in full.
     pub fn redis(mut self, config: RedisConfig) -> Self {
         self.redis = Some(config);
@@ -181,6 +193,7 @@ impl HybridCacheBuilder {
             let redis = RedisStore::connect(config, &self.namespace).await?;
             store = store.with_redis(
                 redis,
+                self.redis_breaker.clone().unwrap_or_default(),
                 config.write_queue_len(),
                 Arc::clone(&counters),
                 local_ttl.is_some(),
@@ -301,6 +314,11 @@ impl HybridCache {
     /// Entries held by the memory tier (may lag by the pending housekeeping).
     pub fn memory_entry_count(&self) -> u64 {
         self.inner.store.memory().entry_count()
+    }
+
+    /// The circuit breaker around the Redis tier; `None` for a memory-only cache.
+    pub fn redis_breaker(&self) -> Option<CircuitBreaker> {
+        self.inner.store.redis_breaker()
     }
 
     /// The Redis tier's connections as it sees them; `None` for a memory-only cache.

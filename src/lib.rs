@@ -45,6 +45,7 @@ mod error;
 mod key;
 mod layer;
 mod policy;
+mod resilience;
 mod store;
 mod telemetry;
 
@@ -58,6 +59,10 @@ pub use error::{BuildError, DecodeError};
 pub use key::CacheKey;
 pub use layer::{CacheBody, HybridCacheLayer, HybridCacheService, ResponseFuture};
 pub use policy::{RequestDirectives, TtlMode, DEFAULT_MAX_BODY_BYTES};
+pub use resilience::breaker::{
+    BreakerState, CircuitBreaker, CircuitBreakerLayer, CircuitBreakerService, CircuitOpen,
+    ResponseFuture as CircuitBreakerFuture,
+};
 pub use store::redis::RedisConfig;
 pub use store::redis_health::RedisHealth;
 pub use store::Tier;

@@ -580,3 +580,64 @@ async fn binary_bodies_and_multi_valued_headers_roundtrip_through_redis() {
     assert_eq!(hit.headers["link"], "</a>;rel=next");
     assert_eq!(hit.headers["content-type"], "application/octet-stream");
 }
+
+#[tokio::test]
+async fn the_breaker_opens_on_timeouts_and_closes_after_a_probe() {
+    use tower_hybrid_cache::{BreakerState, CircuitBreakerLayer};
+    let redis = RedisServer::start();
+    let cache = HybridCache::builder()
+        .redis(
+            RedisConfig::new(redis.url())
+                .command_timeout(Duration::from_millis(50))
+                // Only the breaker reacts here: the probe is out of the way.
+                .probe_interval(Duration::from_secs(3600)),
+        )
+        .redis_breaker(
+            CircuitBreakerLayer::new()
+                .consecutive_failures(3)
+                .open_for(Duration::from_millis(300), Duration::from_secs(5)),
+        )
+        .build()
+        .await
+        .unwrap();
+    let breaker = cache.redis_breaker().unwrap();
+    assert_eq!(breaker.state(), BreakerState::Closed);
+    redis.freeze();
+    for _ in 0..3 {
+        assert_eq!(cache.get::<u8>("absent").await, None);
+    }
+    assert_eq!(
+        breaker.state(),
+        BreakerState::Open,
+        "three timeouts in a row"
+    );
+    let errors = cache.stats().redis_errors;
+    // While open, reads fail at once without waiting on Redis (still counted).
+    assert_eq!(cache.get::<u8>("absent").await, None);
+    assert_eq!(cache.stats().redis_errors, errors + 1);
+    redis.resume();
+    eventually("the probe to close the breaker", WAIT, || async {
+        let _ = cache.get::<u8>("absent").await;
+        breaker.state() == BreakerState::Closed
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn losing_every_connection_opens_the_breaker_at_once() {
+    use tower_hybrid_cache::BreakerState;
+    let mut redis = RedisServer::start();
+    let cache = replica(&redis.url()).await;
+    let breaker = cache.redis_breaker().unwrap();
+    redis.kill();
+    eventually("the breaker to open", WAIT, || async {
+        breaker.state() == BreakerState::Open
+    })
+    .await;
+    redis.restart();
+    eventually("the breaker to close again", WAIT, || async {
+        let _ = cache.get::<u8>("absent").await;
+        breaker.state() == BreakerState::Closed
+    })
+    .await;
+}

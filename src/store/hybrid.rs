@@ -11,10 +11,12 @@ use crate::telemetry::{Counter, Counters, TARGET};
 use crate::CacheKey;
 
 use tower::util::BoxCloneSyncService;
-use tower::ServiceExt;
+use tower::{BoxError, Layer, ServiceExt};
+
+use crate::resilience::breaker::{CircuitBreaker, CircuitBreakerLayer};
 
 use super::memory::MemoryStore;
-use super::redis::{RedisError, RedisService, RedisStore};
+use super::redis::{RedisService, RedisStore};
 use super::{StoreRequest, StoreResponse, Tier};
 
 /// Most queued writes sent to Redis in one pipeline.
@@ -29,14 +31,15 @@ pub(crate) struct HybridStore {
     memory_first: bool,
 }
 
-/// The Redis tier's service stack, shared by every clone.
-type RedisStack = BoxCloneSyncService<StoreRequest, StoreResponse, RedisError>;
+/// The Redis tier's service stack (breaker around the store), shared by every clone.
+type RedisStack = BoxCloneSyncService<StoreRequest, StoreResponse, BoxError>;
 
 #[derive(Clone)]
 struct RedisTier {
     service: RedisStack,
     /// The store itself, for what is not an operation (health, shutdown).
     store: Arc<RedisStore>,
+    breaker: CircuitBreaker,
     writes: mpsc::Sender<(CacheKey, Entry)>,
 }
 
@@ -54,13 +57,17 @@ impl HybridStore {
     pub(crate) fn with_redis(
         mut self,
         store: RedisStore,
+        breaker: CircuitBreakerLayer,
         queue: usize,
         counters: Arc<Counters>,
         memory_first: bool,
     ) -> Self {
         self.memory_first = memory_first;
+        store.drive(breaker.breaker());
         let store = Arc::new(store);
-        let service = BoxCloneSyncService::new(RedisService(Arc::clone(&store)));
+        // The breaker sits outside the store: while it is open, no operation touches
+        // Redis.
+        let service = BoxCloneSyncService::new(breaker.layer(RedisService(Arc::clone(&store))));
         let (writes, mut pending) = mpsc::channel::<(CacheKey, Entry)>(queue);
         let writer = service.clone();
         // The task ends when the last sender (the last HybridStore clone) is gone.
@@ -81,6 +88,7 @@ impl HybridStore {
         self.redis = Some(RedisTier {
             service,
             store,
+            breaker: breaker.breaker(),
             writes,
         });
         self
@@ -156,6 +164,10 @@ impl HybridStore {
             }
         }
         true
+    }
+
+    pub(crate) fn redis_breaker(&self) -> Option<CircuitBreaker> {
+        self.redis.as_ref().map(|redis| redis.breaker.clone())
     }
 
     pub(crate) fn redis_health(&self) -> Option<super::redis_health::RedisHealth> {

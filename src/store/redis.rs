@@ -21,6 +21,7 @@ use super::redis_health::{spawn_probe, watch_events, HealthState, RedisHealth};
 use super::{StoreRequest, StoreResponse};
 use crate::entry::{decode_entry, encode_entry, Entry};
 use crate::error::BuildError;
+use crate::resilience::breaker::CircuitBreaker;
 use crate::telemetry::TARGET;
 use crate::CacheKey;
 
@@ -139,6 +140,15 @@ pub(crate) enum RedisError {
     Command(fred::error::Error),
 }
 
+impl std::error::Error for RedisError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            RedisError::Unavailable => None,
+            RedisError::Command(e) => Some(e),
+        }
+    }
+}
+
 impl fmt::Display for RedisError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -249,6 +259,11 @@ impl RedisStore {
 
     pub(crate) fn health(&self) -> RedisHealth {
         self.health.view()
+    }
+
+    /// Lets the connections' health drive `breaker`.
+    pub(crate) fn drive(&self, breaker: CircuitBreaker) {
+        self.health.drive(breaker);
     }
 
     /// The entry under `key`: `Ok(None)` when absent or unreadable (a foreign or

@@ -16,6 +16,7 @@ use fred::clients::Client;
 use fred::prelude::*;
 use fred::types::config::Options;
 
+use crate::resilience::breaker::CircuitBreaker;
 use crate::telemetry::TARGET;
 
 /// What the Redis tier knows of its connections, from
@@ -55,6 +56,8 @@ pub(crate) struct HealthState {
     clients: Vec<ClientHealth>,
     next: AtomicUsize,
     errors: Mutex<Errors>,
+    /// Driven by the connections: all lost → open at once; one back → half-open.
+    breaker: Mutex<Option<CircuitBreaker>>,
 }
 
 impl HealthState {
@@ -63,6 +66,7 @@ impl HealthState {
             clients: (0..clients).map(|_| ClientHealth::default()).collect(),
             next: AtomicUsize::new(0),
             errors: Mutex::new(Errors::default()),
+            breaker: Mutex::new(None),
         };
         for client in &state.clients {
             client.up.store(all_up, Ordering::Relaxed);
@@ -71,6 +75,14 @@ impl HealthState {
             state.lock().up_since = Some(SystemTime::now());
         }
         Arc::new(state)
+    }
+
+    /// Lets the connections drive `breaker`.
+    pub(crate) fn drive(&self, breaker: CircuitBreaker) {
+        *self
+            .breaker
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(breaker);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Errors> {
@@ -98,10 +110,25 @@ impl HealthState {
         }
         if was != up {
             let connected = self.connected();
+            let breaker = self
+                .breaker
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
             let mut errors = self.lock();
             match (up, connected) {
-                (true, 1) => errors.up_since = Some(SystemTime::now()),
-                (false, 0) => errors.up_since = None,
+                (true, 1) => {
+                    errors.up_since = Some(SystemTime::now());
+                    if let Some(breaker) = &breaker {
+                        breaker.force_half_open();
+                    }
+                }
+                (false, 0) => {
+                    errors.up_since = None;
+                    if let Some(breaker) = &breaker {
+                        breaker.force_open();
+                    }
+                }
                 _ => {}
             }
             tracing::info!(target: TARGET, client = index, up, connected, "redis connection state");

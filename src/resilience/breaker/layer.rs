@@ -1,0 +1,309 @@
+//! [`CircuitBreakerLayer`]: the breaker as a tower layer.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use pin_project_lite::pin_project;
+use tokio::time::Instant;
+use tower::{BoxError, Layer, Service};
+
+use super::{BreakerConfig, CircuitBreaker, CircuitOpen, Permit};
+
+/// Wraps a service in a circuit breaker. Clones share one breaker.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower::{Layer, ServiceExt};
+/// use tower_hybrid_cache::{BreakerState, CircuitBreakerLayer};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let layer = CircuitBreakerLayer::new().consecutive_failures(2).open_for(Duration::from_secs(1), Duration::from_secs(30));
+/// let failing = tower::service_fn(|_: ()| async { Err::<(), _>("redis is down") });
+/// let service = layer.layer(failing);
+/// for _ in 0..2 {
+///     assert!(service.clone().oneshot(()).await.is_err());
+/// }
+/// assert_eq!(layer.breaker().state(), BreakerState::Open);
+/// let refused = service.oneshot(()).await.unwrap_err();
+/// assert!(refused.is::<tower_hybrid_cache::CircuitOpen>());
+/// # }
+/// ```
+#[derive(Clone, Debug)]
+pub struct CircuitBreakerLayer {
+    breaker: CircuitBreaker,
+}
+
+impl Default for CircuitBreakerLayer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl CircuitBreakerLayer {
+    /// A breaker with the defaults: opens after 5 consecutive failures or 50 % of the
+    /// last 20 calls; open 1 s, doubling on each trip in a row up to 30 s, ± 10 %
+    /// jitter; one probe call half-open; slow calls do not count.
+    pub fn new() -> Self {
+        CircuitBreakerLayer {
+            breaker: CircuitBreaker::new(BreakerConfig::default()),
+        }
+    }
+
+    fn with(self, change: impl FnOnce(&mut BreakerConfig)) -> Self {
+        // Settings are fixed before the breaker is shared: a changed setting makes a
+        // new breaker (clones made before it keep the old one).
+        let mut config = self.breaker.config().clone();
+        change(&mut config);
+        CircuitBreakerLayer {
+            breaker: CircuitBreaker::new(config),
+        }
+    }
+
+    /// Failures in a row that open the breaker. Default 5.
+    pub fn consecutive_failures(self, n: u32) -> Self {
+        self.with(|c| c.consecutive_failures = n.max(1))
+    }
+
+    /// Opens when at least `rate` (0.0 to 1.0) of the last `window` calls failed, once
+    /// `min_calls` calls are in the window. Default 0.5 of 20, from 20 calls.
+    pub fn failure_rate(self, rate: f64, window: usize, min_calls: usize) -> Self {
+        self.with(|c| {
+            c.failure_rate = if rate.is_finite() {
+                rate.clamp(0.0, 1.0)
+            } else {
+                1.0
+            };
+            c.window = window.max(1);
+            c.min_calls = min_calls.clamp(1, window.max(1));
+        })
+    }
+
+    /// Calls slower than this count as failures, even when they succeed. Default: off.
+    pub fn slow_call(self, threshold: Duration) -> Self {
+        self.with(|c| c.slow_call = Some(threshold))
+    }
+
+    /// How long the breaker stays open: `base` on the first trip, doubling on each
+    /// trip in a row, never more than `max`. Default 1 s and 30 s.
+    pub fn open_for(self, base: Duration, max: Duration) -> Self {
+        self.with(|c| {
+            c.open_for = base;
+            c.max_open_for = max.max(base);
+        })
+    }
+
+    /// The open duration moves by up to ± this fraction, so replicas do not probe in
+    /// step. Default 0.1.
+    pub fn jitter(self, fraction: f64) -> Self {
+        self.with(|c| {
+            c.jitter = if fraction.is_finite() {
+                fraction.clamp(0.0, 1.0)
+            } else {
+                0.0
+            }
+        })
+    }
+
+    /// Calls let through while half-open; all must succeed to close. Default 1.
+    pub fn half_open_probes(self, n: u32) -> Self {
+        self.with(|c| c.probes = n.max(1))
+    }
+
+    /// The breaker every service from this layer (and its clones) shares.
+    pub fn breaker(&self) -> CircuitBreaker {
+        self.breaker.clone()
+    }
+}
+
+impl<S> Layer<S> for CircuitBreakerLayer {
+    type Service = CircuitBreakerService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        CircuitBreakerService {
+            inner,
+            breaker: self.breaker.clone(),
+        }
+    }
+}
+
+/// A service behind a circuit breaker. Errors are boxed: the inner service's, or
+/// [`CircuitOpen`] when the call was refused.
+#[derive(Clone, Debug)]
+pub struct CircuitBreakerService<S> {
+    inner: S,
+    breaker: CircuitBreaker,
+}
+
+impl<S, R> Service<R> for CircuitBreakerService<S>
+where
+    S: Service<R>,
+    S::Error: Into<BoxError>,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, request: R) -> Self::Future {
+        match self.breaker.acquire() {
+            Ok(permit) => ResponseFuture {
+                kind: Kind::Running {
+                    future: self.inner.call(request),
+                    call: Some(CallGuard {
+                        breaker: self.breaker.clone(),
+                        permit,
+                        started: Instant::now(),
+                        finished: false,
+                    }),
+                },
+            },
+            Err(open) => ResponseFuture {
+                kind: Kind::Refused { error: Some(open) },
+            },
+        }
+    }
+}
+
+/// A permitted call; given back uncounted if dropped before it finished.
+struct CallGuard {
+    breaker: CircuitBreaker,
+    permit: Permit,
+    started: Instant,
+    finished: bool,
+}
+
+impl CallGuard {
+    fn finish(mut self, ok: bool) {
+        self.breaker.record(self.permit, ok, self.started.elapsed());
+        self.finished = true;
+    }
+}
+
+impl Drop for CallGuard {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.breaker.release(self.permit);
+        }
+    }
+}
+
+pin_project! {
+    /// The response future of [`CircuitBreakerService`].
+    pub struct ResponseFuture<F> {
+        #[pin]
+        kind: Kind<F>,
+    }
+}
+
+pin_project! {
+    #[project = KindProj]
+    enum Kind<F> {
+        Running { #[pin] future: F, call: Option<CallGuard> },
+        Refused { error: Option<CircuitOpen> },
+    }
+}
+
+impl<F> std::fmt::Debug for ResponseFuture<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+impl<F, T, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<T, E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<T, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().kind.project() {
+            KindProj::Running { future, call } => {
+                let result = std::task::ready!(future.poll(cx));
+                if let Some(call) = call.take() {
+                    call.finish(result.is_ok());
+                }
+                Poll::Ready(result.map_err(Into::into))
+            }
+            KindProj::Refused { error } => Poll::Ready(Err(match error.take() {
+                Some(open) => open.into(),
+                None => CircuitOpen { _private: () }.into(),
+            })),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use tower::ServiceExt;
+
+    use crate::BreakerState;
+
+    #[tokio::test(start_paused = true)]
+    async fn an_open_breaker_does_not_touch_the_inner_service() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&calls);
+        let inner = tower::service_fn(move |fail: bool| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            async move {
+                if fail {
+                    Err("down")
+                } else {
+                    Ok(())
+                }
+            }
+        });
+        let layer = CircuitBreakerLayer::new()
+            .consecutive_failures(3)
+            .jitter(0.0);
+        let service = layer.layer(inner);
+        for _ in 0..3 {
+            assert!(service.clone().oneshot(true).await.is_err());
+        }
+        assert_eq!(layer.breaker().state(), BreakerState::Open);
+        for _ in 0..10 {
+            let err = service.clone().oneshot(false).await.unwrap_err();
+            assert!(err.is::<CircuitOpen>());
+        }
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            3,
+            "refused calls never reached it"
+        );
+        tokio::time::advance(Duration::from_secs(1)).await;
+        service.clone().oneshot(false).await.unwrap();
+        assert_eq!(layer.breaker().state(), BreakerState::Closed);
+        assert_eq!(calls.load(Ordering::SeqCst), 4);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cancelled_probe_frees_its_place() {
+        let inner = tower::service_fn(|wait: bool| async move {
+            if wait {
+                std::future::pending::<()>().await;
+            }
+            Ok::<_, BoxError>(())
+        });
+        let layer = CircuitBreakerLayer::new().jitter(0.0);
+        let breaker = layer.breaker();
+        breaker.force_open();
+        breaker.force_half_open();
+        let service = layer.layer(inner);
+        let stuck = service.clone().oneshot(true);
+        // The probe is in flight; dropping it must not wedge the breaker half-open.
+        assert!(tokio::time::timeout(Duration::from_millis(10), stuck)
+            .await
+            .is_err());
+        service.clone().oneshot(false).await.unwrap();
+        assert_eq!(breaker.state(), BreakerState::Closed);
+    }
+}
