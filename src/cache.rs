@@ -190,14 +190,16 @@ impl HybridCacheBuilder {
         let local_ttl = self.near_cache.filter(|_| self.redis.is_some());
         let mut store = HybridStore::new(MemoryStore::new(self.memory_capacity_bytes, local_ttl));
         if let Some(config) = &self.redis {
+            // Settings first: a bad one must not wait on a connection to be reported.
+            config.retry_policy(Arc::clone(&counters))?;
             let redis = RedisStore::connect(config, &self.namespace).await?;
             store = store.with_redis(
                 redis,
+                config,
                 self.redis_breaker.clone().unwrap_or_default(),
-                config.write_queue_len(),
                 Arc::clone(&counters),
                 local_ttl.is_some(),
-            );
+            )?;
         }
         let inner = Arc::new(CacheInner {
             store,

@@ -33,6 +33,14 @@ pub struct CacheStats {
     pub redis_errors: u64,
     /// Writes dropped because the Redis write queue was full.
     pub redis_writes_dropped: u64,
+    /// Redis operations sent again after a transient error.
+    pub redis_retries: u64,
+    /// Retries not made because the retry budget was spent.
+    pub retry_budget_exhausted: u64,
+    /// Redis operations cut off by the deadline (retries included).
+    pub redis_deadline_hits: u64,
+    /// Redis operations refused at once because the circuit breaker was open.
+    pub redis_breaker_rejections: u64,
 }
 
 #[derive(Debug, Default)]
@@ -46,6 +54,10 @@ pub(crate) struct Counters {
     redis_writes: AtomicU64,
     redis_errors: AtomicU64,
     redis_writes_dropped: AtomicU64,
+    redis_retries: AtomicU64,
+    retry_budget_exhausted: AtomicU64,
+    redis_deadline_hits: AtomicU64,
+    redis_breaker_rejections: AtomicU64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -59,6 +71,10 @@ pub(crate) enum Counter {
     RedisWrite,
     RedisError,
     RedisWriteDropped,
+    RedisRetry,
+    RetryBudgetExhausted,
+    RedisDeadlineHit,
+    RedisBreakerRejection,
 }
 
 impl Counters {
@@ -83,6 +99,10 @@ impl Counters {
             Counter::RedisWrite => &self.redis_writes,
             Counter::RedisError => &self.redis_errors,
             Counter::RedisWriteDropped => &self.redis_writes_dropped,
+            Counter::RedisRetry => &self.redis_retries,
+            Counter::RetryBudgetExhausted => &self.retry_budget_exhausted,
+            Counter::RedisDeadlineHit => &self.redis_deadline_hits,
+            Counter::RedisBreakerRejection => &self.redis_breaker_rejections,
         }
     }
 
@@ -97,6 +117,10 @@ impl Counters {
             redis_writes: self.redis_writes.load(Ordering::Relaxed),
             redis_errors: self.redis_errors.load(Ordering::Relaxed),
             redis_writes_dropped: self.redis_writes_dropped.load(Ordering::Relaxed),
+            redis_retries: self.redis_retries.load(Ordering::Relaxed),
+            retry_budget_exhausted: self.retry_budget_exhausted.load(Ordering::Relaxed),
+            redis_deadline_hits: self.redis_deadline_hits.load(Ordering::Relaxed),
+            redis_breaker_rejections: self.redis_breaker_rejections.load(Ordering::Relaxed),
         }
     }
 }

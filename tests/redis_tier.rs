@@ -17,7 +17,11 @@ const WAIT: Duration = Duration::from_secs(15);
 async fn replica(redis_url: &str) -> HybridCache {
     HybridCache::builder()
         .namespace("jobs")
-        .redis(RedisConfig::new(redis_url).command_timeout(Duration::from_millis(200)))
+        .redis(
+            RedisConfig::new(redis_url)
+                .command_timeout(Duration::from_millis(200))
+                .deadline(Duration::from_millis(200)),
+        )
         .build()
         .await
         .unwrap()
@@ -640,4 +644,32 @@ async fn losing_every_connection_opens_the_breaker_at_once() {
         breaker.state() == BreakerState::Closed
     })
     .await;
+}
+
+#[tokio::test]
+async fn one_deadline_bounds_a_read_whatever_the_command_timeout() {
+    let redis = RedisServer::start();
+    let cache = HybridCache::builder()
+        .redis(
+            RedisConfig::new(redis.url())
+                .command_timeout(Duration::from_secs(5))
+                .deadline(Duration::from_millis(30))
+                .probe_interval(Duration::from_secs(3600)),
+        )
+        .build()
+        .await
+        .unwrap();
+    redis.freeze();
+    // The frozen server would hold each GET for the 5 s command timeout; the 30 ms
+    // deadline cuts it (the guard only catches a hang, it measures nothing).
+    let reads = async {
+        for _ in 0..3 {
+            assert_eq!(cache.get::<u8>("k").await, None);
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(4), reads)
+        .await
+        .expect("reads cut by the deadline");
+    assert_eq!(cache.stats().redis_deadline_hits, 3, "{:?}", cache.stats());
+    redis.resume();
 }

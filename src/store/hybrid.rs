@@ -10,8 +10,15 @@ use crate::entry::Entry;
 use crate::telemetry::{Counter, Counters, TARGET};
 use crate::CacheKey;
 
+use tower::retry::RetryLayer;
+use tower::timeout::error::Elapsed;
+use tower::timeout::TimeoutLayer;
 use tower::util::BoxCloneSyncService;
-use tower::{BoxError, Layer, ServiceExt};
+use tower::{BoxError, ServiceBuilder, ServiceExt};
+
+use super::redis::RedisConfig;
+use crate::error::BuildError;
+use crate::resilience::breaker::CircuitOpen;
 
 use crate::resilience::breaker::{CircuitBreaker, CircuitBreakerLayer};
 
@@ -36,6 +43,7 @@ type RedisStack = BoxCloneSyncService<StoreRequest, StoreResponse, BoxError>;
 
 #[derive(Clone)]
 struct RedisTier {
+    /// Reads and deletes: breaker, deadline, retries, store.
     service: RedisStack,
     /// The store itself, for what is not an operation (health, shutdown).
     store: Arc<RedisStore>,
@@ -57,19 +65,32 @@ impl HybridStore {
     pub(crate) fn with_redis(
         mut self,
         store: RedisStore,
+        config: &RedisConfig,
         breaker: CircuitBreakerLayer,
-        queue: usize,
         counters: Arc<Counters>,
         memory_first: bool,
-    ) -> Self {
+    ) -> Result<Self, BuildError> {
         self.memory_first = memory_first;
         store.drive(breaker.breaker());
         let store = Arc::new(store);
-        // The breaker sits outside the store: while it is open, no operation touches
-        // Redis.
-        let service = BoxCloneSyncService::new(breaker.layer(RedisService(Arc::clone(&store))));
-        let (writes, mut pending) = mpsc::channel::<(CacheKey, Entry)>(queue);
-        let writer = service.clone();
+        let retry = RetryLayer::new(config.retry_policy(Arc::clone(&counters))?);
+        // Outside in: the breaker (while open, nothing touches Redis), one deadline
+        // for the whole operation, retries of transient errors, the store.
+        let service = BoxCloneSyncService::new(
+            ServiceBuilder::new()
+                .layer(breaker.clone())
+                .layer(TimeoutLayer::new(config.deadline_value()))
+                .layer(retry.clone())
+                .service(RedisService(Arc::clone(&store))),
+        );
+        // Writes are off the response path: no deadline beyond each attempt's.
+        let writer: RedisStack = BoxCloneSyncService::new(
+            ServiceBuilder::new()
+                .layer(breaker.clone())
+                .layer(retry)
+                .service(RedisService(Arc::clone(&store))),
+        );
+        let (writes, mut pending) = mpsc::channel::<(CacheKey, Entry)>(config.write_queue_len());
         // The task ends when the last sender (the last HybridStore clone) is gone.
         tokio::spawn(async move {
             let mut batch = Vec::with_capacity(WRITE_BATCH);
@@ -91,7 +112,7 @@ impl HybridStore {
             breaker: breaker.breaker(),
             writes,
         });
-        self
+        Ok(self)
     }
 
     /// Whether a read completes without waiting on the network: true when memory is
@@ -128,7 +149,7 @@ impl HybridStore {
                 }
                 Ok(None) => return None,
                 Err(e) => {
-                    counters.add(Counter::RedisError);
+                    count_failure(counters, &e);
                     tracing::debug!(target: TARGET, key = %key, error = %e, outcome = "redis-read-failed");
                 }
             }
@@ -178,5 +199,15 @@ impl HybridStore {
         if let Some(redis) = &self.redis {
             redis.store.quit().await;
         }
+    }
+}
+
+/// Counts a failed Redis operation, and why when the stack itself refused or cut it.
+fn count_failure(counters: &Counters, error: &BoxError) {
+    counters.add(Counter::RedisError);
+    if error.is::<CircuitOpen>() {
+        counters.add(Counter::RedisBreakerRejection);
+    } else if error.is::<Elapsed>() {
+        counters.add(Counter::RedisDeadlineHit);
     }
 }

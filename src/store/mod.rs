@@ -14,8 +14,8 @@ pub(crate) use hybrid::HybridStore;
 use crate::entry::Entry;
 use crate::CacheKey;
 
-/// An operation on a store tier.
-#[derive(Debug)]
+/// An operation on a store tier. Cloned when retried.
+#[derive(Debug, Clone)]
 pub(crate) enum StoreRequest {
     /// The entry under a key.
     Get(CacheKey),

@@ -46,6 +46,10 @@ pub struct RedisConfig {
     write_queue: usize,
     probe_interval: Duration,
     probe_timeout: Duration,
+    deadline: Duration,
+    retries: u32,
+    retry_backoff: (Duration, Duration),
+    retry_budget: f32,
 }
 
 impl fmt::Debug for RedisConfig {
@@ -59,6 +63,10 @@ impl fmt::Debug for RedisConfig {
             .field("write_queue", &self.write_queue)
             .field("probe_interval", &self.probe_interval)
             .field("probe_timeout", &self.probe_timeout)
+            .field("deadline", &self.deadline)
+            .field("retries", &self.retries)
+            .field("retry_backoff", &self.retry_backoff)
+            .field("retry_budget", &self.retry_budget)
             .finish_non_exhaustive()
     }
 }
@@ -76,7 +84,57 @@ impl RedisConfig {
             write_queue: 1024,
             probe_interval: Duration::from_millis(250),
             probe_timeout: Duration::from_millis(100),
+            deadline: Duration::from_millis(50),
+            retries: 1,
+            retry_backoff: (Duration::from_millis(1), Duration::from_millis(5)),
+            retry_budget: 0.2,
         }
+    }
+
+    /// The most a read or delete may take, retries included; past it the request goes
+    /// on without Redis. Writes, off the response path, are bounded by
+    /// `command_timeout` per attempt instead. Default 50 ms.
+    pub fn deadline(mut self, deadline: Duration) -> Self {
+        self.deadline = deadline;
+        self
+    }
+
+    /// Attempts after the first for an operation that failed with a transient error
+    /// (IO, timeout, `LOADING`, `TRYAGAIN`, `CLUSTERDOWN`, `MASTERDOWN`). Default 1.
+    pub fn retries(mut self, retries: u32) -> Self {
+        self.retries = retries;
+        self
+    }
+
+    /// The backoff before a retry: exponential from `min` to `max`, with jitter.
+    /// Default 1 ms to 5 ms.
+    pub fn retry_backoff(mut self, min: Duration, max: Duration) -> Self {
+        self.retry_backoff = (min, max);
+        self
+    }
+
+    /// Retries may add at most this share of the operations of the last 10 s (plus 10
+    /// a second), so a sick Redis never sees a retry storm. Default 0.2 (20 %).
+    pub fn retry_budget(mut self, share: f32) -> Self {
+        self.retry_budget = share;
+        self
+    }
+
+    pub(crate) fn deadline_value(&self) -> Duration {
+        self.deadline
+    }
+
+    pub(crate) fn retry_policy(
+        &self,
+        counters: Arc<crate::telemetry::Counters>,
+    ) -> Result<crate::resilience::retry::RedisRetry, BuildError> {
+        crate::resilience::retry::RedisRetry::new(
+            self.retries,
+            self.retry_backoff.0,
+            self.retry_backoff.1,
+            self.retry_budget,
+            counters,
+        )
     }
 
     /// How often every pooled connection is sent a PING. Default 250 ms.
@@ -178,6 +236,7 @@ impl RedisStore {
             ("redis connect_timeout", config.connect_timeout),
             ("redis probe_interval", config.probe_interval),
             ("redis probe_timeout", config.probe_timeout),
+            ("redis deadline", config.deadline),
         ] {
             if value.is_zero() {
                 return Err(BuildError::invalid(name, "must be more than zero"));

@@ -1,0 +1,208 @@
+//! Retries of Redis operations on `tower::retry`: only transient errors, at most a few
+//! attempts, exponential backoff with jitter, and a budget so that retries never add
+//! more than a share of the load (a sick Redis gets no retry storm).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tower::retry::backoff::{Backoff, ExponentialBackoff, ExponentialBackoffMaker, MakeBackoff};
+use tower::retry::budget::{Budget, TpsBudget};
+use tower::retry::Policy;
+use tower::util::rng::HasherRng;
+
+use crate::error::BuildError;
+use crate::store::redis::RedisError;
+use crate::store::{StoreRequest, StoreResponse};
+use crate::telemetry::{Counter, Counters, TARGET};
+
+/// The retry policy of the Redis tier. Every store operation is idempotent (`GET`,
+/// `SET … PX` of a whole value, `DEL`), so each may be sent again.
+#[derive(Clone)]
+pub(crate) struct RedisRetry {
+    attempts_left: u32,
+    backoff: ExponentialBackoff<HasherRng>,
+    budget: Arc<TpsBudget>,
+    counters: Arc<Counters>,
+}
+
+impl RedisRetry {
+    /// `retries` more attempts at most per operation, each after an exponential
+    /// backoff between `min_backoff` and `max_backoff`; retries are also capped at
+    /// `budget_percent` of the calls over the last 10 s (plus 10 a second).
+    pub(crate) fn new(
+        retries: u32,
+        min_backoff: Duration,
+        max_backoff: Duration,
+        budget_percent: f32,
+        counters: Arc<Counters>,
+    ) -> Result<Self, BuildError> {
+        let backoff =
+            ExponentialBackoffMaker::new(min_backoff, max_backoff, 0.5, HasherRng::default())
+                .map_err(|e| BuildError::invalid("redis retry backoff", e))?
+                .make_backoff();
+        Ok(RedisRetry {
+            attempts_left: retries,
+            backoff,
+            budget: Arc::new(TpsBudget::new(
+                Duration::from_secs(10),
+                10,
+                budget_percent.clamp(0.0, 1000.0),
+            )),
+            counters,
+        })
+    }
+}
+
+/// Whether an error may pass by itself: a lost or slow connection, or a server that is
+/// loading, failing over or resharding. Not: no healthy connection (a retry in
+/// milliseconds will not find one), a wrong command, `OOM`, or auth errors.
+pub(crate) fn is_transient(error: &RedisError) -> bool {
+    let RedisError::Command(error) = error else {
+        return false;
+    };
+    use fred::error::ErrorKind;
+    match error.kind() {
+        ErrorKind::IO | ErrorKind::Timeout | ErrorKind::Canceled => true,
+        _ => {
+            let details = error.details();
+            ["LOADING", "TRYAGAIN", "CLUSTERDOWN", "MASTERDOWN"]
+                .iter()
+                .any(|prefix| details.starts_with(prefix))
+        }
+    }
+}
+
+impl Policy<StoreRequest, StoreResponse, RedisError> for RedisRetry {
+    type Future = tokio::time::Sleep;
+
+    fn retry(
+        &mut self,
+        _request: &mut StoreRequest,
+        result: &mut Result<StoreResponse, RedisError>,
+    ) -> Option<Self::Future> {
+        match result {
+            Ok(_) => {
+                self.budget.deposit();
+                None
+            }
+            Err(error) => {
+                if self.attempts_left == 0 || !is_transient(error) {
+                    return None;
+                }
+                if !self.budget.withdraw() {
+                    self.counters.add(Counter::RetryBudgetExhausted);
+                    tracing::debug!(target: TARGET, outcome = "retry-budget-exhausted");
+                    return None;
+                }
+                self.attempts_left -= 1;
+                self.counters.add(Counter::RedisRetry);
+                Some(self.backoff.next_backoff())
+            }
+        }
+    }
+
+    fn clone_request(&mut self, request: &StoreRequest) -> Option<StoreRequest> {
+        Some(request.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fred::error::{Error, ErrorKind};
+
+    fn command(kind: ErrorKind, details: &'static str) -> RedisError {
+        RedisError::Command(Error::new(kind, details))
+    }
+
+    #[test]
+    fn only_transient_errors_are_retried() {
+        assert!(is_transient(&command(ErrorKind::IO, "connection reset")));
+        assert!(is_transient(&command(ErrorKind::Timeout, "timed out")));
+        assert!(is_transient(&command(
+            ErrorKind::Unknown,
+            "LOADING Redis is loading the dataset"
+        )));
+        assert!(is_transient(&command(
+            ErrorKind::Unknown,
+            "TRYAGAIN multiple keys"
+        )));
+        assert!(is_transient(&command(
+            ErrorKind::Unknown,
+            "CLUSTERDOWN the cluster is down"
+        )));
+        assert!(is_transient(&command(
+            ErrorKind::Unknown,
+            "MASTERDOWN link down"
+        )));
+        assert!(!is_transient(&command(
+            ErrorKind::Unknown,
+            "OOM command not allowed"
+        )));
+        assert!(!is_transient(&command(ErrorKind::Auth, "WRONGPASS")));
+        assert!(!is_transient(&command(
+            ErrorKind::InvalidCommand,
+            "ERR unknown command"
+        )));
+        assert!(!is_transient(&RedisError::Unavailable));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn attempts_are_capped_and_successes_are_not_retried() {
+        let counters = Arc::new(Counters::default());
+        let mut policy = RedisRetry::new(
+            2,
+            Duration::from_millis(1),
+            Duration::from_millis(4),
+            0.2,
+            counters.clone(),
+        )
+        .unwrap();
+        let mut request = StoreRequest::Delete(crate::CacheKey::from_bytes([0; 32]));
+        let mut ok: Result<StoreResponse, RedisError> = Ok(StoreResponse::Deleted);
+        assert!(policy.retry(&mut request, &mut ok).is_none());
+        let mut failed = Err(command(ErrorKind::IO, "reset"));
+        assert!(policy.retry(&mut request, &mut failed).is_some());
+        assert!(policy.retry(&mut request, &mut failed).is_some());
+        assert!(
+            policy.retry(&mut request, &mut failed).is_none(),
+            "two retries at most"
+        );
+        let mut oom = Err(command(ErrorKind::Unknown, "OOM"));
+        let mut fresh = RedisRetry::new(
+            2,
+            Duration::from_millis(1),
+            Duration::from_millis(4),
+            0.2,
+            counters.clone(),
+        )
+        .unwrap();
+        assert!(fresh.retry(&mut request, &mut oom).is_none());
+        assert_eq!(counters.snapshot().redis_retries, 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_budget_stops_a_retry_storm() {
+        let counters = Arc::new(Counters::default());
+        let policy = RedisRetry::new(
+            1,
+            Duration::from_millis(1),
+            Duration::from_millis(4),
+            0.0,
+            counters.clone(),
+        )
+        .unwrap();
+        let mut request = StoreRequest::Delete(crate::CacheKey::from_bytes([0; 32]));
+        // Every call fails: the budget (10 a second, no share of calls) runs dry.
+        let mut retried = 0;
+        for _ in 0..1000 {
+            let mut per_call = policy.clone();
+            let mut failed = Err(command(ErrorKind::IO, "reset"));
+            if per_call.retry(&mut request, &mut failed).is_some() {
+                retried += 1;
+            }
+        }
+        assert!(retried <= 110, "{retried} retries for 1000 failing calls");
+        assert!(counters.snapshot().retry_budget_exhausted >= 890);
+    }
+}
