@@ -334,12 +334,17 @@ async fn a_full_redis_fails_writes_not_reads() {
         }
     })
     .await;
-    // Reads of what Redis holds still work.
+    // Reads of what Redis holds still work, and error replies do not trip the
+    // breaker: Redis is up, only full.
     let hit = call(app, get("http://api.test/small")).await;
     assert!(
         hit.cache_status().ends_with("detail=redis"),
         "{}",
         hit.cache_status()
+    );
+    assert_eq!(
+        cache.redis_breaker().unwrap().state(),
+        tower_hybrid_cache::BreakerState::Closed
     );
 }
 

@@ -23,8 +23,9 @@ use crate::resilience::breaker::CircuitOpen;
 use crate::resilience::breaker::{CircuitBreaker, CircuitBreakerLayer};
 
 use super::memory::MemoryStore;
-use super::redis::{RedisService, RedisStore};
+use super::redis::{RedisError, RedisService, RedisStore};
 use super::{StoreRequest, StoreResponse, Tier};
+use crate::resilience::retry::is_transient;
 
 /// Most queued writes sent to Redis in one pipeline.
 const WRITE_BATCH: usize = 64;
@@ -71,6 +72,13 @@ impl HybridStore {
         memory_first: bool,
     ) -> Result<Self, BuildError> {
         self.memory_first = memory_first;
+        // Error replies (OOM, WRONGTYPE) say Redis is up and answering: by default
+        // they do not trip the breaker; a breaker given its own filter keeps it.
+        let breaker = if breaker.filters_errors() {
+            breaker
+        } else {
+            breaker.count_errors_if(counts_against_redis)
+        };
         store.drive(breaker.breaker());
         let store = Arc::new(store);
         let retry = RetryLayer::new(config.retry_policy(Arc::clone(&counters))?);
@@ -199,6 +207,15 @@ impl HybridStore {
         if let Some(redis) = &self.redis {
             redis.store.quit().await;
         }
+    }
+}
+
+/// Whether an error says Redis is unreachable or unwell (lost connection, timeout,
+/// loading, failing over), as opposed to answering with an error reply.
+fn counts_against_redis(error: &BoxError) -> bool {
+    match error.downcast_ref::<RedisError>() {
+        Some(redis) => matches!(redis, RedisError::Unavailable) || is_transient(redis),
+        None => true,
     }
 }
 

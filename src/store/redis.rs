@@ -344,11 +344,14 @@ impl RedisStore {
 
     /// Stores entries in one pipeline, each with `PX` set to the time it can still be
     /// served, so Redis expires it by itself. An entry already past that, or too
-    /// large, is not sent. Returns how many were written and how many failed.
-    pub(crate) async fn set_many(&self, entries: &[(CacheKey, Entry)]) -> (usize, usize) {
-        let Ok(client) = self.healthy() else {
-            return (0, entries.len());
-        };
+    /// large, is not sent. Returns how many were written and how many were refused
+    /// by an error reply (`OOM`); a lost connection or a timeout is an error, for the
+    /// breaker and the retry to see.
+    pub(crate) async fn set_many(
+        &self,
+        entries: &[(CacheKey, Entry)],
+    ) -> Result<(usize, usize), RedisError> {
+        let client = self.healthy()?;
         // The pipeline goes to one connection, flushed once: one round trip and one
         // wake-up for the whole batch. Its commands carry the pool's default timeout.
         let pipeline = client.pipeline();
@@ -382,14 +385,23 @@ impl RedisStore {
             }
         }
         if queued == 0 {
-            return (0, 0);
+            return Ok((0, 0));
         }
         let results = pipeline.try_all::<fred::types::Value>().await;
-        let written = results.iter().filter(|r| r.is_ok()).count();
-        if let Some(Err(e)) = results.iter().find(|r| r.is_err()) {
-            tracing::debug!(target: TARGET, error = %e, outcome = "redis-write-failed");
+        let mut written = 0;
+        for result in results.iter() {
+            match result {
+                Ok(_) => written += 1,
+                Err(e) => {
+                    let error = RedisError::Command(e.clone());
+                    if crate::resilience::retry::is_transient(&error) {
+                        return Err(error);
+                    }
+                    tracing::debug!(target: TARGET, error = %e, outcome = "redis-write-refused");
+                }
+            }
         }
-        (written, results.len() - written)
+        Ok((written, results.len() - written))
     }
 
     /// Deletes the entry under `key`.
@@ -427,10 +439,10 @@ impl tower::Service<StoreRequest> for RedisService {
         Box::pin(async move {
             match request {
                 StoreRequest::Get(key) => store.get(&key).await.map(StoreResponse::Found),
-                StoreRequest::Set(entries) => {
-                    let (written, failed) = store.set_many(&entries).await;
-                    Ok(StoreResponse::Written { written, failed })
-                }
+                StoreRequest::Set(entries) => store
+                    .set_many(&entries)
+                    .await
+                    .map(|(written, failed)| StoreResponse::Written { written, failed }),
                 StoreRequest::Delete(key) => {
                     store.delete(&key).await.map(|()| StoreResponse::Deleted)
                 }

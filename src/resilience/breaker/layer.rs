@@ -5,6 +5,8 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use pin_project_lite::pin_project;
 use tokio::time::Instant;
 use tower::{BoxError, Layer, Service};
@@ -110,6 +112,21 @@ impl CircuitBreakerLayer {
     /// Calls let through while half-open; all must succeed to close. Default 1.
     pub fn half_open_probes(self, n: u32) -> Self {
         self.with(|c| c.probes = n.max(1))
+    }
+
+    /// Counts only the errors `counts` says are the dependency's failure (by default
+    /// every error counts). The Redis tier uses this so that error replies (`OOM`,
+    /// `WRONGTYPE`) do not trip it, while lost connections and timeouts do.
+    pub fn count_errors_if<F>(self, counts: F) -> Self
+    where
+        F: Fn(&BoxError) -> bool + Send + Sync + 'static,
+    {
+        self.with(|c| c.counts = Some(Arc::new(counts)))
+    }
+
+    /// Whether an error filter was set.
+    pub(crate) fn filters_errors(&self) -> bool {
+        self.breaker.config().counts.is_some()
     }
 
     /// The breaker every service from this layer (and its clones) shares.
@@ -225,11 +242,16 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().kind.project() {
             KindProj::Running { future, call } => {
-                let result = std::task::ready!(future.poll(cx));
+                let result = std::task::ready!(future.poll(cx)).map_err(Into::into);
                 if let Some(call) = call.take() {
-                    call.finish(result.is_ok());
+                    let failed = match (&result, &call.breaker.config().counts) {
+                        (Ok(_), _) => false,
+                        (Err(error), Some(counts)) => counts(error),
+                        (Err(_), None) => true,
+                    };
+                    call.finish(!failed);
                 }
-                Poll::Ready(result.map_err(Into::into))
+                Poll::Ready(result)
             }
             KindProj::Refused { error } => Poll::Ready(Err(match error.take() {
                 Some(open) => open.into(),
@@ -243,7 +265,6 @@ where
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::Arc;
     use tower::ServiceExt;
 
     use crate::BreakerState;
@@ -305,5 +326,34 @@ mod tests {
             .is_err());
         service.clone().oneshot(false).await.unwrap();
         assert_eq!(breaker.state(), BreakerState::Closed);
+    }
+}
+
+#[cfg(test)]
+mod filter_tests {
+    use super::*;
+    use tower::ServiceExt;
+
+    use crate::BreakerState;
+
+    #[tokio::test(start_paused = true)]
+    async fn errors_the_filter_excuses_do_not_trip_the_breaker() {
+        let inner = tower::service_fn(|reply: &'static str| async move { Err::<(), _>(reply) });
+        let layer = CircuitBreakerLayer::new()
+            .consecutive_failures(2)
+            .count_errors_if(|e| !e.to_string().starts_with("OOM"));
+        let service = layer.layer(inner);
+        for _ in 0..10 {
+            assert!(service
+                .clone()
+                .oneshot("OOM command not allowed")
+                .await
+                .is_err());
+        }
+        assert_eq!(layer.breaker().state(), BreakerState::Closed);
+        for _ in 0..2 {
+            assert!(service.clone().oneshot("connection reset").await.is_err());
+        }
+        assert_eq!(layer.breaker().state(), BreakerState::Open);
     }
 }

@@ -57,8 +57,11 @@ impl fmt::Display for CircuitOpen {
 
 impl std::error::Error for CircuitOpen {}
 
+/// Decides whether an error counts against the dependency.
+pub(crate) type FailureFilter = Arc<dyn Fn(&tower::BoxError) -> bool + Send + Sync>;
+
 /// The settings of a breaker; see [`CircuitBreakerLayer`]'s builder methods.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub(crate) struct BreakerConfig {
     pub(crate) consecutive_failures: u32,
     pub(crate) failure_rate: f64,
@@ -69,6 +72,25 @@ pub(crate) struct BreakerConfig {
     pub(crate) max_open_for: Duration,
     pub(crate) jitter: f64,
     pub(crate) probes: u32,
+    /// `None`: every error counts.
+    pub(crate) counts: Option<FailureFilter>,
+}
+
+impl fmt::Debug for BreakerConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BreakerConfig")
+            .field("consecutive_failures", &self.consecutive_failures)
+            .field("failure_rate", &self.failure_rate)
+            .field("window", &self.window)
+            .field("min_calls", &self.min_calls)
+            .field("slow_call", &self.slow_call)
+            .field("open_for", &self.open_for)
+            .field("max_open_for", &self.max_open_for)
+            .field("jitter", &self.jitter)
+            .field("probes", &self.probes)
+            .field("filters_errors", &self.counts.is_some())
+            .finish()
+    }
 }
 
 impl Default for BreakerConfig {
@@ -83,6 +105,7 @@ impl Default for BreakerConfig {
             max_open_for: Duration::from_secs(30),
             jitter: 0.1,
             probes: 1,
+            counts: None,
         }
     }
 }
