@@ -1,5 +1,8 @@
 //! A tower middleware that caches HTTP responses as a correct shared cache
-//! (RFC 9111), over a bounded in-process [moka](https://docs.rs/moka) tier.
+//! (RFC 9111). Entries are shared across replicas through Redis
+//! ([fred](https://docs.rs/fred)), behind a circuit breaker, one deadline and budgeted
+//! retries, with a bounded in-process [moka](https://docs.rs/moka) tier that answers
+//! when Redis cannot (or alone, without Redis).
 //!
 //! Build one [`HybridCache`] per process, then put a [`HybridCacheLayer`] on each
 //! route (or a whole router) with that route's settings:
@@ -32,6 +35,11 @@
 //! allows it; freshness from `s-maxage`, `max-age`, `Expires`, `Date` and `Age`, with
 //! the route TTL where the origin says nothing. Every response says what the cache
 //! did in `Cache-Status` (RFC 9211), and every hit carries `Age`.
+//!
+//! With `HybridCacheBuilder::redis_url`, reads go to Redis first and to memory when
+//! Redis errs, times out or is known to be down; writes go to memory at once and to
+//! Redis in the background. Building never waits on Redis for longer than its connect
+//! timeout, and never fails because Redis is down.
 //!
 //! The layer needs a tokio runtime: stores are written by a background task, so the
 //! client never waits for them.
