@@ -197,14 +197,7 @@ impl CircuitBreaker {
             if now < until {
                 return Err(CircuitOpen { _private: () });
             }
-            Self::enter(
-                &mut inner,
-                State::HalfOpen {
-                    in_flight: 0,
-                    succeeded: 0,
-                },
-                "half-open",
-            );
+            Self::half_open(&mut inner);
         }
         match &mut inner.state {
             State::Closed => Ok(Permit { probe: false }),
@@ -289,14 +282,7 @@ impl CircuitBreaker {
     pub fn force_half_open(&self) {
         let mut inner = self.lock();
         if matches!(inner.state, State::Open { .. }) {
-            Self::enter(
-                &mut inner,
-                State::HalfOpen {
-                    in_flight: 0,
-                    succeeded: 0,
-                },
-                "half-open",
-            );
+            Self::half_open(&mut inner);
         }
     }
 
@@ -319,6 +305,14 @@ impl CircuitBreaker {
             "open",
         );
         tracing::warn!(target: TARGET, trips = inner.trips, open_for_ms = open_for.as_millis() as u64, "circuit breaker opened");
+    }
+
+    fn half_open(inner: &mut Inner) {
+        let state = State::HalfOpen {
+            in_flight: 0,
+            succeeded: 0,
+        };
+        Self::enter(inner, state, "half-open");
     }
 
     fn enter(inner: &mut Inner, state: State, name: &'static str) {
