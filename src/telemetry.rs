@@ -1,9 +1,13 @@
-//! Counters and tracing fields in one place.
+//! Counters, metric names and tracing fields in one place.
 //!
 //! Every decision is a `tracing` event at `debug` level with the target
 //! `tower_hybrid_cache` and the fields `key`, `outcome` and, where it applies,
-//! `detail`; counters are plain atomics read through
-//! [`HybridCache::stats`](crate::HybridCache::stats).
+//! `detail`. Every counter is both a plain atomic read through
+//! [`HybridCache::stats`](crate::HybridCache::stats) and a counter of the `metrics`
+//! facade (for whatever recorder the application installs), named
+//! `tower_hybrid_cache_<field>_total` after the [`CacheStats`] field; the circuit
+//! breaker reports `tower_hybrid_cache_breaker_state` (0 closed, 1 half-open, 2 open)
+//! and `tower_hybrid_cache_breaker_transitions_total`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -77,15 +81,43 @@ pub(crate) enum Counter {
     RedisBreakerRejection,
 }
 
+impl Counter {
+    /// The name of the counter in the `metrics` facade.
+    pub(crate) fn metric_name(self) -> &'static str {
+        match self {
+            Counter::Hit => "tower_hybrid_cache_hits_total",
+            Counter::Miss => "tower_hybrid_cache_misses_total",
+            Counter::Bypass => "tower_hybrid_cache_bypasses_total",
+            Counter::Store => "tower_hybrid_cache_stores_total",
+            Counter::NotStored => "tower_hybrid_cache_not_stored_total",
+            Counter::Coalesced => "tower_hybrid_cache_coalesced_total",
+            Counter::RedisWrite => "tower_hybrid_cache_redis_writes_total",
+            Counter::RedisError => "tower_hybrid_cache_redis_errors_total",
+            Counter::RedisWriteDropped => "tower_hybrid_cache_redis_writes_dropped_total",
+            Counter::RedisRetry => "tower_hybrid_cache_redis_retries_total",
+            Counter::RetryBudgetExhausted => "tower_hybrid_cache_retry_budget_exhausted_total",
+            Counter::RedisDeadlineHit => "tower_hybrid_cache_redis_deadline_hits_total",
+            Counter::RedisBreakerRejection => "tower_hybrid_cache_redis_breaker_rejections_total",
+        }
+    }
+}
+
+/// The breaker's state as a gauge value.
+pub(crate) const BREAKER_STATE: &str = "tower_hybrid_cache_breaker_state";
+/// Breaker state changes.
+pub(crate) const BREAKER_TRANSITIONS: &str = "tower_hybrid_cache_breaker_transitions_total";
+
 impl Counters {
     pub(crate) fn add_n(&self, counter: Counter, n: usize) {
         if n > 0 {
             self.cell(counter).fetch_add(n as u64, Ordering::Relaxed);
+            metrics::counter!(counter.metric_name()).increment(n as u64);
         }
     }
 
     pub(crate) fn add(&self, counter: Counter) {
         self.cell(counter).fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(counter.metric_name()).increment(1);
     }
 
     fn cell(&self, counter: Counter) -> &AtomicU64 {

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::telemetry::TARGET;
+use crate::telemetry::{BREAKER_STATE, BREAKER_TRANSITIONS, TARGET};
 
 mod layer;
 
@@ -316,6 +316,13 @@ impl CircuitBreaker {
     }
 
     fn enter(inner: &mut Inner, state: State, name: &'static str) {
+        let gauge = match state {
+            State::Closed => 0.0,
+            State::HalfOpen { .. } => 1.0,
+            State::Open { .. } => 2.0,
+        };
+        metrics::gauge!(BREAKER_STATE).set(gauge);
+        metrics::counter!(BREAKER_TRANSITIONS).increment(1);
         inner.state = state;
         inner.transitions += 1;
         tracing::info!(target: TARGET, state = name, "circuit breaker transition");
