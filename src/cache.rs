@@ -13,11 +13,13 @@ use crate::error::BuildError;
 use crate::key::normalised_value;
 use crate::layer::HybridCacheLayer;
 use crate::resilience::breaker::{CircuitBreaker, CircuitBreakerLayer};
+use crate::store::hybrid::RedisLayerFn;
 use crate::store::memory::MemoryStore;
 use crate::store::redis::{RedisConfig, RedisStore};
-use crate::store::{HybridStore, Tier};
+use crate::store::{HybridStore, RedisTierService, StoreRequest, StoreResponse, Tier};
 use crate::telemetry::{CacheStats, Counter, Counters};
 use crate::CacheKey;
+use tower::{BoxError, Layer, Service};
 
 /// Default memory-tier capacity: 64 MiB.
 pub const DEFAULT_MEMORY_CAPACITY_BYTES: u64 = 64 << 20;
@@ -84,6 +86,17 @@ pub struct HybridCacheBuilder {
     redis: Option<RedisConfig>,
     near_cache: Option<Duration>,
     redis_breaker: Option<CircuitBreakerLayer>,
+    redis_layers: RedisLayers,
+}
+
+/// The user's layers on the Redis tier, in the order they were added.
+#[derive(Clone, Default)]
+struct RedisLayers(Vec<RedisLayerFn>);
+
+impl std::fmt::Debug for RedisLayers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} layer(s)", self.0.len())
+    }
 }
 
 impl Default for HybridCacheBuilder {
@@ -97,6 +110,7 @@ impl Default for HybridCacheBuilder {
             redis: None,
             near_cache: None,
             redis_breaker: None,
+            redis_layers: RedisLayers::default(),
         }
     }
 }
@@ -165,6 +179,49 @@ impl HybridCacheBuilder {
         self
     }
 
+    /// Adds a tower layer around the Redis store, inside the retry: it sees every
+    /// attempt as a [`StoreRequest`] and answers with a [`StoreResponse`] or an error
+    /// (the store's are [`StoreError`](crate::StoreError); the retry resends only
+    /// those that [are transient](crate::StoreError::is_transient), the breaker counts
+    /// those that [are an outage](crate::StoreError::is_outage) and any error of the layer's own).
+    /// For metrics or logs per Redis command, or faults in a test. The layered
+    /// service must be `Clone + Send + Sync` (it is shared by every request).
+    /// Called more than once, the first layer added is the outermost.
+    ///
+    /// The whole stack, outside in: breaker, deadline (reads and deletes), retry,
+    /// these layers, the store.
+    ///
+    /// ```
+    /// use std::sync::atomic::{AtomicU64, Ordering};
+    /// use std::sync::Arc;
+    /// use tower::util::MapRequestLayer;
+    /// use tower_hybrid_cache::{HybridCache, StoreOperation, StoreRequest};
+    ///
+    /// let redis_gets = Arc::new(AtomicU64::new(0));
+    /// let counted = Arc::clone(&redis_gets);
+    /// let builder = HybridCache::builder()
+    ///     .redis_url("redis://127.0.0.1:6379")
+    ///     .redis_layer(MapRequestLayer::new(move |request: StoreRequest| {
+    ///         if request.operation() == StoreOperation::Get {
+    ///             counted.fetch_add(1, Ordering::Relaxed);
+    ///         }
+    ///         request
+    ///     }));
+    /// # let _ = builder;
+    /// ```
+    pub fn redis_layer<L>(mut self, layer: L) -> Self
+    where
+        L: Layer<RedisTierService> + Send + Sync + 'static,
+        L::Service: Service<StoreRequest, Response = StoreResponse> + Clone + Send + Sync + 'static,
+        <L::Service as Service<StoreRequest>>::Error: Into<BoxError>,
+        <L::Service as Service<StoreRequest>>::Future: Send + 'static,
+    {
+        self.redis_layers.0.push(Arc::new(move |inner| {
+            RedisTierService::new(layer.layer(inner))
+        }));
+        self
+    }
+
     /// Shares entries through Redis, configured in full.
     pub fn redis(mut self, config: RedisConfig) -> Self {
         self.redis = Some(config);
@@ -197,6 +254,7 @@ impl HybridCacheBuilder {
                 redis,
                 config,
                 self.redis_breaker.clone().unwrap_or_default(),
+                &self.redis_layers.0,
                 Arc::clone(&counters),
                 local_ttl.is_some(),
             )?;

@@ -73,7 +73,10 @@ pub use resilience::breaker::{
 };
 pub use store::redis::RedisConfig;
 pub use store::redis_health::RedisHealth;
-pub use store::Tier;
+pub use store::{
+    RedisTierService, StoreError, StoreErrorKind, StoreOperation, StoreOutcome, StoreRequest,
+    StoreResponse, Tier,
+};
 pub use telemetry::CacheStats;
 
 /// The README's examples, compiled as doc tests so they stay true.

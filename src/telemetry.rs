@@ -45,6 +45,9 @@ pub struct CacheStats {
     pub redis_deadline_hits: u64,
     /// Redis operations refused at once because the circuit breaker was open.
     pub redis_breaker_rejections: u64,
+    /// Lookups the memory tier answered because Redis failed, timed out or was
+    /// refused by the breaker.
+    pub fallback_hits: u64,
 }
 
 #[derive(Debug, Default)]
@@ -62,6 +65,7 @@ pub(crate) struct Counters {
     retry_budget_exhausted: AtomicU64,
     redis_deadline_hits: AtomicU64,
     redis_breaker_rejections: AtomicU64,
+    fallback_hits: AtomicU64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -79,6 +83,7 @@ pub(crate) enum Counter {
     RetryBudgetExhausted,
     RedisDeadlineHit,
     RedisBreakerRejection,
+    FallbackHit,
 }
 
 impl Counter {
@@ -98,6 +103,7 @@ impl Counter {
             Counter::RetryBudgetExhausted => "tower_hybrid_cache_retry_budget_exhausted_total",
             Counter::RedisDeadlineHit => "tower_hybrid_cache_redis_deadline_hits_total",
             Counter::RedisBreakerRejection => "tower_hybrid_cache_redis_breaker_rejections_total",
+            Counter::FallbackHit => "tower_hybrid_cache_fallback_hits_total",
         }
     }
 }
@@ -135,6 +141,7 @@ impl Counters {
             Counter::RetryBudgetExhausted => &self.retry_budget_exhausted,
             Counter::RedisDeadlineHit => &self.redis_deadline_hits,
             Counter::RedisBreakerRejection => &self.redis_breaker_rejections,
+            Counter::FallbackHit => &self.fallback_hits,
         }
     }
 
@@ -153,6 +160,7 @@ impl Counters {
             retry_budget_exhausted: self.retry_budget_exhausted.load(Ordering::Relaxed),
             redis_deadline_hits: self.redis_deadline_hits.load(Ordering::Relaxed),
             redis_breaker_rejections: self.redis_breaker_rejections.load(Ordering::Relaxed),
+            fallback_hits: self.fallback_hits.load(Ordering::Relaxed),
         }
     }
 }

@@ -11,9 +11,9 @@ use tower::retry::Policy;
 use tower::util::rng::HasherRng;
 
 use crate::error::BuildError;
-use crate::store::redis::RedisError;
-use crate::store::{StoreRequest, StoreResponse};
+use crate::store::{StoreError, StoreRequest, StoreResponse};
 use crate::telemetry::{Counter, Counters, TARGET};
+use tower::BoxError;
 
 /// The retry policy of the Redis tier. Every store operation is idempotent (`GET`,
 /// `SET … PX` of a whole value, `DEL`), so each may be sent again.
@@ -53,32 +53,13 @@ impl RedisRetry {
     }
 }
 
-/// Whether an error may pass by itself: a lost or slow connection, or a server that is
-/// loading, failing over or resharding. Not: no healthy connection (a retry in
-/// milliseconds will not find one), a wrong command, `OOM`, or auth errors.
-pub(crate) fn is_transient(error: &RedisError) -> bool {
-    let RedisError::Command(error) = error else {
-        return false;
-    };
-    use fred::error::ErrorKind;
-    match error.kind() {
-        ErrorKind::IO | ErrorKind::Timeout | ErrorKind::Canceled => true,
-        _ => {
-            let details = error.details();
-            ["LOADING", "TRYAGAIN", "CLUSTERDOWN", "MASTERDOWN"]
-                .iter()
-                .any(|prefix| details.starts_with(prefix))
-        }
-    }
-}
-
-impl Policy<StoreRequest, StoreResponse, RedisError> for RedisRetry {
+impl Policy<StoreRequest, StoreResponse, BoxError> for RedisRetry {
     type Future = tokio::time::Sleep;
 
     fn retry(
         &mut self,
         _request: &mut StoreRequest,
-        result: &mut Result<StoreResponse, RedisError>,
+        result: &mut Result<StoreResponse, BoxError>,
     ) -> Option<Self::Future> {
         match result {
             Ok(_) => {
@@ -86,7 +67,12 @@ impl Policy<StoreRequest, StoreResponse, RedisError> for RedisRetry {
                 None
             }
             Err(error) => {
-                if self.attempts_left == 0 || !is_transient(error) {
+                // Only the store's own transient errors: an error a user layer made up is
+                // its own decision, not a flaky connection.
+                let transient = error
+                    .downcast_ref::<StoreError>()
+                    .is_some_and(StoreError::is_transient);
+                if self.attempts_left == 0 || !transient {
                     return None;
                 }
                 if !self.budget.withdraw() {
@@ -111,40 +97,8 @@ mod tests {
     use super::*;
     use fred::error::{Error, ErrorKind};
 
-    fn command(kind: ErrorKind, details: &'static str) -> RedisError {
-        RedisError::Command(Error::new(kind, details))
-    }
-
-    #[test]
-    fn only_transient_errors_are_retried() {
-        assert!(is_transient(&command(ErrorKind::IO, "connection reset")));
-        assert!(is_transient(&command(ErrorKind::Timeout, "timed out")));
-        assert!(is_transient(&command(
-            ErrorKind::Unknown,
-            "LOADING Redis is loading the dataset"
-        )));
-        assert!(is_transient(&command(
-            ErrorKind::Unknown,
-            "TRYAGAIN multiple keys"
-        )));
-        assert!(is_transient(&command(
-            ErrorKind::Unknown,
-            "CLUSTERDOWN the cluster is down"
-        )));
-        assert!(is_transient(&command(
-            ErrorKind::Unknown,
-            "MASTERDOWN link down"
-        )));
-        assert!(!is_transient(&command(
-            ErrorKind::Unknown,
-            "OOM command not allowed"
-        )));
-        assert!(!is_transient(&command(ErrorKind::Auth, "WRONGPASS")));
-        assert!(!is_transient(&command(
-            ErrorKind::InvalidCommand,
-            "ERR unknown command"
-        )));
-        assert!(!is_transient(&RedisError::Unavailable));
+    fn command(kind: ErrorKind, details: &'static str) -> Result<StoreResponse, BoxError> {
+        Err(Box::new(StoreError::command(Error::new(kind, details))))
     }
 
     #[tokio::test(start_paused = true)]
@@ -158,17 +112,18 @@ mod tests {
             counters.clone(),
         )
         .unwrap();
-        let mut request = StoreRequest::Delete(crate::CacheKey::from_bytes([0; 32]));
-        let mut ok: Result<StoreResponse, RedisError> = Ok(StoreResponse::Deleted);
+        let mut request = StoreRequest::delete(crate::CacheKey::from_bytes([0; 32]));
+        let mut ok: Result<StoreResponse, BoxError> =
+            Ok(StoreResponse::new(crate::store::StoreAnswer::Deleted));
         assert!(policy.retry(&mut request, &mut ok).is_none());
-        let mut failed = Err(command(ErrorKind::IO, "reset"));
+        let mut failed = command(ErrorKind::IO, "reset");
         assert!(policy.retry(&mut request, &mut failed).is_some());
         assert!(policy.retry(&mut request, &mut failed).is_some());
         assert!(
             policy.retry(&mut request, &mut failed).is_none(),
             "two retries at most"
         );
-        let mut oom = Err(command(ErrorKind::Unknown, "OOM"));
+        let mut oom = command(ErrorKind::Unknown, "OOM");
         let mut fresh = RedisRetry::new(
             2,
             Duration::from_millis(1),
@@ -192,12 +147,12 @@ mod tests {
             counters.clone(),
         )
         .unwrap();
-        let mut request = StoreRequest::Delete(crate::CacheKey::from_bytes([0; 32]));
+        let mut request = StoreRequest::delete(crate::CacheKey::from_bytes([0; 32]));
         // Every call fails: the budget (10 a second, no share of calls) runs dry.
         let mut retried = 0;
         for _ in 0..1000 {
             let mut per_call = policy.clone();
-            let mut failed = Err(command(ErrorKind::IO, "reset"));
+            let mut failed = command(ErrorKind::IO, "reset");
             if per_call.retry(&mut request, &mut failed).is_some() {
                 retried += 1;
             }

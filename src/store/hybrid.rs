@@ -23,9 +23,8 @@ use crate::resilience::breaker::CircuitOpen;
 use crate::resilience::breaker::{CircuitBreaker, CircuitBreakerLayer};
 
 use super::memory::MemoryStore;
-use super::redis::{RedisError, RedisService, RedisStore};
-use super::{StoreRequest, StoreResponse, Tier};
-use crate::resilience::retry::is_transient;
+use super::redis::{RedisService, RedisStore};
+use super::{RedisTierService, StoreAnswer, StoreError, StoreRequest, Tier};
 
 /// Most queued writes sent to Redis in one pipeline.
 const WRITE_BATCH: usize = 64;
@@ -40,7 +39,10 @@ pub(crate) struct HybridStore {
 }
 
 /// The Redis tier's service stack (breaker around the store), shared by every clone.
-type RedisStack = BoxCloneSyncService<StoreRequest, StoreResponse, BoxError>;
+type RedisStack = BoxCloneSyncService<StoreRequest, super::StoreResponse, BoxError>;
+
+/// A user's layer on the Redis tier, applied to the store.
+pub(crate) type RedisLayerFn = Arc<dyn Fn(RedisTierService) -> RedisTierService + Send + Sync>;
 
 #[derive(Clone)]
 struct RedisTier {
@@ -68,6 +70,7 @@ impl HybridStore {
         store: RedisStore,
         config: &RedisConfig,
         breaker: CircuitBreakerLayer,
+        layers: &[RedisLayerFn],
         counters: Arc<Counters>,
         memory_first: bool,
     ) -> Result<Self, BuildError> {
@@ -82,6 +85,12 @@ impl HybridStore {
         store.drive(breaker.breaker());
         let store = Arc::new(store);
         let retry = RetryLayer::new(config.retry_policy(Arc::clone(&counters))?);
+        // The user's layers wrap the store itself, so they see every attempt; the
+        // first added is the outermost, as with `ServiceBuilder`.
+        let inner = layers.iter().rev().fold(
+            RedisTierService::new(RedisService(Arc::clone(&store))),
+            |service, layer| layer(service),
+        );
         // Outside in: the breaker (while open, nothing touches Redis), one deadline
         // for the whole operation, retries of transient errors, the store.
         let service = BoxCloneSyncService::new(
@@ -89,14 +98,14 @@ impl HybridStore {
                 .layer(breaker.clone())
                 .layer(TimeoutLayer::new(config.deadline_value()))
                 .layer(retry.clone())
-                .service(RedisService(Arc::clone(&store))),
+                .service(inner.clone()),
         );
         // Writes are off the response path: no deadline beyond each attempt's.
         let writer: RedisStack = BoxCloneSyncService::new(
             ServiceBuilder::new()
                 .layer(breaker.clone())
                 .layer(retry)
-                .service(RedisService(Arc::clone(&store))),
+                .service(inner),
         );
         let (writes, mut pending) = mpsc::channel::<(CacheKey, Entry)>(config.write_queue_len());
         // The task ends when the last sender (the last HybridStore clone) is gone.
@@ -105,12 +114,19 @@ impl HybridStore {
             while pending.recv_many(&mut batch, WRITE_BATCH).await > 0 {
                 let sent = std::mem::replace(&mut batch, Vec::with_capacity(WRITE_BATCH));
                 let count = sent.len();
-                match writer.clone().oneshot(StoreRequest::Set(sent)).await {
-                    Ok(StoreResponse::Written { written, failed }) => {
-                        counters.add_n(Counter::RedisWrite, written);
-                        counters.add_n(Counter::RedisError, failed);
+                match writer.clone().oneshot(StoreRequest::set(sent)).await {
+                    Ok(response) => match response.answer {
+                        StoreAnswer::Written { written, failed } => {
+                            counters.add_n(Counter::RedisWrite, written);
+                            counters.add_n(Counter::RedisError, failed);
+                        }
+                        _ => counters.add_n(Counter::RedisError, count),
+                    },
+                    Err(e) => {
+                        count_failure(&counters, &e);
+                        counters.add_n(Counter::RedisError, count.saturating_sub(1));
+                        tracing::debug!(target: TARGET, entries = count, error = %e, outcome = "redis-write-failed");
                     }
-                    Ok(_) | Err(_) => counters.add_n(Counter::RedisError, count),
                 }
             }
         });
@@ -140,9 +156,11 @@ impl HybridStore {
             }
         }
         if let Some(redis) = &self.redis {
-            let found = match redis.service.clone().oneshot(StoreRequest::Get(*key)).await {
-                Ok(StoreResponse::Found(found)) => Ok(found),
-                Ok(_) => Ok(None),
+            let found = match redis.service.clone().oneshot(StoreRequest::get(*key)).await {
+                Ok(response) => match response.answer {
+                    StoreAnswer::Found(found) => Ok(found),
+                    _ => Ok(None),
+                },
                 Err(e) => Err(e),
             };
             match found {
@@ -159,6 +177,11 @@ impl HybridStore {
                 Err(e) => {
                     count_failure(counters, &e);
                     tracing::debug!(target: TARGET, key = %key, error = %e, outcome = "redis-read-failed");
+                    let held = self.memory.get(key).await;
+                    if held.is_some() {
+                        counters.add(Counter::FallbackHit);
+                    }
+                    return held.map(|entry| (entry, Tier::Memory));
                 }
             }
         }
@@ -184,7 +207,7 @@ impl HybridStore {
             if let Err(e) = redis
                 .service
                 .clone()
-                .oneshot(StoreRequest::Delete(*key))
+                .oneshot(StoreRequest::delete(*key))
                 .await
             {
                 counters.add(Counter::RedisError);
@@ -213,10 +236,9 @@ impl HybridStore {
 /// Whether an error says Redis is unreachable or unwell (lost connection, timeout,
 /// loading, failing over), as opposed to answering with an error reply.
 fn counts_against_redis(error: &BoxError) -> bool {
-    match error.downcast_ref::<RedisError>() {
-        Some(redis) => matches!(redis, RedisError::Unavailable) || is_transient(redis),
-        None => true,
-    }
+    error
+        .downcast_ref::<StoreError>()
+        .is_none_or(StoreError::is_outage)
 }
 
 /// Counts a failed Redis operation, and why when the stack itself refused or cut it.

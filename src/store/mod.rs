@@ -6,35 +6,16 @@
 
 pub(crate) mod hybrid;
 pub(crate) mod memory;
+mod operation;
 pub(crate) mod redis;
 pub(crate) mod redis_health;
 
 pub(crate) use hybrid::HybridStore;
-
-use crate::entry::Entry;
-use crate::CacheKey;
-
-/// An operation on a store tier. Cloned when retried.
-#[derive(Debug, Clone)]
-pub(crate) enum StoreRequest {
-    /// The entry under a key.
-    Get(CacheKey),
-    /// Write entries (a batch goes out as one pipeline).
-    Set(Vec<(CacheKey, Entry)>),
-    /// Remove the entry under a key.
-    Delete(CacheKey),
-}
-
-/// The answer to a [`StoreRequest`].
-#[derive(Debug)]
-pub(crate) enum StoreResponse {
-    /// What `Get` found; `None` for absent or unreadable.
-    Found(Option<Entry>),
-    /// How many of a `Set` batch were written, and how many failed.
-    Written { written: usize, failed: usize },
-    /// `Delete` is done.
-    Deleted,
-}
+pub use operation::{
+    RedisTierService, StoreError, StoreErrorKind, StoreOperation, StoreOutcome, StoreRequest,
+    StoreResponse,
+};
+pub(crate) use operation::{StoreAnswer, StoreOp};
 
 /// The tier that answered a lookup; named in `Cache-Status` as `detail`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

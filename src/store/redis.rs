@@ -18,7 +18,7 @@ use std::task::{Context, Poll};
 use fred::clients::{Client, WithOptions};
 
 use super::redis_health::{spawn_probe, watch_events, HealthState, RedisHealth};
-use super::{StoreRequest, StoreResponse};
+use super::{StoreAnswer, StoreError, StoreOp, StoreRequest, StoreResponse};
 use crate::entry::{decode_entry, encode_entry, Entry};
 use crate::error::BuildError;
 use crate::resilience::breaker::CircuitBreaker;
@@ -189,33 +189,6 @@ impl RedisConfig {
     }
 }
 
-/// Why a Redis operation failed; the caller falls back to memory.
-#[derive(Debug)]
-pub(crate) enum RedisError {
-    /// No pooled connection is believed healthy: Redis was not asked.
-    Unavailable,
-    /// Redis or fred answered with an error (timeouts included).
-    Command(fred::error::Error),
-}
-
-impl std::error::Error for RedisError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            RedisError::Unavailable => None,
-            RedisError::Command(e) => Some(e),
-        }
-    }
-}
-
-impl fmt::Display for RedisError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            RedisError::Unavailable => f.write_str("redis: no healthy connection"),
-            RedisError::Command(e) => write!(f, "redis: {e}"),
-        }
-    }
-}
-
 /// The Redis tier: a fred pool and the namespace of this cache's keys.
 pub(crate) struct RedisStore {
     pool: Pool,
@@ -303,16 +276,16 @@ impl RedisStore {
     }
 
     /// A connection believed healthy; none: fail at once, without asking Redis.
-    fn healthy(&self) -> Result<&Client, RedisError> {
-        let index = self.health.pick().ok_or(RedisError::Unavailable)?;
+    fn healthy(&self) -> Result<&Client, StoreError> {
+        let index = self.health.pick().ok_or_else(StoreError::unavailable)?;
         self.pool
             .clients()
             .get(index)
-            .ok_or(RedisError::Unavailable)
+            .ok_or_else(StoreError::unavailable)
     }
 
     /// A healthy connection with the per-call limits (timeout, one attempt, fail fast).
-    fn client(&self) -> Result<WithOptions<Client>, RedisError> {
+    fn client(&self) -> Result<WithOptions<Client>, StoreError> {
         Ok(self.healthy()?.with_options(&self.options))
     }
 
@@ -327,12 +300,12 @@ impl RedisStore {
 
     /// The entry under `key`: `Ok(None)` when absent or unreadable (a foreign or
     /// corrupt value is a miss, overwritten by the next store).
-    pub(crate) async fn get(&self, key: &CacheKey) -> Result<Option<Entry>, RedisError> {
+    pub(crate) async fn get(&self, key: &CacheKey) -> Result<Option<Entry>, StoreError> {
         let value: Option<Bytes> = self
             .client()?
             .get(self.key(key))
             .await
-            .map_err(RedisError::Command)?;
+            .map_err(StoreError::command)?;
         Ok(value.and_then(|bytes| match decode_entry(bytes) {
             Ok(entry) => Some(entry),
             Err(e) => {
@@ -345,12 +318,12 @@ impl RedisStore {
     /// Stores entries in one pipeline, each with `PX` set to the time it can still be
     /// served, so Redis expires it by itself. An entry already past that, or too
     /// large, is not sent. Returns how many were written and how many were refused
-    /// by an error reply (`OOM`); a lost connection or a timeout is an error, for the
-    /// breaker and the retry to see.
+    /// by an error reply (`OOM`); a lost connection, a timeout, or a batch refused
+    /// whole is an error, for the breaker and the retry to see.
     pub(crate) async fn set_many(
         &self,
         entries: &[(CacheKey, Entry)],
-    ) -> Result<(usize, usize), RedisError> {
+    ) -> Result<(usize, usize), StoreError> {
         let client = self.healthy()?;
         // The pipeline goes to one connection, flushed once: one round trip and one
         // wake-up for the whole batch. Its commands carry the pool's default timeout.
@@ -389,28 +362,35 @@ impl RedisStore {
         }
         let results = pipeline.try_all::<fred::types::Value>().await;
         let mut written = 0;
+        let mut refused = None;
         for result in results.iter() {
             match result {
                 Ok(_) => written += 1,
                 Err(e) => {
-                    let error = RedisError::Command(e.clone());
-                    if crate::resilience::retry::is_transient(&error) {
+                    let error = StoreError::command(e.clone());
+                    if error.is_transient() {
                         return Err(error);
                     }
                     tracing::debug!(target: TARGET, error = %e, outcome = "redis-write-refused");
+                    refused.get_or_insert(error);
                 }
             }
         }
-        Ok((written, results.len() - written))
+        match refused {
+            // A batch refused whole is an error reply, for a breaker configured to
+            // count those; a partly refused one is a (counted) success.
+            Some(error) if written == 0 => Err(error),
+            _ => Ok((written, results.len() - written)),
+        }
     }
 
     /// Deletes the entry under `key`.
-    pub(crate) async fn delete(&self, key: &CacheKey) -> Result<(), RedisError> {
+    pub(crate) async fn delete(&self, key: &CacheKey) -> Result<(), StoreError> {
         let _: i64 = self
             .client()?
             .del(self.key(key))
             .await
-            .map_err(RedisError::Command)?;
+            .map_err(StoreError::command)?;
         Ok(())
     }
 
@@ -426,10 +406,10 @@ pub(crate) struct RedisService(pub(crate) Arc<RedisStore>);
 
 impl tower::Service<StoreRequest> for RedisService {
     type Response = StoreResponse;
-    type Error = RedisError;
-    type Future = Pin<Box<dyn Future<Output = Result<StoreResponse, RedisError>> + Send>>;
+    type Error = StoreError;
+    type Future = Pin<Box<dyn Future<Output = Result<StoreResponse, StoreError>> + Send>>;
 
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), RedisError>> {
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), StoreError>> {
         // fred queues commands itself (bounded); health is checked per command.
         Poll::Ready(Ok(()))
     }
@@ -437,16 +417,18 @@ impl tower::Service<StoreRequest> for RedisService {
     fn call(&mut self, request: StoreRequest) -> Self::Future {
         let store = Arc::clone(&self.0);
         Box::pin(async move {
-            match request {
-                StoreRequest::Get(key) => store.get(&key).await.map(StoreResponse::Found),
-                StoreRequest::Set(entries) => store
-                    .set_many(&entries)
-                    .await
-                    .map(|(written, failed)| StoreResponse::Written { written, failed }),
-                StoreRequest::Delete(key) => {
-                    store.delete(&key).await.map(|()| StoreResponse::Deleted)
+            let answer = match request.op {
+                StoreOp::Get(key) => StoreAnswer::Found(store.get(&key).await?),
+                StoreOp::Set(entries) => {
+                    let (written, failed) = store.set_many(&entries).await?;
+                    StoreAnswer::Written { written, failed }
                 }
-            }
+                StoreOp::Delete(key) => {
+                    store.delete(&key).await?;
+                    StoreAnswer::Deleted
+                }
+            };
+            Ok(StoreResponse::new(answer))
         })
     }
 }

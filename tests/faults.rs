@@ -1,0 +1,566 @@
+//! Fault injection against real `redis-server` processes, directly and through a TCP
+//! fault proxy: Redis killed, restarted, frozen, black-holed, slow, flapping and out
+//! of memory, under load. Each scenario asserts its numbers: no failed request, the
+//! breaker's state, the commands Redis saw, and a bound on how long any request waited.
+//!
+//! About the wait bound: the cache promises that Redis adds at most its deadline (50 ms
+//! here) to a request. These tests set the per-command timeout to 5 s, so that only
+//! the deadline stands between a sick Redis and a 5 s wait, and check every request
+//! against the deadline plus a margin of 950 ms: wide enough for a loaded shared
+//! machine, five times short of what a missing deadline would cost.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+#[path = "support/fault_proxy.rs"]
+mod fault_proxy;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fault_proxy::{Fault, FaultProxy};
+use support::redis::RedisServer;
+use support::{call, eventually, get, Origin};
+use tower_hybrid_cache::{
+    BreakerState, CircuitBreakerLayer, HybridCache, RedisConfig, StoreError, StoreErrorKind,
+};
+
+const WAIT: Duration = Duration::from_secs(15);
+/// What Redis may add to a request: the default deadline.
+const DEADLINE: Duration = Duration::from_millis(50);
+/// Scheduling noise on a shared machine; far below the 5 s command timeout.
+const MARGIN: Duration = Duration::from_millis(950);
+/// Concurrent clients of the load.
+const CLIENTS: usize = 8;
+
+/// A config in which only the deadline bounds a Redis call.
+fn config(url: &str) -> RedisConfig {
+    RedisConfig::new(url)
+        .command_timeout(Duration::from_secs(5))
+        .deadline(DEADLINE)
+}
+
+async fn cache(config: RedisConfig, breaker: CircuitBreakerLayer) -> HybridCache {
+    HybridCache::builder()
+        .namespace("faults")
+        .redis(config)
+        .redis_breaker(breaker)
+        .build()
+        .await
+        .unwrap()
+}
+
+fn app(origin: &Origin, cache: &HybridCache) -> axum::Router {
+    axum::Router::new()
+        .fallback_service(origin.router())
+        .layer(cache.layer().ttl(Duration::from_secs(300)))
+}
+
+fn urls(n: usize) -> Arc<Vec<String>> {
+    Arc::new(
+        (0..n)
+            .map(|i| format!("http://api.test/jobs/{i}"))
+            .collect(),
+    )
+}
+
+/// Stores every URL through `app` and waits until Redis holds them all.
+async fn warm(app: &axum::Router, cache: &HybridCache, urls: &[String]) {
+    for url in urls {
+        assert_eq!(call(app.clone(), get(url)).await.status, 200);
+    }
+    let n = urls.len() as u64;
+    eventually("the entries to reach Redis", WAIT, || async {
+        cache.stats().redis_writes >= n
+    })
+    .await;
+}
+
+/// One request as the load saw it.
+#[derive(Debug)]
+struct Sample {
+    took: Duration,
+    status: u16,
+    cache_status: String,
+    /// The body is the one the origin made for this URL.
+    right_body: bool,
+}
+
+/// `CLIENTS` tasks requesting `urls` round-robin until stopped.
+struct Load {
+    stop: Arc<AtomicBool>,
+    done: Arc<AtomicU64>,
+    tasks: Vec<tokio::task::JoinHandle<Vec<Sample>>>,
+}
+
+impl Load {
+    fn start(app: &axum::Router, urls: &Arc<Vec<String>>) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(AtomicU64::new(0));
+        let tasks = (0..CLIENTS)
+            .map(|client| {
+                let (app, urls) = (app.clone(), Arc::clone(urls));
+                let (stop, done) = (Arc::clone(&stop), Arc::clone(&done));
+                tokio::spawn(async move {
+                    let mut samples = Vec::new();
+                    let mut i = client;
+                    while !stop.load(Ordering::Relaxed) {
+                        let started = Instant::now();
+                        let url = &urls[i % urls.len()];
+                        let got = call(app.clone(), get(url)).await;
+                        let path = url.trim_start_matches("http://api.test");
+                        samples.push(Sample {
+                            took: started.elapsed(),
+                            status: got.status.as_u16(),
+                            cache_status: got.cache_status(),
+                            right_body: got.text().starts_with(&format!("body of {path} #")),
+                        });
+                        done.fetch_add(1, Ordering::Relaxed);
+                        i += CLIENTS;
+                        // A memory hit never waits: without a yield the clients would
+                        // keep the workers from the timer (and the test's polling).
+                        tokio::task::yield_now().await;
+                    }
+                    samples
+                })
+            })
+            .collect();
+        Load { stop, done, tasks }
+    }
+
+    /// Requests answered so far.
+    fn done(&self) -> u64 {
+        self.done.load(Ordering::Relaxed)
+    }
+
+    /// Waits until `n` more requests were answered.
+    async fn run_for(&self, n: u64) {
+        let target = self.done() + n;
+        eventually("the load to make progress", WAIT, || async {
+            self.done() >= target
+        })
+        .await;
+    }
+
+    async fn stop(self) -> Vec<Sample> {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut all = Vec::new();
+        for task in self.tasks {
+            all.extend(task.await.unwrap());
+        }
+        all
+    }
+}
+
+/// Every request answered 200 from the cache, none waiting past the bound.
+fn assert_served_within_bound(samples: &[Sample]) {
+    assert!(!samples.is_empty());
+    let failed: Vec<_> = samples
+        .iter()
+        .filter(|s| s.status != 200 || !s.right_body)
+        .collect();
+    assert!(failed.is_empty(), "failed or wrong responses: {failed:?}");
+    let slowest = samples.iter().map(|s| s.took).max().unwrap();
+    assert!(
+        slowest <= DEADLINE + MARGIN,
+        "a request waited {slowest:?} (bound {:?})",
+        DEADLINE + MARGIN
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_under_load_then_restarted() {
+    let mut redis = RedisServer::start();
+    let origin = Origin::new();
+    let threshold = 5;
+    let cache = cache(
+        config(&redis.url()),
+        CircuitBreakerLayer::new()
+            .consecutive_failures(threshold)
+            .open_for(Duration::from_secs(1), Duration::from_secs(1)),
+    )
+    .await;
+    let breaker = cache.redis_breaker().unwrap();
+    let app = app(&origin, &cache);
+    let urls = urls(40);
+    warm(&app, &cache, &urls).await;
+
+    let load = Load::start(&app, &urls);
+    load.run_for(200).await;
+    let before = cache.stats();
+    redis.kill();
+    eventually("the breaker to open", WAIT, || async {
+        breaker.state() == BreakerState::Open
+    })
+    .await;
+    load.run_for(500).await;
+    let during = cache.stats();
+    // Calls that went to a dead Redis (or found no connection) before the breaker
+    // stopped them: the threshold, plus what the clients had in flight, plus one
+    // half-open probe per reopening.
+    let failed_calls = (during.redis_errors - before.redis_errors)
+        - (during.redis_breaker_rejections - before.redis_breaker_rejections);
+    let reopenings = breaker.transitions();
+    assert!(
+        failed_calls <= u64::from(threshold) + CLIENTS as u64 + reopenings,
+        "{failed_calls} calls reached a dead Redis; {during:?}"
+    );
+    assert!(during.fallback_hits > before.fallback_hits);
+
+    assert_eq!(origin.log.calls(), urls.len(), "memory served the outage");
+
+    // The restarted Redis is empty; when it answers, its miss is the shared truth,
+    // so the replicas fill it again from the origin.
+    redis.restart();
+    let restarted = Instant::now();
+    eventually("the breaker to close after a probe", WAIT, || async {
+        breaker.state() == BreakerState::Closed
+    })
+    .await;
+    let samples = load.stop().await;
+    // Closed within the open duration (1 s) plus a reconnect (fred's policy starts
+    // at once and backs off to 2 s while Redis was down) and one probe.
+    let to_close = restarted.elapsed();
+    assert!(to_close <= Duration::from_secs(3) + MARGIN, "{to_close:?}");
+    assert_served_within_bound(&samples);
+
+    // New entries reach the restarted (empty) Redis.
+    let writes = cache.stats().redis_writes;
+    call(app.clone(), get("http://api.test/after-restart")).await;
+    eventually("a new entry in Redis", WAIT, || async {
+        cache.stats().redis_writes > writes
+    })
+    .await;
+    assert!(redis.cli(&["DBSIZE"]).parse::<u64>().unwrap() >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_redis_costs_no_request_more_than_the_deadline() {
+    let redis = RedisServer::start();
+    let origin = Origin::new();
+    let cache = cache(
+        config(&redis.url()).probe_interval(Duration::from_millis(100)),
+        CircuitBreakerLayer::new(),
+    )
+    .await;
+    let breaker = cache.redis_breaker().unwrap();
+    let app = app(&origin, &cache);
+    let urls = urls(20);
+    warm(&app, &cache, &urls).await;
+
+    let load = Load::start(&app, &urls);
+    load.run_for(100).await;
+    redis.freeze();
+    eventually("the breaker to open", WAIT, || async {
+        breaker.state() == BreakerState::Open
+    })
+    .await;
+    load.run_for(300).await;
+    let samples = load.stop().await;
+    redis.resume();
+    assert_served_within_bound(&samples);
+    let stats = cache.stats();
+    assert!(stats.redis_deadline_hits > 0, "{stats:?}");
+    assert!(stats.fallback_hits > 0, "{stats:?}");
+    assert_eq!(origin.log.calls(), urls.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_black_holing_network_costs_no_request_more_than_the_deadline() {
+    let redis = RedisServer::start();
+    let proxy = FaultProxy::start(redis.port());
+    let origin = Origin::new();
+    let cache = cache(config(&proxy.url()), CircuitBreakerLayer::new()).await;
+    let breaker = cache.redis_breaker().unwrap();
+    let app = app(&origin, &cache);
+    let urls = urls(20);
+    warm(&app, &cache, &urls).await;
+
+    let load = Load::start(&app, &urls);
+    load.run_for(100).await;
+    proxy.set(Fault::BlackHole);
+    eventually("the breaker to open", WAIT, || async {
+        breaker.state() == BreakerState::Open
+    })
+    .await;
+    load.run_for(300).await;
+    proxy.set(Fault::None);
+    // The probe finds the way open again (it forces reconnections through the hole).
+    eventually("the breaker to close", WAIT, || async {
+        breaker.state() == BreakerState::Closed
+    })
+    .await;
+    load.run_for(100).await;
+    let samples = load.stop().await;
+    assert_served_within_bound(&samples);
+    assert!(cache.stats().redis_deadline_hits > 0);
+    assert!(
+        samples
+            .iter()
+            .rev()
+            .take(20)
+            .any(|s| s.cache_status.ends_with("detail=redis")),
+        "Redis serves again"
+    );
+    assert_eq!(origin.log.calls(), urls.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_redis_trips_the_slow_call_threshold_and_memory_serves() {
+    let redis = RedisServer::start();
+    let proxy = FaultProxy::start(redis.port());
+    let origin = Origin::new();
+    // Calls succeed but take 40 ms; anything over 10 ms counts as a failure.
+    let cache = cache(
+        config(&proxy.url()).deadline(Duration::from_millis(500)),
+        CircuitBreakerLayer::new()
+            .slow_call(Duration::from_millis(10))
+            .open_for(Duration::from_secs(30), Duration::from_secs(30)),
+    )
+    .await;
+    let breaker = cache.redis_breaker().unwrap();
+    let app = app(&origin, &cache);
+    let urls = urls(10);
+    warm(&app, &cache, &urls).await;
+
+    proxy.set(Fault::Latency(Duration::from_millis(40)));
+    let mut slow = 0;
+    while breaker.state() != BreakerState::Open {
+        let got = call(app.clone(), get(&urls[slow % urls.len()])).await;
+        assert_eq!(got.status, 200);
+        slow += 1;
+        assert!(slow <= 20, "the breaker stayed {:?}", breaker.state());
+    }
+    // Open: memory answers, Redis is not asked.
+    let gets = proxy.count("GET");
+    for url in urls.iter() {
+        let got = call(app.clone(), get(url)).await;
+        assert_eq!(got.status, 200);
+        assert!(got.cache_status().ends_with("detail=memory"));
+    }
+    assert_eq!(proxy.count("GET"), gets, "no GET while open");
+    assert_eq!(origin.log.calls(), urls.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flapping_redis_gets_no_retry_storm_and_fails_no_request() {
+    let redis = RedisServer::start();
+    let proxy = FaultProxy::start(redis.port());
+    let origin = Origin::new();
+    let cache = cache(
+        config(&proxy.url()).retries(2),
+        CircuitBreakerLayer::new().open_for(Duration::from_millis(200), Duration::from_secs(1)),
+    )
+    .await;
+    let app = app(&origin, &cache);
+    let urls = urls(20);
+    warm(&app, &cache, &urls).await;
+
+    let commands = proxy.commands();
+    let load = Load::start(&app, &urls);
+    let requests = load.done();
+    // Down 300 ms, up 300 ms, five times over.
+    for _ in 0..5 {
+        proxy.set(Fault::Reset);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        proxy.set(Fault::None);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    load.run_for(100).await;
+    let samples = load.stop().await;
+    let requests = samples.len() as u64 - requests;
+    let commands = proxy.commands() - commands;
+    assert!(
+        commands * 10 <= requests * 12,
+        "{commands} commands for {requests} requests: {:?}; {:?}",
+        proxy.command_counts(),
+        cache.stats()
+    );
+    assert_served_within_bound(&samples);
+    assert_eq!(origin.log.calls(), urls.len());
+}
+
+#[tokio::test]
+async fn a_reply_cut_short_is_never_served_corrupted() {
+    let redis = RedisServer::start();
+    let proxy = FaultProxy::start(redis.port());
+    let origin = Origin::new();
+    let cache = cache(config(&proxy.url()), CircuitBreakerLayer::new()).await;
+    let app = app(&origin, &cache);
+    let url = "http://api.test/jobs/big?size=20000";
+    let first = call(app.clone(), get(url)).await;
+    assert_eq!(first.body.len(), 20_000);
+    eventually("the entry in Redis", WAIT, || async {
+        cache.stats().redis_writes == 1
+    })
+    .await;
+    // Every connection now closes after 512 bytes of replies: the 20 KB value never
+    // arrives whole.
+    proxy.set(Fault::CutAfter(512));
+    for _ in 0..5 {
+        let got = call(app.clone(), get(url)).await;
+        assert_eq!(got.status, 200);
+        assert_eq!(got.body, first.body, "the whole body, from memory");
+        assert!(
+            got.cache_status().ends_with("detail=memory"),
+            "{}",
+            got.cache_status()
+        );
+    }
+    assert!(cache.stats().fallback_hits >= 5);
+    assert_eq!(origin.log.calls(), 1);
+}
+
+#[tokio::test]
+async fn a_transient_error_is_retried_on_another_connection() {
+    let redis = RedisServer::start();
+    let proxy = FaultProxy::start(redis.port());
+    let writer = HybridCache::builder()
+        .namespace("faults")
+        .redis_url(redis.url())
+        .build()
+        .await
+        .unwrap();
+    writer
+        .set("match-list", &vec![42_u32, 7], Duration::from_secs(60))
+        .await
+        .unwrap();
+    eventually("the value in Redis", WAIT, || async {
+        writer.stats().redis_writes == 1
+    })
+    .await;
+    // A replica with an empty memory tier: only Redis can answer it.
+    let reader = HybridCache::builder()
+        .namespace("faults")
+        .redis(config(&proxy.url()).retries(3))
+        .build()
+        .await
+        .unwrap();
+    eventually("every connection up", WAIT, || async {
+        reader.redis_health().unwrap().connected == 4
+    })
+    .await;
+    proxy.reset_next("GET");
+    let found: Option<Vec<u32>> = reader.get("match-list").await;
+    assert_eq!(found, Some(vec![42, 7]), "{:?}", reader.stats());
+    let stats = reader.stats();
+    assert!(stats.redis_retries >= 1, "{stats:?}");
+    assert!(proxy.count("GET") >= 2, "{:?}", proxy.command_counts());
+}
+
+#[tokio::test]
+async fn error_replies_trip_the_breaker_only_when_configured_to() {
+    for count_replies in [false, true] {
+        let redis =
+            RedisServer::start_with(&["--maxmemory", "2mb", "--maxmemory-policy", "noeviction"]);
+        let mut breaker = CircuitBreakerLayer::new().consecutive_failures(3);
+        if count_replies {
+            breaker = breaker.count_errors_if(|error| {
+                error
+                    .downcast_ref::<StoreError>()
+                    .is_none_or(|e| e.is_outage() || e.kind() == StoreErrorKind::Reply)
+            });
+        }
+        let cache = cache(config(&redis.url()), breaker).await;
+        cache
+            .set("small", &1_u8, Duration::from_secs(60))
+            .await
+            .unwrap();
+        eventually("the small value in Redis", WAIT, || async {
+            cache.stats().redis_writes == 1
+        })
+        .await;
+        // Fill Redis with large values until it refuses them (OOM), then refuse six
+        // more.
+        let big = "x".repeat(256 * 1024);
+        let mut i = 0;
+        eventually("writes to fail with OOM", WAIT, || {
+            i += 1;
+            let (cache, big) = (cache.clone(), big.clone());
+            async move {
+                let errors = cache.stats().redis_errors;
+                cache
+                    .set(&format!("fill{i}"), &big, Duration::from_secs(60))
+                    .await
+                    .unwrap();
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                cache.stats().redis_errors > errors
+            }
+        })
+        .await;
+        for i in 0..6 {
+            let errors = cache.stats().redis_errors;
+            cache
+                .set(&format!("big{i}"), &big, Duration::from_secs(60))
+                .await
+                .unwrap();
+            eventually("the write to be refused", WAIT, || async {
+                cache.stats().redis_errors > errors
+            })
+            .await;
+        }
+        let breaker = cache.redis_breaker().unwrap();
+        if count_replies {
+            assert_eq!(breaker.state(), BreakerState::Open, "OOM counted");
+        } else {
+            assert_eq!(
+                breaker.state(),
+                BreakerState::Closed,
+                "OOM is not an outage"
+            );
+            // Reads keep working from Redis.
+            let other = HybridCache::builder()
+                .namespace("faults")
+                .redis_url(redis.url())
+                .build()
+                .await
+                .unwrap();
+            assert_eq!(other.get::<u8>("small").await, Some(1));
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_user_layer_sees_every_attempt() {
+    use tower::util::MapRequestLayer;
+    use tower_hybrid_cache::{StoreOperation, StoreRequest};
+
+    let redis = RedisServer::start();
+    let proxy = FaultProxy::start(redis.port());
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = Arc::clone(&seen);
+    let cache = HybridCache::builder()
+        .namespace("faults")
+        .redis(config(&proxy.url()).retries(3))
+        .redis_layer(MapRequestLayer::new(move |request: StoreRequest| {
+            log.lock().unwrap().push(request.operation());
+            request
+        }))
+        .build()
+        .await
+        .unwrap();
+    eventually("every connection up", WAIT, || async {
+        cache.redis_health().unwrap().connected == 4
+    })
+    .await;
+    cache
+        .set("k", &1_u8, Duration::from_secs(60))
+        .await
+        .unwrap();
+    eventually("the write", WAIT, || async {
+        cache.stats().redis_writes == 1
+    })
+    .await;
+    proxy.reset_next("GET");
+    assert_eq!(cache.get::<u8>("k").await, Some(1));
+    cache.delete("k").await;
+    let seen = seen.lock().unwrap().clone();
+    // The write, the GET that was reset and its retry, the delete.
+    assert_eq!(seen[0], StoreOperation::Set);
+    let gets = seen.iter().filter(|op| **op == StoreOperation::Get).count();
+    assert_eq!(gets as u64, 1 + cache.stats().redis_retries, "{seen:?}");
+    assert!(gets >= 2, "{seen:?}");
+    assert_eq!(seen.last(), Some(&StoreOperation::Delete));
+}
