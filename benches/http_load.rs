@@ -13,6 +13,8 @@
 //! - (e) a handler doing one fred GET of the pre-rendered body (the Redis round-trip
 //!   limit) and (f) the layer serving Redis hits;
 //! - (g) an all-miss load on a memory-only layer and (h) the same with Redis on;
+//! - (i) memory hits on a memory-only layer and (j) the same on a layer whose Redis
+//!   was killed (breaker open): the degraded mode;
 //! - memory: resident size before and after a load of unique URLs that stores far
 //!   more than the configured capacity.
 //!
@@ -48,7 +50,8 @@ mod job_match;
 mod redis_support;
 
 struct Args {
-    /// Pairs to run (`hits`, `search`, `misses`, `redis`, `writes`, `memory`); empty: all.
+    /// Pairs to run (`hits`, `search`, `misses`, `redis`, `writes`, `degraded`,
+    /// `memory`); empty: all.
     only: Vec<String>,
     seconds: f64,
     rounds: usize,
@@ -344,6 +347,15 @@ async fn run(args: Args) {
         None
     };
 
+    // Killed before the rounds start; the handle keeps its directory until the end.
+    let dead_redis = if wanted("degraded") {
+        let (pair, redis, cache) = degraded_pair(pre_rendered.clone()).await;
+        pairs.push(pair);
+        Some((redis, cache))
+    } else {
+        None
+    };
+
     let counter = Arc::new(AtomicU64::new(0));
     for pair in &pairs {
         for addr in pair.servers {
@@ -448,6 +460,13 @@ async fn run(args: Args) {
         );
     }
     println!("cache: {:?}", cache.stats());
+    if let Some((_, degraded)) = &dead_redis {
+        // Every hit of (j) came from memory without a Redis attempt: the breaker
+        // refused each at once.
+        let stats = degraded.stats();
+        println!("degraded cache: {stats:?}");
+        assert!(stats.redis_breaker_rejections + 100 >= stats.fallback_hits);
+    }
 }
 
 /// (e)/(f): one fred GET per request against the layer serving Redis hits; (g)/(h):
@@ -527,6 +546,57 @@ async fn redis_pairs(url: &str, pre_rendered: Bytes, hits: bool, writes: bool) -
         });
     }
     pairs
+}
+
+/// (i)/(j): memory hits on a memory-only layer against the same on a layer whose
+/// Redis is dead and whose breaker is open.
+async fn degraded_pair(pre_rendered: Bytes) -> (Pair, redis_support::RedisServer, HybridCache) {
+    let mut redis = redis_support::RedisServer::start();
+    let memory_only = HybridCache::builder().build().await.unwrap();
+    let degraded = HybridCache::builder()
+        .redis_url(redis.url())
+        .build()
+        .await
+        .unwrap();
+    let pre = move || {
+        let body = pre_rendered.clone();
+        async move { ([(CONTENT_TYPE, "application/json")], body) }
+    };
+    let servers = [
+        serve(Router::new().route(
+            "/pre",
+            get(pre.clone()).layer(memory_only.layer().ttl(Duration::from_secs(3600))),
+        ))
+        .await,
+        serve(Router::new().route(
+            "/pre",
+            get(pre).layer(degraded.layer().ttl(Duration::from_secs(3600))),
+        ))
+        .await,
+    ];
+    // Warm both, then kill Redis and wait for the breaker to open.
+    let counter = Arc::new(AtomicU64::new(0));
+    for addr in servers {
+        load(addr, "/pre", false, 0.2, 1, counter.clone()).await;
+    }
+    redis.kill();
+    let breaker = degraded.redis_breaker().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while breaker.state() != tower_hybrid_cache::BreakerState::Open {
+        assert!(Instant::now() < deadline, "the breaker did not open");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let pair = Pair {
+        label: "degraded",
+        names: [
+            "(i) (a) behind a memory-only layer, memory hits",
+            "(j) (i) with Redis killed and the breaker open, memory hits",
+        ],
+        path: "/pre",
+        unique: false,
+        servers,
+    };
+    (pair, redis, degraded)
 }
 
 struct Pair {

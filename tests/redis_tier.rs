@@ -503,6 +503,11 @@ async fn invalid_redis_settings_are_clear_errors_not_panics() {
                 .connect_timeout(Duration::ZERO),
             "connect_timeout",
         ),
+        (
+            RedisConfig::new("redis://127.0.0.1:1")
+                .reconnect_backoff(Duration::from_secs(2), Duration::from_secs(1)),
+            "reconnect_backoff",
+        ),
     ] {
         let err = HybridCache::builder()
             .redis(config)

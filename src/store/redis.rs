@@ -50,6 +50,7 @@ pub struct RedisConfig {
     retries: u32,
     retry_backoff: (Duration, Duration),
     retry_budget: f32,
+    reconnect_backoff: (Duration, Duration),
 }
 
 impl fmt::Debug for RedisConfig {
@@ -67,6 +68,7 @@ impl fmt::Debug for RedisConfig {
             .field("retries", &self.retries)
             .field("retry_backoff", &self.retry_backoff)
             .field("retry_budget", &self.retry_budget)
+            .field("reconnect_backoff", &self.reconnect_backoff)
             .finish_non_exhaustive()
     }
 }
@@ -88,7 +90,16 @@ impl RedisConfig {
             retries: 1,
             retry_backoff: (Duration::from_millis(1), Duration::from_millis(5)),
             retry_budget: 0.2,
+            reconnect_backoff: (Duration::from_millis(50), Duration::from_secs(1)),
         }
+    }
+
+    /// The delay before each attempt to reconnect a lost connection: exponential from
+    /// `min` to `max`, with up to 50 ms of jitter. `max` bounds how long the cache
+    /// goes on without a Redis that has come back. Default 50 ms to 1 s.
+    pub fn reconnect_backoff(mut self, min: Duration, max: Duration) -> Self {
+        self.reconnect_backoff = (min, max);
+        self
     }
 
     /// The most a read or delete may take, retries included; past it the request goes
@@ -220,7 +231,15 @@ impl RedisStore {
         // With fail_fast on, a failed first connection ignores the reconnect policy
         // and the client stays dead.
         fred_config.fail_fast = false;
-        let mut policy = ReconnectPolicy::new_exponential(0, 50, 2_000, 2);
+        let (min, max) = config.reconnect_backoff;
+        if min.is_zero() || max < min {
+            return Err(BuildError::invalid(
+                "redis reconnect_backoff",
+                "min must be more than zero and max at least min",
+            ));
+        }
+        let millis = |d: Duration| u32::try_from(d.as_millis()).unwrap_or(u32::MAX);
+        let mut policy = ReconnectPolicy::new_exponential(0, millis(min), millis(max), 2);
         policy.set_jitter(50);
         let performance = PerformanceConfig {
             default_command_timeout: config.command_timeout,
