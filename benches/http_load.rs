@@ -12,7 +12,9 @@
 //!   own miss path (3 KB of JSON rendered per request): the worst case;
 //! - (e) a handler doing one fred GET of the pre-rendered body (the Redis round-trip
 //!   limit) and (f) the layer serving Redis hits;
-//! - (g) an all-miss load on a memory-only layer and (h) the same with Redis on;
+//! - (g) an all-miss load on a memory-only layer and (h) the same with Redis on, with
+//!   the cheap handler of (c′); (g″)/(h″) the same pair with job_match's search
+//!   handler of (c) (label `writes-search`);
 //! - (i) memory hits on a memory-only layer and (j) the same on a layer whose Redis
 //!   was killed (breaker open): the degraded mode;
 //! - memory: resident size before and after a load of unique URLs that stores far
@@ -50,13 +52,14 @@ mod job_match;
 mod redis_support;
 
 struct Args {
-    /// Pairs to run (`hits`, `search`, `misses`, `redis`, `writes`, `degraded`,
-    /// `memory`); empty: all.
+    /// Pairs to run (`hits`, `search`, `misses`, `redis`, `writes`, `writes-search`,
+    /// `degraded`, `memory`); empty: all.
     only: Vec<String>,
     seconds: f64,
     rounds: usize,
     connections: usize,
     memory_requests: usize,
+    side: Option<usize>,
 }
 
 fn args() -> Args {
@@ -66,6 +69,7 @@ fn args() -> Args {
         rounds: 10,
         connections: 32,
         memory_requests: 200_000,
+        side: None,
     };
     let list: Vec<String> = std::env::args().collect();
     let value = |name: &str| {
@@ -85,6 +89,9 @@ fn args() -> Args {
     }
     if let Some(v) = value("--only") {
         args.only = v.split(',').map(str::to_owned).collect();
+    }
+    if let Some(v) = value("--side") {
+        args.side = Some(v.parse::<usize>().expect("--side 0|1").min(1));
     }
     if let Some(v) = value("--memory-requests") {
         args.memory_requests = v.parse().expect("--memory-requests N");
@@ -331,7 +338,7 @@ async fn run(args: Args) {
     let mut pairs: Vec<Pair> = pairs.into_iter().filter(|p| wanted(p.label)).collect();
 
     // The Redis pairs need a redis-server; it lives until the end of the run.
-    let _redis = if wanted("redis") || wanted("writes") {
+    let _redis = if wanted("redis") || wanted("writes") || wanted("writes-search") {
         let redis = redis_support::RedisServer::start();
         pairs.extend(
             redis_pairs(
@@ -342,6 +349,28 @@ async fn run(args: Args) {
             )
             .await,
         );
+        if wanted("writes-search") {
+            let data = job_match::Data::generate(5_000, 100);
+            let memory_only = HybridCache::builder().build().await.unwrap();
+            let with_redis = HybridCache::builder()
+                .redis_url(redis.url())
+                .build()
+                .await
+                .unwrap();
+            pairs.push(Pair {
+                label: "writes-search",
+                names: [
+                    "(g″) (c) behind a memory-only layer, all misses, all stored",
+                    "(h″) (g″) with Redis on: every store also written to Redis",
+                ],
+                path: "/jobs/search?q=engineer",
+                unique: true,
+                servers: [
+                    serve(job_match::search_router(data.clone(), Some(&memory_only))).await,
+                    serve(job_match::search_router(data, Some(&with_redis))).await,
+                ],
+            });
+        }
         Some(redis)
     } else {
         None
@@ -371,6 +400,12 @@ async fn run(args: Args) {
             // Alternate which side goes first, so drift in the machine's speed during
             // a round does not favour one side.
             let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+            // For profiling one side: `--side 1` loads only the layered side (the
+            // table's ratios are then meaningless).
+            let order = match args.side {
+                Some(side) => [side, side],
+                None => order,
+            };
             let mut runs: [Option<Run>; 2] = [None, None];
             for side in order {
                 runs[side] = Some(
@@ -386,7 +421,7 @@ async fn run(args: Args) {
                 );
             }
             let [Some(base), Some(layered)] = runs else {
-                unreachable!()
+                continue; // one side only (--side)
             };
             line.push_str(&format!(
                 " {} {:.0}/{:.0}",
@@ -398,6 +433,10 @@ async fn run(args: Args) {
             result.runs.push([base, layered]);
         }
         eprintln!("{line} req/s");
+    }
+    if args.side.is_some() {
+        println!("one side only (--side): no table");
+        return;
     }
     if pairs.iter().any(|p| p.label == "hits") {
         assert!(
