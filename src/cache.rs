@@ -59,6 +59,7 @@ pub struct HybridCache {
 pub(crate) struct CacheInner {
     pub(crate) store: HybridStore,
     pub(crate) flights: SingleFlight,
+    pub(crate) invalidations: Invalidations,
     pub(crate) counters: Arc<Counters>,
     pub(crate) cache_status_name: String,
     pub(crate) single_flight_timeout: Duration,
@@ -262,6 +263,7 @@ impl HybridCacheBuilder {
         let inner = Arc::new(CacheInner {
             store,
             flights: SingleFlight::default(),
+            invalidations: Invalidations::new(),
             counters,
             cache_status_name: self.cache_status_name,
             single_flight_timeout: self.single_flight_timeout,
@@ -397,6 +399,52 @@ impl HybridCache {
         self.inner.store.memory().run_pending_tasks().await;
     }
 
+    /// Forgets the response stored for `uri` (and all its `Vary` variants) in both
+    /// tiers: what a successful POST, PUT, PATCH or DELETE through the layer does to
+    /// its own URI (RFC 9111 §4.4). Redis is told at once, bounded by its deadline,
+    /// and again behind any write already queued; other replicas reading Redis first
+    /// miss from then on (in near-cache mode, after at most the local TTL). A
+    /// response whose origin call started before this is not stored.
+    ///
+    /// `uri` as clients request it, with its authority
+    /// (`http://api.example/jobs/42?lang=en`); parameter order does not matter. The
+    /// key is made with every query parameter kept and no extra key headers: entries
+    /// of a route whose layer drops or keeps parameters, or adds key headers, are
+    /// forgotten through that route (by an unsafe request) instead. Returns `false`
+    /// when Redis could not be told now (it is still told through the write queue
+    /// when it comes back, if the queue had room).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let cache = tower_hybrid_cache::HybridCache::builder().build().await?;
+    /// let uri: http::Uri = "http://api.example/jobs/42".parse()?;
+    /// assert!(cache.invalidate(&uri).await);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn invalidate(&self, uri: &http::Uri) -> bool {
+        let key = CacheKey::primary(
+            &http::Method::GET,
+            uri,
+            &HeaderMap::new(),
+            &crate::policy::settings::RouteSettings::default(),
+        );
+        self.invalidate_key(key).await
+    }
+
+    /// Marks `key` invalidated (fills that started before are not stored), then
+    /// removes it from both tiers.
+    pub(crate) async fn invalidate_key(&self, key: CacheKey) -> bool {
+        self.inner.invalidations.mark(key).await;
+        self.count(Counter::Invalidation);
+        tracing::debug!(target: crate::telemetry::TARGET, key = %key, outcome = "invalidated");
+        self.inner
+            .store
+            .invalidate(&key, &self.inner.counters)
+            .await
+    }
+
     pub(crate) fn count(&self, counter: Counter) {
         self.inner.counters.add(counter);
     }
@@ -411,7 +459,7 @@ impl HybridCache {
         let response = match entry {
             Entry::Response(response) => response,
             Entry::Variants(index) => {
-                let variant = primary.variant(&index.names, headers);
+                let variant = primary.variant(index.generation, &index.names, headers);
                 match self.inner.store.get(&variant, counters).await {
                     Some((Entry::Response(response), _)) => response,
                     _ => return Lookup::Miss(MissKind::Vary),
@@ -446,21 +494,29 @@ impl HybridCache {
             return;
         }
         let names: Vec<HeaderName> = response.vary.iter().map(|(name, _)| name.clone()).collect();
-        let variant = variant_key(&primary, &response.vary);
         let mut stale_until = response.stale_until;
-        // Keep the index alive as long as the longest-lived variant under it.
+        let mut generation = new_generation();
+        // Keep the index (and the variants under it) alive as long as the
+        // longest-lived variant. With no index (never stored, or invalidated), the
+        // new generation leaves every earlier variant unreachable.
         if let Some((Entry::Variants(old), _)) = store.get(&primary, counters).await {
             if old.names == names {
                 stale_until = stale_until.max(old.stale_until);
+                generation = old.generation;
             }
         }
+        let variant = variant_key(&primary, generation, &response.vary);
         store
             .put(variant, Entry::Response(Arc::new(response)), counters)
             .await;
         store
             .put(
                 primary,
-                Entry::Variants(Arc::new(VaryIndex { names, stale_until })),
+                Entry::Variants(Arc::new(VaryIndex {
+                    names,
+                    stale_until,
+                    generation,
+                })),
                 counters,
             )
             .await;
@@ -469,7 +525,22 @@ impl HybridCache {
 
 /// The variant key from stored request values (as the lookup computes it from the
 /// request's headers).
-fn variant_key(primary: &CacheKey, vary: &[(HeaderName, Option<Bytes>)]) -> CacheKey {
+/// A generation for a new Vary index: unlikely to repeat within a process or across
+/// replicas (`RandomState` is seeded from the OS per process).
+fn new_generation() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(NEXT.fetch_add(1, Ordering::Relaxed));
+    hasher.finish()
+}
+
+fn variant_key(
+    primary: &CacheKey,
+    generation: u64,
+    vary: &[(HeaderName, Option<Bytes>)],
+) -> CacheKey {
     let mut headers = HeaderMap::new();
     let mut names = Vec::with_capacity(vary.len());
     for (name, value) in vary {
@@ -480,7 +551,43 @@ fn variant_key(primary: &CacheKey, vary: &[(HeaderName, Option<Bytes>)]) -> Cach
             }
         }
     }
-    primary.variant(&names, &headers)
+    primary.variant(generation, &names, &headers)
+}
+
+/// Recent invalidations, so that a fill whose origin call started before one is not
+/// stored after it.
+pub(crate) struct Invalidations {
+    seq: std::sync::atomic::AtomicU64,
+    /// Key → the sequence number of its last invalidation. Bounded: a fill that runs
+    /// longer than the time-to-live after an invalidation is not caught.
+    marks: moka::future::Cache<CacheKey, u64>,
+}
+
+impl Invalidations {
+    fn new() -> Self {
+        Invalidations {
+            seq: std::sync::atomic::AtomicU64::new(0),
+            marks: moka::future::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(Duration::from_secs(300))
+                .build(),
+        }
+    }
+
+    /// The sequence number now; a fill notes it before calling the origin.
+    pub(crate) fn now(&self) -> u64 {
+        self.seq.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    async fn mark(&self, key: CacheKey) {
+        let seq = self.seq.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        self.marks.insert(key, seq).await;
+    }
+
+    /// Whether `key` was invalidated after `since`.
+    pub(crate) async fn since(&self, key: &CacheKey, since: u64) -> bool {
+        self.marks.get(key).await.is_some_and(|seq| seq > since)
+    }
 }
 
 /// What a lookup found.

@@ -48,6 +48,9 @@ pub struct CacheStats {
     /// Lookups the memory tier answered because Redis failed, timed out or was
     /// refused by the breaker.
     pub fallback_hits: u64,
+    /// Keys invalidated: by a successful unsafe request (POST, PUT, PATCH, DELETE …)
+    /// through the layer, or by `HybridCache::invalidate`.
+    pub invalidations: u64,
 }
 
 #[derive(Debug, Default)]
@@ -66,6 +69,7 @@ pub(crate) struct Counters {
     redis_deadline_hits: AtomicU64,
     redis_breaker_rejections: AtomicU64,
     fallback_hits: AtomicU64,
+    invalidations: AtomicU64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -84,6 +88,7 @@ pub(crate) enum Counter {
     RedisDeadlineHit,
     RedisBreakerRejection,
     FallbackHit,
+    Invalidation,
 }
 
 impl Counter {
@@ -104,6 +109,7 @@ impl Counter {
             Counter::RedisDeadlineHit => "tower_hybrid_cache_redis_deadline_hits_total",
             Counter::RedisBreakerRejection => "tower_hybrid_cache_redis_breaker_rejections_total",
             Counter::FallbackHit => "tower_hybrid_cache_fallback_hits_total",
+            Counter::Invalidation => "tower_hybrid_cache_invalidations_total",
         }
     }
 }
@@ -142,6 +148,7 @@ impl Counters {
             Counter::RedisDeadlineHit => &self.redis_deadline_hits,
             Counter::RedisBreakerRejection => &self.redis_breaker_rejections,
             Counter::FallbackHit => &self.fallback_hits,
+            Counter::Invalidation => &self.invalidations,
         }
     }
 
@@ -161,6 +168,7 @@ impl Counters {
             redis_deadline_hits: self.redis_deadline_hits.load(Ordering::Relaxed),
             redis_breaker_rejections: self.redis_breaker_rejections.load(Ordering::Relaxed),
             fallback_hits: self.fallback_hits.load(Ordering::Relaxed),
+            invalidations: self.invalidations.load(Ordering::Relaxed),
         }
     }
 }

@@ -7,7 +7,7 @@
 //!                   | headers: u32 count × (name u16-len bytes, value u32-len bytes)
 //!                   | vary: u16 count × (name u16-len bytes, present u8, [value u32-len bytes])
 //!                   | tags: u16 count × (u16-len UTF-8) | body u64-len bytes
-//! kind 2, variants: stale_until u64 ms | names: u16 count × (u16-len bytes)
+//! kind 2, variants: stale_until u64 ms | generation u64 | names: u16 count × (u16-len bytes)
 //! kind 3, value:    stale_until u64 ms | bytes u64-len
 //! ```
 //! Integers are big-endian. Decoding checks every length against what is left, so a
@@ -130,6 +130,7 @@ pub(crate) fn encode_entry(entry: &Entry) -> Bytes {
         Entry::Variants(v) => {
             out.put_u8(KIND_VARIANTS);
             out.put_u64(millis_since_epoch(v.stale_until));
+            out.put_u64(v.generation);
             out.put_u16(u16::try_from(v.names.len()).unwrap_or(u16::MAX));
             for name in v.names.iter().take(usize::from(u16::MAX)) {
                 put_short(&mut out, name.as_str().as_bytes());
@@ -158,12 +159,17 @@ pub(crate) fn decode_entry(bytes: Bytes) -> Result<Entry, DecodeError> {
         KIND_RESPONSE => Entry::Response(Arc::new(decode_response(&mut r)?)),
         KIND_VARIANTS => {
             let stale_until = time_from_millis(r.u64()?);
+            let generation = r.u64()?;
             let count = r.u16()?;
             let mut names = Vec::new();
             for _ in 0..count {
                 names.push(header_name(&r.short()?)?);
             }
-            Entry::Variants(Arc::new(VaryIndex { names, stale_until }))
+            Entry::Variants(Arc::new(VaryIndex {
+                names,
+                stale_until,
+                generation,
+            }))
         }
         KIND_VALUE => {
             let stale_until = time_from_millis(r.u64()?);
@@ -390,8 +396,8 @@ mod tests {
         }
 
         #[test]
-        fn variant_indexes_roundtrip(names in proptest::collection::vec(header_name_strategy(), 0..40), stale in time_strategy()) {
-            let entry = Entry::Variants(Arc::new(VaryIndex { names, stale_until: stale }));
+        fn variant_indexes_roundtrip(names in proptest::collection::vec(header_name_strategy(), 0..40), stale in time_strategy(), generation in any::<u64>()) {
+            let entry = Entry::Variants(Arc::new(VaryIndex { names, stale_until: stale, generation }));
             prop_assert_eq!(decode_entry(encode_entry(&entry)).unwrap(), entry);
         }
 

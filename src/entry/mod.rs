@@ -238,6 +238,9 @@ impl CachedResponseBuilder {
 pub(crate) struct VaryIndex {
     pub(crate) names: Vec<HeaderName>,
     pub(crate) stale_until: SystemTime,
+    /// Part of every variant's key: an index written after an invalidation has a new
+    /// one, so the variants stored before it can never be reached again.
+    pub(crate) generation: u64,
 }
 
 /// An application value stored through the direct API: its serialised bytes.

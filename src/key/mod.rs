@@ -96,10 +96,16 @@ impl CacheKey {
 
     /// The key of one variant of this URL: the primary key plus the request's values
     /// of the `Vary` names.
-    pub(crate) fn variant(&self, vary: &[HeaderName], headers: &HeaderMap) -> Self {
+    pub(crate) fn variant(
+        &self,
+        generation: u64,
+        vary: &[HeaderName],
+        headers: &HeaderMap,
+    ) -> Self {
         with_scratch(|input| {
             field(input, |b| b.extend_from_slice(b"variant"));
             field(input, |b| b.extend_from_slice(&self.0));
+            field(input, |b| b.extend_from_slice(&generation.to_be_bytes()));
             header_values(input, vary, headers);
             CacheKey(*blake3::hash(input).as_bytes())
         })
@@ -288,10 +294,12 @@ mod tests {
         let none = HeaderMap::new();
         let mut empty = HeaderMap::new();
         empty.insert("accept-language", HeaderValue::from_static(""));
-        assert_eq!(k1.variant(&vary, &en), k1.variant(&vary, &en_spaced));
-        assert_ne!(k1.variant(&vary, &en), k1.variant(&vary, &none));
-        assert_ne!(k1.variant(&vary, &none), k1.variant(&vary, &empty));
-        assert_ne!(k1.variant(&vary, &en), k1);
+        assert_eq!(k1.variant(0, &vary, &en), k1.variant(0, &vary, &en_spaced));
+        assert_ne!(k1.variant(0, &vary, &en), k1.variant(0, &vary, &none));
+        assert_ne!(k1.variant(0, &vary, &none), k1.variant(0, &vary, &empty));
+        assert_ne!(k1.variant(0, &vary, &en), k1);
+        // A new index generation reaches none of the old variants.
+        assert_ne!(k1.variant(0, &vary, &en), k1.variant(1, &vary, &en));
     }
 
     #[test]

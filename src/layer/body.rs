@@ -88,6 +88,9 @@ pub(crate) struct Capture {
     pub(crate) chunks: Vec<Bytes>,
     pub(crate) len: usize,
     pub(crate) guard: Option<FlightGuard>,
+    /// The invalidation sequence number when the origin was called: an invalidation
+    /// of the key after it means this response may predate a write.
+    pub(crate) since: u64,
 }
 
 impl Capture {
@@ -112,6 +115,7 @@ impl Capture {
             chunks,
             len,
             guard,
+            since,
             ..
         } = self;
         entry.body = match chunks.len() {
@@ -138,7 +142,25 @@ impl Capture {
             return;
         };
         runtime.spawn(async move {
+            let invalidations = &cache.inner.invalidations;
+            if invalidations.since(&key, since).await {
+                cache.count(Counter::NotStored);
+                tracing::debug!(target: TARGET, key = %key, outcome = "not-stored", detail = "invalidated");
+                return;
+            }
             cache.store(key, entry).await;
+            // An invalidation between the check and the store may have removed the
+            // key before it was written: remove it again.
+            if invalidations.since(&key, since).await {
+                cache
+                    .inner
+                    .store
+                    .invalidate(&key, &cache.inner.counters)
+                    .await;
+                cache.count(Counter::NotStored);
+                tracing::debug!(target: TARGET, key = %key, outcome = "not-stored", detail = "invalidated");
+                return;
+            }
             cache.count(Counter::Store);
             tracing::debug!(target: TARGET, key = %key, outcome = "stored");
             // Followers look again only once the entry is in.

@@ -44,8 +44,11 @@ const HOP_BY_HOP: [&str; 9] = [
 ///
 /// GET requests are answered from the cache when a fresh response is stored, and
 /// their storable responses are stored; HEAD requests are answered from the GET
-/// entry; every other request, and any request with `Range`, passes through.
-/// Errors of `S` pass through untouched.
+/// entry. Unsafe requests (POST, PUT, PATCH, DELETE, …) pass through, and when they
+/// succeed (2xx, 3xx) they invalidate what is stored for their URI and for the
+/// same-authority URIs in `Location` and `Content-Location`, in both tiers, before the
+/// response goes back (RFC 9111 §4.4). Any other request, and any request with
+/// `Range`, passes through. Errors of `S` pass through untouched.
 #[derive(Clone)]
 pub struct HybridCacheService<S> {
     inner: S,
@@ -105,6 +108,23 @@ where
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
         let method = request.method();
+        if !is_safe(method) {
+            // A write: once it succeeds, what is stored for its URI is out of date.
+            self.cache.count(Counter::Bypass);
+            let status = self
+                .settings
+                .cache_status_header
+                .then(|| status_value(&self.cache, "fwd=bypass"))
+                .flatten();
+            let target = WriteTarget::of(&request, &self.settings);
+            let future = self.inner.call(request);
+            return ResponseFuture::cached(Box::pin(invalidate_after(
+                future,
+                self.cache.clone(),
+                target,
+                status,
+            )));
+        }
         if (method != Method::GET && method != Method::HEAD)
             || request.headers().contains_key(RANGE)
         {
@@ -154,6 +174,113 @@ where
             lookup,
         )))
     }
+}
+
+/// Safe methods (RFC 9110 §9.2.1) change nothing at the origin; every other method
+/// may, and invalidates when it succeeds.
+fn is_safe(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
+    )
+}
+
+/// What an unsafe request may invalidate: its own URI, and the URIs its response
+/// names in `Location` and `Content-Location` when they share its authority.
+struct WriteTarget {
+    key: CacheKey,
+    /// Scheme and authority of an absolute-form request, to resolve path-only URIs.
+    base: Option<(String, String)>,
+    /// The request's authority (from the URI or `Host`), lower case.
+    authority: String,
+    headers: HeaderMap,
+    settings: Arc<RouteSettings>,
+}
+
+impl WriteTarget {
+    fn of<B>(request: &Request<B>, settings: &Arc<RouteSettings>) -> Self {
+        let uri = request.uri();
+        let authority = match uri.authority() {
+            Some(authority) => authority.as_str(),
+            None => request
+                .headers()
+                .get(http::header::HOST)
+                .and_then(|host| host.to_str().ok())
+                .unwrap_or_default(),
+        };
+        WriteTarget {
+            key: CacheKey::primary(&Method::GET, uri, request.headers(), settings),
+            base: uri.authority().map(|authority| {
+                let scheme = uri.scheme_str().unwrap_or("http").to_owned();
+                (scheme, authority.as_str().to_owned())
+            }),
+            authority: authority.to_ascii_lowercase(),
+            headers: request.headers().clone(),
+            settings: Arc::clone(settings),
+        }
+    }
+
+    /// The key of a URI reference from `Location` or `Content-Location`: an absolute
+    /// URI with the request's authority, or an absolute path. Anything else (another
+    /// host, a relative path, junk) invalidates nothing.
+    fn key_for(&self, value: &HeaderValue) -> Option<CacheKey> {
+        let text = value.to_str().ok()?;
+        let uri: http::Uri = text.parse().ok()?;
+        let uri = match uri.authority() {
+            Some(authority) => {
+                if !authority.as_str().eq_ignore_ascii_case(&self.authority) {
+                    return None;
+                }
+                uri
+            }
+            None if text.starts_with('/') && !text.starts_with("//") => match &self.base {
+                Some((scheme, authority)) => {
+                    format!("{scheme}://{authority}{text}").parse().ok()?
+                }
+                None => uri,
+            },
+            None => return None,
+        };
+        Some(CacheKey::primary(
+            &Method::GET,
+            &uri,
+            &self.headers,
+            &self.settings,
+        ))
+    }
+}
+
+/// Forwards an unsafe request; after a success (2xx or 3xx), invalidates its URI and
+/// the same-authority URIs in `Location` and `Content-Location` (RFC 9111 §4.4)
+/// before the response goes back, so the client's next read misses.
+async fn invalidate_after<F, B, E>(
+    future: F,
+    cache: HybridCache,
+    target: WriteTarget,
+    cache_status: Option<HeaderValue>,
+) -> Result<Response<CacheBody<B>>, E>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+{
+    let response = future.await?;
+    let (mut parts, body) = response.into_parts();
+    if parts.status.is_success() || parts.status.is_redirection() {
+        let mut keys = vec![target.key];
+        for name in [http::header::LOCATION, http::header::CONTENT_LOCATION] {
+            if let Some(key) = parts.headers.get(name).and_then(|v| target.key_for(v)) {
+                if !keys.contains(&key) {
+                    keys.push(key);
+                }
+            }
+        }
+        for key in keys {
+            cache.invalidate_key(key).await;
+        }
+    }
+    if let Some(value) = cache_status {
+        parts.headers.append(CACHE_STATUS, value);
+    }
+    Ok(Response::from_parts(parts, CacheBody::passthrough(body)))
 }
 
 /// What `call` already worked out about a request it could not answer at once.
@@ -390,6 +517,7 @@ where
     // The request's values of the response's `Vary` names are known only once the
     // response is in; keep the headers for that, on the miss path only.
     let request_headers = storing.then(|| request.headers().clone());
+    let since = cache.inner.invalidations.now();
     let response = inner.call(request).await?;
     let response_time = SystemTime::now();
     let (mut parts, body) = response.into_parts();
@@ -453,6 +581,7 @@ where
                 chunks: Vec::new(),
                 len: 0,
                 guard,
+                since,
             };
             let body = if body.is_end_stream() {
                 // Nothing to read (a 204, an empty body): a server may never poll it,

@@ -51,7 +51,15 @@ struct RedisTier {
     /// The store itself, for what is not an operation (health, shutdown).
     store: Arc<RedisStore>,
     breaker: CircuitBreaker,
-    writes: mpsc::Sender<(CacheKey, Entry)>,
+    writes: mpsc::Sender<QueuedWrite>,
+}
+
+/// What the background writer sends to Redis, in order.
+enum QueuedWrite {
+    Set(CacheKey, Entry),
+    /// Sent after every write queued before it, so an invalidation cannot be undone
+    /// by a fill that was already on its way.
+    Delete(CacheKey),
 }
 
 impl HybridStore {
@@ -107,27 +115,27 @@ impl HybridStore {
                 .layer(retry)
                 .service(inner),
         );
-        let (writes, mut pending) = mpsc::channel::<(CacheKey, Entry)>(config.write_queue_len());
+        let (writes, mut pending) = mpsc::channel::<QueuedWrite>(config.write_queue_len());
         // The task ends when the last sender (the last HybridStore clone) is gone.
         tokio::spawn(async move {
             let mut batch = Vec::with_capacity(WRITE_BATCH);
             while pending.recv_many(&mut batch, WRITE_BATCH).await > 0 {
-                let sent = std::mem::replace(&mut batch, Vec::with_capacity(WRITE_BATCH));
-                let count = sent.len();
-                match writer.clone().oneshot(StoreRequest::set(sent)).await {
-                    Ok(response) => match response.answer {
-                        StoreAnswer::Written { written, failed } => {
-                            counters.add_n(Counter::RedisWrite, written);
-                            counters.add_n(Counter::RedisError, failed);
+                // Runs of sets go out as one pipeline each; a delete waits for the
+                // sets before it.
+                let mut sets = Vec::new();
+                for write in batch.drain(..) {
+                    match write {
+                        QueuedWrite::Set(key, entry) => sets.push((key, entry)),
+                        QueuedWrite::Delete(key) => {
+                            send_sets(&writer, std::mem::take(&mut sets), &counters).await;
+                            if let Err(e) = writer.clone().oneshot(StoreRequest::delete(key)).await
+                            {
+                                count_failure(&counters, &e);
+                            }
                         }
-                        _ => counters.add_n(Counter::RedisError, count),
-                    },
-                    Err(e) => {
-                        count_failure(&counters, &e);
-                        counters.add_n(Counter::RedisError, count.saturating_sub(1));
-                        tracing::debug!(target: TARGET, entries = count, error = %e, outcome = "redis-write-failed");
                     }
                 }
+                send_sets(&writer, sets, &counters).await;
             }
         });
         self.redis = Some(RedisTier {
@@ -193,11 +201,27 @@ impl HybridStore {
 
     pub(crate) async fn put(&self, key: CacheKey, entry: Entry, counters: &Counters) {
         if let Some(redis) = &self.redis {
-            if redis.writes.try_send((key, entry.clone())).is_err() {
+            if redis
+                .writes
+                .try_send(QueuedWrite::Set(key, entry.clone()))
+                .is_err()
+            {
                 counters.add(Counter::RedisWriteDropped);
             }
         }
         self.memory.insert(key, entry).await;
+    }
+
+    /// Removes a key from both tiers: from Redis at once, and again behind every
+    /// write already queued (one of which may hold the key). `false` when Redis could
+    /// not be told now.
+    pub(crate) async fn invalidate(&self, key: &CacheKey, counters: &Counters) -> bool {
+        if let Some(redis) = &self.redis {
+            if redis.writes.try_send(QueuedWrite::Delete(*key)).is_err() {
+                counters.add(Counter::RedisWriteDropped);
+            }
+        }
+        self.delete(key, counters).await
     }
 
     /// Deletes from both tiers; a Redis failure is counted and reported.
@@ -229,6 +253,28 @@ impl HybridStore {
     pub(crate) async fn shutdown(&self) {
         if let Some(redis) = &self.redis {
             redis.store.quit().await;
+        }
+    }
+}
+
+/// Sends a run of queued sets as one pipeline and counts the outcome.
+async fn send_sets(writer: &RedisStack, sets: Vec<(CacheKey, Entry)>, counters: &Counters) {
+    let count = sets.len();
+    if count == 0 {
+        return;
+    }
+    match writer.clone().oneshot(StoreRequest::set(sets)).await {
+        Ok(response) => match response.answer {
+            StoreAnswer::Written { written, failed } => {
+                counters.add_n(Counter::RedisWrite, written);
+                counters.add_n(Counter::RedisError, failed);
+            }
+            _ => counters.add_n(Counter::RedisError, count),
+        },
+        Err(e) => {
+            count_failure(counters, &e);
+            counters.add_n(Counter::RedisError, count.saturating_sub(1));
+            tracing::debug!(target: TARGET, entries = count, error = %e, outcome = "redis-write-failed");
         }
     }
 }

@@ -1,0 +1,294 @@
+//! Invalidation by writes (RFC 9111 §4.4) and `HybridCache::invalidate`, in memory and
+//! across replicas sharing a real `redis-server`, with the race of a fill in flight.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::Path;
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::get;
+use axum::Router;
+use support::redis::RedisServer;
+use support::{call, eventually, get as get_request, get_with, Origin};
+use tower_hybrid_cache::{HybridCache, RedisConfig};
+
+const WAIT: Duration = Duration::from_secs(15);
+
+/// A jobs API: `GET /jobs/{id}` counts its calls; `POST`/`PUT`/`DELETE /jobs/{id}` answer
+/// with the status and headers the test sets.
+#[derive(Clone, Default)]
+struct Jobs {
+    reads: Arc<AtomicUsize>,
+    write_status: Arc<AtomicU16>,
+    write_headers: Arc<Mutex<Vec<(&'static str, String)>>>,
+}
+
+impl Jobs {
+    fn new() -> Self {
+        let jobs = Jobs::default();
+        jobs.write_status.store(201, Ordering::SeqCst);
+        jobs
+    }
+
+    fn router(&self, cache: &HybridCache) -> Router {
+        let (reads, jobs) = (Arc::clone(&self.reads), self.clone());
+        let read = move |Path(id): Path<String>, headers: HeaderMap| {
+            let n = reads.fetch_add(1, Ordering::SeqCst) + 1;
+            let lang = headers
+                .get("accept-language")
+                .map(|v| v.to_str().unwrap().to_owned())
+                .unwrap_or_default();
+            async move {
+                (
+                    [
+                        ("cache-control", "max-age=300"),
+                        ("vary", "accept-language"),
+                    ],
+                    format!("job {id} {lang} #{n}"),
+                )
+            }
+        };
+        let write = move || {
+            let jobs = jobs.clone();
+            async move {
+                let status =
+                    StatusCode::from_u16(jobs.write_status.load(Ordering::SeqCst)).unwrap();
+                let mut response = axum::response::Response::new(Body::empty());
+                *response.status_mut() = status;
+                for (name, value) in jobs.write_headers.lock().unwrap().iter() {
+                    response.headers_mut().insert(*name, value.parse().unwrap());
+                }
+                response
+            }
+        };
+        Router::new()
+            .route(
+                "/jobs/{id}",
+                get(read)
+                    .post(write.clone())
+                    .put(write.clone())
+                    .delete(write.clone()),
+            )
+            .route("/jobs", axum::routing::post(write))
+            .layer(cache.layer())
+    }
+
+    fn reads(&self) -> usize {
+        self.reads.load(Ordering::SeqCst)
+    }
+}
+
+fn request(method: &str, uri: &str) -> http::Request<Body> {
+    http::Request::builder()
+        .method(method)
+        .uri(uri)
+        .body(Body::empty())
+        .unwrap()
+}
+
+async fn memory_cache() -> HybridCache {
+    HybridCache::builder().build().await.unwrap()
+}
+
+#[tokio::test]
+async fn a_successful_write_invalidates_its_uri() {
+    let cache = memory_cache().await;
+    let jobs = Jobs::new();
+    let app = jobs.router(&cache);
+    let url = "http://api.test/jobs/42";
+    call(app.clone(), get_request(url)).await;
+    assert!(call(app.clone(), get_request(url)).await.is_hit());
+    for method in ["POST", "PUT", "PATCH", "DELETE"] {
+        // Stores run in the background: wait for the last miss's entry.
+        eventually("the entry stored", WAIT, || async {
+            call(app.clone(), get_request(url)).await.is_hit()
+        })
+        .await;
+        // PATCH has no route here (405): an error invalidates nothing.
+        let before = jobs.reads();
+        let written = call(app.clone(), request(method, url)).await;
+        assert!(written.cache_status().contains("fwd=bypass"), "{method}");
+        let after = call(app.clone(), get_request(url)).await;
+        if method == "PATCH" {
+            assert_eq!(written.status, StatusCode::METHOD_NOT_ALLOWED);
+            assert!(after.is_hit(), "a failed write leaves the entry");
+        } else {
+            assert!(
+                !after.is_hit(),
+                "{method} invalidated: {}",
+                after.cache_status()
+            );
+            assert_eq!(jobs.reads(), before + 1);
+        }
+    }
+    assert_eq!(cache.stats().invalidations, 3);
+}
+
+#[tokio::test]
+async fn error_statuses_invalidate_nothing() {
+    let cache = memory_cache().await;
+    let jobs = Jobs::new();
+    let app = jobs.router(&cache);
+    let url = "http://api.test/jobs/1";
+    call(app.clone(), get_request(url)).await;
+    for status in [400, 404, 409, 500, 503] {
+        jobs.write_status.store(status, Ordering::SeqCst);
+        call(app.clone(), request("POST", url)).await;
+        assert!(
+            call(app.clone(), get_request(url)).await.is_hit(),
+            "{status}"
+        );
+    }
+    assert_eq!(jobs.reads(), 1);
+}
+
+#[tokio::test]
+async fn location_and_content_location_of_the_same_authority_are_invalidated() {
+    let cache = memory_cache().await;
+    let jobs = Jobs::new();
+    let app = jobs.router(&cache);
+    let urls = [
+        "http://api.test/jobs/7",
+        "http://api.test/jobs/8",
+        "http://api.test/jobs/9",
+    ];
+    for url in urls {
+        call(app.clone(), get_request(url)).await;
+        assert!(call(app.clone(), get_request(url)).await.is_hit());
+    }
+    *jobs.write_headers.lock().unwrap() = vec![
+        ("location", "http://API.test/jobs/7".to_owned()),
+        ("content-location", "/jobs/8".to_owned()),
+    ];
+    call(app.clone(), request("POST", "http://api.test/jobs")).await;
+    assert!(!call(app.clone(), get_request(urls[0])).await.is_hit());
+    assert!(!call(app.clone(), get_request(urls[1])).await.is_hit());
+    assert!(call(app.clone(), get_request(urls[2])).await.is_hit());
+
+    // Another authority, a relative path and junk invalidate nothing.
+    for location in ["http://other.test/jobs/9", "jobs/9", "::not a uri::"] {
+        *jobs.write_headers.lock().unwrap() = vec![("location", location.to_owned())];
+        call(app.clone(), request("POST", "http://api.test/jobs")).await;
+        assert!(
+            call(app.clone(), get_request(urls[2])).await.is_hit(),
+            "{location}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn every_vary_variant_is_invalidated_and_stays_so() {
+    let cache = memory_cache().await;
+    let jobs = Jobs::new();
+    let app = jobs.router(&cache);
+    let url = "http://api.test/jobs/5";
+    let en = [("accept-language", "en")];
+    let fr = [("accept-language", "fr")];
+    for lang in [&en, &fr] {
+        call(app.clone(), get_with(url, lang)).await;
+        assert!(call(app.clone(), get_with(url, lang)).await.is_hit());
+    }
+    call(app.clone(), request("PUT", url)).await;
+    // The English variant is stored again first: the French one from before the
+    // write must not come back with the new index.
+    let en_again = call(app.clone(), get_with(url, &en)).await;
+    assert!(!en_again.is_hit());
+    let fr_again = call(app.clone(), get_with(url, &fr)).await;
+    assert!(!fr_again.is_hit(), "{}", fr_again.cache_status());
+    assert_eq!(jobs.reads(), 4);
+}
+
+#[tokio::test]
+async fn a_fill_in_flight_cannot_resurrect_an_invalidated_entry() {
+    let cache = memory_cache().await;
+    let origin = Origin::new();
+    let app = Router::new()
+        .fallback_service(origin.router())
+        .layer(cache.layer().ttl(Duration::from_secs(300)));
+    let url = "http://api.test/slow?gate=1";
+    let fill = tokio::spawn(call(app.clone(), get_request(url)));
+    eventually("the origin call", WAIT, || async {
+        origin.log.calls() == 1
+    })
+    .await;
+    // The write lands while the old response is on its way.
+    assert!(cache.invalidate(&url.parse().unwrap()).await);
+    origin.gate.add_permits(2);
+    assert_eq!(fill.await.unwrap().status, StatusCode::OK);
+    cache.run_pending_tasks().await;
+    let next = call(app.clone(), get_request(url)).await;
+    assert!(!next.is_hit(), "{}", next.cache_status());
+    assert_eq!(origin.log.calls(), 2);
+    // Fills that start after the invalidation are stored as usual.
+    eventually("the new fill stored", WAIT, || async {
+        call(app.clone(), get_request(url)).await.is_hit()
+    })
+    .await;
+}
+
+async fn replica(url: &str) -> HybridCache {
+    HybridCache::builder()
+        .namespace("inval")
+        .redis(RedisConfig::new(url).deadline(Duration::from_millis(500)))
+        .build()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_write_through_one_replica_invalidates_for_every_replica() {
+    let redis = RedisServer::start();
+    let (a, b) = (replica(&redis.url()).await, replica(&redis.url()).await);
+    let jobs = Jobs::new();
+    let (app_a, app_b) = (jobs.router(&a), jobs.router(&b));
+    let url = "http://api.test/jobs/77";
+    call(app_a.clone(), get_request(url)).await;
+    eventually("the entry in Redis", WAIT, || async {
+        a.stats().redis_writes >= 2 // the Vary index and the variant
+    })
+    .await;
+    let from_b = call(app_b.clone(), get_request(url)).await;
+    assert!(
+        from_b.is_hit() && from_b.cache_status().ends_with("detail=redis"),
+        "{}",
+        from_b.cache_status()
+    );
+
+    call(app_a.clone(), request("DELETE", url)).await;
+    // B's memory still holds the entry, but Redis answers first: a miss.
+    let after = call(app_b.clone(), get_request(url)).await;
+    assert!(!after.is_hit(), "{}", after.cache_status());
+    assert_eq!(jobs.reads(), 2);
+}
+
+#[tokio::test]
+async fn invalidate_reaches_redis_and_beats_a_fill_in_flight() {
+    let redis = RedisServer::start();
+    let (a, b) = (replica(&redis.url()).await, replica(&redis.url()).await);
+    let origin = Origin::new();
+    let app = |cache: &HybridCache| {
+        Router::new()
+            .fallback_service(origin.router())
+            .layer(cache.layer().ttl(Duration::from_secs(300)))
+    };
+    let url = "http://api.test/report?gate=1";
+    let fill = tokio::spawn(call(app(&a), get_request(url)));
+    eventually("the origin call", WAIT, || async {
+        origin.log.calls() == 1
+    })
+    .await;
+    assert!(a.invalidate(&url.parse().unwrap()).await);
+    origin.gate.add_permits(2);
+    fill.await.unwrap();
+    // Whatever A's writer does with the late fill, Redis ends up without the entry:
+    // B misses and calls the origin itself.
+    let from_b = call(app(&b), get_request(url)).await;
+    assert!(!from_b.is_hit(), "{}", from_b.cache_status());
+    assert_eq!(origin.log.calls(), 2);
+}
