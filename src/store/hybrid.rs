@@ -24,7 +24,7 @@ use crate::resilience::breaker::{CircuitBreaker, CircuitBreakerLayer};
 
 use super::memory::MemoryStore;
 use super::redis::{RedisService, RedisStore};
-use super::{RedisTierService, StoreAnswer, StoreError, StoreRequest, Tier};
+use super::{RedisTierService, StoreAnswer, StoreError, StoreRequest, StoreResponse, Tier};
 
 /// Most queued writes sent to Redis in one pipeline.
 const WRITE_BATCH: usize = 64;
@@ -39,7 +39,7 @@ pub(crate) struct HybridStore {
 }
 
 /// The Redis tier's service stack (breaker around the store), shared by every clone.
-type RedisStack = BoxCloneSyncService<StoreRequest, super::StoreResponse, BoxError>;
+type RedisStack = BoxCloneSyncService<StoreRequest, StoreResponse, BoxError>;
 
 /// A user's layer on the Redis tier, applied to the store.
 pub(crate) type RedisLayerFn = Arc<dyn Fn(RedisTierService) -> RedisTierService + Send + Sync>;
