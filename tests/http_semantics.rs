@@ -583,3 +583,65 @@ async fn followers_stop_waiting_for_a_slow_leader() {
     assert!(!follower.await.unwrap().is_hit());
     assert!(!leader.await.unwrap().is_hit());
 }
+
+#[tokio::test]
+async fn conditional_requests_on_a_fresh_entry_get_304_from_the_cache() {
+    let (origin, cache) = (Origin::new(), new_cache().await);
+    let app = app(&origin, cache.layer());
+    let url = "http://api.test/cond?h=cache-control:max-age%3D60&h=etag:W/%22v1%22\
+               &h=last-modified:Fri,%2001%20May%202026%2000:00:00%20GMT&h=x-extra:1";
+    call(app.clone(), get(url)).await;
+    stored(&cache, 1).await;
+    for condition in ["\"v1\"", "W/\"v1\"", "\"v0\", \"v1\"", "*"] {
+        let got = call(app.clone(), get_with(url, &[("if-none-match", condition)])).await;
+        assert_eq!(got.status, StatusCode::NOT_MODIFIED, "{condition}");
+        assert!(got.body.is_empty());
+        assert!(got.is_hit(), "{}", got.cache_status());
+        assert_eq!(got.headers["etag"], "W/\"v1\"");
+        assert_eq!(got.headers["cache-control"], "max-age=60");
+        assert!(got.headers.contains_key("age"));
+        assert!(!got.headers.contains_key("x-extra"), "only the 304 fields");
+    }
+    let changed = call(app.clone(), get_with(url, &[("if-none-match", "\"v2\"")])).await;
+    assert_eq!(changed.status, StatusCode::OK);
+    assert!(changed.is_hit() && !changed.body.is_empty());
+
+    let since = |date: &'static str| get_with(url, &[("if-modified-since", date)]);
+    let later = call(app.clone(), since("Mon, 01 Jun 2026 00:00:00 GMT")).await;
+    assert_eq!(later.status, StatusCode::NOT_MODIFIED);
+    let earlier = call(app.clone(), since("Wed, 01 Apr 2026 00:00:00 GMT")).await;
+    assert_eq!(earlier.status, StatusCode::OK);
+    // If-None-Match wins over If-Modified-Since.
+    let both = call(
+        app.clone(),
+        get_with(
+            url,
+            &[
+                ("if-none-match", "\"v2\""),
+                ("if-modified-since", "Mon, 01 Jun 2026 00:00:00 GMT"),
+            ],
+        ),
+    )
+    .await;
+    assert_eq!(both.status, StatusCode::OK);
+    // Preconditions only the origin can judge go to it.
+    let if_match = call(app.clone(), get_with(url, &[("if-match", "\"v9\"")])).await;
+    assert!(
+        if_match.cache_status().contains("fwd=request"),
+        "{}",
+        if_match.cache_status()
+    );
+    assert_eq!(origin.log.calls(), 2);
+}
+
+#[tokio::test]
+async fn a_stored_error_status_never_becomes_304() {
+    let (origin, cache) = (Origin::new(), new_cache().await);
+    let app = app(&origin, cache.layer());
+    let url = "http://api.test/gone?status=404&h=cache-control:max-age%3D60&h=etag:%22x%22";
+    call(app.clone(), get(url)).await;
+    stored(&cache, 1).await;
+    let got = call(app.clone(), get_with(url, &[("if-none-match", "\"x\"")])).await;
+    assert_eq!(got.status, StatusCode::NOT_FOUND);
+    assert!(got.is_hit());
+}

@@ -17,6 +17,7 @@ use crate::cache::{wait_for_leader, Flight, Lookup, MissKind};
 use crate::entry::CachedResponse;
 use crate::key::normalised_value;
 use crate::policy::cache_control::CacheControl;
+use crate::policy::conditional::{has_origin_preconditions, is_not_modified};
 use crate::policy::settings::RouteSettings;
 use crate::policy::storable::{store_plan, NotStored, RequestFacts};
 use crate::policy::RequestDirectives;
@@ -438,13 +439,22 @@ impl<'a> Ask<'a> {
                 return Err(MissKind::Request);
             }
         }
+        if has_origin_preconditions(request.headers) {
+            return Err(MissKind::Request);
+        }
+        // Only a stored 200 is a representation the conditions can be about.
+        let not_modified = entry.status == StatusCode::OK
+            && is_not_modified(request.headers, &entry.headers, entry.stored_at);
         self.cache.count(Counter::Hit);
-        tracing::debug!(target: TARGET, key = %self.primary, outcome = "hit", detail = tier.as_str());
+        tracing::debug!(target: TARGET, key = %self.primary, outcome = "hit", detail = tier.as_str(), not_modified);
         Ok(hit_response(
             &entry,
             tier,
-            request.head,
-            request.version,
+            Served {
+                head: request.head,
+                not_modified,
+                version: request.version,
+            },
             now,
             self.settings,
             self.cache,
@@ -452,24 +462,52 @@ impl<'a> Ask<'a> {
     }
 }
 
+/// How a hit is answered.
+struct Served {
+    /// A HEAD request: no body.
+    head: bool,
+    /// The request's conditions matched: 304 Not Modified.
+    not_modified: bool,
+    version: Version,
+}
+
+/// The fields a 304 carries from the stored response (RFC 9110 §15.4.5).
+const NOT_MODIFIED_FIELDS: [HeaderName; 6] = [
+    http::header::CACHE_CONTROL,
+    http::header::CONTENT_LOCATION,
+    http::header::DATE,
+    http::header::ETAG,
+    http::header::EXPIRES,
+    http::header::VARY,
+];
+
 fn hit_response<B>(
     entry: &CachedResponse,
     tier: Tier,
-    head: bool,
-    version: Version,
+    served: Served,
     now: SystemTime,
     settings: &RouteSettings,
     cache: &HybridCache,
 ) -> Response<CacheBody<B>> {
-    let body = if head {
+    let body = if served.head || served.not_modified {
         CacheBody::empty()
     } else {
         CacheBody::full(entry.body.clone())
     };
     let mut response = Response::new(body);
-    *response.status_mut() = entry.status;
-    *response.version_mut() = version;
-    *response.headers_mut() = entry.headers.clone();
+    *response.version_mut() = served.version;
+    if served.not_modified {
+        *response.status_mut() = StatusCode::NOT_MODIFIED;
+        let headers = response.headers_mut();
+        for name in NOT_MODIFIED_FIELDS {
+            for value in entry.headers.get_all(&name) {
+                headers.append(name.clone(), value.clone());
+            }
+        }
+    } else {
+        *response.status_mut() = entry.status;
+        *response.headers_mut() = entry.headers.clone();
+    }
     let headers = response.headers_mut();
     if settings.age_header {
         headers.insert(AGE, HeaderValue::from(entry.age(now).as_secs()));

@@ -2,6 +2,7 @@
 //! served from the cache (RFC 9111).
 
 pub(crate) mod cache_control;
+pub(crate) mod conditional;
 pub(crate) mod freshness;
 pub(crate) mod settings;
 pub(crate) mod storable;
