@@ -23,6 +23,9 @@ use tower::{BoxError, Layer, Service};
 
 /// Default memory-tier capacity: 64 MiB.
 pub const DEFAULT_MEMORY_CAPACITY_BYTES: u64 = 64 << 20;
+/// Background refreshes (`stale-while-revalidate`) running at once, at most; past it a
+/// stale hit is served without starting another.
+pub const MAX_REFRESHES: usize = 64;
 /// Default namespace: the first part of every storage key.
 pub const DEFAULT_NAMESPACE: &str = "thc";
 /// Default name in `Cache-Status` (RFC 9211).
@@ -60,6 +63,8 @@ pub(crate) struct CacheInner {
     pub(crate) store: HybridStore,
     pub(crate) flights: SingleFlight,
     pub(crate) invalidations: Invalidations,
+    /// Background refreshes (stale-while-revalidate) running at once, at most.
+    pub(crate) refreshes: Arc<tokio::sync::Semaphore>,
     pub(crate) counters: Arc<Counters>,
     pub(crate) cache_status_name: String,
     pub(crate) single_flight_timeout: Duration,
@@ -264,6 +269,7 @@ impl HybridCacheBuilder {
             store,
             flights: SingleFlight::default(),
             invalidations: Invalidations::new(),
+            refreshes: Arc::new(tokio::sync::Semaphore::new(MAX_REFRESHES)),
             counters,
             cache_status_name: self.cache_status_name,
             single_flight_timeout: self.single_flight_timeout,

@@ -59,7 +59,7 @@ mod telemetry;
 
 pub use cache::{
     HybridCache, HybridCacheBuilder, DEFAULT_CACHE_STATUS_NAME, DEFAULT_MEMORY_CAPACITY_BYTES,
-    DEFAULT_NAMESPACE,
+    DEFAULT_NAMESPACE, MAX_REFRESHES,
 };
 pub use direct::ValueError;
 pub use entry::{CachedResponse, CachedResponseBuilder, FORMAT_VERSION};

@@ -4,6 +4,7 @@
 //! magic "\xF0THC" | format u8 | kind u8 | payload
 //! kind 1, response: status u16 | version u8 | stored_at u64 ms | initial_age u64 ms
 //!                   | fresh_until u64 ms | stale_until u64 ms
+//!                   | swr_until u64 ms | sie_until u64 ms
 //!                   | headers: u32 count × (name u16-len bytes, value u32-len bytes)
 //!                   | vary: u16 count × (name u16-len bytes, present u8, [value u32-len bytes])
 //!                   | tags: u16 count × (u16-len UTF-8) | body u64-len bytes
@@ -96,6 +97,8 @@ pub(crate) fn encode_entry(entry: &Entry) -> Bytes {
             out.put_u64(u64::try_from(r.initial_age.as_millis()).unwrap_or(u64::MAX));
             out.put_u64(millis_since_epoch(r.fresh_until));
             out.put_u64(millis_since_epoch(r.stale_until));
+            out.put_u64(millis_since_epoch(r.swr_until));
+            out.put_u64(millis_since_epoch(r.sie_until));
             // Counts are bounded by the type's limits when encoding: http's HeaderMap
             // holds at most 32 768 entries and names are under 64 KiB.
             out.put_u32(u32::try_from(r.headers.len()).unwrap_or(u32::MAX));
@@ -194,6 +197,8 @@ fn decode_response(r: &mut Reader) -> Result<CachedResponse, DecodeError> {
     let initial_age = Duration::from_millis(r.u64()?);
     let fresh_until = time_from_millis(r.u64()?);
     let stale_until = time_from_millis(r.u64()?);
+    let swr_until = time_from_millis(r.u64()?);
+    let sie_until = time_from_millis(r.u64()?);
     let header_count = r.u32()?;
     let mut headers = HeaderMap::new();
     for _ in 0..header_count {
@@ -233,6 +238,8 @@ fn decode_response(r: &mut Reader) -> Result<CachedResponse, DecodeError> {
         initial_age,
         fresh_until,
         stale_until,
+        swr_until,
+        sie_until,
         vary,
         tags,
     })
@@ -368,6 +375,8 @@ mod tests {
             initial_age in 0u64..1_000_000_000,
             fresh in time_strategy(),
             stale in time_strategy(),
+            swr in time_strategy(),
+            sie in time_strategy(),
             vary in proptest::collection::vec((header_name_strategy(), proptest::option::of(proptest::collection::vec(any::<u8>(), 0..20))), 0..4),
             tags in proptest::collection::vec("\\PC{0,12}", 0..4),
         ) -> CachedResponse {
@@ -382,6 +391,8 @@ mod tests {
                 initial_age: Duration::from_millis(initial_age),
                 fresh_until: fresh,
                 stale_until: stale,
+                swr_until: swr,
+                sie_until: sie,
                 vary: vary.into_iter().map(|(n, v)| (n, v.map(Bytes::from))).collect(),
                 tags,
             }

@@ -46,6 +46,12 @@ pub struct CachedResponse {
     pub(crate) initial_age: Duration,
     pub(crate) fresh_until: SystemTime,
     pub(crate) stale_until: SystemTime,
+    /// Until when a stale entry may be served while it is refreshed in the background
+    /// (`stale-while-revalidate`); at most `stale_until`.
+    pub(crate) swr_until: SystemTime,
+    /// Until when a stale entry may be served when the origin fails
+    /// (`stale-if-error`); at most `stale_until`.
+    pub(crate) sie_until: SystemTime,
     /// The `Vary` names and the storing request's values (`None`: header absent).
     pub(crate) vary: Vec<(HeaderName, Option<Bytes>)>,
     pub(crate) tags: Vec<String>,
@@ -65,6 +71,8 @@ impl CachedResponse {
             initial_age: Duration::ZERO,
             fresh_until: now,
             stale_until: now,
+            swr_until: now,
+            sie_until: now,
             vary: Vec::new(),
             tags: Vec::new(),
         })
@@ -135,6 +143,16 @@ impl CachedResponse {
     /// The entry's age at `now` (RFC 9111 §4.2.3 `current_age`).
     pub fn age(&self, now: SystemTime) -> Duration {
         self.initial_age + now.duration_since(self.stored_at).unwrap_or(Duration::ZERO)
+    }
+
+    /// Whether, stale at `now`, it may be served while it is refreshed.
+    pub(crate) fn may_serve_while_revalidating(&self, now: SystemTime) -> bool {
+        now < self.swr_until
+    }
+
+    /// Whether, stale at `now`, it may be served because the origin failed.
+    pub(crate) fn may_serve_on_error(&self, now: SystemTime) -> bool {
+        now < self.sie_until
     }
 
     /// How long the entry stays fresh after `now` (zero when stale).
@@ -212,6 +230,22 @@ impl CachedResponseBuilder {
     /// Until when the entry is kept at all; never earlier than `fresh_until`.
     pub fn stale_until(mut self, at: SystemTime) -> Self {
         self.0.stale_until = at.max(self.0.fresh_until);
+        self
+    }
+
+    /// Until when it may be served stale while a refresh runs in the background
+    /// (`stale-while-revalidate`); also moves `stale_until` if that was earlier.
+    pub fn stale_while_revalidate_until(mut self, at: SystemTime) -> Self {
+        self.0.swr_until = at;
+        self.0.stale_until = self.0.stale_until.max(at);
+        self
+    }
+
+    /// Until when it may be served stale when the origin fails (`stale-if-error`);
+    /// also moves `stale_until` if that was earlier.
+    pub fn stale_if_error_until(mut self, at: SystemTime) -> Self {
+        self.0.sie_until = at;
+        self.0.stale_until = self.0.stale_until.max(at);
         self
     }
 

@@ -144,6 +144,22 @@ impl HybridCacheLayer {
         self.with(|s| s.age_header = on)
     }
 
+    /// How long past its freshness a response may still be served at once while a
+    /// background task refreshes it, when the response itself has no
+    /// `stale-while-revalidate` (RFC 5861). Not applied to responses with
+    /// `must-revalidate`, `proxy-revalidate` or `s-maxage`. Default none.
+    pub fn stale_while_revalidate(self, window: Duration) -> Self {
+        self.with(|s| s.stale_while_revalidate = Some(window))
+    }
+
+    /// How long past its freshness a response may still be served when the origin
+    /// fails (an error, or a 500, 502, 503 or 504), when the response itself has no
+    /// `stale-if-error` (RFC 5861). Not applied to responses with `must-revalidate`,
+    /// `proxy-revalidate` or `s-maxage`. Default none.
+    pub fn stale_if_error(self, window: Duration) -> Self {
+        self.with(|s| s.stale_if_error = Some(window))
+    }
+
     /// What to do with the client's `no-cache`, `max-age`, `min-fresh` and
     /// `only-if-cached`. Default [`RequestDirectives::Honour`].
     pub fn request_directives(self, directives: RequestDirectives) -> Self {

@@ -6,7 +6,9 @@ use std::task::{Context, Poll, Waker};
 use std::time::SystemTime;
 
 use bytes::Bytes;
-use http::header::{AGE, AUTHORIZATION, CONNECTION, RANGE};
+use http::header::{
+    AGE, AUTHORIZATION, CONNECTION, ETAG, IF_MODIFIED_SINCE, IF_NONE_MATCH, LAST_MODIFIED, RANGE,
+};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body::Body;
 use tower::Service;
@@ -146,7 +148,7 @@ where
         );
         let ask = Ask::new(&self.cache, &self.settings, &primary, &request_cc);
         let known = if ask.must_forward() {
-            Some(MissKind::Request)
+            Some((MissKind::Request, None))
         } else if !self.cache.inner.store.reads_are_local() {
             // A Redis read is polled once only where it can finish: in the future.
             None
@@ -154,8 +156,21 @@ where
             // The memory tier answers without suspending: a hit is built here, with no
             // boxed future and no clone of the inner service.
             match ask.serve_now(&RequestHead::of(&request)) {
-                Some(Ok(response)) => return ResponseFuture::ready(response),
-                Some(Err(miss)) => Some(miss),
+                Some(Answer::Hit(response)) => return ResponseFuture::ready(response),
+                Some(Answer::Refresh(response, stale)) => {
+                    let clone = self.inner.clone();
+                    let inner = std::mem::replace(&mut self.inner, clone);
+                    spawn_refresh(
+                        inner,
+                        self.cache.clone(),
+                        Arc::clone(&self.settings),
+                        (primary, request_cc),
+                        request,
+                        stale,
+                    );
+                    return ResponseFuture::ready(response);
+                }
+                Some(Answer::Miss(miss, stale)) => Some((miss, stale)),
                 None => None,
             }
         };
@@ -288,9 +303,22 @@ where
 struct Prepared {
     primary: CacheKey,
     request_cc: CacheControl,
-    /// Why the cache cannot answer, when the lookup has run; `None` when it would
-    /// have had to wait and must run in the future.
-    known: Option<MissKind>,
+    /// Why the cache cannot answer (and the stale entry, if one is stored), when the
+    /// lookup has run; `None` when it would have had to wait and must run in the
+    /// future.
+    known: Option<(MissKind, Option<Arc<CachedResponse>>)>,
+}
+
+/// What a lookup gives the request.
+enum Answer<B> {
+    /// A fresh stored response.
+    Hit(Response<CacheBody<B>>),
+    /// A stale one within its `stale-while-revalidate` window: served now, refreshed
+    /// in the background.
+    Refresh(Response<CacheBody<B>>, Arc<CachedResponse>),
+    /// Nothing usable; the stale entry, if any, for revalidation and
+    /// `stale-if-error`.
+    Miss(MissKind, Option<Arc<CachedResponse>>),
 }
 
 async fn handle<S, ReqBody, ResBody>(
@@ -301,10 +329,11 @@ async fn handle<S, ReqBody, ResBody>(
     prepared: Prepared,
 ) -> Result<Response<CacheBody<ResBody>>, S::Error>
 where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send,
-    S::Future: Send,
-    ReqBody: Send,
-    ResBody: Body + Send,
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send,
+    ReqBody: Send + 'static,
+    ResBody: Body<Data = Bytes> + Send + 'static,
 {
     let Prepared {
         primary,
@@ -312,11 +341,22 @@ where
         known,
     } = prepared;
     let ask = Ask::new(&cache, &settings, &primary, &request_cc);
-    let miss = match known {
-        Some(miss) => miss,
+    let (miss, stale) = match known {
+        Some(known) => known,
         None => match ask.serve(&RequestHead::of(&request)).await {
-            Ok(response) => return Ok(response),
-            Err(miss) => miss,
+            Answer::Hit(response) => return Ok(response),
+            Answer::Refresh(response, stale) => {
+                spawn_refresh(
+                    inner,
+                    cache.clone(),
+                    Arc::clone(&settings),
+                    (primary, request_cc.clone()),
+                    request,
+                    stale,
+                );
+                return Ok(response);
+            }
+            Answer::Miss(miss, stale) => (miss, stale),
         },
     };
     if ask.honour && request_cc.only_if_cached {
@@ -325,14 +365,16 @@ where
     if request.method() == Method::HEAD || ask.must_forward() {
         // A HEAD response has no body to store; a forced forward does not wait for
         // others' fetches.
-        return Box::pin(forward(inner, &ask, request, miss, None)).await;
+        return Box::pin(forward(inner, &ask, request, miss, None, stale)).await;
     }
     let guard = match cache.inner.flights.join(primary) {
         Flight::Leader(guard) => Some(guard),
         Flight::Follower(rx) => {
             cache.count(Counter::Coalesced);
             let released = wait_for_leader(rx, cache.inner.single_flight_timeout).await;
-            if let Ok(response) = ask.serve(&RequestHead::of(&request)).await {
+            if let Answer::Hit(response) | Answer::Refresh(response, _) =
+                ask.serve(&RequestHead::of(&request)).await
+            {
                 return Ok(response);
             }
             tracing::debug!(target: TARGET, key = %primary, outcome = "collapsed-miss", released);
@@ -340,7 +382,57 @@ where
         }
     };
     // Boxed so that the future of a request that waited on a lookup stays small.
-    Box::pin(forward(inner, &ask, request, miss, guard)).await
+    Box::pin(forward(inner, &ask, request, miss, guard, stale)).await
+}
+
+/// Refreshes a stale entry in a task the layer owns (it outlives the client's
+/// request): at most one per key at a time, and at most `MAX_REFRESHES` at once.
+fn spawn_refresh<S, ReqBody, ResBody>(
+    inner: S,
+    cache: HybridCache,
+    settings: Arc<RouteSettings>,
+    (primary, request_cc): (CacheKey, CacheControl),
+    mut request: Request<ReqBody>,
+    stale: Arc<CachedResponse>,
+) where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send,
+    ReqBody: Send + 'static,
+    ResBody: Body<Data = Bytes> + Send + 'static,
+{
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let Ok(permit) = Arc::clone(&cache.inner.refreshes).try_acquire_owned() else {
+        tracing::debug!(target: TARGET, key = %primary, outcome = "refresh-skipped", detail = "too-many");
+        return;
+    };
+    let Flight::Leader(guard) = cache.inner.flights.join(primary) else {
+        return; // already being fetched
+    };
+    // The client's own conditions are answered from the stale entry; the refresh
+    // asks with the stored validators instead.
+    request.headers_mut().remove(IF_NONE_MATCH);
+    request.headers_mut().remove(IF_MODIFIED_SINCE);
+    runtime.spawn(async move {
+        let _permit = permit;
+        let ask = Ask::new(&cache, &settings, &primary, &request_cc);
+        let refreshed = forward(
+            inner,
+            &ask,
+            request,
+            MissKind::Stale,
+            Some(guard),
+            Some(stale),
+        );
+        if let Ok(response) = Box::pin(refreshed).await {
+            // Reading the body to its end is what stores it.
+            let mut body = std::pin::pin!(response.into_body());
+            while let Some(Ok(_)) = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await {}
+        }
+        tracing::debug!(target: TARGET, key = %primary, outcome = "refreshed");
+    });
 }
 
 /// What serving from the cache needs of the request (borrowed apart from the body,
@@ -393,10 +485,7 @@ impl<'a> Ask<'a> {
 
     /// The lookup, if it completes without waiting (the memory tier's always does,
     /// but for moka's rare housekeeping hand-offs).
-    fn serve_now<ResBody>(
-        &self,
-        request: &RequestHead<'_>,
-    ) -> Option<Result<Response<CacheBody<ResBody>>, MissKind>> {
+    fn serve_now<ResBody>(&self, request: &RequestHead<'_>) -> Option<Answer<ResBody>> {
         let lookup = std::pin::pin!(self.cache.lookup(self.primary, request.headers));
         match lookup.poll(&mut Context::from_waker(Waker::noop())) {
             Poll::Ready(found) => Some(self.respond(found, request)),
@@ -405,28 +494,19 @@ impl<'a> Ask<'a> {
     }
 
     /// A response from the cache, or why there is none.
-    async fn serve<ResBody>(
-        &self,
-        request: &RequestHead<'_>,
-    ) -> Result<Response<CacheBody<ResBody>>, MissKind> {
+    async fn serve<ResBody>(&self, request: &RequestHead<'_>) -> Answer<ResBody> {
         let found = self.cache.lookup(self.primary, request.headers).await;
         self.respond(found, request)
     }
 
-    fn respond<ResBody>(
-        &self,
-        found: Lookup,
-        request: &RequestHead<'_>,
-    ) -> Result<Response<CacheBody<ResBody>>, MissKind> {
+    fn respond<ResBody>(&self, found: Lookup, request: &RequestHead<'_>) -> Answer<ResBody> {
         let (entry, tier) = match found {
             Lookup::Hit(entry, tier) => (entry, tier),
-            Lookup::Miss(miss) => return Err(miss),
+            Lookup::Miss(miss) => return Answer::Miss(miss, None),
         };
         let now = SystemTime::now();
-        if !entry.is_fresh(now) {
-            return Err(MissKind::Stale);
-        }
-        if self.honour {
+        let fresh = entry.is_fresh(now);
+        let allowed = !self.honour || {
             let too_old = self
                 .request_cc
                 .max_age
@@ -435,19 +515,35 @@ impl<'a> Ask<'a> {
                 .request_cc
                 .min_fresh
                 .is_some_and(|min| entry.time_to_live(now).as_secs() < min);
-            if too_old || too_close {
-                return Err(MissKind::Request);
+            !(too_old || too_close)
+        };
+        if !fresh {
+            if allowed
+                && entry.may_serve_while_revalidating(now)
+                && !has_origin_preconditions(request.headers)
+            {
+                self.cache.count(Counter::Hit);
+                tracing::debug!(target: TARGET, key = %self.primary, outcome = "hit", detail = "stale-while-revalidate");
+                let response = stale_response(
+                    &entry,
+                    (request.head, request.version),
+                    now,
+                    (self.settings, self.cache),
+                    "detail=stale-while-revalidate",
+                );
+                return Answer::Refresh(response, entry);
             }
+            return Answer::Miss(MissKind::Stale, Some(entry));
         }
-        if has_origin_preconditions(request.headers) {
-            return Err(MissKind::Request);
+        if !allowed || has_origin_preconditions(request.headers) {
+            return Answer::Miss(MissKind::Request, None);
         }
         // Only a stored 200 is a representation the conditions can be about.
         let not_modified = entry.status == StatusCode::OK
             && is_not_modified(request.headers, &entry.headers, entry.stored_at);
         self.cache.count(Counter::Hit);
         tracing::debug!(target: TARGET, key = %self.primary, outcome = "hit", detail = tier.as_str(), not_modified);
-        Ok(hit_response(
+        Answer::Hit(hit_response(
             &entry,
             tier,
             Served {
@@ -530,14 +626,96 @@ fn hit_response<B>(
     response
 }
 
+/// A stale entry served whole (within its `stale-while-revalidate` or
+/// `stale-if-error` window); `Cache-Status` gives how long it has been stale and why.
+fn stale_response<B>(
+    entry: &CachedResponse,
+    (head, version): (bool, Version),
+    now: SystemTime,
+    (settings, cache): (&RouteSettings, &HybridCache),
+    why: &str,
+) -> Response<CacheBody<B>> {
+    let served = Served {
+        head,
+        not_modified: false,
+        version,
+    };
+    let mut response = hit_response(entry, Tier::Memory, served, now, settings, cache);
+    if settings.cache_status_header {
+        let stale_for = now
+            .duration_since(entry.fresh_until)
+            .unwrap_or_default()
+            .as_secs();
+        let headers = response.headers_mut();
+        headers.remove(CACHE_STATUS);
+        if let Some(value) = status_value(cache, &format!("hit; ttl=-{stale_for}; {why}")) {
+            headers.append(CACHE_STATUS, value);
+        }
+    }
+    response
+}
+
+/// Statuses that let a stale entry be served instead (RFC 5861 §4: an error).
+fn is_origin_error(status: StatusCode) -> bool {
+    matches!(status.as_u16(), 500 | 502 | 503 | 504)
+}
+
+/// Fields a 304 may not change in the stored response (RFC 9111 §3.2): they describe
+/// the stored body.
+const KEPT_ON_304: [HeaderName; 4] = [
+    http::header::CONTENT_LENGTH,
+    http::header::CONTENT_ENCODING,
+    http::header::CONTENT_RANGE,
+    http::header::CONTENT_TYPE,
+];
+
+/// The stored response updated by a 304 (RFC 9111 §4.3.4): its fields replace the
+/// stored ones of the same name; freshness is worked out again. `None` when the
+/// updated response may no longer be stored.
+fn refreshed_by_304(
+    stale: &CachedResponse,
+    not_modified: &HeaderMap,
+    facts: RequestFacts,
+    settings: &RouteSettings,
+    response_time: SystemTime,
+) -> Option<CachedResponse> {
+    let mut headers = stale.headers.clone();
+    let updates = storable_headers(not_modified);
+    for name in updates.keys() {
+        if KEPT_ON_304.contains(name) {
+            continue;
+        }
+        headers.remove(name);
+        for value in updates.get_all(name) {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+    let plan = store_plan(facts, stale.status, &headers, settings, response_time).ok()?;
+    Some(
+        CachedResponse::builder(stale.status, headers, stale.body.clone())
+            .version(stale.version)
+            .stored_at(plan.stored_at)
+            .initial_age(plan.initial_age)
+            .fresh_until(plan.fresh_until)
+            .stale_while_revalidate_until(plan.swr_until)
+            .stale_if_error_until(plan.sie_until)
+            .stale_until(plan.stale_until)
+            .vary(stale.vary.clone())
+            .build(),
+    )
+}
+
 /// Sends the request to the origin and, when the response may be stored, tees its
-/// body into the store.
+/// body into the store. With a stale entry: asks with its validators (when the client
+/// set none) and takes a 304 as a refresh of it; serves it when the origin fails
+/// within its `stale-if-error` window.
 async fn forward<S, ReqBody, ResBody>(
     mut inner: S,
     ask: &Ask<'_>,
-    request: Request<ReqBody>,
+    mut request: Request<ReqBody>,
     miss: MissKind,
     guard: Option<crate::cache::FlightGuard>,
+    stale: Option<Arc<CachedResponse>>,
 ) -> Result<Response<CacheBody<ResBody>>, S::Error>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
@@ -555,9 +733,41 @@ where
     // The request's values of the response's `Vary` names are known only once the
     // response is in; keep the headers for that, on the miss path only.
     let request_headers = storing.then(|| request.headers().clone());
+    let revalidating = match &stale {
+        Some(entry) if storing => add_validators(request.headers_mut(), entry),
+        _ => false,
+    };
+    let served_as = (request.method() == Method::HEAD, request.version());
     let since = cache.inner.invalidations.now();
-    let response = inner.call(request).await?;
+    let response = match inner.call(request).await {
+        Ok(response) => response,
+        Err(error) => {
+            return match stale_on_error(ask, stale.as_deref(), served_as, "error") {
+                Some(response) => Ok(response),
+                None => Err(error),
+            };
+        }
+    };
     let response_time = SystemTime::now();
+    if is_origin_error(response.status()) {
+        let status = response.status().as_u16().to_string();
+        if let Some(response) = stale_on_error(ask, stale.as_deref(), served_as, &status) {
+            return Ok(response);
+        }
+    }
+    if revalidating && response.status() == StatusCode::NOT_MODIFIED {
+        if let Some(entry) = stale.as_deref() {
+            return Ok(revalidated(
+                ask,
+                entry,
+                response.headers(),
+                facts,
+                response_time,
+                served_as,
+                guard,
+            ));
+        }
+    }
     let (mut parts, body) = response.into_parts();
     let fwd = format!(
         "fwd={}; fwd-status={}",
@@ -609,6 +819,9 @@ where
             .stored_at(plan.stored_at)
             .initial_age(plan.initial_age)
             .fresh_until(plan.fresh_until)
+            .stale_while_revalidate_until(plan.swr_until)
+            .stale_if_error_until(plan.sie_until)
+            .stale_until(plan.stale_until)
             .vary(vary)
             .build();
             let capture = Capture {
@@ -638,6 +851,96 @@ where
         }
     }
     Ok(Response::from_parts(parts, body))
+}
+
+/// Puts the stored validators on a request the client made unconditional; `true` if
+/// there were any.
+fn add_validators(headers: &mut HeaderMap, entry: &CachedResponse) -> bool {
+    if headers.contains_key(IF_NONE_MATCH) || headers.contains_key(IF_MODIFIED_SINCE) {
+        return false;
+    }
+    let mut added = false;
+    if let Some(etag) = entry.headers.get(ETAG) {
+        headers.insert(IF_NONE_MATCH, etag.clone());
+        added = true;
+    }
+    if let Some(modified) = entry.headers.get(LAST_MODIFIED) {
+        headers.insert(IF_MODIFIED_SINCE, modified.clone());
+        added = true;
+    }
+    added
+}
+
+/// The stale entry, when the origin failed (`why`: `error` or the status) within its
+/// `stale-if-error` window.
+fn stale_on_error<B>(
+    ask: &Ask<'_>,
+    stale: Option<&CachedResponse>,
+    served_as: (bool, Version),
+    why: &str,
+) -> Option<Response<CacheBody<B>>> {
+    let now = SystemTime::now();
+    let entry = stale.filter(|entry| entry.may_serve_on_error(now))?;
+    ask.cache.count(Counter::Hit);
+    tracing::debug!(target: TARGET, key = %ask.primary, outcome = "hit", detail = "stale-if-error", origin = why);
+    Some(stale_response(
+        entry,
+        served_as,
+        now,
+        (ask.settings, ask.cache),
+        &format!("fwd=stale; fwd-status={why}; detail=stale-if-error"),
+    ))
+}
+
+/// The origin said the stale entry is still good (304): store it refreshed and serve
+/// it whole (the client's request had no conditions of its own).
+fn revalidated<B>(
+    ask: &Ask<'_>,
+    stale: &CachedResponse,
+    not_modified: &HeaderMap,
+    facts: RequestFacts,
+    response_time: SystemTime,
+    served_as: (bool, Version),
+    guard: Option<crate::cache::FlightGuard>,
+) -> Response<CacheBody<B>> {
+    let cache = ask.cache;
+    let refreshed = refreshed_by_304(stale, not_modified, facts, ask.settings, response_time);
+    let (entry, note) = match refreshed {
+        Some(entry) => (entry, "stored"),
+        None => (stale.clone(), "detail=not-stored"),
+    };
+    let served = Served {
+        head: served_as.0,
+        not_modified: false,
+        version: served_as.1,
+    };
+    let mut response = hit_response(
+        &entry,
+        Tier::Memory,
+        served,
+        response_time,
+        ask.settings,
+        cache,
+    );
+    if ask.settings.cache_status_header {
+        let headers = response.headers_mut();
+        headers.remove(CACHE_STATUS);
+        if let Some(value) = status_value(cache, &format!("fwd=stale; fwd-status=304; {note}")) {
+            headers.append(CACHE_STATUS, value);
+        }
+    }
+    if note == "stored" {
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let (cache, key) = (cache.clone(), *ask.primary);
+            runtime.spawn(async move {
+                cache.store(key, entry).await;
+                cache.count(Counter::Store);
+                tracing::debug!(target: TARGET, key = %key, outcome = "stored", detail = "revalidated");
+                drop(guard);
+            });
+        }
+    }
+    response
 }
 
 /// `504` for `only-if-cached` when nothing usable is stored (RFC 9111 §5.2.1.7).

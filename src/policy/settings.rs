@@ -104,6 +104,8 @@ pub(crate) struct RouteSettings {
     pub(crate) cache_status_header: bool,
     pub(crate) age_header: bool,
     pub(crate) request_directives: RequestDirectives,
+    pub(crate) stale_while_revalidate: Option<Duration>,
+    pub(crate) stale_if_error: Option<Duration>,
 }
 
 impl Default for RouteSettings {
@@ -117,6 +119,8 @@ impl Default for RouteSettings {
             cache_status_header: true,
             age_header: true,
             request_directives: RequestDirectives::Honour,
+            stale_while_revalidate: None,
+            stale_if_error: None,
         }
     }
 }

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use http::header::{SET_COOKIE, VARY};
+use http::header::{ETAG, LAST_MODIFIED, SET_COOKIE, VARY};
 use http::{HeaderMap, HeaderName, StatusCode};
 
 use super::cache_control::CacheControl;
@@ -65,8 +65,22 @@ pub(crate) struct StorePlan {
     pub(crate) stored_at: SystemTime,
     pub(crate) initial_age: Duration,
     pub(crate) fresh_until: SystemTime,
+    /// End of the `stale-while-revalidate` window (`fresh_until` when none).
+    pub(crate) swr_until: SystemTime,
+    /// End of the `stale-if-error` window (`fresh_until` when none).
+    pub(crate) sie_until: SystemTime,
+    /// How long the entry is kept: past both windows, and, with a validator (`ETag`
+    /// or `Last-Modified`), long enough to be revalidated instead of refetched.
+    pub(crate) stale_until: SystemTime,
     pub(crate) vary: Vec<HeaderName>,
 }
+
+/// A response with a validator is kept past its freshness for as long as it was
+/// fresh, within these bounds, so that it can be revalidated (a 304) instead of
+/// fetched again.
+pub(crate) const REVALIDATION_KEEP_MIN: Duration = Duration::from_secs(60);
+/// See [`REVALIDATION_KEEP_MIN`].
+pub(crate) const REVALIDATION_KEEP_MAX: Duration = Duration::from_secs(3600);
 
 /// Statuses a cache may store with a route TTL or heuristic freshness
 /// (RFC 9110 §15.1 "heuristically cacheable", less 206: ranges are not cached).
@@ -126,10 +140,36 @@ pub(crate) fn store_plan(
     let fresh_until = response_time
         .checked_add(remaining)
         .ok_or(NotStored::NoFreshness)?;
+    // must-revalidate and proxy-revalidate forbid serving stale; s-maxage implies
+    // proxy-revalidate for a shared cache unless the response grants a window itself.
+    let window = |granted: Option<u64>, route: Option<Duration>| {
+        if cc.must_revalidate || cc.proxy_revalidate {
+            return fresh_until;
+        }
+        let route = route.filter(|_| cc.s_maxage.is_none());
+        let window = granted
+            .map(|secs| {
+                Duration::from_secs(secs.min(crate::policy::cache_control::DELTA_SECONDS_CAP))
+            })
+            .or(route)
+            .unwrap_or(Duration::ZERO);
+        fresh_until.checked_add(window).unwrap_or(fresh_until)
+    };
+    let swr_until = window(cc.stale_while_revalidate, settings.stale_while_revalidate);
+    let sie_until = window(cc.stale_if_error, settings.stale_if_error);
+    let keep_until = if headers.contains_key(ETAG) || headers.contains_key(LAST_MODIFIED) {
+        let keep = lifetime.clamp(REVALIDATION_KEEP_MIN, REVALIDATION_KEEP_MAX);
+        fresh_until.checked_add(keep).unwrap_or(fresh_until)
+    } else {
+        fresh_until
+    };
     Ok(StorePlan {
         stored_at: response_time,
         initial_age,
         fresh_until,
+        swr_until,
+        sie_until,
+        stale_until: swr_until.max(sie_until).max(keep_until),
         vary,
     })
 }
