@@ -7,7 +7,13 @@
 //! curl -i 'http://127.0.0.1:3000/candidates/7/matches'
 //! curl -i -X POST 'http://127.0.0.1:3000/jobs' -H 'content-type: application/json' \
 //!      -d '{"title":"Rust engineer","company":"Acme","location":"Berlin","skills":["rust","tokio"]}'
+//! curl -i -X POST 'http://127.0.0.1:3000/admin/purge?tag=matches'   # without tag: everything
 //! ```
+//!
+//! Search results are tagged by location (`search:location:berlin`, or
+//! `search:any-location` without a location filter) and match lists `matches`; a new
+//! job invalidates the searches it can appear in and every match list, on every replica
+//! that shares the Redis.
 //!
 //! The data set (a few thousand generated jobs and candidates) lives in memory; the
 //! match route scores every job against a candidate, which takes tens of
@@ -21,9 +27,9 @@ use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use serde::{Deserialize, Serialize};
-use tower_hybrid_cache::HybridCache;
+use tower_hybrid_cache::{CacheOverrides, HybridCache};
 
 const SKILLS: &[&str] = &[
     "rust",
@@ -226,10 +232,26 @@ fn count_by<'a>(values: impl Iterator<Item = &'a str>) -> Vec<(String, usize)> {
     counts
 }
 
+/// The tag of the searches a job in `location` can appear in.
+fn location_tag(location: &str) -> String {
+    format!("search:location:{}", location.to_lowercase())
+}
+
+/// The tag of the searches with no location filter: every new job can appear in them.
+const ANY_LOCATION_TAG: &str = "search:any-location";
+/// The tag of every candidate's match list.
+const MATCHES_TAG: &str = "matches";
+
 async fn search(
     State(data): State<Arc<Data>>,
     Query(params): Query<SearchParams>,
 ) -> impl IntoResponse {
+    // Tagged so that a new job invalidates exactly the searches it can appear in.
+    let tag = params
+        .location
+        .as_deref()
+        .map_or_else(|| ANY_LOCATION_TAG.to_owned(), location_tag);
+    let overrides = CacheOverrides::new().tags([tag]);
     let jobs = data.jobs.read().unwrap_or_else(|p| p.into_inner());
     let q = params.q.unwrap_or_default().to_lowercase();
     let hits: Vec<&Job> = jobs
@@ -261,7 +283,7 @@ async fn search(
             company: count_by(hits.iter().map(|j| j.company.as_str())),
         },
     };
-    Json(results)
+    (Extension(overrides), Json(results))
 }
 
 async fn job(State(data): State<Arc<Data>>, Path(id): Path<u64>) -> impl IntoResponse {
@@ -316,7 +338,11 @@ async fn matches(State(data): State<Arc<Data>>, Path(id): Path<usize>) -> impl I
     };
     let work = tokio::task::spawn_blocking(move || best_matches(&data, &candidate, 20));
     match work.await {
-        Ok(found) => Json(found).into_response(),
+        Ok(found) => (
+            Extension(CacheOverrides::new().tags([MATCHES_TAG])),
+            Json(found),
+        )
+            .into_response(),
         Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
     }
 }
@@ -332,25 +358,58 @@ struct NewJob {
     salary: u32,
 }
 
-async fn create_job(State(data): State<Arc<Data>>, Json(new): Json<NewJob>) -> impl IntoResponse {
+async fn create_job(
+    State(data): State<Arc<Data>>,
+    Extension(cache): Extension<HybridCache>,
+    Json(new): Json<NewJob>,
+) -> impl IntoResponse {
     let mut rng = XorShift(0xDEAD_BEEF);
     let profile = profile(&new.skills, &mut rng);
-    let mut jobs = data.jobs.write().unwrap_or_else(|p| p.into_inner());
-    let id = jobs.last().map_or(0, |j| j.id + 1);
-    jobs.push(Job {
-        id,
-        title: new.title,
-        company: new.company,
-        location: new.location,
-        skills: new.skills,
-        salary: new.salary,
-        profile,
-    });
+    let location = new.location.clone();
+    let id = {
+        let mut jobs = data.jobs.write().unwrap_or_else(|p| p.into_inner());
+        let id = jobs.last().map_or(0, |j| j.id + 1);
+        jobs.push(Job {
+            id,
+            title: new.title,
+            company: new.company,
+            location: new.location,
+            skills: new.skills,
+            salary: new.salary,
+            profile,
+        });
+        id
+    };
+    // The searches the new job can appear in, and every match list, are out of date
+    // (on every replica sharing the Redis).
+    cache.invalidate_tag(&location_tag(&location)).await;
+    cache.invalidate_tag(ANY_LOCATION_TAG).await;
+    cache.invalidate_tag(MATCHES_TAG).await;
     (
         StatusCode::CREATED,
         [(header::LOCATION, format!("/jobs/{id}"))],
         Json(serde_json::json!({ "id": id })),
     )
+}
+
+#[derive(Deserialize)]
+struct Purge {
+    tag: Option<String>,
+}
+
+/// `POST /admin/purge?tag=search:location:berlin` forgets one tag; without `tag`,
+/// everything.
+async fn purge(Extension(cache): Extension<HybridCache>, Query(purge): Query<Purge>) -> StatusCode {
+    let reached_redis = match purge.tag {
+        Some(tag) => cache.invalidate_tag(&tag).await,
+        None => cache.purge_all().await,
+    };
+    // Accepted: Redis was down, the purge is replayed when it is back.
+    if reached_redis {
+        StatusCode::NO_CONTENT
+    } else {
+        StatusCode::ACCEPTED
+    }
 }
 
 /// The application: each read route cached with its own TTL, in one shared cache.
@@ -366,6 +425,7 @@ pub fn app(cache: &HybridCache, data: Arc<Data>) -> Router {
             ),
         )
         .route("/jobs", axum::routing::post(create_job))
+        .route("/admin/purge", axum::routing::post(purge))
         .route(
             "/jobs/{id}",
             get(job).layer(cache.layer().ttl(Duration::from_secs(300))),
@@ -374,6 +434,7 @@ pub fn app(cache: &HybridCache, data: Arc<Data>) -> Router {
             "/candidates/{id}/matches",
             get(matches).layer(cache.layer().ttl(Duration::from_secs(60))),
         )
+        .layer(Extension(cache.clone()))
         .with_state(data)
 }
 

@@ -439,6 +439,48 @@ impl HybridCache {
         self.invalidate_key(key).await
     }
 
+    /// Forgets every response stored with `tag` (exact match), in both tiers and so
+    /// for every replica sharing the Redis. Tags come from the response's tag header
+    /// (`Cache-Tag` by default, see `HybridCacheLayer::tag_header`) or the handler's
+    /// [`CacheOverrides`](crate::CacheOverrides). Returns `false` when Redis could not
+    /// take it now: it is kept (up to 1024 removals) and replayed, in order, once Redis
+    /// can.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let cache = tower_hybrid_cache::HybridCache::builder().build().await?;
+    /// assert!(cache.invalidate_tag("company:7").await);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn invalidate_tag(&self, tag: &str) -> bool {
+        self.inner.invalidations.mark_tag(tag).await;
+        self.count(Counter::Invalidation);
+        tracing::debug!(target: crate::telemetry::TARGET, tag, outcome = "tag-invalidated");
+        self.inner
+            .store
+            .invalidate_tag(tag, &self.inner.counters)
+            .await
+    }
+
+    /// Forgets everything this cache stored, in both tiers (in Redis: every key of its
+    /// namespace), and so for every replica sharing the Redis. Returns `false` when
+    /// Redis could not take it now: it is replayed once Redis can, as
+    /// [`invalidate_tag`](Self::invalidate_tag).
+    pub async fn purge_all(&self) -> bool {
+        self.inner.invalidations.mark_all();
+        self.count(Counter::Invalidation);
+        tracing::debug!(target: crate::telemetry::TARGET, outcome = "purged");
+        self.inner.store.purge_all(&self.inner.counters).await
+    }
+
+    /// Removals (invalidations, tag invalidations, purges) waiting for Redis to come
+    /// back.
+    pub fn pending_redis_removals(&self) -> usize {
+        self.inner.store.pending_removals()
+    }
+
     /// Marks `key` invalidated (fills that started before are not stored), then
     /// removes it from both tiers.
     pub(crate) async fn invalidate_key(&self, key: CacheKey) -> bool {
@@ -564,6 +606,10 @@ fn variant_key(
 /// stored after it.
 pub(crate) struct Invalidations {
     seq: std::sync::atomic::AtomicU64,
+    /// The sequence number of the last `purge_all`.
+    purged: std::sync::atomic::AtomicU64,
+    /// Tag → the sequence number of its last invalidation.
+    tags: moka::future::Cache<String, u64>,
     /// Key → the sequence number of its last invalidation. Bounded: a fill that runs
     /// longer than the time-to-live after an invalidation is not caught.
     marks: moka::future::Cache<CacheKey, u64>,
@@ -573,6 +619,11 @@ impl Invalidations {
     fn new() -> Self {
         Invalidations {
             seq: std::sync::atomic::AtomicU64::new(0),
+            purged: std::sync::atomic::AtomicU64::new(0),
+            tags: moka::future::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(Duration::from_secs(300))
+                .build(),
             marks: moka::future::Cache::builder()
                 .max_capacity(100_000)
                 .time_to_live(Duration::from_secs(300))
@@ -590,9 +641,30 @@ impl Invalidations {
         self.marks.insert(key, seq).await;
     }
 
-    /// Whether `key` was invalidated after `since`.
-    pub(crate) async fn since(&self, key: &CacheKey, since: u64) -> bool {
-        self.marks.get(key).await.is_some_and(|seq| seq > since)
+    async fn mark_tag(&self, tag: &str) {
+        let seq = self.seq.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        self.tags.insert(tag.to_owned(), seq).await;
+    }
+
+    fn mark_all(&self) {
+        let seq = self.seq.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        self.purged.store(seq, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether `key`, or one of `tags`, or everything, was invalidated after `since`.
+    pub(crate) async fn since(&self, key: &CacheKey, tags: &[String], since: u64) -> bool {
+        if self.purged.load(std::sync::atomic::Ordering::SeqCst) > since {
+            return true;
+        }
+        if self.marks.get(key).await.is_some_and(|seq| seq > since) {
+            return true;
+        }
+        for tag in tags {
+            if self.tags.get(tag).await.is_some_and(|seq| seq > since) {
+                return true;
+            }
+        }
+        false
     }
 }
 

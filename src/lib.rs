@@ -65,8 +65,8 @@ pub use direct::ValueError;
 pub use entry::{CachedResponse, CachedResponseBuilder, FORMAT_VERSION};
 pub use error::{BuildError, DecodeError};
 pub use key::CacheKey;
-pub use layer::{CacheBody, HybridCacheLayer, HybridCacheService, ResponseFuture};
-pub use policy::{RequestDirectives, TtlMode, DEFAULT_MAX_BODY_BYTES};
+pub use layer::{CacheBody, CacheOverrides, HybridCacheLayer, HybridCacheService, ResponseFuture};
+pub use policy::{RequestDirectives, TtlMode, DEFAULT_MAX_BODY_BYTES, DEFAULT_TAG_HEADER};
 pub use resilience::breaker::{
     BreakerState, CircuitBreaker, CircuitBreakerLayer, CircuitBreakerService, CircuitOpen,
     ResponseFuture as CircuitBreakerFuture,

@@ -51,6 +51,9 @@ pub struct CacheStats {
     /// Keys invalidated: by a successful unsafe request (POST, PUT, PATCH, DELETE …)
     /// through the layer, or by `HybridCache::invalidate`.
     pub invalidations: u64,
+    /// Removals (invalidations, tag invalidations, purges) that Redis could not take
+    /// when asked, replayed once it could.
+    pub redis_replays: u64,
 }
 
 #[derive(Debug, Default)]
@@ -70,6 +73,7 @@ pub(crate) struct Counters {
     redis_breaker_rejections: AtomicU64,
     fallback_hits: AtomicU64,
     invalidations: AtomicU64,
+    redis_replays: AtomicU64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -89,6 +93,7 @@ pub(crate) enum Counter {
     RedisBreakerRejection,
     FallbackHit,
     Invalidation,
+    RedisReplay,
 }
 
 impl Counter {
@@ -110,6 +115,7 @@ impl Counter {
             Counter::RedisBreakerRejection => "tower_hybrid_cache_redis_breaker_rejections_total",
             Counter::FallbackHit => "tower_hybrid_cache_fallback_hits_total",
             Counter::Invalidation => "tower_hybrid_cache_invalidations_total",
+            Counter::RedisReplay => "tower_hybrid_cache_redis_replays_total",
         }
     }
 }
@@ -149,6 +155,7 @@ impl Counters {
             Counter::RedisBreakerRejection => &self.redis_breaker_rejections,
             Counter::FallbackHit => &self.fallback_hits,
             Counter::Invalidation => &self.invalidations,
+            Counter::RedisReplay => &self.redis_replays,
         }
     }
 
@@ -169,6 +176,7 @@ impl Counters {
             redis_breaker_rejections: self.redis_breaker_rejections.load(Ordering::Relaxed),
             fallback_hits: self.fallback_hits.load(Ordering::Relaxed),
             invalidations: self.invalidations.load(Ordering::Relaxed),
+            redis_replays: self.redis_replays.load(Ordering::Relaxed),
         }
     }
 }

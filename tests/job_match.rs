@@ -66,7 +66,46 @@ async fn read_routes_are_cached_with_their_ttls_and_writes_pass_through() {
             r#"{"title":"Rust engineer","company":"Acme","location":"Berlin","skills":["rust"]}"#,
         ))
         .unwrap();
-    let created = call(app, post).await;
+    let paris = "/jobs/search?q=engineer&location=Paris";
+    call(app.clone(), get(paris)).await;
+    eventually(
+        "the Paris search stored",
+        Duration::from_secs(10),
+        || async { call(app.clone(), get(paris)).await.is_hit() },
+    )
+    .await;
+    let created = call(app.clone(), post).await;
     assert_eq!(created.status, StatusCode::CREATED);
     assert_eq!(created.headers["location"], "/jobs/2000");
+    // The new Berlin job invalidated the Berlin searches and the match lists, not the
+    // Paris search.
+    let berlin = call(
+        app.clone(),
+        get("/jobs/search?q=engineer&location=Berlin&page=1"),
+    )
+    .await;
+    assert!(!berlin.is_hit(), "{}", berlin.cache_status());
+    let json: serde_json::Value = serde_json::from_slice(&berlin.body).unwrap();
+    assert_eq!(
+        json["total"].as_u64().unwrap(),
+        serde_json::from_slice::<serde_json::Value>(&first.body).unwrap()["total"]
+            .as_u64()
+            .unwrap()
+            + 1,
+        "the new job is found"
+    );
+    assert!(!call(app.clone(), get("/candidates/7/matches"))
+        .await
+        .is_hit());
+    assert!(call(app.clone(), get(paris)).await.is_hit());
+
+    // The admin route purges by tag.
+    let purge = Request::post("/admin/purge?tag=search:location:paris")
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(
+        call(app.clone(), purge).await.status,
+        StatusCode::NO_CONTENT
+    );
+    assert!(!call(app, get(paris)).await.is_hit());
 }

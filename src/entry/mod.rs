@@ -312,6 +312,14 @@ impl Entry {
         }
     }
 
+    /// The tags of a stored response (none for the other kinds).
+    pub(crate) fn tags(&self) -> &[String] {
+        match self {
+            Entry::Response(response) => &response.tags,
+            _ => &[],
+        }
+    }
+
     pub(crate) fn stale_until(&self) -> SystemTime {
         match self {
             Entry::Response(r) => r.stale_until,

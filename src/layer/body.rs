@@ -143,7 +143,8 @@ impl Capture {
         };
         runtime.spawn(async move {
             let invalidations = &cache.inner.invalidations;
-            if invalidations.since(&key, since).await {
+            let tags = entry.tags.clone();
+            if invalidations.since(&key, &tags, since).await {
                 cache.count(Counter::NotStored);
                 tracing::debug!(target: TARGET, key = %key, outcome = "not-stored", detail = "invalidated");
                 return;
@@ -151,7 +152,7 @@ impl Capture {
             cache.store(key, entry).await;
             // An invalidation between the check and the store may have removed the
             // key before it was written: remove it again.
-            if invalidations.since(&key, since).await {
+            if invalidations.since(&key, &tags, since).await {
                 cache
                     .inner
                     .store

@@ -13,10 +13,12 @@ use crate::HybridCache;
 
 mod body;
 mod future;
+mod overrides;
 mod service;
 
 pub use body::CacheBody;
 pub use future::ResponseFuture;
+pub use overrides::CacheOverrides;
 pub use service::HybridCacheService;
 
 /// Caches the responses of the service it wraps, with one route's settings, in a
@@ -158,6 +160,23 @@ impl HybridCacheLayer {
     /// `proxy-revalidate` or `s-maxage`. Default none.
     pub fn stale_if_error(self, window: Duration) -> Self {
         self.with(|s| s.stale_if_error = Some(window))
+    }
+
+    /// The response header whose tags (separated by spaces or commas) are stored with
+    /// the response, for `HybridCache::invalidate_tag`. Default `Cache-Tag`.
+    pub fn tag_header(self, name: HeaderName) -> Self {
+        self.with(|s| s.tag_header = Some(name))
+    }
+
+    /// Takes tags only from the handler's [`CacheOverrides`], never from a header.
+    pub fn no_tag_header(self) -> Self {
+        self.with(|s| s.tag_header = None)
+    }
+
+    /// Whether the tag header reaches the client (and is stored with the response).
+    /// Default off: it is removed.
+    pub fn keep_tag_header(self, keep: bool) -> Self {
+        self.with(|s| s.keep_tag_header = keep)
     }
 
     /// What to do with the client's `no-cache`, `max-age`, `min-fresh` and

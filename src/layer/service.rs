@@ -3,7 +3,7 @@
 use std::future::Future;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::header::{
@@ -15,14 +15,16 @@ use tower::Service;
 
 use super::body::{CacheBody, Capture};
 use super::future::ResponseFuture;
+use super::overrides::{is_valid_tag, CacheOverrides, MAX_TAGS};
 use crate::cache::{wait_for_leader, Flight, Lookup, MissKind};
 use crate::entry::CachedResponse;
 use crate::key::normalised_value;
 use crate::policy::cache_control::CacheControl;
 use crate::policy::conditional::{has_origin_preconditions, is_not_modified};
 use crate::policy::settings::RouteSettings;
-use crate::policy::storable::{store_plan, NotStored, RequestFacts};
+use crate::policy::storable::{store_plan, NotStored, RequestFacts, StorePlan};
 use crate::policy::RequestDirectives;
+use crate::policy::TtlMode;
 use crate::store::Tier;
 use crate::telemetry::{Counter, TARGET};
 use crate::{CacheKey, HybridCache};
@@ -701,6 +703,7 @@ fn refreshed_by_304(
             .stale_if_error_until(plan.sie_until)
             .stale_until(plan.stale_until)
             .vary(stale.vary.clone())
+            .tags(stale.tags.clone())
             .build(),
     )
 }
@@ -761,14 +764,33 @@ where
                 ask,
                 entry,
                 response.headers(),
-                facts,
-                response_time,
+                (facts, response_time, since),
                 served_as,
                 guard,
             ));
         }
     }
     let (mut parts, body) = response.into_parts();
+    // The handler's overrides and the tag header are for the cache, not the client.
+    let overrides = parts.extensions.remove::<CacheOverrides>();
+    let mut tags = response_tags(&mut parts.headers, settings);
+    for tag in overrides.iter().flat_map(|o| &o.tags) {
+        if tags.len() < MAX_TAGS && !tags.contains(tag) {
+            tags.push(tag.clone());
+        }
+    }
+    let overridden;
+    let settings = match overrides.as_ref().and_then(|o| o.ttl) {
+        Some(ttl) => {
+            overridden = RouteSettings {
+                ttl: Some(ttl),
+                ttl_mode: TtlMode::Override,
+                ..settings.clone()
+            };
+            &overridden
+        }
+        None => settings,
+    };
     let fwd = format!(
         "fwd={}; fwd-status={}",
         miss.as_str(),
@@ -779,6 +801,7 @@ where
         None => None,
         Some(request_headers) => {
             let plan = store_plan(facts, parts.status, &parts.headers, settings, response_time)
+                .map(|plan| with_windows(plan, overrides.as_ref()))
                 .and_then(|plan| {
                     if body.size_hint().lower() > settings.max_body_bytes as u64 {
                         Err(NotStored::TooLarge)
@@ -823,6 +846,7 @@ where
             .stale_if_error_until(plan.sie_until)
             .stale_until(plan.stale_until)
             .vary(vary)
+            .tags(tags)
             .build();
             let capture = Capture {
                 cache: cache.clone(),
@@ -851,6 +875,49 @@ where
         }
     }
     Ok(Response::from_parts(parts, body))
+}
+
+/// The tags in the route's tag header (separated by spaces or commas), which is
+/// removed unless the route keeps it.
+fn response_tags(headers: &mut HeaderMap, settings: &RouteSettings) -> Vec<String> {
+    let Some(name) = &settings.tag_header else {
+        return Vec::new();
+    };
+    let mut tags: Vec<String> = Vec::new();
+    for value in headers.get_all(name) {
+        let Ok(text) = value.to_str() else {
+            continue;
+        };
+        for tag in text.split([' ', ',']).filter(|tag| is_valid_tag(tag)) {
+            if tags.len() < MAX_TAGS && !tags.iter().any(|t| t == tag) {
+                tags.push(tag.to_owned());
+            }
+        }
+    }
+    if !settings.keep_tag_header {
+        headers.remove(name);
+    }
+    tags
+}
+
+/// The handler's stale windows, in place of the response's and the route's.
+fn with_windows(mut plan: StorePlan, overrides: Option<&CacheOverrides>) -> StorePlan {
+    let Some(overrides) = overrides else {
+        return plan;
+    };
+    let after = |window: Duration| {
+        plan.fresh_until
+            .checked_add(window)
+            .unwrap_or(plan.fresh_until)
+    };
+    if let Some(window) = overrides.stale_while_revalidate {
+        plan.swr_until = after(window);
+    }
+    if let Some(window) = overrides.stale_if_error {
+        plan.sie_until = after(window);
+    }
+    plan.stale_until = plan.stale_until.max(plan.swr_until).max(plan.sie_until);
+    plan
 }
 
 /// Puts the stored validators on a request the client made unconditional; `true` if
@@ -898,8 +965,7 @@ fn revalidated<B>(
     ask: &Ask<'_>,
     stale: &CachedResponse,
     not_modified: &HeaderMap,
-    facts: RequestFacts,
-    response_time: SystemTime,
+    (facts, response_time, since): (RequestFacts, SystemTime, u64),
     served_as: (bool, Version),
     guard: Option<crate::cache::FlightGuard>,
 ) -> Response<CacheBody<B>> {
@@ -933,7 +999,18 @@ fn revalidated<B>(
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             let (cache, key) = (cache.clone(), *ask.primary);
             runtime.spawn(async move {
+                let invalidations = &cache.inner.invalidations;
+                if invalidations.since(&key, &entry.tags, since).await {
+                    cache.count(Counter::NotStored);
+                    return;
+                }
+                let tags = entry.tags.clone();
                 cache.store(key, entry).await;
+                if invalidations.since(&key, &tags, since).await {
+                    cache.inner.store.invalidate(&key, &cache.inner.counters).await;
+                    cache.count(Counter::NotStored);
+                    return;
+                }
                 cache.count(Counter::Store);
                 tracing::debug!(target: TARGET, key = %key, outcome = "stored", detail = "revalidated");
                 drop(guard);

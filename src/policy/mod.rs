@@ -7,4 +7,4 @@ pub(crate) mod freshness;
 pub(crate) mod settings;
 pub(crate) mod storable;
 
-pub use settings::{RequestDirectives, TtlMode, DEFAULT_MAX_BODY_BYTES};
+pub use settings::{RequestDirectives, TtlMode, DEFAULT_MAX_BODY_BYTES, DEFAULT_TAG_HEADER};

@@ -106,7 +106,14 @@ pub(crate) struct RouteSettings {
     pub(crate) request_directives: RequestDirectives,
     pub(crate) stale_while_revalidate: Option<Duration>,
     pub(crate) stale_if_error: Option<Duration>,
+    /// The response header that carries tags; `None`: tags only from the extension.
+    pub(crate) tag_header: Option<HeaderName>,
+    /// Whether the tag header reaches the client (and is stored).
+    pub(crate) keep_tag_header: bool,
 }
+
+/// The default tag header.
+pub const DEFAULT_TAG_HEADER: &str = "cache-tag";
 
 impl Default for RouteSettings {
     fn default() -> Self {
@@ -121,6 +128,8 @@ impl Default for RouteSettings {
             request_directives: RequestDirectives::Honour,
             stale_while_revalidate: None,
             stale_if_error: None,
+            tag_header: Some(HeaderName::from_static(DEFAULT_TAG_HEADER)),
+            keep_tag_header: false,
         }
     }
 }

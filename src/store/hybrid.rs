@@ -2,7 +2,8 @@
 //! times out; a Redis hit also fills memory; writes go to memory at once and to Redis
 //! through a bounded queue, off the response path.
 
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, Weak};
 
 use tokio::sync::mpsc;
 
@@ -52,6 +53,30 @@ struct RedisTier {
     store: Arc<RedisStore>,
     breaker: CircuitBreaker,
     writes: mpsc::Sender<QueuedWrite>,
+    /// Tag invalidations, purges and key deletions Redis could not take: replayed,
+    /// oldest first, once it can.
+    pending: Arc<Mutex<VecDeque<StoreRequest>>>,
+    /// Operations off the response path (no deadline): the writer's stack.
+    admin: RedisStack,
+}
+
+/// Most removals kept for replay; past it the oldest is dropped (and counted).
+const MAX_PENDING: usize = 1024;
+
+/// Keeps a removal Redis could not take, for the replay task.
+fn keep_for_replay(
+    pending: &Mutex<VecDeque<StoreRequest>>,
+    request: StoreRequest,
+    counters: &Counters,
+) {
+    let Ok(mut pending) = pending.lock() else {
+        return;
+    };
+    if pending.len() == MAX_PENDING {
+        pending.pop_front();
+        counters.add(Counter::RedisWriteDropped);
+    }
+    pending.push_back(request);
 }
 
 /// What the background writer sends to Redis, in order.
@@ -115,6 +140,15 @@ impl HybridStore {
                 .layer(retry)
                 .service(inner),
         );
+        let pending_removals = Arc::new(Mutex::new(VecDeque::new()));
+        spawn_replay(
+            Arc::downgrade(&pending_removals),
+            writer.clone(),
+            config.probe_interval_value(),
+            Arc::clone(&counters),
+        );
+        let admin = writer.clone();
+        let replay = Arc::clone(&pending_removals);
         let (writes, mut pending) = mpsc::channel::<QueuedWrite>(config.write_queue_len());
         // The task ends when the last sender (the last HybridStore clone) is gone.
         tokio::spawn(async move {
@@ -128,9 +162,10 @@ impl HybridStore {
                         QueuedWrite::Set(key, entry) => sets.push((key, entry)),
                         QueuedWrite::Delete(key) => {
                             send_sets(&writer, std::mem::take(&mut sets), &counters).await;
-                            if let Err(e) = writer.clone().oneshot(StoreRequest::delete(key)).await
-                            {
+                            let request = StoreRequest::delete(key);
+                            if let Err(e) = writer.clone().oneshot(request.clone()).await {
                                 count_failure(&counters, &e);
+                                keep_for_replay(&replay, request, &counters);
                             }
                         }
                     }
@@ -143,6 +178,8 @@ impl HybridStore {
             store,
             breaker: breaker.breaker(),
             writes,
+            pending: pending_removals,
+            admin,
         });
         Ok(self)
     }
@@ -242,6 +279,44 @@ impl HybridStore {
         true
     }
 
+    /// Removes every response tagged `tag` from both tiers; `false` when Redis could
+    /// not take it now (it is replayed once Redis can).
+    pub(crate) async fn invalidate_tag(&self, tag: &str, counters: &Counters) -> bool {
+        self.memory.remove_tagged(tag);
+        self.remove_in_redis(StoreRequest::invalidate_tag(tag), counters)
+            .await
+    }
+
+    /// Removes every entry from both tiers, as `invalidate_tag`.
+    pub(crate) async fn purge_all(&self, counters: &Counters) -> bool {
+        self.memory.remove_all();
+        self.remove_in_redis(StoreRequest::purge_all(), counters)
+            .await
+    }
+
+    async fn remove_in_redis(&self, request: StoreRequest, counters: &Counters) -> bool {
+        let Some(redis) = &self.redis else {
+            return true;
+        };
+        match redis.admin.clone().oneshot(request.clone()).await {
+            Ok(_) => true,
+            Err(e) => {
+                count_failure(counters, &e);
+                tracing::debug!(target: TARGET, error = %e, outcome = "redis-removal-queued");
+                keep_for_replay(&redis.pending, request, counters);
+                false
+            }
+        }
+    }
+
+    /// Removals waiting for Redis.
+    pub(crate) fn pending_removals(&self) -> usize {
+        self.redis
+            .as_ref()
+            .and_then(|redis| redis.pending.lock().ok().map(|p| p.len()))
+            .unwrap_or(0)
+    }
+
     pub(crate) fn redis_breaker(&self) -> Option<CircuitBreaker> {
         self.redis.as_ref().map(|redis| redis.breaker.clone())
     }
@@ -255,6 +330,37 @@ impl HybridStore {
             redis.store.quit().await;
         }
     }
+}
+
+/// Replays the removals Redis could not take, oldest first, every `every`; ends with
+/// the store.
+fn spawn_replay(
+    pending: Weak<Mutex<VecDeque<StoreRequest>>>,
+    admin: RedisStack,
+    every: std::time::Duration,
+    counters: Arc<Counters>,
+) {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(every).await;
+            let Some(pending) = pending.upgrade() else {
+                return;
+            };
+            loop {
+                let next = pending.lock().ok().and_then(|p| p.front().cloned());
+                let Some(request) = next else {
+                    break;
+                };
+                if admin.clone().oneshot(request).await.is_err() {
+                    break; // Redis still cannot: try again later, in the same order
+                }
+                if let Ok(mut p) = pending.lock() {
+                    p.pop_front();
+                }
+                counters.add(Counter::RedisReplay);
+            }
+        }
+    });
 }
 
 /// Sends a run of queued sets as one pipeline and counts the outcome.

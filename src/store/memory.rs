@@ -65,6 +65,8 @@ impl MemoryStore {
                 u32::try_from(entry.weight()).unwrap_or(u32::MAX)
             })
             .expire_after(EntryExpiry { local_ttl })
+            // For `invalidate_tag`: entries are found by their tags, not their keys.
+            .support_invalidation_closures()
             .build();
         MemoryStore { cache }
     }
@@ -79,6 +81,26 @@ impl MemoryStore {
 
     pub(crate) async fn remove(&self, key: &CacheKey) {
         self.cache.invalidate(key).await;
+    }
+
+    /// Removes every response tagged `tag` (the removal completes in moka's
+    /// housekeeping; lookups stop finding them at once).
+    pub(crate) fn remove_tagged(&self, tag: &str) {
+        let tag = tag.to_owned();
+        let removed = self
+            .cache
+            .invalidate_entries_if(move |_, entry| match entry {
+                Entry::Response(response) => response.tags.contains(&tag),
+                _ => false,
+            });
+        if let Err(e) = removed {
+            tracing::warn!(target: crate::telemetry::TARGET, error = %e, "tag invalidation failed in memory");
+        }
+    }
+
+    /// Removes every entry.
+    pub(crate) fn remove_all(&self) {
+        self.cache.invalidate_all();
     }
 
     /// Runs moka's pending housekeeping: evictions and expirations free their memory.

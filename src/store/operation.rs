@@ -27,6 +27,10 @@ pub(crate) enum StoreOp {
     /// A batch of writes, sent as one pipeline.
     Set(Vec<(CacheKey, Entry)>),
     Delete(CacheKey),
+    /// Remove every entry stored with this tag, and the tag's index.
+    InvalidateTag(String),
+    /// Remove every entry of this cache's namespace.
+    PurgeAll,
 }
 
 /// The kind of a [`StoreRequest`].
@@ -39,6 +43,10 @@ pub enum StoreOperation {
     Set,
     /// Remove the entry under one key.
     Delete,
+    /// Remove the entries stored with a tag (`HybridCache::invalidate_tag`).
+    InvalidateTag,
+    /// Remove every entry of the namespace (`HybridCache::purge_all`).
+    PurgeAll,
 }
 
 impl StoreRequest {
@@ -60,20 +68,36 @@ impl StoreRequest {
         }
     }
 
+    pub(crate) fn invalidate_tag(tag: &str) -> Self {
+        StoreRequest {
+            op: StoreOp::InvalidateTag(tag.to_owned()),
+        }
+    }
+
+    pub(crate) fn purge_all() -> Self {
+        StoreRequest {
+            op: StoreOp::PurgeAll,
+        }
+    }
+
     /// What the request does.
     pub fn operation(&self) -> StoreOperation {
         match self.op {
             StoreOp::Get(_) => StoreOperation::Get,
             StoreOp::Set(_) => StoreOperation::Set,
             StoreOp::Delete(_) => StoreOperation::Delete,
+            StoreOp::InvalidateTag(_) => StoreOperation::InvalidateTag,
+            StoreOp::PurgeAll => StoreOperation::PurgeAll,
         }
     }
 
-    /// The keys it touches: one for `Get` and `Delete`, the batch's for `Set`.
+    /// The keys it names: one for `Get` and `Delete`, the batch's for `Set`, none for
+    /// the operations that find their keys in Redis.
     pub fn keys(&self) -> Vec<CacheKey> {
         match &self.op {
             StoreOp::Get(key) | StoreOp::Delete(key) => vec![*key],
             StoreOp::Set(entries) => entries.iter().map(|(key, _)| *key).collect(),
+            StoreOp::InvalidateTag(_) | StoreOp::PurgeAll => Vec::new(),
         }
     }
 }
@@ -93,6 +117,7 @@ pub(crate) enum StoreAnswer {
         failed: usize,
     },
     Deleted,
+    Removed(usize),
 }
 
 /// What a [`StoreResponse`] says happened.
@@ -113,6 +138,11 @@ pub enum StoreOutcome {
     },
     /// `Delete` is done (whether or not the key existed).
     Deleted,
+    /// `InvalidateTag` or `PurgeAll`: how many keys were removed.
+    Removed {
+        /// Keys removed.
+        count: usize,
+    },
 }
 
 impl StoreResponse {
@@ -130,6 +160,7 @@ impl StoreResponse {
                 failed: *failed,
             },
             StoreAnswer::Deleted => StoreOutcome::Deleted,
+            StoreAnswer::Removed(count) => StoreOutcome::Removed { count: *count },
         }
     }
 }

@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use fred::prelude::*;
 use fred::types::config::{ConnectionConfig, Options, PerformanceConfig};
-use fred::types::Expiration;
+use fred::types::{Expiration, ExpireOptions};
 
 use std::future::Future;
 use std::pin::Pin;
@@ -129,6 +129,10 @@ impl RedisConfig {
     pub fn retry_budget(mut self, share: f32) -> Self {
         self.retry_budget = share;
         self
+    }
+
+    pub(crate) fn probe_interval_value(&self) -> Duration {
+        self.probe_interval
     }
 
     pub(crate) fn deadline_value(&self) -> Duration {
@@ -349,6 +353,8 @@ impl RedisStore {
         let pipeline = client.pipeline();
         let now = SystemTime::now();
         let mut queued = 0;
+        // Which pipeline results are the entries' SETs (the rest index tags).
+        let mut is_set = Vec::new();
         for (key, entry) in entries {
             let Some(ttl) = entry
                 .stale_until()
@@ -363,17 +369,33 @@ impl RedisStore {
                 continue;
             }
             let millis = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+            let storage_key = self.key(key);
             let queued_ok: Result<(), _> = pipeline
                 .set(
-                    self.key(key),
+                    storage_key.clone(),
                     value,
                     Some(Expiration::PX(millis)),
                     None,
                     false,
                 )
                 .await;
-            if queued_ok.is_ok() {
-                queued += 1;
+            if queued_ok.is_err() {
+                continue;
+            }
+            queued += 1;
+            is_set.push(true);
+            // Each tag's index lists the keys stored with it, and lives at least as
+            // long as the longest-lived of them (NX sets a first expiry, GT extends).
+            for tag in entry.tags() {
+                let index = self.tag_key(tag);
+                let _: Result<(), _> = pipeline.sadd(index.clone(), storage_key.clone()).await;
+                let _: Result<(), _> = pipeline
+                    .pexpire(index.clone(), millis, Some(ExpireOptions::NX))
+                    .await;
+                let _: Result<(), _> = pipeline
+                    .pexpire(index, millis, Some(ExpireOptions::GT))
+                    .await;
+                is_set.extend([false, false, false]);
             }
         }
         if queued == 0 {
@@ -382,7 +404,9 @@ impl RedisStore {
         let results = pipeline.try_all::<fred::types::Value>().await;
         let mut written = 0;
         let mut refused = None;
-        for result in results.iter() {
+        let mut sets = 0;
+        for (result, _) in results.iter().zip(&is_set).filter(|(_, set)| **set) {
+            sets += 1;
             match result {
                 Ok(_) => written += 1,
                 Err(e) => {
@@ -399,8 +423,75 @@ impl RedisStore {
             // A batch refused whole is an error reply, for a breaker configured to
             // count those; a partly refused one is a (counted) success.
             Some(error) if written == 0 => Err(error),
-            _ => Ok((written, results.len() - written)),
+            _ => Ok((written, sets - written)),
         }
+    }
+
+    /// The key of a tag's index: the tag hashed, so that no tag can reach the key's
+    /// syntax (or a Redis Cluster hash tag).
+    fn tag_key(&self, tag: &str) -> String {
+        let digest = blake3::hash(tag.as_bytes());
+        let mut key = String::with_capacity(self.namespace.len() + 80);
+        key.push_str(&self.namespace);
+        key.push_str(":tag:");
+        key.push_str(&digest.to_hex());
+        key
+    }
+
+    /// Removes every key in the tag's index, then the index. Returns how many keys
+    /// were removed.
+    pub(crate) async fn invalidate_tag(&self, tag: &str) -> Result<usize, StoreError> {
+        let client = self.healthy()?;
+        let index = self.tag_key(tag);
+        let members: Vec<String> = client
+            .smembers(index.clone())
+            .await
+            .map_err(StoreError::command)?;
+        let removed = self.unlink(client, members).await?;
+        let _: i64 = client.del(index).await.map_err(StoreError::command)?;
+        Ok(removed)
+    }
+
+    /// Removes every key of the namespace (entries and tag indexes), found with SCAN
+    /// (on every primary of a cluster).
+    pub(crate) async fn purge_all(&self) -> Result<usize, StoreError> {
+        use futures_util::StreamExt;
+        let client = self.healthy()?;
+        let pattern = format!("{}:*", self.namespace);
+        let mut keys = if client.is_clustered() {
+            client
+                .scan_cluster_buffered(pattern, Some(1000), None)
+                .boxed()
+        } else {
+            client.scan_buffered(pattern, Some(1000), None).boxed()
+        };
+        let mut batch = Vec::new();
+        let mut removed = 0;
+        while let Some(key) = keys.next().await {
+            let key = key.map_err(StoreError::command)?;
+            if let Some(key) = key.as_str() {
+                batch.push(key.to_owned());
+            }
+            if batch.len() >= 500 {
+                removed += self.unlink(client, std::mem::take(&mut batch)).await?;
+            }
+        }
+        removed += self.unlink(client, batch).await?;
+        Ok(removed)
+    }
+
+    /// UNLINKs keys one command each (they may live in different cluster slots), in
+    /// one pipeline.
+    async fn unlink(&self, client: &Client, keys: Vec<String>) -> Result<usize, StoreError> {
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        let pipeline = client.pipeline();
+        for key in keys {
+            let _: Result<(), _> = pipeline.unlink(key).await;
+        }
+        let results: Vec<i64> = pipeline.all().await.map_err(StoreError::command)?;
+        Ok(results.iter().filter(|n| **n > 0).count())
     }
 
     /// Deletes the entry under `key`.
@@ -446,6 +537,10 @@ impl tower::Service<StoreRequest> for RedisService {
                     store.delete(&key).await?;
                     StoreAnswer::Deleted
                 }
+                StoreOp::InvalidateTag(tag) => {
+                    StoreAnswer::Removed(store.invalidate_tag(&tag).await?)
+                }
+                StoreOp::PurgeAll => StoreAnswer::Removed(store.purge_all().await?),
             };
             Ok(StoreResponse::new(answer))
         })

@@ -1,0 +1,91 @@
+//! [`CacheOverrides`]: what a handler decides for its own response.
+
+use std::time::Duration;
+
+/// Cache settings a handler sets for its own response, as a response extension. The
+/// layer takes it out before the response leaves (it never reaches the client) and
+/// applies it when the response is stored:
+///
+/// - `ttl`: the freshness lifetime, in place of the origin's `max-age`, `s-maxage`
+///   or `Expires` and of the route TTL (what the headers forbid, such as `no-store`
+///   or `private`, still is not stored);
+/// - `stale_while_revalidate`, `stale_if_error`: the stale windows, in place of the
+///   response's directives and the route's settings;
+/// - `tags`: added to those of the tag header, for `HybridCache::invalidate_tag`.
+///
+/// ```
+/// use std::time::Duration;
+/// use axum::{routing::get, Extension, Router};
+/// use tower_hybrid_cache::{CacheOverrides, HybridCache};
+///
+/// async fn job() -> (Extension<CacheOverrides>, &'static str) {
+///     let overrides = CacheOverrides::new()
+///         .ttl(Duration::from_secs(600))
+///         .stale_while_revalidate(Duration::from_secs(60))
+///         .tags(["job:42", "company:7"]);
+///     (Extension(overrides), "a job")
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let cache = HybridCache::builder().build().await?;
+/// let app: Router = Router::new().route("/jobs/{id}", get(job).layer(cache.layer()));
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CacheOverrides {
+    pub(crate) ttl: Option<Duration>,
+    pub(crate) stale_while_revalidate: Option<Duration>,
+    pub(crate) stale_if_error: Option<Duration>,
+    pub(crate) tags: Vec<String>,
+}
+
+impl CacheOverrides {
+    /// No overrides.
+    pub fn new() -> Self {
+        CacheOverrides::default()
+    }
+
+    /// The freshness lifetime of this response.
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = Some(ttl);
+        self
+    }
+
+    /// How long past its freshness it may be served while refreshed in the background.
+    pub fn stale_while_revalidate(mut self, window: Duration) -> Self {
+        self.stale_while_revalidate = Some(window);
+        self
+    }
+
+    /// How long past its freshness it may be served when the origin fails.
+    pub fn stale_if_error(mut self, window: Duration) -> Self {
+        self.stale_if_error = Some(window);
+        self
+    }
+
+    /// Tags (surrogate keys) of this response. Empty tags and tags over 256 bytes
+    /// are dropped.
+    pub fn tags<I, T>(mut self, tags: I) -> Self
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<String>,
+    {
+        self.tags.extend(
+            tags.into_iter()
+                .map(Into::into)
+                .filter(|tag| is_valid_tag(tag)),
+        );
+        self
+    }
+}
+
+/// Longest tag kept, in bytes.
+pub(crate) const MAX_TAG_BYTES: usize = 256;
+/// Most tags kept per response.
+pub(crate) const MAX_TAGS: usize = 64;
+
+pub(crate) fn is_valid_tag(tag: &str) -> bool {
+    !tag.is_empty() && tag.len() <= MAX_TAG_BYTES
+}

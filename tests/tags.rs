@@ -1,0 +1,262 @@
+//! Tags (surrogate keys) from a header or the handler's `CacheOverrides`,
+//! `invalidate_tag` and `purge_all` in both tiers and across replicas sharing a real
+//! `redis-server`, replayed after an outage, and racing a background refresh.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::time::Duration;
+
+use axum::routing::get;
+use axum::{Extension, Router};
+use http::StatusCode;
+use support::redis::RedisServer;
+use support::{call, eventually, get as get_request, Origin};
+use tower::ServiceExt;
+use tower_hybrid_cache::{CacheOverrides, HybridCache, RedisConfig};
+
+const WAIT: Duration = Duration::from_secs(15);
+
+async fn memory_cache() -> HybridCache {
+    HybridCache::builder().build().await.unwrap()
+}
+
+/// Waits until `url` is a hit through `app`.
+async fn stored(app: &Router, url: &str) {
+    eventually("the entry stored", WAIT, || async {
+        call(app.clone(), get_request(url)).await.is_hit()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn tags_from_the_header_are_stored_hidden_and_invalidated_exactly() {
+    let (origin, cache) = (Origin::new(), memory_cache().await);
+    let app = origin
+        .router()
+        .layer(cache.layer().ttl(Duration::from_secs(300)));
+    let tagged = "http://api.test/jobs/42?h=cache-tag:job:42%20company:7";
+    let other = "http://api.test/jobs/43?h=cache-tag:job:43,company:70";
+    let first = call(app.clone(), get_request(tagged)).await;
+    assert!(
+        !first.headers.contains_key("cache-tag"),
+        "not for the client"
+    );
+    stored(&app, tagged).await;
+    stored(&app, other).await;
+    let hit = call(app.clone(), get_request(tagged)).await;
+    assert!(!hit.headers.contains_key("cache-tag"), "not stored either");
+
+    assert!(cache.invalidate_tag("company:7").await);
+    assert!(!call(app.clone(), get_request(tagged)).await.is_hit());
+    assert!(
+        call(app.clone(), get_request(other)).await.is_hit(),
+        "company:70 is another tag"
+    );
+    stored(&app, tagged).await;
+    assert!(cache.invalidate_tag("job:43").await);
+    assert!(!call(app.clone(), get_request(other)).await.is_hit());
+    assert!(call(app.clone(), get_request(tagged)).await.is_hit());
+}
+
+#[tokio::test]
+async fn a_route_may_keep_the_tag_header_or_name_another() {
+    let (origin, cache) = (Origin::new(), memory_cache().await);
+    let app = origin.router().layer(
+        cache
+            .layer()
+            .ttl(Duration::from_secs(300))
+            .tag_header(http::HeaderName::from_static("surrogate-key"))
+            .keep_tag_header(true),
+    );
+    let url = "http://api.test/k?h=surrogate-key:a%20b";
+    let first = call(app.clone(), get_request(url)).await;
+    assert_eq!(first.headers["surrogate-key"], "a b");
+    stored(&app, url).await;
+    assert_eq!(
+        call(app.clone(), get_request(url)).await.headers["surrogate-key"],
+        "a b"
+    );
+    cache.invalidate_tag("b").await;
+    assert!(!call(app.clone(), get_request(url)).await.is_hit());
+}
+
+async fn job() -> (
+    Extension<CacheOverrides>,
+    [(&'static str, &'static str); 1],
+    &'static str,
+) {
+    let overrides = CacheOverrides::new()
+        .ttl(Duration::from_secs(600))
+        .tags(["job:1", "company:9"]);
+    // The handler's TTL wins over its own header.
+    (
+        Extension(overrides),
+        [("cache-control", "max-age=5")],
+        "a job",
+    )
+}
+
+#[tokio::test]
+async fn handler_overrides_set_ttl_and_tags_and_never_leave_the_layer() {
+    let cache = memory_cache().await;
+    let app = Router::new().route("/jobs/{id}", get(job).layer(cache.layer()));
+    let url = "http://api.test/jobs/1";
+    let response = app
+        .clone()
+        .oneshot(
+            http::Request::get(url)
+                .body(axum::body::Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(response.extensions().get::<CacheOverrides>().is_none());
+    drop(response);
+    stored(&app, url).await;
+    let hit = call(app.clone(), get_request(url)).await;
+    let ttl: u64 = hit
+        .cache_status()
+        .split("ttl=")
+        .nth(1)
+        .and_then(|rest| rest.split(';').next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(ttl > 500, "{}", hit.cache_status());
+    cache.invalidate_tag("company:9").await;
+    assert!(!call(app.clone(), get_request(url)).await.is_hit());
+}
+
+#[tokio::test]
+async fn purge_all_forgets_everything() {
+    let (origin, cache) = (Origin::new(), memory_cache().await);
+    let app = origin
+        .router()
+        .layer(cache.layer().ttl(Duration::from_secs(300)));
+    let urls = ["http://api.test/a", "http://api.test/b?h=cache-tag:x"];
+    for url in urls {
+        call(app.clone(), get_request(url)).await;
+        stored(&app, url).await;
+    }
+    assert!(cache.purge_all().await);
+    for url in urls {
+        assert!(!call(app.clone(), get_request(url)).await.is_hit());
+    }
+}
+
+#[tokio::test]
+async fn a_tag_invalidation_during_a_background_refresh_wins() {
+    let (origin, cache) = (Origin::new(), memory_cache().await);
+    let app = origin.router().layer(cache.layer());
+    let url = "http://api.test/feed?gate=1&h=cache-tag:feed\
+               &h=cache-control:max-age%3D1,%20stale-while-revalidate%3D60";
+    origin.gate.add_permits(1);
+    call(app.clone(), get_request(url)).await;
+    stored(&app, url).await;
+    // Once stale, a hit starts the refresh, which waits at the gate.
+    eventually("a stale hit", WAIT, || async {
+        call(app.clone(), get_request(url))
+            .await
+            .cache_status()
+            .contains("stale-while-revalidate")
+    })
+    .await;
+    eventually("the refresh at the origin", WAIT, || async {
+        origin.log.calls() == 2
+    })
+    .await;
+    assert!(cache.invalidate_tag("feed").await);
+    origin.gate.add_permits(1);
+    // The refresh's response predates the invalidation: it is not stored.
+    eventually("the refresh done", WAIT, || async {
+        cache.stats().not_stored >= 1
+    })
+    .await;
+    origin.gate.add_permits(1);
+    let next = call(app.clone(), get_request(url)).await;
+    assert!(!next.is_hit(), "{}", next.cache_status());
+    assert_eq!(origin.log.calls(), 3);
+}
+
+async fn replica(url: &str) -> HybridCache {
+    HybridCache::builder()
+        .namespace("tags")
+        .redis(
+            RedisConfig::new(url)
+                .command_timeout(Duration::from_millis(100))
+                .deadline(Duration::from_millis(500))
+                .probe_interval(Duration::from_millis(50)),
+        )
+        .build()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn tag_invalidation_and_purge_reach_every_replica_through_redis() {
+    let redis = RedisServer::start();
+    let (a, b) = (replica(&redis.url()).await, replica(&redis.url()).await);
+    let origin = Origin::new();
+    let app = |cache: &HybridCache| {
+        origin
+            .router()
+            .layer(cache.layer().ttl(Duration::from_secs(300)))
+    };
+    let (app_a, app_b) = (app(&a), app(&b));
+    let tagged = "http://api.test/jobs/5?h=cache-tag:company:5";
+    let plain = "http://api.test/jobs/6";
+    for url in [tagged, plain] {
+        call(app_a.clone(), get_request(url)).await;
+    }
+    eventually("both in Redis", WAIT, || async {
+        a.stats().redis_writes >= 2
+    })
+    .await;
+    for url in [tagged, plain] {
+        assert!(call(app_b.clone(), get_request(url)).await.is_hit());
+    }
+    assert!(a.invalidate_tag("company:5").await);
+    // B's memory still holds it, but Redis answers first.
+    assert!(!call(app_b.clone(), get_request(tagged)).await.is_hit());
+    assert!(call(app_b.clone(), get_request(plain)).await.is_hit());
+
+    assert!(a.purge_all().await);
+    assert!(!call(app_b.clone(), get_request(plain)).await.is_hit());
+    eventually("Redis emptied of the namespace", WAIT, || async {
+        redis.cli(&["KEYS", "tags:*"]).split_whitespace().count() <= 2
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_tag_invalidation_during_an_outage_is_replayed_when_redis_is_back() {
+    let redis = RedisServer::start();
+    let (a, b) = (replica(&redis.url()).await, replica(&redis.url()).await);
+    let origin = Origin::new();
+    let app = |cache: &HybridCache| {
+        origin
+            .router()
+            .layer(cache.layer().ttl(Duration::from_secs(300)))
+    };
+    let url = "http://api.test/jobs/8?h=cache-tag:job:8";
+    call(app(&a), get_request(url)).await;
+    eventually("in Redis", WAIT, || async { a.stats().redis_writes >= 1 }).await;
+
+    // Frozen, Redis keeps its data but answers nothing.
+    redis.freeze();
+    assert!(
+        !a.invalidate_tag("job:8").await,
+        "Redis could not take it now"
+    );
+    assert_eq!(a.pending_redis_removals(), 1);
+    redis.resume();
+    eventually("the replay", WAIT, || async {
+        a.pending_redis_removals() == 0 && a.stats().redis_replays >= 1
+    })
+    .await;
+    let from_b = call(app(&b), get_request(url)).await;
+    assert!(!from_b.is_hit(), "{}", from_b.cache_status());
+}
