@@ -4,7 +4,8 @@
 //! --connections 32 --memory-requests 200000`).
 //!
 //! - (a) a handler returning pre-rendered bytes;
-//! - (b) the same route behind the layer, every request a memory hit;
+//! - (b) the same route behind the layer, every request a memory hit; (b‴) the same
+//!   with stale-while-revalidate on and tagged responses (label `hits-swr-tags`);
 //! - (c) the job_match example's search handler, under unique URLs;
 //! - (d) the same behind the layer under the same all-miss load (every response
 //!   stored, the memory tier evicting once full);
@@ -52,8 +53,8 @@ mod job_match;
 mod redis_support;
 
 struct Args {
-    /// Pairs to run (`hits`, `search`, `misses`, `redis`, `writes`, `writes-search`,
-    /// `degraded`, `memory`); empty: all.
+    /// Pairs to run (`hits`, `hits-swr-tags`, `search`, `misses`, `redis`, `writes`,
+    /// `writes-search`, `degraded`, `memory`); empty: all.
     only: Vec<String>,
     seconds: f64,
     rounds: usize,
@@ -280,6 +281,21 @@ async fn run(args: Args) {
             async move { ([(CONTENT_TYPE, "application/json")], body) }
         }
     };
+    let tagged = {
+        let body = pre_rendered.clone();
+        move || {
+            let body = body.clone();
+            async move {
+                (
+                    [
+                        (CONTENT_TYPE, "application/json"),
+                        (http::header::HeaderName::from_static("cache-tag"), "job:42 company:7 search:berlin"),
+                    ],
+                    body,
+                )
+            }
+        }
+    };
     let rendered = |Query(seed): Query<Seed>| async move {
         (
             [(CONTENT_TYPE, "application/json")],
@@ -305,7 +321,24 @@ async fn run(args: Args) {
             unique: false,
             servers: [
                 serve(Router::new().route("/pre", get(pre.clone()))).await,
-                serve(Router::new().route("/pre", get(pre).layer(layer()))).await,
+                serve(Router::new().route("/pre", get(pre.clone()).layer(layer()))).await,
+            ],
+        },
+        Pair {
+            label: "hits-swr-tags",
+            names: [
+                "(a) pre-rendered bytes",
+                "(b‴) (a) behind a layer with stale-while-revalidate, every response tagged, memory hits",
+            ],
+            path: "/pre",
+            unique: false,
+            servers: [
+                serve(Router::new().route("/pre", get(pre.clone()))).await,
+                serve(Router::new().route(
+                    "/pre",
+                    get(tagged).layer(layer().stale_while_revalidate(Duration::from_secs(60))),
+                ))
+                .await,
             ],
         },
         Pair {
