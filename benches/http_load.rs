@@ -289,7 +289,10 @@ async fn run(args: Args) {
                 (
                     [
                         (CONTENT_TYPE, "application/json"),
-                        (http::header::HeaderName::from_static("cache-tag"), "job:42 company:7 search:berlin"),
+                        (
+                            http::header::HeaderName::from_static("cache-tag"),
+                            "job:42 company:7 search:berlin",
+                        ),
                     ],
                     body,
                 )

@@ -69,6 +69,8 @@ pub(crate) struct CacheInner {
     pub(crate) cache_status_name: String,
     pub(crate) single_flight_timeout: Duration,
     pub(crate) namespace: String,
+    /// The cross-replica fill lease's time to live, when on.
+    pub(crate) fill_lease: Option<Duration>,
 }
 
 impl std::fmt::Debug for HybridCache {
@@ -93,6 +95,7 @@ pub struct HybridCacheBuilder {
     near_cache: Option<Duration>,
     redis_breaker: Option<CircuitBreakerLayer>,
     redis_layers: RedisLayers,
+    fill_lease: Option<Duration>,
 }
 
 /// The user's layers on the Redis tier, in the order they were added.
@@ -117,6 +120,7 @@ impl Default for HybridCacheBuilder {
             near_cache: None,
             redis_breaker: None,
             redis_layers: RedisLayers::default(),
+            fill_lease: None,
         }
     }
 }
@@ -228,6 +232,19 @@ impl HybridCacheBuilder {
         self
     }
 
+    /// Cross-replica single-flight (with Redis): the first replica to miss a URL takes
+    /// a lease on it in Redis (`SET NX PX`, a random token, held at most `ttl`) and
+    /// fetches it; a replica that misses the same URL meanwhile does not call the
+    /// origin but polls Redis (every 10–30 ms, jittered) for the entry, at most `ttl` or
+    /// the single-flight timeout, and calls the origin itself only if none comes. The
+    /// lease is given back when the fill ends. While the breaker is open, or Redis
+    /// cannot answer, only the in-process single-flight applies. Default off: each
+    /// replica fetches its own misses.
+    pub fn redis_fill_lease(mut self, ttl: Duration) -> Self {
+        self.fill_lease = Some(ttl);
+        self
+    }
+
     /// Shares entries through Redis, configured in full.
     pub fn redis(mut self, config: RedisConfig) -> Self {
         self.redis = Some(config);
@@ -274,6 +291,7 @@ impl HybridCacheBuilder {
             cache_status_name: self.cache_status_name,
             single_flight_timeout: self.single_flight_timeout,
             namespace: self.namespace,
+            fill_lease: self.fill_lease.filter(|ttl| !ttl.is_zero()),
         });
         spawn_maintenance(Arc::downgrade(&inner), self.maintenance_interval);
         Ok(HybridCache { inner })
@@ -573,9 +591,14 @@ impl HybridCache {
 
 /// The variant key from stored request values (as the lookup computes it from the
 /// request's headers).
-/// A generation for a new Vary index: unlikely to repeat within a process or across
-/// replicas (`RandomState` is seeded from the OS per process).
+/// A generation for a new Vary index.
 fn new_generation() -> u64 {
+    random_u64()
+}
+
+/// A number unlikely to repeat within a process or across replicas (`RandomState` is
+/// seeded from the OS per process); for generations and lease tokens.
+pub(crate) fn random_u64() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     use std::sync::atomic::{AtomicU64, Ordering};
     static NEXT: AtomicU64 = AtomicU64::new(0);
@@ -727,6 +750,7 @@ impl SingleFlight {
             key,
             tx: Some(tx),
             flights: Arc::clone(&self.flights),
+            on_release: None,
         })
     }
 
@@ -742,10 +766,22 @@ pub(crate) struct FlightGuard {
     key: CacheKey,
     tx: Option<watch::Sender<()>>,
     flights: Arc<Mutex<HashMap<CacheKey, watch::Receiver<()>>>>,
+    /// Gives back the cross-replica fill lease, when this flight holds one.
+    on_release: Option<Box<dyn FnOnce() + Send + Sync>>,
+}
+
+impl FlightGuard {
+    /// Runs `release` when the flight ends (stored, not storable, or abandoned).
+    pub(crate) fn on_release(&mut self, release: impl FnOnce() + Send + Sync + 'static) {
+        self.on_release = Some(Box::new(release));
+    }
 }
 
 impl Drop for FlightGuard {
     fn drop(&mut self) {
+        if let Some(release) = self.on_release.take() {
+            release();
+        }
         let mut flights = self
             .flights
             .lock()

@@ -25,6 +25,7 @@ use crate::policy::settings::RouteSettings;
 use crate::policy::storable::{store_plan, NotStored, RequestFacts, StorePlan};
 use crate::policy::RequestDirectives;
 use crate::policy::TtlMode;
+use crate::store::hybrid::Lease;
 use crate::store::Tier;
 use crate::telemetry::{Counter, TARGET};
 use crate::{CacheKey, HybridCache};
@@ -370,7 +371,36 @@ where
         return Box::pin(forward(inner, &ask, request, miss, None, stale)).await;
     }
     let guard = match cache.inner.flights.join(primary) {
-        Flight::Leader(guard) => Some(guard),
+        Flight::Leader(mut guard) => {
+            if let Some(ttl) = cache.inner.fill_lease {
+                match cache.inner.store.try_lease(&primary, ttl).await {
+                    Lease::Taken(token) => {
+                        let store = cache.inner.store.clone();
+                        guard.on_release(move || store.release_lease(primary, token));
+                    }
+                    Lease::Held => {
+                        // Another replica is fetching: wait for its entry in Redis.
+                        let limit = ttl.min(cache.inner.single_flight_timeout);
+                        let head = RequestHead::of(&request);
+                        match wait_for_replica(&ask, &head, limit).await {
+                            Waited::Served(response) => {
+                                cache.count(Counter::Coalesced);
+                                return Ok(response);
+                            }
+                            Waited::Leased(token) => {
+                                let store = cache.inner.store.clone();
+                                guard.on_release(move || store.release_lease(primary, token));
+                            }
+                            Waited::GaveUp => {
+                                tracing::debug!(target: TARGET, key = %primary, outcome = "lease-wait-expired");
+                            }
+                        }
+                    }
+                    Lease::Unavailable => {}
+                }
+            }
+            Some(guard)
+        }
         Flight::Follower(rx) => {
             cache.count(Counter::Coalesced);
             let released = wait_for_leader(rx, cache.inner.single_flight_timeout).await;
@@ -385,6 +415,42 @@ where
     };
     // Boxed so that the future of a request that waited on a lookup stays small.
     Box::pin(forward(inner, &ask, request, miss, guard, stale)).await
+}
+
+/// How waiting for another replica's fill ended (short-lived, on the stack once).
+#[allow(clippy::large_enum_variant)]
+enum Waited<B> {
+    /// Its entry landed.
+    Served(Response<CacheBody<B>>),
+    /// It gave the lease back without an entry (not storable, failed): this replica
+    /// took the lease and fetches.
+    Leased(u64),
+    /// Neither within the limit, or Redis stopped answering: fetch anyway.
+    GaveUp,
+}
+
+/// Polls the cache (Redis first) every 10–30 ms, jittered so replicas do not poll in
+/// step, until another replica's fill lands, its lease is free again, or `limit`
+/// passes.
+async fn wait_for_replica<ResBody>(
+    ask: &Ask<'_>,
+    request: &RequestHead<'_>,
+    limit: Duration,
+) -> Waited<ResBody> {
+    let deadline = tokio::time::Instant::now() + limit;
+    while tokio::time::Instant::now() < deadline {
+        let jitter = crate::cache::random_u64() % 20;
+        tokio::time::sleep(Duration::from_millis(10 + jitter)).await;
+        if let Answer::Hit(response) | Answer::Refresh(response, _) = ask.serve(request).await {
+            return Waited::Served(response);
+        }
+        match ask.cache.inner.store.try_lease(ask.primary, limit).await {
+            Lease::Held => {}
+            Lease::Taken(token) => return Waited::Leased(token),
+            Lease::Unavailable => return Waited::GaveUp,
+        }
+    }
+    Waited::GaveUp
 }
 
 /// Refreshes a stale entry in a task the layer owns (it outlives the client's

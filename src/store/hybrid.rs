@@ -60,6 +60,16 @@ struct RedisTier {
     admin: RedisStack,
 }
 
+/// The outcome of asking for a fill lease.
+pub(crate) enum Lease {
+    /// This replica fetches; the token gives it back.
+    Taken(u64),
+    /// Another replica is fetching.
+    Held,
+    /// Redis cannot say (no Redis, breaker open, error).
+    Unavailable,
+}
+
 /// Most removals kept for replay; past it the oldest is dropped (and counted).
 const MAX_PENDING: usize = 1024;
 
@@ -85,6 +95,9 @@ enum QueuedWrite {
     /// Sent after every write queued before it, so an invalidation cannot be undone
     /// by a fill that was already on its way.
     Delete(CacheKey),
+    /// Gives a fill lease back after the fill's own write, so that a waiting replica
+    /// finds the entry rather than a free lease.
+    Release(CacheKey, u64),
 }
 
 impl HybridStore {
@@ -160,6 +173,13 @@ impl HybridStore {
                 for write in batch.drain(..) {
                     match write {
                         QueuedWrite::Set(key, entry) => sets.push((key, entry)),
+                        QueuedWrite::Release(key, token) => {
+                            send_sets(&writer, std::mem::take(&mut sets), &counters).await;
+                            let _ = writer
+                                .clone()
+                                .oneshot(StoreRequest::release(key, token))
+                                .await;
+                        }
                         QueuedWrite::Delete(key) => {
                             send_sets(&writer, std::mem::take(&mut sets), &counters).await;
                             let request = StoreRequest::delete(key);
@@ -306,6 +326,36 @@ impl HybridStore {
                 keep_for_replay(&redis.pending, request, counters);
                 false
             }
+        }
+    }
+
+    /// Tries to take the cross-replica fill lease of `key`.
+    pub(crate) async fn try_lease(&self, key: &CacheKey, ttl: std::time::Duration) -> Lease {
+        let Some(redis) = &self.redis else {
+            return Lease::Unavailable;
+        };
+        let token = crate::cache::random_u64();
+        match redis
+            .service
+            .clone()
+            .oneshot(StoreRequest::lease(*key, token, ttl))
+            .await
+        {
+            Ok(response) => match response.answer {
+                StoreAnswer::Leased(true) => Lease::Taken(token),
+                StoreAnswer::Leased(false) => Lease::Held,
+                _ => Lease::Unavailable,
+            },
+            // Breaker open, timeout, no connection: local single-flight only.
+            Err(_) => Lease::Unavailable,
+        }
+    }
+
+    /// Gives a lease back through the write queue, behind the fill's own write (a
+    /// full queue leaves it to expire).
+    pub(crate) fn release_lease(&self, key: CacheKey, token: u64) {
+        if let Some(redis) = &self.redis {
+            let _ = redis.writes.try_send(QueuedWrite::Release(key, token));
         }
     }
 

@@ -31,6 +31,10 @@ pub(crate) enum StoreOp {
     InvalidateTag(String),
     /// Remove every entry of this cache's namespace.
     PurgeAll,
+    /// Take the cross-replica fill lease of a key (`SET NX PX` with a token).
+    Lease(CacheKey, u64, std::time::Duration),
+    /// Give a lease back, if it is still ours.
+    Release(CacheKey, u64),
 }
 
 /// The kind of a [`StoreRequest`].
@@ -47,6 +51,10 @@ pub enum StoreOperation {
     InvalidateTag,
     /// Remove every entry of the namespace (`HybridCache::purge_all`).
     PurgeAll,
+    /// Take a key's fill lease (`HybridCacheBuilder::redis_fill_lease`).
+    Lease,
+    /// Give a fill lease back.
+    Release,
 }
 
 impl StoreRequest {
@@ -80,6 +88,18 @@ impl StoreRequest {
         }
     }
 
+    pub(crate) fn lease(key: CacheKey, token: u64, ttl: std::time::Duration) -> Self {
+        StoreRequest {
+            op: StoreOp::Lease(key, token, ttl),
+        }
+    }
+
+    pub(crate) fn release(key: CacheKey, token: u64) -> Self {
+        StoreRequest {
+            op: StoreOp::Release(key, token),
+        }
+    }
+
     /// What the request does.
     pub fn operation(&self) -> StoreOperation {
         match self.op {
@@ -88,6 +108,8 @@ impl StoreRequest {
             StoreOp::Delete(_) => StoreOperation::Delete,
             StoreOp::InvalidateTag(_) => StoreOperation::InvalidateTag,
             StoreOp::PurgeAll => StoreOperation::PurgeAll,
+            StoreOp::Lease(..) => StoreOperation::Lease,
+            StoreOp::Release(..) => StoreOperation::Release,
         }
     }
 
@@ -95,7 +117,10 @@ impl StoreRequest {
     /// the operations that find their keys in Redis.
     pub fn keys(&self) -> Vec<CacheKey> {
         match &self.op {
-            StoreOp::Get(key) | StoreOp::Delete(key) => vec![*key],
+            StoreOp::Get(key)
+            | StoreOp::Delete(key)
+            | StoreOp::Lease(key, ..)
+            | StoreOp::Release(key, _) => vec![*key],
             StoreOp::Set(entries) => entries.iter().map(|(key, _)| *key).collect(),
             StoreOp::InvalidateTag(_) | StoreOp::PurgeAll => Vec::new(),
         }
@@ -118,6 +143,7 @@ pub(crate) enum StoreAnswer {
     },
     Deleted,
     Removed(usize),
+    Leased(bool),
 }
 
 /// What a [`StoreResponse`] says happened.
@@ -143,6 +169,12 @@ pub enum StoreOutcome {
         /// Keys removed.
         count: usize,
     },
+    /// `Lease`: whether this replica took it (`false`: another holds it); `Release`
+    /// answers `Deleted`.
+    Leased {
+        /// Taken.
+        taken: bool,
+    },
 }
 
 impl StoreResponse {
@@ -161,6 +193,7 @@ impl StoreResponse {
             },
             StoreAnswer::Deleted => StoreOutcome::Deleted,
             StoreAnswer::Removed(count) => StoreOutcome::Removed { count: *count },
+            StoreAnswer::Leased(taken) => StoreOutcome::Leased { taken: *taken },
         }
     }
 }

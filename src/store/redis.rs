@@ -494,6 +494,51 @@ impl RedisStore {
         Ok(results.iter().filter(|n| **n > 0).count())
     }
 
+    fn lease_key(&self, key: &CacheKey) -> String {
+        let mut lease = String::with_capacity(self.namespace.len() + 80);
+        lease.push_str(&self.namespace);
+        lease.push_str(":lease:");
+        lease.push_str(&key.storage_key(""));
+        lease
+    }
+
+    /// Takes the fill lease of `key` for `ttl` unless another replica holds it.
+    pub(crate) async fn lease(
+        &self,
+        key: &CacheKey,
+        token: u64,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let millis = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX).max(1);
+        let set: Option<String> = self
+            .client()?
+            .set(
+                self.lease_key(key),
+                token.to_string(),
+                Some(Expiration::PX(millis)),
+                Some(fred::types::SetOptions::NX),
+                false,
+            )
+            .await
+            .map_err(StoreError::command)?;
+        Ok(set.is_some())
+    }
+
+    /// Gives the lease back if it is still ours (it may have expired and been taken
+    /// by another replica since).
+    pub(crate) async fn release(&self, key: &CacheKey, token: u64) -> Result<(), StoreError> {
+        let client = self.client()?;
+        let lease = self.lease_key(key);
+        let holder: Option<String> = client
+            .get(lease.clone())
+            .await
+            .map_err(StoreError::command)?;
+        if holder.as_deref() == Some(token.to_string().as_str()) {
+            let _: i64 = client.del(lease).await.map_err(StoreError::command)?;
+        }
+        Ok(())
+    }
+
     /// Deletes the entry under `key`.
     pub(crate) async fn delete(&self, key: &CacheKey) -> Result<(), StoreError> {
         let _: i64 = self
@@ -541,6 +586,13 @@ impl tower::Service<StoreRequest> for RedisService {
                     StoreAnswer::Removed(store.invalidate_tag(&tag).await?)
                 }
                 StoreOp::PurgeAll => StoreAnswer::Removed(store.purge_all().await?),
+                StoreOp::Lease(key, token, ttl) => {
+                    StoreAnswer::Leased(store.lease(&key, token, ttl).await?)
+                }
+                StoreOp::Release(key, token) => {
+                    store.release(&key, token).await?;
+                    StoreAnswer::Deleted
+                }
             };
             Ok(StoreResponse::new(answer))
         })
