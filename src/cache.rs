@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName};
@@ -550,12 +550,23 @@ impl HybridCache {
     }
 
     /// Stores a response under its primary key, or as a variant with its index.
-    pub(crate) async fn store(&self, primary: CacheKey, response: CachedResponse) {
+    /// `started`: when the response's origin call started.
+    pub(crate) async fn store(
+        &self,
+        primary: CacheKey,
+        response: CachedResponse,
+        started: SystemTime,
+    ) {
         let store = &self.inner.store;
         let counters = &self.inner.counters;
         if response.vary.is_empty() {
             store
-                .put(primary, Entry::Response(Arc::new(response)), counters)
+                .put(
+                    primary,
+                    Entry::Response(Arc::new(response)),
+                    started,
+                    counters,
+                )
                 .await;
             return;
         }
@@ -573,7 +584,12 @@ impl HybridCache {
         }
         let variant = variant_key(&primary, generation, &response.vary);
         store
-            .put(variant, Entry::Response(Arc::new(response)), counters)
+            .put(
+                variant,
+                Entry::Response(Arc::new(response)),
+                started,
+                counters,
+            )
             .await;
         store
             .put(
@@ -583,6 +599,7 @@ impl HybridCache {
                     stale_until,
                     generation,
                 })),
+                started,
                 counters,
             )
             .await;

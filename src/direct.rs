@@ -103,7 +103,12 @@ impl HybridCache {
         }));
         self.inner
             .store
-            .put(CacheKey::for_value(key), entry, &self.inner.counters)
+            .put(
+                CacheKey::for_value(key),
+                entry,
+                SystemTime::now(),
+                &self.inner.counters,
+            )
             .await;
         Ok(())
     }

@@ -292,3 +292,51 @@ async fn invalidate_reaches_redis_and_beats_a_fill_in_flight() {
     assert!(!from_b.is_hit(), "{}", from_b.cache_status());
     assert_eq!(origin.log.calls(), 2);
 }
+
+#[tokio::test]
+async fn a_fill_on_another_replica_cannot_resurrect_an_invalidated_entry() {
+    let redis = RedisServer::start();
+    let (a, b) = (replica(&redis.url()).await, replica(&redis.url()).await);
+    let origin = Origin::new();
+    let app = |cache: &HybridCache| {
+        Router::new()
+            .fallback_service(origin.router())
+            .layer(cache.layer().ttl(Duration::from_secs(300)))
+    };
+    for (url, by_tag) in [
+        ("http://api.test/feed?gate=1", false),
+        ("http://api.test/tagged?gate=1&h=cache-tag:feed", true),
+    ] {
+        let calls = origin.log.calls();
+        let before = b.stats();
+        // B's fill is at the origin when A invalidates.
+        let fill = tokio::spawn(call(app(&b), get_request(url)));
+        eventually("B at the origin", WAIT, || async {
+            origin.log.calls() == calls + 1
+        })
+        .await;
+        if by_tag {
+            assert!(a.invalidate_tag("feed").await);
+        } else {
+            assert!(a.invalidate(&url.parse().unwrap()).await);
+        }
+        origin.gate.add_permits(2);
+        fill.await.unwrap();
+        eventually("B's store", WAIT, || async {
+            b.stats().stores > before.stores
+        })
+        .await;
+        // B's writer is first in, first out: once a later write reached Redis, B's
+        // entry was written or found superseded.
+        b.set(&format!("sentinel:{url}"), &1_u8, Duration::from_secs(60))
+            .await
+            .unwrap();
+        eventually("B's writer past the entry", WAIT, || async {
+            b.stats().redis_writes > before.redis_writes
+        })
+        .await;
+        // Redis never got B's stale response: A misses, and so does B (Redis first).
+        let from_a = call(app(&a), get_request(url)).await;
+        assert!(!from_a.is_hit(), "{url}: {}", from_a.cache_status());
+    }
+}

@@ -282,7 +282,7 @@ fn version_from_code(code: u8) -> Result<Version, DecodeError> {
     })
 }
 
-fn millis_since_epoch(time: SystemTime) -> u64 {
+pub(crate) fn millis_since_epoch(time: SystemTime) -> u64 {
     time.duration_since(UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
         .unwrap_or(0)

@@ -7,7 +7,7 @@ use bytes::Bytes;
 use http::header::{ETAG, LAST_MODIFIED};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Version};
 
-mod codec;
+pub(crate) mod codec;
 
 pub use codec::DecodeError;
 pub(crate) use codec::{decode_entry, encode_entry};

@@ -91,6 +91,8 @@ pub(crate) struct Capture {
     /// The invalidation sequence number when the origin was called: an invalidation
     /// of the key after it means this response may predate a write.
     pub(crate) since: u64,
+    /// When the origin call started (wall clock), for invalidations on other replicas.
+    pub(crate) started: std::time::SystemTime,
 }
 
 impl Capture {
@@ -116,6 +118,7 @@ impl Capture {
             len,
             guard,
             since,
+            started,
             ..
         } = self;
         entry.body = match chunks.len() {
@@ -149,7 +152,7 @@ impl Capture {
                 tracing::debug!(target: TARGET, key = %key, outcome = "not-stored", detail = "invalidated");
                 return;
             }
-            cache.store(key, entry).await;
+            cache.store(key, entry, started).await;
             // An invalidation between the check and the store may have removed the
             // key before it was written: remove it again.
             if invalidations.since(&key, &tags, since).await {

@@ -923,6 +923,7 @@ where
                 len: 0,
                 guard,
                 since,
+                started: facts.request_time.unwrap_or(response_time),
             };
             let body = if body.is_end_stream() {
                 // Nothing to read (a 204, an empty body): a server may never poll it,
@@ -1071,7 +1072,8 @@ fn revalidated<B>(
                     return;
                 }
                 let tags = entry.tags.clone();
-                cache.store(key, entry).await;
+                let started = facts.request_time.unwrap_or(response_time);
+                cache.store(key, entry, started).await;
                 if invalidations.since(&key, &tags, since).await {
                     cache.inner.store.invalidate(&key, &cache.inner.counters).await;
                     cache.count(Counter::NotStored);

@@ -91,7 +91,8 @@ fn keep_for_replay(
 
 /// What the background writer sends to Redis, in order.
 enum QueuedWrite {
-    Set(CacheKey, Entry),
+    /// An entry, and when its origin call started.
+    Set(CacheKey, Entry, std::time::SystemTime),
     /// Sent after every write queued before it, so an invalidation cannot be undone
     /// by a fill that was already on its way.
     Delete(CacheKey),
@@ -172,7 +173,7 @@ impl HybridStore {
                 let mut sets = Vec::new();
                 for write in batch.drain(..) {
                     match write {
-                        QueuedWrite::Set(key, entry) => sets.push((key, entry)),
+                        QueuedWrite::Set(key, entry, started) => sets.push((key, entry, started)),
                         QueuedWrite::Release(key, token) => {
                             send_sets(&writer, std::mem::take(&mut sets), &counters).await;
                             let _ = writer
@@ -256,11 +257,19 @@ impl HybridStore {
             .map(|entry| (entry, Tier::Memory))
     }
 
-    pub(crate) async fn put(&self, key: CacheKey, entry: Entry, counters: &Counters) {
+    /// Stores in memory at once and queues the Redis write; `started` is when the
+    /// response's origin call started.
+    pub(crate) async fn put(
+        &self,
+        key: CacheKey,
+        entry: Entry,
+        started: std::time::SystemTime,
+        counters: &Counters,
+    ) {
         if let Some(redis) = &self.redis {
             if redis
                 .writes
-                .try_send(QueuedWrite::Set(key, entry.clone()))
+                .try_send(QueuedWrite::Set(key, entry.clone(), started))
                 .is_err()
             {
                 counters.add(Counter::RedisWriteDropped);
@@ -414,7 +423,11 @@ fn spawn_replay(
 }
 
 /// Sends a run of queued sets as one pipeline and counts the outcome.
-async fn send_sets(writer: &RedisStack, sets: Vec<(CacheKey, Entry)>, counters: &Counters) {
+async fn send_sets(
+    writer: &RedisStack,
+    sets: Vec<(CacheKey, Entry, std::time::SystemTime)>,
+    counters: &Counters,
+) {
     let count = sets.len();
     if count == 0 {
         return;

@@ -24,8 +24,9 @@ pub struct StoreRequest {
 #[derive(Debug, Clone)]
 pub(crate) enum StoreOp {
     Get(CacheKey),
-    /// A batch of writes, sent as one pipeline.
-    Set(Vec<(CacheKey, Entry)>),
+    /// A batch of writes, sent as one pipeline; each with the time its origin call
+    /// started (an invalidation after it, on any replica, supersedes it).
+    Set(Vec<(CacheKey, Entry, std::time::SystemTime)>),
     Delete(CacheKey),
     /// Remove every entry stored with this tag, and the tag's index.
     InvalidateTag(String),
@@ -64,7 +65,7 @@ impl StoreRequest {
         }
     }
 
-    pub(crate) fn set(entries: Vec<(CacheKey, Entry)>) -> Self {
+    pub(crate) fn set(entries: Vec<(CacheKey, Entry, std::time::SystemTime)>) -> Self {
         StoreRequest {
             op: StoreOp::Set(entries),
         }
@@ -121,7 +122,7 @@ impl StoreRequest {
             | StoreOp::Delete(key)
             | StoreOp::Lease(key, ..)
             | StoreOp::Release(key, _) => vec![*key],
-            StoreOp::Set(entries) => entries.iter().map(|(key, _)| *key).collect(),
+            StoreOp::Set(entries) => entries.iter().map(|(key, ..)| *key).collect(),
             StoreOp::InvalidateTag(_) | StoreOp::PurgeAll => Vec::new(),
         }
     }

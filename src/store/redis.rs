@@ -19,11 +19,16 @@ use fred::clients::{Client, WithOptions};
 
 use super::redis_health::{spawn_probe, watch_events, HealthState, RedisHealth};
 use super::{StoreAnswer, StoreError, StoreOp, StoreRequest, StoreResponse};
+use crate::entry::codec::millis_since_epoch;
 use crate::entry::{decode_entry, encode_entry, Entry};
 use crate::error::BuildError;
 use crate::resilience::breaker::CircuitBreaker;
 use crate::telemetry::TARGET;
 use crate::CacheKey;
+
+/// How long invalidation marks live: a fill whose origin call started before an
+/// invalidation and that is written later than this is not caught.
+const MARK_TTL: Duration = Duration::from_secs(300);
 
 /// How to reach Redis, and how hard to try.
 ///
@@ -345,9 +350,10 @@ impl RedisStore {
     /// whole is an error, for the breaker and the retry to see.
     pub(crate) async fn set_many(
         &self,
-        entries: &[(CacheKey, Entry)],
+        entries: &[(CacheKey, Entry, SystemTime)],
     ) -> Result<(usize, usize), StoreError> {
         let client = self.healthy()?;
+        let superseded = self.superseded(client, entries).await?;
         // The pipeline goes to one connection, flushed once: one round trip and one
         // wake-up for the whole batch. Its commands carry the pool's default timeout.
         let pipeline = client.pipeline();
@@ -355,7 +361,11 @@ impl RedisStore {
         let mut queued = 0;
         // Which pipeline results are the entries' SETs (the rest index tags).
         let mut is_set = Vec::new();
-        for (key, entry) in entries {
+        for ((key, entry, _), superseded) in entries.iter().zip(superseded) {
+            if superseded {
+                tracing::debug!(target: TARGET, key = %key, outcome = "not-stored", detail = "invalidated");
+                continue;
+            }
             let Some(ttl) = entry
                 .stale_until()
                 .duration_since(now)
@@ -427,6 +437,68 @@ impl RedisStore {
         }
     }
 
+    /// For each entry, whether an invalidation of its key, of one of its tags, or a
+    /// purge, made on any replica after its origin call started, supersedes it (one
+    /// round trip for the whole batch).
+    async fn superseded(
+        &self,
+        client: &Client,
+        entries: &[(CacheKey, Entry, SystemTime)],
+    ) -> Result<Vec<bool>, StoreError> {
+        let check = client.pipeline();
+        let _: Result<(), _> = check.get(self.purged_key()).await;
+        for (key, entry, _) in entries {
+            let _: Result<(), _> = check.get(self.gone_key(key)).await;
+            for tag in entry.tags() {
+                let _: Result<(), _> = check.get(self.gone_tag_key(tag)).await;
+            }
+        }
+        let marks = check.try_all::<Option<i64>>().await;
+        // A mark that cannot be read (error, garbage) supersedes nothing.
+        let mut marks = marks
+            .into_iter()
+            .map(|mark| mark.ok().flatten().unwrap_or(0));
+        let purged = marks.next().unwrap_or(0);
+        Ok(entries
+            .iter()
+            .map(|(_, entry, started)| {
+                let started = i64::try_from(millis_since_epoch(*started)).unwrap_or(i64::MAX);
+                let mut newest = purged.max(marks.next().unwrap_or(0));
+                for _ in entry.tags() {
+                    newest = newest.max(marks.next().unwrap_or(0));
+                }
+                newest >= started
+            })
+            .collect())
+    }
+
+    /// Marks of invalidations, read by every replica's writes: key, tag, purge.
+    fn gone_key(&self, key: &CacheKey) -> String {
+        format!("{}:gone{}", self.namespace, key.storage_key(""))
+    }
+
+    fn gone_tag_key(&self, tag: &str) -> String {
+        format!(
+            "{}:gonetag:{}",
+            self.namespace,
+            blake3::hash(tag.as_bytes()).to_hex()
+        )
+    }
+
+    fn purged_key(&self) -> String {
+        format!("{}:purged", self.namespace)
+    }
+
+    /// Sets an invalidation mark to now, for as long as a fill may still be running.
+    async fn mark(&self, client: &Client, mark: String) -> Result<(), StoreError> {
+        let now = i64::try_from(millis_since_epoch(SystemTime::now())).unwrap_or(i64::MAX);
+        let millis = i64::try_from(MARK_TTL.as_millis()).unwrap_or(i64::MAX);
+        client
+            .set::<(), _, _>(mark, now, Some(Expiration::PX(millis)), None, false)
+            .await
+            .map_err(StoreError::command)
+    }
+
     /// The key of a tag's index: the tag hashed, so that no tag can reach the key's
     /// syntax (or a Redis Cluster hash tag).
     fn tag_key(&self, tag: &str) -> String {
@@ -442,6 +514,7 @@ impl RedisStore {
     /// were removed.
     pub(crate) async fn invalidate_tag(&self, tag: &str) -> Result<usize, StoreError> {
         let client = self.healthy()?;
+        self.mark(client, self.gone_tag_key(tag)).await?;
         let index = self.tag_key(tag);
         let members: Vec<String> = client
             .smembers(index.clone())
@@ -477,6 +550,9 @@ impl RedisStore {
             }
         }
         removed += self.unlink(client, batch).await?;
+        // After the SCAN (which removed older marks): fills that started before now
+        // are not written back.
+        self.mark(client, self.purged_key()).await?;
         Ok(removed)
     }
 
@@ -539,10 +615,13 @@ impl RedisStore {
         Ok(())
     }
 
-    /// Deletes the entry under `key`.
+    /// Deletes the entry under `key`, and marks it invalidated so that no replica's
+    /// fill that started earlier writes it back.
     pub(crate) async fn delete(&self, key: &CacheKey) -> Result<(), StoreError> {
-        let _: i64 = self
-            .client()?
+        let client = self.healthy()?;
+        self.mark(client, self.gone_key(key)).await?;
+        let _: i64 = client
+            .with_options(&self.options)
             .del(self.key(key))
             .await
             .map_err(StoreError::command)?;
