@@ -270,3 +270,48 @@ async fn two_proxies_on_one_redis_share_entries() {
     assert_eq!(hit.body, miss.body);
     assert_eq!(origin.log.calls(), 1);
 }
+
+#[tokio::test]
+async fn through_the_proxy_304s_writes_invalidate_and_tags_purge() {
+    let s = setup().await;
+    let client = support::client();
+    let url = s.url("/doc?h=cache-control:max-age%3D120&h=etag:%22d1%22&h=cache-tag:doc%20site");
+    let miss = fetch(&client, "GET", &url, &[]).await;
+    assert!(
+        !miss.headers.contains_key("cache-tag"),
+        "tags stay in the cache"
+    );
+    s.stored(1).await;
+    let not_modified = fetch(&client, "GET", &url, &[("if-none-match", "\"d1\"")]).await;
+    assert_eq!(not_modified.status, http::StatusCode::NOT_MODIFIED);
+    assert!(not_modified.is_hit());
+
+    // A successful POST to the URL invalidates it.
+    let posted = fetch(&client, "POST", &url, &[]).await;
+    assert!(posted.status.is_success());
+    assert!(!fetch(&client, "GET", &url, &[]).await.is_hit());
+    s.stored(2).await;
+    assert!(fetch(&client, "GET", &url, &[]).await.is_hit());
+
+    // A tag invalidation forgets it again.
+    assert!(s.cache.invalidate_tag("site").await);
+    assert!(!fetch(&client, "GET", &url, &[]).await.is_hit());
+}
+
+#[tokio::test]
+async fn through_the_proxy_stale_while_revalidate_answers_at_once() {
+    let s = setup().await;
+    let client = support::client();
+    let url = s.url("/feed?h=cache-control:max-age%3D1,%20stale-while-revalidate%3D60");
+    let first = fetch(&client, "GET", &url, &[]).await;
+    s.stored(1).await;
+    eventually("a stale-while-revalidate hit", WAIT, || async {
+        let got = fetch(&client, "GET", &url, &[]).await;
+        got.cache_status().contains("detail=stale-while-revalidate") && got.body == first.body
+    })
+    .await;
+    eventually("the background refresh", WAIT, || async {
+        s.origin.log.calls() == 2 && s.cache.stats().stores >= 2
+    })
+    .await;
+}
