@@ -96,6 +96,17 @@ impl<S> HybridCacheService<S> {
     }
 }
 
+impl<S> HybridCacheService<S> {
+    /// Counts a request the cache does not answer; its `Cache-Status`, if on.
+    fn bypass(&self) -> Option<HeaderValue> {
+        self.cache.count(Counter::Bypass);
+        self.settings
+            .cache_status_header
+            .then(|| status_value(&self.cache, "fwd=bypass"))
+            .flatten()
+    }
+}
+
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for HybridCacheService<S>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
@@ -116,12 +127,7 @@ where
         let method = request.method();
         if !is_safe(method) {
             // A write: once it succeeds, what is stored for its URI is out of date.
-            self.cache.count(Counter::Bypass);
-            let status = self
-                .settings
-                .cache_status_header
-                .then(|| status_value(&self.cache, "fwd=bypass"))
-                .flatten();
+            let status = self.bypass();
             let target = WriteTarget::of(&request, &self.settings);
             let future = self.inner.call(request);
             return ResponseFuture::cached(Box::pin(invalidate_after(
@@ -134,12 +140,7 @@ where
         if (method != Method::GET && method != Method::HEAD)
             || request.headers().contains_key(RANGE)
         {
-            self.cache.count(Counter::Bypass);
-            let status = self
-                .settings
-                .cache_status_header
-                .then(|| status_value(&self.cache, "fwd=bypass"))
-                .flatten();
+            let status = self.bypass();
             return ResponseFuture::bypass(self.inner.call(request), status);
         }
         let request_cc = CacheControl::from_headers(request.headers());

@@ -214,6 +214,15 @@ impl Got {
         self.cache_status().contains("; hit")
     }
 
+    /// The `ttl` of a hit's `Cache-Status` (negative when served stale).
+    pub fn ttl(&self) -> Option<i64> {
+        self.cache_status()
+            .split("ttl=")
+            .nth(1)
+            .and_then(|rest| rest.split(';').next())
+            .and_then(|ttl| ttl.trim().parse().ok())
+    }
+
     pub fn age(&self) -> Option<u64> {
         self.headers
             .get("age")
