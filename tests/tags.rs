@@ -252,3 +252,33 @@ async fn a_tag_invalidation_during_an_outage_is_replayed_when_redis_is_back() {
     let from_b = call(app(&b), get_request(url)).await;
     assert!(!from_b.is_hit(), "{}", from_b.cache_status());
 }
+
+#[tokio::test]
+async fn the_tag_header_never_reaches_the_client_whatever_the_request() {
+    let (origin, cache) = (Origin::new(), memory_cache().await);
+    let app = origin
+        .router()
+        .layer(cache.layer().ttl(Duration::from_secs(300)));
+    let url = "http://api.test/x?h=cache-tag:secret";
+    for (method, range) in [
+        ("POST", false),
+        ("DELETE", false),
+        ("GET", true),
+        ("OPTIONS", false),
+    ] {
+        let mut request = http::Request::builder().method(method).uri(url);
+        if range {
+            request = request.header("range", "bytes=0-1");
+        }
+        let got = call(
+            app.clone(),
+            request.body(axum::body::Body::empty()).unwrap(),
+        )
+        .await;
+        assert!(
+            !got.headers.contains_key("cache-tag"),
+            "{method} range={range}"
+        );
+        assert!(got.cache_status().contains("fwd=bypass"));
+    }
+}

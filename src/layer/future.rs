@@ -5,7 +5,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use http::{HeaderValue, Response};
+use http::{HeaderName, HeaderValue, Response};
 use pin_project_lite::pin_project;
 
 use super::body::CacheBody;
@@ -28,18 +28,25 @@ pin_project! {
 pin_project! {
     #[project = KindProj]
     enum Kind<F, B, E> {
-        Bypass { #[pin] future: F, cache_status: Option<HeaderValue> },
+        Bypass { #[pin] future: F, cache_status: Option<HeaderValue>, strip: Option<HeaderName> },
         Cached { future: BoxedResponse<B, E> },
         Ready { response: Option<Response<CacheBody<B>>> },
     }
 }
 
 impl<F, B, E> ResponseFuture<F, B, E> {
-    pub(crate) fn bypass(future: F, cache_status: Option<HeaderValue>) -> Self {
+    /// The inner future, plus `cache_status`; `strip` is a header the client must
+    /// not see (the route's tag header).
+    pub(crate) fn bypass(
+        future: F,
+        cache_status: Option<HeaderValue>,
+        strip: Option<HeaderName>,
+    ) -> Self {
         ResponseFuture {
             kind: Kind::Bypass {
                 future,
                 cache_status,
+                strip,
             },
         }
     }
@@ -76,9 +83,13 @@ where
             KindProj::Bypass {
                 future,
                 cache_status,
+                strip,
             } => {
                 let response = std::task::ready!(future.poll(cx))?;
                 let (mut parts, body) = response.into_parts();
+                if let Some(name) = strip.take() {
+                    parts.headers.remove(name);
+                }
                 if let Some(value) = cache_status.take() {
                     parts.headers.append(super::service::CACHE_STATUS, value);
                 }

@@ -97,6 +97,14 @@ impl<S> HybridCacheService<S> {
 }
 
 impl<S> HybridCacheService<S> {
+    /// The tag header, when the client must not see it.
+    fn tag_header_to_strip(&self) -> Option<HeaderName> {
+        self.settings
+            .tag_header
+            .clone()
+            .filter(|_| !self.settings.keep_tag_header)
+    }
+
     /// Counts a request the cache does not answer; its `Cache-Status`, if on.
     fn bypass(&self) -> Option<HeaderValue> {
         self.cache.count(Counter::Bypass);
@@ -141,7 +149,8 @@ where
             || request.headers().contains_key(RANGE)
         {
             let status = self.bypass();
-            return ResponseFuture::bypass(self.inner.call(request), status);
+            let strip = self.tag_header_to_strip();
+            return ResponseFuture::bypass(self.inner.call(request), status, strip);
         }
         let request_cc = CacheControl::from_headers(request.headers());
         let primary = CacheKey::primary(
@@ -284,6 +293,11 @@ where
 {
     let response = future.await?;
     let (mut parts, body) = response.into_parts();
+    if !target.settings.keep_tag_header {
+        if let Some(name) = &target.settings.tag_header {
+            parts.headers.remove(name);
+        }
+    }
     if parts.status.is_success() || parts.status.is_redirection() {
         let mut keys = vec![target.key];
         for name in [http::header::LOCATION, http::header::CONTENT_LOCATION] {
@@ -480,8 +494,10 @@ fn spawn_refresh<S, ReqBody, ResBody>(
     let Flight::Leader(guard) = cache.inner.flights.join(primary) else {
         return; // already being fetched
     };
-    // The client's own conditions are answered from the stale entry; the refresh
-    // asks with the stored validators instead.
+    // The refresh stores a GET's response (a HEAD's has no body to store), and the
+    // client's own conditions were answered from the stale entry: it asks with the
+    // stored validators instead.
+    *request.method_mut() = Method::GET;
     request.headers_mut().remove(IF_NONE_MATCH);
     request.headers_mut().remove(IF_MODIFIED_SINCE);
     runtime.spawn(async move {
