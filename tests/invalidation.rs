@@ -340,3 +340,58 @@ async fn a_fill_on_another_replica_cannot_resurrect_an_invalidated_entry() {
         assert!(!from_a.is_hit(), "{url}: {}", from_a.cache_status());
     }
 }
+
+#[tokio::test]
+async fn near_caches_forget_what_another_replica_invalidated() {
+    let redis = RedisServer::start();
+    let near = || async {
+        HybridCache::builder()
+            .namespace("near")
+            .redis(RedisConfig::new(redis.url()).deadline(Duration::from_millis(500)))
+            .near_cache(Duration::from_secs(600))
+            .build()
+            .await
+            .unwrap()
+    };
+    let (a, b) = (near().await, near().await);
+    // Both replicas listen on the namespace's channel.
+    eventually("both subscribed", WAIT, || async {
+        redis
+            .cli(&["PUBSUB", "NUMSUB", "near:invalidations"])
+            .lines()
+            .nth(1)
+            .is_some_and(|n| n.trim() == "2")
+    })
+    .await;
+    let origin = Origin::new();
+    let app = |cache: &HybridCache| {
+        Router::new()
+            .fallback_service(origin.router())
+            .layer(cache.layer().ttl(Duration::from_secs(300)))
+    };
+    let (app_a, app_b) = (app(&a), app(&b));
+    for (url, by_tag) in [
+        ("http://api.test/near/1", false),
+        ("http://api.test/near/2?h=cache-tag:near", true),
+    ] {
+        call(app_a.clone(), get_request(url)).await;
+        // B fills its memory from Redis, and then reads memory first.
+        eventually("B holds it in memory", WAIT, || async {
+            call(app_b.clone(), get_request(url))
+                .await
+                .cache_status()
+                .ends_with("detail=memory")
+        })
+        .await;
+        if by_tag {
+            assert!(a.invalidate_tag("near").await);
+        } else {
+            assert!(a.invalidate(&url.parse().unwrap()).await);
+        }
+        // Without the message B would serve its copy for its 10-minute local TTL.
+        eventually("B forgets it", WAIT, || async {
+            !call(app_b.clone(), get_request(url)).await.is_hit()
+        })
+        .await;
+    }
+}

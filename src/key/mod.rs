@@ -51,6 +51,32 @@ impl CacheKey {
         key
     }
 
+    /// The key written as 64 lower-case hex digits (as in storage keys); `None` for
+    /// anything else.
+    pub(crate) fn from_hex(hex: &str) -> Option<Self> {
+        let bytes = hex.as_bytes();
+        if bytes.len() != 64 {
+            return None;
+        }
+        let digit = |b: u8| match b {
+            b'0'..=b'9' => Some(b - b'0'),
+            b'a'..=b'f' => Some(b - b'a' + 10),
+            _ => None,
+        };
+        let mut out = [0_u8; 32];
+        for (i, pair) in bytes.chunks_exact(2).enumerate() {
+            out[i] = digit(pair[0])? << 4 | digit(pair[1])?;
+        }
+        Some(CacheKey(out))
+    }
+
+    /// The key as 64 lower-case hex digits.
+    pub(crate) fn to_hex(self) -> String {
+        let mut hex = String::with_capacity(64);
+        self.push_hex(&mut hex);
+        hex
+    }
+
     fn push_hex(&self, out: &mut String) {
         const HEX: &[u8; 16] = b"0123456789abcdef";
         for byte in self.0 {
@@ -300,6 +326,19 @@ mod tests {
         assert_ne!(k1.variant(0, &vary, &en), k1);
         // A new index generation reaches none of the old variants.
         assert_ne!(k1.variant(0, &vary, &en), k1.variant(1, &vary, &en));
+    }
+
+    #[test]
+    fn hex_roundtrips_and_junk_is_refused() {
+        let key = CacheKey::from_bytes([0xab; 32]);
+        assert_eq!(CacheKey::from_hex(&key.to_hex()), Some(key));
+        assert_eq!(CacheKey::from_hex("zz"), None);
+        assert_eq!(CacheKey::from_hex(&"G".repeat(64)), None);
+        assert_eq!(
+            CacheKey::from_hex(&"AB".repeat(32)),
+            None,
+            "lower case only"
+        );
     }
 
     #[test]

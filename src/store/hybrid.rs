@@ -24,7 +24,7 @@ use crate::resilience::breaker::CircuitOpen;
 use crate::resilience::breaker::{CircuitBreaker, CircuitBreakerLayer};
 
 use super::memory::MemoryStore;
-use super::redis::{RedisService, RedisStore};
+use super::redis::{Invalidation, RedisService, RedisStore};
 use super::{RedisTierService, StoreAnswer, StoreError, StoreRequest, StoreResponse, Tier};
 
 /// Most queued writes sent to Redis in one pipeline.
@@ -130,6 +130,9 @@ impl HybridStore {
             breaker.count_errors_if(counts_against_redis)
         };
         store.drive(breaker.breaker());
+        if let Some(messages) = store.invalidations() {
+            spawn_listener(messages, self.memory.clone());
+        }
         let store = Arc::new(store);
         let retry = RetryLayer::new(config.retry_policy(Arc::clone(&counters))?);
         // The user's layers wrap the store itself, so they see every attempt; the
@@ -389,6 +392,34 @@ impl HybridStore {
             redis.store.quit().await;
         }
     }
+}
+
+/// Near-cache mode: forgets in memory what any replica invalidated. The task ends
+/// when the subscriber is closed (`shutdown`).
+fn spawn_listener(
+    mut messages: tokio::sync::broadcast::Receiver<fred::types::Message>,
+    memory: MemoryStore,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    tokio::spawn(async move {
+        loop {
+            match messages.recv().await {
+                Ok(message) => {
+                    let text = message.value.as_string().unwrap_or_default();
+                    match Invalidation::parse(&text) {
+                        Some(Invalidation::Key(key)) => memory.remove(&key).await,
+                        Some(Invalidation::Tag(tag)) => memory.remove_tagged(&tag),
+                        Some(Invalidation::All) => memory.remove_all(),
+                        None => {}
+                    }
+                }
+                // Messages were missed: forget everything rather than serve what one
+                // of them invalidated.
+                Err(RecvError::Lagged(_)) => memory.remove_all(),
+                Err(RecvError::Closed) => return,
+            }
+        }
+    });
 }
 
 /// Replays the removals Redis could not take, oldest first, every `every`; ends with

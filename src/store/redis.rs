@@ -26,6 +26,39 @@ use crate::resilience::breaker::CircuitBreaker;
 use crate::telemetry::TARGET;
 use crate::CacheKey;
 
+/// The pub/sub channel of a namespace's invalidations.
+fn invalidation_channel(namespace: &str) -> String {
+    format!("{namespace}:invalidations")
+}
+
+/// What an invalidation message says to forget.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Invalidation {
+    Key(CacheKey),
+    Tag(String),
+    All,
+}
+
+impl Invalidation {
+    pub(crate) fn message(&self) -> String {
+        match self {
+            Invalidation::Key(key) => format!("k {}", key.to_hex()),
+            Invalidation::Tag(tag) => format!("t {tag}"),
+            Invalidation::All => "p".to_owned(),
+        }
+    }
+
+    /// Reads a message; `None` for anything else (another writer's junk).
+    pub(crate) fn parse(message: &str) -> Option<Self> {
+        match message.split_once(' ') {
+            Some(("k", hex)) => CacheKey::from_hex(hex).map(Invalidation::Key),
+            Some(("t", tag)) if !tag.is_empty() => Some(Invalidation::Tag(tag.to_owned())),
+            None if message == "p" => Some(Invalidation::All),
+            _ => None,
+        }
+    }
+}
+
 /// How long invalidation marks live: a fill whose origin call started before an
 /// invalidation and that is written later than this is not caught.
 const MARK_TTL: Duration = Duration::from_secs(300);
@@ -212,6 +245,8 @@ impl RedisConfig {
 /// The Redis tier: a fred pool and the namespace of this cache's keys.
 pub(crate) struct RedisStore {
     pool: Pool,
+    /// Near-cache mode: a connection subscribed to the namespace's invalidations.
+    subscriber: Option<fred::clients::SubscriberClient>,
     health: Arc<HealthState>,
     namespace: String,
     options: Options,
@@ -222,7 +257,13 @@ impl RedisStore {
     /// Builds the pool, starts its connection tasks and waits for them at most the
     /// connect timeout: whether or not Redis is up, it returns (fred reconnects in the
     /// background).
-    pub(crate) async fn connect(config: &RedisConfig, namespace: &str) -> Result<Self, BuildError> {
+    /// With `listen` (near-cache mode), also a subscriber to the namespace's
+    /// invalidations.
+    pub(crate) async fn connect(
+        config: &RedisConfig,
+        namespace: &str,
+        listen: bool,
+    ) -> Result<Self, BuildError> {
         // fred reads a zero timeout as "none": a command could then wait forever.
         for (name, value) in [
             ("redis command_timeout", config.command_timeout),
@@ -262,6 +303,32 @@ impl RedisStore {
             max_command_buffer_len: 1024,
             ..ConnectionConfig::default()
         };
+        let subscriber = if listen {
+            let mut builder = fred::types::Builder::from_config(fred_config.clone());
+            builder
+                .set_performance_config(performance.clone())
+                .set_connection_config(connection.clone())
+                .set_policy(policy.clone());
+            let subscriber = builder
+                .build_subscriber_client()
+                .map_err(|e| BuildError::invalid("redis subscriber", e))?;
+            let _connection = subscriber.connect();
+            // Subscriptions are made again after every reconnection.
+            let _resubscribe = subscriber.manage_subscriptions();
+            let channel = invalidation_channel(namespace);
+            let subscribing = subscriber.clone();
+            tokio::spawn(async move {
+                // Waits for Redis however long it is down; never blocks start-up.
+                if subscribing.wait_for_connect().await.is_ok() {
+                    if let Err(e) = subscribing.subscribe(channel).await {
+                        tracing::warn!(target: TARGET, error = %e, "redis: no subscription to invalidations");
+                    }
+                }
+            });
+            Some(subscriber)
+        } else {
+            None
+        };
         let pool = Pool::new(
             fred_config,
             Some(performance),
@@ -287,6 +354,7 @@ impl RedisStore {
         );
         Ok(RedisStore {
             pool,
+            subscriber,
             health,
             namespace: namespace.to_owned(),
             options: Options {
@@ -474,7 +542,7 @@ impl RedisStore {
 
     /// Marks of invalidations, read by every replica's writes: key, tag, purge.
     fn gone_key(&self, key: &CacheKey) -> String {
-        format!("{}:gone{}", self.namespace, key.storage_key(""))
+        format!("{}:gone:{}", self.namespace, key.to_hex())
     }
 
     fn gone_tag_key(&self, tag: &str) -> String {
@@ -522,6 +590,8 @@ impl RedisStore {
             .map_err(StoreError::command)?;
         let removed = self.unlink(client, members).await?;
         let _: i64 = client.del(index).await.map_err(StoreError::command)?;
+        self.publish(client, Invalidation::Tag(tag.to_owned()).message())
+            .await;
         Ok(removed)
     }
 
@@ -553,6 +623,7 @@ impl RedisStore {
         // After the SCAN (which removed older marks): fills that started before now
         // are not written back.
         self.mark(client, self.purged_key()).await?;
+        self.publish(client, Invalidation::All.message()).await;
         Ok(removed)
     }
 
@@ -574,7 +645,7 @@ impl RedisStore {
         let mut lease = String::with_capacity(self.namespace.len() + 80);
         lease.push_str(&self.namespace);
         lease.push_str(":lease:");
-        lease.push_str(&key.storage_key(""));
+        lease.push_str(&key.to_hex());
         lease
     }
 
@@ -625,11 +696,34 @@ impl RedisStore {
             .del(self.key(key))
             .await
             .map_err(StoreError::command)?;
+        self.publish(client, Invalidation::Key(*key).message())
+            .await;
         Ok(())
+    }
+
+    /// Tells near caches on other replicas what to forget (best effort: their local
+    /// TTL bounds what a lost message costs).
+    async fn publish(&self, client: &Client, message: String) {
+        let sent: Result<i64, _> = client
+            .publish(invalidation_channel(&self.namespace), message)
+            .await;
+        if let Err(e) = sent {
+            tracing::debug!(target: TARGET, error = %e, outcome = "invalidation-not-published");
+        }
+    }
+
+    /// Invalidations published by any replica, when subscribed (near-cache mode).
+    pub(crate) fn invalidations(
+        &self,
+    ) -> Option<tokio::sync::broadcast::Receiver<fred::types::Message>> {
+        self.subscriber.as_ref().map(|s| s.message_rx())
     }
 
     /// Closes every connection.
     pub(crate) async fn quit(&self) {
+        if let Some(subscriber) = &self.subscriber {
+            let _ = subscriber.quit().await;
+        }
         let _ = self.pool.quit().await;
     }
 }
@@ -675,5 +769,27 @@ impl tower::Service<StoreRequest> for RedisService {
             };
             Ok(StoreResponse::new(answer))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invalidation_messages_roundtrip_and_junk_is_ignored() {
+        for invalidation in [
+            Invalidation::Key(CacheKey::from_bytes([7; 32])),
+            Invalidation::Tag("company:7".to_owned()),
+            Invalidation::All,
+        ] {
+            assert_eq!(
+                Invalidation::parse(&invalidation.message()),
+                Some(invalidation)
+            );
+        }
+        for junk in ["", "k", "k 12", "t ", "x y", "pp"] {
+            assert_eq!(Invalidation::parse(junk), None, "{junk:?}");
+        }
     }
 }
