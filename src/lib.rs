@@ -41,6 +41,14 @@
 //! Redis in the background. Building never waits on Redis for longer than its connect
 //! timeout, and never fails because Redis is down.
 //!
+//! Stale entries are revalidated with their validators, served at once while a
+//! background refresh runs (`stale-while-revalidate`) or when the origin fails
+//! (`stale-if-error`). A successful POST, PUT, PATCH or DELETE through the layer
+//! invalidates what it made out of date (RFC 9111 §4.4); responses can carry tags
+//! (a `Cache-Tag` header or [`CacheOverrides`]) for [`HybridCache::invalidate_tag`],
+//! and [`HybridCache::purge_all`] forgets everything, on every replica sharing the
+//! Redis.
+//!
 //! The layer needs a tokio runtime: stores are written by a background task, so the
 //! client never waits for them.
 
