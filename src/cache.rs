@@ -495,10 +495,11 @@ impl HybridCache {
         self.inner.store.purge_all(&self.inner.counters).await
     }
 
-    /// Removals (invalidations, tag invalidations, purges) waiting for Redis to come
-    /// back.
-    pub fn pending_redis_removals(&self) -> usize {
-        self.inner.store.pending_removals()
+    /// Operations waiting for Redis to come back: write batches made while it was
+    /// away, invalidations, tag invalidations and purges. They are replayed in order
+    /// (up to 1024 kept; the oldest is dropped first).
+    pub fn pending_redis_operations(&self) -> usize {
+        self.inner.store.pending_operations()
     }
 
     /// Marks `key` invalidated (fills that started before are not stored), then

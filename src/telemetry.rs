@@ -51,8 +51,8 @@ pub struct CacheStats {
     /// Keys invalidated: by a successful unsafe request (POST, PUT, PATCH, DELETE …)
     /// through the layer, or by `HybridCache::invalidate`.
     pub invalidations: u64,
-    /// Removals (invalidations, tag invalidations, purges) that Redis could not take
-    /// when asked, replayed once it could.
+    /// Operations (write batches, invalidations, tag invalidations, purges) that
+    /// Redis could not take when asked, replayed once it could.
     pub redis_replays: u64,
 }
 

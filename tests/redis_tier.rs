@@ -149,6 +149,31 @@ async fn redis_down_at_start_serves_from_memory_then_uses_redis_once_up() {
 }
 
 #[tokio::test]
+async fn a_write_made_while_redis_was_away_reaches_it_once_back() {
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let url = format!("redis://127.0.0.1:{port}");
+    let a = replica(&url).await;
+    a.set("matches:7", &vec![42_u32], Duration::from_secs(60))
+        .await
+        .unwrap();
+    eventually("the write kept for later", WAIT, || async {
+        a.pending_redis_operations() == 1
+    })
+    .await;
+    let _redis = RedisServer::start_on(port, &[]);
+    eventually("the write replayed", WAIT, || async {
+        a.pending_redis_operations() == 0 && a.stats().redis_replays == 1
+    })
+    .await;
+    // Another replica, with nothing in memory, finds it in Redis.
+    let b = replica(&url).await;
+    assert_eq!(b.get::<Vec<u32>>("matches:7").await, Some(vec![42]));
+}
+
+#[tokio::test]
 async fn redis_killed_under_load_fails_no_request() {
     let mut redis = RedisServer::start();
     let origin = Origin::new();

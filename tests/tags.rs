@@ -243,10 +243,10 @@ async fn a_tag_invalidation_during_an_outage_is_replayed_when_redis_is_back() {
         !a.invalidate_tag("job:8").await,
         "Redis could not take it now"
     );
-    assert_eq!(a.pending_redis_removals(), 1);
+    assert_eq!(a.pending_redis_operations(), 1);
     redis.resume();
     eventually("the replay", WAIT, || async {
-        a.pending_redis_removals() == 0 && a.stats().redis_replays >= 1
+        a.pending_redis_operations() == 0 && a.stats().redis_replays >= 1
     })
     .await;
     let from_b = call(app(&b), get_request(url)).await;

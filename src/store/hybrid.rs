@@ -25,7 +25,9 @@ use crate::resilience::breaker::{CircuitBreaker, CircuitBreakerLayer};
 
 use super::memory::MemoryStore;
 use super::redis::{Invalidation, RedisService, RedisStore};
-use super::{RedisTierService, StoreAnswer, StoreError, StoreRequest, StoreResponse, Tier};
+use super::{
+    RedisTierService, StoreAnswer, StoreError, StoreOp, StoreRequest, StoreResponse, Tier,
+};
 
 /// Most queued writes sent to Redis in one pipeline.
 const WRITE_BATCH: usize = 64;
@@ -53,8 +55,8 @@ struct RedisTier {
     store: Arc<RedisStore>,
     breaker: CircuitBreaker,
     writes: mpsc::Sender<QueuedWrite>,
-    /// Tag invalidations, purges and key deletions Redis could not take: replayed,
-    /// oldest first, once it can.
+    /// Writes, tag invalidations, purges and key deletions Redis could not take:
+    /// replayed, oldest first, once it can.
     pending: Arc<Mutex<VecDeque<StoreRequest>>>,
     /// Operations off the response path (no deadline): the writer's stack.
     admin: RedisStack,
@@ -70,10 +72,23 @@ pub(crate) enum Lease {
     Unavailable,
 }
 
-/// Most removals kept for replay; past it the oldest is dropped (and counted).
+/// Most operations (a write batch counts one) kept for replay; past it the oldest is
+/// dropped (and counted).
 const MAX_PENDING: usize = 1024;
 
-/// Keeps a removal Redis could not take, for the replay task.
+/// Most bytes of entries kept for replay: a long outage under a miss-heavy load must
+/// not hold more than this beyond the memory tier's own capacity.
+const MAX_PENDING_WRITE_BYTES: usize = 16 << 20;
+
+/// The bytes of entries a kept operation holds.
+fn write_weight(request: &StoreRequest) -> usize {
+    match &request.op {
+        StoreOp::Set(entries) => entries.iter().map(|(_, entry, _)| entry.weight()).sum(),
+        _ => 0,
+    }
+}
+
+/// Keeps an operation Redis could not take, for the replay task.
 fn keep_for_replay(
     pending: &Mutex<VecDeque<StoreRequest>>,
     request: StoreRequest,
@@ -82,6 +97,14 @@ fn keep_for_replay(
     let Ok(mut pending) = pending.lock() else {
         return;
     };
+    let weight = write_weight(&request);
+    if weight > 0
+        && pending.iter().map(write_weight).sum::<usize>() + weight > MAX_PENDING_WRITE_BYTES
+    {
+        // Entries written since Redis went away: the first ones are kept, these not.
+        counters.add(Counter::RedisWriteDropped);
+        return;
+    }
     if pending.len() == MAX_PENDING {
         pending.pop_front();
         counters.add(Counter::RedisWriteDropped);
@@ -178,14 +201,14 @@ impl HybridStore {
                     match write {
                         QueuedWrite::Set(key, entry, started) => sets.push((key, entry, started)),
                         QueuedWrite::Release(key, token) => {
-                            send_sets(&writer, std::mem::take(&mut sets), &counters).await;
+                            send_sets(&writer, std::mem::take(&mut sets), &counters, &replay).await;
                             let _ = writer
                                 .clone()
                                 .oneshot(StoreRequest::release(key, token))
                                 .await;
                         }
                         QueuedWrite::Delete(key) => {
-                            send_sets(&writer, std::mem::take(&mut sets), &counters).await;
+                            send_sets(&writer, std::mem::take(&mut sets), &counters, &replay).await;
                             let request = StoreRequest::delete(key);
                             if let Err(e) = writer.clone().oneshot(request.clone()).await {
                                 count_failure(&counters, &e);
@@ -194,7 +217,7 @@ impl HybridStore {
                         }
                     }
                 }
-                send_sets(&writer, sets, &counters).await;
+                send_sets(&writer, sets, &counters, &replay).await;
             }
         });
         self.redis = Some(RedisTier {
@@ -371,8 +394,8 @@ impl HybridStore {
         }
     }
 
-    /// Removals waiting for Redis.
-    pub(crate) fn pending_removals(&self) -> usize {
+    /// Operations waiting for Redis.
+    pub(crate) fn pending_operations(&self) -> usize {
         self.redis
             .as_ref()
             .and_then(|redis| redis.pending.lock().ok().map(|p| p.len()))
@@ -422,8 +445,8 @@ fn spawn_listener(
     });
 }
 
-/// Replays the removals Redis could not take, oldest first, every `every`; ends with
-/// the store.
+/// Replays the operations Redis could not take, oldest first, every `every`; ends
+/// with the store.
 fn spawn_replay(
     pending: Weak<Mutex<VecDeque<StoreRequest>>>,
     admin: RedisStack,
@@ -458,12 +481,14 @@ async fn send_sets(
     writer: &RedisStack,
     sets: Vec<(CacheKey, Entry, std::time::SystemTime)>,
     counters: &Counters,
+    replay: &Mutex<VecDeque<StoreRequest>>,
 ) {
     let count = sets.len();
     if count == 0 {
         return;
     }
-    match writer.clone().oneshot(StoreRequest::set(sets)).await {
+    let request = StoreRequest::set(sets);
+    match writer.clone().oneshot(request.clone()).await {
         Ok(response) => match response.answer {
             StoreAnswer::Written { written, failed } => {
                 counters.add_n(Counter::RedisWrite, written);
@@ -475,6 +500,12 @@ async fn send_sets(
             count_failure(counters, &e);
             counters.add_n(Counter::RedisError, count.saturating_sub(1));
             tracing::debug!(target: TARGET, entries = count, error = %e, outcome = "redis-write-failed");
+            // Redis is away (not refusing): the batch waits for it, in order with the
+            // removals (marks drop what an invalidation has since superseded, and
+            // entries that expire meanwhile are not sent).
+            if counts_against_redis(&e) {
+                keep_for_replay(replay, request, counters);
+            }
         }
     }
 }
