@@ -575,7 +575,7 @@ impl HybridCache {
         }
         let names: Vec<HeaderName> = response.vary.iter().map(|(name, _)| name.clone()).collect();
         let mut stale_until = response.stale_until;
-        let mut generation = new_generation();
+        let mut generation = random_u64();
         // Keep the index (and the variants under it) alive as long as the
         // longest-lived variant. With no index (never stored, or invalidated), the
         // new generation leaves every earlier variant unreachable.
@@ -611,11 +611,6 @@ impl HybridCache {
 
 /// The variant key from stored request values (as the lookup computes it from the
 /// request's headers).
-/// A generation for a new Vary index.
-fn new_generation() -> u64 {
-    random_u64()
-}
-
 /// A number unlikely to repeat within a process or across replicas (`RandomState` is
 /// seeded from the OS per process); for generations and lease tokens.
 pub(crate) fn random_u64() -> u64 {
@@ -679,19 +674,22 @@ impl Invalidations {
         self.seq.load(std::sync::atomic::Ordering::SeqCst)
     }
 
+    /// The next sequence number, for an invalidation happening now.
+    fn next(&self) -> u64 {
+        self.seq.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1
+    }
+
     async fn mark(&self, key: CacheKey) {
-        let seq = self.seq.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
-        self.marks.insert(key, seq).await;
+        self.marks.insert(key, self.next()).await;
     }
 
     async fn mark_tag(&self, tag: &str) {
-        let seq = self.seq.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
-        self.tags.insert(tag.to_owned(), seq).await;
+        self.tags.insert(tag.to_owned(), self.next()).await;
     }
 
     fn mark_all(&self) {
-        let seq = self.seq.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
-        self.purged.store(seq, std::sync::atomic::Ordering::SeqCst);
+        self.purged
+            .store(self.next(), std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Whether `key`, or one of `tags`, or everything, was invalidated after `since`.

@@ -208,9 +208,7 @@ async fn every_vary_variant_is_invalidated_and_stays_so() {
 async fn a_fill_in_flight_cannot_resurrect_an_invalidated_entry() {
     let cache = memory_cache().await;
     let origin = Origin::new();
-    let app = Router::new()
-        .fallback_service(origin.router())
-        .layer(cache.layer().ttl(Duration::from_secs(300)));
+    let app = origin.behind(&cache);
     let url = "http://api.test/slow?gate=1";
     let fill = tokio::spawn(call(app.clone(), get_request(url)));
     eventually("the origin call", WAIT, || async {
@@ -272,11 +270,7 @@ async fn invalidate_reaches_redis_and_beats_a_fill_in_flight() {
     let redis = RedisServer::start();
     let (a, b) = (replica(&redis.url()).await, replica(&redis.url()).await);
     let origin = Origin::new();
-    let app = |cache: &HybridCache| {
-        Router::new()
-            .fallback_service(origin.router())
-            .layer(cache.layer().ttl(Duration::from_secs(300)))
-    };
+    let app = |cache: &HybridCache| origin.behind(cache);
     let url = "http://api.test/report?gate=1";
     let fill = tokio::spawn(call(app(&a), get_request(url)));
     eventually("the origin call", WAIT, || async {
@@ -298,11 +292,7 @@ async fn a_fill_on_another_replica_cannot_resurrect_an_invalidated_entry() {
     let redis = RedisServer::start();
     let (a, b) = (replica(&redis.url()).await, replica(&redis.url()).await);
     let origin = Origin::new();
-    let app = |cache: &HybridCache| {
-        Router::new()
-            .fallback_service(origin.router())
-            .layer(cache.layer().ttl(Duration::from_secs(300)))
-    };
+    let app = |cache: &HybridCache| origin.behind(cache);
     for (url, by_tag) in [
         ("http://api.test/feed?gate=1", false),
         ("http://api.test/tagged?gate=1&h=cache-tag:feed", true),
@@ -364,11 +354,7 @@ async fn near_caches_forget_what_another_replica_invalidated() {
     })
     .await;
     let origin = Origin::new();
-    let app = |cache: &HybridCache| {
-        Router::new()
-            .fallback_service(origin.router())
-            .layer(cache.layer().ttl(Duration::from_secs(300)))
-    };
+    let app = |cache: &HybridCache| origin.behind(cache);
     let (app_a, app_b) = (app(&a), app(&b));
     for (url, by_tag) in [
         ("http://api.test/near/1", false),

@@ -180,14 +180,14 @@ async fn stale_if_error_serves_the_stale_entry_when_the_origin_fails() {
 }
 
 #[tokio::test]
-async fn without_a_window_the_origin_error_goes_through() {
+async fn without_a_window_a_stale_entry_is_refetched_not_served() {
     let (origin, cache) = (Origin::new(), new_cache().await);
     let app = origin.router().layer(cache.layer());
     let url = "http://api.test/plain?h=cache-control:max-age%3D1";
     call(app.clone(), get(url)).await;
     eventually("stored", WAIT, || async { cache.stats().stores == 1 }).await;
-    // Another URL's status cannot be switched; use the route setting's absence: a
-    // stale entry without stale-if-error is refetched, never served on its own.
+    // Neither the response nor the route grants a stale window: once stale, the
+    // entry is refetched, never served.
     let stale = until_stale(&app, url).await;
     assert!(!stale.is_hit(), "{}", stale.cache_status());
     assert_eq!(origin.log.calls(), 2);

@@ -33,9 +33,7 @@ async fn stored(app: &Router, url: &str) {
 #[tokio::test]
 async fn tags_from_the_header_are_stored_hidden_and_invalidated_exactly() {
     let (origin, cache) = (Origin::new(), memory_cache().await);
-    let app = origin
-        .router()
-        .layer(cache.layer().ttl(Duration::from_secs(300)));
+    let app = origin.behind(&cache);
     let tagged = "http://api.test/jobs/42?h=cache-tag:job:42%20company:7";
     let other = "http://api.test/jobs/43?h=cache-tag:job:43,company:70";
     let first = call(app.clone(), get_request(tagged)).await;
@@ -125,9 +123,7 @@ async fn handler_overrides_set_ttl_and_tags_and_never_leave_the_layer() {
 #[tokio::test]
 async fn purge_all_forgets_everything() {
     let (origin, cache) = (Origin::new(), memory_cache().await);
-    let app = origin
-        .router()
-        .layer(cache.layer().ttl(Duration::from_secs(300)));
+    let app = origin.behind(&cache);
     let urls = ["http://api.test/a", "http://api.test/b?h=cache-tag:x"];
     for url in urls {
         call(app.clone(), get_request(url)).await;
@@ -192,11 +188,7 @@ async fn tag_invalidation_and_purge_reach_every_replica_through_redis() {
     let redis = RedisServer::start();
     let (a, b) = (replica(&redis.url()).await, replica(&redis.url()).await);
     let origin = Origin::new();
-    let app = |cache: &HybridCache| {
-        origin
-            .router()
-            .layer(cache.layer().ttl(Duration::from_secs(300)))
-    };
+    let app = |cache: &HybridCache| origin.behind(cache);
     let (app_a, app_b) = (app(&a), app(&b));
     let tagged = "http://api.test/jobs/5?h=cache-tag:company:5";
     let plain = "http://api.test/jobs/6";
@@ -228,11 +220,7 @@ async fn a_tag_invalidation_during_an_outage_is_replayed_when_redis_is_back() {
     let redis = RedisServer::start();
     let (a, b) = (replica(&redis.url()).await, replica(&redis.url()).await);
     let origin = Origin::new();
-    let app = |cache: &HybridCache| {
-        origin
-            .router()
-            .layer(cache.layer().ttl(Duration::from_secs(300)))
-    };
+    let app = |cache: &HybridCache| origin.behind(cache);
     let url = "http://api.test/jobs/8?h=cache-tag:job:8";
     call(app(&a), get_request(url)).await;
     eventually("in Redis", WAIT, || async { a.stats().redis_writes >= 1 }).await;
@@ -256,9 +244,7 @@ async fn a_tag_invalidation_during_an_outage_is_replayed_when_redis_is_back() {
 #[tokio::test]
 async fn the_tag_header_never_reaches_the_client_whatever_the_request() {
     let (origin, cache) = (Origin::new(), memory_cache().await);
-    let app = origin
-        .router()
-        .layer(cache.layer().ttl(Duration::from_secs(300)));
+    let app = origin.behind(&cache);
     let url = "http://api.test/x?h=cache-tag:secret";
     for (method, range) in [
         ("POST", false),

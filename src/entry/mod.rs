@@ -249,6 +249,16 @@ impl CachedResponseBuilder {
         self
     }
 
+    /// Every time of a store plan: stored, initial age, fresh, stale windows, kept.
+    pub(crate) fn times(self, plan: &crate::policy::storable::StorePlan) -> Self {
+        self.stored_at(plan.stored_at)
+            .initial_age(plan.initial_age)
+            .fresh_until(plan.fresh_until)
+            .stale_while_revalidate_until(plan.swr_until)
+            .stale_if_error_until(plan.sie_until)
+            .stale_until(plan.stale_until)
+    }
+
     /// The `Vary` names and the storing request's values.
     pub fn vary(mut self, vary: Vec<(HeaderName, Option<Bytes>)>) -> Self {
         self.0.vary = vary;

@@ -16,7 +16,7 @@ use tower::Service;
 use super::body::{CacheBody, Capture};
 use super::future::ResponseFuture;
 use super::overrides::{is_valid_tag, CacheOverrides, MAX_TAGS};
-use crate::cache::{wait_for_leader, Flight, Lookup, MissKind};
+use crate::cache::{wait_for_leader, Flight, FlightGuard, Lookup, MissKind};
 use crate::entry::CachedResponse;
 use crate::key::normalised_value;
 use crate::policy::cache_control::CacheControl;
@@ -97,14 +97,6 @@ impl<S> HybridCacheService<S> {
 }
 
 impl<S> HybridCacheService<S> {
-    /// The tag header, when the client must not see it.
-    fn tag_header_to_strip(&self) -> Option<HeaderName> {
-        self.settings
-            .tag_header
-            .clone()
-            .filter(|_| !self.settings.keep_tag_header)
-    }
-
     /// Counts a request the cache does not answer; its `Cache-Status`, if on.
     fn bypass(&self) -> Option<HeaderValue> {
         self.cache.count(Counter::Bypass);
@@ -149,7 +141,7 @@ where
             || request.headers().contains_key(RANGE)
         {
             let status = self.bypass();
-            let strip = self.tag_header_to_strip();
+            let strip = self.settings.hidden_tag_header().cloned();
             return ResponseFuture::bypass(self.inner.call(request), status, strip);
         }
         let request_cc = CacheControl::from_headers(request.headers());
@@ -293,10 +285,8 @@ where
 {
     let response = future.await?;
     let (mut parts, body) = response.into_parts();
-    if !target.settings.keep_tag_header {
-        if let Some(name) = &target.settings.tag_header {
-            parts.headers.remove(name);
-        }
+    if let Some(name) = target.settings.hidden_tag_header() {
+        parts.headers.remove(name);
     }
     if parts.status.is_success() || parts.status.is_redirection() {
         let mut keys = vec![target.key];
@@ -389,10 +379,7 @@ where
         Flight::Leader(mut guard) => {
             if let Some(ttl) = cache.inner.fill_lease {
                 match cache.inner.store.try_lease(&primary, ttl).await {
-                    Lease::Taken(token) => {
-                        let store = cache.inner.store.clone();
-                        guard.on_release(move || store.release_lease(primary, token));
-                    }
+                    Lease::Taken(token) => hold_lease(&mut guard, &cache, primary, token),
                     Lease::Held => {
                         // Another replica is fetching: wait for its entry in Redis.
                         let limit = ttl.min(cache.inner.single_flight_timeout);
@@ -403,8 +390,7 @@ where
                                 return Ok(response);
                             }
                             Waited::Leased(token) => {
-                                let store = cache.inner.store.clone();
-                                guard.on_release(move || store.release_lease(primary, token));
+                                hold_lease(&mut guard, &cache, primary, token);
                             }
                             Waited::GaveUp => {
                                 tracing::debug!(target: TARGET, key = %primary, outcome = "lease-wait-expired");
@@ -430,6 +416,12 @@ where
     };
     // Boxed so that the future of a request that waited on a lookup stays small.
     Box::pin(forward(inner, &ask, request, miss, guard, stale)).await
+}
+
+/// Gives the fill lease back when the flight ends.
+fn hold_lease(guard: &mut FlightGuard, cache: &HybridCache, key: CacheKey, token: u64) {
+    let store = cache.inner.store.clone();
+    guard.on_release(move || store.release_lease(key, token));
 }
 
 /// How waiting for another replica's fill ended (short-lived, on the stack once).
@@ -630,7 +622,7 @@ impl<'a> Ask<'a> {
         tracing::debug!(target: TARGET, key = %self.primary, outcome = "hit", detail = tier.as_str(), not_modified);
         Answer::Hit(hit_response(
             &entry,
-            tier,
+            HitStatus::Fresh(tier),
             Served {
                 head: request.head,
                 not_modified,
@@ -662,9 +654,17 @@ const NOT_MODIFIED_FIELDS: [HeaderName; 6] = [
     http::header::VARY,
 ];
 
+/// What a response from the cache says in `Cache-Status`.
+enum HitStatus<'a> {
+    /// A fresh hit from this tier: `hit; ttl=…; detail=…`.
+    Fresh(Tier),
+    /// Anything else, given whole after the cache's name.
+    Said(&'a str),
+}
+
 fn hit_response<B>(
     entry: &CachedResponse,
-    tier: Tier,
+    status: HitStatus<'_>,
     served: Served,
     now: SystemTime,
     settings: &RouteSettings,
@@ -694,17 +694,23 @@ fn hit_response<B>(
         headers.insert(AGE, HeaderValue::from(entry.age(now).as_secs()));
     }
     if settings.cache_status_header {
-        // Written by hand, in one allocation: this runs on every hit.
-        let name = cache.inner.cache_status_name.as_bytes();
-        let ttl = entry.time_to_live(now).as_secs().to_string();
-        let detail = tier.as_str().as_bytes();
-        let mut value = Vec::with_capacity(name.len() + ttl.len() + detail.len() + 24);
-        value.extend_from_slice(name);
-        value.extend_from_slice(b"; hit; ttl=");
-        value.extend_from_slice(ttl.as_bytes());
-        value.extend_from_slice(b"; detail=");
-        value.extend_from_slice(detail);
-        if let Ok(value) = HeaderValue::from_maybe_shared(Bytes::from(value)) {
+        let value = match status {
+            HitStatus::Fresh(tier) => {
+                // Written by hand, in one allocation: this runs on every hit.
+                let name = cache.inner.cache_status_name.as_bytes();
+                let ttl = entry.time_to_live(now).as_secs().to_string();
+                let detail = tier.as_str().as_bytes();
+                let mut value = Vec::with_capacity(name.len() + ttl.len() + detail.len() + 24);
+                value.extend_from_slice(name);
+                value.extend_from_slice(b"; hit; ttl=");
+                value.extend_from_slice(ttl.as_bytes());
+                value.extend_from_slice(b"; detail=");
+                value.extend_from_slice(detail);
+                HeaderValue::from_maybe_shared(Bytes::from(value)).ok()
+            }
+            HitStatus::Said(params) => status_value(cache, params),
+        };
+        if let Some(value) = value {
             headers.append(CACHE_STATUS, value);
         }
     }
@@ -725,19 +731,19 @@ fn stale_response<B>(
         not_modified: false,
         version,
     };
-    let mut response = hit_response(entry, Tier::Memory, served, now, settings, cache);
-    if settings.cache_status_header {
-        let stale_for = now
-            .duration_since(entry.fresh_until)
-            .unwrap_or_default()
-            .as_secs();
-        let headers = response.headers_mut();
-        headers.remove(CACHE_STATUS);
-        if let Some(value) = status_value(cache, &format!("hit; ttl=-{stale_for}; {why}")) {
-            headers.append(CACHE_STATUS, value);
-        }
-    }
-    response
+    let stale_for = now
+        .duration_since(entry.fresh_until)
+        .unwrap_or_default()
+        .as_secs();
+    let status = format!("hit; ttl=-{stale_for}; {why}");
+    hit_response(
+        entry,
+        HitStatus::Said(&status),
+        served,
+        now,
+        settings,
+        cache,
+    )
 }
 
 /// Statuses that let a stale entry be served instead (RFC 5861 §4: an error).
@@ -779,12 +785,7 @@ fn refreshed_by_304(
     Some(
         CachedResponse::builder(stale.status, headers, stale.body.clone())
             .version(stale.version)
-            .stored_at(plan.stored_at)
-            .initial_age(plan.initial_age)
-            .fresh_until(plan.fresh_until)
-            .stale_while_revalidate_until(plan.swr_until)
-            .stale_if_error_until(plan.sie_until)
-            .stale_until(plan.stale_until)
+            .times(&plan)
             .vary(stale.vary.clone())
             .tags(stale.tags.clone())
             .build(),
@@ -800,7 +801,7 @@ async fn forward<S, ReqBody, ResBody>(
     ask: &Ask<'_>,
     mut request: Request<ReqBody>,
     miss: MissKind,
-    guard: Option<crate::cache::FlightGuard>,
+    guard: Option<FlightGuard>,
     stale: Option<Arc<CachedResponse>>,
 ) -> Result<Response<CacheBody<ResBody>>, S::Error>
 where
@@ -922,12 +923,7 @@ where
                 Bytes::new(),
             )
             .version(parts.version)
-            .stored_at(plan.stored_at)
-            .initial_age(plan.initial_age)
-            .fresh_until(plan.fresh_until)
-            .stale_while_revalidate_until(plan.swr_until)
-            .stale_if_error_until(plan.sie_until)
-            .stale_until(plan.stale_until)
+            .times(&plan)
             .vary(vary)
             .tags(tags)
             .build();
@@ -978,7 +974,7 @@ fn response_tags(headers: &mut HeaderMap, settings: &RouteSettings) -> Vec<Strin
             }
         }
     }
-    if !settings.keep_tag_header {
+    if let Some(name) = settings.hidden_tag_header() {
         headers.remove(name);
     }
     tags
@@ -1051,7 +1047,7 @@ fn revalidated<B>(
     not_modified: &HeaderMap,
     (facts, response_time, since): (RequestFacts, SystemTime, u64),
     served_as: (bool, Version),
-    guard: Option<crate::cache::FlightGuard>,
+    guard: Option<FlightGuard>,
 ) -> Response<CacheBody<B>> {
     let cache = ask.cache;
     let refreshed = refreshed_by_304(stale, not_modified, facts, ask.settings, response_time);
@@ -1064,21 +1060,15 @@ fn revalidated<B>(
         not_modified: false,
         version: served_as.1,
     };
-    let mut response = hit_response(
+    let status = format!("fwd=stale; fwd-status=304; {note}");
+    let response = hit_response(
         &entry,
-        Tier::Memory,
+        HitStatus::Said(&status),
         served,
         response_time,
         ask.settings,
         cache,
     );
-    if ask.settings.cache_status_header {
-        let headers = response.headers_mut();
-        headers.remove(CACHE_STATUS);
-        if let Some(value) = status_value(cache, &format!("fwd=stale; fwd-status=304; {note}")) {
-            headers.append(CACHE_STATUS, value);
-        }
-    }
     if note == "stored" {
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             let (cache, key) = (cache.clone(), *ask.primary);

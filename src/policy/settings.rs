@@ -112,6 +112,13 @@ pub(crate) struct RouteSettings {
     pub(crate) keep_tag_header: bool,
 }
 
+impl RouteSettings {
+    /// The tag header, when the client must not see it.
+    pub(crate) fn hidden_tag_header(&self) -> Option<&HeaderName> {
+        self.tag_header.as_ref().filter(|_| !self.keep_tag_header)
+    }
+}
+
 /// The default tag header.
 pub const DEFAULT_TAG_HEADER: &str = "cache-tag";
 

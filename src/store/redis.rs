@@ -26,6 +26,12 @@ use crate::resilience::breaker::CircuitBreaker;
 use crate::telemetry::TARGET;
 use crate::CacheKey;
 
+/// A tag as it appears in keys: hashed, so that no tag can reach a key's syntax (or a
+/// Redis Cluster hash tag).
+fn tag_digest(tag: &str) -> blake3::Hash {
+    blake3::hash(tag.as_bytes())
+}
+
 /// The pub/sub channel of a namespace's invalidations.
 fn invalidation_channel(namespace: &str) -> String {
     format!("{namespace}:invalidations")
@@ -546,11 +552,7 @@ impl RedisStore {
     }
 
     fn gone_tag_key(&self, tag: &str) -> String {
-        format!(
-            "{}:gonetag:{}",
-            self.namespace,
-            blake3::hash(tag.as_bytes()).to_hex()
-        )
+        format!("{}:gonetag:{}", self.namespace, tag_digest(tag))
     }
 
     fn purged_key(&self) -> String {
@@ -567,15 +569,9 @@ impl RedisStore {
             .map_err(StoreError::command)
     }
 
-    /// The key of a tag's index: the tag hashed, so that no tag can reach the key's
-    /// syntax (or a Redis Cluster hash tag).
+    /// The key of a tag's index.
     fn tag_key(&self, tag: &str) -> String {
-        let digest = blake3::hash(tag.as_bytes());
-        let mut key = String::with_capacity(self.namespace.len() + 80);
-        key.push_str(&self.namespace);
-        key.push_str(":tag:");
-        key.push_str(&digest.to_hex());
-        key
+        format!("{}:tag:{}", self.namespace, tag_digest(tag))
     }
 
     /// Removes every key in the tag's index, then the index. Returns how many keys
