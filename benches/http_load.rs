@@ -21,7 +21,9 @@
 //! - memory: resident size before and after a load of unique URLs that stores far
 //!   more than the configured capacity.
 //!
-//! The Redis pairs start their own `redis-server` (it must be on PATH).
+//! The Redis pairs start their own `redis-server` (it must be on PATH);
+//! `BENCH_REDIS_STATS=1` prints its `INFO commandstats` after the rounds. `--side 0|1`
+//! loads one side of each pair only and prints its own figures (for profiling).
 //!
 //! Each scenario runs `rounds` times, interleaved, and the table shows the median
 //! requests/s and each ratio against its baseline in the same round.
@@ -457,10 +459,17 @@ async fn run(args: Args) {
                 );
             }
             let [Some(base), Some(layered)] = runs else {
-                continue; // one side only (--side)
+                // One side only (--side): its own figures.
+                for run in runs.iter().flatten() {
+                    line.push_str(&format!(
+                        " {} {:.0} req/s at {:.1} CPU µs/req;",
+                        pair.label, run.rps, run.cpu_us
+                    ));
+                }
+                continue;
             };
             line.push_str(&format!(
-                " {} {:.0}/{:.0}",
+                " {} {:.0}/{:.0} req/s",
                 pair.label, base.rps, layered.rps
             ));
             result.rps_ratio.push(layered.rps / base.rps);
@@ -468,7 +477,13 @@ async fn run(args: Args) {
             result.cpu_ratio.push(base.cpu_us / layered.cpu_us);
             result.runs.push([base, layered]);
         }
-        eprintln!("{line} req/s");
+        eprintln!("{line}");
+    }
+    // Which commands the Redis pairs sent, and how many (`BENCH_REDIS_STATS=1`).
+    if std::env::var_os("BENCH_REDIS_STATS").is_some() {
+        if let Some(redis) = &_redis {
+            println!("{}", redis.cli(&["info", "commandstats"]));
+        }
     }
     if args.side.is_some() {
         println!("one side only (--side): no table");

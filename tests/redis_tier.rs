@@ -278,6 +278,71 @@ async fn each_lookup_costs_redis_one_get() {
 }
 
 #[tokio::test]
+async fn each_write_is_one_script_call_even_after_redis_forgets_the_script() {
+    let redis = RedisServer::start();
+    let origin = Origin::new();
+    let (one, two) = (replica(&redis.url()).await, replica(&redis.url()).await);
+    let app_one = app(&origin, &one);
+    for i in 0..3 {
+        call(
+            app_one.clone(),
+            get(&format!("http://api.test/scripted/{i}")),
+        )
+        .await;
+    }
+    eventually("the writes", WAIT, || async {
+        one.stats().redis_writes == 3
+    })
+    .await;
+    // The marks' check and the write are one call per entry, loaded once.
+    assert_eq!(redis.command_stat("evalsha", "calls"), 3);
+    assert_eq!(redis.command_stat("script|load", "calls"), 1);
+
+    // A restarted or flushed Redis has no scripts: loaded again, nothing lost.
+    assert_eq!(redis.cli(&["SCRIPT", "FLUSH"]), "OK");
+    call(app_one, get("http://api.test/scripted/after-flush")).await;
+    eventually("the write after the flush", WAIT, || async {
+        one.stats().redis_writes == 4
+    })
+    .await;
+    assert_eq!(redis.command_stat("script|load", "calls"), 2);
+    assert_eq!(one.stats().redis_errors, 0);
+    let hit = call(
+        app(&origin, &two),
+        get("http://api.test/scripted/after-flush"),
+    )
+    .await;
+    assert!(
+        hit.cache_status().ends_with("detail=redis"),
+        "{}",
+        hit.cache_status()
+    );
+}
+
+#[tokio::test]
+async fn invalidation_marks_holding_garbage_supersede_nothing() {
+    let redis = RedisServer::start();
+    let origin = Origin::new();
+    let cache = replica(&redis.url()).await;
+    let app = app(&origin, &cache);
+    // The purge mark every write reads: another type, then not a number.
+    assert_eq!(redis.cli(&["RPUSH", "jobs:purged", "junk"]), "1");
+    call(app.clone(), get("http://api.test/marks/1")).await;
+    eventually("a write past a mark of another type", WAIT, || async {
+        cache.stats().redis_writes == 1
+    })
+    .await;
+    assert_eq!(redis.cli(&["SET", "jobs:purged", "yesterday"]), "OK");
+    call(app, get("http://api.test/marks/2")).await;
+    eventually("a write past a mark that is not a time", WAIT, || async {
+        cache.stats().redis_writes == 2
+    })
+    .await;
+    let keys = redis.cli(&["--scan", "--pattern", "jobs:v1:*"]);
+    assert_eq!(keys.lines().count(), 2, "{keys}");
+}
+
+#[tokio::test]
 async fn password_and_acl_user_limited_to_the_namespace() {
     let redis = RedisServer::start_with(&["--requirepass", "s3cret"]);
     assert_eq!(

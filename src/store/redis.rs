@@ -12,6 +12,7 @@ use fred::types::{Expiration, ExpireOptions};
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -68,6 +69,149 @@ impl Invalidation {
 /// How long invalidation marks live: a fill whose origin call started before an
 /// invalidation and that is written later than this is not caught.
 const MARK_TTL: Duration = Duration::from_secs(300);
+
+/// Writes one entry if no invalidation supersedes it, and indexes it under its tags,
+/// in one step (a script runs alone on the server).
+///
+/// KEYS: the entry, the purge mark, the key's mark, then n tag marks and n tag
+/// indexes. ARGV: the value, its time to live (ms), when its origin call started
+/// (ms since the epoch), n. Returns 1 when written, 0 when superseded. A mark that
+/// is not a number (MGET reads another type as nil) supersedes nothing, as in the
+/// two-step way; a tag index of another type is left alone.
+const WRITE_SCRIPT: &str = r#"
+local started = tonumber(ARGV[3])
+local n = tonumber(ARGV[4])
+local marks = redis.call('MGET', unpack(KEYS, 2, 3 + n))
+for i = 1, #marks do
+  local at = tonumber(marks[i])
+  if at and at >= started then return 0 end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+for i = 4 + n, 3 + 2 * n do
+  redis.pcall('SADD', KEYS[i], KEYS[1])
+  redis.pcall('PEXPIRE', KEYS[i], ARGV[2], 'NX')
+  redis.pcall('PEXPIRE', KEYS[i], ARGV[2], 'GT')
+end
+return 1
+"#;
+
+/// The write script's standing with this store's Redis.
+#[derive(Default)]
+struct WriteScript {
+    /// Its SHA1, from the first `SCRIPT LOAD` (the text never changes, nor does it).
+    sha: std::sync::OnceLock<String>,
+    /// Whether Redis is believed to hold it (cleared on `NOSCRIPT`).
+    loaded: AtomicBool,
+    /// Set once Redis refused scripts: writes take two round trips from then on.
+    refused: AtomicBool,
+}
+
+impl WriteScript {
+    fn usable(&self) -> bool {
+        !self.refused.load(Ordering::Relaxed)
+    }
+
+    /// The script's SHA1, loading it when Redis may not hold it; `None` when Redis
+    /// refuses scripts.
+    async fn sha(&self, client: &Client) -> Result<Option<String>, StoreError> {
+        if !self.usable() {
+            return Ok(None);
+        }
+        if let (true, Some(sha)) = (self.loaded.load(Ordering::Acquire), self.sha.get()) {
+            return Ok(Some(sha.clone()));
+        }
+        match client.script_load::<String, _>(WRITE_SCRIPT).await {
+            Ok(sha) => {
+                let sha = self.sha.get_or_init(|| sha).clone();
+                self.loaded.store(true, Ordering::Release);
+                Ok(Some(sha))
+            }
+            Err(e) if is_refused_script(&e) => {
+                self.refuse(&e);
+                Ok(None)
+            }
+            Err(e) => Err(StoreError::command(e)),
+        }
+    }
+
+    fn forget(&self) {
+        self.loaded.store(false, Ordering::Release);
+    }
+
+    fn refuse(&self, error: &fred::error::Error) {
+        if !self.refused.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                target: TARGET,
+                error = %error,
+                "redis refuses scripts: each write batch now takes two round trips (allow EVALSHA and SCRIPT LOAD, then restart)"
+            );
+        }
+    }
+}
+
+/// `EVALSHA`, routed by its first key (only used on one Redis, not a cluster).
+fn evalsha() -> fred::types::CustomCommand {
+    fred::types::CustomCommand::new_static("EVALSHA", fred::types::ClusterHash::Offset(2), false)
+}
+
+/// Redis does not hold the script (restarted, flushed).
+fn is_no_script(error: &fred::error::Error) -> bool {
+    error.details().starts_with("NOSCRIPT")
+}
+
+/// Redis will not run scripts for us: an ACL without them, or scripting disabled.
+fn is_refused_script(error: &fred::error::Error) -> bool {
+    let details = error.details();
+    details.starts_with("NOPERM") || details.starts_with("ERR unknown command")
+}
+
+/// An entry ready to send.
+struct Outgoing<'a> {
+    key: &'a CacheKey,
+    entry: &'a Entry,
+    /// When its origin call started, in ms since the epoch (the marks' unit).
+    started: i64,
+    storage_key: String,
+    value: Bytes,
+    /// Its time to live in Redis.
+    millis: i64,
+}
+
+/// What became of a batch's entries.
+#[derive(Default)]
+struct WriteTally {
+    written: usize,
+    refused: usize,
+    /// The first error reply, returned when nothing was written.
+    first_refusal: Option<StoreError>,
+}
+
+impl WriteTally {
+    fn superseded(&mut self, key: &CacheKey) {
+        tracing::debug!(target: TARGET, key = %key, outcome = "not-stored", detail = "invalidated");
+    }
+
+    /// Counts an entry refused by an error reply (`OOM`); a lost connection or a
+    /// timeout fails the batch instead, for the retry to see.
+    fn failed(&mut self, error: StoreError) -> Result<(), StoreError> {
+        if error.is_transient() {
+            return Err(error);
+        }
+        tracing::debug!(target: TARGET, error = %error, outcome = "redis-write-refused");
+        self.refused += 1;
+        self.first_refusal.get_or_insert(error);
+        Ok(())
+    }
+
+    /// Written and refused counts; a batch refused whole is an error reply, for a
+    /// breaker configured to count those.
+    fn result(self) -> Result<(usize, usize), StoreError> {
+        match self.first_refusal {
+            Some(error) if self.written == 0 => Err(error),
+            _ => Ok((self.written, self.refused)),
+        }
+    }
+}
 
 /// How to reach Redis, and how hard to try.
 ///
@@ -257,6 +401,7 @@ pub(crate) struct RedisStore {
     namespace: String,
     options: Options,
     max_value_bytes: usize,
+    write_script: WriteScript,
 }
 
 impl RedisStore {
@@ -370,6 +515,7 @@ impl RedisStore {
                 ..Options::default()
             },
             max_value_bytes: config.max_value_bytes,
+            write_script: WriteScript::default(),
         })
     }
 
@@ -417,98 +563,178 @@ impl RedisStore {
         }))
     }
 
-    /// Stores entries in one pipeline, each with `PX` set to the time it can still be
-    /// served, so Redis expires it by itself. An entry already past that, or too
-    /// large, is not sent. Returns how many were written and how many were refused
-    /// by an error reply (`OOM`); a lost connection, a timeout, or a batch refused
-    /// whole is an error, for the breaker and the retry to see.
+    /// Stores entries, each with `PX` set to the time it can still be served, so Redis
+    /// expires it by itself; an entry already past that, or too large, is not sent. An
+    /// entry an invalidation (of its key, one of its tags, or a purge) made on any
+    /// replica after its origin call started supersedes is not written. Returns how
+    /// many were written and how many were refused by an error reply (`OOM`); a lost
+    /// connection, a timeout, or a batch refused whole is an error, for the breaker
+    /// and the retry to see.
+    ///
+    /// On one Redis, each entry is one script call that checks the marks and writes in
+    /// one step: one round trip for the batch, and no invalidation can land between
+    /// the check and the write. In a cluster (whose scripts cannot reach keys in other
+    /// slots), or where scripts are refused (an ACL without `EVALSHA`), the marks are
+    /// read in one round trip and the writes sent in another.
     pub(crate) async fn set_many(
         &self,
         entries: &[(CacheKey, Entry, SystemTime)],
     ) -> Result<(usize, usize), StoreError> {
         let client = self.healthy()?;
-        let superseded = self.superseded(client, entries).await?;
-        // The pipeline goes to one connection, flushed once: one round trip and one
-        // wake-up for the whole batch. Its commands carry the pool's default timeout.
-        let pipeline = client.pipeline();
+        let outgoing = self.outgoing(entries);
+        if outgoing.is_empty() {
+            return Ok((0, 0));
+        }
+        if !client.is_clustered() && self.write_script.usable() {
+            if let Some(tally) = self.write_scripted(client, &outgoing).await? {
+                return tally.result();
+            }
+        }
+        self.write_checked(client, &outgoing).await?.result()
+    }
+
+    /// The entries worth sending, encoded, with their time to live.
+    fn outgoing<'a>(&self, entries: &'a [(CacheKey, Entry, SystemTime)]) -> Vec<Outgoing<'a>> {
         let now = SystemTime::now();
-        let mut queued = 0;
+        entries
+            .iter()
+            .filter_map(|(key, entry, started)| {
+                let ttl = entry
+                    .stale_until()
+                    .duration_since(now)
+                    .ok()
+                    .filter(|d| d.as_millis() > 0)?;
+                let value = encode_entry(entry);
+                if value.len() > self.max_value_bytes {
+                    return None;
+                }
+                Some(Outgoing {
+                    key,
+                    entry,
+                    started: i64::try_from(millis_since_epoch(*started)).unwrap_or(i64::MAX),
+                    storage_key: self.key(key),
+                    value,
+                    millis: i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX),
+                })
+            })
+            .collect()
+    }
+
+    /// Writes through the write script, loading it first if Redis does not have it
+    /// (first use, or Redis restarted). `None`: Redis refuses scripts (the caller
+    /// writes the other way).
+    async fn write_scripted(
+        &self,
+        client: &Client,
+        outgoing: &[Outgoing<'_>],
+    ) -> Result<Option<WriteTally>, StoreError> {
+        for _ in 0..2 {
+            let Some(sha) = self.write_script.sha(client).await? else {
+                return Ok(None);
+            };
+            // One connection, flushed once: one round trip and one wake-up.
+            let pipeline = client.pipeline();
+            for out in outgoing {
+                let tags = out.entry.tags();
+                let count = |n: usize| Value::Integer(i64::try_from(n).unwrap_or(i64::MAX));
+                // EVALSHA sha numkeys KEYS... ARGV... (fred's pipelines have no
+                // EVALSHA of their own).
+                let mut args: Vec<Value> = Vec::with_capacity(9 + 2 * tags.len());
+                args.push(Value::from(sha.as_str()));
+                args.push(count(3 + 2 * tags.len()));
+                args.push(Value::from(out.storage_key.as_str()));
+                args.push(Value::from(self.purged_key()));
+                args.push(Value::from(self.gone_key(out.key)));
+                args.extend(tags.iter().map(|tag| Value::from(self.gone_tag_key(tag))));
+                args.extend(tags.iter().map(|tag| Value::from(self.tag_key(tag))));
+                args.push(Value::Bytes(out.value.clone()));
+                args.push(Value::Integer(out.millis));
+                args.push(Value::Integer(out.started));
+                args.push(count(tags.len()));
+                let _: Result<(), _> = pipeline.custom(evalsha(), args).await;
+            }
+            let results = pipeline.try_all::<Option<i64>>().await;
+            if results.iter().any(|r| r.as_ref().is_err_and(is_no_script)) {
+                // Redis lost its scripts (restart, SCRIPT FLUSH): load and send again;
+                // every step is idempotent.
+                self.write_script.forget();
+                continue;
+            }
+            if let Some(refusal) = results.iter().find_map(|r| r.as_ref().err()) {
+                if is_refused_script(refusal) {
+                    self.write_script.refuse(refusal);
+                    return Ok(None);
+                }
+            }
+            let mut tally = WriteTally::default();
+            for (out, result) in outgoing.iter().zip(results) {
+                match result {
+                    Ok(Some(0)) => tally.superseded(out.key),
+                    Ok(_) => tally.written += 1,
+                    Err(e) => tally.failed(StoreError::command(e))?,
+                }
+            }
+            return Ok(Some(tally));
+        }
+        // Scripts vanished twice in a row (a SCRIPT FLUSH loop?): the other way.
+        Ok(None)
+    }
+
+    /// Reads the marks of the batch in one round trip, then writes what they do not
+    /// supersede in another.
+    async fn write_checked(
+        &self,
+        client: &Client,
+        outgoing: &[Outgoing<'_>],
+    ) -> Result<WriteTally, StoreError> {
+        let superseded = self.superseded(client, outgoing).await?;
+        let mut tally = WriteTally::default();
+        let pipeline = client.pipeline();
         // Which pipeline results are the entries' SETs (the rest index tags).
         let mut is_set = Vec::new();
-        for ((key, entry, _), superseded) in entries.iter().zip(superseded) {
+        for (out, superseded) in outgoing.iter().zip(superseded) {
             if superseded {
-                tracing::debug!(target: TARGET, key = %key, outcome = "not-stored", detail = "invalidated");
+                tally.superseded(out.key);
                 continue;
             }
-            let Some(ttl) = entry
-                .stale_until()
-                .duration_since(now)
-                .ok()
-                .filter(|d| d.as_millis() > 0)
-            else {
-                continue;
-            };
-            let value = encode_entry(entry);
-            if value.len() > self.max_value_bytes {
-                continue;
-            }
-            let millis = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
-            let storage_key = self.key(key);
-            let queued_ok: Result<(), _> = pipeline
+            let queued: Result<(), _> = pipeline
                 .set(
-                    storage_key.clone(),
-                    value,
-                    Some(Expiration::PX(millis)),
+                    out.storage_key.clone(),
+                    out.value.clone(),
+                    Some(Expiration::PX(out.millis)),
                     None,
                     false,
                 )
                 .await;
-            if queued_ok.is_err() {
+            if queued.is_err() {
                 continue;
             }
-            queued += 1;
             is_set.push(true);
             // Each tag's index lists the keys stored with it, and lives at least as
             // long as the longest-lived of them (NX sets a first expiry, GT extends).
-            for tag in entry.tags() {
+            for tag in out.entry.tags() {
                 let index = self.tag_key(tag);
-                let _: Result<(), _> = pipeline.sadd(index.clone(), storage_key.clone()).await;
+                let _: Result<(), _> = pipeline.sadd(index.clone(), out.storage_key.clone()).await;
                 let _: Result<(), _> = pipeline
-                    .pexpire(index.clone(), millis, Some(ExpireOptions::NX))
+                    .pexpire(index.clone(), out.millis, Some(ExpireOptions::NX))
                     .await;
                 let _: Result<(), _> = pipeline
-                    .pexpire(index, millis, Some(ExpireOptions::GT))
+                    .pexpire(index, out.millis, Some(ExpireOptions::GT))
                     .await;
                 is_set.extend([false, false, false]);
             }
         }
-        if queued == 0 {
-            return Ok((0, 0));
+        if is_set.is_empty() {
+            return Ok(tally);
         }
         let results = pipeline.try_all::<fred::types::Value>().await;
-        let mut written = 0;
-        let mut refused = None;
-        let mut sets = 0;
-        for (result, _) in results.iter().zip(&is_set).filter(|(_, set)| **set) {
-            sets += 1;
+        for (result, _) in results.into_iter().zip(&is_set).filter(|(_, set)| **set) {
             match result {
-                Ok(_) => written += 1,
-                Err(e) => {
-                    let error = StoreError::command(e.clone());
-                    if error.is_transient() {
-                        return Err(error);
-                    }
-                    tracing::debug!(target: TARGET, error = %e, outcome = "redis-write-refused");
-                    refused.get_or_insert(error);
-                }
+                Ok(_) => tally.written += 1,
+                Err(e) => tally.failed(StoreError::command(e))?,
             }
         }
-        match refused {
-            // A batch refused whole is an error reply, for a breaker configured to
-            // count those; a partly refused one is a (counted) success.
-            Some(error) if written == 0 => Err(error),
-            _ => Ok((written, sets - written)),
-        }
+        Ok(tally)
     }
 
     /// For each entry, whether an invalidation of its key, of one of its tags, or a
@@ -517,13 +743,13 @@ impl RedisStore {
     async fn superseded(
         &self,
         client: &Client,
-        entries: &[(CacheKey, Entry, SystemTime)],
+        outgoing: &[Outgoing<'_>],
     ) -> Result<Vec<bool>, StoreError> {
         let check = client.pipeline();
         let _: Result<(), _> = check.get(self.purged_key()).await;
-        for (key, entry, _) in entries {
-            let _: Result<(), _> = check.get(self.gone_key(key)).await;
-            for tag in entry.tags() {
+        for out in outgoing {
+            let _: Result<(), _> = check.get(self.gone_key(out.key)).await;
+            for tag in out.entry.tags() {
                 let _: Result<(), _> = check.get(self.gone_tag_key(tag)).await;
             }
         }
@@ -533,15 +759,14 @@ impl RedisStore {
             .into_iter()
             .map(|mark| mark.ok().flatten().unwrap_or(0));
         let purged = marks.next().unwrap_or(0);
-        Ok(entries
+        Ok(outgoing
             .iter()
-            .map(|(_, entry, started)| {
-                let started = i64::try_from(millis_since_epoch(*started)).unwrap_or(i64::MAX);
+            .map(|out| {
                 let mut newest = purged.max(marks.next().unwrap_or(0));
-                for _ in entry.tags() {
+                for _ in out.entry.tags() {
                     newest = newest.max(marks.next().unwrap_or(0));
                 }
-                newest >= started
+                newest >= out.started
             })
             .collect())
     }
@@ -596,6 +821,10 @@ impl RedisStore {
     pub(crate) async fn purge_all(&self) -> Result<usize, StoreError> {
         use futures_util::StreamExt;
         let client = self.healthy()?;
+        // Marked first, as a key's or a tag's invalidation: a fill that started before
+        // now either landed before the mark (and the SCAN finds it) or is refused by it.
+        let purged = self.purged_key();
+        self.mark(client, purged.clone()).await?;
         let pattern = format!("{}:*", self.namespace);
         let mut keys = if client.is_clustered() {
             client
@@ -608,7 +837,7 @@ impl RedisStore {
         let mut removed = 0;
         while let Some(key) = keys.next().await {
             let key = key.map_err(StoreError::command)?;
-            if let Some(key) = key.as_str() {
+            if let Some(key) = key.as_str().filter(|key| **key != purged) {
                 batch.push(key.to_owned());
             }
             if batch.len() >= 500 {
@@ -616,9 +845,6 @@ impl RedisStore {
             }
         }
         removed += self.unlink(client, batch).await?;
-        // After the SCAN (which removed older marks): fills that started before now
-        // are not written back.
-        self.mark(client, self.purged_key()).await?;
         self.publish(client, Invalidation::All.message()).await;
         Ok(removed)
     }

@@ -235,6 +235,24 @@ impl RedisServer {
         self.spawn();
     }
 
+    /// A field of `command`'s line in `INFO commandstats` (`calls`, `rejected_calls`,
+    /// `failed_calls`), under the name Redis gives it (`get`, `script|load`); 0 when
+    /// the command was never called.
+    pub fn command_stat(&self, command: &str, field: &str) -> u64 {
+        let stats = self.cli(&["INFO", "commandstats"]);
+        let prefix = format!("cmdstat_{command}:");
+        stats
+            .lines()
+            .find_map(|line| line.strip_prefix(&prefix))
+            .and_then(|fields| {
+                fields.split(',').find_map(|kv| {
+                    let (k, v) = kv.split_once('=')?;
+                    (k == field).then(|| v.parse().ok()).flatten()
+                })
+            })
+            .unwrap_or(0)
+    }
+
     /// Runs `redis-cli` against this server and returns its output.
     pub fn cli(&self, args: &[&str]) -> String {
         let mut command = Command::new("redis-cli");
