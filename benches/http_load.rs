@@ -12,7 +12,8 @@
 //! - (c′)/(d′) the same pair with a handler that costs about as much as the cache's
 //!   own miss path (3 KB of JSON rendered per request): the worst case;
 //! - (e) a handler doing one fred GET of the pre-rendered body (the Redis round-trip
-//!   limit) and (f) the layer serving Redis hits;
+//!   limit) and (f) the layer serving Redis hits, every request for one URL;
+//!   (e′)/(f′) the same over 1 000 keys (label `redis-spread`);
 //! - (g) an all-miss load on a memory-only layer and (h) the same with Redis on, with
 //!   the cheap handler of (c′); (g″)/(h″) the same pair with job_match's search
 //!   handler of (c) (label `writes-search`);
@@ -55,8 +56,8 @@ mod job_match;
 mod redis_support;
 
 struct Args {
-    /// Pairs to run (`hits`, `hits-swr-tags`, `search`, `misses`, `redis`, `writes`,
-    /// `writes-search`, `degraded`, `memory`); empty: all.
+    /// Pairs to run (`hits`, `hits-swr-tags`, `search`, `misses`, `redis`,
+    /// `redis-spread`, `writes`, `writes-search`, `degraded`, `memory`); empty: all.
     only: Vec<String>,
     seconds: f64,
     rounds: usize,
@@ -150,11 +151,11 @@ struct Run {
 }
 
 /// Drives `connections` keep-alive HTTP/1.1 connections for `seconds`. With
-/// `unique`, every request has a URL never asked before.
+/// `urls` saying which URL each request asks for.
 async fn load(
     addr: SocketAddr,
     path: &'static str,
-    unique: bool,
+    urls: Urls,
     seconds: f64,
     connections: usize,
     counter: Arc<AtomicU64>,
@@ -175,11 +176,16 @@ async fn load(
                 tokio::spawn(conn);
                 let mut latencies = Vec::with_capacity(100_000);
                 while Instant::now() < deadline {
-                    let uri = if unique {
-                        let sep = if path.contains('?') { '&' } else { '?' };
-                        format!("{path}{sep}i={}", counter.fetch_add(1, Ordering::Relaxed))
-                    } else {
-                        path.to_owned()
+                    let sep = if path.contains('?') { '&' } else { '?' };
+                    let uri = match urls {
+                        Urls::Same => path.to_owned(),
+                        Urls::Unique => {
+                            format!("{path}{sep}i={}", counter.fetch_add(1, Ordering::Relaxed))
+                        }
+                        Urls::Spread(n) => format!(
+                            "{path}{sep}i={}",
+                            counter.fetch_add(1, Ordering::Relaxed) % n
+                        ),
                     };
                     let request = Request::get(uri)
                         .header("host", "bench")
@@ -323,7 +329,7 @@ async fn run(args: Args) {
                 "(b) (a) behind the layer, memory hits",
             ],
             path: "/pre",
-            unique: false,
+            urls: Urls::Same,
             servers: [
                 serve(Router::new().route("/pre", get(pre.clone()))).await,
                 serve(Router::new().route("/pre", get(pre.clone()).layer(layer()))).await,
@@ -336,7 +342,7 @@ async fn run(args: Args) {
                 "(b‴) (a) behind a layer with stale-while-revalidate, every response tagged, memory hits",
             ],
             path: "/pre",
-            unique: false,
+            urls: Urls::Same,
             servers: [
                 serve(Router::new().route("/pre", get(pre.clone()))).await,
                 serve(Router::new().route(
@@ -353,7 +359,7 @@ async fn run(args: Args) {
                 "(d) (c) behind the layer, all misses, all stored",
             ],
             path: "/jobs/search?q=engineer",
-            unique: true,
+            urls: Urls::Unique,
             servers: [
                 serve(job_match::search_router(data.clone(), None)).await,
                 serve(job_match::search_router(data, Some(&search_cache))).await,
@@ -366,7 +372,7 @@ async fn run(args: Args) {
                 "(d′) (c′) behind the layer, all misses, all stored",
             ],
             path: "/render",
-            unique: true,
+            urls: Urls::Unique,
             servers: [
                 serve(Router::new().route("/render", get(rendered))).await,
                 serve(Router::new().route("/render", get(rendered).layer(layer()))).await,
@@ -376,13 +382,17 @@ async fn run(args: Args) {
     let mut pairs: Vec<Pair> = pairs.into_iter().filter(|p| wanted(p.label)).collect();
 
     // The Redis pairs need a redis-server; it lives until the end of the run.
-    let _redis = if wanted("redis") || wanted("writes") || wanted("writes-search") {
+    let _redis = if ["redis", "redis-spread", "writes", "writes-search"]
+        .iter()
+        .any(|pair| wanted(pair))
+    {
         let redis = redis_support::RedisServer::start();
         pairs.extend(
             redis_pairs(
                 &redis.url(),
                 pre_rendered.clone(),
                 wanted("redis"),
+                wanted("redis-spread"),
                 wanted("writes"),
             )
             .await,
@@ -402,7 +412,7 @@ async fn run(args: Args) {
                     "(h″) (g″) with Redis on: every store also written to Redis",
                 ],
                 path: "/jobs/search?q=engineer",
-                unique: true,
+                urls: Urls::Unique,
                 servers: [
                     serve(job_match::search_router(data.clone(), Some(&memory_only))).await,
                     serve(job_match::search_router(data, Some(&with_redis))).await,
@@ -426,7 +436,7 @@ async fn run(args: Args) {
     let counter = Arc::new(AtomicU64::new(0));
     for pair in &pairs {
         for addr in pair.servers {
-            load(addr, pair.path, pair.unique, 0.3, 4, counter.clone()).await;
+            load(addr, pair.path, pair.urls, 0.3, 4, counter.clone()).await;
         }
     }
     let hits_before = cache.stats().hits;
@@ -450,7 +460,7 @@ async fn run(args: Args) {
                     load(
                         pair.servers[side],
                         pair.path,
-                        pair.unique,
+                        pair.urls,
                         args.seconds,
                         args.connections,
                         counter.clone(),
@@ -562,7 +572,16 @@ async fn run(args: Args) {
 /// (e)/(f): one fred GET per request against the layer serving Redis hits; (g)/(h):
 /// all-miss load memory-only against the same with Redis on (every store also queued
 /// for Redis).
-async fn redis_pairs(url: &str, pre_rendered: Bytes, hits: bool, writes: bool) -> Vec<Pair> {
+/// Keys of the spread pair (e′)/(f′).
+const SPREAD: u64 = 1000;
+
+async fn redis_pairs(
+    url: &str,
+    pre_rendered: Bytes,
+    hits: bool,
+    spread: bool,
+    writes: bool,
+) -> Vec<Pair> {
     use fred::prelude::*;
     let mut pairs = Vec::new();
     if hits {
@@ -582,8 +601,9 @@ async fn redis_pairs(url: &str, pre_rendered: Bytes, hits: bool, writes: bool) -
             }
         };
         let cache = HybridCache::builder().redis_url(url).build().await.unwrap();
+        let body = pre_rendered.clone();
         let pre = move || {
-            let body = pre_rendered.clone();
+            let body = body.clone();
             async move { ([(CONTENT_TYPE, "application/json")], body) }
         };
         pairs.push(Pair {
@@ -593,7 +613,7 @@ async fn redis_pairs(url: &str, pre_rendered: Bytes, hits: bool, writes: bool) -
                 "(f) (a) behind the layer with Redis, every request a Redis hit",
             ],
             path: "/pre",
-            unique: false,
+            urls: Urls::Same,
             servers: [
                 serve(Router::new().route("/pre", get(fred_handler))).await,
                 serve(Router::new().route(
@@ -601,6 +621,71 @@ async fn redis_pairs(url: &str, pre_rendered: Bytes, hits: bool, writes: bool) -
                     get(pre).layer(cache.layer().ttl(Duration::from_secs(3600))),
                 ))
                 .await,
+            ],
+        });
+    }
+    if spread {
+        // (e′)/(f′): the same over SPREAD keys, so that no two requests in flight are
+        // likely to ask for the same one.
+        let pool = Builder::from_config(Config::from_url(url).unwrap())
+            .build_pool(4)
+            .unwrap();
+        pool.init().await.unwrap();
+        for i in 0..SPREAD {
+            let _: () = pool
+                .set(
+                    format!("bench:pre:{i}"),
+                    pre_rendered.clone(),
+                    None,
+                    None,
+                    false,
+                )
+                .await
+                .unwrap();
+        }
+        let fred_handler = move |Query(seed): Query<Seed>| {
+            let pool = pool.clone();
+            async move {
+                let key = format!("bench:pre:{}", seed.i.unwrap_or(0));
+                let body: Bytes = pool.get(key).await.unwrap();
+                ([(CONTENT_TYPE, "application/json")], body)
+            }
+        };
+        let cache = HybridCache::builder().redis_url(url).build().await.unwrap();
+        let body = pre_rendered.clone();
+        let pre = move || {
+            let body = body.clone();
+            async move { ([(CONTENT_TYPE, "application/json")], body) }
+        };
+        let layered = serve(Router::new().route(
+            "/pre",
+            get(pre).layer(cache.layer().ttl(Duration::from_secs(3600))),
+        ))
+        .await;
+        // Every key stored once, and in Redis, before the rounds.
+        let sent = Arc::new(AtomicU64::new(0));
+        while sent.load(Ordering::Relaxed) < SPREAD {
+            load(layered, "/pre", Urls::Unique, 0.05, 1, sent.clone()).await;
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while cache.stats().redis_writes < SPREAD {
+            assert!(
+                Instant::now() < deadline,
+                "the spread keys did not reach Redis"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        pairs.push(Pair {
+            label: "redis-spread",
+            names: [
+                "(e′) one fred GET per request, 1 000 keys",
+                "(f′) (a) behind the layer with Redis, Redis hits over 1 000 keys",
+            ],
+            path: "/pre",
+            urls: Urls::Spread(SPREAD),
+            servers: [
+                serve(Router::new().route("/pre", get(fred_handler))).await,
+                layered,
             ],
         });
     }
@@ -620,7 +705,7 @@ async fn redis_pairs(url: &str, pre_rendered: Bytes, hits: bool, writes: bool) -
                 "(h) (g) with Redis on: every store also written to Redis",
             ],
             path: "/render",
-            unique: true,
+            urls: Urls::Unique,
             servers: [
                 serve(Router::new().route(
                     "/render",
@@ -667,7 +752,7 @@ async fn degraded_pair(pre_rendered: Bytes) -> (Pair, redis_support::RedisServer
     // Warm both, then kill Redis and wait for the breaker to open.
     let counter = Arc::new(AtomicU64::new(0));
     for addr in servers {
-        load(addr, "/pre", false, 0.2, 1, counter.clone()).await;
+        load(addr, "/pre", Urls::Same, 0.2, 1, counter.clone()).await;
     }
     redis.kill();
     let breaker = degraded.redis_breaker().unwrap();
@@ -683,7 +768,7 @@ async fn degraded_pair(pre_rendered: Bytes) -> (Pair, redis_support::RedisServer
             "(j) (i) with Redis killed and the breaker open, memory hits",
         ],
         path: "/pre",
-        unique: false,
+        urls: Urls::Same,
         servers,
     };
     (pair, redis, degraded)
@@ -693,8 +778,19 @@ struct Pair {
     label: &'static str,
     names: [&'static str; 2],
     path: &'static str,
-    unique: bool,
+    urls: Urls,
     servers: [SocketAddr; 2],
+}
+
+/// Which URLs a load asks for.
+#[derive(Clone, Copy)]
+enum Urls {
+    /// `path` every time.
+    Same,
+    /// A URL never asked before every time (`?i=` a counter).
+    Unique,
+    /// `?i=` the counter modulo this many: a spread of keys, each asked again.
+    Spread(u64),
 }
 
 #[derive(Default)]
@@ -727,7 +823,7 @@ async fn memory(requests: usize) {
     let started = Instant::now();
     let mut peak = before;
     while (counter.load(Ordering::Relaxed) as usize) < requests {
-        load(addr, "/m", true, 0.25, 8, counter.clone()).await;
+        load(addr, "/m", Urls::Unique, 0.25, 8, counter.clone()).await;
         peak = peak.max(rss_bytes());
     }
     cache.run_pending_tasks().await;

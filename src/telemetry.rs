@@ -41,13 +41,18 @@ pub struct CacheStats {
     pub redis_retries: u64,
     /// Retries not made because the retry budget was spent.
     pub retry_budget_exhausted: u64,
-    /// Redis operations cut off by the deadline (retries included).
+    /// Redis operations cut off by the deadline (retries included), and lookups that
+    /// waited that long for a read they shared.
     pub redis_deadline_hits: u64,
     /// Redis operations refused at once because the circuit breaker was open.
     pub redis_breaker_rejections: u64,
     /// Lookups the memory tier answered because Redis failed, timed out or was
     /// refused by the breaker.
     pub fallback_hits: u64,
+    /// Lookups that shared a Redis read of their key with other lookups instead of
+    /// sending their own (hot keys: at most one read in flight and one waiting per
+    /// key).
+    pub redis_reads_shared: u64,
     /// Keys invalidated: by a successful unsafe request (POST, PUT, PATCH, DELETE …)
     /// through the layer, or by `HybridCache::invalidate`.
     pub invalidations: u64,
@@ -72,6 +77,7 @@ pub(crate) struct Counters {
     redis_deadline_hits: AtomicU64,
     redis_breaker_rejections: AtomicU64,
     fallback_hits: AtomicU64,
+    redis_reads_shared: AtomicU64,
     invalidations: AtomicU64,
     redis_replays: AtomicU64,
 }
@@ -92,6 +98,7 @@ pub(crate) enum Counter {
     RedisDeadlineHit,
     RedisBreakerRejection,
     FallbackHit,
+    RedisReadShared,
     Invalidation,
     RedisReplay,
 }
@@ -114,6 +121,7 @@ impl Counter {
             Counter::RedisDeadlineHit => "tower_hybrid_cache_redis_deadline_hits_total",
             Counter::RedisBreakerRejection => "tower_hybrid_cache_redis_breaker_rejections_total",
             Counter::FallbackHit => "tower_hybrid_cache_fallback_hits_total",
+            Counter::RedisReadShared => "tower_hybrid_cache_redis_reads_shared_total",
             Counter::Invalidation => "tower_hybrid_cache_invalidations_total",
             Counter::RedisReplay => "tower_hybrid_cache_redis_replays_total",
         }
@@ -154,6 +162,7 @@ impl Counters {
             Counter::RedisDeadlineHit => &self.redis_deadline_hits,
             Counter::RedisBreakerRejection => &self.redis_breaker_rejections,
             Counter::FallbackHit => &self.fallback_hits,
+            Counter::RedisReadShared => &self.redis_reads_shared,
             Counter::Invalidation => &self.invalidations,
             Counter::RedisReplay => &self.redis_replays,
         }
@@ -175,6 +184,7 @@ impl Counters {
             redis_deadline_hits: self.redis_deadline_hits.load(Ordering::Relaxed),
             redis_breaker_rejections: self.redis_breaker_rejections.load(Ordering::Relaxed),
             fallback_hits: self.fallback_hits.load(Ordering::Relaxed),
+            redis_reads_shared: self.redis_reads_shared.load(Ordering::Relaxed),
             invalidations: self.invalidations.load(Ordering::Relaxed),
             redis_replays: self.redis_replays.load(Ordering::Relaxed),
         }

@@ -564,3 +564,46 @@ async fn a_user_layer_sees_every_attempt() {
     assert!(gets >= 2, "{seen:?}");
     assert_eq!(seen.last(), Some(&StoreOperation::Delete));
 }
+
+#[tokio::test]
+async fn a_hot_key_on_a_slow_redis_costs_two_reads_not_one_per_lookup() {
+    let redis = RedisServer::start();
+    let proxy = FaultProxy::start(redis.port());
+    // A slow Redis, but within every bound: only sharing can save reads here.
+    let cache = cache(
+        RedisConfig::new(proxy.url())
+            .command_timeout(Duration::from_secs(5))
+            .probe_timeout(Duration::from_secs(5))
+            .deadline(Duration::from_secs(5)),
+        CircuitBreakerLayer::new().slow_call(Duration::from_secs(5)),
+    )
+    .await;
+    let origin = Origin::new();
+    let app = app(&origin, &cache);
+    let url = "http://api.test/jobs/hot";
+    warm(&app, &cache, &[url.to_owned()]).await;
+    let stored = call(app.clone(), get(url)).await.body;
+    proxy.set(Fault::Latency(Duration::from_millis(300)));
+    let gets = proxy.count("GET");
+    let lookups: Vec<_> = (0..40)
+        .map(|_| tokio::spawn(call(app.clone(), get(url))))
+        .collect();
+    for lookup in lookups {
+        let got = lookup.await.unwrap();
+        assert!(
+            got.cache_status().ends_with("detail=redis"),
+            "{}",
+            got.cache_status()
+        );
+        assert_eq!(got.body, stored);
+    }
+    // One read on its way when the lookups arrived, one shared by all of them after.
+    let reads = proxy.count("GET") - gets;
+    assert!((1..=3).contains(&reads), "{reads} reads for 40 lookups");
+    assert!(
+        cache.stats().redis_reads_shared >= 37,
+        "{:?}",
+        cache.stats()
+    );
+    assert_eq!(origin.log.calls(), 1);
+}

@@ -24,6 +24,7 @@ use crate::resilience::breaker::CircuitOpen;
 use crate::resilience::breaker::{CircuitBreaker, CircuitBreakerLayer};
 
 use super::memory::MemoryStore;
+use super::read_flights::ReadFlights;
 use super::redis::{Invalidation, RedisService, RedisStore};
 use super::{
     RedisTierService, StoreAnswer, StoreError, StoreOp, StoreRequest, StoreResponse, Tier,
@@ -60,6 +61,11 @@ struct RedisTier {
     pending: Arc<Mutex<VecDeque<StoreRequest>>>,
     /// Operations off the response path (no deadline): the writer's stack.
     admin: RedisStack,
+    /// Reads of a key on their way, shared by the lookups that arrive meanwhile.
+    reads: ReadFlights<RedisRead>,
+    counters: Arc<Counters>,
+    /// The bound on a read, and on a lookup's wait for one it shares.
+    deadline: std::time::Duration,
 }
 
 /// The outcome of asking for a fill lease.
@@ -190,6 +196,7 @@ impl HybridStore {
         let admin = writer.clone();
         let replay = Arc::clone(&pending_removals);
         let (writes, mut pending) = mpsc::channel::<QueuedWrite>(config.write_queue_len());
+        let read_counters = Arc::clone(&counters);
         // The task ends when the last sender (the last HybridStore clone) is gone.
         tokio::spawn(async move {
             let mut batch = Vec::with_capacity(WRITE_BATCH);
@@ -227,6 +234,9 @@ impl HybridStore {
             writes,
             pending: pending_removals,
             admin,
+            reads: ReadFlights::new(),
+            counters: read_counters,
+            deadline: config.deadline_value(),
         });
         Ok(self)
     }
@@ -248,27 +258,35 @@ impl HybridStore {
             }
         }
         if let Some(redis) = &self.redis {
-            let found = match redis.service.clone().oneshot(StoreRequest::get(*key)).await {
-                Ok(response) => match response.answer {
-                    StoreAnswer::Found(found) => Ok(found),
-                    _ => Ok(None),
-                },
-                Err(e) => Err(e),
+            let read = {
+                let (service, memory, counters) = (
+                    redis.service.clone(),
+                    self.memory.clone(),
+                    Arc::clone(&redis.counters),
+                );
+                let key = *key;
+                move || read_redis(service, memory, counters, key)
             };
-            match found {
-                Ok(Some(entry)) => {
-                    // An outage then finds this entry warm in memory. Most hits find
-                    // the same version there already, and skip moka's insert.
-                    let held = self.memory.get(key).await;
-                    if !held.is_some_and(|held| held.same_version(&entry)) {
-                        self.memory.insert(*key, entry.clone()).await;
+            let joined = redis.reads.join(*key, read);
+            if joined.shared {
+                counters.add(Counter::RedisReadShared);
+            }
+            let outcome = if joined.after_another {
+                // Two reads' time at most; the lookup's own bound stays one deadline.
+                match tokio::time::timeout(redis.deadline, joined.read).await {
+                    Ok(outcome) => outcome,
+                    Err(_) => {
+                        counters.add(Counter::RedisDeadlineHit);
+                        RedisRead::Failed
                     }
-                    return Some((entry, Tier::Redis));
                 }
-                Ok(None) => return None,
-                Err(e) => {
-                    count_failure(counters, &e);
-                    tracing::debug!(target: TARGET, key = %key, error = %e, outcome = "redis-read-failed");
+            } else {
+                joined.read.await
+            };
+            match outcome {
+                RedisRead::Found(entry) => return Some((entry, Tier::Redis)),
+                RedisRead::Absent => return None,
+                RedisRead::Failed => {
                     let held = self.memory.get(key).await;
                     if held.is_some() {
                         counters.add(Counter::FallbackHit);
@@ -413,6 +431,42 @@ impl HybridStore {
     pub(crate) async fn shutdown(&self) {
         if let Some(redis) = &self.redis {
             redis.store.quit().await;
+        }
+    }
+}
+
+/// What a Redis read found, shared by the lookups that waited for it.
+#[derive(Clone)]
+enum RedisRead {
+    Found(Entry),
+    Absent,
+    /// Failed, timed out or refused (counted once, by the read): memory answers.
+    Failed,
+}
+
+/// One read through the Redis stack. A hit also fills memory, so that an outage finds
+/// it warm (most hits find the same version there already, and skip moka's insert).
+async fn read_redis(
+    service: RedisStack,
+    memory: MemoryStore,
+    counters: Arc<Counters>,
+    key: CacheKey,
+) -> RedisRead {
+    match service.oneshot(StoreRequest::get(key)).await {
+        Ok(response) => match response.answer {
+            StoreAnswer::Found(Some(entry)) => {
+                let held = memory.get(&key).await;
+                if !held.is_some_and(|held| held.same_version(&entry)) {
+                    memory.insert(key, entry.clone()).await;
+                }
+                RedisRead::Found(entry)
+            }
+            _ => RedisRead::Absent,
+        },
+        Err(e) => {
+            count_failure(&counters, &e);
+            tracing::debug!(target: TARGET, key = %key, error = %e, outcome = "redis-read-failed");
+            RedisRead::Failed
         }
     }
 }

@@ -7,6 +7,7 @@
 pub(crate) mod hybrid;
 pub(crate) mod memory;
 mod operation;
+mod read_flights;
 pub(crate) mod redis;
 pub(crate) mod redis_health;
 

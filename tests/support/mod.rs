@@ -91,13 +91,13 @@ impl Origin {
         Router::new().fallback(answer).with_state(self.clone())
     }
 
-    /// Serves the origin on a free loopback port.
     /// The origin behind a layer of `cache` with a 300 s route TTL.
     pub fn behind(&self, cache: &tower_hybrid_cache::HybridCache) -> Router {
         self.router()
             .layer(cache.layer().ttl(Duration::from_secs(300)))
     }
 
+    /// Serves the origin on a free loopback port.
     pub async fn spawn(&self) -> SocketAddr {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
