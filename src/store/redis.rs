@@ -12,7 +12,6 @@ use fred::types::{Expiration, ExpireOptions};
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -70,99 +69,35 @@ impl Invalidation {
 /// invalidation and that is written later than this is not caught.
 const MARK_TTL: Duration = Duration::from_secs(300);
 
-/// Writes one entry if no invalidation supersedes it, and indexes it under its tags,
-/// in one step (a script runs alone on the server).
-///
-/// KEYS: the entry, the purge mark, the key's mark, then n tag marks and n tag
-/// indexes. ARGV: the value, its time to live (ms), when its origin call started
-/// (ms since the epoch), n. Returns 1 when written, 0 when superseded. A mark that
-/// is not a number (MGET reads another type as nil) supersedes nothing, as in the
-/// two-step way; a tag index of another type is left alone.
-const WRITE_SCRIPT: &str = r#"
-local started = tonumber(ARGV[3])
-local n = tonumber(ARGV[4])
-local marks = redis.call('MGET', unpack(KEYS, 2, 3 + n))
-for i = 1, #marks do
-  local at = tonumber(marks[i])
-  if at and at >= started then return 0 end
-end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-for i = 4 + n, 3 + 2 * n do
-  redis.pcall('SADD', KEYS[i], KEYS[1])
-  redis.pcall('PEXPIRE', KEYS[i], ARGV[2], 'NX')
-  redis.pcall('PEXPIRE', KEYS[i], ARGV[2], 'GT')
-end
-return 1
-"#;
-
-/// The write script's standing with this store's Redis.
-#[derive(Default)]
-struct WriteScript {
-    /// Its SHA1, from the first `SCRIPT LOAD` (the text never changes, nor does it).
-    sha: std::sync::OnceLock<String>,
-    /// Whether Redis is believed to hold it (cleared on `NOSCRIPT`).
-    loaded: AtomicBool,
-    /// Set once Redis refused scripts: writes take two round trips from then on.
-    refused: AtomicBool,
-}
-
-impl WriteScript {
-    fn usable(&self) -> bool {
-        !self.refused.load(Ordering::Relaxed)
-    }
-
-    /// The script's SHA1, loading it when Redis may not hold it; `None` when Redis
-    /// refuses scripts.
-    async fn sha(&self, client: &Client) -> Result<Option<String>, StoreError> {
-        if !self.usable() {
-            return Ok(None);
-        }
-        if let (true, Some(sha)) = (self.loaded.load(Ordering::Acquire), self.sha.get()) {
-            return Ok(Some(sha.clone()));
-        }
-        match client.script_load::<String, _>(WRITE_SCRIPT).await {
-            Ok(sha) => {
-                let sha = self.sha.get_or_init(|| sha).clone();
-                self.loaded.store(true, Ordering::Release);
-                Ok(Some(sha))
-            }
-            Err(e) if is_refused_script(&e) => {
-                self.refuse(&e);
+/// The times of the marks `set_many` read, in order. A mark that cannot be read
+/// (another type, not a number, an error reply) supersedes nothing; a lost
+/// connection or a timeout fails the batch, which is then sent again.
+fn mark_times(
+    read: Vec<Result<Value, fred::error::Error>>,
+    clustered: bool,
+) -> Result<Vec<i64>, StoreError> {
+    let time = |value: Value| value.as_i64().unwrap_or(0);
+    let checked = |mark: Result<Value, fred::error::Error>| match mark {
+        Ok(value) => Ok(Some(value)),
+        Err(e) => {
+            let error = StoreError::command(e);
+            if error.is_transient() {
+                Err(error)
+            } else {
                 Ok(None)
             }
-            Err(e) => Err(StoreError::command(e)),
+        }
+    };
+    if clustered {
+        read.into_iter()
+            .map(|mark| Ok(checked(mark)?.map(time).unwrap_or(0)))
+            .collect()
+    } else {
+        match read.into_iter().next().map(checked).transpose()?.flatten() {
+            Some(Value::Array(marks)) => Ok(marks.into_iter().map(time).collect()),
+            _ => Ok(Vec::new()),
         }
     }
-
-    fn forget(&self) {
-        self.loaded.store(false, Ordering::Release);
-    }
-
-    fn refuse(&self, error: &fred::error::Error) {
-        if !self.refused.swap(true, Ordering::Relaxed) {
-            tracing::warn!(
-                target: TARGET,
-                error = %error,
-                "redis refuses scripts: each write batch now takes two round trips (allow EVALSHA and SCRIPT LOAD, then restart)"
-            );
-        }
-    }
-}
-
-/// `EVALSHA`, routed by its first key (only used on one Redis, not a cluster).
-fn evalsha() -> fred::types::CustomCommand {
-    fred::types::CustomCommand::new_static("EVALSHA", fred::types::ClusterHash::Offset(2), false)
-}
-
-/// Redis does not hold the script (restarted, flushed).
-fn is_no_script(error: &fred::error::Error) -> bool {
-    error.details().starts_with("NOSCRIPT")
-}
-
-/// Redis will not run scripts for us: an ACL without them, or scripting disabled.
-fn is_refused_script(error: &fred::error::Error) -> bool {
-    let details = error.details();
-    details.starts_with("NOPERM") || details.starts_with("ERR unknown command")
 }
 
 /// An entry ready to send.
@@ -187,10 +122,6 @@ struct WriteTally {
 }
 
 impl WriteTally {
-    fn superseded(&mut self, key: &CacheKey) {
-        tracing::debug!(target: TARGET, key = %key, outcome = "not-stored", detail = "invalidated");
-    }
-
     /// Counts an entry refused by an error reply (`OOM`); a lost connection or a
     /// timeout fails the batch instead, for the retry to see.
     fn failed(&mut self, error: StoreError) -> Result<(), StoreError> {
@@ -401,7 +332,6 @@ pub(crate) struct RedisStore {
     namespace: String,
     options: Options,
     max_value_bytes: usize,
-    write_script: WriteScript,
 }
 
 impl RedisStore {
@@ -515,7 +445,6 @@ impl RedisStore {
                 ..Options::default()
             },
             max_value_bytes: config.max_value_bytes,
-            write_script: WriteScript::default(),
         })
     }
 
@@ -564,18 +493,17 @@ impl RedisStore {
     }
 
     /// Stores entries, each with `PX` set to the time it can still be served, so Redis
-    /// expires it by itself; an entry already past that, or too large, is not sent. An
-    /// entry an invalidation (of its key, one of its tags, or a purge) made on any
-    /// replica after its origin call started supersedes is not written. Returns how
-    /// many were written and how many were refused by an error reply (`OOM`); a lost
-    /// connection, a timeout, or a batch refused whole is an error, for the breaker
-    /// and the retry to see.
+    /// expires it by itself; an entry already past that, or too large, is not sent.
+    /// Returns how many were written and how many were refused by an error reply
+    /// (`OOM`); a lost connection, a timeout, or a batch refused whole is an error,
+    /// for the breaker and the retry to see (the batch is idempotent).
     ///
-    /// On one Redis, each entry is one script call that checks the marks and writes in
-    /// one step: one round trip for the batch, and no invalidation can land between
-    /// the check and the write. In a cluster (whose scripts cannot reach keys in other
-    /// slots), or where scripts are refused (an ACL without `EVALSHA`), the marks are
-    /// read in one round trip and the writes sent in another.
+    /// One pipeline, one round trip: the writes, then the invalidation marks (of each
+    /// entry's key and tags, and the purge). An entry whose origin call started before
+    /// one of them is deleted again at once. No invalidation can be lost this way:
+    /// an invalidation sets its mark before it deletes, so a write that lands before
+    /// the delete is deleted by it, and one that lands after is followed by a read of
+    /// the mark. Such an entry can be seen by another replica for about a round trip.
     pub(crate) async fn set_many(
         &self,
         entries: &[(CacheKey, Entry, SystemTime)],
@@ -585,12 +513,97 @@ impl RedisStore {
         if outgoing.is_empty() {
             return Ok((0, 0));
         }
-        if !client.is_clustered() && self.write_script.usable() {
-            if let Some(tally) = self.write_scripted(client, &outgoing).await? {
-                return tally.result();
+        let pipeline = client.pipeline();
+        // Which results are the entries' SETs (the rest index tags or read marks).
+        let mut is_set = Vec::new();
+        for out in &outgoing {
+            let _: Result<(), _> = pipeline
+                .set(
+                    out.storage_key.clone(),
+                    out.value.clone(),
+                    Some(Expiration::PX(out.millis)),
+                    None,
+                    false,
+                )
+                .await;
+            is_set.push(true);
+            // Each tag's index lists the keys stored with it, and lives at least as
+            // long as the longest-lived of them (NX sets a first expiry, GT extends).
+            for tag in out.entry.tags() {
+                let index = self.tag_key(tag);
+                let _: Result<(), _> = pipeline.sadd(index.clone(), out.storage_key.clone()).await;
+                let _: Result<(), _> = pipeline
+                    .pexpire(index.clone(), out.millis, Some(ExpireOptions::NX))
+                    .await;
+                let _: Result<(), _> = pipeline
+                    .pexpire(index, out.millis, Some(ExpireOptions::GT))
+                    .await;
+                is_set.extend([false, false, false]);
             }
         }
-        self.write_checked(client, &outgoing).await?.result()
+        let marks = self.mark_keys(&outgoing);
+        // One MGET on one Redis; a cluster spreads the marks over its slots.
+        let clustered = client.is_clustered();
+        if clustered {
+            for mark in &marks {
+                let _: Result<(), _> = pipeline.get(mark.as_str()).await;
+            }
+        } else {
+            let _: Result<(), _> = pipeline.mget(marks.clone()).await;
+        }
+        let mut results = pipeline.try_all::<Value>().await;
+        let read = results.split_off(is_set.len().min(results.len()));
+        let mut marks = mark_times(read, clustered)?.into_iter();
+
+        let mut tally = WriteTally::default();
+        let mut written = Vec::new();
+        for (result, _) in results.into_iter().zip(&is_set).filter(|(_, set)| **set) {
+            match result {
+                Ok(_) => {
+                    tally.written += 1;
+                    written.push(true);
+                }
+                Err(e) => {
+                    tally.failed(StoreError::command(e))?;
+                    written.push(false);
+                }
+            }
+        }
+        let purged = marks.next().unwrap_or(0);
+        let superseded: Vec<&Outgoing<'_>> = outgoing
+            .iter()
+            .zip(written)
+            .filter_map(|(out, written)| {
+                let mut newest = purged.max(marks.next().unwrap_or(0));
+                for _ in out.entry.tags() {
+                    newest = newest.max(marks.next().unwrap_or(0));
+                }
+                (written && newest >= out.started).then_some(out)
+            })
+            .collect();
+        if !superseded.is_empty() {
+            let undo = client.pipeline();
+            for out in &superseded {
+                tracing::debug!(target: TARGET, key = %out.key, outcome = "not-stored", detail = "invalidated");
+                let _: Result<(), _> = undo.del(out.storage_key.as_str()).await;
+            }
+            // Failing here would leave an invalidated entry in Redis: the whole batch
+            // is then an error, retried or replayed (and checked) again.
+            let _: Vec<i64> = undo.all().await.map_err(StoreError::command)?;
+            tally.written = tally.written.saturating_sub(superseded.len());
+        }
+        tally.result()
+    }
+
+    /// The marks that can supersede a batch, in the order `set_many` reads them: the
+    /// purge, then for each entry its key's mark and its tags' marks.
+    fn mark_keys(&self, outgoing: &[Outgoing<'_>]) -> Vec<String> {
+        let mut keys = vec![self.purged_key()];
+        for out in outgoing {
+            keys.push(self.gone_key(out.key));
+            keys.extend(out.entry.tags().iter().map(|tag| self.gone_tag_key(tag)));
+        }
+        keys
     }
 
     /// The entries worth sending, encoded, with their time to live.
@@ -618,157 +631,6 @@ impl RedisStore {
                 })
             })
             .collect()
-    }
-
-    /// Writes through the write script, loading it first if Redis does not have it
-    /// (first use, or Redis restarted). `None`: Redis refuses scripts (the caller
-    /// writes the other way).
-    async fn write_scripted(
-        &self,
-        client: &Client,
-        outgoing: &[Outgoing<'_>],
-    ) -> Result<Option<WriteTally>, StoreError> {
-        for _ in 0..2 {
-            let Some(sha) = self.write_script.sha(client).await? else {
-                return Ok(None);
-            };
-            // One connection, flushed once: one round trip and one wake-up.
-            let pipeline = client.pipeline();
-            for out in outgoing {
-                let tags = out.entry.tags();
-                let count = |n: usize| Value::Integer(i64::try_from(n).unwrap_or(i64::MAX));
-                // EVALSHA sha numkeys KEYS... ARGV... (fred's pipelines have no
-                // EVALSHA of their own).
-                let mut args: Vec<Value> = Vec::with_capacity(9 + 2 * tags.len());
-                args.push(Value::from(sha.as_str()));
-                args.push(count(3 + 2 * tags.len()));
-                args.push(Value::from(out.storage_key.as_str()));
-                args.push(Value::from(self.purged_key()));
-                args.push(Value::from(self.gone_key(out.key)));
-                args.extend(tags.iter().map(|tag| Value::from(self.gone_tag_key(tag))));
-                args.extend(tags.iter().map(|tag| Value::from(self.tag_key(tag))));
-                args.push(Value::Bytes(out.value.clone()));
-                args.push(Value::Integer(out.millis));
-                args.push(Value::Integer(out.started));
-                args.push(count(tags.len()));
-                let _: Result<(), _> = pipeline.custom(evalsha(), args).await;
-            }
-            let results = pipeline.try_all::<Option<i64>>().await;
-            if results.iter().any(|r| r.as_ref().is_err_and(is_no_script)) {
-                // Redis lost its scripts (restart, SCRIPT FLUSH): load and send again;
-                // every step is idempotent.
-                self.write_script.forget();
-                continue;
-            }
-            if let Some(refusal) = results.iter().find_map(|r| r.as_ref().err()) {
-                if is_refused_script(refusal) {
-                    self.write_script.refuse(refusal);
-                    return Ok(None);
-                }
-            }
-            let mut tally = WriteTally::default();
-            for (out, result) in outgoing.iter().zip(results) {
-                match result {
-                    Ok(Some(0)) => tally.superseded(out.key),
-                    Ok(_) => tally.written += 1,
-                    Err(e) => tally.failed(StoreError::command(e))?,
-                }
-            }
-            return Ok(Some(tally));
-        }
-        // Scripts vanished twice in a row (a SCRIPT FLUSH loop?): the other way.
-        Ok(None)
-    }
-
-    /// Reads the marks of the batch in one round trip, then writes what they do not
-    /// supersede in another.
-    async fn write_checked(
-        &self,
-        client: &Client,
-        outgoing: &[Outgoing<'_>],
-    ) -> Result<WriteTally, StoreError> {
-        let superseded = self.superseded(client, outgoing).await?;
-        let mut tally = WriteTally::default();
-        let pipeline = client.pipeline();
-        // Which pipeline results are the entries' SETs (the rest index tags).
-        let mut is_set = Vec::new();
-        for (out, superseded) in outgoing.iter().zip(superseded) {
-            if superseded {
-                tally.superseded(out.key);
-                continue;
-            }
-            let queued: Result<(), _> = pipeline
-                .set(
-                    out.storage_key.clone(),
-                    out.value.clone(),
-                    Some(Expiration::PX(out.millis)),
-                    None,
-                    false,
-                )
-                .await;
-            if queued.is_err() {
-                continue;
-            }
-            is_set.push(true);
-            // Each tag's index lists the keys stored with it, and lives at least as
-            // long as the longest-lived of them (NX sets a first expiry, GT extends).
-            for tag in out.entry.tags() {
-                let index = self.tag_key(tag);
-                let _: Result<(), _> = pipeline.sadd(index.clone(), out.storage_key.clone()).await;
-                let _: Result<(), _> = pipeline
-                    .pexpire(index.clone(), out.millis, Some(ExpireOptions::NX))
-                    .await;
-                let _: Result<(), _> = pipeline
-                    .pexpire(index, out.millis, Some(ExpireOptions::GT))
-                    .await;
-                is_set.extend([false, false, false]);
-            }
-        }
-        if is_set.is_empty() {
-            return Ok(tally);
-        }
-        let results = pipeline.try_all::<fred::types::Value>().await;
-        for (result, _) in results.into_iter().zip(&is_set).filter(|(_, set)| **set) {
-            match result {
-                Ok(_) => tally.written += 1,
-                Err(e) => tally.failed(StoreError::command(e))?,
-            }
-        }
-        Ok(tally)
-    }
-
-    /// For each entry, whether an invalidation of its key, of one of its tags, or a
-    /// purge, made on any replica after its origin call started, supersedes it (one
-    /// round trip for the whole batch).
-    async fn superseded(
-        &self,
-        client: &Client,
-        outgoing: &[Outgoing<'_>],
-    ) -> Result<Vec<bool>, StoreError> {
-        let check = client.pipeline();
-        let _: Result<(), _> = check.get(self.purged_key()).await;
-        for out in outgoing {
-            let _: Result<(), _> = check.get(self.gone_key(out.key)).await;
-            for tag in out.entry.tags() {
-                let _: Result<(), _> = check.get(self.gone_tag_key(tag)).await;
-            }
-        }
-        let marks = check.try_all::<Option<i64>>().await;
-        // A mark that cannot be read (error, garbage) supersedes nothing.
-        let mut marks = marks
-            .into_iter()
-            .map(|mark| mark.ok().flatten().unwrap_or(0));
-        let purged = marks.next().unwrap_or(0);
-        Ok(outgoing
-            .iter()
-            .map(|out| {
-                let mut newest = purged.max(marks.next().unwrap_or(0));
-                for _ in out.entry.tags() {
-                    newest = newest.max(marks.next().unwrap_or(0));
-                }
-                newest >= out.started
-            })
-            .collect())
     }
 
     /// Marks of invalidations, read by every replica's writes: key, tag, purge.
