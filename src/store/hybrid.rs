@@ -22,6 +22,7 @@ use crate::error::BuildError;
 use crate::resilience::breaker::CircuitOpen;
 
 use crate::resilience::breaker::{CircuitBreaker, CircuitBreakerLayer};
+use crate::BreakerState;
 
 use super::memory::MemoryStore;
 use super::read_flights::ReadFlights;
@@ -258,30 +259,14 @@ impl HybridStore {
             }
         }
         if let Some(redis) = &self.redis {
-            let read = {
-                let (service, memory, counters) = (
-                    redis.service.clone(),
-                    self.memory.clone(),
-                    Arc::clone(&redis.counters),
-                );
-                let key = *key;
-                move || read_redis(service, memory, counters, key)
-            };
-            let joined = redis.reads.join(*key, read);
-            if joined.shared {
-                counters.add(Counter::RedisReadShared);
-            }
-            let outcome = if joined.after_another {
-                // Two reads' time at most; the lookup's own bound stays one deadline.
-                match tokio::time::timeout(redis.deadline, joined.read).await {
-                    Ok(outcome) => outcome,
-                    Err(_) => {
-                        counters.add(Counter::RedisDeadlineHit);
-                        RedisRead::Failed
-                    }
-                }
+            let outcome = if redis.breaker.state() == BreakerState::Open {
+                // What the stack would answer at once, without its allocations: the
+                // hot path of an outage.
+                counters.add(Counter::RedisError);
+                counters.add(Counter::RedisBreakerRejection);
+                RedisRead::Failed
             } else {
-                joined.read.await
+                self.read_redis_shared(redis, key, counters).await
             };
             match outcome {
                 RedisRead::Found(entry) => return Some((entry, Tier::Redis)),
@@ -299,6 +284,41 @@ impl HybridStore {
             .get(key)
             .await
             .map(|entry| (entry, Tier::Memory))
+    }
+
+    /// A Redis read of `key` sent after this call, shared with the lookups of the same
+    /// key that arrive while it waits.
+    async fn read_redis_shared(
+        &self,
+        redis: &RedisTier,
+        key: &CacheKey,
+        counters: &Counters,
+    ) -> RedisRead {
+        let read = {
+            let (service, memory, counters) = (
+                redis.service.clone(),
+                self.memory.clone(),
+                Arc::clone(&redis.counters),
+            );
+            let key = *key;
+            move || read_redis(service, memory, counters, key)
+        };
+        let joined = redis.reads.join(*key, read);
+        if joined.shared {
+            counters.add(Counter::RedisReadShared);
+        }
+        if joined.after_another {
+            // Two reads' time at most; the lookup's own bound stays one deadline.
+            match tokio::time::timeout(redis.deadline, joined.read).await {
+                Ok(outcome) => outcome,
+                Err(_) => {
+                    counters.add(Counter::RedisDeadlineHit);
+                    RedisRead::Failed
+                }
+            }
+        } else {
+            joined.read.await
+        }
     }
 
     /// Stores in memory at once and queues the Redis write; `started` is when the
