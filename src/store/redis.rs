@@ -69,35 +69,24 @@ impl Invalidation {
 /// invalidation and that is written later than this is not caught.
 const MARK_TTL: Duration = Duration::from_secs(300);
 
-/// The times of the marks `set_many` read, in order. A mark that cannot be read
-/// (another type, not a number, an error reply) supersedes nothing; a lost
-/// connection or a timeout fails the batch, which is then sent again.
-fn mark_times(
-    read: Vec<Result<Value, fred::error::Error>>,
-    clustered: bool,
-) -> Result<Vec<i64>, StoreError> {
-    let time = |value: Value| value.as_i64().unwrap_or(0);
-    let checked = |mark: Result<Value, fred::error::Error>| match mark {
-        Ok(value) => Ok(Some(value)),
-        Err(e) => {
-            let error = StoreError::command(e);
-            if error.is_transient() {
-                Err(error)
-            } else {
-                Ok(None)
-            }
-        }
-    };
-    if clustered {
-        read.into_iter()
-            .map(|mark| Ok(checked(mark)?.map(time).unwrap_or(0)))
-            .collect()
-    } else {
-        match read.into_iter().next().map(checked).transpose()?.flatten() {
-            Some(Value::Array(marks)) => Ok(marks.into_iter().map(time).collect()),
-            _ => Ok(Vec::new()),
-        }
-    }
+/// What one result of a write batch's pipeline answers.
+enum Slot {
+    /// The `SET` of the batch's entry at this index.
+    Write(usize),
+    /// A tag index's `SADD` or `PEXPIRE` (its outcome changes nothing).
+    Index,
+    /// The mark at this index (a cluster reads each with its own `GET`).
+    Mark(usize),
+    /// Every mark, in order (one `MGET`).
+    Marks,
+}
+
+/// The time a mark holds; 0 (supersedes nothing) when it holds anything else.
+fn mark_time(value: Value) -> i64 {
+    value
+        .as_str()
+        .and_then(|text| text.parse().ok())
+        .unwrap_or(0)
 }
 
 /// An entry ready to send.
@@ -514,10 +503,11 @@ impl RedisStore {
             return Ok((0, 0));
         }
         let pipeline = client.pipeline();
-        // Which results are the entries' SETs (the rest index tags or read marks).
-        let mut is_set = Vec::new();
+        // What each result of the pipeline answers, for the commands it took.
+        let mut slots = Vec::new();
+        let mut sent = Vec::with_capacity(outgoing.len());
         for out in &outgoing {
-            let _: Result<(), _> = pipeline
+            let queued: Result<(), _> = pipeline
                 .set(
                     out.storage_key.clone(),
                     out.value.clone(),
@@ -526,59 +516,85 @@ impl RedisStore {
                     false,
                 )
                 .await;
-            is_set.push(true);
+            if queued.is_err() {
+                continue;
+            }
+            slots.push(Slot::Write(sent.len()));
+            sent.push(out);
             // Each tag's index lists the keys stored with it, and lives at least as
             // long as the longest-lived of them (NX sets a first expiry, GT extends).
             for tag in out.entry.tags() {
                 let index = self.tag_key(tag);
-                let _: Result<(), _> = pipeline.sadd(index.clone(), out.storage_key.clone()).await;
-                let _: Result<(), _> = pipeline
-                    .pexpire(index.clone(), out.millis, Some(ExpireOptions::NX))
-                    .await;
-                let _: Result<(), _> = pipeline
-                    .pexpire(index, out.millis, Some(ExpireOptions::GT))
-                    .await;
-                is_set.extend([false, false, false]);
+                let queued = [
+                    pipeline
+                        .sadd::<(), _, _>(index.clone(), out.storage_key.clone())
+                        .await,
+                    pipeline
+                        .pexpire::<(), _>(index.clone(), out.millis, Some(ExpireOptions::NX))
+                        .await,
+                    pipeline
+                        .pexpire::<(), _>(index, out.millis, Some(ExpireOptions::GT))
+                        .await,
+                ];
+                slots.extend(queued.iter().filter(|q| q.is_ok()).map(|_| Slot::Index));
             }
         }
-        let marks = self.mark_keys(&outgoing);
+        if sent.is_empty() {
+            return Ok((0, 0));
+        }
+        let marks = self.mark_keys(&sent);
         // One MGET on one Redis; a cluster spreads the marks over its slots.
-        let clustered = client.is_clustered();
-        if clustered {
-            for mark in &marks {
-                let _: Result<(), _> = pipeline.get(mark.as_str()).await;
+        if client.is_clustered() {
+            for (i, mark) in marks.iter().enumerate() {
+                if pipeline.get::<(), _>(mark.as_str()).await.is_ok() {
+                    slots.push(Slot::Mark(i));
+                }
             }
-        } else {
-            let _: Result<(), _> = pipeline.mget(marks.clone()).await;
+        } else if pipeline.mget::<(), _>(marks.clone()).await.is_ok() {
+            slots.push(Slot::Marks);
         }
-        let mut results = pipeline.try_all::<Value>().await;
-        let read = results.split_off(is_set.len().min(results.len()));
-        let mut marks = mark_times(read, clustered)?.into_iter();
+        let results = pipeline.try_all::<Value>().await;
 
         let mut tally = WriteTally::default();
-        let mut written = Vec::new();
-        for (result, _) in results.into_iter().zip(&is_set).filter(|(_, set)| **set) {
-            match result {
-                Ok(_) => {
+        let mut written = vec![false; sent.len()];
+        // A mark that cannot be read (another type, not a number) supersedes nothing.
+        let mut times = vec![0_i64; marks.len()];
+        for (slot, result) in slots.into_iter().zip(results) {
+            match (slot, result) {
+                (Slot::Write(i), Ok(_)) => {
                     tally.written += 1;
-                    written.push(true);
+                    written[i] = true;
                 }
-                Err(e) => {
-                    tally.failed(StoreError::command(e))?;
-                    written.push(false);
+                (Slot::Write(_), Err(e)) => tally.failed(StoreError::command(e))?,
+                (Slot::Index, _) => {}
+                (Slot::Mark(i), Ok(value)) => times[i] = mark_time(value),
+                (Slot::Marks, Ok(Value::Array(values))) => {
+                    for (time, value) in times.iter_mut().zip(values) {
+                        *time = mark_time(value);
+                    }
+                }
+                (Slot::Marks, Ok(_)) => {}
+                // A lost connection or a timeout: the batch is sent again, and
+                // checked again; an error reply reads as no mark.
+                (Slot::Mark(_) | Slot::Marks, Err(e)) => {
+                    let error = StoreError::command(e);
+                    if error.is_transient() {
+                        return Err(error);
+                    }
                 }
             }
         }
-        let purged = marks.next().unwrap_or(0);
-        let superseded: Vec<&Outgoing<'_>> = outgoing
+        let mut times = times.into_iter();
+        let purged = times.next().unwrap_or(0);
+        let superseded: Vec<&Outgoing<'_>> = sent
             .iter()
             .zip(written)
             .filter_map(|(out, written)| {
-                let mut newest = purged.max(marks.next().unwrap_or(0));
+                let mut newest = purged.max(times.next().unwrap_or(0));
                 for _ in out.entry.tags() {
-                    newest = newest.max(marks.next().unwrap_or(0));
+                    newest = newest.max(times.next().unwrap_or(0));
                 }
-                (written && newest >= out.started).then_some(out)
+                (written && newest >= out.started).then_some(*out)
             })
             .collect();
         if !superseded.is_empty() {
@@ -597,9 +613,9 @@ impl RedisStore {
 
     /// The marks that can supersede a batch, in the order `set_many` reads them: the
     /// purge, then for each entry its key's mark and its tags' marks.
-    fn mark_keys(&self, outgoing: &[Outgoing<'_>]) -> Vec<String> {
+    fn mark_keys(&self, sent: &[&Outgoing<'_>]) -> Vec<String> {
         let mut keys = vec![self.purged_key()];
-        for out in outgoing {
+        for out in sent {
             keys.push(self.gone_key(out.key));
             keys.extend(out.entry.tags().iter().map(|tag| self.gone_tag_key(tag)));
         }
