@@ -37,7 +37,8 @@
 //! did in `Cache-Status` (RFC 9211), and every hit carries `Age`.
 //!
 //! With `HybridCacheBuilder::redis_url`, reads go to Redis first and to memory when
-//! Redis errs, times out or is known to be down; writes go to memory at once and to
+//! Redis errs, times out or is known to be down (lookups of one key that arrive while
+//! a read of it is on its way share the next read); writes go to memory at once and to
 //! Redis in the background. Building never waits on Redis for longer than its connect
 //! timeout, and never fails because Redis is down.
 //!
