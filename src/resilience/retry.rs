@@ -58,7 +58,7 @@ impl Policy<StoreRequest, StoreResponse, BoxError> for RedisRetry {
 
     fn retry(
         &mut self,
-        _request: &mut StoreRequest,
+        request: &mut StoreRequest,
         result: &mut Result<StoreResponse, BoxError>,
     ) -> Option<Self::Future> {
         match result {
@@ -81,6 +81,8 @@ impl Policy<StoreRequest, StoreResponse, BoxError> for RedisRetry {
                     return None;
                 }
                 self.attempts_left -= 1;
+                // The next attempt's request: it goes to another connection.
+                request.attempt = request.attempt.saturating_add(1);
                 self.counters.add(Counter::RedisRetry);
                 Some(self.backoff.next_backoff())
             }
@@ -119,6 +121,7 @@ mod tests {
         let mut failed = command(ErrorKind::IO, "reset");
         assert!(policy.retry(&mut request, &mut failed).is_some());
         assert!(policy.retry(&mut request, &mut failed).is_some());
+        assert_eq!(request.attempt, 2, "each retry goes to another connection");
         assert!(
             policy.retry(&mut request, &mut failed).is_none(),
             "two retries at most"

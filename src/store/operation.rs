@@ -19,6 +19,9 @@ use crate::CacheKey;
 #[derive(Debug, Clone)]
 pub struct StoreRequest {
     pub(crate) op: StoreOp,
+    /// Attempts made before this one (the retry policy counts them), so that a retried
+    /// read goes to another connection.
+    pub(crate) attempt: u8,
 }
 
 #[derive(Debug, Clone)]
@@ -62,42 +65,49 @@ impl StoreRequest {
     pub(crate) fn get(key: CacheKey) -> Self {
         StoreRequest {
             op: StoreOp::Get(key),
+            attempt: 0,
         }
     }
 
     pub(crate) fn set(entries: Vec<(CacheKey, Entry, std::time::SystemTime)>) -> Self {
         StoreRequest {
             op: StoreOp::Set(entries),
+            attempt: 0,
         }
     }
 
     pub(crate) fn delete(key: CacheKey) -> Self {
         StoreRequest {
             op: StoreOp::Delete(key),
+            attempt: 0,
         }
     }
 
     pub(crate) fn invalidate_tag(tag: &str) -> Self {
         StoreRequest {
             op: StoreOp::InvalidateTag(tag.to_owned()),
+            attempt: 0,
         }
     }
 
     pub(crate) fn purge_all() -> Self {
         StoreRequest {
             op: StoreOp::PurgeAll,
+            attempt: 0,
         }
     }
 
     pub(crate) fn lease(key: CacheKey, token: u64, ttl: std::time::Duration) -> Self {
         StoreRequest {
             op: StoreOp::Lease(key, token, ttl),
+            attempt: 0,
         }
     }
 
     pub(crate) fn release(key: CacheKey, token: u64) -> Self {
         StoreRequest {
             op: StoreOp::Release(key, token),
+            attempt: 0,
         }
     }
 

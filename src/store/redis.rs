@@ -455,6 +455,20 @@ impl RedisStore {
         Ok(self.healthy()?.with_options(&self.options))
     }
 
+    /// The readers' connection (another one for a retry), with the per-call limits.
+    fn reader(&self, attempt: u8) -> Result<WithOptions<Client>, StoreError> {
+        let index = self
+            .health
+            .pick_reader(attempt)
+            .ok_or_else(StoreError::unavailable)?;
+        let client = self
+            .pool
+            .clients()
+            .get(index)
+            .ok_or_else(StoreError::unavailable)?;
+        Ok(client.with_options(&self.options))
+    }
+
     pub(crate) fn health(&self) -> RedisHealth {
         self.health.view()
     }
@@ -466,9 +480,13 @@ impl RedisStore {
 
     /// The entry under `key`: `Ok(None)` when absent or unreadable (a foreign or
     /// corrupt value is a miss, overwritten by the next store).
-    pub(crate) async fn get(&self, key: &CacheKey) -> Result<Option<Entry>, StoreError> {
+    pub(crate) async fn get(
+        &self,
+        key: &CacheKey,
+        attempt: u8,
+    ) -> Result<Option<Entry>, StoreError> {
         let value: Option<Bytes> = self
-            .client()?
+            .reader(attempt)?
             .get(self.key(key))
             .await
             .map_err(StoreError::command)?;
@@ -846,7 +864,7 @@ impl tower::Service<StoreRequest> for RedisService {
         let store = Arc::clone(&self.0);
         Box::pin(async move {
             let answer = match request.op {
-                StoreOp::Get(key) => StoreAnswer::Found(store.get(&key).await?),
+                StoreOp::Get(key) => StoreAnswer::Found(store.get(&key, request.attempt).await?),
                 StoreOp::Set(entries) => {
                     let (written, failed) = store.set_many(&entries).await?;
                     StoreAnswer::Written { written, failed }

@@ -91,13 +91,31 @@ impl HealthState {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// The index of the next client believed up, round-robin.
+    /// The connection for a read: the first believed up, or for a retry (`attempt`
+    /// 1, 2, …) the next ones. Reads share one connection so that the lookups in
+    /// flight at once go out in one write, and come back in one read.
+    pub(crate) fn pick_reader(&self, attempt: u8) -> Option<usize> {
+        let up = |i: &usize| self.clients[*i].up.load(Ordering::Relaxed);
+        let count = (0..self.clients.len()).filter(up).count();
+        if count == 0 {
+            return None;
+        }
+        (0..self.clients.len())
+            .filter(up)
+            .nth(usize::from(attempt) % count)
+    }
+
+    /// The connection for anything but a read: round-robin over those believed up,
+    /// leaving the readers' connection alone while another one is up (a write batch
+    /// is large, and reads must not queue behind it).
     pub(crate) fn pick(&self) -> Option<usize> {
         let n = self.clients.len();
+        let reader = self.pick_reader(0)?;
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         (0..n)
             .map(|i| (start + i) % n)
-            .find(|&i| self.clients[i].up.load(Ordering::Relaxed))
+            .find(|&i| i != reader && self.clients[i].up.load(Ordering::Relaxed))
+            .or(Some(reader))
     }
 
     fn set_up(&self, index: usize, up: bool) {
@@ -236,4 +254,37 @@ pub(crate) fn spawn_probe(
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_share_the_first_connection_up_and_a_retry_takes_the_next() {
+        let health = HealthState::new(4, true);
+        assert_eq!(health.pick_reader(0), Some(0));
+        assert_eq!(health.pick_reader(0), Some(0));
+        assert_eq!(health.pick_reader(1), Some(1));
+        health.set_up(0, false);
+        assert_eq!(health.pick_reader(0), Some(1));
+        assert_eq!(health.pick_reader(3), Some(1), "wraps over the ones up");
+        for i in 1..4 {
+            health.set_up(i, false);
+        }
+        assert_eq!(health.pick_reader(0), None);
+    }
+
+    #[test]
+    fn other_operations_leave_the_readers_connection_alone_while_another_is_up() {
+        let health = HealthState::new(3, true);
+        let picked: Vec<_> = (0..6).filter_map(|_| health.pick()).collect();
+        assert!(picked.iter().all(|&i| i != 0), "{picked:?}");
+        assert!(picked.contains(&1) && picked.contains(&2), "{picked:?}");
+        health.set_up(1, false);
+        health.set_up(2, false);
+        assert_eq!(health.pick(), Some(0), "alone, it takes everything");
+        health.set_up(0, false);
+        assert_eq!(health.pick(), None);
+    }
 }
