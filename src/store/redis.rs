@@ -273,7 +273,8 @@ impl RedisConfig {
         self
     }
 
-    /// Connections in the pool. Default 4.
+    /// Connections in the pool. Default 4. Reads share the first one up (a retry takes
+    /// the next); write batches and removals go round-robin over the others.
     pub fn pool_size(mut self, size: usize) -> Self {
         self.pool_size = size;
         self
