@@ -575,6 +575,29 @@ async fn run(args: Args) {
 /// Keys of the spread pair (e′)/(f′).
 const SPREAD: u64 = 1000;
 
+/// A connected pool of four fred clients, as the baselines use.
+async fn fred_pool(url: &str) -> fred::prelude::Pool {
+    use fred::prelude::*;
+    let pool = Builder::from_config(Config::from_url(url).unwrap())
+        .build_pool(4)
+        .unwrap();
+    pool.init().await.unwrap();
+    pool
+}
+
+/// The pre-rendered route (a) behind a layer of `cache` with a one-hour TTL.
+async fn serve_pre_behind(cache: &HybridCache, body: Bytes) -> SocketAddr {
+    let pre = move || {
+        let body = body.clone();
+        async move { ([(CONTENT_TYPE, "application/json")], body) }
+    };
+    serve(Router::new().route(
+        "/pre",
+        get(pre).layer(cache.layer().ttl(Duration::from_secs(3600))),
+    ))
+    .await
+}
+
 async fn redis_pairs(
     url: &str,
     pre_rendered: Bytes,
@@ -585,10 +608,7 @@ async fn redis_pairs(
     use fred::prelude::*;
     let mut pairs = Vec::new();
     if hits {
-        let pool = Builder::from_config(Config::from_url(url).unwrap())
-            .build_pool(4)
-            .unwrap();
-        pool.init().await.unwrap();
+        let pool = fred_pool(url).await;
         let _: () = pool
             .set("bench:pre", pre_rendered.clone(), None, None, false)
             .await
@@ -601,11 +621,6 @@ async fn redis_pairs(
             }
         };
         let cache = HybridCache::builder().redis_url(url).build().await.unwrap();
-        let body = pre_rendered.clone();
-        let pre = move || {
-            let body = body.clone();
-            async move { ([(CONTENT_TYPE, "application/json")], body) }
-        };
         pairs.push(Pair {
             label: "redis",
             names: [
@@ -616,21 +631,14 @@ async fn redis_pairs(
             urls: Urls::Same,
             servers: [
                 serve(Router::new().route("/pre", get(fred_handler))).await,
-                serve(Router::new().route(
-                    "/pre",
-                    get(pre).layer(cache.layer().ttl(Duration::from_secs(3600))),
-                ))
-                .await,
+                serve_pre_behind(&cache, pre_rendered.clone()).await,
             ],
         });
     }
     if spread {
         // (e′)/(f′): the same over SPREAD keys, so that no two requests in flight are
         // likely to ask for the same one.
-        let pool = Builder::from_config(Config::from_url(url).unwrap())
-            .build_pool(4)
-            .unwrap();
-        pool.init().await.unwrap();
+        let pool = fred_pool(url).await;
         for i in 0..SPREAD {
             let _: () = pool
                 .set(
@@ -652,16 +660,7 @@ async fn redis_pairs(
             }
         };
         let cache = HybridCache::builder().redis_url(url).build().await.unwrap();
-        let body = pre_rendered.clone();
-        let pre = move || {
-            let body = body.clone();
-            async move { ([(CONTENT_TYPE, "application/json")], body) }
-        };
-        let layered = serve(Router::new().route(
-            "/pre",
-            get(pre).layer(cache.layer().ttl(Duration::from_secs(3600))),
-        ))
-        .await;
+        let layered = serve_pre_behind(&cache, pre_rendered.clone()).await;
         // Every key stored once, and in Redis, before the rounds.
         let sent = Arc::new(AtomicU64::new(0));
         while sent.load(Ordering::Relaxed) < SPREAD {

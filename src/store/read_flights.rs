@@ -213,19 +213,31 @@ mod tests {
         CacheKey::from_bytes([n; 32])
     }
 
+    /// Reads sent so far, what Redis holds, and the gate every read answers through
+    /// (closed).
+    fn redis_holding(value: usize) -> (Arc<AtomicUsize>, Arc<AtomicUsize>, Arc<Semaphore>) {
+        (
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(AtomicUsize::new(value)),
+            Arc::new(Semaphore::new(0)),
+        )
+    }
+
+    /// A lookup of `key` on its own task.
+    fn spawn_lookup(
+        flights: &ReadFlights<usize>,
+        key: CacheKey,
+        read: impl FnOnce() -> BoxFuture<'static, usize> + Send + 'static,
+    ) -> tokio::task::JoinHandle<usize> {
+        let flights = flights.clone();
+        tokio::spawn(async move { flights.join(key, read).read.await })
+    }
+
     #[tokio::test]
     async fn lookups_during_a_read_share_the_next_one_which_starts_after_them() {
         let flights = ReadFlights::<usize>::new();
-        let (sent, source, gate) = (
-            Arc::new(AtomicUsize::new(0)),
-            Arc::new(AtomicUsize::new(1)),
-            Arc::new(Semaphore::new(0)),
-        );
-        let first = tokio::spawn({
-            let flights = flights.clone();
-            let read = read(&sent, &source, &gate);
-            async move { flights.join(key(1), read).read.await }
-        });
+        let (sent, source, gate) = redis_holding(1);
+        let first = spawn_lookup(&flights, key(1), read(&sent, &source, &gate));
         while sent.load(Ordering::SeqCst) == 0 {
             tokio::task::yield_now().await;
         }
@@ -270,17 +282,9 @@ mod tests {
     #[tokio::test]
     async fn keys_do_not_wait_for_each_other() {
         let flights = ReadFlights::<usize>::new();
-        let (sent, source, gate) = (
-            Arc::new(AtomicUsize::new(0)),
-            Arc::new(AtomicUsize::new(7)),
-            Arc::new(Semaphore::new(0)),
-        );
+        let (sent, source, gate) = redis_holding(7);
         let lookups: Vec<_> = (0..5)
-            .map(|n| {
-                let flights = flights.clone();
-                let read = read(&sent, &source, &gate);
-                tokio::spawn(async move { flights.join(key(n), read).read.await })
-            })
+            .map(|n| spawn_lookup(&flights, key(n), read(&sent, &source, &gate)))
             .collect();
         while sent.load(Ordering::SeqCst) < 5 {
             tokio::task::yield_now().await;
@@ -294,16 +298,8 @@ mod tests {
     #[tokio::test]
     async fn a_read_every_lookup_gave_up_on_is_replaced_not_awaited() {
         let flights = ReadFlights::<usize>::new();
-        let (sent, source, gate) = (
-            Arc::new(AtomicUsize::new(0)),
-            Arc::new(AtomicUsize::new(3)),
-            Arc::new(Semaphore::new(0)),
-        );
-        let abandoned = tokio::spawn({
-            let flights = flights.clone();
-            let read = read(&sent, &source, &gate);
-            async move { flights.join(key(9), read).read.await }
-        });
+        let (sent, source, gate) = redis_holding(3);
+        let abandoned = spawn_lookup(&flights, key(9), read(&sent, &source, &gate));
         while sent.load(Ordering::SeqCst) == 0 {
             tokio::task::yield_now().await;
         }
