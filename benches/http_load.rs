@@ -25,6 +25,8 @@
 //! The Redis pairs start their own `redis-server` (it must be on PATH);
 //! `BENCH_REDIS_STATS=1` prints its `INFO commandstats` after the rounds. `--side 0|1`
 //! loads one side of each pair only and prints its own figures (for profiling).
+//! `--redis-cpu N` pins that redis-server to CPU N; run the bench itself under
+//! `taskset -c` on the other CPUs to measure as if Redis had a host of its own.
 //!
 //! Each scenario runs `rounds` times, interleaved, and the table shows the median
 //! requests/s and each ratio against its baseline in the same round.
@@ -64,6 +66,10 @@ struct Args {
     connections: usize,
     memory_requests: usize,
     side: Option<usize>,
+    /// Pins the bench's redis-server to this CPU (`taskset`), for runs where the bench
+    /// itself is pinned to others: Redis then takes no CPU from the server under test,
+    /// as on a host of its own.
+    redis_cpu: Option<usize>,
 }
 
 fn args() -> Args {
@@ -74,6 +80,7 @@ fn args() -> Args {
         connections: 32,
         memory_requests: 200_000,
         side: None,
+        redis_cpu: None,
     };
     let list: Vec<String> = std::env::args().collect();
     let value = |name: &str| {
@@ -96,6 +103,9 @@ fn args() -> Args {
     }
     if let Some(v) = value("--side") {
         args.side = Some(v.parse::<usize>().expect("--side 0|1").min(1));
+    }
+    if let Some(v) = value("--redis-cpu") {
+        args.redis_cpu = Some(v.parse().expect("--redis-cpu N"));
     }
     if let Some(v) = value("--memory-requests") {
         args.memory_requests = v.parse().expect("--memory-requests N");
@@ -387,6 +397,13 @@ async fn run(args: Args) {
         .any(|pair| wanted(pair))
     {
         let redis = redis_support::RedisServer::start();
+        if let (Some(cpu), Some(pid)) = (args.redis_cpu, redis.pid()) {
+            let pinned = std::process::Command::new("taskset")
+                .args(["-cp", &cpu.to_string(), &pid.to_string()])
+                .output()
+                .expect("run taskset");
+            assert!(pinned.status.success(), "taskset failed: {pinned:?}");
+        }
         pairs.extend(
             redis_pairs(
                 &redis.url(),
