@@ -607,3 +607,53 @@ async fn a_hot_key_on_a_slow_redis_costs_two_reads_not_one_per_lookup() {
     );
     assert_eq!(origin.log.calls(), 1);
 }
+
+#[tokio::test]
+async fn a_lookup_waiting_behind_another_read_still_waits_at_most_the_deadline() {
+    const SLOW_DEADLINE: Duration = Duration::from_millis(300);
+    let redis = RedisServer::start();
+    let proxy = FaultProxy::start(redis.port());
+    let cache = cache(
+        RedisConfig::new(proxy.url())
+            .command_timeout(Duration::from_secs(5))
+            .probe_timeout(Duration::from_secs(5))
+            .deadline(SLOW_DEADLINE),
+        CircuitBreakerLayer::new().slow_call(Duration::from_secs(5)),
+    )
+    .await;
+    let origin = Origin::new();
+    let app = app(&origin, &cache);
+    let url = "http://api.test/jobs/behind";
+    warm(&app, &cache, &[url.to_owned()]).await;
+    // Every read takes longer than the deadline: the first lookup's read is cut at
+    // the deadline, and the next read (which the others share) starts only then.
+    proxy.set(Fault::Latency(Duration::from_secs(2)));
+    let lookups: Vec<_> = (0..20)
+        .map(|_| {
+            let app = app.clone();
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let got = call(app, get(url)).await;
+                (started.elapsed(), got)
+            })
+        })
+        .collect();
+    for lookup in lookups {
+        let (waited, got) = lookup.await.unwrap();
+        assert!(
+            got.cache_status().ends_with("detail=memory"),
+            "{}",
+            got.cache_status()
+        );
+        // Two deadlines would be 600 ms: each lookup's own bound holds.
+        assert!(
+            waited < SLOW_DEADLINE + Duration::from_millis(250),
+            "waited {waited:?}"
+        );
+    }
+    assert!(
+        cache.stats().redis_reads_shared >= 18,
+        "{:?}",
+        cache.stats()
+    );
+}

@@ -194,6 +194,22 @@ async fn pump(client: &mut TcpStream, server: &mut TcpStream, shared: &Shared) -
                 if trapped {
                     return End::Reset;
                 }
+                // A fault set while these bytes were on their way applies to them:
+                // the select above may have taken the read before the change.
+                if faults.has_changed().unwrap_or(false) {
+                    fault = faults.borrow_and_update().clone();
+                    reply_budget = budget(&fault);
+                }
+                while fault == Fault::BlackHole {
+                    if faults.changed().await.is_err() {
+                        return End::Close;
+                    }
+                    fault = faults.borrow_and_update().clone();
+                    reply_budget = budget(&fault);
+                }
+                if fault == Fault::Reset {
+                    return End::Reset;
+                }
                 if let Fault::Latency(delay) = &fault {
                     tokio::time::sleep(*delay).await;
                 }
