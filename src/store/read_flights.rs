@@ -87,14 +87,6 @@ impl<V: Clone + Send + Sync + 'static> ReadFlights<V> {
         F: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = V> + Send + 'static,
     {
-        self.join_or_start(key, read)
-    }
-
-    fn join_or_start<F, Fut>(&self, key: CacheKey, read: F) -> Joined<V>
-    where
-        F: FnOnce() -> Fut + Send + 'static,
-        Fut: Future<Output = V> + Send + 'static,
-    {
         // A poisoned lock only means another lookup panicked while holding it; the
         // map is still consistent (every change is one insert or remove).
         let mut flights = match self.state.flights.lock() {
@@ -118,12 +110,12 @@ impl<V: Clone + Send + Sync + 'static> ReadFlights<V> {
         let id = self.state.next_id.fetch_add(1, Ordering::Relaxed);
         let sent = Arc::new(AtomicBool::new(false));
         let state = Arc::downgrade(&self.state);
-        let marks = Arc::clone(&sent);
+        let sending = Arc::clone(&sent);
         let shared = async move {
             if let Some(before) = before {
                 before.await;
             }
-            marks.store(true, Ordering::Release);
+            sending.store(true, Ordering::Release);
             let value = read().await;
             if let Some(state) = state.upgrade() {
                 state.finish(&key, id);
