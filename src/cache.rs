@@ -174,9 +174,9 @@ impl HybridCacheBuilder {
     /// entry at most `local_ttl`, so a replica may serve an entry up to that long
     /// after another replica replaced it in Redis. Invalidations (of a key, a tag, or
     /// a purge) by any replica are published on `{namespace}:invalidations`, and every
-    /// near cache forgets them as the message arrives (`local_ttl` still bounds what a
-    /// lost message costs). Without it (the default) every read asks Redis first, and
-    /// memory answers only when Redis cannot.
+    /// cache's memory forgets them as the message arrives (`local_ttl` still bounds what
+    /// a lost message costs a near cache). Without it (the default) every read asks
+    /// Redis first, and memory answers only when Redis cannot.
     pub fn near_cache(mut self, local_ttl: Duration) -> Self {
         self.near_cache = Some(local_ttl);
         self
@@ -274,7 +274,7 @@ impl HybridCacheBuilder {
         if let Some(config) = &self.redis {
             // Settings first: a bad one must not wait on a connection to be reported.
             config.retry_policy(Arc::clone(&counters))?;
-            let redis = RedisStore::connect(config, &self.namespace, local_ttl.is_some()).await?;
+            let redis = RedisStore::connect(config, &self.namespace).await?;
             store = store.with_redis(
                 redis,
                 config,

@@ -16,7 +16,7 @@ use axum::routing::get;
 use axum::Router;
 use support::redis::RedisServer;
 use support::{call, eventually, get as get_request, get_with, Origin};
-use tower_hybrid_cache::{HybridCache, RedisConfig};
+use tower_hybrid_cache::{CircuitBreakerLayer, HybridCache, RedisConfig};
 
 const WAIT: Duration = Duration::from_secs(15);
 
@@ -263,6 +263,38 @@ async fn a_write_through_one_replica_invalidates_for_every_replica() {
     let after = call(app_b.clone(), get_request(url)).await;
     assert!(!after.is_hit(), "{}", after.cache_status());
     assert_eq!(jobs.reads(), 2);
+}
+
+#[tokio::test]
+async fn memory_forgets_what_another_replica_invalidated_so_an_outage_cannot_serve_it() {
+    let redis = RedisServer::start();
+    // A's breaker, once forced open, stays open: A answers from memory alone.
+    let a = HybridCache::builder()
+        .namespace("inval")
+        .redis(RedisConfig::new(redis.url()).deadline(Duration::from_millis(500)))
+        .redis_breaker(
+            CircuitBreakerLayer::new().open_for(Duration::from_secs(60), Duration::from_secs(60)),
+        )
+        .build()
+        .await
+        .unwrap();
+    let b = replica(&redis.url()).await;
+    let origin = Origin::new();
+    let url = "http://api.test/jobs/outage";
+    call(origin.behind(&a), get_request(url)).await;
+    eventually("the entry in Redis", WAIT, || async {
+        a.stats().redis_writes == 1
+    })
+    .await;
+    assert!(b.invalidate(&url.parse().unwrap()).await);
+    // Redis is now unreachable for A: memory alone answers, and must not hold what B
+    // invalidated (the message reaches A's memory through Redis pub/sub).
+    a.redis_breaker().unwrap().force_open();
+    eventually("A's memory to forget the entry", WAIT, || async {
+        !call(origin.behind(&a), get_request(url)).await.is_hit()
+    })
+    .await;
+    assert_eq!(origin.log.calls(), 2);
 }
 
 #[tokio::test]

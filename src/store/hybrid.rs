@@ -160,9 +160,7 @@ impl HybridStore {
             breaker.count_errors_if(counts_against_redis)
         };
         store.drive(breaker.breaker());
-        if let Some(messages) = store.invalidations() {
-            spawn_listener(messages, self.memory.clone());
-        }
+        spawn_listener(store.invalidations(), self.memory.clone());
         let store = Arc::new(store);
         let retry = RetryLayer::new(config.retry_policy(Arc::clone(&counters))?);
         // The user's layers wrap the store itself, so they see every attempt; the
@@ -491,8 +489,9 @@ async fn read_redis(
     }
 }
 
-/// Near-cache mode: forgets in memory what any replica invalidated. The task ends
-/// when the subscriber is closed (`shutdown`).
+/// Forgets in memory what any replica invalidated: a near cache serves memory first,
+/// and any cache answers from memory while Redis cannot. The task ends when the
+/// subscriber is closed (`shutdown`).
 fn spawn_listener(
     mut messages: tokio::sync::broadcast::Receiver<fred::types::Message>,
     memory: MemoryStore,

@@ -316,8 +316,8 @@ impl RedisConfig {
 /// The Redis tier: a fred pool and the namespace of this cache's keys.
 pub(crate) struct RedisStore {
     pool: Pool,
-    /// Near-cache mode: a connection subscribed to the namespace's invalidations.
-    subscriber: Option<fred::clients::SubscriberClient>,
+    /// A connection subscribed to the namespace's invalidations.
+    subscriber: fred::clients::SubscriberClient,
     health: Arc<HealthState>,
     namespace: String,
     options: Options,
@@ -328,13 +328,10 @@ impl RedisStore {
     /// Builds the pool, starts its connection tasks and waits for them at most the
     /// connect timeout: whether or not Redis is up, it returns (fred reconnects in the
     /// background).
-    /// With `listen` (near-cache mode), also a subscriber to the namespace's
-    /// invalidations.
-    pub(crate) async fn connect(
-        config: &RedisConfig,
-        namespace: &str,
-        listen: bool,
-    ) -> Result<Self, BuildError> {
+    /// Also starts a subscriber to the namespace's invalidations, so that memory
+    /// forgets what any replica invalidated (a near cache at once; any cache before
+    /// an outage makes it answer from memory).
+    pub(crate) async fn connect(config: &RedisConfig, namespace: &str) -> Result<Self, BuildError> {
         // fred reads a zero timeout as "none": a command could then wait forever.
         for (name, value) in [
             ("redis command_timeout", config.command_timeout),
@@ -374,7 +371,7 @@ impl RedisStore {
             max_command_buffer_len: 1024,
             ..ConnectionConfig::default()
         };
-        let subscriber = if listen {
+        let subscriber = {
             let mut builder = fred::types::Builder::from_config(fred_config.clone());
             builder
                 .set_performance_config(performance.clone())
@@ -396,9 +393,7 @@ impl RedisStore {
                     }
                 }
             });
-            Some(subscriber)
-        } else {
-            None
+            subscriber
         };
         let pool = Pool::new(
             fred_config,
@@ -831,18 +826,14 @@ impl RedisStore {
         }
     }
 
-    /// Invalidations published by any replica, when subscribed (near-cache mode).
-    pub(crate) fn invalidations(
-        &self,
-    ) -> Option<tokio::sync::broadcast::Receiver<fred::types::Message>> {
-        self.subscriber.as_ref().map(|s| s.message_rx())
+    /// Invalidations published by any replica.
+    pub(crate) fn invalidations(&self) -> tokio::sync::broadcast::Receiver<fred::types::Message> {
+        self.subscriber.message_rx()
     }
 
     /// Closes every connection.
     pub(crate) async fn quit(&self) {
-        if let Some(subscriber) = &self.subscriber {
-            let _ = subscriber.quit().await;
-        }
+        let _ = self.subscriber.quit().await;
         let _ = self.pool.quit().await;
     }
 }
