@@ -56,6 +56,7 @@ mod job_match;
 #[allow(dead_code, unreachable_pub)]
 #[path = "../tests/support/redis.rs"]
 mod redis_support;
+mod support;
 
 struct Args {
     /// Pairs to run (`hits`, `hits-swr-tags`, `search`, `misses`, `redis`,
@@ -82,13 +83,7 @@ fn args() -> Args {
         side: None,
         redis_cpu: None,
     };
-    let list: Vec<String> = std::env::args().collect();
-    let value = |name: &str| {
-        list.iter()
-            .position(|a| a == name)
-            .and_then(|i| list.get(i + 1))
-            .cloned()
-    };
+    let value = support::option;
     if let Some(v) = value("--seconds") {
         args.seconds = v.parse().expect("--seconds N");
     }
@@ -265,13 +260,7 @@ fn median(values: &mut [f64]) -> f64 {
 }
 
 fn main() {
-    let args = args();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(run(args));
+    support::run_on_two_workers(run(args()));
 }
 
 async fn run(args: Args) {

@@ -23,6 +23,7 @@ use tower_hybrid_cache::{BreakerState, HybridCache};
 #[allow(dead_code, unreachable_pub)]
 #[path = "../tests/support/redis.rs"]
 mod redis_support;
+mod support;
 
 const URLS: usize = 200;
 /// The cache's default deadline for a Redis operation.
@@ -37,13 +38,7 @@ struct Args {
 }
 
 fn args() -> Args {
-    let list: Vec<String> = std::env::args().collect();
-    let value = |name: &str| {
-        list.iter()
-            .position(|a| a == name)
-            .and_then(|i| list.get(i + 1))
-            .cloned()
-    };
+    let value = support::option;
     Args {
         phase: value("--phase").map_or(2.0, |v| v.parse().expect("--phase SECONDS")),
         connections: value("--connections").map_or(16, |v| v.parse().expect("--connections N")),
@@ -67,13 +62,7 @@ enum Tier {
 }
 
 fn main() {
-    let args = args();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(run(args));
+    support::run_on_two_workers(run(args()));
 }
 
 async fn run(args: Args) {

@@ -565,19 +565,25 @@ async fn a_user_layer_sees_every_attempt() {
     assert_eq!(seen.last(), Some(&StoreOperation::Delete));
 }
 
+/// A cache behind `proxy` that only `deadline` can cut short: its commands, probes
+/// and breaker wait seconds for a slow Redis.
+async fn patient_cache(proxy: &FaultProxy, deadline: Duration) -> HybridCache {
+    cache(
+        RedisConfig::new(proxy.url())
+            .command_timeout(Duration::from_secs(5))
+            .probe_timeout(Duration::from_secs(5))
+            .deadline(deadline),
+        CircuitBreakerLayer::new().slow_call(Duration::from_secs(5)),
+    )
+    .await
+}
+
 #[tokio::test]
 async fn a_hot_key_on_a_slow_redis_costs_two_reads_not_one_per_lookup() {
     let redis = RedisServer::start();
     let proxy = FaultProxy::start(redis.port());
     // A slow Redis, but within every bound: only sharing can save reads here.
-    let cache = cache(
-        RedisConfig::new(proxy.url())
-            .command_timeout(Duration::from_secs(5))
-            .probe_timeout(Duration::from_secs(5))
-            .deadline(Duration::from_secs(5)),
-        CircuitBreakerLayer::new().slow_call(Duration::from_secs(5)),
-    )
-    .await;
+    let cache = patient_cache(&proxy, Duration::from_secs(5)).await;
     let origin = Origin::new();
     let app = app(&origin, &cache);
     let url = "http://api.test/jobs/hot";
@@ -613,14 +619,7 @@ async fn a_lookup_waiting_behind_another_read_still_waits_at_most_the_deadline()
     const SLOW_DEADLINE: Duration = Duration::from_millis(300);
     let redis = RedisServer::start();
     let proxy = FaultProxy::start(redis.port());
-    let cache = cache(
-        RedisConfig::new(proxy.url())
-            .command_timeout(Duration::from_secs(5))
-            .probe_timeout(Duration::from_secs(5))
-            .deadline(SLOW_DEADLINE),
-        CircuitBreakerLayer::new().slow_call(Duration::from_secs(5)),
-    )
-    .await;
+    let cache = patient_cache(&proxy, SLOW_DEADLINE).await;
     let origin = Origin::new();
     let app = app(&origin, &cache);
     let url = "http://api.test/jobs/behind";

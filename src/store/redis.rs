@@ -557,14 +557,15 @@ impl RedisStore {
             return Ok((0, 0));
         }
         let marks = self.mark_keys(&sent);
+        let mark_count = marks.len();
         // One MGET on one Redis; a cluster spreads the marks over its slots.
         if client.is_clustered() {
-            for (i, mark) in marks.iter().enumerate() {
-                if pipeline.get::<(), _>(mark.as_str()).await.is_ok() {
+            for (i, mark) in marks.into_iter().enumerate() {
+                if pipeline.get::<(), _>(mark).await.is_ok() {
                     slots.push(Slot::Mark(i));
                 }
             }
-        } else if pipeline.mget::<(), _>(marks.clone()).await.is_ok() {
+        } else if pipeline.mget::<(), _>(marks).await.is_ok() {
             slots.push(Slot::Marks);
         }
         let results = pipeline.try_all::<Value>().await;
@@ -572,7 +573,7 @@ impl RedisStore {
         let mut tally = WriteTally::default();
         let mut written = vec![false; sent.len()];
         // A mark that cannot be read (another type, not a number) supersedes nothing.
-        let mut times = vec![0_i64; marks.len()];
+        let mut times = vec![0_i64; mark_count];
         for (slot, result) in slots.into_iter().zip(results) {
             match (slot, result) {
                 (Slot::Write(i), Ok(_)) => {
