@@ -5,6 +5,9 @@
 
 mod support;
 
+#[path = "support/fault_proxy.rs"]
+mod fault_proxy;
+
 use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -14,6 +17,7 @@ use axum::extract::Path;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::get;
 use axum::Router;
+use fault_proxy::{Fault, FaultProxy};
 use support::redis::RedisServer;
 use support::{call, eventually, get as get_request, get_with, Origin};
 use tower_hybrid_cache::{CircuitBreakerLayer, HybridCache, RedisConfig};
@@ -295,6 +299,76 @@ async fn memory_forgets_what_another_replica_invalidated_so_an_outage_cannot_ser
     })
     .await;
     assert_eq!(origin.log.calls(), 2);
+}
+
+/// How many subscribers Redis counts on the `inval` namespace's invalidations.
+fn subscribers(redis: &RedisServer) -> String {
+    redis.cli(&["PUBSUB", "NUMSUB", "inval:invalidations"])
+}
+
+#[tokio::test]
+async fn memory_catches_up_on_what_was_invalidated_while_its_subscriber_was_cut_off() {
+    let redis = RedisServer::start();
+    let proxy = FaultProxy::start(redis.port());
+    // A reaches Redis through the proxy; its breaker, once forced open, stays open.
+    let a = HybridCache::builder()
+        .namespace("inval")
+        .redis(RedisConfig::new(proxy.url()).deadline(Duration::from_millis(500)))
+        .redis_breaker(
+            CircuitBreakerLayer::new().open_for(Duration::from_secs(60), Duration::from_secs(60)),
+        )
+        .build()
+        .await
+        .unwrap();
+    let b = replica(&redis.url()).await;
+    let origin = Origin::new();
+    let (gone, kept) = ("http://api.test/jobs/cut-off", "http://api.test/jobs/kept");
+    for url in [gone, kept] {
+        call(origin.behind(&a), get_request(url)).await;
+    }
+    eventually("both entries in Redis", WAIT, || async {
+        a.stats().redis_writes == 2
+    })
+    .await;
+    eventually("A and B subscribed", WAIT, || async {
+        subscribers(&redis).ends_with('2')
+    })
+    .await;
+    // A is cut off: B's invalidation message cannot reach it.
+    proxy.set(Fault::Reset);
+    eventually("A's subscription gone", WAIT, || async {
+        subscribers(&redis).ends_with('1')
+    })
+    .await;
+    assert!(b.invalidate(&gone.parse().unwrap()).await);
+    // The log that keeps it for A holds each message once, for as long as the marks.
+    assert_eq!(redis.cli(&["ZCARD", "inval:invalidation-log"]), "1");
+    let kept_for: u64 = redis
+        .cli(&["PTTL", "inval:invalidation-log"])
+        .parse()
+        .unwrap();
+    assert!(kept_for > 0 && kept_for <= 300_000, "{kept_for}");
+    proxy.set(Fault::None);
+    eventually("A subscribed again", WAIT, || async {
+        subscribers(&redis).ends_with('2')
+    })
+    .await;
+    // Redis is unreachable for A from now on: memory alone answers. It forgets what B
+    // invalidated meanwhile (read back from the invalidation log), and only that.
+    a.redis_breaker().unwrap().force_open();
+    eventually(
+        "A's memory to forget the invalidated entry",
+        WAIT,
+        || async { !call(origin.behind(&a), get_request(gone)).await.is_hit() },
+    )
+    .await;
+    let still = call(origin.behind(&a), get_request(kept)).await;
+    assert!(
+        still.cache_status().ends_with("detail=memory"),
+        "{}",
+        still.cache_status()
+    );
+    assert_eq!(origin.log.calls(), 3);
 }
 
 #[tokio::test]

@@ -4,6 +4,7 @@
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 
 use tokio::sync::mpsc;
 
@@ -27,6 +28,7 @@ use crate::BreakerState;
 use super::memory::MemoryStore;
 use super::read_flights::ReadFlights;
 use super::redis::{Invalidation, RedisService, RedisStore};
+use super::subscription::MissedWindows;
 use super::{
     RedisTierService, StoreAnswer, StoreError, StoreOp, StoreRequest, StoreResponse, Tier,
 };
@@ -162,6 +164,14 @@ impl HybridStore {
         store.drive(breaker.breaker());
         spawn_listener(store.invalidations(), self.memory.clone());
         let store = Arc::new(store);
+        if let Some(missed) = store.missed_windows() {
+            spawn_catch_up(
+                Arc::downgrade(&store),
+                self.memory.clone(),
+                missed,
+                config.probe_interval_value(),
+            );
+        }
         let retry = RetryLayer::new(config.retry_policy(Arc::clone(&counters))?);
         // The user's layers wrap the store itself, so they see every attempt; the
         // first added is the outermost, as with `ServiceBuilder`.
@@ -502,17 +512,70 @@ fn spawn_listener(
             match messages.recv().await {
                 Ok(message) => {
                     let text = message.value.as_string().unwrap_or_default();
-                    match Invalidation::parse(&text) {
-                        Some(Invalidation::Key(key)) => memory.remove(&key).await,
-                        Some(Invalidation::Tag(tag)) => memory.remove_tagged(&tag),
-                        Some(Invalidation::All) => memory.remove_all(),
-                        None => {}
+                    if let Some(invalidation) = Invalidation::parse(&text) {
+                        forget(&memory, invalidation).await;
                     }
                 }
                 // Messages were missed: forget everything rather than serve what one
                 // of them invalidated.
                 Err(RecvError::Lagged(_)) => memory.remove_all(),
                 Err(RecvError::Closed) => return,
+            }
+        }
+    });
+}
+
+async fn forget(memory: &MemoryStore, invalidation: Invalidation) {
+    match invalidation {
+        Invalidation::Key(key) => memory.remove(&key).await,
+        Invalidation::Tag(tag) => memory.remove_tagged(&tag),
+        Invalidation::All => memory.remove_all(),
+    }
+}
+
+/// How much earlier than this replica's own clock says the catch-up reads the
+/// invalidation log: other replicas' clocks stamp it.
+const CLOCK_MARGIN: Duration = Duration::from_secs(5);
+
+/// After each window in which this replica's subscriber was cut off, memory forgets
+/// what was invalidated meanwhile (read back from Redis's log), so that a later outage
+/// cannot serve it. A log Redis cannot give now is asked for again each `every`; once
+/// the log no longer reaches back to the window, memory forgets everything. Ends with
+/// the store.
+fn spawn_catch_up(
+    store: Weak<RedisStore>,
+    memory: MemoryStore,
+    mut missed: MissedWindows,
+    every: Duration,
+) {
+    tokio::spawn(async move {
+        while let Some(since) = missed.next().await {
+            let since = since
+                .checked_sub(CLOCK_MARGIN)
+                .unwrap_or(std::time::UNIX_EPOCH);
+            loop {
+                let Some(store) = store.upgrade() else {
+                    return;
+                };
+                match store.logged_since(since).await {
+                    Ok(Some(invalidations)) => {
+                        tracing::debug!(target: TARGET, missed = invalidations.len(), outcome = "invalidations-caught-up");
+                        for invalidation in invalidations {
+                            forget(&memory, invalidation).await;
+                        }
+                        break;
+                    }
+                    Ok(None) => {
+                        tracing::debug!(target: TARGET, outcome = "invalidations-out-of-reach");
+                        memory.remove_all();
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::debug!(target: TARGET, error = %e, outcome = "invalidation-log-unreadable");
+                    }
+                }
+                drop(store);
+                tokio::time::sleep(every).await;
             }
         }
     });

@@ -10,6 +10,7 @@ mod operation;
 mod read_flights;
 pub(crate) mod redis;
 pub(crate) mod redis_health;
+pub(crate) mod subscription;
 
 pub(crate) use hybrid::HybridStore;
 pub use operation::{

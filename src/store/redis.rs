@@ -18,6 +18,7 @@ use std::task::{Context, Poll};
 use fred::clients::{Client, WithOptions};
 
 use super::redis_health::{spawn_probe, watch_events, HealthState, RedisHealth};
+use super::subscription::{self, MissedWindows};
 use super::{StoreAnswer, StoreError, StoreOp, StoreRequest, StoreResponse};
 use crate::entry::codec::millis_since_epoch;
 use crate::entry::{decode_entry, encode_entry, Entry};
@@ -68,6 +69,21 @@ impl Invalidation {
 /// How long invalidation marks live: a fill whose origin call started before an
 /// invalidation and that is written later than this is not caught.
 const MARK_TTL: Duration = Duration::from_secs(300);
+
+/// How long the invalidation log reaches back: as long as the marks.
+fn log_keep_millis() -> u64 {
+    u64::try_from(MARK_TTL.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Whether the log, trimmed at `now`, still holds everything logged since `since`
+/// (both in milliseconds since the epoch).
+fn log_reaches(since: u64, now: u64) -> bool {
+    now.saturating_sub(since) < log_keep_millis()
+}
+
+fn millis_i64(millis: u64) -> i64 {
+    i64::try_from(millis).unwrap_or(i64::MAX)
+}
 
 /// What one result of a write batch's pipeline answers.
 enum Slot {
@@ -318,6 +334,9 @@ pub(crate) struct RedisStore {
     pool: Pool,
     /// A connection subscribed to the namespace's invalidations.
     subscriber: fred::clients::SubscriberClient,
+    /// Since when the subscriber may have missed messages, taken once by the hybrid
+    /// store.
+    missed: std::sync::Mutex<Option<MissedWindows>>,
     health: Arc<HealthState>,
     namespace: String,
     options: Options,
@@ -371,7 +390,7 @@ impl RedisStore {
             max_command_buffer_len: 1024,
             ..ConnectionConfig::default()
         };
-        let subscriber = {
+        let (subscriber, missed) = {
             let mut builder = fred::types::Builder::from_config(fred_config.clone());
             builder
                 .set_performance_config(performance.clone())
@@ -380,20 +399,9 @@ impl RedisStore {
             let subscriber = builder
                 .build_subscriber_client()
                 .map_err(|e| BuildError::invalid("redis subscriber", e))?;
-            let _connection = subscriber.connect();
-            // Subscriptions are made again after every reconnection.
-            let _resubscribe = subscriber.manage_subscriptions();
-            let channel = invalidation_channel(namespace);
-            let subscribing = subscriber.clone();
-            tokio::spawn(async move {
-                // Waits for Redis however long it is down; never blocks start-up.
-                if subscribing.wait_for_connect().await.is_ok() {
-                    if let Err(e) = subscribing.subscribe(channel).await {
-                        tracing::warn!(target: TARGET, error = %e, "redis: no subscription to invalidations");
-                    }
-                }
-            });
-            subscriber
+            // Subscribes after every reconnection, without blocking start-up.
+            let missed = subscription::subscribe(&subscriber, invalidation_channel(namespace));
+            (subscriber, missed)
         };
         let pool = Pool::new(
             fred_config,
@@ -421,6 +429,7 @@ impl RedisStore {
         Ok(RedisStore {
             pool,
             subscriber,
+            missed: std::sync::Mutex::new(Some(missed)),
             health,
             namespace: namespace.to_owned(),
             options: Options {
@@ -816,15 +825,79 @@ impl RedisStore {
         Ok(())
     }
 
-    /// Tells near caches on other replicas what to forget (best effort: their local
-    /// TTL bounds what a lost message costs).
+    /// Tells every replica's memory what to forget (best effort: a near cache's local
+    /// TTL bounds what a lost message costs), and logs it for replicas whose
+    /// subscriber is reconnecting (read back by `logged_since`).
     async fn publish(&self, client: &Client, message: String) {
-        let sent: Result<i64, _> = client
+        let now = millis_since_epoch(SystemTime::now());
+        let log = self.log_key();
+        let pipeline = client.pipeline();
+        // The message is the member: repeating an invalidation moves it, the log holds
+        // each at most once.
+        let _: Result<(), _> = pipeline
+            .zadd(
+                &log,
+                None,
+                None,
+                false,
+                false,
+                (now as f64, message.as_str()),
+            )
+            .await;
+        let _: Result<(), _> = pipeline
+            .zremrangebyscore(
+                &log,
+                "-inf",
+                millis_i64(now.saturating_sub(log_keep_millis())),
+            )
+            .await;
+        let _: Result<(), _> = pipeline
+            .pexpire(&log, millis_i64(log_keep_millis()), None)
+            .await;
+        let _: Result<(), _> = pipeline
             .publish(invalidation_channel(&self.namespace), message)
             .await;
+        let sent: Result<Vec<Value>, _> = pipeline.try_all().await.into_iter().collect();
         if let Err(e) = sent {
             tracing::debug!(target: TARGET, error = %e, outcome = "invalidation-not-published");
         }
+    }
+
+    /// The sorted set of recent invalidations' messages, scored by their time.
+    fn log_key(&self) -> String {
+        format!("{}:invalidation-log", self.namespace)
+    }
+
+    /// The invalidations logged since `since`; `None` when the log no longer reaches
+    /// back that far (everything may have been invalidated).
+    pub(crate) async fn logged_since(
+        &self,
+        since: SystemTime,
+    ) -> Result<Option<Vec<Invalidation>>, StoreError> {
+        let since = millis_since_epoch(since);
+        if !log_reaches(since, millis_since_epoch(SystemTime::now())) {
+            return Ok(None);
+        }
+        let messages: Vec<String> = self
+            .client()?
+            .zrangebyscore(self.log_key(), millis_i64(since), "+inf", false, None)
+            .await
+            .map_err(StoreError::command)?;
+        Ok(Some(
+            messages
+                .iter()
+                .filter_map(|message| Invalidation::parse(message))
+                .collect(),
+        ))
+    }
+
+    /// Since when the subscriber may have missed invalidations, each time it is back;
+    /// `None` after the first call.
+    pub(crate) fn missed_windows(&self) -> Option<MissedWindows> {
+        self.missed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
     }
 
     /// Invalidations published by any replica.
@@ -886,6 +959,18 @@ impl tower::Service<StoreRequest> for RedisService {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_invalidation_log_reaches_back_as_long_as_the_marks_live() {
+        let now = 1_000_000_000;
+        let keep = u64::try_from(MARK_TTL.as_millis()).unwrap();
+        assert!(log_reaches(now, now));
+        assert!(log_reaches(now - keep + 1, now));
+        assert!(!log_reaches(now - keep, now));
+        assert!(!log_reaches(0, now));
+        // A clock that went back: the window is in the future, the log holds it.
+        assert!(log_reaches(now + 10, now));
+    }
 
     #[test]
     fn invalidation_messages_roundtrip_and_junk_is_ignored() {
