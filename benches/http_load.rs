@@ -16,7 +16,8 @@
 //!   (e′)/(f′) the same over 1 000 keys (label `redis-spread`);
 //! - (g) an all-miss load on a memory-only layer and (h) the same with Redis on, with
 //!   the cheap handler of (c′); (g″)/(h″) the same pair with job_match's search
-//!   handler of (c) (label `writes-search`);
+//!   handler of (c) (label `writes-search`), and (h‴) the same with no entry sent to
+//!   Redis, so that only the misses' Redis reads remain (label `writes-search-reads`);
 //! - (i) memory hits on a memory-only layer and (j) the same on a layer whose Redis
 //!   was killed (breaker open): the degraded mode;
 //! - memory: resident size before and after a load of unique URLs that stores far
@@ -60,7 +61,8 @@ mod support;
 
 struct Args {
     /// Pairs to run (`hits`, `hits-swr-tags`, `search`, `misses`, `redis`,
-    /// `redis-spread`, `writes`, `writes-search`, `degraded`, `memory`); empty: all.
+    /// `redis-spread`, `writes`, `writes-search`, `writes-search-reads`, `degraded`,
+    /// `memory`); empty: all.
     only: Vec<String>,
     seconds: f64,
     rounds: usize,
@@ -381,9 +383,15 @@ async fn run(args: Args) {
     let mut pairs: Vec<Pair> = pairs.into_iter().filter(|p| wanted(p.label)).collect();
 
     // The Redis pairs need a redis-server; it lives until the end of the run.
-    let _redis = if ["redis", "redis-spread", "writes", "writes-search"]
-        .iter()
-        .any(|pair| wanted(pair))
+    let _redis = if [
+        "redis",
+        "redis-spread",
+        "writes",
+        "writes-search",
+        "writes-search-reads",
+    ]
+    .iter()
+    .any(|pair| wanted(pair))
     {
         let redis = redis_support::RedisServer::start();
         if let (Some(cpu), Some(pid)) = (args.redis_cpu, redis.pid()) {
@@ -403,6 +411,30 @@ async fn run(args: Args) {
             )
             .await,
         );
+        if wanted("writes-search-reads") {
+            // (h‴): what the misses' Redis reads cost alone; no entry is small enough
+            // to be sent.
+            let data = job_match::Data::generate(5_000, 100);
+            let memory_only = HybridCache::builder().build().await.unwrap();
+            let reads_only = HybridCache::builder()
+                .redis(tower_hybrid_cache::RedisConfig::new(redis.url()).max_value_bytes(1))
+                .build()
+                .await
+                .unwrap();
+            pairs.push(Pair {
+                label: "writes-search-reads",
+                names: [
+                    "(g″) (c) behind a memory-only layer, all misses, all stored",
+                    "(h‴) (g″) with Redis on, no entry sent: the misses' Redis reads alone",
+                ],
+                path: "/jobs/search?q=engineer",
+                urls: Urls::Unique,
+                servers: [
+                    serve(job_match::search_router(data.clone(), Some(&memory_only))).await,
+                    serve(job_match::search_router(data, Some(&reads_only))).await,
+                ],
+            });
+        }
         if wanted("writes-search") {
             let data = job_match::Data::generate(5_000, 100);
             let memory_only = HybridCache::builder().build().await.unwrap();
