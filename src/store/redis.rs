@@ -117,6 +117,45 @@ struct Outgoing<'a> {
     millis: i64,
 }
 
+/// The distinct tags of a write batch, in first-seen order, each with the storage
+/// keys of its entries and the longest time to live among them.
+#[derive(Default)]
+struct BatchTags<'a> {
+    tags: Vec<BatchTag<'a>>,
+    /// Where each tag is in `tags`.
+    positions: std::collections::HashMap<&'a str, usize>,
+}
+
+struct BatchTag<'a> {
+    name: &'a str,
+    keys: Vec<&'a str>,
+    millis: i64,
+}
+
+impl<'a> BatchTags<'a> {
+    fn add(&mut self, out: &'a Outgoing<'a>) {
+        for tag in out.entry.tags() {
+            let next = self.tags.len();
+            let at = *self.positions.entry(tag.as_str()).or_insert(next);
+            match self.tags.get_mut(at) {
+                Some(known) => {
+                    known.keys.push(&out.storage_key);
+                    known.millis = known.millis.max(out.millis);
+                }
+                None => self.tags.push(BatchTag {
+                    name: tag,
+                    keys: vec![&out.storage_key],
+                    millis: out.millis,
+                }),
+            }
+        }
+    }
+
+    fn position(&self, tag: &str) -> Option<usize> {
+        self.positions.get(tag).copied()
+    }
+}
+
 /// What became of a batch's entries.
 #[derive(Default)]
 struct WriteTally {
@@ -529,6 +568,7 @@ impl RedisStore {
         // What each result of the pipeline answers, for the commands it took.
         let mut slots = Vec::new();
         let mut sent = Vec::with_capacity(outgoing.len());
+        let mut tags = BatchTags::default();
         for out in &outgoing {
             let queued: Result<(), _> = pipeline
                 .set(
@@ -543,29 +583,31 @@ impl RedisStore {
                 continue;
             }
             slots.push(Slot::Write(sent.len()));
+            tags.add(out);
             sent.push(out);
-            // Each tag's index lists the keys stored with it, and lives at least as
-            // long as the longest-lived of them (NX sets a first expiry, GT extends).
-            for tag in out.entry.tags() {
-                let index = self.tag_key(tag);
-                let queued = [
-                    pipeline
-                        .sadd::<(), _, _>(index.clone(), out.storage_key.clone())
-                        .await,
-                    pipeline
-                        .pexpire::<(), _>(index.clone(), out.millis, Some(ExpireOptions::NX))
-                        .await,
-                    pipeline
-                        .pexpire::<(), _>(index, out.millis, Some(ExpireOptions::GT))
-                        .await,
-                ];
-                slots.extend(queued.iter().filter(|q| q.is_ok()).map(|_| Slot::Index));
-            }
         }
         if sent.is_empty() {
             return Ok((0, 0));
         }
-        let marks = self.mark_keys(&sent);
+        // Each tag's index lists the keys stored with it, and lives at least as long
+        // as the longest-lived of them (NX sets a first expiry, GT extends): one
+        // SADD and one expiry per tag and batch, however many entries carry it.
+        for tag in &tags.tags {
+            let index = self.tag_key(tag.name);
+            let queued = [
+                pipeline
+                    .sadd::<(), _, _>(index.clone(), tag.keys.clone())
+                    .await,
+                pipeline
+                    .pexpire::<(), _>(index.clone(), tag.millis, Some(ExpireOptions::NX))
+                    .await,
+                pipeline
+                    .pexpire::<(), _>(index, tag.millis, Some(ExpireOptions::GT))
+                    .await,
+            ];
+            slots.extend(queued.iter().filter(|q| q.is_ok()).map(|_| Slot::Index));
+        }
+        let marks = self.mark_keys(&sent, &tags);
         let mark_count = marks.len();
         // One MGET on one Redis; a cluster spreads the marks over its slots.
         if client.is_clustered() {
@@ -608,15 +650,19 @@ impl RedisStore {
                 }
             }
         }
-        let mut times = times.into_iter();
-        let purged = times.next().unwrap_or(0);
+        // In `mark_keys` order: the purge, each entry's key, each tag of the batch.
+        let purged = times.first().copied().unwrap_or(0);
+        let key_marks = times.get(1..).unwrap_or_default();
+        let tag_marks = times.get(1 + sent.len()..).unwrap_or_default();
         let superseded: Vec<&Outgoing<'_>> = sent
             .iter()
             .zip(written)
-            .filter_map(|(out, written)| {
-                let mut newest = purged.max(times.next().unwrap_or(0));
-                for _ in out.entry.tags() {
-                    newest = newest.max(times.next().unwrap_or(0));
+            .enumerate()
+            .filter_map(|(i, (out, written))| {
+                let mut newest = purged.max(key_marks.get(i).copied().unwrap_or(0));
+                for tag in out.entry.tags() {
+                    let mark = tags.position(tag).and_then(|t| tag_marks.get(t));
+                    newest = newest.max(mark.copied().unwrap_or(0));
                 }
                 (written && newest >= out.started).then_some(*out)
             })
@@ -636,13 +682,12 @@ impl RedisStore {
     }
 
     /// The marks that can supersede a batch, in the order `set_many` reads them: the
-    /// purge, then for each entry its key's mark and its tags' marks.
-    fn mark_keys(&self, sent: &[&Outgoing<'_>]) -> Vec<String> {
-        let mut keys = vec![self.purged_key()];
-        for out in sent {
-            keys.push(self.gone_key(out.key));
-            keys.extend(out.entry.tags().iter().map(|tag| self.gone_tag_key(tag)));
-        }
+    /// purge, each entry's key's mark, then each of the batch's tags' marks.
+    fn mark_keys(&self, sent: &[&Outgoing<'_>], tags: &BatchTags<'_>) -> Vec<String> {
+        let mut keys = Vec::with_capacity(1 + sent.len() + tags.tags.len());
+        keys.push(self.purged_key());
+        keys.extend(sent.iter().map(|out| self.gone_key(out.key)));
+        keys.extend(tags.tags.iter().map(|tag| self.gone_tag_key(tag.name)));
         keys
     }
 
@@ -959,6 +1004,49 @@ impl tower::Service<StoreRequest> for RedisService {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_batch_indexes_each_tag_once_with_all_its_keys_and_the_longest_ttl() {
+        use crate::entry::CachedResponse;
+        let tagged = |tags: &[&str]| {
+            Entry::Response(Arc::new(
+                CachedResponse::builder(http::StatusCode::OK, http::HeaderMap::new(), Bytes::new())
+                    .tags(tags.iter().map(|t| (*t).to_owned()).collect())
+                    .build(),
+            ))
+        };
+        let keys = [CacheKey::from_bytes([1; 32]), CacheKey::from_bytes([2; 32])];
+        let entries = [tagged(&["jobs", "berlin"]), tagged(&["jobs"])];
+        let outgoing: Vec<Outgoing<'_>> = keys
+            .iter()
+            .zip(&entries)
+            .zip([1_000, 5_000])
+            .map(|((key, entry), millis)| Outgoing {
+                key,
+                entry,
+                started: 0,
+                storage_key: key.storage_key("ns"),
+                value: Bytes::new(),
+                millis,
+            })
+            .collect();
+        let mut tags = BatchTags::default();
+        for out in &outgoing {
+            tags.add(out);
+        }
+        let names: Vec<&str> = tags.tags.iter().map(|t| t.name).collect();
+        assert_eq!(names, ["jobs", "berlin"]);
+        let jobs = &tags.tags[0];
+        assert_eq!(
+            jobs.keys,
+            [outgoing[0].storage_key.as_str(), &outgoing[1].storage_key]
+        );
+        assert_eq!(jobs.millis, 5_000);
+        assert_eq!(tags.tags[1].keys, [outgoing[0].storage_key.as_str()]);
+        assert_eq!(tags.tags[1].millis, 1_000);
+        assert_eq!(tags.position("berlin"), Some(1));
+        assert_eq!(tags.position("paris"), None);
+    }
 
     #[test]
     fn the_invalidation_log_reaches_back_as_long_as_the_marks_live() {
