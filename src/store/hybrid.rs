@@ -473,7 +473,7 @@ enum RedisRead {
 }
 
 /// One read through the Redis stack. A hit also fills memory, so that an outage finds
-/// it warm (most hits find the same version there already, and skip moka's insert).
+/// it warm (most hits find the same version there already, and skip moka).
 async fn read_redis(
     service: RedisStack,
     memory: MemoryStore,
@@ -483,10 +483,7 @@ async fn read_redis(
     match service.oneshot(StoreRequest::get(key)).await {
         Ok(response) => match response.answer {
             StoreAnswer::Found(Some(entry)) => {
-                let held = memory.get(&key).await;
-                if !held.is_some_and(|held| held.same_version(&entry)) {
-                    memory.insert(key, entry.clone()).await;
-                }
+                memory.keep(key, &entry).await;
                 RedisRead::Found(entry)
             }
             _ => RedisRead::Absent,
