@@ -53,6 +53,14 @@ impl RedisRetry {
     }
 }
 
+impl RedisRetry {
+    /// What `retry` does with a success (it earns retries for the budget), for a
+    /// caller that only asks the policy once an attempt has failed.
+    pub(crate) fn succeeded(&self) {
+        self.budget.deposit();
+    }
+}
+
 impl Policy<StoreRequest, StoreResponse, BoxError> for RedisRetry {
     type Future = tokio::time::Sleep;
 
@@ -63,7 +71,7 @@ impl Policy<StoreRequest, StoreResponse, BoxError> for RedisRetry {
     ) -> Option<Self::Future> {
         match result {
             Ok(_) => {
-                self.budget.deposit();
+                self.succeeded();
                 None
             }
             Err(error) => {

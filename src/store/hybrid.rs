@@ -21,6 +21,8 @@ use tower::{BoxError, ServiceBuilder, ServiceExt};
 use super::redis::RedisConfig;
 use crate::error::BuildError;
 use crate::resilience::breaker::CircuitOpen;
+use crate::resilience::retry::RedisRetry;
+use tower::retry::Policy;
 
 use crate::resilience::breaker::{CircuitBreaker, CircuitBreakerLayer};
 use crate::BreakerState;
@@ -64,11 +66,85 @@ struct RedisTier {
     pending: Arc<Mutex<VecDeque<StoreRequest>>>,
     /// Operations off the response path (no deadline): the writer's stack.
     admin: RedisStack,
+    /// How a lookup reads Redis.
+    reader: Arc<RedisReader>,
     /// Reads of a key on their way, shared by the lookups that arrive meanwhile.
     reads: ReadFlights<RedisRead>,
-    counters: Arc<Counters>,
     /// The bound on a read, and on a lookup's wait for one it shares.
     deadline: std::time::Duration,
+}
+
+/// A lookup's Redis read, in the stack's order: the breaker (while open, Redis is not
+/// asked), one deadline for the whole read, retries of transient errors, the store.
+/// Written out rather than as boxed layers (a read is the hot path of a Redis hit),
+/// unless the application wrapped the store in layers of its own, which must see
+/// every attempt: then the reads go through that stack.
+struct RedisReader {
+    store: Arc<RedisStore>,
+    breaker: CircuitBreaker,
+    deadline: Duration,
+    retry: RedisRetry,
+    layered: Option<RedisStack>,
+    /// A hit is also kept in memory, so that an outage finds it warm.
+    memory: MemoryStore,
+    counters: Arc<Counters>,
+}
+
+impl RedisReader {
+    /// Reads `key`, fills memory with a hit, and counts a failure.
+    async fn read_and_keep(self: Arc<Self>, key: CacheKey) -> RedisRead {
+        match self.read(key).await {
+            Ok(Some(entry)) => {
+                self.memory.keep(key, &entry).await;
+                RedisRead::Found(entry)
+            }
+            Ok(None) => RedisRead::Absent,
+            Err(e) => {
+                count_failure(&self.counters, &e);
+                tracing::debug!(target: TARGET, key = %key, error = %e, outcome = "redis-read-failed");
+                RedisRead::Failed
+            }
+        }
+    }
+
+    async fn read(&self, key: CacheKey) -> Result<Option<Entry>, BoxError> {
+        if let Some(stack) = &self.layered {
+            let response = stack.clone().oneshot(StoreRequest::get(key)).await?;
+            return Ok(match response.answer {
+                StoreAnswer::Found(found) => found,
+                _ => None,
+            });
+        }
+        self.breaker
+            .guard(|| async {
+                tokio::time::timeout(self.deadline, self.attempts(key))
+                    .await
+                    .unwrap_or_else(|_| Err(Elapsed::new().into()))
+            })
+            .await
+    }
+
+    /// The store's answer, retried as the retry policy says (asked only once an
+    /// attempt failed; a success tells it as `tower::retry` would).
+    async fn attempts(&self, key: CacheKey) -> Result<Option<Entry>, BoxError> {
+        let mut request = StoreRequest::get(key);
+        let mut policy: Option<RedisRetry> = None;
+        loop {
+            let error = match self.store.get(&key, request.attempt).await {
+                Ok(found) => {
+                    self.retry.succeeded();
+                    return Ok(found);
+                }
+                Err(error) => error,
+            };
+            let mut failed: Result<StoreResponse, BoxError> = Err(error.into());
+            let policy = policy.get_or_insert_with(|| self.retry.clone());
+            match policy.retry(&mut request, &mut failed) {
+                Some(backoff) => backoff.await,
+                None => return failed.map(|_| None),
+            }
+        }
+    }
 }
 
 /// The outcome of asking for a fill lease.
@@ -172,7 +248,8 @@ impl HybridStore {
                 config.probe_interval_value(),
             );
         }
-        let retry = RetryLayer::new(config.retry_policy(Arc::clone(&counters))?);
+        let policy = config.retry_policy(Arc::clone(&counters))?;
+        let retry = RetryLayer::new(policy.clone());
         // The user's layers wrap the store itself, so they see every attempt; the
         // first added is the outermost, as with `ServiceBuilder`.
         let inner = layers.iter().rev().fold(
@@ -205,7 +282,15 @@ impl HybridStore {
         let admin = writer.clone();
         let replay = Arc::clone(&pending_removals);
         let (writes, mut pending) = mpsc::channel::<QueuedWrite>(config.write_queue_len());
-        let read_counters = Arc::clone(&counters);
+        let reader = Arc::new(RedisReader {
+            store: Arc::clone(&store),
+            breaker: breaker.breaker(),
+            deadline: config.deadline_value(),
+            retry: policy,
+            layered: (!layers.is_empty()).then(|| service.clone()),
+            memory: self.memory.clone(),
+            counters: Arc::clone(&counters),
+        });
         // The task ends when the last sender (the last HybridStore clone) is gone.
         tokio::spawn(async move {
             let mut batch = Vec::with_capacity(WRITE_BATCH);
@@ -243,8 +328,8 @@ impl HybridStore {
             writes,
             pending: pending_removals,
             admin,
+            reader,
             reads: ReadFlights::new(),
-            counters: read_counters,
             deadline: config.deadline_value(),
         });
         Ok(self)
@@ -303,13 +388,8 @@ impl HybridStore {
         counters: &Counters,
     ) -> RedisRead {
         let read = {
-            let (service, memory, counters) = (
-                redis.service.clone(),
-                self.memory.clone(),
-                Arc::clone(&redis.counters),
-            );
-            let key = *key;
-            move || read_redis(service, memory, counters, key)
+            let (reader, key) = (Arc::clone(&redis.reader), *key);
+            move || reader.read_and_keep(key)
         };
         let joined = redis.reads.join(*key, read);
         if joined.shared {
@@ -470,30 +550,6 @@ enum RedisRead {
     Absent,
     /// Failed, timed out or refused (counted once, by the read): memory answers.
     Failed,
-}
-
-/// One read through the Redis stack. A hit also fills memory, so that an outage finds
-/// it warm (most hits find the same version there already, and skip moka).
-async fn read_redis(
-    service: RedisStack,
-    memory: MemoryStore,
-    counters: Arc<Counters>,
-    key: CacheKey,
-) -> RedisRead {
-    match service.oneshot(StoreRequest::get(key)).await {
-        Ok(response) => match response.answer {
-            StoreAnswer::Found(Some(entry)) => {
-                memory.keep(key, &entry).await;
-                RedisRead::Found(entry)
-            }
-            _ => RedisRead::Absent,
-        },
-        Err(e) => {
-            count_failure(&counters, &e);
-            tracing::debug!(target: TARGET, key = %key, error = %e, outcome = "redis-read-failed");
-            RedisRead::Failed
-        }
-    }
 }
 
 /// Forgets in memory what any replica invalidated: a near cache serves memory first,

@@ -168,12 +168,22 @@ where
     }
 
     fn call(&mut self, request: R) -> Self::Future {
-        match self.breaker.acquire() {
+        let inner = &mut self.inner;
+        self.breaker.guard(|| inner.call(request))
+    }
+}
+
+impl CircuitBreaker {
+    /// A call through the breaker: `make` starts it if the breaker lets it through
+    /// (refused: `CircuitOpen`, and `make` is not run), and its outcome is recorded
+    /// (a call dropped before it ends gives its place back).
+    pub(crate) fn guard<F>(&self, make: impl FnOnce() -> F) -> ResponseFuture<F> {
+        match self.acquire() {
             Ok(permit) => ResponseFuture {
                 kind: Kind::Running {
-                    future: self.inner.call(request),
+                    future: make(),
                     call: Some(CallGuard {
-                        breaker: self.breaker.clone(),
+                        breaker: self.clone(),
                         permit,
                         started: Instant::now(),
                         finished: false,
