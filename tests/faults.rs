@@ -238,13 +238,26 @@ async fn redis_killed_under_load_then_restarted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_redis_costs_no_request_more_than_the_deadline() {
+    frozen_redis_within_the_deadline(|url| config(url).probe_interval(Duration::from_millis(100)))
+        .await;
+}
+
+/// With the default command timeout (the deadline), fred's timeout ends a read's
+/// first attempt, and the deadline what follows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_redis_costs_no_request_more_than_the_deadline_with_default_timeouts() {
+    frozen_redis_within_the_deadline(|url| {
+        RedisConfig::new(url)
+            .deadline(DEADLINE)
+            .probe_interval(Duration::from_millis(100))
+    })
+    .await;
+}
+
+async fn frozen_redis_within_the_deadline(config: impl FnOnce(&str) -> RedisConfig) {
     let redis = RedisServer::start();
     let origin = Origin::new();
-    let cache = cache(
-        config(&redis.url()).probe_interval(Duration::from_millis(100)),
-        CircuitBreakerLayer::new(),
-    )
-    .await;
+    let cache = cache(config(&redis.url()), CircuitBreakerLayer::new()).await;
     let breaker = cache.redis_breaker().unwrap();
     let app = app(&origin, &cache);
     let urls = urls(20);
