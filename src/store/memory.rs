@@ -19,8 +19,10 @@ pub(crate) struct MemoryStore {
     held: Arc<HeldVersions>,
 }
 
-/// Slots of `HeldVersions`: a power of two.
-const HELD_SLOTS: usize = 4096;
+/// Bytes of memory per slot of `HeldVersions`, and the bounds on its slots: about
+/// one slot per entry of a few KB, so that few hot keys share one.
+const HELD_BYTES_PER_SLOT: u64 = 4096;
+const HELD_SLOTS: (usize, usize) = (1 << 10, 1 << 16);
 
 /// Which version of a response memory was last given for a key, as fingerprints in a
 /// small direct-mapped table, so that a Redis hit of a version memory holds costs
@@ -28,22 +30,26 @@ const HELD_SLOTS: usize = 4096;
 /// describes (evicted, expired, replaced or removed), so it never claims more than
 /// memory holds for long; keys sharing a slot just take the slower path.
 struct HeldVersions {
+    /// A power of two.
     slots: Box<[AtomicU64]>,
     hasher: RandomState,
 }
 
 impl HeldVersions {
-    fn new() -> Self {
+    fn new(capacity_bytes: u64) -> Self {
+        let wanted = usize::try_from(capacity_bytes / HELD_BYTES_PER_SLOT).unwrap_or(usize::MAX);
+        let count = wanted.clamp(HELD_SLOTS.0, HELD_SLOTS.1).next_power_of_two();
         HeldVersions {
-            slots: (0..HELD_SLOTS).map(|_| AtomicU64::new(0)).collect(),
+            slots: (0..count).map(|_| AtomicU64::new(0)).collect(),
             hasher: RandomState::new(),
         }
     }
 
     fn slot(&self, key: &CacheKey) -> Option<&AtomicU64> {
         let [a, b, c, d, e, f, g, h, ..] = *key.as_bytes();
-        let index = u64::from_le_bytes([a, b, c, d, e, f, g, h]) as usize & (HELD_SLOTS - 1);
-        self.slots.get(index)
+        let mask = self.slots.len().wrapping_sub(1);
+        self.slots
+            .get(u64::from_le_bytes([a, b, c, d, e, f, g, h]) as usize & mask)
     }
 
     /// Never 0 (an empty slot); equal for two versions `Entry::same_version` equates.
@@ -109,7 +115,7 @@ impl MemoryStore {
     /// A memory tier of `capacity_bytes`; with `local_ttl`, a near cache whose
     /// entries live at most that long.
     pub(crate) fn new(capacity_bytes: u64, local_ttl: Option<Duration>) -> Self {
-        let held = Arc::new(HeldVersions::new());
+        let held = Arc::new(HeldVersions::new(capacity_bytes));
         let on_drop = Arc::clone(&held);
         let cache = Cache::builder()
             .max_capacity(capacity_bytes)
@@ -251,8 +257,16 @@ mod tests {
     }
 
     #[test]
+    fn the_version_table_grows_with_memory_within_bounds() {
+        assert_eq!(HeldVersions::new(0).slots.len(), 1 << 10);
+        assert_eq!(HeldVersions::new(64 << 20).slots.len(), 1 << 14);
+        assert_eq!(HeldVersions::new(u64::MAX).slots.len(), 1 << 16);
+        assert_eq!(HeldVersions::new(5_000_000).slots.len(), 2048);
+    }
+
+    #[test]
     fn versions_the_store_equates_have_one_fingerprint() {
-        let held = HeldVersions::new();
+        let held = HeldVersions::new(0);
         let key = CacheKey::from_bytes([5; 32]);
         let at = SystemTime::now();
         let (a, b, c) = (
