@@ -10,10 +10,13 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::task::{Context, Poll};
 
 use futures_util::future::{BoxFuture, FutureExt, Shared, WeakShared};
+use tokio::sync::Notify;
 
 use crate::CacheKey;
 
@@ -44,26 +47,124 @@ struct Flights<V> {
 /// The newest read of a key.
 struct Flight<V> {
     id: u64,
-    /// Set just before the read is sent: from then on, a lookup that arrives needs a
-    /// later read.
-    sent: Arc<AtomicBool>,
     /// Whether it waits for an earlier read before it is sent.
     after_another: bool,
-    /// Weak, so that a read every waiter gave up on is dropped, not kept by the map.
-    read: WeakShared<BoxFuture<'static, V>>,
+    kind: FlightKind<V>,
+}
+
+enum FlightKind<V> {
+    /// Sent at once by the lookup that found no read of its key, and awaited by it
+    /// alone (a lookup arriving now needs a later read): no shared future, the
+    /// common case.
+    Own(Arc<ReadEnded>),
+    /// Waits for the read before it, and is shared by the lookups that arrive until
+    /// it is sent.
+    Waiting {
+        /// Set just before the read is sent: from then on, a lookup that arrives
+        /// needs a later read.
+        sent: Arc<AtomicBool>,
+        /// Weak, so that a read every waiter gave up on is dropped, not kept by the
+        /// map.
+        read: WeakShared<BoxFuture<'static, V>>,
+    },
+}
+
+/// Said by a lookup's own read when it ends (or is dropped).
+#[derive(Default)]
+struct ReadEnded {
+    ended: AtomicBool,
+    notify: Notify,
+}
+
+impl ReadEnded {
+    fn end(&self) {
+        self.ended.store(true, Ordering::Release);
+        self.notify.notify_waiters();
+    }
+
+    async fn wait(&self) {
+        let notified = std::pin::pin!(self.notify.notified());
+        let mut notified = notified;
+        // Registered before the check, so that an end in between is not missed.
+        notified.as_mut().enable();
+        if self.ended.load(Ordering::Acquire) {
+            return;
+        }
+        notified.await;
+    }
+}
+
+/// What a waiting read waits for before it is sent.
+enum Before<V> {
+    Own(Arc<ReadEnded>),
+    Shared(Shared<BoxFuture<'static, V>>),
+}
+
+impl<V: Clone> Before<V> {
+    async fn ended(self) {
+        match self {
+            Before::Own(ended) => ended.wait().await,
+            Before::Shared(read) => {
+                read.await;
+            }
+        }
+    }
 }
 
 const FIRST_SWEEP: usize = 1024;
 
 /// A lookup's place in the reads of its key.
-pub(crate) struct Joined<V> {
+pub(crate) struct Joined<V, Fut> {
     /// The read whose answer it takes.
-    pub(crate) read: Shared<BoxFuture<'static, V>>,
+    pub(crate) read: FlightRead<V, Fut>,
     /// Whether another lookup started that read.
     pub(crate) shared: bool,
     /// Whether that read waits for an earlier one: the lookup may then wait up to two
     /// reads' time.
     pub(crate) after_another: bool,
+}
+
+pin_project_lite::pin_project! {
+    /// The answer of a lookup's read: its own, or one it shares.
+    #[project = FlightReadProj]
+    pub(crate) enum FlightRead<V, Fut> {
+        Own { #[pin] read: Fut, ended: Option<OwnReadEnd<V>> },
+        Shared { read: Shared<BoxFuture<'static, V>> },
+    }
+}
+
+impl<V: Clone, Fut: Future<Output = V>> Future for FlightRead<V, Fut> {
+    type Output = V;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<V> {
+        match self.project() {
+            FlightReadProj::Own { read, ended } => {
+                let value = std::task::ready!(read.poll(cx));
+                // At once, not when the lookup drops this: the next read may go.
+                drop(ended.take());
+                Poll::Ready(value)
+            }
+            FlightReadProj::Shared { read } => read.poll_unpin(cx),
+        }
+    }
+}
+
+/// Ends a lookup's own read when dropped: the key is forgotten (unless a later read
+/// is waiting) and that later read is let go.
+pub(crate) struct OwnReadEnd<V> {
+    state: Weak<FlightState<V>>,
+    key: CacheKey,
+    id: u64,
+    ended: Arc<ReadEnded>,
+}
+
+impl<V> Drop for OwnReadEnd<V> {
+    fn drop(&mut self) {
+        if let Some(state) = self.state.upgrade() {
+            state.finish(&self.key, self.id);
+        }
+        self.ended.end();
+    }
 }
 
 impl<V: Clone + Send + Sync + 'static> ReadFlights<V> {
@@ -82,39 +183,60 @@ impl<V: Clone + Send + Sync + 'static> ReadFlights<V> {
     /// A read of `key` sent after this call: a waiting read another lookup started,
     /// or a new one made with `read` (sent at once, or once the read on its way
     /// ends).
-    pub(crate) fn join<F, Fut>(&self, key: CacheKey, read: F) -> Joined<V>
+    pub(crate) fn join<F, Fut>(&self, key: CacheKey, read: F) -> Joined<V, Fut>
     where
         F: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = V> + Send + 'static,
     {
-        // A poisoned lock only means another lookup panicked while holding it; the
-        // map is still consistent (every change is one insert or remove).
-        let mut flights = match self.state.flights.lock() {
-            Ok(flights) => flights,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut flights = self.state.lock();
         let before = match flights.by_key.get(&key) {
-            Some(flight) => match flight.read.upgrade() {
-                Some(waiting) if !flight.sent.load(Ordering::Acquire) => {
-                    return Joined {
-                        read: waiting,
-                        shared: true,
-                        after_another: flight.after_another,
+            Some(flight) => match &flight.kind {
+                FlightKind::Own(ended) => Some(Before::Own(Arc::clone(ended))),
+                FlightKind::Waiting { sent, read } => match read.upgrade() {
+                    Some(waiting) if !sent.load(Ordering::Acquire) => {
+                        return Joined {
+                            read: FlightRead::Shared { read: waiting },
+                            shared: true,
+                            after_another: flight.after_another,
+                        }
                     }
-                }
-                on_its_way => on_its_way,
+                    on_its_way => on_its_way.map(Before::Shared),
+                },
             },
             None => None,
         };
-        let after_another = before.is_some();
         let id = self.state.next_id.fetch_add(1, Ordering::Relaxed);
+        flights.sweep();
+        let Some(before) = before else {
+            let ended = Arc::new(ReadEnded::default());
+            flights.by_key.insert(
+                key,
+                Flight {
+                    id,
+                    after_another: false,
+                    kind: FlightKind::Own(Arc::clone(&ended)),
+                },
+            );
+            drop(flights);
+            return Joined {
+                read: FlightRead::Own {
+                    read: read(),
+                    ended: Some(OwnReadEnd {
+                        state: Arc::downgrade(&self.state),
+                        key,
+                        id,
+                        ended,
+                    }),
+                },
+                shared: false,
+                after_another: false,
+            };
+        };
         let sent = Arc::new(AtomicBool::new(false));
         let state = Arc::downgrade(&self.state);
         let sending = Arc::clone(&sent);
         let shared = async move {
-            if let Some(before) = before {
-                before.await;
-            }
+            before.ended().await;
             sending.store(true, Ordering::Release);
             let value = read().await;
             if let Some(state) = state.upgrade() {
@@ -125,47 +247,56 @@ impl<V: Clone + Send + Sync + 'static> ReadFlights<V> {
         .boxed()
         .shared();
         if let Some(weak) = shared.downgrade() {
-            if flights.by_key.len() >= flights.sweep_at {
-                flights
-                    .by_key
-                    .retain(|_, flight| flight.read.upgrade().is_some());
-                flights.sweep_at = (flights.by_key.len() * 2).max(FIRST_SWEEP);
-            }
             flights.by_key.insert(
                 key,
                 Flight {
                     id,
-                    sent,
-                    after_another,
-                    read: weak,
+                    after_another: true,
+                    kind: FlightKind::Waiting { sent, read: weak },
                 },
             );
         }
         Joined {
-            read: shared,
+            read: FlightRead::Shared { read: shared },
             shared: false,
-            after_another,
+            after_another: true,
         }
     }
 
     /// Keys with a flight on record (for tests).
     #[cfg(test)]
     fn len(&self) -> usize {
-        self.state
-            .flights
-            .lock()
-            .map(|f| f.by_key.len())
-            .unwrap_or(0)
+        self.state.lock().by_key.len()
+    }
+}
+
+impl<V> Flights<V> {
+    /// Drops the waiting reads every lookup gave up on, once the map has grown (own
+    /// reads leave it when they end or are dropped).
+    fn sweep(&mut self) {
+        if self.by_key.len() < self.sweep_at {
+            return;
+        }
+        self.by_key.retain(|_, flight| match &flight.kind {
+            FlightKind::Own(_) => true,
+            FlightKind::Waiting { read, .. } => read.upgrade().is_some(),
+        });
+        self.sweep_at = (self.by_key.len() * 2).max(FIRST_SWEEP);
     }
 }
 
 impl<V> FlightState<V> {
+    fn lock(&self) -> MutexGuard<'_, Flights<V>> {
+        // A poisoned lock only means another lookup panicked while holding it; the
+        // map is still consistent (every change is one insert or remove).
+        self.flights
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// Forgets the key once its newest read ended (a later one, waiting, stays).
     fn finish(&self, key: &CacheKey, id: u64) {
-        let mut flights = match self.flights.lock() {
-            Ok(flights) => flights,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut flights = self.lock();
         if flights
             .by_key
             .get(key)
@@ -285,6 +416,31 @@ mod tests {
         for lookup in lookups {
             assert_eq!(lookup.await.unwrap(), 7);
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lookup_dropped_during_its_own_read_lets_the_next_read_go() {
+        let flights = ReadFlights::<usize>::new();
+        let (sent, source, gate) = redis_holding(4);
+        let own = spawn_lookup(&flights, key(8), read(&sent, &source, &gate));
+        while sent.load(Ordering::SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+        let next = spawn_lookup(&flights, key(8), read(&sent, &source, &gate));
+        for _ in 0..20 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(sent.load(Ordering::SeqCst), 1, "the next read waits");
+        own.abort();
+        let _ = own.await;
+        gate.add_permits(1);
+        let value = tokio::time::timeout(std::time::Duration::from_secs(5), next)
+            .await
+            .expect("the next read was let go")
+            .unwrap();
+        assert_eq!(value, 4);
+        assert_eq!(sent.load(Ordering::SeqCst), 2);
+        assert_eq!(flights.len(), 0);
     }
 
     #[tokio::test]
