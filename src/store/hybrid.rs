@@ -95,7 +95,13 @@ impl RedisReader {
     async fn read_and_keep(self: Arc<Self>, key: CacheKey) -> RedisRead {
         match self.read(key).await {
             Ok(Some(entry)) => {
-                self.memory.keep(key, &entry).await;
+                // Most hits find the same version in memory already and skip moka's
+                // insert; the lookup also tells moka the key is in use, so that
+                // memory keeps what Redis serves most.
+                let held = self.memory.get(&key).await;
+                if !held.is_some_and(|held| held.same_version(&entry)) {
+                    self.memory.insert(key, entry.clone()).await;
+                }
                 RedisRead::Found(entry)
             }
             Ok(None) => RedisRead::Absent,
