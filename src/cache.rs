@@ -824,6 +824,17 @@ mod tests {
     use super::*;
 
     #[tokio::test]
+    async fn a_lookup_future_stays_small() {
+        // Every request through a layer with Redis allocates one: a read's own future
+        // (fred's command, the breaker, the deadline) is boxed, not held inline.
+        let cache = HybridCache::builder().build().await.unwrap();
+        let (key, headers) = (CacheKey::from_bytes([1; 32]), HeaderMap::new());
+        let lookup = cache.lookup(&key, &headers);
+        let size = std::mem::size_of_val(&lookup);
+        assert!(size < 4096, "a lookup's future takes {size} bytes");
+    }
+
+    #[tokio::test]
     async fn followers_are_released_when_the_leader_drops() {
         let flights = SingleFlight::default();
         let key = CacheKey::from_bytes([1; 32]);

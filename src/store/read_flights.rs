@@ -124,27 +124,31 @@ pub(crate) struct Joined<V, Fut> {
     pub(crate) after_another: bool,
 }
 
-pin_project_lite::pin_project! {
-    /// The answer of a lookup's read: its own, or one it shares.
-    #[project = FlightReadProj]
-    pub(crate) enum FlightRead<V, Fut> {
-        Own { #[pin] read: Fut, ended: Option<OwnReadEnd<V>> },
-        Shared { read: Shared<BoxFuture<'static, V>> },
-    }
+/// The answer of a lookup's read: its own, or one it shares.
+pub(crate) enum FlightRead<V, Fut> {
+    /// Boxed: a read's future is large, and the lookup's future, which holds this,
+    /// is allocated for every request, read or not.
+    Own {
+        read: Pin<Box<Fut>>,
+        ended: Option<OwnReadEnd<V>>,
+    },
+    Shared {
+        read: Shared<BoxFuture<'static, V>>,
+    },
 }
 
 impl<V: Clone, Fut: Future<Output = V>> Future for FlightRead<V, Fut> {
     type Output = V;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<V> {
-        match self.project() {
-            FlightReadProj::Own { read, ended } => {
-                let value = std::task::ready!(read.poll(cx));
+        match self.get_mut() {
+            FlightRead::Own { read, ended } => {
+                let value = std::task::ready!(read.as_mut().poll(cx));
                 // At once, not when the lookup drops this: the next read may go.
                 drop(ended.take());
                 Poll::Ready(value)
             }
-            FlightReadProj::Shared { read } => read.poll_unpin(cx),
+            FlightRead::Shared { read } => read.poll_unpin(cx),
         }
     }
 }
@@ -220,7 +224,7 @@ impl<V: Clone + Send + Sync + 'static> ReadFlights<V> {
             drop(flights);
             return Joined {
                 read: FlightRead::Own {
-                    read: read(),
+                    read: Box::pin(read()),
                     ended: Some(OwnReadEnd {
                         state: Arc::downgrade(&self.state),
                         key,
