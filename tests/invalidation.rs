@@ -269,19 +269,24 @@ async fn a_write_through_one_replica_invalidates_for_every_replica() {
     assert_eq!(jobs.reads(), 2);
 }
 
-#[tokio::test]
-async fn memory_forgets_what_another_replica_invalidated_so_an_outage_cannot_serve_it() {
-    let redis = RedisServer::start();
-    // A's breaker, once forced open, stays open: A answers from memory alone.
-    let a = HybridCache::builder()
+/// A replica whose breaker, once forced open, stays open: it then answers from memory
+/// alone.
+async fn replica_held_open_once_forced(url: &str) -> HybridCache {
+    HybridCache::builder()
         .namespace("inval")
-        .redis(RedisConfig::new(redis.url()).deadline(Duration::from_millis(500)))
+        .redis(RedisConfig::new(url).deadline(Duration::from_millis(500)))
         .redis_breaker(
             CircuitBreakerLayer::new().open_for(Duration::from_secs(60), Duration::from_secs(60)),
         )
         .build()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+#[tokio::test]
+async fn memory_forgets_what_another_replica_invalidated_so_an_outage_cannot_serve_it() {
+    let redis = RedisServer::start();
+    let a = replica_held_open_once_forced(&redis.url()).await;
     let b = replica(&redis.url()).await;
     let origin = Origin::new();
     let url = "http://api.test/jobs/outage";
@@ -310,16 +315,8 @@ fn subscribers(redis: &RedisServer) -> String {
 async fn memory_catches_up_on_what_was_invalidated_while_its_subscriber_was_cut_off() {
     let redis = RedisServer::start();
     let proxy = FaultProxy::start(redis.port());
-    // A reaches Redis through the proxy; its breaker, once forced open, stays open.
-    let a = HybridCache::builder()
-        .namespace("inval")
-        .redis(RedisConfig::new(proxy.url()).deadline(Duration::from_millis(500)))
-        .redis_breaker(
-            CircuitBreakerLayer::new().open_for(Duration::from_secs(60), Duration::from_secs(60)),
-        )
-        .build()
-        .await
-        .unwrap();
+    // A reaches Redis through the proxy.
+    let a = replica_held_open_once_forced(&proxy.url()).await;
     let b = replica(&redis.url()).await;
     let origin = Origin::new();
     let (gone, kept) = ("http://api.test/jobs/cut-off", "http://api.test/jobs/kept");

@@ -55,7 +55,8 @@ pub(crate) type RedisLayerFn = Arc<dyn Fn(RedisTierService) -> RedisTierService 
 
 #[derive(Clone)]
 struct RedisTier {
-    /// Reads and deletes: breaker, deadline, retries, store.
+    /// Deletes and leases (and reads, when the application added layers around the
+    /// store): breaker, deadline, retries, store.
     service: RedisStack,
     /// The store itself, for what is not an operation (health, shutdown).
     store: Arc<RedisStore>,
@@ -584,6 +585,7 @@ fn spawn_listener(
     });
 }
 
+/// Removes from memory what one invalidation names.
 async fn forget(memory: &MemoryStore, invalidation: Invalidation) {
     match invalidation {
         Invalidation::Key(key) => memory.remove(&key).await,
