@@ -234,13 +234,15 @@ async fn a_fill_in_flight_cannot_resurrect_an_invalidated_entry() {
     .await;
 }
 
-async fn replica(url: &str) -> HybridCache {
+/// A replica of the `inval` namespace, with a 500 ms deadline.
+fn replica_builder(url: &str) -> tower_hybrid_cache::HybridCacheBuilder {
     HybridCache::builder()
         .namespace("inval")
         .redis(RedisConfig::new(url).deadline(Duration::from_millis(500)))
-        .build()
-        .await
-        .unwrap()
+}
+
+async fn replica(url: &str) -> HybridCache {
+    replica_builder(url).build().await.unwrap()
 }
 
 #[tokio::test]
@@ -272,9 +274,7 @@ async fn a_write_through_one_replica_invalidates_for_every_replica() {
 /// A replica whose breaker, once forced open, stays open: it then answers from memory
 /// alone.
 async fn replica_held_open_once_forced(url: &str) -> HybridCache {
-    HybridCache::builder()
-        .namespace("inval")
-        .redis(RedisConfig::new(url).deadline(Duration::from_millis(500)))
+    replica_builder(url)
         .redis_breaker(
             CircuitBreakerLayer::new().open_for(Duration::from_secs(60), Duration::from_secs(60)),
         )
@@ -348,6 +348,12 @@ async fn memory_catches_up_on_what_was_invalidated_while_its_subscriber_was_cut_
     proxy.set(Fault::None);
     eventually("A subscribed again", WAIT, || async {
         subscribers(&redis).ends_with('2')
+    })
+    .await;
+    // Every pooled connection back too: one coming back later would let the forced-open
+    // breaker's probe through, and Redis answer instead of memory.
+    eventually("A's connections back", WAIT, || async {
+        a.redis_health().unwrap().connected == 4
     })
     .await;
     // Redis is unreachable for A from now on: memory alone answers. It forgets what B

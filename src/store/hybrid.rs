@@ -71,8 +71,6 @@ struct RedisTier {
     reader: Arc<RedisReader>,
     /// Reads of a key on their way, shared by the lookups that arrive meanwhile.
     reads: ReadFlights<RedisRead>,
-    /// The bound on a read, and on a lookup's wait for one it shares.
-    deadline: std::time::Duration,
 }
 
 /// A lookup's Redis read, in the stack's order: the breaker (while open, Redis is not
@@ -83,6 +81,7 @@ struct RedisTier {
 struct RedisReader {
     store: Arc<RedisStore>,
     breaker: CircuitBreaker,
+    /// The bound on a read, and on a lookup's wait for one it shares.
     deadline: Duration,
     retry: RedisRetry,
     layered: Option<RedisStack>,
@@ -337,7 +336,6 @@ impl HybridStore {
             admin,
             reader,
             reads: ReadFlights::new(),
-            deadline: config.deadline_value(),
         });
         Ok(self)
     }
@@ -402,9 +400,9 @@ impl HybridStore {
         if joined.shared {
             counters.add(Counter::RedisReadShared);
         }
-        if joined.after_another {
+        if joined.after_another() {
             // Two reads' time at most; the lookup's own bound stays one deadline.
-            match tokio::time::timeout(redis.deadline, joined.read).await {
+            match tokio::time::timeout(redis.reader.deadline, joined.read).await {
                 Ok(outcome) => outcome,
                 Err(_) => {
                     counters.add(Counter::RedisDeadlineHit);

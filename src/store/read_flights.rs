@@ -47,8 +47,6 @@ struct Flights<V> {
 /// The newest read of a key.
 struct Flight<V> {
     id: u64,
-    /// Whether it waits for an earlier read before it is sent.
-    after_another: bool,
     kind: FlightKind<V>,
 }
 
@@ -83,8 +81,7 @@ impl ReadEnded {
     }
 
     async fn wait(&self) {
-        let notified = std::pin::pin!(self.notify.notified());
-        let mut notified = notified;
+        let mut notified = std::pin::pin!(self.notify.notified());
         // Registered before the check, so that an end in between is not missed.
         notified.as_mut().enable();
         if self.ended.load(Ordering::Acquire) {
@@ -119,9 +116,14 @@ pub(crate) struct Joined<V, Fut> {
     pub(crate) read: FlightRead<V, Fut>,
     /// Whether another lookup started that read.
     pub(crate) shared: bool,
-    /// Whether that read waits for an earlier one: the lookup may then wait up to two
-    /// reads' time.
-    pub(crate) after_another: bool,
+}
+
+impl<V, Fut> Joined<V, Fut> {
+    /// Whether that read waits for an earlier one (only shared reads do): the lookup
+    /// may then wait up to two reads' time.
+    pub(crate) fn after_another(&self) -> bool {
+        matches!(self.read, FlightRead::Shared { .. })
+    }
 }
 
 /// The answer of a lookup's read: its own, or one it shares.
@@ -201,7 +203,6 @@ impl<V: Clone + Send + Sync + 'static> ReadFlights<V> {
                         return Joined {
                             read: FlightRead::Shared { read: waiting },
                             shared: true,
-                            after_another: flight.after_another,
                         }
                     }
                     on_its_way => on_its_way.map(Before::Shared),
@@ -217,7 +218,6 @@ impl<V: Clone + Send + Sync + 'static> ReadFlights<V> {
                 key,
                 Flight {
                     id,
-                    after_another: false,
                     kind: FlightKind::Own(Arc::clone(&ended)),
                 },
             );
@@ -233,7 +233,6 @@ impl<V: Clone + Send + Sync + 'static> ReadFlights<V> {
                     }),
                 },
                 shared: false,
-                after_another: false,
             };
         };
         let sent = Arc::new(AtomicBool::new(false));
@@ -255,7 +254,6 @@ impl<V: Clone + Send + Sync + 'static> ReadFlights<V> {
                 key,
                 Flight {
                     id,
-                    after_another: true,
                     kind: FlightKind::Waiting { sent, read: weak },
                 },
             );
@@ -263,7 +261,6 @@ impl<V: Clone + Send + Sync + 'static> ReadFlights<V> {
         Joined {
             read: FlightRead::Shared { read: shared },
             shared: false,
-            after_another: true,
         }
     }
 
@@ -336,6 +333,13 @@ mod tests {
         }
     }
 
+    /// Yields until `reads` reads were sent.
+    async fn until_sent(sent: &AtomicUsize, reads: usize) {
+        while sent.load(Ordering::SeqCst) < reads {
+            tokio::task::yield_now().await;
+        }
+    }
+
     fn key(n: u8) -> CacheKey {
         CacheKey::from_bytes([n; 32])
     }
@@ -365,9 +369,7 @@ mod tests {
         let flights = ReadFlights::<usize>::new();
         let (sent, source, gate) = redis_holding(1);
         let first = spawn_lookup(&flights, key(1), read(&sent, &source, &gate));
-        while sent.load(Ordering::SeqCst) == 0 {
-            tokio::task::yield_now().await;
-        }
+        until_sent(&sent, 1).await;
         // What Redis holds changes after the first read was sent: the lookups that
         // arrive now must not get the first read's answer.
         source.store(2, Ordering::SeqCst);
@@ -377,7 +379,7 @@ mod tests {
                 let read = read(&sent, &source, &gate);
                 tokio::spawn(async move {
                     let joined = flights.join(key(1), read);
-                    assert!(joined.after_another);
+                    assert!(joined.after_another());
                     (joined.shared, joined.read.await)
                 })
             })
@@ -413,9 +415,7 @@ mod tests {
         let lookups: Vec<_> = (0..5)
             .map(|n| spawn_lookup(&flights, key(n), read(&sent, &source, &gate)))
             .collect();
-        while sent.load(Ordering::SeqCst) < 5 {
-            tokio::task::yield_now().await;
-        }
+        until_sent(&sent, 5).await;
         gate.add_permits(5);
         for lookup in lookups {
             assert_eq!(lookup.await.unwrap(), 7);
@@ -427,9 +427,7 @@ mod tests {
         let flights = ReadFlights::<usize>::new();
         let (sent, source, gate) = redis_holding(4);
         let own = spawn_lookup(&flights, key(8), read(&sent, &source, &gate));
-        while sent.load(Ordering::SeqCst) == 0 {
-            tokio::task::yield_now().await;
-        }
+        until_sent(&sent, 1).await;
         let next = spawn_lookup(&flights, key(8), read(&sent, &source, &gate));
         for _ in 0..20 {
             tokio::task::yield_now().await;
@@ -452,9 +450,7 @@ mod tests {
         let flights = ReadFlights::<usize>::new();
         let (sent, source, gate) = redis_holding(3);
         let abandoned = spawn_lookup(&flights, key(9), read(&sent, &source, &gate));
-        while sent.load(Ordering::SeqCst) == 0 {
-            tokio::task::yield_now().await;
-        }
+        until_sent(&sent, 1).await;
         abandoned.abort();
         let _ = abandoned.await;
         // Its gate never opens; a new lookup must not wait for it.

@@ -70,15 +70,15 @@ impl Invalidation {
 /// invalidation and that is written later than this is not caught.
 const MARK_TTL: Duration = Duration::from_secs(300);
 
-/// How long the invalidation log reaches back: as long as the marks.
-fn log_keep_millis() -> u64 {
+/// How long marks live, and the invalidation log reaches back.
+fn mark_ttl_millis() -> u64 {
     u64::try_from(MARK_TTL.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Whether the log, trimmed at `now`, still holds everything logged since `since`
 /// (both in milliseconds since the epoch).
 fn log_reaches(since: u64, now: u64) -> bool {
-    now.saturating_sub(since) < log_keep_millis()
+    now.saturating_sub(since) < mark_ttl_millis()
 }
 
 fn millis_i64(millis: u64) -> i64 {
@@ -709,7 +709,7 @@ impl RedisStore {
                 Some(Outgoing {
                     key,
                     entry,
-                    started: i64::try_from(millis_since_epoch(*started)).unwrap_or(i64::MAX),
+                    started: millis_i64(millis_since_epoch(*started)),
                     storage_key: self.key(key),
                     value,
                     millis: i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX),
@@ -733,8 +733,8 @@ impl RedisStore {
 
     /// Sets an invalidation mark to now, for as long as a fill may still be running.
     async fn mark(&self, client: &Client, mark: String) -> Result<(), StoreError> {
-        let now = i64::try_from(millis_since_epoch(SystemTime::now())).unwrap_or(i64::MAX);
-        let millis = i64::try_from(MARK_TTL.as_millis()).unwrap_or(i64::MAX);
+        let now = millis_i64(millis_since_epoch(SystemTime::now()));
+        let millis = millis_i64(mark_ttl_millis());
         client
             .set::<(), _, _>(mark, now, Some(Expiration::PX(millis)), None, false)
             .await
@@ -893,11 +893,11 @@ impl RedisStore {
             .zremrangebyscore(
                 &log,
                 "-inf",
-                millis_i64(now.saturating_sub(log_keep_millis())),
+                millis_i64(now.saturating_sub(mark_ttl_millis())),
             )
             .await;
         let _: Result<(), _> = pipeline
-            .pexpire(&log, millis_i64(log_keep_millis()), None)
+            .pexpire(&log, millis_i64(mark_ttl_millis()), None)
             .await;
         let _: Result<(), _> = pipeline
             .publish(invalidation_channel(&self.namespace), message)
