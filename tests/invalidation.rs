@@ -234,11 +234,15 @@ async fn a_fill_in_flight_cannot_resurrect_an_invalidated_entry() {
     .await;
 }
 
-/// A replica of the `inval` namespace, with a 500 ms deadline.
+/// A replica of the `inval` namespace, with a 500 ms deadline; its PINGs may take
+/// 500 ms too, so that a busy test machine cannot make a healthy connection look cut
+/// off.
 fn replica_builder(url: &str) -> tower_hybrid_cache::HybridCacheBuilder {
-    HybridCache::builder()
-        .namespace("inval")
-        .redis(RedisConfig::new(url).deadline(Duration::from_millis(500)))
+    HybridCache::builder().namespace("inval").redis(
+        RedisConfig::new(url)
+            .deadline(Duration::from_millis(500))
+            .probe_timeout(Duration::from_millis(500)),
+    )
 }
 
 async fn replica(url: &str) -> HybridCache {
@@ -358,6 +362,70 @@ async fn memory_catches_up_on_what_was_invalidated_while_its_subscriber_was_cut_
     .await;
     // Redis is unreachable for A from now on: memory alone answers. It forgets what B
     // invalidated meanwhile (read back from the invalidation log), and only that.
+    a.redis_breaker().unwrap().force_open();
+    eventually(
+        "A's memory to forget the invalidated entry",
+        WAIT,
+        || async { !call(origin.behind(&a), get_request(gone)).await.is_hit() },
+    )
+    .await;
+    let still = call(origin.behind(&a), get_request(kept)).await;
+    assert!(
+        still.cache_status().ends_with("detail=memory"),
+        "{}",
+        still.cache_status()
+    );
+    assert_eq!(origin.log.calls(), 3);
+}
+
+#[tokio::test]
+async fn a_subscriber_connection_that_silently_drops_messages_is_reconnected_and_caught_up() {
+    let redis = RedisServer::start();
+    let proxy = FaultProxy::start(redis.port());
+    let a = replica_held_open_once_forced(&proxy.url()).await;
+    let b = replica(&redis.url()).await;
+    let origin = Origin::new();
+    let (gone, kept) = (
+        "http://api.test/jobs/half-open",
+        "http://api.test/jobs/kept",
+    );
+    for url in [gone, kept] {
+        call(origin.behind(&a), get_request(url)).await;
+    }
+    eventually("both entries in Redis", WAIT, || async {
+        a.stats().redis_writes == 2
+    })
+    .await;
+    eventually("A and B subscribed", WAIT, || async {
+        subscribers(&redis).ends_with('2')
+    })
+    .await;
+    // PINGs on a healthy subscriber are answered: it is not reconnected (each
+    // reconnection subscribes again).
+    let pings = proxy.count("PING");
+    eventually("A's connections PINGed", WAIT, || async {
+        proxy.count("PING") >= pings + 20
+    })
+    .await;
+    assert_eq!(proxy.count("SUBSCRIBE"), 1, "{:?}", proxy.command_counts());
+    // A's connections stay open, but what they carry is lost: Redis still counts A's
+    // subscriber and sends it B's message, which never arrives.
+    proxy.set(Fault::Discard);
+    assert!(b.invalidate(&gone.parse().unwrap()).await);
+    // Only PINGs going unanswered show that A's subscriber is cut off.
+    eventually("A's subscriber reconnected away", WAIT, || async {
+        subscribers(&redis).ends_with('1')
+    })
+    .await;
+    proxy.set(Fault::None);
+    eventually("A subscribed again", WAIT, || async {
+        subscribers(&redis).ends_with('2')
+    })
+    .await;
+    eventually("A's connections back", WAIT, || async {
+        a.redis_health().unwrap().connected == 4
+    })
+    .await;
     a.redis_breaker().unwrap().force_open();
     eventually(
         "A's memory to forget the invalidated entry",

@@ -18,7 +18,7 @@ use std::task::{Context, Poll};
 use fred::clients::{Client, WithOptions};
 
 use super::redis_health::{spawn_probe, watch_events, HealthState, RedisHealth};
-use super::subscription::{self, MissedWindows};
+use super::subscription::{self, MissedWindows, SubscriberProbe};
 use super::{StoreAnswer, StoreError, StoreOp, StoreRequest, StoreResponse};
 use crate::entry::codec::millis_since_epoch;
 use crate::entry::{decode_entry, encode_entry, Entry};
@@ -315,14 +315,16 @@ impl RedisConfig {
         )
     }
 
-    /// How often every pooled connection is sent a PING. Default 250 ms.
+    /// How often every pooled connection, and the invalidations subscriber, is sent a
+    /// PING. Default 250 ms.
     pub fn probe_interval(mut self, every: Duration) -> Self {
         self.probe_interval = every;
         self
     }
 
     /// How long a PING may go unanswered; two in a row mark the connection down and
-    /// force a reconnection (a frozen server is found this way). Default 100 ms.
+    /// force a reconnection (a frozen server or a half-open connection is found this
+    /// way; a reconnected subscriber catches up on what it missed). Default 100 ms.
     pub fn probe_timeout(mut self, timeout: Duration) -> Self {
         self.probe_timeout = timeout;
         self
@@ -429,18 +431,15 @@ impl RedisStore {
             max_command_buffer_len: 1024,
             ..ConnectionConfig::default()
         };
-        let (subscriber, missed) = {
+        let subscriber = {
             let mut builder = fred::types::Builder::from_config(fred_config.clone());
             builder
                 .set_performance_config(performance.clone())
                 .set_connection_config(connection.clone())
                 .set_policy(policy.clone());
-            let subscriber = builder
+            builder
                 .build_subscriber_client()
-                .map_err(|e| BuildError::invalid("redis subscriber", e))?;
-            // Subscribes after every reconnection, without blocking start-up.
-            let missed = subscription::subscribe(&subscriber, invalidation_channel(namespace));
-            (subscriber, missed)
+                .map_err(|e| BuildError::invalid("redis subscriber", e))?
         };
         let pool = Pool::new(
             fred_config,
@@ -464,6 +463,16 @@ impl RedisStore {
             Arc::downgrade(&health),
             config.probe_interval,
             config.probe_timeout,
+        );
+        // Subscribes after every reconnection, without blocking start-up.
+        let missed = subscription::subscribe(
+            &subscriber,
+            invalidation_channel(namespace),
+            SubscriberProbe {
+                every: config.probe_interval,
+                timeout: config.probe_timeout,
+                while_alive: Arc::downgrade(&health),
+            },
         );
         Ok(RedisStore {
             pool,

@@ -37,7 +37,7 @@ pub struct RedisHealth {
 }
 
 /// Pings in a row without an answer before a connection is marked down.
-const FAILED_PINGS_TO_DOWN: u32 = 2;
+pub(crate) const FAILED_PINGS_TO_DOWN: u32 = 2;
 
 #[derive(Default)]
 struct ClientHealth {

@@ -6,16 +6,34 @@
 //! marks), and each (re)subscription reports since when this replica may have missed
 //! messages; the hybrid store then reads the log from then on and its memory forgets
 //! those too.
+//!
+//! A subscriber connection can also die without a word (a peer or a middlebox gone,
+//! the socket half-open): fred would wait on it forever, and every message published
+//! meanwhile would be lost. So the subscriber is PINGed like the pooled connections;
+//! two PINGs in a row unanswered force a reconnection, and the window reaches back
+//! to the last PING answered.
 
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::SystemTime;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::time::{Duration, SystemTime};
 
 use fred::clients::SubscriberClient;
 use fred::interfaces::{ClientLike, EventInterface, PubsubInterface};
+use fred::types::config::Options;
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::mpsc;
 
+use crate::store::redis_health::FAILED_PINGS_TO_DOWN;
 use crate::telemetry::TARGET;
+
+/// How the subscriber connection is watched, and for how long.
+pub(crate) struct SubscriberProbe<T> {
+    /// How often it is sent a PING.
+    pub(crate) every: Duration,
+    /// How long a PING may go unanswered.
+    pub(crate) timeout: Duration,
+    /// The probe ends once this is gone (the store that owns the subscriber).
+    pub(crate) while_alive: Weak<T>,
+}
 
 /// The earliest start of the windows not yet caught up on, and a signal per new one.
 pub(crate) struct MissedWindows {
@@ -50,7 +68,11 @@ fn keep_earliest(slot: &Mutex<Option<SystemTime>>, at: SystemTime) {
 /// Each subscription reports the window before it: from when a live connection was
 /// lost (or, with no loss seen, from the previous subscription; for the first, from
 /// now, as nothing can be in memory from before the cache existed).
-pub(crate) fn subscribe(subscriber: &SubscriberClient, channel: String) -> MissedWindows {
+pub(crate) fn subscribe<T: Send + Sync + 'static>(
+    subscriber: &SubscriberClient,
+    channel: String,
+    probe: SubscriberProbe<T>,
+) -> MissedWindows {
     let started = SystemTime::now();
     // When the connection that carried the subscription was lost; cleared by each
     // subscription.
@@ -68,6 +90,7 @@ pub(crate) fn subscribe(subscriber: &SubscriberClient, channel: String) -> Misse
     // Taken before connecting, so that the first connection's event is not missed.
     let mut reconnections = subscriber.reconnect_rx();
     let _connection = subscriber.connect();
+    spawn_probe(subscriber.clone(), Arc::clone(&lost), probe);
     let since = Arc::new(Mutex::new(None));
     let (signal, windows) = mpsc::channel(1);
     let subscribing = subscriber.clone();
@@ -96,6 +119,53 @@ pub(crate) fn subscribe(subscriber: &SubscriberClient, channel: String) -> Misse
         since,
         signal: windows,
     }
+}
+
+/// PINGs the subscriber while it is connected; after two PINGs in a row unanswered,
+/// records the connection lost since the last PING answered was sent, and forces a
+/// reconnection (which resubscribes and reports that window).
+fn spawn_probe<T: Send + Sync + 'static>(
+    subscriber: SubscriberClient,
+    lost: Arc<Mutex<Option<SystemTime>>>,
+    probe: SubscriberProbe<T>,
+) {
+    let options = Options {
+        timeout: Some(probe.timeout),
+        fail_fast: true,
+        max_attempts: Some(1),
+        ..Options::default()
+    };
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(probe.every);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut answered_at = SystemTime::now();
+        let mut unanswered = 0;
+        loop {
+            ticks.tick().await;
+            if probe.while_alive.strong_count() == 0 {
+                return;
+            }
+            // Not connected: fred is reconnecting already (or the store quit).
+            if !subscriber.is_connected() {
+                unanswered = 0;
+                continue;
+            }
+            let sent = SystemTime::now();
+            let pinged: Result<(), _> = subscriber.with_options(&options).ping(None).await;
+            if pinged.is_ok() {
+                answered_at = sent;
+                unanswered = 0;
+                continue;
+            }
+            unanswered += 1;
+            if unanswered >= FAILED_PINGS_TO_DOWN {
+                unanswered = 0;
+                tracing::warn!(target: TARGET, "redis: the invalidations subscriber does not answer; reconnecting it");
+                keep_earliest(&lost, answered_at);
+                let _ = subscriber.force_reconnection().await;
+            }
+        }
+    });
 }
 
 #[cfg(test)]

@@ -29,6 +29,10 @@ pub enum Fault {
     BlackHole,
     /// Resets every open connection (RST) and every new one at once.
     Reset,
+    /// Keeps every connection open but throws away what it carries either way, as a
+    /// connection whose peer vanished without a word (half-open): what is sent
+    /// meanwhile is lost for good, and neither side is told.
+    Discard,
     /// Passes at most this many bytes of replies per connection (counted from when
     /// the fault is set), then closes it.
     CutAfter(usize),
@@ -210,6 +214,9 @@ async fn pump(client: &mut TcpStream, server: &mut TcpStream, shared: &Shared) -
                 if fault == Fault::Reset {
                     return End::Reset;
                 }
+                if fault == Fault::Discard {
+                    continue;
+                }
                 if let Fault::Latency(delay) = &fault {
                     tokio::time::sleep(*delay).await;
                 }
@@ -222,6 +229,13 @@ async fn pump(client: &mut TcpStream, server: &mut TcpStream, shared: &Shared) -
                     Ok(0) | Err(_) => return End::Close,
                     Ok(n) => n,
                 };
+                if faults.has_changed().unwrap_or(false) {
+                    fault = faults.borrow_and_update().clone();
+                    reply_budget = budget(&fault);
+                }
+                if fault == Fault::Discard {
+                    continue;
+                }
                 let pass = reply_budget.map_or(n, |left| left.min(n));
                 if client_write.write_all(&from_server[..pass]).await.is_err() {
                     return End::Close;
