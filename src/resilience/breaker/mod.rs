@@ -12,6 +12,7 @@ use std::collections::hash_map::RandomState;
 use std::collections::VecDeque;
 use std::fmt;
 use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -122,6 +123,9 @@ struct Inner {
     state: State,
     consecutive: u32,
     window: VecDeque<bool>,
+    /// Failures in `window`, kept as calls come and go so that no call counts the
+    /// whole window (which a user may make large).
+    window_failures: usize,
     /// Trips in a row without a successful close: the open duration doubles on each.
     trips: u32,
     transitions: u64,
@@ -142,6 +146,9 @@ struct Inner {
 pub struct CircuitBreaker {
     config: Arc<BreakerConfig>,
     inner: Arc<Mutex<Inner>>,
+    /// Whether the state is Closed, kept beside the lock (written under it) so that
+    /// asking while closed, which is every call of a healthy dependency, takes no lock.
+    closed: Arc<AtomicBool>,
 }
 
 /// Permission for one call; `probe` when the breaker is half-open.
@@ -158,9 +165,11 @@ impl CircuitBreaker {
                 state: State::Closed,
                 consecutive: 0,
                 window: VecDeque::new(),
+                window_failures: 0,
                 trips: 0,
                 transitions: 0,
             })),
+            closed: Arc::new(AtomicBool::new(true)),
         }
     }
 
@@ -176,6 +185,9 @@ impl CircuitBreaker {
 
     /// The state now (an Open breaker whose time is up reads as HalfOpen).
     pub fn state(&self) -> BreakerState {
+        if self.closed.load(Ordering::Acquire) {
+            return BreakerState::Closed;
+        }
         let now = Instant::now();
         match self.lock().state {
             State::Closed => BreakerState::Closed,
@@ -191,13 +203,18 @@ impl CircuitBreaker {
 
     /// Asks to make a call.
     pub(crate) fn acquire(&self) -> Result<Permit, CircuitOpen> {
+        // A breaker opening meanwhile lets this call through as if it had asked just
+        // before; its outcome is then not counted (see `record`).
+        if self.closed.load(Ordering::Acquire) {
+            return Ok(Permit { probe: false });
+        }
         let now = Instant::now();
         let mut inner = self.lock();
         if let State::Open { until } = inner.state {
             if now < until {
                 return Err(CircuitOpen { _private: () });
             }
-            Self::half_open(&mut inner);
+            self.half_open(&mut inner);
         }
         match &mut inner.state {
             State::Closed => Ok(Permit { probe: false }),
@@ -247,7 +264,8 @@ impl CircuitBreaker {
                     inner.trips = 0;
                     inner.consecutive = 0;
                     inner.window.clear();
-                    Self::enter(&mut inner, State::Closed, "closed");
+                    inner.window_failures = 0;
+                    self.enter(&mut inner, State::Closed, "closed");
                 }
             }
             return;
@@ -258,12 +276,14 @@ impl CircuitBreaker {
         }
         inner.consecutive = if failed { inner.consecutive + 1 } else { 0 };
         inner.window.push_back(failed);
+        inner.window_failures += usize::from(failed);
         while inner.window.len() > self.config.window.max(1) {
-            inner.window.pop_front();
+            if inner.window.pop_front() == Some(true) {
+                inner.window_failures -= 1;
+            }
         }
-        let failures = inner.window.iter().filter(|f| **f).count();
         let rate_tripped = inner.window.len() >= self.config.min_calls.max(1)
-            && failures as f64 >= self.config.failure_rate * inner.window.len() as f64;
+            && inner.window_failures as f64 >= self.config.failure_rate * inner.window.len() as f64;
         if inner.consecutive >= self.config.consecutive_failures.max(1) || rate_tripped {
             self.trip(&mut inner, now);
         }
@@ -282,7 +302,7 @@ impl CircuitBreaker {
     pub fn force_half_open(&self) {
         let mut inner = self.lock();
         if matches!(inner.state, State::Open { .. }) {
-            Self::half_open(&mut inner);
+            self.half_open(&mut inner);
         }
     }
 
@@ -297,7 +317,8 @@ impl CircuitBreaker {
         let open_for = with_jitter(base, self.config.jitter).min(self.config.max_open_for);
         inner.consecutive = 0;
         inner.window.clear();
-        Self::enter(
+        inner.window_failures = 0;
+        self.enter(
             inner,
             State::Open {
                 until: now + open_for,
@@ -307,15 +328,17 @@ impl CircuitBreaker {
         tracing::warn!(target: TARGET, trips = inner.trips, open_for_ms = open_for.as_millis() as u64, "circuit breaker opened");
     }
 
-    fn half_open(inner: &mut Inner) {
+    fn half_open(&self, inner: &mut Inner) {
         let state = State::HalfOpen {
             in_flight: 0,
             succeeded: 0,
         };
-        Self::enter(inner, state, "half-open");
+        self.enter(inner, state, "half-open");
     }
 
-    fn enter(inner: &mut Inner, state: State, name: &'static str) {
+    fn enter(&self, inner: &mut Inner, state: State, name: &'static str) {
+        self.closed
+            .store(matches!(state, State::Closed), Ordering::Release);
         let gauge = match state {
             State::Closed => 0.0,
             State::HalfOpen { .. } => 1.0,
@@ -387,6 +410,28 @@ mod tests {
             BreakerState::Closed,
             "19 calls are fewer than min_calls"
         );
+        call(&b, false).unwrap();
+        assert_eq!(b.state(), BreakerState::Open);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failures_that_slid_out_of_the_window_no_longer_count() {
+        let b = breaker(BreakerConfig {
+            consecutive_failures: 100,
+            failure_rate: 0.75,
+            window: 4,
+            min_calls: 4,
+            ..BreakerConfig::default()
+        });
+        // F F S S S S: the two failures have left the window; then one more failure
+        // is 1 of 4.
+        for ok in [false, false, true, true, true, true, false] {
+            call(&b, ok).unwrap();
+        }
+        assert_eq!(b.state(), BreakerState::Closed);
+        // S F F F: 3 of 4.
+        call(&b, false).unwrap();
+        assert_eq!(b.state(), BreakerState::Closed);
         call(&b, false).unwrap();
         assert_eq!(b.state(), BreakerState::Open);
     }
