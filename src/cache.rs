@@ -436,7 +436,8 @@ impl HybridCache {
     /// (`http://api.example/jobs/42?lang=en`); parameter order does not matter. The
     /// key is made with every query parameter kept and no extra key headers: entries
     /// of a route whose layer drops or keeps parameters, or adds key headers, are
-    /// forgotten through that route (by an unsafe request) instead. Returns `false`
+    /// forgotten through that layer ([`HybridCacheLayer::invalidate`]) or by an unsafe
+    /// request through that route instead. Returns `false`
     /// when Redis could not be told now (it is still told through the write queue
     /// when it comes back, if the queue had room).
     ///

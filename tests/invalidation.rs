@@ -135,6 +135,39 @@ async fn a_successful_write_invalidates_its_uri() {
 }
 
 #[tokio::test]
+async fn a_layer_invalidates_with_its_own_key_settings() {
+    let cache = memory_cache().await;
+    let search = cache
+        .layer()
+        .ttl(Duration::from_secs(300))
+        .ignore_query_params(["utm_*"])
+        .key_headers([http::HeaderName::from_static("x-tenant")]);
+    let origin = Origin::new();
+    let app = origin.router().layer(search.clone());
+    let url = "http://api.test/jobs/search?q=rust&utm_source=mail";
+    for tenant in ["acme", "globex"] {
+        call(app.clone(), get_with(url, &[("x-tenant", tenant)])).await;
+        eventually("the entry stored", WAIT, || async {
+            call(app.clone(), get_with(url, &[("x-tenant", tenant)]))
+                .await
+                .is_hit()
+        })
+        .await;
+    }
+    let uri: http::Uri = "http://api.test/jobs/search?q=rust".parse().unwrap();
+    // The cache's own `invalidate` keys with default settings: not this route's entry.
+    assert!(cache.invalidate(&uri).await);
+    let acme = || get_with(url, &[("x-tenant", "acme")]);
+    assert!(call(app.clone(), acme()).await.is_hit());
+    let mut headers = HeaderMap::new();
+    headers.insert("x-tenant", "acme".parse().unwrap());
+    assert!(search.invalidate(&uri, &headers).await);
+    assert!(!call(app.clone(), acme()).await.is_hit());
+    let globex = call(app.clone(), get_with(url, &[("x-tenant", "globex")])).await;
+    assert!(globex.is_hit(), "another tenant's entry stays");
+}
+
+#[tokio::test]
 async fn error_statuses_invalidate_nothing() {
     let cache = memory_cache().await;
     let jobs = Jobs::new();

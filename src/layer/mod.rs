@@ -184,6 +184,33 @@ impl HybridCacheLayer {
     pub fn request_directives(self, directives: RequestDirectives) -> Self {
         self.with(|s| s.request_directives = directives)
     }
+
+    /// Forgets the response this route stored for `uri` (all its `Vary` variants), in
+    /// both tiers, as [`HybridCache::invalidate`] does, but keyed with this layer's
+    /// settings: its dropped or kept query parameters, and its key headers, whose
+    /// values are read from `headers` (pass an empty map when the route has none).
+    /// Returns `false` when Redis could not be told now.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let cache = tower_hybrid_cache::HybridCache::builder().build().await?;
+    /// let search = cache
+    ///     .layer()
+    ///     .ignore_query_params(["utm_*"])
+    ///     .key_headers([http::HeaderName::from_static("x-tenant")]);
+    /// let mut headers = http::HeaderMap::new();
+    /// headers.insert("x-tenant", "acme".parse()?);
+    /// // The entry stored for `?q=rust&utm_source=mail` with `x-tenant: acme`.
+    /// let uri: http::Uri = "http://api.example/jobs/search?q=rust".parse()?;
+    /// assert!(search.invalidate(&uri, &headers).await);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn invalidate(&self, uri: &http::Uri, headers: &http::HeaderMap) -> bool {
+        let key = crate::CacheKey::primary(&http::Method::GET, uri, headers, &self.settings);
+        self.cache.invalidate_key(key).await
+    }
 }
 
 fn patterns<I, T>(names: I) -> Vec<NamePattern>
