@@ -18,9 +18,10 @@ pub(crate) const TARGET: &str = "tower_hybrid_cache";
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct CacheStats {
-    /// Requests answered from a stored response.
+    /// Requests answered from a stored response (a stale one served because the
+    /// origin failed included).
     pub hits: u64,
-    /// Cacheable requests that went to the origin.
+    /// Cacheable requests the origin answered (revalidations included).
     pub misses: u64,
     /// Requests the cache did not handle (unsafe methods, `Range`).
     pub bypasses: u64,

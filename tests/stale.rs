@@ -173,10 +173,19 @@ async fn stale_if_error_serves_the_stale_entry_when_the_origin_fails() {
             got.cache_status()
         );
     }
+    // Served in the origin's place: counted as a hit (as Cache-Status says), not as a
+    // miss too.
+    let before = cache.stats();
+    let got = call(app.clone(), get(url)).await;
+    assert!(got.cache_status().contains("detail=stale-if-error"));
+    let after = cache.stats();
+    assert_eq!((after.hits, after.misses), (before.hits + 1, before.misses));
     // A 404 is an answer, not an error: it goes through.
     flaky.status.store(404, Ordering::SeqCst);
+    let before = cache.stats();
     let got = call(app.clone(), get(url)).await;
     assert_eq!(got.status, StatusCode::NOT_FOUND);
+    assert_eq!(cache.stats().misses, before.misses + 1);
 }
 
 #[tokio::test]

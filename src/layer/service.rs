@@ -810,7 +810,6 @@ where
 {
     let cache = ask.cache;
     let settings = ask.settings;
-    cache.count(Counter::Miss);
     let storing = request.method() == Method::GET;
     let facts = RequestFacts {
         has_authorization: request.headers().contains_key(AUTHORIZATION),
@@ -826,12 +825,17 @@ where
     };
     let served_as = (request.method() == Method::HEAD, request.version());
     let since = cache.inner.invalidations.now();
+    // Counted as a miss once the origin answered, unless a stale entry is served in
+    // its place: that is a hit (as its `Cache-Status` says), not both.
     let response = match inner.call(request).await {
         Ok(response) => response,
         Err(error) => {
             return match stale_on_error(ask, stale.as_deref(), served_as, "error") {
                 Some(response) => Ok(response),
-                None => Err(error),
+                None => {
+                    cache.count(Counter::Miss);
+                    Err(error)
+                }
             };
         }
     };
@@ -842,6 +846,7 @@ where
             return Ok(response);
         }
     }
+    cache.count(Counter::Miss);
     if revalidating && response.status() == StatusCode::NOT_MODIFIED {
         if let Some(entry) = stale.as_deref() {
             return Ok(revalidated(
