@@ -364,7 +364,15 @@ mod tests {
         tokio::spawn(async move { flights.join(key, read).read.await })
     }
 
-    #[tokio::test]
+    /// `future`'s output; a panic, not a hang, when it never ends (time is paused: the
+    /// bound passes as soon as nothing else can run).
+    async fn bounded<T>(what: &str, future: impl Future<Output = T>) -> T {
+        tokio::time::timeout(std::time::Duration::from_secs(5), future)
+            .await
+            .unwrap_or_else(|_| panic!("{what} never ended"))
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn lookups_during_a_read_share_the_next_one_which_starts_after_them() {
         let flights = ReadFlights::<usize>::new();
         let (sent, source, gate) = redis_holding(1);
@@ -393,10 +401,10 @@ mod tests {
             "the next read waits for the first"
         );
         gate.add_permits(100);
-        assert_eq!(first.await.unwrap(), 1);
+        assert_eq!(bounded("the first read", first).await.unwrap(), 1);
         let mut shared = 0;
         for lookup in later {
-            let (joined, value) = lookup.await.unwrap();
+            let (joined, value) = bounded("a later lookup", lookup).await.unwrap();
             assert_eq!(value, 2);
             shared += usize::from(joined);
         }
@@ -436,16 +444,13 @@ mod tests {
         own.abort();
         let _ = own.await;
         gate.add_permits(1);
-        let value = tokio::time::timeout(std::time::Duration::from_secs(5), next)
-            .await
-            .expect("the next read was let go")
-            .unwrap();
+        let value = bounded("the next read", next).await.unwrap();
         assert_eq!(value, 4);
         assert_eq!(sent.load(Ordering::SeqCst), 2);
         assert_eq!(flights.len(), 0);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_read_every_lookup_gave_up_on_is_replaced_not_awaited() {
         let flights = ReadFlights::<usize>::new();
         let (sent, source, gate) = redis_holding(3);
@@ -455,7 +460,11 @@ mod tests {
         let _ = abandoned.await;
         // Its gate never opens; a new lookup must not wait for it.
         gate.add_permits(1);
-        let value = flights.join(key(9), read(&sent, &source, &gate)).read.await;
+        let value = bounded(
+            "the new lookup",
+            flights.join(key(9), read(&sent, &source, &gate)).read,
+        )
+        .await;
         assert_eq!(value, 3);
         assert_eq!(sent.load(Ordering::SeqCst), 2);
     }
