@@ -414,8 +414,10 @@ impl HybridCache {
         self.inner.store.redis_health()
     }
 
-    /// Closes the Redis connections (a memory-only cache has nothing to close).
-    /// Requests after this are served from memory.
+    /// Closes the Redis connections (a memory-only cache has nothing to close) and
+    /// waits until they are closed. Requests after this are served from memory. A
+    /// cache whose last clone is dropped without this closes them in the background
+    /// (on the runtime it is dropped in), and its tasks end.
     pub async fn shutdown(&self) {
         self.inner.store.shutdown().await;
     }

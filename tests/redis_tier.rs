@@ -726,3 +726,40 @@ async fn one_deadline_bounds_a_read_whatever_the_command_timeout() {
     assert_eq!(cache.stats().redis_deadline_hits, 3, "{:?}", cache.stats());
     redis.resume();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cache_dropped_leaves_no_task_or_connection_behind() {
+    let redis = RedisServer::start();
+    let tasks = || {
+        tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks()
+    };
+    let before = tasks();
+    // Shut down, then dropped; or dropped alone.
+    for (i, shut_down) in [(0, true), (1, true), (2, false), (3, false)] {
+        let cache = replica(&redis.url()).await;
+        let origin = Origin::new();
+        call(
+            app(&origin, &cache),
+            get(&format!("http://api.test/leak/{i}")),
+        )
+        .await;
+        eventually("the entry in Redis", WAIT, || async {
+            cache.stats().redis_writes == 1
+        })
+        .await;
+        if shut_down {
+            cache.shutdown().await;
+        }
+    }
+    eventually("every task of the dropped caches ended", WAIT, || async {
+        tasks() <= before
+    })
+    .await;
+    eventually("every connection closed", WAIT, || async {
+        let clients = redis.cli(&["CLIENT", "LIST"]);
+        clients.lines().count() == 1 // the query's own
+    })
+    .await;
+}

@@ -382,6 +382,8 @@ pub(crate) struct RedisStore {
     namespace: String,
     options: Options,
     max_value_bytes: usize,
+    /// Set by `quit`: dropping the store then has nothing left to close.
+    quit: std::sync::atomic::AtomicBool,
 }
 
 impl RedisStore {
@@ -487,6 +489,7 @@ impl RedisStore {
                 ..Options::default()
             },
             max_value_bytes: config.max_value_bytes,
+            quit: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -961,8 +964,31 @@ impl RedisStore {
 
     /// Closes every connection.
     pub(crate) async fn quit(&self) {
-        let _ = self.subscriber.quit().await;
-        let _ = self.pool.quit().await;
+        self.quit.store(true, std::sync::atomic::Ordering::Relaxed);
+        close(self.subscriber.clone(), self.pool.clone()).await;
+    }
+}
+
+/// Closes the subscriber and the pool. fred's tasks (and ours that follow its
+/// clients' events) live until their client quits, whoever still holds it.
+async fn close(subscriber: fred::clients::SubscriberClient, pool: Pool) {
+    // fred gets no answer to a QUIT sent in subscribed mode (it waits out the command
+    // timeout and the client lives on): leave the channel first.
+    let _ = subscriber.unsubscribe_all().await;
+    let _ = subscriber.quit().await;
+    let _ = pool.quit().await;
+}
+
+impl Drop for RedisStore {
+    fn drop(&mut self) {
+        if self.quit.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        // Dropped without `shutdown`: close in the background (outside a runtime
+        // there is nothing to close them with, and nothing left running either).
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(close(self.subscriber.clone(), self.pool.clone()));
+        }
     }
 }
 
