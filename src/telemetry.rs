@@ -34,7 +34,9 @@ pub struct CacheStats {
     pub coalesced: u64,
     /// Entries written to Redis.
     pub redis_writes: u64,
-    /// Redis operations that failed or timed out (the request went on without Redis).
+    /// Redis operations that failed, timed out or were refused by the open breaker
+    /// (the request went on without Redis); the last two are also counted apart, in
+    /// `redis_deadline_hits` and `redis_breaker_rejections`.
     pub redis_errors: u64,
     /// Writes dropped because the Redis write queue was full.
     pub redis_writes_dropped: u64,
