@@ -763,3 +763,29 @@ async fn a_cache_dropped_leaves_no_task_or_connection_behind() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cache_whose_redis_never_came_up_stops_reconnecting_once_dropped() {
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let tasks = || {
+        tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks()
+    };
+    let before = tasks();
+    for shut_down in [true, false] {
+        let cache = replica(&format!("redis://127.0.0.1:{port}")).await;
+        let origin = Origin::new();
+        call(app(&origin, &cache), get("http://api.test/never")).await;
+        if shut_down {
+            cache.shutdown().await;
+        }
+    }
+    eventually("every task of the dropped caches ended", WAIT, || async {
+        tasks() <= before
+    })
+    .await;
+}

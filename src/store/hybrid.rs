@@ -30,7 +30,7 @@ use crate::BreakerState;
 use super::memory::MemoryStore;
 use super::read_flights::ReadFlights;
 use super::redis::{Invalidation, RedisService, RedisStore};
-use super::subscription::MissedWindows;
+use super::subscription::{until_closed, MissedWindows};
 use super::{
     RedisTierService, StoreAnswer, StoreError, StoreOp, StoreRequest, StoreResponse, Tier,
 };
@@ -244,7 +244,7 @@ impl HybridStore {
             breaker.count_errors_if(counts_against_redis)
         };
         store.drive(breaker.breaker());
-        spawn_listener(store.invalidations(), self.memory.clone());
+        spawn_listener(store.invalidations(), store.closed(), self.memory.clone());
         let store = Arc::new(store);
         if let Some(missed) = store.missed_windows() {
             spawn_catch_up(
@@ -559,15 +559,20 @@ enum RedisRead {
 
 /// Forgets in memory what any replica invalidated: a near cache serves memory first,
 /// and any cache answers from memory while Redis cannot. The task ends when the
-/// subscriber is closed (`shutdown`).
+/// store closes or is dropped.
 fn spawn_listener(
     mut messages: tokio::sync::broadcast::Receiver<fred::types::Message>,
+    mut closed: tokio::sync::watch::Receiver<bool>,
     memory: MemoryStore,
 ) {
     use tokio::sync::broadcast::error::RecvError;
     tokio::spawn(async move {
         loop {
-            match messages.recv().await {
+            let received = tokio::select! {
+                received = messages.recv() => received,
+                () = until_closed(&mut closed) => return,
+            };
+            match received {
                 Ok(message) => {
                     let text = message.value.as_string().unwrap_or_default();
                     if let Some(invalidation) = Invalidation::parse(&text) {

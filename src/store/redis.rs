@@ -384,6 +384,14 @@ pub(crate) struct RedisStore {
     max_value_bytes: usize,
     /// Set by `quit`: dropping the store then has nothing left to close.
     quit: std::sync::atomic::AtomicBool,
+    /// `true` once closing; dropped with the store. Our tasks that follow the
+    /// subscriber end on it (fred's event streams end only with a client that quit).
+    closing: tokio::sync::watch::Sender<bool>,
+    /// fred's connection tasks: a client that never connected cannot take a QUIT, and
+    /// would otherwise go on reconnecting after the store is gone.
+    connections: Vec<tokio::task::AbortHandle>,
+    /// How long closing may wait for the QUITs.
+    close_within: Duration,
 }
 
 impl RedisStore {
@@ -452,7 +460,11 @@ impl RedisStore {
         )
         .map_err(|e| BuildError::invalid("redis pool", e))?;
         // `connect` spawns the connection tasks; unlike `init` it does not wait.
-        let _handles = pool.connect_pool();
+        let mut connections: Vec<_> = pool
+            .connect_pool()
+            .iter()
+            .map(tokio::task::JoinHandle::abort_handle)
+            .collect();
         let connected = tokio::time::timeout(config.connect_timeout, pool.wait_for_connect()).await;
         let connected = matches!(connected, Ok(Ok(())));
         if !connected {
@@ -460,22 +472,24 @@ impl RedisStore {
         }
         let health = HealthState::new(pool.size(), connected);
         watch_events(pool.clients(), &health);
+        let (closing, closed) = tokio::sync::watch::channel(false);
         spawn_probe(
             pool.clients().to_vec(),
             Arc::downgrade(&health),
-            config.probe_interval,
-            config.probe_timeout,
+            (config.probe_interval, config.probe_timeout),
+            closed.clone(),
         );
         // Subscribes after every reconnection, without blocking start-up.
-        let missed = subscription::subscribe(
+        let (missed, subscription) = subscription::subscribe(
             &subscriber,
             invalidation_channel(namespace),
             SubscriberProbe {
                 every: config.probe_interval,
                 timeout: config.probe_timeout,
-                while_alive: Arc::downgrade(&health),
+                closed,
             },
         );
+        connections.push(subscription);
         Ok(RedisStore {
             pool,
             subscriber,
@@ -490,6 +504,11 @@ impl RedisStore {
             },
             max_value_bytes: config.max_value_bytes,
             quit: std::sync::atomic::AtomicBool::new(false),
+            closing,
+            connections,
+            // Three commands (UNSUBSCRIBE, then the QUITs), each bounded by the
+            // command timeout.
+            close_within: config.command_timeout.saturating_mul(3),
         })
     }
 
@@ -962,21 +981,39 @@ impl RedisStore {
         self.subscriber.message_rx()
     }
 
+    /// Says when the store is closing or gone, for tasks that follow the subscriber.
+    pub(crate) fn closed(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.closing.subscribe()
+    }
+
     /// Closes every connection.
     pub(crate) async fn quit(&self) {
         self.quit.store(true, std::sync::atomic::Ordering::Relaxed);
-        close(self.subscriber.clone(), self.pool.clone()).await;
+        self.closing.send_replace(true);
+        self.close().await;
     }
-}
 
-/// Closes the subscriber and the pool. fred's tasks (and ours that follow its
-/// clients' events) live until their client quits, whoever still holds it.
-async fn close(subscriber: fred::clients::SubscriberClient, pool: Pool) {
-    // fred gets no answer to a QUIT sent in subscribed mode (it waits out the command
-    // timeout and the client lives on): leave the channel first.
-    let _ = subscriber.unsubscribe_all().await;
-    let _ = subscriber.quit().await;
-    let _ = pool.quit().await;
+    fn close(&self) -> impl Future<Output = ()> + Send + 'static {
+        let (subscriber, pool) = (self.subscriber.clone(), self.pool.clone());
+        let connections = self.connections.clone();
+        let within = self.close_within;
+        async move {
+            let quit = async {
+                // fred gets no answer to a QUIT sent in subscribed mode (it waits out
+                // the command timeout and the client lives on): leave the channel
+                // first.
+                let _ = subscriber.unsubscribe_all().await;
+                let _ = subscriber.quit().await;
+                let _ = pool.quit().await;
+            };
+            let _ = tokio::time::timeout(within, quit).await;
+            // The clients are no longer used: their connection tasks stop, also
+            // where no QUIT could be answered (Redis never came up).
+            for connection in connections {
+                connection.abort();
+            }
+        }
+    }
 }
 
 impl Drop for RedisStore {
@@ -987,7 +1024,7 @@ impl Drop for RedisStore {
         // Dropped without `shutdown`: close in the background (outside a runtime
         // there is nothing to close them with, and nothing left running either).
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(close(self.subscriber.clone(), self.pool.clone()));
+            runtime.spawn(self.close());
         }
     }
 }

@@ -17,6 +17,7 @@ use fred::prelude::*;
 use fred::types::config::Options;
 
 use crate::resilience::breaker::CircuitBreaker;
+use crate::store::subscription::until_closed;
 use crate::telemetry::TARGET;
 
 /// What the Redis tier knows of its connections, from
@@ -205,12 +206,12 @@ pub(crate) fn watch_events(clients: &[Client], health: &Arc<HealthState>) {
 }
 
 /// PINGs every client each `every`; two unanswered in a row within `timeout` mark it
-/// down and force a reconnection. Ends when the store is dropped.
+/// down and force a reconnection. Ends when the store closes or is dropped.
 pub(crate) fn spawn_probe(
     clients: Vec<Client>,
     health: Weak<HealthState>,
-    every: Duration,
-    timeout: Duration,
+    (every, timeout): (Duration, Duration),
+    mut closed: tokio::sync::watch::Receiver<bool>,
 ) {
     let options = Options {
         timeout: Some(timeout),
@@ -222,7 +223,10 @@ pub(crate) fn spawn_probe(
         let mut ticks = tokio::time::interval(every);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            ticks.tick().await;
+            tokio::select! {
+                _ = ticks.tick() => {}
+                () = until_closed(&mut closed) => return,
+            }
             let Some(health) = health.upgrade() else {
                 return;
             };

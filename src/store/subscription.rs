@@ -13,26 +13,33 @@
 //! two PINGs in a row unanswered force a reconnection, and the window reaches back
 //! to the last PING answered.
 
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use fred::clients::SubscriberClient;
 use fred::interfaces::{ClientLike, EventInterface, PubsubInterface};
 use fred::types::config::Options;
 use tokio::sync::broadcast::error::RecvError;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
+use tokio::task::AbortHandle;
 
 use crate::store::redis_health::FAILED_PINGS_TO_DOWN;
 use crate::telemetry::TARGET;
 
-/// How the subscriber connection is watched, and for how long.
-pub(crate) struct SubscriberProbe<T> {
+/// How the subscriber connection is watched, and until when.
+pub(crate) struct SubscriberProbe {
     /// How often it is sent a PING.
     pub(crate) every: Duration,
     /// How long a PING may go unanswered.
     pub(crate) timeout: Duration,
-    /// The probe ends once this is gone (the store that owns the subscriber).
-    pub(crate) while_alive: Weak<T>,
+    /// The subscription's tasks end once this says `true` or its sender is dropped
+    /// (the store that owns the subscriber is closing or gone).
+    pub(crate) closed: watch::Receiver<bool>,
+}
+
+/// Resolves once `closed` says so or its sender is gone.
+pub(crate) async fn until_closed(closed: &mut watch::Receiver<bool>) {
+    let _ = closed.wait_for(|closed| *closed).await;
 }
 
 /// The earliest start of the windows not yet caught up on, and a signal per new one.
@@ -68,11 +75,12 @@ fn keep_earliest(slot: &Mutex<Option<SystemTime>>, at: SystemTime) {
 /// Each subscription reports the window before it: from when a live connection was
 /// lost (or, with no loss seen, from the previous subscription; for the first, from
 /// now, as nothing can be in memory from before the cache existed).
-pub(crate) fn subscribe<T: Send + Sync + 'static>(
+/// Also returns the connection task, for the store to stop once it closes.
+pub(crate) fn subscribe(
     subscriber: &SubscriberClient,
     channel: String,
-    probe: SubscriberProbe<T>,
-) -> MissedWindows {
+    probe: SubscriberProbe,
+) -> (MissedWindows, AbortHandle) {
     let started = SystemTime::now();
     // When the connection that carried the subscription was lost; cleared by each
     // subscription.
@@ -89,7 +97,8 @@ pub(crate) fn subscribe<T: Send + Sync + 'static>(
     }));
     // Taken before connecting, so that the first connection's event is not missed.
     let mut reconnections = subscriber.reconnect_rx();
-    let _connection = subscriber.connect();
+    let connection = subscriber.connect().abort_handle();
+    let mut closed = probe.closed.clone();
     spawn_probe(subscriber.clone(), Arc::clone(&lost), probe);
     let since = Arc::new(Mutex::new(None));
     let (signal, windows) = mpsc::channel(1);
@@ -98,7 +107,11 @@ pub(crate) fn subscribe<T: Send + Sync + 'static>(
     tokio::spawn(async move {
         let mut subscribed_at = started;
         loop {
-            match reconnections.recv().await {
+            let reconnected = tokio::select! {
+                reconnected = reconnections.recv() => reconnected,
+                () = until_closed(&mut closed) => return,
+            };
+            match reconnected {
                 Ok(_) | Err(RecvError::Lagged(_)) => {}
                 Err(RecvError::Closed) => return,
             }
@@ -115,19 +128,20 @@ pub(crate) fn subscribe<T: Send + Sync + 'static>(
             let _ = signal.try_send(());
         }
     });
-    MissedWindows {
+    let windows = MissedWindows {
         since,
         signal: windows,
-    }
+    };
+    (windows, connection)
 }
 
 /// PINGs the subscriber while it is connected; after two PINGs in a row unanswered,
 /// records the connection lost since the last PING answered was sent, and forces a
 /// reconnection (which resubscribes and reports that window).
-fn spawn_probe<T: Send + Sync + 'static>(
+fn spawn_probe(
     subscriber: SubscriberClient,
     lost: Arc<Mutex<Option<SystemTime>>>,
-    probe: SubscriberProbe<T>,
+    mut probe: SubscriberProbe,
 ) {
     let options = Options {
         timeout: Some(probe.timeout),
@@ -141,9 +155,9 @@ fn spawn_probe<T: Send + Sync + 'static>(
         let mut answered_at = SystemTime::now();
         let mut unanswered = 0;
         loop {
-            ticks.tick().await;
-            if probe.while_alive.strong_count() == 0 {
-                return;
+            tokio::select! {
+                _ = ticks.tick() => {}
+                () = until_closed(&mut probe.closed) => return,
             }
             // Not connected: fred is reconnecting already (or the store quit).
             if !subscriber.is_connected() {
