@@ -30,7 +30,8 @@ use crate::BreakerState;
 use super::memory::MemoryStore;
 use super::read_flights::ReadFlights;
 use super::redis::{Invalidation, RedisService, RedisStore};
-use super::subscription::{until_closed, MissedWindows};
+use super::subscription::MissedWindows;
+use super::until_closed;
 use super::{
     RedisTierService, StoreAnswer, StoreError, StoreOp, StoreRequest, StoreResponse, Tier,
 };

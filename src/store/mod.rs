@@ -19,6 +19,12 @@ pub use operation::{
 };
 pub(crate) use operation::{StoreAnswer, StoreOp};
 
+/// Resolves once the Redis store says it is closing (`true`) or is gone (the sender
+/// dropped): the tasks that follow its connections end on it.
+pub(crate) async fn until_closed(closed: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = closed.wait_for(|closed| *closed).await;
+}
+
 /// The tier that answered a lookup; named in `Cache-Status` as `detail`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]

@@ -17,7 +17,7 @@ use fred::prelude::*;
 use fred::types::config::Options;
 
 use crate::resilience::breaker::CircuitBreaker;
-use crate::store::subscription::until_closed;
+use crate::store::until_closed;
 use crate::telemetry::TARGET;
 
 /// What the Redis tier knows of its connections, from

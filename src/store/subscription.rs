@@ -24,6 +24,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::AbortHandle;
 
 use crate::store::redis_health::FAILED_PINGS_TO_DOWN;
+use crate::store::until_closed;
 use crate::telemetry::TARGET;
 
 /// How the subscriber connection is watched, and until when.
@@ -35,11 +36,6 @@ pub(crate) struct SubscriberProbe {
     /// The subscription's tasks end once this says `true` or its sender is dropped
     /// (the store that owns the subscriber is closing or gone).
     pub(crate) closed: watch::Receiver<bool>,
-}
-
-/// Resolves once `closed` says so or its sender is gone.
-pub(crate) async fn until_closed(closed: &mut watch::Receiver<bool>) {
-    let _ = closed.wait_for(|closed| *closed).await;
 }
 
 /// The earliest start of the windows not yet caught up on, and a signal per new one.
