@@ -348,33 +348,96 @@ fn subscribers(redis: &RedisServer) -> String {
     redis.cli(&["PUBSUB", "NUMSUB", "inval:invalidations"])
 }
 
+/// Replica A reaching Redis through a fault proxy, replica B straight, both
+/// subscribed, and two of A's entries in Redis: `gone` (which B will invalidate while
+/// A is cut off) and `kept`.
+struct CutOff {
+    redis: RedisServer,
+    proxy: FaultProxy,
+    a: HybridCache,
+    b: HybridCache,
+    origin: Origin,
+    gone: &'static str,
+    kept: &'static str,
+}
+
+impl CutOff {
+    async fn start(gone: &'static str) -> Self {
+        let redis = RedisServer::start();
+        let proxy = FaultProxy::start(redis.port());
+        let a = replica_held_open_once_forced(&proxy.url()).await;
+        let b = replica(&redis.url()).await;
+        let cut_off = CutOff {
+            origin: Origin::new(),
+            kept: "http://api.test/jobs/kept",
+            gone,
+            redis,
+            proxy,
+            a,
+            b,
+        };
+        for url in [cut_off.gone, cut_off.kept] {
+            call(cut_off.origin.behind(&cut_off.a), get_request(url)).await;
+        }
+        eventually("both entries in Redis", WAIT, || async {
+            cut_off.a.stats().redis_writes == 2
+        })
+        .await;
+        eventually("A and B subscribed", WAIT, || async {
+            subscribers(&cut_off.redis).ends_with('2')
+        })
+        .await;
+        cut_off
+    }
+
+    /// Lifts the fault; once A is subscribed and connected again, Redis is put out of
+    /// A's reach, so that memory alone answers: it must have forgotten `gone`, and
+    /// only that.
+    async fn lift_and_expect_caught_up(&self) {
+        let a = &self.a;
+        self.proxy.set(Fault::None);
+        eventually("A subscribed again", WAIT, || async {
+            subscribers(&self.redis).ends_with('2')
+        })
+        .await;
+        // Every pooled connection back too: one coming back later would let the
+        // forced-open breaker's probe through, and Redis answer instead of memory.
+        eventually("A's connections back", WAIT, || async {
+            a.redis_health().unwrap().connected == 4
+        })
+        .await;
+        a.redis_breaker().unwrap().force_open();
+        eventually(
+            "A's memory to forget the invalidated entry",
+            WAIT,
+            || async {
+                !call(self.origin.behind(a), get_request(self.gone))
+                    .await
+                    .is_hit()
+            },
+        )
+        .await;
+        let still = call(self.origin.behind(a), get_request(self.kept)).await;
+        assert!(
+            still.cache_status().ends_with("detail=memory"),
+            "{}",
+            still.cache_status()
+        );
+        assert_eq!(self.origin.log.calls(), 3);
+    }
+}
+
 #[tokio::test]
 async fn memory_catches_up_on_what_was_invalidated_while_its_subscriber_was_cut_off() {
-    let redis = RedisServer::start();
-    let proxy = FaultProxy::start(redis.port());
-    // A reaches Redis through the proxy.
-    let a = replica_held_open_once_forced(&proxy.url()).await;
-    let b = replica(&redis.url()).await;
-    let origin = Origin::new();
-    let (gone, kept) = ("http://api.test/jobs/cut-off", "http://api.test/jobs/kept");
-    for url in [gone, kept] {
-        call(origin.behind(&a), get_request(url)).await;
-    }
-    eventually("both entries in Redis", WAIT, || async {
-        a.stats().redis_writes == 2
-    })
-    .await;
-    eventually("A and B subscribed", WAIT, || async {
-        subscribers(&redis).ends_with('2')
-    })
-    .await;
+    let cut_off = CutOff::start("http://api.test/jobs/cut-off").await;
+    let redis = &cut_off.redis;
     // A is cut off: B's invalidation message cannot reach it.
-    proxy.set(Fault::Reset);
+    cut_off.proxy.set(Fault::Reset);
     eventually("A's subscription gone", WAIT, || async {
-        subscribers(&redis).ends_with('1')
+        subscribers(redis).ends_with('1')
     })
     .await;
-    assert!(b.invalidate(&gone.parse().unwrap()).await);
+    assert!(cut_off.b.invalidate(&cut_off.gone.parse().unwrap()).await);
     // The log that keeps it for A holds each message once, for as long as the marks.
     assert_eq!(redis.cli(&["ZCARD", "inval:invalidation-log"]), "1");
     let kept_for: u64 = redis
@@ -382,57 +445,14 @@ async fn memory_catches_up_on_what_was_invalidated_while_its_subscriber_was_cut_
         .parse()
         .unwrap();
     assert!(kept_for > 0 && kept_for <= 300_000, "{kept_for}");
-    proxy.set(Fault::None);
-    eventually("A subscribed again", WAIT, || async {
-        subscribers(&redis).ends_with('2')
-    })
-    .await;
-    // Every pooled connection back too: one coming back later would let the forced-open
-    // breaker's probe through, and Redis answer instead of memory.
-    eventually("A's connections back", WAIT, || async {
-        a.redis_health().unwrap().connected == 4
-    })
-    .await;
-    // Redis is unreachable for A from now on: memory alone answers. It forgets what B
-    // invalidated meanwhile (read back from the invalidation log), and only that.
-    a.redis_breaker().unwrap().force_open();
-    eventually(
-        "A's memory to forget the invalidated entry",
-        WAIT,
-        || async { !call(origin.behind(&a), get_request(gone)).await.is_hit() },
-    )
-    .await;
-    let still = call(origin.behind(&a), get_request(kept)).await;
-    assert!(
-        still.cache_status().ends_with("detail=memory"),
-        "{}",
-        still.cache_status()
-    );
-    assert_eq!(origin.log.calls(), 3);
+    // Memory forgets what B invalidated meanwhile, read back from the log.
+    cut_off.lift_and_expect_caught_up().await;
 }
 
 #[tokio::test]
 async fn a_subscriber_connection_that_silently_drops_messages_is_reconnected_and_caught_up() {
-    let redis = RedisServer::start();
-    let proxy = FaultProxy::start(redis.port());
-    let a = replica_held_open_once_forced(&proxy.url()).await;
-    let b = replica(&redis.url()).await;
-    let origin = Origin::new();
-    let (gone, kept) = (
-        "http://api.test/jobs/half-open",
-        "http://api.test/jobs/kept",
-    );
-    for url in [gone, kept] {
-        call(origin.behind(&a), get_request(url)).await;
-    }
-    eventually("both entries in Redis", WAIT, || async {
-        a.stats().redis_writes == 2
-    })
-    .await;
-    eventually("A and B subscribed", WAIT, || async {
-        subscribers(&redis).ends_with('2')
-    })
-    .await;
+    let cut_off = CutOff::start("http://api.test/jobs/half-open").await;
+    let proxy = &cut_off.proxy;
     // PINGs on a healthy subscriber are answered: it is not reconnected (each
     // reconnection subscribes again).
     let pings = proxy.count("PING");
@@ -444,35 +464,13 @@ async fn a_subscriber_connection_that_silently_drops_messages_is_reconnected_and
     // A's connections stay open, but what they carry is lost: Redis still counts A's
     // subscriber and sends it B's message, which never arrives.
     proxy.set(Fault::Discard);
-    assert!(b.invalidate(&gone.parse().unwrap()).await);
+    assert!(cut_off.b.invalidate(&cut_off.gone.parse().unwrap()).await);
     // Only PINGs going unanswered show that A's subscriber is cut off.
     eventually("A's subscriber reconnected away", WAIT, || async {
-        subscribers(&redis).ends_with('1')
+        subscribers(&cut_off.redis).ends_with('1')
     })
     .await;
-    proxy.set(Fault::None);
-    eventually("A subscribed again", WAIT, || async {
-        subscribers(&redis).ends_with('2')
-    })
-    .await;
-    eventually("A's connections back", WAIT, || async {
-        a.redis_health().unwrap().connected == 4
-    })
-    .await;
-    a.redis_breaker().unwrap().force_open();
-    eventually(
-        "A's memory to forget the invalidated entry",
-        WAIT,
-        || async { !call(origin.behind(&a), get_request(gone)).await.is_hit() },
-    )
-    .await;
-    let still = call(origin.behind(&a), get_request(kept)).await;
-    assert!(
-        still.cache_status().ends_with("detail=memory"),
-        "{}",
-        still.cache_status()
-    );
-    assert_eq!(origin.log.calls(), 3);
+    cut_off.lift_and_expect_caught_up().await;
 }
 
 #[tokio::test]
