@@ -414,48 +414,26 @@ async fn run(args: Args) {
         if wanted("writes-search-reads") {
             // (h‴): what the misses' Redis reads cost alone; no entry is small enough
             // to be sent.
-            let data = job_match::Data::generate(5_000, 100);
-            let memory_only = HybridCache::builder().build().await.unwrap();
-            let reads_only = HybridCache::builder()
-                .redis(tower_hybrid_cache::RedisConfig::new(redis.url()).max_value_bytes(1))
-                .build()
-                .await
-                .unwrap();
-            pairs.push(Pair {
-                label: "writes-search-reads",
-                names: [
-                    "(g″) (c) behind a memory-only layer, all misses, all stored",
+            let config = tower_hybrid_cache::RedisConfig::new(redis.url()).max_value_bytes(1);
+            pairs.push(
+                search_miss_pair(
+                    "writes-search-reads",
                     "(h‴) (g″) with Redis on, no entry sent: the misses' Redis reads alone",
-                ],
-                path: "/jobs/search?q=engineer",
-                urls: Urls::Unique,
-                servers: [
-                    serve(job_match::search_router(data.clone(), Some(&memory_only))).await,
-                    serve(job_match::search_router(data, Some(&reads_only))).await,
-                ],
-            });
+                    config,
+                )
+                .await,
+            );
         }
         if wanted("writes-search") {
-            let data = job_match::Data::generate(5_000, 100);
-            let memory_only = HybridCache::builder().build().await.unwrap();
-            let with_redis = HybridCache::builder()
-                .redis_url(redis.url())
-                .build()
-                .await
-                .unwrap();
-            pairs.push(Pair {
-                label: "writes-search",
-                names: [
-                    "(g″) (c) behind a memory-only layer, all misses, all stored",
+            let config = tower_hybrid_cache::RedisConfig::new(redis.url());
+            pairs.push(
+                search_miss_pair(
+                    "writes-search",
                     "(h″) (g″) with Redis on: every store also written to Redis",
-                ],
-                path: "/jobs/search?q=engineer",
-                urls: Urls::Unique,
-                servers: [
-                    serve(job_match::search_router(data.clone(), Some(&memory_only))).await,
-                    serve(job_match::search_router(data, Some(&with_redis))).await,
-                ],
-            });
+                    config,
+                )
+                .await,
+            );
         }
         Some(redis)
     } else {
@@ -762,6 +740,31 @@ async fn redis_pairs(
 
 /// (i)/(j): memory hits on a memory-only layer against the same on a layer whose
 /// Redis is dead and whose breaker is open.
+/// The job search's all-miss load behind a memory-only layer, (g″), against the same
+/// behind a layer with Redis as `redis` says.
+async fn search_miss_pair(
+    label: &'static str,
+    layered: &'static str,
+    redis: tower_hybrid_cache::RedisConfig,
+) -> Pair {
+    let data = job_match::Data::generate(5_000, 100);
+    let memory_only = HybridCache::builder().build().await.unwrap();
+    let with_redis = HybridCache::builder().redis(redis).build().await.unwrap();
+    Pair {
+        label,
+        names: [
+            "(g″) (c) behind a memory-only layer, all misses, all stored",
+            layered,
+        ],
+        path: "/jobs/search?q=engineer",
+        urls: Urls::Unique,
+        servers: [
+            serve(job_match::search_router(data.clone(), Some(&memory_only))).await,
+            serve(job_match::search_router(data, Some(&with_redis))).await,
+        ],
+    }
+}
+
 async fn degraded_pair(pre_rendered: Bytes) -> (Pair, redis_support::RedisServer, HybridCache) {
     let mut redis = redis_support::RedisServer::start();
     let memory_only = HybridCache::builder().build().await.unwrap();

@@ -51,9 +51,7 @@ impl RedisRetry {
             counters,
         })
     }
-}
 
-impl RedisRetry {
     /// What `retry` does with a success (it earns retries for the budget), for a
     /// caller that only asks the policy once an attempt has failed.
     pub(crate) fn succeeded(&self) {

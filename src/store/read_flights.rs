@@ -344,6 +344,13 @@ mod tests {
         CacheKey::from_bytes([n; 32])
     }
 
+    /// Lets every other task run as far as it can.
+    async fn let_others_run() {
+        for _ in 0..20 {
+            tokio::task::yield_now().await;
+        }
+    }
+
     /// Reads sent so far, what Redis holds, and the gate every read answers through
     /// (closed).
     fn redis_holding(value: usize) -> (Arc<AtomicUsize>, Arc<AtomicUsize>, Arc<Semaphore>) {
@@ -392,9 +399,7 @@ mod tests {
                 })
             })
             .collect();
-        for _ in 0..20 {
-            tokio::task::yield_now().await;
-        }
+        let_others_run().await;
         assert_eq!(
             sent.load(Ordering::SeqCst),
             1,
@@ -416,7 +421,7 @@ mod tests {
         assert_eq!(flights.len(), 0, "finished keys are forgotten");
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn keys_do_not_wait_for_each_other() {
         let flights = ReadFlights::<usize>::new();
         let (sent, source, gate) = redis_holding(7);
@@ -426,7 +431,7 @@ mod tests {
         until_sent(&sent, 5).await;
         gate.add_permits(5);
         for lookup in lookups {
-            assert_eq!(lookup.await.unwrap(), 7);
+            assert_eq!(bounded("a lookup", lookup).await.unwrap(), 7);
         }
     }
 
@@ -437,9 +442,7 @@ mod tests {
         let own = spawn_lookup(&flights, key(8), read(&sent, &source, &gate));
         until_sent(&sent, 1).await;
         let next = spawn_lookup(&flights, key(8), read(&sent, &source, &gate));
-        for _ in 0..20 {
-            tokio::task::yield_now().await;
-        }
+        let_others_run().await;
         assert_eq!(sent.load(Ordering::SeqCst), 1, "the next read waits");
         own.abort();
         let _ = own.await;

@@ -17,7 +17,7 @@ use std::task::{Context, Poll};
 
 use fred::clients::{Client, WithOptions};
 
-use super::redis_health::{spawn_probe, watch_events, HealthState, RedisHealth};
+use super::redis_health::{one_attempt, spawn_probe, watch_events, HealthState, RedisHealth};
 use super::subscription::{self, MissedWindows, SubscriberProbe};
 use super::{StoreAnswer, StoreError, StoreOp, StoreRequest, StoreResponse};
 use crate::entry::codec::millis_since_epoch;
@@ -382,10 +382,9 @@ pub(crate) struct RedisStore {
     namespace: String,
     options: Options,
     max_value_bytes: usize,
-    /// Set by `quit`: dropping the store then has nothing left to close.
-    quit: std::sync::atomic::AtomicBool,
-    /// `true` once closing; dropped with the store. Our tasks that follow the
-    /// subscriber end on it (fred's event streams end only with a client that quit).
+    /// `true` once `quit` was called (dropping the store then has nothing left to
+    /// close); dropped with the store. Our tasks that follow the subscriber end on it
+    /// (fred's event streams end only with a client that quit).
     closing: tokio::sync::watch::Sender<bool>,
     /// fred's connection tasks: a client that never connected cannot take a QUIT, and
     /// would otherwise go on reconnecting after the store is gone.
@@ -496,14 +495,8 @@ impl RedisStore {
             missed: std::sync::Mutex::new(Some(missed)),
             health,
             namespace: namespace.to_owned(),
-            options: Options {
-                timeout: Some(config.command_timeout),
-                fail_fast: true,
-                max_attempts: Some(1),
-                ..Options::default()
-            },
+            options: one_attempt(config.command_timeout),
             max_value_bytes: config.max_value_bytes,
-            quit: std::sync::atomic::AtomicBool::new(false),
             closing,
             connections,
             // Three commands (UNSUBSCRIBE, then the QUITs), each bounded by the
@@ -988,7 +981,6 @@ impl RedisStore {
 
     /// Closes every connection.
     pub(crate) async fn quit(&self) {
-        self.quit.store(true, std::sync::atomic::Ordering::Relaxed);
         self.closing.send_replace(true);
         self.close().await;
     }
@@ -1018,7 +1010,7 @@ impl RedisStore {
 
 impl Drop for RedisStore {
     fn drop(&mut self) {
-        if self.quit.load(std::sync::atomic::Ordering::Relaxed) {
+        if *self.closing.borrow() {
             return;
         }
         // Dropped without `shutdown`: close in the background (outside a runtime
@@ -1123,7 +1115,7 @@ mod tests {
     #[test]
     fn the_invalidation_log_reaches_back_as_long_as_the_marks_live() {
         let now = 1_000_000_000;
-        let keep = u64::try_from(MARK_TTL.as_millis()).unwrap();
+        let keep = mark_ttl_millis();
         assert!(log_reaches(now, now));
         assert!(log_reaches(now - keep + 1, now));
         assert!(!log_reaches(now - keep, now));

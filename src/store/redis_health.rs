@@ -37,6 +37,18 @@ pub struct RedisHealth {
     pub up_since: Option<SystemTime>,
 }
 
+/// Per-call options of a command that fails at once rather than wait for a
+/// reconnection, is sent once (our callers retry or fall back), and waits at most
+/// `timeout` for its answer.
+pub(crate) fn one_attempt(timeout: Duration) -> Options {
+    Options {
+        timeout: Some(timeout),
+        fail_fast: true,
+        max_attempts: Some(1),
+        ..Options::default()
+    }
+}
+
 /// Pings in a row without an answer before a connection is marked down.
 pub(crate) const FAILED_PINGS_TO_DOWN: u32 = 2;
 
@@ -213,12 +225,7 @@ pub(crate) fn spawn_probe(
     (every, timeout): (Duration, Duration),
     mut closed: tokio::sync::watch::Receiver<bool>,
 ) {
-    let options = Options {
-        timeout: Some(timeout),
-        fail_fast: true,
-        max_attempts: Some(1),
-        ..Options::default()
-    };
+    let options = one_attempt(timeout);
     tokio::spawn(async move {
         let mut ticks = tokio::time::interval(every);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -18,12 +18,11 @@ use std::time::{Duration, SystemTime};
 
 use fred::clients::SubscriberClient;
 use fred::interfaces::{ClientLike, EventInterface, PubsubInterface};
-use fred::types::config::Options;
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::{mpsc, watch};
 use tokio::task::AbortHandle;
 
-use crate::store::redis_health::FAILED_PINGS_TO_DOWN;
+use crate::store::redis_health::{one_attempt, FAILED_PINGS_TO_DOWN};
 use crate::store::until_closed;
 use crate::telemetry::TARGET;
 
@@ -139,12 +138,7 @@ fn spawn_probe(
     lost: Arc<Mutex<Option<SystemTime>>>,
     mut probe: SubscriberProbe,
 ) {
-    let options = Options {
-        timeout: Some(probe.timeout),
-        fail_fast: true,
-        max_attempts: Some(1),
-        ..Options::default()
-    };
+    let options = one_attempt(probe.timeout);
     tokio::spawn(async move {
         let mut ticks = tokio::time::interval(probe.every);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
