@@ -193,3 +193,80 @@ impl Counters {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+
+    const ALL: [Counter; 17] = [
+        Counter::Hit,
+        Counter::Miss,
+        Counter::Bypass,
+        Counter::Store,
+        Counter::NotStored,
+        Counter::Coalesced,
+        Counter::RedisWrite,
+        Counter::RedisError,
+        Counter::RedisWriteDropped,
+        Counter::RedisRetry,
+        Counter::RetryBudgetExhausted,
+        Counter::RedisDeadlineHit,
+        Counter::RedisBreakerRejection,
+        Counter::FallbackHit,
+        Counter::RedisReadShared,
+        Counter::Invalidation,
+        Counter::RedisReplay,
+    ];
+
+    #[test]
+    fn every_counter_has_its_own_field_and_metric_named_after_it() {
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        let counters = Counters::default();
+        // Counter i is added i + 1 times, so that each field's value names its counter.
+        metrics::with_local_recorder(&recorder, || {
+            for (i, counter) in ALL.iter().enumerate() {
+                counters.add_n(*counter, i + 1);
+            }
+        });
+        let s = counters.snapshot();
+        let fields = [
+            ("hits", s.hits),
+            ("misses", s.misses),
+            ("bypasses", s.bypasses),
+            ("stores", s.stores),
+            ("not_stored", s.not_stored),
+            ("coalesced", s.coalesced),
+            ("redis_writes", s.redis_writes),
+            ("redis_errors", s.redis_errors),
+            ("redis_writes_dropped", s.redis_writes_dropped),
+            ("redis_retries", s.redis_retries),
+            ("retry_budget_exhausted", s.retry_budget_exhausted),
+            ("redis_deadline_hits", s.redis_deadline_hits),
+            ("redis_breaker_rejections", s.redis_breaker_rejections),
+            ("fallback_hits", s.fallback_hits),
+            ("redis_reads_shared", s.redis_reads_shared),
+            ("invalidations", s.invalidations),
+            ("redis_replays", s.redis_replays),
+        ];
+        let recorded: Vec<(String, DebugValue)> = snapshotter
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .map(|(key, _, _, value)| (key.key().name().to_owned(), value))
+            .collect();
+        for (i, ((field, value), counter)) in fields.iter().zip(ALL).enumerate() {
+            let expected = i as u64 + 1;
+            assert_eq!(*value, expected, "{field}");
+            let name = format!("tower_hybrid_cache_{field}_total");
+            assert_eq!(counter.metric_name(), name);
+            assert!(
+                recorded
+                    .iter()
+                    .any(|(n, v)| *n == name && *v == DebugValue::Counter(expected)),
+                "{name}"
+            );
+        }
+    }
+}

@@ -59,15 +59,48 @@ async fn non_utf8_cache_control_from_the_origin_is_not_stored() {
 #[tokio::test]
 async fn malformed_request_cache_control_is_tolerated() {
     let (origin, cache, app) = setup(Some(60)).await;
-    let mut request = support::get("http://t/m");
-    request.headers_mut().insert(
+    let junk = |then: &str| {
+        let mut request = support::get("http://t/m");
+        let mut value = b"\xfe\xff, =, \xe9t\xe9, ".to_vec();
+        value.extend_from_slice(then.as_bytes());
+        request
+            .headers_mut()
+            .insert("cache-control", HeaderValue::from_bytes(&value).unwrap());
+        request
+    };
+    let got = call(app.clone(), junk("")).await;
+    assert_eq!(got.status, StatusCode::OK);
+    assert!(
+        got.cache_status().ends_with("stored"),
+        "{}",
+        got.cache_status()
+    );
+    eventually("stored", WAIT, || async { cache.stats().stores == 1 }).await;
+    // The junk is ignored: the stored response answers it.
+    let again = call(app.clone(), junk("")).await;
+    assert!(again.is_hit(), "{}", again.cache_status());
+    assert_eq!(origin.log.calls(), 1);
+    // The readable directives beside the junk still count.
+    let reload = call(app.clone(), junk("no-cache")).await;
+    assert!(
+        reload.cache_status().contains("fwd=request"),
+        "{}",
+        reload.cache_status()
+    );
+    assert_eq!(origin.log.calls(), 2);
+    // An unterminated quote gets the reading that caches less: `max-age` is 0.
+    let mut unterminated = support::get("http://t/m");
+    unterminated.headers_mut().insert(
         "cache-control",
         HeaderValue::from_bytes(b"\xfe\xff, max-age=\"").unwrap(),
     );
-    let got = call(app.clone(), request).await;
+    let got = call(app.clone(), unterminated).await;
     assert_eq!(got.status, StatusCode::OK);
-    assert_eq!(origin.log.calls(), 1);
-    drop(cache);
+    assert!(
+        got.cache_status().contains("fwd=request"),
+        "{}",
+        got.cache_status()
+    );
 }
 
 #[tokio::test]

@@ -7,7 +7,9 @@
 //! here) to a request. These tests set the per-command timeout to 5 s, so that only
 //! the deadline stands between a sick Redis and a 5 s wait, and check every request
 //! against the deadline plus a margin of 950 ms: wide enough for a loaded shared
-//! machine, five times short of what a missing deadline would cost.
+//! machine, five times short of what a missing deadline would cost. That margin
+//! cannot tell one deadline from several: `each_request_waits_one_deadline_not_several`
+//! does, with a deadline longer than the margin.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -455,12 +457,55 @@ async fn a_transient_error_is_retried_on_another_connection() {
         reader.redis_health().unwrap().connected == 4
     })
     .await;
+    let open_before = proxy.connections();
+    let gets_before = proxy.senders_of("GET").len();
     proxy.reset_next("GET");
     let found: Option<Vec<u32>> = reader.get("match-list").await;
     assert_eq!(found, Some(vec![42, 7]), "{:?}", reader.stats());
     let stats = reader.stats();
-    assert!(stats.redis_retries >= 1, "{stats:?}");
-    assert!(proxy.count("GET") >= 2, "{:?}", proxy.command_counts());
+    assert_eq!(stats.redis_retries, 1, "{stats:?}");
+    // The GET reset with its connection, then the same GET on another of the pooled
+    // connections, open before (not the reset one reconnected).
+    let senders = proxy.senders_of("GET");
+    let gets = senders.get(gets_before..).unwrap_or_default();
+    assert_eq!(gets.len(), 2, "{:?}", proxy.command_counts());
+    assert_ne!(gets[0], gets[1], "retried on the connection that was reset");
+    assert!(
+        gets[1] < open_before,
+        "retried on a new connection: {gets:?}"
+    );
+}
+
+#[tokio::test]
+async fn fred_sends_a_command_once_and_leaves_retries_to_the_cache() {
+    let redis = RedisServer::start();
+    let proxy = FaultProxy::start(redis.port());
+    let reader = HybridCache::builder()
+        .namespace("faults")
+        .redis(config(&proxy.url()).retries(0))
+        .build()
+        .await
+        .unwrap();
+    eventually("every connection up", WAIT, || async {
+        reader.redis_health().unwrap().connected == 4
+    })
+    .await;
+    let gets_before = proxy.senders_of("GET").len();
+    proxy.reset_next("GET");
+    assert_eq!(reader.get::<u8>("anything").await, None);
+    // The connection comes back; fred, left to itself, would send the GET again on it.
+    eventually("the connection back", WAIT, || async {
+        reader.redis_health().unwrap().connected == 4
+    })
+    .await;
+    let pings = proxy.count("PING");
+    eventually("the connections PINGed since", WAIT, || async {
+        proxy.count("PING") >= pings + 8
+    })
+    .await;
+    let gets = proxy.senders_of("GET").len() - gets_before;
+    assert_eq!(gets, 1, "{:?}", proxy.command_counts());
+    assert_eq!(reader.stats().redis_retries, 0);
 }
 
 #[tokio::test]
@@ -668,4 +713,50 @@ async fn a_lookup_waiting_behind_another_read_still_waits_at_most_the_deadline()
         "{:?}",
         cache.stats()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_request_waits_one_deadline_not_several() {
+    // A deadline longer than the margin: one deadline plus the margin is less than two.
+    const LONG_DEADLINE: Duration = Duration::from_secs(1);
+    const LONG_MARGIN: Duration = Duration::from_millis(900);
+    let redis = RedisServer::start();
+    let origin = Origin::new();
+    // No probe and a breaker slow to open: each request meets the frozen Redis and
+    // only the deadline ends its wait.
+    let cache = cache(
+        config(&redis.url())
+            .deadline(LONG_DEADLINE)
+            .probe_interval(Duration::from_secs(3600)),
+        CircuitBreakerLayer::new().consecutive_failures(100),
+    )
+    .await;
+    let app = app(&origin, &cache);
+    let warm_url = "http://api.test/jobs/warm";
+    warm(&app, &cache, &[warm_url.to_owned()]).await;
+    redis.freeze();
+    let requests = [
+        ("a hit memory answers", get(warm_url)),
+        ("a miss", get("http://api.test/jobs/cold")),
+        (
+            "a write that invalidates",
+            http::Request::post(warm_url)
+                .body(axum::body::Body::empty())
+                .unwrap(),
+        ),
+        ("a miss after the write", get(warm_url)),
+    ];
+    for (what, request) in requests {
+        let started = Instant::now();
+        let got = call(app.clone(), request).await;
+        let took = started.elapsed();
+        assert_eq!(got.status, 200, "{what}");
+        assert!(
+            took <= LONG_DEADLINE + LONG_MARGIN,
+            "{what} waited {took:?}: more than one deadline"
+        );
+    }
+    let stats = cache.stats();
+    assert_eq!(stats.redis_deadline_hits, 4, "one deadline each: {stats:?}");
+    redis.resume();
 }

@@ -14,12 +14,17 @@ use tower_hybrid_cache::{HybridCache, RedisConfig};
 
 const WAIT: Duration = Duration::from_secs(15);
 
+/// How long a lease is held at most (and a replica waits for another's fill): long
+/// enough that a test finishing well before it shows that nothing waited it out.
+const LEASE: Duration = Duration::from_secs(60);
+
 async fn replica(url: &str, lease: bool) -> HybridCache {
     let mut builder = HybridCache::builder()
         .namespace("lease")
+        .single_flight_timeout(LEASE)
         .redis(RedisConfig::new(url).deadline(Duration::from_millis(500)));
     if lease {
-        builder = builder.redis_fill_lease(Duration::from_secs(5));
+        builder = builder.redis_fill_lease(LEASE);
     }
     builder.build().await.unwrap()
 }
@@ -33,6 +38,14 @@ fn app(origin: &Origin, cache: &HybridCache) -> axum::Router {
 /// Replica A starts fetching `url` (held at the origin's gate); then replica B asks
 /// for it. Returns B's response and the origin's call count.
 async fn race(lease: bool, url: &'static str) -> (support::Got, usize) {
+    // A guard against a hang, not a measure of speed: a lease never given back would
+    // keep the waiting replica waiting the whole minute.
+    tokio::time::timeout(Duration::from_secs(20), race_unbounded(lease, url))
+        .await
+        .expect("the race ended well before a lease would expire")
+}
+
+async fn race_unbounded(lease: bool, url: &'static str) -> (support::Got, usize) {
     let redis = RedisServer::start();
     let (a, b) = (
         replica(&redis.url(), lease).await,
@@ -79,7 +92,7 @@ async fn without_a_lease_each_replica_fetches() {
 #[tokio::test]
 async fn an_uncacheable_fill_frees_the_lease_for_the_waiting_replica() {
     // A's response may not be stored: B takes the lease once A gives it back and
-    // fetches for itself, well before the 5 s lease would expire.
+    // fetches for itself, well before the lease would expire.
     let (from_b, calls) = race(
         true,
         "http://api.test/private?gate=1&h=cache-control:private",
@@ -103,8 +116,8 @@ async fn with_redis_down_the_lease_is_skipped_and_nothing_waits() {
         call(app(&origin, &a), get(url)).await;
         call(app(&origin, &b), get(url)).await;
     };
-    // A guard against a hang, not a measure of speed: the lease would make B wait 5 s.
-    tokio::time::timeout(Duration::from_secs(4), requests)
+    // A guard against a hang, not a measure of speed: the lease would make B wait.
+    tokio::time::timeout(Duration::from_secs(20), requests)
         .await
         .expect("no wait on a lease nobody holds");
     assert_eq!(origin.log.calls(), 2);

@@ -645,3 +645,279 @@ async fn a_stored_error_status_never_becomes_304() {
     assert_eq!(got.status, StatusCode::NOT_FOUND);
     assert!(got.is_hit());
 }
+
+#[tokio::test]
+async fn the_cache_status_name_names_this_cache() {
+    let origin = Origin::new();
+    let cache = HybridCache::builder()
+        .cache_status_name("edge-7")
+        .build()
+        .await
+        .unwrap();
+    let app = app(&origin, cache.layer().ttl(Duration::from_secs(60)));
+    let miss = call(app.clone(), get("http://api.test/named")).await;
+    assert_eq!(
+        miss.cache_status(),
+        "edge-7; fwd=uri-miss; fwd-status=200; stored"
+    );
+    stored(&cache, 1).await;
+    let hit = call(app.clone(), get("http://api.test/named")).await;
+    assert!(
+        hit.cache_status().starts_with("edge-7; hit; ttl="),
+        "{}",
+        hit.cache_status()
+    );
+    let bypass = call(
+        app,
+        Request::post("http://api.test/named")
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(bypass.cache_status(), "edge-7; fwd=bypass");
+}
+
+#[tokio::test]
+async fn public_gives_no_lifetime_and_immutable_no_transform_must_understand_change_nothing() {
+    let (origin, cache) = (Origin::new(), new_cache().await);
+    let app = app(&origin, cache.layer());
+    // `public` alone: nothing says how long it is fresh.
+    let public = "http://api.test/pub?h=cache-control:public";
+    let got = call(app.clone(), get(public)).await;
+    assert!(
+        got.cache_status().ends_with("detail=no-freshness"),
+        "{}",
+        got.cache_status()
+    );
+    // The others beside max-age: stored and served as max-age alone would be.
+    let mut stores = 0;
+    for cc in [
+        "max-age%3D60,%20immutable",
+        "max-age%3D60,%20no-transform",
+        "max-age%3D60,%20must-understand",
+    ] {
+        let url = format!("http://api.test/same?h=cache-control:{cc}");
+        let miss = call(app.clone(), get(&url)).await;
+        assert!(miss.cache_status().ends_with("stored"), "{cc}");
+        stores += 1;
+        stored(&cache, stores).await;
+        let hit = call(app.clone(), get(&url)).await;
+        assert!(hit.is_hit(), "{cc}: {}", hit.cache_status());
+        assert_eq!(hit.body, miss.body, "{cc}: the body untransformed");
+        // `immutable` does not stop a reload from reaching the origin.
+        let reload = call(
+            app.clone(),
+            get_with(&url, &[("cache-control", "no-cache")]),
+        )
+        .await;
+        assert!(reload.cache_status().contains("fwd=request"), "{cc}");
+        stores += 1;
+        stored(&cache, stores).await;
+    }
+    // `no-store` beside `must-understand` still forbids storing.
+    let url = "http://api.test/mu?h=cache-control:must-understand,%20no-store,%20max-age%3D60";
+    let got = call(app.clone(), get(url)).await;
+    assert!(
+        got.cache_status().ends_with("detail=no-store"),
+        "{}",
+        got.cache_status()
+    );
+}
+
+#[tokio::test]
+async fn a_request_max_age_refuses_entries_older_than_it() {
+    let (origin, cache) = (Origin::new(), new_cache().await);
+    let app = app(&origin, cache.layer());
+    // Already 100 s old when it arrived, fresh for 500 s more.
+    let url = "http://api.test/old?h=cache-control:max-age%3D600&h=age:100";
+    call(app.clone(), get(url)).await;
+    stored(&cache, 1).await;
+    let too_old = call(
+        app.clone(),
+        get_with(url, &[("cache-control", "max-age=50")]),
+    )
+    .await;
+    assert!(
+        too_old.cache_status().contains("fwd=request"),
+        "{}",
+        too_old.cache_status()
+    );
+    stored(&cache, 2).await;
+    let young_enough = call(
+        app.clone(),
+        get_with(url, &[("cache-control", "max-age=300")]),
+    )
+    .await;
+    assert!(young_enough.is_hit(), "{}", young_enough.cache_status());
+    assert_eq!(origin.log.calls(), 2);
+}
+
+#[tokio::test]
+async fn pragma_and_max_stale_are_ignored() {
+    let (origin, cache) = (Origin::new(), new_cache().await);
+    let app = app(&origin, cache.layer());
+    let url = "http://api.test/pragma?h=cache-control:max-age%3D1";
+    call(app.clone(), get(url)).await;
+    stored(&cache, 1).await;
+    // `Pragma: no-cache` (deprecated) does not force a refetch.
+    let pragma = call(app.clone(), get_with(url, &[("pragma", "no-cache")])).await;
+    assert!(pragma.is_hit(), "{}", pragma.cache_status());
+    // Once stale, `max-stale` does not make the cache serve it: no window granted.
+    eventually("the entry to go stale", WAIT, || {
+        let app = app.clone();
+        async move {
+            let got = call(app, get_with(url, &[("cache-control", "max-stale=3600")])).await;
+            assert!(
+                !got.cache_status().contains("ttl=-"),
+                "{}",
+                got.cache_status()
+            );
+            !got.is_hit()
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn requests_with_cookies_are_cached_like_any_other() {
+    let (origin, cache) = (Origin::new(), new_cache().await);
+    let app = app(&origin, cache.layer().ttl(Duration::from_secs(60)));
+    let url = "http://api.test/cookie";
+    let first = call(app.clone(), get_with(url, &[("cookie", "session=a")])).await;
+    assert!(
+        first.cache_status().ends_with("stored"),
+        "{}",
+        first.cache_status()
+    );
+    stored(&cache, 1).await;
+    let other = call(app.clone(), get_with(url, &[("cookie", "session=b")])).await;
+    assert!(other.is_hit(), "{}", other.cache_status());
+    assert_eq!(other.body, first.body);
+    assert_eq!(origin.log.calls(), 1);
+}
+
+#[tokio::test]
+async fn if_unmodified_since_and_if_range_go_to_the_origin_with_the_request() {
+    let (origin, cache) = (Origin::new(), new_cache().await);
+    let app = app(&origin, cache.layer());
+    let url = "http://api.test/pre?h=cache-control:max-age%3D60&h=etag:%22v1%22";
+    call(app.clone(), get(url)).await;
+    stored(&cache, 1).await;
+    for (name, value) in [
+        ("if-unmodified-since", "Mon, 01 Jun 2026 00:00:00 GMT"),
+        ("if-range", "\"v1\""),
+    ] {
+        let got = call(app.clone(), get_with(url, &[(name, value)])).await;
+        assert!(
+            got.cache_status().contains("fwd=request"),
+            "{name}: {}",
+            got.cache_status()
+        );
+        let seen = origin.log.last_headers().unwrap();
+        assert_eq!(seen[name], value, "{name} reached the origin");
+    }
+    assert_eq!(origin.log.calls(), 3);
+}
+
+#[tokio::test]
+async fn keep_query_params_keys_on_the_named_parameters_only() {
+    let (origin, cache) = (Origin::new(), new_cache().await);
+    let app = app(
+        &origin,
+        cache
+            .layer()
+            .ttl(Duration::from_secs(60))
+            .keep_query_params(["q", "page*"]),
+    );
+    call(
+        app.clone(),
+        get("http://api.test/k?q=rust&page=2&session=1"),
+    )
+    .await;
+    stored(&cache, 1).await;
+    let same = call(
+        app.clone(),
+        get("http://api.test/k?session=9&page=2&q=rust"),
+    )
+    .await;
+    assert!(same.is_hit(), "{}", same.cache_status());
+    let other_page = call(app.clone(), get("http://api.test/k?q=rust&page=3")).await;
+    assert!(!other_page.is_hit());
+    let other_prefixed = call(app, get("http://api.test/k?q=rust&page=2&page_size=9")).await;
+    assert!(!other_prefixed.is_hit());
+}
+
+#[tokio::test]
+async fn ignoring_request_directives_still_honours_no_store() {
+    let (origin, cache) = (Origin::new(), new_cache().await);
+    let app = app(
+        &origin,
+        cache
+            .layer()
+            .ttl(Duration::from_secs(60))
+            .request_directives(RequestDirectives::Ignore),
+    );
+    let url = "http://api.test/ns";
+    let got = call(app.clone(), get_with(url, &[("cache-control", "no-store")])).await;
+    assert!(
+        got.cache_status().ends_with("detail=no-store"),
+        "{}",
+        got.cache_status()
+    );
+    let next = call(app.clone(), get(url)).await;
+    assert!(
+        next.cache_status().contains("fwd=uri-miss"),
+        "{}",
+        next.cache_status()
+    );
+    assert_eq!(cache.stats().not_stored, 1);
+    // Stored now; a no-store request may still be answered by it.
+    stored(&cache, 1).await;
+    let hit = call(app, get_with(url, &[("cache-control", "no-store")])).await;
+    assert!(hit.is_hit(), "{}", hit.cache_status());
+}
+
+#[tokio::test]
+async fn a_body_with_trailers_is_served_whole_and_not_stored() {
+    use http_body_util::StreamBody;
+    let cache = new_cache().await;
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = calls.clone();
+    let origin = tower::service_fn(move |_request: Request<Body>| {
+        counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        async move {
+            let mut trailers = http::HeaderMap::new();
+            trailers.insert("x-checksum", "abc".parse().unwrap());
+            let frames: Vec<Result<http_body::Frame<bytes::Bytes>, Infallible>> = vec![
+                Ok(http_body::Frame::data(bytes::Bytes::from_static(
+                    b"part one, ",
+                ))),
+                Ok(http_body::Frame::data(bytes::Bytes::from_static(
+                    b"part two",
+                ))),
+                Ok(http_body::Frame::trailers(trailers)),
+            ];
+            let body = StreamBody::new(futures_util::stream::iter(frames));
+            Ok::<_, Infallible>(Response::new(body))
+        }
+    });
+    let service = tower::Layer::layer(&cache.layer().ttl(Duration::from_secs(60)), origin);
+    for _ in 0..2 {
+        let response = service
+            .clone()
+            .oneshot(get("http://api.test/trailers"))
+            .await
+            .unwrap();
+        let collected = http_body_util::BodyExt::collect(response.into_body())
+            .await
+            .unwrap();
+        assert_eq!(collected.trailers().unwrap()["x-checksum"], "abc");
+        assert_eq!(&collected.to_bytes()[..], b"part one, part two");
+    }
+    eventually("both captures dropped", WAIT, || async {
+        cache.stats().not_stored == 2
+    })
+    .await;
+    assert_eq!(cache.stats().stores, 0);
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 2);
+}

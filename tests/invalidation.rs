@@ -589,3 +589,38 @@ async fn near_caches_forget_what_another_replica_invalidated() {
         .await;
     }
 }
+
+#[tokio::test]
+async fn a_key_invalidation_during_an_outage_is_replayed_when_redis_is_back() {
+    let redis = RedisServer::start();
+    let (a, b) = (replica(&redis.url()).await, replica(&redis.url()).await);
+    let origin = Origin::new();
+    let url = "http://api.test/jobs/replayed";
+    call(origin.behind(&a), get_request(url)).await;
+    eventually("the entry in Redis", WAIT, || async {
+        a.stats().redis_writes == 1
+    })
+    .await;
+    // Frozen, Redis keeps its data but answers nothing.
+    redis.freeze();
+    assert!(
+        !a.invalidate(&url.parse().unwrap()).await,
+        "Redis could not take it now"
+    );
+    eventually("the invalidation kept for Redis", WAIT, || async {
+        a.pending_redis_operations() == 1
+    })
+    .await;
+    redis.resume();
+    eventually("the replay", WAIT, || async {
+        a.pending_redis_operations() == 0 && a.stats().redis_replays >= 1
+    })
+    .await;
+    let from_b = call(origin.behind(&b), get_request(url)).await;
+    assert!(
+        from_b.cache_status().contains("fwd=uri-miss"),
+        "{}",
+        from_b.cache_status()
+    );
+    assert_eq!(origin.log.calls(), 2);
+}

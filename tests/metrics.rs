@@ -1,5 +1,5 @@
-//! The `metrics` facade sees what `CacheStats` counts. A test binary of its own: the
-//! recorder is process-wide.
+//! The `metrics` facade sees what `CacheStats` counts, under the names the README
+//! gives. A test binary of its own: the recorder is process-wide.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -7,9 +7,45 @@ mod support;
 
 use std::time::Duration;
 
-use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+use axum::body::Body;
+use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
+use support::redis::RedisServer;
 use support::{call, eventually, get, Origin};
-use tower_hybrid_cache::{CircuitBreakerLayer, HybridCache};
+use tower_hybrid_cache::{CacheStats, CircuitBreakerLayer, HybridCache, RedisConfig};
+
+const WAIT: Duration = Duration::from_secs(15);
+
+/// Every field of `CacheStats` with its value, by the name its metric carries.
+fn fields(stats: &CacheStats) -> [(&'static str, u64); 17] {
+    [
+        ("hits", stats.hits),
+        ("misses", stats.misses),
+        ("bypasses", stats.bypasses),
+        ("stores", stats.stores),
+        ("not_stored", stats.not_stored),
+        ("coalesced", stats.coalesced),
+        ("redis_writes", stats.redis_writes),
+        ("redis_errors", stats.redis_errors),
+        ("redis_writes_dropped", stats.redis_writes_dropped),
+        ("redis_retries", stats.redis_retries),
+        ("retry_budget_exhausted", stats.retry_budget_exhausted),
+        ("redis_deadline_hits", stats.redis_deadline_hits),
+        ("redis_breaker_rejections", stats.redis_breaker_rejections),
+        ("fallback_hits", stats.fallback_hits),
+        ("redis_reads_shared", stats.redis_reads_shared),
+        ("invalidations", stats.invalidations),
+        ("redis_replays", stats.redis_replays),
+    ]
+}
+
+fn recorded(snapshotter: &Snapshotter) -> Vec<(String, DebugValue)> {
+    snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .map(|(key, _, _, value)| (key.key().name().to_owned(), value))
+        .collect()
+}
 
 #[tokio::test]
 async fn counters_and_the_breaker_reach_the_metrics_recorder() {
@@ -17,43 +53,111 @@ async fn counters_and_the_breaker_reach_the_metrics_recorder() {
     let snapshotter = recorder.snapshotter();
     recorder.install().unwrap();
 
-    let cache = HybridCache::builder().build().await.unwrap();
+    // One cache (the only one in this process) made to move as many counters as a
+    // short run can: misses, stores, hits, a bypass that invalidates, a response not
+    // stored, followers, Redis writes, errors, breaker rejections, fallback hits, a
+    // replay.
+    let redis = RedisServer::start();
+    let cache = HybridCache::builder()
+        .namespace("metrics")
+        .redis(RedisConfig::new(redis.url()).deadline(Duration::from_millis(500)))
+        .redis_breaker(
+            CircuitBreakerLayer::new().open_for(Duration::from_secs(60), Duration::from_secs(60)),
+        )
+        .build()
+        .await
+        .unwrap();
     let origin = Origin::new();
     let app = origin
         .router()
         .layer(cache.layer().ttl(Duration::from_secs(60)));
     call(app.clone(), get("http://api.test/m")).await;
-    eventually("a store", Duration::from_secs(10), || async {
-        cache.stats().stores == 1
+    eventually("a Redis write", WAIT, || async {
+        cache.stats().redis_writes == 1
     })
     .await;
-    call(app, get("http://api.test/m")).await;
-    CircuitBreakerLayer::new().breaker().force_open();
+    call(app.clone(), get("http://api.test/m")).await;
+    call(
+        app.clone(),
+        get("http://api.test/n?h=cache-control:no-store"),
+    )
+    .await;
+    let gated = "http://api.test/g?gate=1";
+    let both = [
+        tokio::spawn(call(app.clone(), get(gated))),
+        tokio::spawn(call(app.clone(), get(gated))),
+    ];
+    eventually("a follower", WAIT, || async {
+        cache.stats().coalesced == 1
+    })
+    .await;
+    origin.gate.add_permits(2);
+    for request in both {
+        request.await.unwrap();
+    }
+    let post = http::Request::post("http://api.test/m")
+        .body(Body::empty())
+        .unwrap();
+    call(app.clone(), post).await;
+    call(app.clone(), get("http://api.test/m")).await;
+    eventually("the refill in memory", WAIT, || async {
+        cache.stats().stores >= 3
+    })
+    .await;
+    // Redis out of reach: a lookup memory answers, a tag invalidation kept and
+    // replayed once the breaker lets Redis be asked again.
+    let breaker = cache.redis_breaker().unwrap();
+    breaker.force_open();
+    call(app.clone(), get("http://api.test/m")).await;
+    assert!(!cache.invalidate_tag("t").await);
+    breaker.force_half_open();
+    eventually("the replay", WAIT, || async {
+        cache.stats().redis_replays == 1
+    })
+    .await;
 
-    let values: Vec<(String, DebugValue)> = snapshotter
-        .snapshot()
-        .into_vec()
-        .into_iter()
-        .map(|(key, _, _, value)| (key.key().name().to_owned(), value))
-        .collect();
+    let stats = cache.stats();
+    let values = recorded(&snapshotter);
     let value = |name: &str| values.iter().find(|(n, _)| n == name).map(|(_, v)| v);
-    assert_eq!(
-        value("tower_hybrid_cache_hits_total"),
-        Some(&DebugValue::Counter(1))
-    );
-    assert_eq!(
-        value("tower_hybrid_cache_misses_total"),
-        Some(&DebugValue::Counter(1))
-    );
-    assert_eq!(
-        value("tower_hybrid_cache_stores_total"),
-        Some(&DebugValue::Counter(1))
-    );
-    assert_eq!(
-        value("tower_hybrid_cache_breaker_transitions_total"),
-        Some(&DebugValue::Counter(1))
-    );
+    for (field, count) in fields(&stats) {
+        let name = format!("tower_hybrid_cache_{field}_total");
+        match value(&name) {
+            Some(DebugValue::Counter(recorded)) => {
+                assert_eq!(*recorded, count, "{name}");
+            }
+            Some(other) => panic!("{name} is not a counter: {other:?}"),
+            None => assert_eq!(count, 0, "{name} never reached the recorder"),
+        }
+    }
+    // The rest (dropped writes, retries, deadline hits, shared reads) need a sick
+    // Redis: the fault tests count them; the unit tests check every name.
+    for (field, count) in fields(&stats) {
+        let moved = [
+            "hits",
+            "misses",
+            "bypasses",
+            "stores",
+            "not_stored",
+            "coalesced",
+            "redis_writes",
+            "redis_errors",
+            "redis_breaker_rejections",
+            "fallback_hits",
+            "invalidations",
+            "redis_replays",
+        ];
+        if moved.contains(&field) {
+            assert!(count > 0, "{field} did not move: {stats:?}");
+        }
+    }
     assert!(
-        matches!(value("tower_hybrid_cache_breaker_state"), Some(DebugValue::Gauge(g)) if g.into_inner() == 2.0)
+        matches!(value("tower_hybrid_cache_breaker_transitions_total"), Some(DebugValue::Counter(n)) if *n >= 2)
     );
+    assert!(value("tower_hybrid_cache_breaker_state").is_some());
+    CircuitBreakerLayer::new().breaker().force_open();
+    let values = recorded(&snapshotter);
+    assert!(values
+        .iter()
+        .any(|(n, v)| n == "tower_hybrid_cache_breaker_state"
+            && matches!(v, DebugValue::Gauge(g) if g.into_inner() == 2.0)));
 }

@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use support::redis::RedisServer;
 use support::{call, eventually, get, Origin};
-use tower_hybrid_cache::{HybridCache, RedisConfig};
+use tower_hybrid_cache::{
+    CacheKey, HybridCache, RedisConfig, RedisTierService, StoreOperation, StoreRequest,
+};
 
 const WAIT: Duration = Duration::from_secs(15);
 
@@ -788,4 +790,172 @@ async fn a_cache_whose_redis_never_came_up_stops_reconnecting_once_dropped() {
         tasks() <= before
     })
     .await;
+}
+
+#[tokio::test]
+async fn entries_over_max_value_bytes_stay_in_memory_only() {
+    let redis = RedisServer::start();
+    let origin = Origin::new();
+    let cache = HybridCache::builder()
+        .namespace("jobs")
+        .redis(
+            RedisConfig::new(redis.url())
+                .deadline(Duration::from_millis(200))
+                .max_value_bytes(4096),
+        )
+        .redis_breaker(
+            tower_hybrid_cache::CircuitBreakerLayer::new()
+                .open_for(Duration::from_secs(60), Duration::from_secs(60)),
+        )
+        .build()
+        .await
+        .unwrap();
+    let app = app(&origin, &cache);
+    let big = "http://api.test/big?size=20000";
+    call(app.clone(), get(big)).await;
+    // Written after it, in order: once this one is in Redis, the big one was passed.
+    call(app.clone(), get("http://api.test/small")).await;
+    eventually("the small entry in Redis", WAIT, || async {
+        cache.stats().redis_writes == 1
+    })
+    .await;
+    let keys = redis.cli(&["--scan", "--pattern", "jobs:v1:*"]);
+    assert_eq!(keys.lines().count(), 1, "{keys}");
+    assert_eq!(cache.stats().stores, 2);
+    // Redis is asked first and has no copy; with Redis out of reach, memory has one.
+    cache.redis_breaker().unwrap().force_open();
+    let got = call(app.clone(), get(big)).await;
+    assert!(
+        got.cache_status().ends_with("detail=memory"),
+        "{}",
+        got.cache_status()
+    );
+    assert_eq!(got.body.len(), 20000);
+    assert_eq!(origin.log.calls(), 2);
+}
+
+/// A free loopback port, and the URL of a Redis that is not there yet.
+fn future_redis() -> (u16, String) {
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    (port, format!("redis://127.0.0.1:{port}"))
+}
+
+type Seen = std::sync::Arc<std::sync::Mutex<Vec<(StoreOperation, Vec<CacheKey>)>>>;
+
+/// Notes each operation Redis carried out, as a layer around the store.
+#[derive(Clone)]
+struct Recording {
+    inner: RedisTierService,
+    seen: Seen,
+}
+
+impl tower::Service<StoreRequest> for Recording {
+    type Response = tower_hybrid_cache::StoreResponse;
+    type Error = tower::BoxError;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: StoreRequest) -> Self::Future {
+        let what = (request.operation(), request.keys());
+        let (future, seen) = (self.inner.call(request), std::sync::Arc::clone(&self.seen));
+        Box::pin(async move {
+            let response = future.await?;
+            seen.lock().unwrap().push(what);
+            Ok(response)
+        })
+    }
+}
+
+#[tokio::test]
+async fn operations_kept_for_redis_are_replayed_in_order() {
+    let (port, url) = future_redis();
+    let seen = Seen::default();
+    let cache = HybridCache::builder()
+        .namespace("jobs")
+        .redis(RedisConfig::new(&url).deadline(Duration::from_millis(200)))
+        .redis_layer({
+            let seen = std::sync::Arc::clone(&seen);
+            tower::layer::layer_fn(move |inner| Recording {
+                inner,
+                seen: std::sync::Arc::clone(&seen),
+            })
+        })
+        .build()
+        .await
+        .unwrap();
+    let origin = Origin::new();
+    let app = app(&origin, &cache);
+    let uri = "http://api.test/jobs/ordered";
+    // A fill, then a write that invalidates it, both while Redis is away.
+    call(app.clone(), get(uri)).await;
+    eventually("the fill kept", WAIT, || async {
+        cache.pending_redis_operations() == 1
+    })
+    .await;
+    let post = http::Request::post(uri)
+        .body(axum::body::Body::empty())
+        .unwrap();
+    call(app.clone(), post).await;
+    eventually("the invalidation kept after it", WAIT, || async {
+        cache.pending_redis_operations() == 2
+    })
+    .await;
+    let _redis = RedisServer::start_on(port, &[]);
+    eventually("both replayed", WAIT, || async {
+        cache.pending_redis_operations() == 0
+    })
+    .await;
+    let seen = seen.lock().unwrap().clone();
+    let replayed: Vec<_> = seen
+        .iter()
+        .filter(|(operation, _)| matches!(operation, StoreOperation::Set | StoreOperation::Delete))
+        .collect();
+    assert_eq!(replayed.len(), 2, "{seen:?}");
+    assert_eq!(replayed[0].0, StoreOperation::Set);
+    assert_eq!(replayed[1].0, StoreOperation::Delete);
+    assert_eq!(replayed[0].1, replayed[1].1, "the same key");
+}
+
+#[tokio::test]
+async fn operations_kept_for_redis_are_capped_by_count_and_bytes() {
+    let (_port, url) = future_redis();
+    let cache = replica(&url).await;
+    // Removals: 1024 kept at most, the oldest dropped first (and counted).
+    for i in 0..1030 {
+        assert!(!cache.invalidate_tag(&format!("tag:{i}")).await);
+    }
+    assert_eq!(cache.pending_redis_operations(), 1024);
+    assert_eq!(cache.stats().redis_writes_dropped, 6);
+
+    // Entries: 16 MiB of them at most; past that a write is dropped, not kept.
+    let cache = replica(&url).await;
+    let origin = Origin::new();
+    let app = app(&origin, &cache);
+    let mut kept = 0;
+    for i in 0..30 {
+        call(
+            app.clone(),
+            get(&format!("http://api.test/big/{i}?size=700000")),
+        )
+        .await;
+        eventually("the write kept or dropped", WAIT, || async {
+            cache.pending_redis_operations() + cache.stats().redis_writes_dropped as usize == i + 1
+        })
+        .await;
+        kept = cache.pending_redis_operations();
+    }
+    // 23 entries of 700 000 bytes are 16.1 MB: 16 MiB holds 23 at most.
+    assert!((20..=23).contains(&kept), "{kept} kept");
+    assert_eq!(cache.stats().redis_writes_dropped, (30 - kept) as u64);
 }

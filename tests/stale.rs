@@ -119,6 +119,8 @@ async fn the_route_setting_grants_the_window_unless_the_origin_forbids_stale() {
 struct Flaky {
     calls: Arc<AtomicUsize>,
     status: Arc<AtomicU16>,
+    /// The `Cache-Control` of its answers; `max-age=1, stale-if-error=60` when unset.
+    cache_control: Arc<Mutex<Option<&'static str>>>,
 }
 
 impl Flaky {
@@ -128,12 +130,17 @@ impl Flaky {
             let flaky = flaky.clone();
             async move {
                 let n = flaky.calls.fetch_add(1, Ordering::SeqCst) + 1;
+                let cache_control = flaky
+                    .cache_control
+                    .lock()
+                    .unwrap()
+                    .unwrap_or("max-age=1, stale-if-error=60");
                 match flaky.status.load(Ordering::SeqCst) {
                     0 => Err(std::io::Error::other("origin down")),
                     status => Ok::<_, std::io::Error>(
                         Response::builder()
                             .status(status)
-                            .header("cache-control", "max-age=1, stale-if-error=60")
+                            .header("cache-control", cache_control)
                             .body(Body::from(format!("report #{n}")))
                             .unwrap(),
                     ),
@@ -160,7 +167,13 @@ async fn stale_if_error_serves_the_stale_entry_when_the_origin_fails() {
     let first = call(app.clone(), get(url)).await;
     eventually("stored", WAIT, || async { cache.stats().stores == 1 }).await;
 
-    for (status, why) in [(503, "503"), (500, "500"), (0, "error")] {
+    for (status, why) in [
+        (503, "503"),
+        (500, "500"),
+        (502, "502"),
+        (504, "504"),
+        (0, "error"),
+    ] {
         flaky.status.store(status, Ordering::SeqCst);
         let got = until_stale(&app, url).await;
         assert_eq!(got.status, StatusCode::OK, "{why}");
@@ -289,4 +302,278 @@ async fn a_stale_entry_is_revalidated_a_200_replaces_it_and_a_304_refreshes_it()
     .await;
     let hit = call(app.clone(), get(url)).await;
     assert!(hit.ttl().unwrap() > 60, "{}", hit.cache_status());
+}
+
+#[tokio::test]
+async fn the_route_stale_if_error_window_serves_when_the_origin_fails() {
+    let cache = new_cache().await;
+    let flaky = Flaky::default();
+    *flaky.cache_control.lock().unwrap() = Some("max-age=1");
+    flaky.status.store(200, Ordering::SeqCst);
+    let app = flaky.layered(cache.layer().stale_if_error(Duration::from_secs(60)));
+    let url = "http://api.test/route-sie";
+    let first = call(app.clone(), get(url)).await;
+    eventually("stored", WAIT, || async { cache.stats().stores == 1 }).await;
+    flaky.status.store(503, Ordering::SeqCst);
+    let got = until_stale(&app, url).await;
+    assert_eq!(got.body, first.body);
+    assert!(
+        got.cache_status().contains("detail=stale-if-error"),
+        "{}",
+        got.cache_status()
+    );
+}
+
+#[tokio::test]
+async fn s_maxage_turns_the_route_windows_off_but_keeps_its_own() {
+    let (origin, cache) = (Origin::new(), new_cache().await);
+    let app = origin.router().layer(
+        cache
+            .layer()
+            .stale_while_revalidate(Duration::from_secs(60)),
+    );
+    // s-maxage alone: the route's window does not apply.
+    let shared = "http://api.test/smax?h=cache-control:s-maxage%3D1";
+    call(app.clone(), get(shared)).await;
+    eventually("stored", WAIT, || async { cache.stats().stores == 1 }).await;
+    let stale = until_stale(&app, shared).await;
+    assert!(!stale.is_hit(), "{}", stale.cache_status());
+    // s-maxage with a window of its own: that window applies.
+    let granted =
+        "http://api.test/smax-swr?h=cache-control:s-maxage%3D1,%20stale-while-revalidate%3D60";
+    call(app.clone(), get(granted)).await;
+    eventually("stored", WAIT, || async { cache.stats().stores >= 3 }).await;
+    let stale = until_stale(&app, granted).await;
+    assert!(
+        stale
+            .cache_status()
+            .contains("detail=stale-while-revalidate"),
+        "{}",
+        stale.cache_status()
+    );
+}
+
+#[tokio::test]
+async fn proxy_revalidate_rules_out_every_stale_window() {
+    let cache = new_cache().await;
+    let flaky = Flaky::default();
+    *flaky.cache_control.lock().unwrap() =
+        Some("max-age=1, proxy-revalidate, stale-while-revalidate=60, stale-if-error=60");
+    flaky.status.store(200, Ordering::SeqCst);
+    let app = flaky.layered(
+        cache
+            .layer()
+            .stale_while_revalidate(Duration::from_secs(60))
+            .stale_if_error(Duration::from_secs(60)),
+    );
+    let url = "http://api.test/proxy-revalidate";
+    call(app.clone(), get(url)).await;
+    eventually("stored", WAIT, || async { cache.stats().stores == 1 }).await;
+    // Neither served while refreshed, nor in place of an error.
+    let stale = until_stale(&app, url).await;
+    assert!(!stale.is_hit(), "{}", stale.cache_status());
+    eventually("stored again", WAIT, || async { cache.stats().stores == 2 }).await;
+    flaky.status.store(503, Ordering::SeqCst);
+    let failed = until_stale(&app, url).await;
+    assert_eq!(failed.status, StatusCode::SERVICE_UNAVAILABLE);
+}
+
+/// A handler that grants its own stale windows (and sets the lifetime) through
+/// `CacheOverrides`, over headers that grant none.
+async fn overridden() -> (
+    axum::Extension<tower_hybrid_cache::CacheOverrides>,
+    [(&'static str, &'static str); 1],
+    &'static str,
+) {
+    let overrides = tower_hybrid_cache::CacheOverrides::new()
+        .ttl(Duration::from_secs(1))
+        .stale_while_revalidate(Duration::from_secs(60));
+    (
+        axum::Extension(overrides),
+        [("cache-control", "max-age=600")],
+        "overridden",
+    )
+}
+
+#[tokio::test]
+async fn handler_overrides_grant_stale_windows() {
+    let cache = new_cache().await;
+    let app = Router::new().route("/o", axum::routing::get(overridden).layer(cache.layer()));
+    let url = "http://api.test/o";
+    call(app.clone(), get(url)).await;
+    eventually("stored", WAIT, || async { cache.stats().stores == 1 }).await;
+    let stale = until_stale(&app, url).await;
+    assert!(
+        stale
+            .cache_status()
+            .contains("detail=stale-while-revalidate"),
+        "{}",
+        stale.cache_status()
+    );
+    assert_eq!(stale.text(), "overridden");
+}
+
+#[tokio::test]
+async fn the_request_max_age_and_min_fresh_apply_to_stale_serving() {
+    for directive in ["min-fresh=1", "max-age=10"] {
+        let (origin, cache) = (Origin::new(), new_cache().await);
+        let app = origin.router().layer(cache.layer());
+        // 30 s old on arrival, fresh for about 1 s more, then within its window.
+        let url = "http://api.test/swr-limits?gate=1&h=age:30\
+                   &h=cache-control:max-age%3D31,%20stale-while-revalidate%3D600";
+        origin.gate.add_permits(1);
+        call(app.clone(), get(url)).await;
+        eventually("stored", WAIT, || async { cache.stats().stores == 1 }).await;
+        // A plain request is served the stale entry at once (its refresh waits at
+        // the gate, so the entry stays stale).
+        let stale = until_stale(&app, url).await;
+        assert!(
+            stale
+                .cache_status()
+                .contains("detail=stale-while-revalidate"),
+            "{}",
+            stale.cache_status()
+        );
+        // One whose directive refuses it goes to the origin instead.
+        let refused = tokio::spawn(call(
+            app.clone(),
+            support::get_with(url, &[("cache-control", directive)]),
+        ));
+        eventually("the refused request waiting", WAIT, || async {
+            cache.stats().coalesced == 1
+        })
+        .await;
+        origin.gate.add_permits(2);
+        let refused = refused.await.unwrap();
+        assert!(
+            refused.cache_status().contains("fwd="),
+            "{directive}: {}",
+            refused.cache_status()
+        );
+        assert!(
+            !refused.cache_status().contains("stale-while-revalidate"),
+            "{directive}: {}",
+            refused.cache_status()
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_304_keeps_the_stored_content_fields() {
+    let cache = new_cache().await;
+    let revalidations = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&revalidations);
+    let handler = move |headers: HeaderMap| {
+        let counted = Arc::clone(&counted);
+        async move {
+            let mut response = if headers.contains_key("if-none-match") {
+                counted.fetch_add(1, Ordering::SeqCst);
+                let mut r = Response::new(Body::empty());
+                *r.status_mut() = StatusCode::NOT_MODIFIED;
+                // Fields that describe another body: a 304 may not change them.
+                let h = r.headers_mut();
+                h.insert("content-type", "text/html".parse().unwrap());
+                h.insert("content-encoding", "gzip".parse().unwrap());
+                h.insert("content-length", "999".parse().unwrap());
+                h.insert("x-version", "2".parse().unwrap());
+                r
+            } else {
+                let mut r = Response::new(Body::from("plain text"));
+                let h = r.headers_mut();
+                h.insert("content-type", "text/plain".parse().unwrap());
+                h.insert("x-version", "1".parse().unwrap());
+                r
+            };
+            let h = response.headers_mut();
+            h.insert("etag", "\"same\"".parse().unwrap());
+            h.insert("cache-control", "max-age=1".parse().unwrap());
+            response
+        }
+    };
+    let app = Router::new()
+        .route("/typed", axum::routing::get(handler))
+        .layer(cache.layer());
+    let url = "http://api.test/typed";
+    call(app.clone(), get(url)).await;
+    eventually("stored", WAIT, || async { cache.stats().stores == 1 }).await;
+    let revalidated = until_stale(&app, url).await;
+    assert!(
+        revalidated.cache_status().contains("fwd-status=304"),
+        "{}",
+        revalidated.cache_status()
+    );
+    assert_eq!(revalidations.load(Ordering::SeqCst), 1);
+    let kept = |got: &Got| {
+        assert_eq!(got.text(), "plain text");
+        assert_eq!(got.headers["content-type"], "text/plain");
+        assert!(!got.headers.contains_key("content-encoding"));
+        assert_eq!(got.headers["content-length"], "10");
+        assert_eq!(got.headers["x-version"], "2", "other fields are updated");
+    };
+    kept(&revalidated);
+    eventually("the refreshed entry stored", WAIT, || async {
+        cache.stats().stores == 2
+    })
+    .await;
+    // Fresh for 1 s: a hit may still come too late, and then it is revalidated again.
+    eventually("a hit of the refreshed entry", WAIT, || async {
+        let got = call(app.clone(), get(url)).await;
+        kept(&got);
+        got.is_hit()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn at_most_max_refreshes_run_at_once() {
+    use tower_hybrid_cache::MAX_REFRESHES;
+    let (origin, cache) = (Origin::new(), new_cache().await);
+    let app = origin.router().layer(cache.layer());
+    let count = MAX_REFRESHES + 6;
+    let url = |i: usize| {
+        format!("http://api.test/many/{i}?gate=1&h=cache-control:max-age%3D1,%20stale-while-revalidate%3D600")
+    };
+    origin.gate.add_permits(count);
+    for i in 0..count {
+        call(app.clone(), get(&url(i))).await;
+    }
+    eventually("all stored", WAIT, || async {
+        cache.stats().stores == count as u64
+    })
+    .await;
+    // The first one stale starts its refresh (held at the gate), and so does each of
+    // the next ones, until MAX_REFRESHES are running: past that a stale hit is served
+    // without one.
+    until_stale(&app, &url(0)).await;
+    for i in 1..count {
+        let got = call(app.clone(), get(&url(i))).await;
+        assert!(
+            got.cache_status().contains("detail=stale-while-revalidate"),
+            "{i}: {}",
+            got.cache_status()
+        );
+    }
+    let refreshes = count + MAX_REFRESHES;
+    eventually("MAX_REFRESHES refreshes at the origin", WAIT, || async {
+        origin.log.calls() == refreshes
+    })
+    .await;
+    for i in MAX_REFRESHES..count {
+        let path = url(i).trim_start_matches("http://api.test").to_owned();
+        assert_eq!(origin.log.calls_to(&path), 1, "{i}: no refresh started");
+    }
+    // Once they are done, a stale hit starts a refresh again.
+    origin.gate.add_permits(MAX_REFRESHES);
+    eventually("the refreshes stored", WAIT, || async {
+        cache.stats().stores == (count + MAX_REFRESHES) as u64
+    })
+    .await;
+    origin.gate.add_permits(1);
+    let last = url(count - 1);
+    call(app.clone(), get(&last)).await;
+    let path = last.trim_start_matches("http://api.test").to_owned();
+    eventually("a refresh of the last one", WAIT, || async {
+        origin.log.calls_to(&path) == 2
+    })
+    .await;
 }

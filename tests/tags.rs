@@ -268,3 +268,57 @@ async fn the_tag_header_never_reaches_the_client_whatever_the_request() {
         assert!(got.cache_status().contains("fwd=bypass"));
     }
 }
+
+#[tokio::test]
+async fn without_a_tag_header_tags_come_only_from_the_handler() {
+    let (origin, cache) = (Origin::new(), memory_cache().await);
+    let app = origin
+        .router()
+        .layer(cache.layer().ttl(Duration::from_secs(300)).no_tag_header());
+    let url = "http://api.test/untagged?h=cache-tag:job:5";
+    let first = call(app.clone(), get_request(url)).await;
+    // Not a tag header here: an ordinary field, passed on and stored.
+    assert_eq!(first.headers["cache-tag"], "job:5");
+    stored(&app, url).await;
+    assert!(cache.invalidate_tag("job:5").await);
+    let hit = call(app.clone(), get_request(url)).await;
+    assert!(hit.is_hit(), "{}", hit.cache_status());
+    assert_eq!(hit.headers["cache-tag"], "job:5");
+}
+
+/// A handler whose overrides ask for storing, over headers that forbid it.
+async fn forbidden(
+    axum::extract::Path(why): axum::extract::Path<String>,
+) -> (Extension<CacheOverrides>, axum::response::Response) {
+    let overrides = CacheOverrides::new()
+        .ttl(Duration::from_secs(600))
+        .stale_while_revalidate(Duration::from_secs(600))
+        .tags(["t"]);
+    let mut response = axum::response::Response::new(axum::body::Body::from("secret"));
+    let (name, value) = match why.as_str() {
+        "no-store" => ("cache-control", "no-store"),
+        "private" => ("cache-control", "private, max-age=60"),
+        _ => ("set-cookie", "session=1"),
+    };
+    response.headers_mut().insert(name, value.parse().unwrap());
+    (Extension(overrides), response)
+}
+
+#[tokio::test]
+async fn headers_that_forbid_storing_win_over_handler_overrides() {
+    let cache = memory_cache().await;
+    let app = Router::new().route("/f/{why}", get(forbidden).layer(cache.layer()));
+    for why in ["no-store", "private", "set-cookie"] {
+        let url = format!("http://api.test/f/{why}");
+        for _ in 0..2 {
+            let got = call(app.clone(), get_request(&url)).await;
+            assert!(
+                got.cache_status().ends_with(&format!("detail={why}")),
+                "{}",
+                got.cache_status()
+            );
+        }
+    }
+    assert_eq!(cache.stats().stores, 0);
+    assert_eq!(cache.stats().not_stored, 6);
+}

@@ -458,7 +458,7 @@ impl HybridStore {
                 .oneshot(StoreRequest::delete(*key))
                 .await
             {
-                counters.add(Counter::RedisError);
+                count_failure(counters, &e);
                 tracing::debug!(target: TARGET, key = %key, error = %e, outcome = "redis-delete-failed");
                 return false;
             }

@@ -41,6 +41,11 @@ pub enum Fault {
 struct Shared {
     fault: watch::Sender<Fault>,
     commands: Mutex<HashMap<String, u64>>,
+    /// Every command seen, in order, with the number of the connection that sent it
+    /// (connections are numbered from 0 as they are accepted).
+    sent: Mutex<Vec<(u64, String)>>,
+    /// Connections accepted so far.
+    accepted: std::sync::atomic::AtomicU64,
     /// A command name: the next connection that sends it is reset before it passes.
     trap: Mutex<Option<String>>,
 }
@@ -70,13 +75,18 @@ impl FaultProxy {
         let shared = Arc::new(Shared {
             fault: watch::channel(Fault::None).0,
             commands: Mutex::new(HashMap::new()),
+            sent: Mutex::new(Vec::new()),
+            accepted: std::sync::atomic::AtomicU64::new(0),
             trap: Mutex::new(None),
         });
         let accepting = Arc::clone(&shared);
         runtime.spawn(async move {
             let listener = TcpListener::from_std(listener).expect("proxy listener");
             while let Ok((client, _)) = listener.accept().await {
-                tokio::spawn(serve(client, upstream, Arc::clone(&accepting)));
+                let number = accepting
+                    .accepted
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::spawn(serve(client, number, upstream, Arc::clone(&accepting)));
             }
         });
         FaultProxy {
@@ -116,6 +126,24 @@ impl FaultProxy {
             .unwrap_or(0)
     }
 
+    /// The connections (numbered as accepted, from 0) that sent each `name` command,
+    /// in order.
+    pub fn senders_of(&self, name: &str) -> Vec<u64> {
+        let name = name.to_ascii_uppercase();
+        let sent = self.shared.sent.lock().unwrap();
+        sent.iter()
+            .filter(|(_, command)| *command == name)
+            .map(|(connection, _)| *connection)
+            .collect()
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> u64 {
+        self.shared
+            .accepted
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// Every command name with its count, for failure messages.
     pub fn command_counts(&self) -> HashMap<String, u64> {
         self.shared.commands.lock().unwrap().clone()
@@ -136,12 +164,12 @@ enum End {
     Reset,
 }
 
-async fn serve(mut client: TcpStream, upstream: SocketAddr, shared: Arc<Shared>) {
+async fn serve(mut client: TcpStream, number: u64, upstream: SocketAddr, shared: Arc<Shared>) {
     let _ = client.set_nodelay(true);
     let end = match TcpStream::connect(upstream).await {
         Ok(mut server) => {
             let _ = server.set_nodelay(true);
-            pump(&mut client, &mut server, &shared).await
+            pump(&mut client, number, &mut server, &shared).await
         }
         // Redis is down: the client sees what it would without the proxy.
         Err(_) => End::Reset,
@@ -152,7 +180,7 @@ async fn serve(mut client: TcpStream, upstream: SocketAddr, shared: Arc<Shared>)
     }
 }
 
-async fn pump(client: &mut TcpStream, server: &mut TcpStream, shared: &Shared) -> End {
+async fn pump(client: &mut TcpStream, number: u64, server: &mut TcpStream, shared: &Shared) -> End {
     let mut faults = shared.fault.subscribe();
     let mut fault = faults.borrow_and_update().clone();
     let mut reply_budget = budget(&fault);
@@ -191,8 +219,10 @@ async fn pump(client: &mut TcpStream, server: &mut TcpStream, shared: &Shared) -
                 };
                 {
                     let mut counts = shared.commands.lock().unwrap();
+                    let mut sent = shared.sent.lock().unwrap();
                     for name in names {
-                        *counts.entry(name).or_default() += 1;
+                        *counts.entry(name.clone()).or_default() += 1;
+                        sent.push((number, name));
                     }
                 }
                 if trapped {
