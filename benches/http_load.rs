@@ -797,7 +797,7 @@ async fn degraded_pair(pre_rendered: Bytes) -> (Pair, redis_support::RedisServer
     redis.kill();
     let breaker = degraded.redis_breaker().unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
-    while breaker.state() != tower_hybrid_cache::BreakerState::Open {
+    while breaker.state() != tower_hybrid_cache::breaker::BreakerState::Open {
         assert!(Instant::now() < deadline, "the breaker did not open");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }

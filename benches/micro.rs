@@ -12,7 +12,7 @@ use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use http::{HeaderMap, HeaderValue, StatusCode, Uri};
 use tower_hybrid_cache::__bench::{parse_cache_control, primary_key};
-use tower_hybrid_cache::CachedResponse;
+use tower_hybrid_cache::entry::CachedResponse;
 
 fn keys(c: &mut Criterion) {
     let mut group = c.benchmark_group("key");

@@ -18,7 +18,8 @@ use http::Request;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use plotters::prelude::*;
-use tower_hybrid_cache::{BreakerState, HybridCache};
+use tower_hybrid_cache::breaker::BreakerState;
+use tower_hybrid_cache::HybridCache;
 
 #[allow(dead_code, unreachable_pub)]
 #[path = "../tests/support/redis.rs"]

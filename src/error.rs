@@ -1,7 +1,9 @@
-//! Public error types.
+//! The errors of the public API: building a cache, storing an application value,
+//! decoding a stored entry.
 
 use std::fmt;
 
+pub use crate::engine::ValueError;
 pub use crate::entry::DecodeError;
 
 /// Why a [`HybridCache`](crate::HybridCache) could not be built: a setting is invalid.

@@ -52,40 +52,33 @@
 //!
 //! The layer needs a tokio runtime: stores are written by a background task, so the
 //! client never waits for them.
+//!
+//! The crate root holds what most applications type; the rest is by area:
+//! [`layer`] (the middleware and its types), [`store`] (what a layer of yours on the
+//! Redis tier sees, and Redis's settings and health), [`breaker`] (the circuit breaker,
+//! a generic tower layer), [`entry`] (the stored response and its format), [`key`]
+//! (cache keys) and [`error`].
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+mod builder;
 mod cache;
-mod direct;
-mod entry;
-mod error;
-mod key;
-mod layer;
+mod engine;
 mod policy;
-mod resilience;
-mod store;
 mod telemetry;
 
-pub use cache::{
-    HybridCache, HybridCacheBuilder, DEFAULT_CACHE_STATUS_NAME, DEFAULT_MEMORY_CAPACITY_BYTES,
-    DEFAULT_NAMESPACE, MAX_REFRESHES,
-};
-pub use direct::ValueError;
-pub use entry::{CachedResponse, CachedResponseBuilder, FORMAT_VERSION};
-pub use error::{BuildError, DecodeError};
-pub use key::CacheKey;
-pub use layer::{CacheBody, CacheOverrides, HybridCacheLayer, HybridCacheService, ResponseFuture};
-pub use policy::{RequestDirectives, TtlMode, DEFAULT_MAX_BODY_BYTES, DEFAULT_TAG_HEADER};
-pub use resilience::breaker::{
-    BreakerState, CircuitBreaker, CircuitBreakerLayer, CircuitBreakerService, CircuitOpen,
-    ResponseFuture as CircuitBreakerFuture,
-};
-pub use store::redis::RedisConfig;
-pub use store::redis_health::RedisHealth;
-pub use store::{
-    RedisTierService, StoreError, StoreErrorKind, StoreOperation, StoreOutcome, StoreRequest,
-    StoreResponse, Tier,
-};
+pub mod breaker;
+pub mod entry;
+pub mod error;
+pub mod key;
+pub mod layer;
+pub mod store;
+
+pub use builder::HybridCacheBuilder;
+pub use cache::HybridCache;
+pub use error::BuildError;
+pub use layer::{CacheOverrides, HybridCacheLayer, RequestDirectives, TtlMode};
+pub use store::RedisConfig;
 pub use telemetry::CacheStats;
 
 /// The README's examples, compiled as doc tests so they stay true.
@@ -105,7 +98,7 @@ pub mod __bench {
     }
 
     /// Derives the primary key of a GET with every parameter kept.
-    pub fn primary_key(uri: &Uri, headers: &HeaderMap) -> crate::CacheKey {
-        crate::CacheKey::primary(&Method::GET, uri, headers, &Default::default())
+    pub fn primary_key(uri: &Uri, headers: &HeaderMap) -> crate::key::CacheKey {
+        crate::key::CacheKey::primary(&Method::GET, uri, headers, &Default::default())
     }
 }

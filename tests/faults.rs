@@ -25,9 +25,9 @@ use std::time::{Duration, Instant};
 use fault_proxy::{Fault, FaultProxy};
 use support::redis::RedisServer;
 use support::{call, eventually, get, Origin};
-use tower_hybrid_cache::{
-    BreakerState, CircuitBreakerLayer, HybridCache, RedisConfig, StoreError, StoreErrorKind,
-};
+use tower_hybrid_cache::breaker::{BreakerState, CircuitBreakerLayer};
+use tower_hybrid_cache::store::{StoreError, StoreErrorKind};
+use tower_hybrid_cache::{HybridCache, RedisConfig};
 
 const WAIT: Duration = Duration::from_secs(15);
 /// What Redis may add to a request: the default deadline.
@@ -583,7 +583,7 @@ async fn error_replies_trip_the_breaker_only_when_configured_to() {
 #[tokio::test]
 async fn a_user_layer_sees_every_attempt() {
     use tower::util::MapRequestLayer;
-    use tower_hybrid_cache::{StoreOperation, StoreRequest};
+    use tower_hybrid_cache::store::{StoreOperation, StoreRequest};
 
     let redis = RedisServer::start();
     let proxy = FaultProxy::start(redis.port());

@@ -20,7 +20,8 @@ use axum::Router;
 use fault_proxy::{Fault, FaultProxy};
 use support::redis::RedisServer;
 use support::{call, eventually, get as get_request, get_with, Origin};
-use tower_hybrid_cache::{CircuitBreakerLayer, HybridCache, RedisConfig};
+use tower_hybrid_cache::breaker::CircuitBreakerLayer;
+use tower_hybrid_cache::{HybridCache, RedisConfig};
 
 const WAIT: Duration = Duration::from_secs(15);
 
@@ -622,5 +623,62 @@ async fn a_key_invalidation_during_an_outage_is_replayed_when_redis_is_back() {
         "{}",
         from_b.cache_status()
     );
+    assert_eq!(origin.log.calls(), 2);
+}
+
+#[tokio::test]
+async fn a_subscriber_away_longer_than_the_log_reaches_makes_memory_forget_everything() {
+    // The log reaches back 7 s: a replica's first catch-up (5 s of clock margin
+    // before its start) is within reach; one after a cut of more than 2 s is not.
+    const LOG: Duration = Duration::from_secs(7);
+    let redis = RedisServer::start();
+    let proxy = FaultProxy::start(redis.port());
+    let a = HybridCache::builder()
+        .namespace("inval")
+        .redis(
+            RedisConfig::new(proxy.url())
+                .deadline(Duration::from_millis(500))
+                .probe_timeout(Duration::from_millis(500))
+                .invalidation_ttl(LOG),
+        )
+        .redis_breaker(
+            CircuitBreakerLayer::new().open_for(Duration::from_secs(60), Duration::from_secs(60)),
+        )
+        .build()
+        .await
+        .unwrap();
+    eventually("A subscribed", WAIT, || async {
+        subscribers(&redis).ends_with('1')
+    })
+    .await;
+    let origin = Origin::new();
+    let url = "http://api.test/jobs/untouched";
+    call(origin.behind(&a), get_request(url)).await;
+    eventually("the entry in Redis", WAIT, || async {
+        a.stats().redis_writes == 1
+    })
+    .await;
+    proxy.set(Fault::Reset);
+    eventually("A's subscription gone", WAIT, || async {
+        subscribers(&redis).ends_with('0')
+    })
+    .await;
+    // Longer than the log reaches back: what was invalidated meanwhile cannot be known.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    proxy.set(Fault::None);
+    eventually("A subscribed again", WAIT, || async {
+        subscribers(&redis).ends_with('1')
+    })
+    .await;
+    eventually("A's connections back", WAIT, || async {
+        a.redis_health().unwrap().connected == 4
+    })
+    .await;
+    a.redis_breaker().unwrap().force_open();
+    // Nobody invalidated it, but memory cannot tell: it forgot everything.
+    eventually("A's memory to forget everything", WAIT, || async {
+        !call(origin.behind(&a), get_request(url)).await.is_hit()
+    })
+    .await;
     assert_eq!(origin.log.calls(), 2);
 }

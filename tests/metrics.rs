@@ -11,7 +11,8 @@ use axum::body::Body;
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 use support::redis::RedisServer;
 use support::{call, eventually, get, Origin};
-use tower_hybrid_cache::{CacheStats, CircuitBreakerLayer, HybridCache, RedisConfig};
+use tower_hybrid_cache::breaker::CircuitBreakerLayer;
+use tower_hybrid_cache::{CacheStats, HybridCache, RedisConfig};
 
 const WAIT: Duration = Duration::from_secs(15);
 

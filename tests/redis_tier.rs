@@ -10,9 +10,9 @@ use std::time::Duration;
 
 use support::redis::RedisServer;
 use support::{call, eventually, get, Origin};
-use tower_hybrid_cache::{
-    CacheKey, HybridCache, RedisConfig, RedisTierService, StoreOperation, StoreRequest,
-};
+use tower_hybrid_cache::key::CacheKey;
+use tower_hybrid_cache::store::{RedisTierService, StoreOperation, StoreRequest};
+use tower_hybrid_cache::{HybridCache, RedisConfig};
 
 const WAIT: Duration = Duration::from_secs(15);
 
@@ -389,7 +389,7 @@ async fn a_full_redis_fails_writes_not_reads() {
     );
     assert_eq!(
         cache.redis_breaker().unwrap().state(),
-        tower_hybrid_cache::BreakerState::Closed
+        tower_hybrid_cache::breaker::BreakerState::Closed
     );
 }
 
@@ -642,7 +642,7 @@ async fn binary_bodies_and_multi_valued_headers_roundtrip_through_redis() {
 
 #[tokio::test]
 async fn the_breaker_opens_on_timeouts_and_closes_after_a_probe() {
-    use tower_hybrid_cache::{BreakerState, CircuitBreakerLayer};
+    use tower_hybrid_cache::breaker::{BreakerState, CircuitBreakerLayer};
     let redis = RedisServer::start();
     let cache = HybridCache::builder()
         .redis(
@@ -684,7 +684,7 @@ async fn the_breaker_opens_on_timeouts_and_closes_after_a_probe() {
 
 #[tokio::test]
 async fn losing_every_connection_opens_the_breaker_at_once() {
-    use tower_hybrid_cache::BreakerState;
+    use tower_hybrid_cache::breaker::BreakerState;
     let mut redis = RedisServer::start();
     let cache = replica(&redis.url()).await;
     let breaker = cache.redis_breaker().unwrap();
@@ -804,7 +804,7 @@ async fn entries_over_max_value_bytes_stay_in_memory_only() {
                 .max_value_bytes(4096),
         )
         .redis_breaker(
-            tower_hybrid_cache::CircuitBreakerLayer::new()
+            tower_hybrid_cache::breaker::CircuitBreakerLayer::new()
                 .open_for(Duration::from_secs(60), Duration::from_secs(60)),
         )
         .build()
@@ -853,7 +853,7 @@ struct Recording {
 }
 
 impl tower::Service<StoreRequest> for Recording {
-    type Response = tower_hybrid_cache::StoreResponse;
+    type Response = tower_hybrid_cache::store::StoreResponse;
     type Error = tower::BoxError;
     type Future = std::pin::Pin<
         Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,

@@ -526,10 +526,9 @@ async fn a_304_keeps_the_stored_content_fields() {
 
 #[tokio::test]
 async fn at_most_max_refreshes_run_at_once() {
-    use tower_hybrid_cache::MAX_REFRESHES;
     let (origin, cache) = (Origin::new(), new_cache().await);
     let app = origin.router().layer(cache.layer());
-    let count = MAX_REFRESHES + 6;
+    let count = HybridCache::MAX_REFRESHES + 6;
     let url = |i: usize| {
         format!("http://api.test/many/{i}?gate=1&h=cache-control:max-age%3D1,%20stale-while-revalidate%3D600")
     };
@@ -553,19 +552,19 @@ async fn at_most_max_refreshes_run_at_once() {
             got.cache_status()
         );
     }
-    let refreshes = count + MAX_REFRESHES;
+    let refreshes = count + HybridCache::MAX_REFRESHES;
     eventually("MAX_REFRESHES refreshes at the origin", WAIT, || async {
         origin.log.calls() == refreshes
     })
     .await;
-    for i in MAX_REFRESHES..count {
+    for i in HybridCache::MAX_REFRESHES..count {
         let path = url(i).trim_start_matches("http://api.test").to_owned();
         assert_eq!(origin.log.calls_to(&path), 1, "{i}: no refresh started");
     }
     // Once they are done, a stale hit starts a refresh again.
-    origin.gate.add_permits(MAX_REFRESHES);
+    origin.gate.add_permits(HybridCache::MAX_REFRESHES);
     eventually("the refreshes stored", WAIT, || async {
-        cache.stats().stores == (count + MAX_REFRESHES) as u64
+        cache.stats().stores == (count + HybridCache::MAX_REFRESHES) as u64
     })
     .await;
     origin.gate.add_permits(1);

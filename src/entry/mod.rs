@@ -24,7 +24,7 @@ pub const FORMAT_VERSION: u8 = 1;
 /// use std::time::{Duration, SystemTime};
 /// use bytes::Bytes;
 /// use http::{HeaderMap, StatusCode};
-/// use tower_hybrid_cache::CachedResponse;
+/// use tower_hybrid_cache::entry::CachedResponse;
 ///
 /// let now = SystemTime::now();
 /// let entry = CachedResponse::builder(StatusCode::OK, HeaderMap::new(), Bytes::from_static(b"hi"))
@@ -176,6 +176,18 @@ impl CachedResponse {
         }
     }
 
+    /// Puts in the body captured from the origin: `Content-Length` is then its exact
+    /// length (a 204 carries none, RFC 9110 §8.6).
+    pub(crate) fn complete(&mut self, body: Bytes) {
+        if self.status == StatusCode::NO_CONTENT {
+            self.headers.remove(http::header::CONTENT_LENGTH);
+        } else {
+            self.headers
+                .insert(http::header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+        }
+        self.body = body;
+    }
+
     /// Bytes the entry holds, as the memory tier's weigher counts them.
     pub(crate) fn weight(&self) -> usize {
         const OVERHEAD: usize = 256;
@@ -199,6 +211,7 @@ impl CachedResponse {
 
 /// Builds a [`CachedResponse`].
 #[derive(Debug, Clone)]
+#[must_use]
 pub struct CachedResponseBuilder(CachedResponse);
 
 impl CachedResponseBuilder {

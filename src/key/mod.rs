@@ -4,7 +4,6 @@ use std::fmt;
 
 use http::{HeaderMap, HeaderName, Method, Uri};
 
-use crate::entry::FORMAT_VERSION;
 use crate::policy::settings::RouteSettings;
 
 mod canonical;
@@ -20,10 +19,11 @@ use canonical::{write_canonical_path, write_canonical_query};
 /// reach a storage key (no Redis hash tag, no separator, no unbounded length).
 ///
 /// ```
-/// use tower_hybrid_cache::CacheKey;
+/// use tower_hybrid_cache::key::CacheKey;
 ///
 /// let key = CacheKey::from_bytes([7; 32]);
-/// assert_eq!(key.storage_key("jobs"), format!("jobs:v1:{}", "07".repeat(32)));
+/// assert_eq!(key.to_string(), "07".repeat(32));
+/// assert_ne!(CacheKey::for_value("matches:7"), CacheKey::for_value("matches:8"));
 /// ```
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CacheKey([u8; 32]);
@@ -39,16 +39,13 @@ impl CacheKey {
         &self.0
     }
 
-    /// The key as a shared store sees it: `{namespace}:v{format}:{hex digest}`.
-    pub fn storage_key(&self, namespace: &str) -> String {
-        // Built by hand: this runs on every Redis command.
-        let mut key = String::with_capacity(namespace.len() + 8 + 64);
-        key.push_str(namespace);
-        key.push_str(":v");
-        key.push_str(&FORMAT_VERSION.to_string());
-        key.push(':');
-        self.push_hex(&mut key);
-        key
+    /// The key of an application value: a digest of the caller's key, so no caller
+    /// key can reach a storage key's syntax (length, separators, Redis hash tags).
+    pub fn for_value(key: &str) -> Self {
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(b"value\0");
+        hasher.update(key.as_bytes());
+        CacheKey(*hasher.finalize().as_bytes())
     }
 
     /// The key written as 64 lower-case hex digits (as in storage keys); `None` for
@@ -77,7 +74,8 @@ impl CacheKey {
         hex
     }
 
-    fn push_hex(&self, out: &mut String) {
+    /// Appends the 64 hex digits to `out`.
+    pub(crate) fn push_hex(&self, out: &mut String) {
         const HEX: &[u8; 16] = b"0123456789abcdef";
         for byte in self.0 {
             out.push(char::from(HEX[usize::from(byte >> 4)]));
@@ -339,14 +337,5 @@ mod tests {
             None,
             "lower case only"
         );
-    }
-
-    #[test]
-    fn storage_key_is_bounded_and_plain() {
-        let long = format!("http://a/{}?{}", "x".repeat(8000), "{tag}=1&".repeat(200));
-        let k = key(&long, &RouteSettings::default());
-        let storage = k.storage_key("thc");
-        assert_eq!(storage.len(), "thc:v1:".len() + 64);
-        assert!(!storage.contains('{'));
     }
 }

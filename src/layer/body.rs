@@ -2,19 +2,18 @@
 //! teed into a capture that is stored once the last byte has gone to the client.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
-use crate::cache::FlightGuard;
-use crate::entry::CachedResponse;
+use crate::engine::{Engine, Fill};
 use crate::telemetry::{Counter, TARGET};
-use crate::{CacheKey, HybridCache};
 
 pin_project! {
-    /// The body of every response from [`HybridCacheService`](crate::HybridCacheService).
+    /// The body of every response from [`HybridCacheService`](super::HybridCacheService).
     ///
     /// A hit's body is the stored [`Bytes`] (no copy); a response that will not be
     /// stored is the origin's body, polled straight through; a response being stored
@@ -77,25 +76,28 @@ impl<B> std::fmt::Debug for CacheBody<B> {
     }
 }
 
-/// A response on its way into the store: everything but the body, the body so far,
-/// and the single-flight guard that followers wait on.
+/// A response on its way into the store: the fill (everything but the body), the
+/// body so far, and its limit.
 pub(crate) struct Capture {
-    pub(crate) cache: HybridCache,
-    pub(crate) key: CacheKey,
-    /// The entry with an empty body; the captured body is put in at the end.
-    pub(crate) entry: CachedResponse,
-    pub(crate) max_bytes: usize,
-    pub(crate) chunks: Vec<Bytes>,
-    pub(crate) len: usize,
-    pub(crate) guard: Option<FlightGuard>,
-    /// The invalidation sequence number when the origin was called: an invalidation
-    /// of the key after it means this response may predate a write.
-    pub(crate) since: u64,
-    /// When the origin call started (wall clock), for invalidations on other replicas.
-    pub(crate) started: std::time::SystemTime,
+    engine: Arc<Engine>,
+    /// The fill, with an empty body: the captured body is put in at the end.
+    fill: Fill,
+    max_bytes: usize,
+    chunks: Vec<Bytes>,
+    len: usize,
 }
 
 impl Capture {
+    pub(crate) fn new(engine: Arc<Engine>, fill: Fill, max_bytes: usize) -> Self {
+        Capture {
+            engine,
+            fill,
+            max_bytes,
+            chunks: Vec::new(),
+            len: 0,
+        }
+    }
+
     /// Keeps a chunk; `false` when the body has outgrown the limit.
     fn push(&mut self, chunk: &Bytes) -> bool {
         self.len = self.len.saturating_add(chunk.len());
@@ -108,20 +110,16 @@ impl Capture {
         true
     }
 
-    /// Hands the complete entry to a background task; the client does not wait.
+    /// Puts the body in and commits the fill; the client does not wait for it.
     pub(crate) fn finish(self) {
         let Capture {
-            cache,
-            key,
-            mut entry,
+            engine,
+            mut fill,
             chunks,
             len,
-            guard,
-            since,
-            started,
             ..
         } = self;
-        entry.body = match chunks.len() {
+        let body = match chunks.len() {
             0 => Bytes::new(),
             1 => chunks.into_iter().next().unwrap_or_default(),
             _ => {
@@ -132,49 +130,13 @@ impl Capture {
                 body.freeze()
             }
         };
-        // The stored length is exact; a 204 must not carry one (RFC 9110 §8.6).
-        if entry.status == http::StatusCode::NO_CONTENT {
-            entry.headers.remove(http::header::CONTENT_LENGTH);
-        } else {
-            entry
-                .headers
-                .insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(len));
-        }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            tracing::warn!(target: TARGET, key = %key, "no tokio runtime: response not stored");
-            return;
-        };
-        runtime.spawn(async move {
-            let invalidations = &cache.inner.invalidations;
-            let tags = entry.tags.clone();
-            if invalidations.since(&key, &tags, since).await {
-                cache.count(Counter::NotStored);
-                tracing::debug!(target: TARGET, key = %key, outcome = "not-stored", detail = "invalidated");
-                return;
-            }
-            cache.store(key, entry, started).await;
-            // An invalidation between the check and the store may have removed the
-            // key before it was written: remove it again.
-            if invalidations.since(&key, &tags, since).await {
-                cache
-                    .inner
-                    .store
-                    .invalidate(&key, &cache.inner.counters)
-                    .await;
-                cache.count(Counter::NotStored);
-                tracing::debug!(target: TARGET, key = %key, outcome = "not-stored", detail = "invalidated");
-                return;
-            }
-            cache.count(Counter::Store);
-            tracing::debug!(target: TARGET, key = %key, outcome = "stored");
-            // Followers look again only once the entry is in.
-            drop(guard);
-        });
+        fill.entry.complete(body);
+        engine.commit(fill);
     }
 
     fn abandon(self, why: &'static str) {
-        self.cache.count(Counter::NotStored);
-        tracing::debug!(target: TARGET, key = %self.key, outcome = "not-stored", detail = why);
+        self.engine.count(Counter::NotStored);
+        tracing::debug!(target: TARGET, key = %self.fill.key, outcome = "not-stored", detail = why);
     }
 }
 

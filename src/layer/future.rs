@@ -1,4 +1,4 @@
-//! [`ResponseFuture`] of [`HybridCacheService`](crate::HybridCacheService).
+//! [`ResponseFuture`] of [`HybridCacheService`](super::HybridCacheService).
 
 use std::fmt;
 use std::future::Future;
@@ -14,7 +14,7 @@ pub(crate) type BoxedResponse<B, E> =
     Pin<Box<dyn Future<Output = Result<Response<CacheBody<B>>, E>> + Send + 'static>>;
 
 pin_project! {
-    /// The response future of [`HybridCacheService`](crate::HybridCacheService).
+    /// The response future of [`HybridCacheService`](super::HybridCacheService).
     ///
     /// A hit is ready at once; a request the cache does not handle is the inner
     /// future plus a header; a miss runs single-flight and the origin call in one
@@ -91,7 +91,7 @@ where
                     parts.headers.remove(name);
                 }
                 if let Some(value) = cache_status.take() {
-                    parts.headers.append(super::service::CACHE_STATUS, value);
+                    parts.headers.append(super::status::CACHE_STATUS, value);
                 }
                 Poll::Ready(Ok(Response::from_parts(
                     parts,

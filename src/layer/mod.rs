@@ -1,5 +1,12 @@
-//! [`HybridCacheLayer`]: per-route settings, the service it builds, its future and
-//! body.
+//! [`HybridCacheLayer`]: one route's settings, and the middleware it builds.
+//!
+//! The request path, a file per job: [`HybridCacheService`] classifies each request
+//! (`service`); a cacheable one is served from the cache (`serve`, responses built in
+//! `response`, `Cache-Status` typed in `status`) or filled from the origin through
+//! single-flight and the fill lease (`fill`), whose call, stale-if-error and 304
+//! handling are in `origin`; a write invalidates what it changed (`write`). Bodies
+//! being stored are teed by [`CacheBody`]; tags come from `tags`, handler settings
+//! from [`CacheOverrides`].
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -7,24 +14,33 @@ use std::time::Duration;
 use http::HeaderName;
 use tower::Layer;
 
-use crate::policy::settings::{NamePattern, QueryFilter, RouteSettings};
-use crate::policy::{RequestDirectives, TtlMode};
-use crate::HybridCache;
+use crate::engine::Engine;
+use crate::key::CacheKey;
+use crate::policy::settings::{self, NamePattern, QueryFilter, RouteSettings};
 
 mod body;
+mod fill;
 mod future;
+mod origin;
 mod overrides;
+mod response;
+mod serve;
 mod service;
+mod status;
+mod tags;
+mod write;
 
+pub use crate::policy::{RequestDirectives, TtlMode};
 pub use body::CacheBody;
 pub use future::ResponseFuture;
 pub use overrides::CacheOverrides;
 pub use service::HybridCacheService;
 
 /// Caches the responses of the service it wraps, with one route's settings, in a
-/// [`HybridCache`].
+/// [`HybridCache`](crate::HybridCache).
 ///
-/// Made by [`HybridCache::layer`]; every builder method takes and returns the layer.
+/// Made by [`HybridCache::layer`](crate::HybridCache::layer); every builder method
+/// takes and returns the layer.
 /// Clones share the cache and the settings.
 ///
 /// ```
@@ -56,8 +72,9 @@ pub use service::HybridCacheService;
 /// # }
 /// ```
 #[derive(Clone)]
+#[must_use]
 pub struct HybridCacheLayer {
-    cache: HybridCache,
+    engine: Arc<Engine>,
     settings: Arc<RouteSettings>,
 }
 
@@ -70,9 +87,14 @@ impl std::fmt::Debug for HybridCacheLayer {
 }
 
 impl HybridCacheLayer {
-    pub(crate) fn new(cache: HybridCache) -> Self {
+    /// The largest body a route stores unless set: 1 MiB.
+    pub const DEFAULT_MAX_BODY_BYTES: usize = settings::DEFAULT_MAX_BODY_BYTES;
+    /// The response header a route takes tags from unless set.
+    pub const DEFAULT_TAG_HEADER: &'static str = settings::DEFAULT_TAG_HEADER;
+
+    pub(crate) fn new(engine: Arc<Engine>) -> Self {
         HybridCacheLayer {
-            cache,
+            engine,
             settings: Arc::new(RouteSettings::default()),
         }
     }
@@ -163,7 +185,8 @@ impl HybridCacheLayer {
     }
 
     /// The response header whose tags (separated by spaces or commas) are stored with
-    /// the response, for `HybridCache::invalidate_tag`. Default `Cache-Tag`.
+    /// the response, for [`HybridCache::invalidate_tag`](crate::HybridCache::invalidate_tag).
+    /// Default `Cache-Tag`.
     pub fn tag_header(self, name: HeaderName) -> Self {
         self.with(|s| s.tag_header = Some(name))
     }
@@ -186,7 +209,8 @@ impl HybridCacheLayer {
     }
 
     /// Forgets the response this route stored for `uri` (all its `Vary` variants), in
-    /// both tiers, as [`HybridCache::invalidate`] does, but keyed with this layer's
+    /// both tiers, as [`HybridCache::invalidate`](crate::HybridCache::invalidate) does,
+    /// but keyed with this layer's
     /// settings: its dropped or kept query parameters, and its key headers, whose
     /// values are read from `headers` (pass an empty map when the route has none).
     /// Returns `false` when Redis could not be told now.
@@ -208,8 +232,8 @@ impl HybridCacheLayer {
     /// # }
     /// ```
     pub async fn invalidate(&self, uri: &http::Uri, headers: &http::HeaderMap) -> bool {
-        let key = crate::CacheKey::primary(&http::Method::GET, uri, headers, &self.settings);
-        self.cache.invalidate_key(key).await
+        let key = CacheKey::primary(&http::Method::GET, uri, headers, &self.settings);
+        self.engine.invalidate_key(key).await
     }
 }
 
@@ -228,6 +252,6 @@ impl<S> Layer<S> for HybridCacheLayer {
     type Service = HybridCacheService<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        HybridCacheService::new(inner, self.cache.clone(), Arc::clone(&self.settings))
+        HybridCacheService::new(inner, Arc::clone(&self.engine), Arc::clone(&self.settings))
     }
 }

@@ -1,5 +1,7 @@
 //! [`CacheOverrides`]: what a handler decides for its own response.
 
+use super::tags::is_valid_tag;
+
 use std::time::Duration;
 
 /// Cache settings a handler sets for its own response, as a response extension. The
@@ -34,6 +36,7 @@ use std::time::Duration;
 /// # }
 /// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[must_use]
 pub struct CacheOverrides {
     pub(crate) ttl: Option<Duration>,
     pub(crate) stale_while_revalidate: Option<Duration>,
@@ -79,13 +82,4 @@ impl CacheOverrides {
         );
         self
     }
-}
-
-/// Longest tag kept, in bytes.
-pub(crate) const MAX_TAG_BYTES: usize = 256;
-/// Most tags kept per response.
-pub(crate) const MAX_TAGS: usize = 64;
-
-pub(crate) fn is_valid_tag(tag: &str) -> bool {
-    !tag.is_empty() && tag.len() <= MAX_TAG_BYTES
 }

@@ -1,10 +1,15 @@
-//! HTTP caching policy: what may be stored, for how long, and what a request may be
-//! served from the cache (RFC 9111).
+//! HTTP caching policy: what may be stored, for how long, what a request may be
+//! served from the cache, and how stale responses are revalidated or served (RFC 9111,
+//! RFC 5861). Pure functions over `http` types: no I/O, no state, no dependency on the
+//! rest of the crate.
 
 pub(crate) mod cache_control;
 pub(crate) mod conditional;
 pub(crate) mod freshness;
+pub(crate) mod revalidation;
 pub(crate) mod settings;
+pub(crate) mod stale;
 pub(crate) mod storable;
+pub(crate) mod stored_fields;
 
-pub use settings::{RequestDirectives, TtlMode, DEFAULT_MAX_BODY_BYTES, DEFAULT_TAG_HEADER};
+pub use settings::{RequestDirectives, TtlMode};

@@ -5,7 +5,7 @@ use std::time::Duration;
 use http::HeaderName;
 
 /// The default largest body the layer captures and stores: 1 MiB.
-pub const DEFAULT_MAX_BODY_BYTES: usize = 1 << 20;
+pub(crate) const DEFAULT_MAX_BODY_BYTES: usize = 1 << 20;
 
 /// How a route's TTL relates to the freshness the origin states.
 ///
@@ -120,7 +120,7 @@ impl RouteSettings {
 }
 
 /// The default tag header.
-pub const DEFAULT_TAG_HEADER: &str = "cache-tag";
+pub(crate) const DEFAULT_TAG_HEADER: &str = "cache-tag";
 
 impl Default for RouteSettings {
     fn default() -> Self {

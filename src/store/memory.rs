@@ -7,7 +7,7 @@ use moka::future::Cache;
 use moka::Expiry;
 
 use crate::entry::Entry;
-use crate::CacheKey;
+use crate::key::CacheKey;
 
 /// The memory tier. Cloning shares the same cache.
 #[derive(Clone)]

@@ -1,16 +1,21 @@
 //! Where entries live: the memory tier (moka) and, when configured, the shared Redis
-//! tier, routed by [`HybridStore`].
+//! tier, routed by the hybrid store.
 //!
 //! The Redis tier is a `tower::Service<StoreRequest>`, so that resilience (a breaker
-//! outside a retry outside a deadline) can be stacked around it as ordinary layers.
+//! outside a deadline outside a retry) is stacked around it as ordinary layers, and
+//! an application can add its own with
+//! [`HybridCacheBuilder::redis_layer`](crate::HybridCacheBuilder::redis_layer). This
+//! module's public items are what such a layer sees, and how Redis is configured and
+//! observed.
 
+mod coherence;
 pub(crate) mod hybrid;
 pub(crate) mod memory;
 mod operation;
 mod read_flights;
 pub(crate) mod redis;
-pub(crate) mod redis_health;
-pub(crate) mod subscription;
+pub(crate) mod redis_tier;
+mod writer;
 
 pub(crate) use hybrid::HybridStore;
 pub use operation::{
@@ -18,6 +23,7 @@ pub use operation::{
     StoreResponse,
 };
 pub(crate) use operation::{StoreAnswer, StoreOp};
+pub use redis::{RedisConfig, RedisHealth};
 
 /// Resolves once the Redis store says it is closing (`true`) or is gone (the sender
 /// dropped): the tasks that follow its connections end on it.
@@ -27,8 +33,7 @@ pub(crate) async fn until_closed(closed: &mut tokio::sync::watch::Receiver<bool>
 
 /// The tier that answered a lookup; named in `Cache-Status` as `detail`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum Tier {
+pub(crate) enum Tier {
     /// The in-process moka cache.
     Memory,
     /// The shared Redis tier.
@@ -37,7 +42,7 @@ pub enum Tier {
 
 impl Tier {
     /// The name used in `Cache-Status` (`detail=memory`).
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Tier::Memory => "memory",
             Tier::Redis => "redis",

@@ -11,7 +11,7 @@ use tower::util::BoxCloneSyncService;
 use tower::{BoxError, Service};
 
 use crate::entry::Entry;
-use crate::CacheKey;
+use crate::key::CacheKey;
 
 /// One operation on the Redis tier. Every operation is idempotent (`GET`, a whole
 /// value `SET … PX`, `DEL`), so the retry layer may send it again; it clones the

@@ -18,7 +18,7 @@ use std::task::{Context, Poll};
 use futures_util::future::{BoxFuture, FutureExt, Shared, WeakShared};
 use tokio::sync::Notify;
 
-use crate::CacheKey;
+use crate::key::CacheKey;
 
 /// Keys with a read on its way or waiting. Cloning shares the state.
 pub(crate) struct ReadFlights<V> {

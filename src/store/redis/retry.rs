@@ -1,4 +1,4 @@
-//! Retries of Redis operations on `tower::retry`: only transient errors, at most a few
+//! [`RedisRetry`]: the retry policy of Redis operations, on `tower::retry`: only transient errors, at most a few
 //! attempts, exponential backoff with jitter, and a budget so that retries never add
 //! more than a share of the load (a sick Redis gets no retry storm).
 
@@ -31,8 +31,7 @@ impl RedisRetry {
     /// `budget_percent` of the calls over the last 10 s (plus 10 a second).
     pub(crate) fn new(
         retries: u32,
-        min_backoff: Duration,
-        max_backoff: Duration,
+        (min_backoff, max_backoff): (Duration, Duration),
         budget_percent: f32,
         counters: Arc<Counters>,
     ) -> Result<Self, BuildError> {
@@ -114,13 +113,12 @@ mod tests {
         let counters = Arc::new(Counters::default());
         let mut policy = RedisRetry::new(
             2,
-            Duration::from_millis(1),
-            Duration::from_millis(4),
+            (Duration::from_millis(1), Duration::from_millis(4)),
             0.2,
             counters.clone(),
         )
         .unwrap();
-        let mut request = StoreRequest::delete(crate::CacheKey::from_bytes([0; 32]));
+        let mut request = StoreRequest::delete(crate::key::CacheKey::from_bytes([0; 32]));
         let mut ok: Result<StoreResponse, BoxError> =
             Ok(StoreResponse::new(crate::store::StoreAnswer::Deleted));
         assert!(policy.retry(&mut request, &mut ok).is_none());
@@ -135,8 +133,7 @@ mod tests {
         let mut oom = command(ErrorKind::Unknown, "OOM");
         let mut fresh = RedisRetry::new(
             2,
-            Duration::from_millis(1),
-            Duration::from_millis(4),
+            (Duration::from_millis(1), Duration::from_millis(4)),
             0.2,
             counters.clone(),
         )
@@ -150,13 +147,12 @@ mod tests {
         let counters = Arc::new(Counters::default());
         let policy = RedisRetry::new(
             1,
-            Duration::from_millis(1),
-            Duration::from_millis(4),
+            (Duration::from_millis(1), Duration::from_millis(4)),
             0.0,
             counters.clone(),
         )
         .unwrap();
-        let mut request = StoreRequest::delete(crate::CacheKey::from_bytes([0; 32]));
+        let mut request = StoreRequest::delete(crate::key::CacheKey::from_bytes([0; 32]));
         // Every call fails: the budget (10 a second, no share of calls) runs dry.
         let mut retried = 0;
         for _ in 0..1000 {

@@ -22,7 +22,7 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::{mpsc, watch};
 use tokio::task::AbortHandle;
 
-use crate::store::redis_health::{one_attempt, FAILED_PINGS_TO_DOWN};
+use super::health::{one_attempt, FAILED_PINGS_TO_DOWN};
 use crate::store::until_closed;
 use crate::telemetry::TARGET;
 

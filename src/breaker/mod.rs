@@ -8,15 +8,14 @@
 //! maximum, with jitter) → HalfOpen: `probes` calls go through; all succeed → Closed,
 //! one fails → Open again.
 
-use std::collections::hash_map::RandomState;
 use std::collections::VecDeque;
 use std::fmt;
-use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::time::Instant;
+use tower::util::rng::{HasherRng, Rng};
 
 use crate::telemetry::{BREAKER_STATE, BREAKER_TRANSITIONS, TARGET};
 
@@ -134,7 +133,7 @@ struct Inner {
 /// The shared state of one breaker: every clone of its layer and services uses it.
 ///
 /// ```
-/// use tower_hybrid_cache::{BreakerState, CircuitBreakerLayer};
+/// use tower_hybrid_cache::breaker::{BreakerState, CircuitBreakerLayer};
 ///
 /// let layer = CircuitBreakerLayer::new().consecutive_failures(3);
 /// let breaker = layer.breaker();
@@ -357,8 +356,7 @@ fn with_jitter(base: Duration, fraction: f64) -> Duration {
     if fraction <= 0.0 || base.is_zero() {
         return base;
     }
-    let random = RandomState::new().build_hasher().finish();
-    let unit = (random % 10_000) as f64 / 10_000.0; // [0, 1)
+    let unit = HasherRng::default().next_f64(); // [0, 1)
     let factor = 1.0 + fraction.min(1.0) * (2.0 * unit - 1.0);
     base.mul_f64(factor.max(0.0))
 }

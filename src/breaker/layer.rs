@@ -18,7 +18,7 @@ use super::{BreakerConfig, CircuitBreaker, CircuitOpen, Permit};
 /// ```
 /// use std::time::Duration;
 /// use tower::{Layer, ServiceExt};
-/// use tower_hybrid_cache::{BreakerState, CircuitBreakerLayer};
+/// use tower_hybrid_cache::breaker::{BreakerState, CircuitBreakerLayer};
 ///
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() {
@@ -30,10 +30,11 @@ use super::{BreakerConfig, CircuitBreaker, CircuitOpen, Permit};
 /// }
 /// assert_eq!(layer.breaker().state(), BreakerState::Open);
 /// let refused = service.oneshot(()).await.unwrap_err();
-/// assert!(refused.is::<tower_hybrid_cache::CircuitOpen>());
+/// assert!(refused.is::<tower_hybrid_cache::breaker::CircuitOpen>());
 /// # }
 /// ```
 #[derive(Clone, Debug)]
+#[must_use]
 pub struct CircuitBreakerLayer {
     breaker: CircuitBreaker,
 }
@@ -277,7 +278,7 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tower::ServiceExt;
 
-    use crate::BreakerState;
+    use crate::breaker::BreakerState;
 
     #[tokio::test(start_paused = true)]
     async fn an_open_breaker_does_not_touch_the_inner_service() {
@@ -344,7 +345,7 @@ mod filter_tests {
     use super::*;
     use tower::ServiceExt;
 
-    use crate::BreakerState;
+    use crate::breaker::BreakerState;
 
     #[tokio::test(start_paused = true)]
     async fn errors_the_filter_excuses_do_not_trip_the_breaker() {

@@ -16,7 +16,7 @@ use fred::clients::Client;
 use fred::prelude::*;
 use fred::types::config::Options;
 
-use crate::resilience::breaker::CircuitBreaker;
+use crate::breaker::CircuitBreaker;
 use crate::store::until_closed;
 use crate::telemetry::TARGET;
 

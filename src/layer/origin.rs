@@ -1,0 +1,288 @@
+//! Asking the origin: the request goes to the inner service (with the stale entry's
+//! validators when it has any); a 304 refreshes the stale entry, an error may be
+//! answered by it (`stale-if-error`), and a storable response is teed into the store
+//! as it streams to the client.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use http::header::AUTHORIZATION;
+use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
+use http_body::Body;
+use tower::Service;
+
+use super::body::{CacheBody, Capture};
+use super::overrides::CacheOverrides;
+use super::response::{self, Served};
+use super::serve::Serving;
+use super::status::{CacheStatus, Detail, Forward};
+use super::tags::response_tags;
+use crate::engine::{Fill, FillStart, FlightGuard};
+use crate::entry::CachedResponse;
+use crate::key::normalised_value;
+use crate::policy::revalidation::{add_validators, headers_after_304};
+use crate::policy::settings::{RouteSettings, TtlMode};
+use crate::policy::stale::{is_origin_error, with_windows};
+use crate::policy::storable::{store_plan, NotStored, RequestFacts, StorePlan};
+use crate::policy::stored_fields::storable_headers;
+use crate::telemetry::{Counter, TARGET};
+
+/// How a forwarded request is answered: as a HEAD or not, in which version.
+type ServedAs = (bool, Version);
+
+/// Sends the request to the origin and, when the response may be stored, tees its
+/// body into the store. With a stale entry: asks with its validators (when the client
+/// set none) and takes a 304 as a refresh of it; serves it when the origin fails
+/// within its `stale-if-error` window. `guard` is the fill's single-flight guard,
+/// released once the fill is stored or known not to be.
+pub(crate) async fn forward<S, ReqBody, ResBody>(
+    mut inner: S,
+    serving: &Serving<'_>,
+    mut request: Request<ReqBody>,
+    miss: Forward,
+    guard: Option<FlightGuard>,
+    stale: Option<Arc<CachedResponse>>,
+) -> Result<Response<CacheBody<ResBody>>, S::Error>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    ResBody: Body,
+{
+    let engine = serving.engine;
+    let storing = request.method() == Method::GET;
+    let start = engine.fill_start();
+    let facts = RequestFacts {
+        has_authorization: request.headers().contains_key(AUTHORIZATION),
+        no_store: serving.request_cc.no_store,
+        request_time: Some(start.at()),
+    };
+    // The request's values of the response's `Vary` names are known only once the
+    // response is in; keep the headers for that, on the miss path only.
+    let request_headers = storing.then(|| request.headers().clone());
+    let revalidating = match &stale {
+        Some(entry) if storing => add_validators(request.headers_mut(), &entry.headers),
+        _ => false,
+    };
+    let served_as = (request.method() == Method::HEAD, request.version());
+    // Counted as a miss once the origin answered, unless a stale entry is served in
+    // its place: that is a hit (as its `Cache-Status` says), not both.
+    let response = match inner.call(request).await {
+        Ok(response) => response,
+        Err(error) => {
+            let failed = CacheStatus::with_origin_error;
+            return match stale_on_error(serving, stale.as_deref(), served_as, failed) {
+                Some(response) => Ok(response),
+                None => {
+                    engine.count(Counter::Miss);
+                    Err(error)
+                }
+            };
+        }
+    };
+    let response_time = SystemTime::now();
+    let origin_status = response.status();
+    if is_origin_error(origin_status) {
+        let failed = |status: CacheStatus| status.with_origin_status(origin_status);
+        if let Some(response) = stale_on_error(serving, stale.as_deref(), served_as, failed) {
+            return Ok(response);
+        }
+    }
+    engine.count(Counter::Miss);
+    if revalidating && origin_status == StatusCode::NOT_MODIFIED {
+        if let Some(entry) = stale.as_deref() {
+            let not_modified = response.headers();
+            let when = (facts, response_time, start);
+            return Ok(revalidated(
+                serving,
+                entry,
+                not_modified,
+                when,
+                served_as,
+                guard,
+            ));
+        }
+    }
+    let (mut parts, body) = response.into_parts();
+    // The handler's overrides and the tag header are for the cache, not the client.
+    let overrides = parts.extensions.remove::<CacheOverrides>();
+    let handler_tags = overrides.as_ref().map_or(&[][..], |o| o.tags.as_slice());
+    let tags = response_tags(&mut parts.headers, serving.settings, handler_tags);
+    let status = CacheStatus::forward(miss).with_origin_status(parts.status);
+    let (status, body) = match request_headers {
+        // A HEAD's response has no body to store.
+        None => (status, CacheBody::passthrough(body)),
+        Some(request_headers) => {
+            let settings = with_handler_ttl(serving.settings, overrides.as_ref());
+            let planned = store_plan(
+                facts,
+                parts.status,
+                &parts.headers,
+                &settings,
+                response_time,
+            )
+            .map(|plan| match &overrides {
+                Some(o) => with_windows(plan, o.stale_while_revalidate, o.stale_if_error),
+                None => plan,
+            })
+            .and_then(|plan| {
+                if body.size_hint().lower() > settings.max_body_bytes as u64 {
+                    Err(NotStored::TooLarge)
+                } else {
+                    Ok(plan)
+                }
+            });
+            match planned {
+                Err(reason) => {
+                    engine.count(Counter::NotStored);
+                    tracing::debug!(target: TARGET, key = %serving.primary, outcome = "not-stored", detail = reason.as_str());
+                    let status = status.with_detail(Detail::NotStored(reason));
+                    (status, CacheBody::passthrough(body))
+                }
+                Ok(plan) => {
+                    let entry = stored_entry(&parts, &plan, &request_headers, tags);
+                    let fill = Fill {
+                        key: *serving.primary,
+                        entry,
+                        start,
+                        guard,
+                        detail: None,
+                    };
+                    let capture = Capture::new(Arc::clone(engine), fill, settings.max_body_bytes);
+                    let body = if body.is_end_stream() {
+                        // Nothing to read (a 204, an empty body): a server may never
+                        // poll it, so store now.
+                        capture.finish();
+                        CacheBody::passthrough(body)
+                    } else {
+                        CacheBody::capturing(body, capture)
+                    };
+                    (status.stored(), body)
+                }
+            }
+        }
+    };
+    serving.stamp().status(&mut parts.headers, status);
+    Ok(Response::from_parts(parts, body))
+}
+
+/// The route's settings, with the handler's TTL (when it set one) in place of every
+/// other freshness.
+fn with_handler_ttl<'a>(
+    settings: &'a RouteSettings,
+    overrides: Option<&CacheOverrides>,
+) -> Cow<'a, RouteSettings> {
+    match overrides.and_then(|o| o.ttl) {
+        Some(ttl) => Cow::Owned(RouteSettings {
+            ttl: Some(ttl),
+            ttl_mode: TtlMode::Override,
+            ..settings.clone()
+        }),
+        None => Cow::Borrowed(settings),
+    }
+}
+
+/// The entry a storable response becomes, with an empty body (the captured body is
+/// put in at the end): its storable fields, times, the request's `Vary`'d values and
+/// its tags.
+fn stored_entry(
+    parts: &http::response::Parts,
+    plan: &StorePlan,
+    request_headers: &HeaderMap,
+    tags: Vec<String>,
+) -> CachedResponse {
+    let vary = plan
+        .vary
+        .iter()
+        .map(|name| {
+            let value = request_headers
+                .contains_key(name)
+                .then(|| Bytes::from(normalised_value(request_headers, name)));
+            (name.clone(), value)
+        })
+        .collect();
+    CachedResponse::builder(parts.status, storable_headers(&parts.headers), Bytes::new())
+        .version(parts.version)
+        .times(plan)
+        .vary(vary)
+        .tags(tags)
+        .build()
+}
+
+/// The stale entry, when the origin failed (`failed` says how) within its
+/// `stale-if-error` window.
+fn stale_on_error<B>(
+    serving: &Serving<'_>,
+    stale: Option<&CachedResponse>,
+    served_as: ServedAs,
+    failed: impl FnOnce(CacheStatus) -> CacheStatus,
+) -> Option<Response<CacheBody<B>>> {
+    let now = SystemTime::now();
+    let entry = stale.filter(|entry| entry.may_serve_on_error(now))?;
+    serving.engine.count(Counter::Hit);
+    tracing::debug!(target: TARGET, key = %serving.primary, outcome = "hit", detail = "stale-if-error");
+    Some(response::stale(
+        entry,
+        served_as,
+        now,
+        serving.stamp(),
+        |status| {
+            failed(
+                status
+                    .forwarded(Forward::Stale)
+                    .with_detail(Detail::StaleIfError),
+            )
+        },
+    ))
+}
+
+/// The origin said the stale entry is still good (304): store it refreshed and serve
+/// it whole (the client's request had no conditions of its own). One that may no
+/// longer be stored is served as it was.
+fn revalidated<B>(
+    serving: &Serving<'_>,
+    stale: &CachedResponse,
+    not_modified: &HeaderMap,
+    (facts, response_time, start): (RequestFacts, SystemTime, FillStart),
+    (head, version): ServedAs,
+    guard: Option<FlightGuard>,
+) -> Response<CacheBody<B>> {
+    let served = Served {
+        head,
+        not_modified: false,
+        version,
+    };
+    let status = CacheStatus::forward(Forward::Stale).with_origin_status(StatusCode::NOT_MODIFIED);
+    let headers = headers_after_304(&stale.headers, not_modified);
+    let Ok(plan) = store_plan(
+        facts,
+        stale.status,
+        &headers,
+        serving.settings,
+        response_time,
+    ) else {
+        let status = status.with_detail(Detail::NotStoredAfter304);
+        return response::from_stored(stale, status, served, response_time, serving.stamp());
+    };
+    let entry = CachedResponse::builder(stale.status, headers, stale.body.clone())
+        .version(stale.version)
+        .times(&plan)
+        .vary(stale.vary.clone())
+        .tags(stale.tags.clone())
+        .build();
+    let response = response::from_stored(
+        &entry,
+        status.stored(),
+        served,
+        response_time,
+        serving.stamp(),
+    );
+    serving.engine.commit(Fill {
+        key: *serving.primary,
+        entry,
+        start,
+        guard,
+        detail: Some("revalidated"),
+    });
+    response
+}

@@ -1,0 +1,136 @@
+//! Responses the cache makes: a stored response served (whole, as a 304, or for a
+//! HEAD), a stale one served with how long it has been stale, the 504 of
+//! `only-if-cached`, and the route's stamp (`Cache-Status`, `Age`) on each.
+
+use std::time::SystemTime;
+
+use http::header::AGE;
+use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode, Version};
+
+use super::body::CacheBody;
+use super::status::{CacheStatus, Detail, Forward, CACHE_STATUS};
+use crate::engine::Engine;
+use crate::entry::CachedResponse;
+use crate::policy::settings::RouteSettings;
+
+/// What a route puts on the responses its cache handles: `Cache-Status` (when on,
+/// after the cache's name) and, on hits, `Age` (when on).
+#[derive(Clone, Copy)]
+pub(crate) struct Stamp<'a> {
+    name: &'a str,
+    cache_status: bool,
+    age: bool,
+}
+
+impl<'a> Stamp<'a> {
+    pub(crate) fn new(engine: &'a Engine, settings: &RouteSettings) -> Self {
+        Stamp {
+            name: engine.cache_status_name(),
+            cache_status: settings.cache_status_header,
+            age: settings.age_header,
+        }
+    }
+
+    /// Adds `status` to `headers`, when the route says so.
+    pub(crate) fn status(&self, headers: &mut HeaderMap, status: CacheStatus) {
+        if self.cache_status {
+            if let Some(value) = status.render(self.name) {
+                headers.append(CACHE_STATUS, value);
+            }
+        }
+    }
+
+    /// `status` rendered for later, when the route says so.
+    pub(crate) fn value(&self, status: CacheStatus) -> Option<HeaderValue> {
+        self.cache_status
+            .then(|| status.render(self.name))
+            .flatten()
+    }
+}
+
+/// How a stored response answers a request.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Served {
+    /// A HEAD request: no body.
+    pub(crate) head: bool,
+    /// The request's conditions matched: 304 Not Modified.
+    pub(crate) not_modified: bool,
+    pub(crate) version: Version,
+}
+
+/// The fields a 304 carries from the stored response (RFC 9110 §15.4.5).
+const NOT_MODIFIED_FIELDS: [HeaderName; 6] = [
+    http::header::CACHE_CONTROL,
+    http::header::CONTENT_LOCATION,
+    http::header::DATE,
+    http::header::ETAG,
+    http::header::EXPIRES,
+    http::header::VARY,
+];
+
+/// A stored response served as `served` says, with `Age` at `now` and `status`.
+pub(crate) fn from_stored<B>(
+    entry: &CachedResponse,
+    status: CacheStatus,
+    served: Served,
+    now: SystemTime,
+    stamp: Stamp<'_>,
+) -> Response<CacheBody<B>> {
+    let body = if served.head || served.not_modified {
+        CacheBody::empty()
+    } else {
+        CacheBody::full(entry.body.clone())
+    };
+    let mut response = Response::new(body);
+    *response.version_mut() = served.version;
+    if served.not_modified {
+        *response.status_mut() = StatusCode::NOT_MODIFIED;
+        let headers = response.headers_mut();
+        for name in NOT_MODIFIED_FIELDS {
+            for value in entry.headers.get_all(&name) {
+                headers.append(name.clone(), value.clone());
+            }
+        }
+    } else {
+        *response.status_mut() = entry.status;
+        *response.headers_mut() = entry.headers.clone();
+    }
+    let headers = response.headers_mut();
+    if stamp.age {
+        headers.insert(AGE, HeaderValue::from(entry.age(now).as_secs()));
+    }
+    stamp.status(headers, status);
+    response
+}
+
+/// A stale entry served whole (within its `stale-while-revalidate` or
+/// `stale-if-error` window); `Cache-Status` says how long it has been stale, and
+/// `why` (its detail, and what the origin said).
+pub(crate) fn stale<B>(
+    entry: &CachedResponse,
+    (head, version): (bool, Version),
+    now: SystemTime,
+    stamp: Stamp<'_>,
+    why: impl FnOnce(CacheStatus) -> CacheStatus,
+) -> Response<CacheBody<B>> {
+    let served = Served {
+        head,
+        not_modified: false,
+        version,
+    };
+    let stale_for = now
+        .duration_since(entry.fresh_until)
+        .unwrap_or_default()
+        .as_secs();
+    let status = why(CacheStatus::stale_hit(stale_for));
+    from_stored(entry, status, served, now, stamp)
+}
+
+/// `504` for `only-if-cached` when nothing usable is stored (RFC 9111 §5.2.1.7).
+pub(crate) fn only_if_cached_miss<B>(miss: Forward, stamp: Stamp<'_>) -> Response<CacheBody<B>> {
+    let mut response = Response::new(CacheBody::empty());
+    *response.status_mut() = StatusCode::GATEWAY_TIMEOUT;
+    let status = CacheStatus::forward(miss).with_detail(Detail::OnlyIfCached);
+    stamp.status(response.headers_mut(), status);
+    response
+}

@@ -1,0 +1,316 @@
+//! [`CacheStatus`]: what the cache did with a request, as a typed value rendered once
+//! into the `Cache-Status` field (RFC 9211).
+//!
+//! ```text
+//! {name}; hit; ttl=42; detail=memory
+//! {name}; hit; ttl=-12; detail=stale-while-revalidate
+//! {name}; hit; ttl=-12; fwd=stale; fwd-status=503; detail=stale-if-error
+//! {name}; fwd=uri-miss; fwd-status=200; stored
+//! {name}; fwd=uri-miss; fwd-status=200; detail=private
+//! {name}; fwd=stale; fwd-status=304; stored
+//! {name}; fwd=uri-miss; detail=only-if-cached
+//! {name}; fwd=bypass
+//! ```
+//! Parameters always come in this order: `hit`, `ttl`, `fwd`, `fwd-status`, `stored`,
+//! `detail`.
+
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, StatusCode};
+
+use crate::engine::LookupMiss;
+use crate::policy::storable::NotStored;
+use crate::store::Tier;
+
+/// The `Cache-Status` field name (RFC 9211).
+pub(crate) const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
+
+/// What the cache did with one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct CacheStatus {
+    hit: bool,
+    ttl: Option<Ttl>,
+    fwd: Option<Forward>,
+    fwd_status: Option<ForwardStatus>,
+    stored: bool,
+    detail: Option<Detail>,
+}
+
+/// How long a served response stays fresh (whole seconds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ttl {
+    /// Fresh for this many more seconds.
+    Fresh(u64),
+    /// Stale for this many seconds already (`ttl=-N`; `ttl=-0` within its first
+    /// second).
+    Stale(u64),
+}
+
+/// Why the request went to the origin (`fwd`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Forward {
+    /// The cache does not handle it (an unsafe method, `Range`).
+    Bypass,
+    /// Nothing stored for the URL.
+    UriMiss,
+    /// Stored for the URL, not for this request's `Vary`'d values.
+    VaryMiss,
+    /// The stored response is stale.
+    Stale,
+    /// The request's directives or preconditions forbade the stored one.
+    Request,
+}
+
+/// The origin's answer (`fwd-status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ForwardStatus {
+    Code(StatusCode),
+    /// The call failed without a response (`fwd-status=error`).
+    Error,
+}
+
+/// More about what happened (`detail`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Detail {
+    /// The tier a fresh hit came from.
+    Tier(Tier),
+    /// Why a response was not stored.
+    NotStored(NotStored),
+    /// A stale response served while it is refreshed.
+    StaleWhileRevalidate,
+    /// A stale response served because the origin failed.
+    StaleIfError,
+    /// `only-if-cached` found nothing usable: a 504.
+    OnlyIfCached,
+    /// A 304 refreshed the stale response, which may no longer be stored.
+    NotStoredAfter304,
+}
+
+impl From<LookupMiss> for Forward {
+    fn from(miss: LookupMiss) -> Self {
+        match miss {
+            LookupMiss::Uri => Forward::UriMiss,
+            LookupMiss::Vary => Forward::VaryMiss,
+        }
+    }
+}
+
+impl CacheStatus {
+    const EMPTY: CacheStatus = CacheStatus {
+        hit: false,
+        ttl: None,
+        fwd: None,
+        fwd_status: None,
+        stored: false,
+        detail: None,
+    };
+
+    /// A fresh response from `tier`.
+    pub(crate) fn hit(tier: Tier, ttl: u64) -> Self {
+        CacheStatus {
+            hit: true,
+            ttl: Some(Ttl::Fresh(ttl)),
+            detail: Some(Detail::Tier(tier)),
+            ..Self::EMPTY
+        }
+    }
+
+    /// A stale response served whole, stale for `stale_for` seconds.
+    pub(crate) fn stale_hit(stale_for: u64) -> Self {
+        CacheStatus {
+            hit: true,
+            ttl: Some(Ttl::Stale(stale_for)),
+            ..Self::EMPTY
+        }
+    }
+
+    /// A request that went (or goes) to the origin, and why.
+    pub(crate) fn forward(why: Forward) -> Self {
+        CacheStatus {
+            fwd: Some(why),
+            ..Self::EMPTY
+        }
+    }
+
+    /// The request the cache does not handle.
+    pub(crate) fn bypass() -> Self {
+        Self::forward(Forward::Bypass)
+    }
+
+    /// Also went to the origin, for `why` (a stale hit served because the origin
+    /// failed).
+    pub(crate) fn forwarded(mut self, why: Forward) -> Self {
+        self.fwd = Some(why);
+        self
+    }
+
+    /// With what the origin answered.
+    pub(crate) fn with_origin_status(mut self, status: StatusCode) -> Self {
+        self.fwd_status = Some(ForwardStatus::Code(status));
+        self
+    }
+
+    /// The origin's call failed.
+    pub(crate) fn with_origin_error(mut self) -> Self {
+        self.fwd_status = Some(ForwardStatus::Error);
+        self
+    }
+
+    /// The response is being stored.
+    pub(crate) fn stored(mut self) -> Self {
+        self.stored = true;
+        self
+    }
+
+    pub(crate) fn with_detail(mut self, detail: Detail) -> Self {
+        self.detail = Some(detail);
+        self
+    }
+
+    /// Whether the response was stored (or is being).
+    #[cfg(test)]
+    pub(crate) fn is_stored(&self) -> bool {
+        self.stored
+    }
+
+    /// The field value, after the cache's `name`.
+    pub(crate) fn render(&self, name: &str) -> Option<HeaderValue> {
+        // Written by hand into one buffer: a hit renders this on every request.
+        let mut out = String::with_capacity(name.len() + 64);
+        out.push_str(name);
+        let mut number = itoa::Buffer::new();
+        if self.hit {
+            out.push_str("; hit");
+        }
+        match self.ttl {
+            Some(Ttl::Fresh(secs)) => {
+                out.push_str("; ttl=");
+                out.push_str(number.format(secs));
+            }
+            Some(Ttl::Stale(secs)) => {
+                out.push_str("; ttl=-");
+                out.push_str(number.format(secs));
+            }
+            None => {}
+        }
+        if let Some(fwd) = self.fwd {
+            out.push_str("; fwd=");
+            out.push_str(fwd.as_str());
+        }
+        match self.fwd_status {
+            Some(ForwardStatus::Code(status)) => {
+                out.push_str("; fwd-status=");
+                out.push_str(number.format(status.as_u16()));
+            }
+            Some(ForwardStatus::Error) => out.push_str("; fwd-status=error"),
+            None => {}
+        }
+        if self.stored {
+            out.push_str("; stored");
+        }
+        if let Some(detail) = self.detail {
+            out.push_str("; detail=");
+            out.push_str(detail.as_str());
+        }
+        HeaderValue::from_maybe_shared(Bytes::from(out)).ok()
+    }
+}
+
+impl Forward {
+    fn as_str(self) -> &'static str {
+        match self {
+            Forward::Bypass => "bypass",
+            Forward::UriMiss => "uri-miss",
+            Forward::VaryMiss => "vary-miss",
+            Forward::Stale => "stale",
+            Forward::Request => "request",
+        }
+    }
+}
+
+impl Detail {
+    fn as_str(self) -> &'static str {
+        match self {
+            Detail::Tier(tier) => tier.as_str(),
+            Detail::NotStored(reason) => reason.as_str(),
+            Detail::StaleWhileRevalidate => "stale-while-revalidate",
+            Detail::StaleIfError => "stale-if-error",
+            Detail::OnlyIfCached => "only-if-cached",
+            Detail::NotStoredAfter304 => "not-stored",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rendered(status: CacheStatus) -> String {
+        status.render("thc").unwrap().to_str().unwrap().to_owned()
+    }
+
+    #[test]
+    fn every_shape_renders_in_the_documented_order() {
+        let ok = StatusCode::OK;
+        let cases = [
+            (
+                CacheStatus::hit(Tier::Memory, 42),
+                "thc; hit; ttl=42; detail=memory",
+            ),
+            (
+                CacheStatus::hit(Tier::Redis, 0),
+                "thc; hit; ttl=0; detail=redis",
+            ),
+            (
+                CacheStatus::stale_hit(12).with_detail(Detail::StaleWhileRevalidate),
+                "thc; hit; ttl=-12; detail=stale-while-revalidate",
+            ),
+            (
+                CacheStatus::stale_hit(0)
+                    .forwarded(Forward::Stale)
+                    .with_detail(Detail::StaleIfError)
+                    .with_origin_status(StatusCode::SERVICE_UNAVAILABLE),
+                "thc; hit; ttl=-0; fwd=stale; fwd-status=503; detail=stale-if-error",
+            ),
+            (
+                CacheStatus::forward(Forward::UriMiss)
+                    .with_origin_status(ok)
+                    .stored(),
+                "thc; fwd=uri-miss; fwd-status=200; stored",
+            ),
+            (
+                CacheStatus::forward(Forward::VaryMiss)
+                    .with_origin_status(ok)
+                    .with_detail(Detail::NotStored(NotStored::Private)),
+                "thc; fwd=vary-miss; fwd-status=200; detail=private",
+            ),
+            (
+                CacheStatus::forward(Forward::Stale)
+                    .with_origin_status(StatusCode::NOT_MODIFIED)
+                    .with_detail(Detail::NotStoredAfter304),
+                "thc; fwd=stale; fwd-status=304; detail=not-stored",
+            ),
+            (
+                CacheStatus::forward(Forward::Request).with_detail(Detail::OnlyIfCached),
+                "thc; fwd=request; detail=only-if-cached",
+            ),
+            (CacheStatus::bypass(), "thc; fwd=bypass"),
+            (
+                CacheStatus::stale_hit(3)
+                    .forwarded(Forward::Stale)
+                    .with_detail(Detail::StaleIfError)
+                    .with_origin_error(),
+                "thc; hit; ttl=-3; fwd=stale; fwd-status=error; detail=stale-if-error",
+            ),
+        ];
+        for (status, text) in cases {
+            assert_eq!(rendered(status), text);
+        }
+    }
+
+    #[test]
+    fn a_miss_converts_to_its_forward_reason() {
+        assert_eq!(Forward::from(LookupMiss::Uri), Forward::UriMiss);
+        assert_eq!(Forward::from(LookupMiss::Vary), Forward::VaryMiss);
+        assert!(CacheStatus::forward(Forward::UriMiss).stored().is_stored());
+    }
+}

@@ -1,0 +1,79 @@
+//! Tags (surrogate keys) of a response: from the route's tag header and the
+//! handler's overrides, bounded in number and size.
+
+use http::HeaderMap;
+
+use crate::policy::settings::RouteSettings;
+
+/// Longest tag kept, in bytes.
+const MAX_TAG_BYTES: usize = 256;
+/// Most tags kept per response.
+const MAX_TAGS: usize = 64;
+
+/// Whether a tag is kept: not empty, and at most 256 bytes.
+pub(crate) fn is_valid_tag(tag: &str) -> bool {
+    !tag.is_empty() && tag.len() <= MAX_TAG_BYTES
+}
+
+/// The tags in the route's tag header (separated by spaces or commas), then those of
+/// the handler, each once, at most 64; the header is removed unless the route keeps
+/// it.
+pub(crate) fn response_tags(
+    headers: &mut HeaderMap,
+    settings: &RouteSettings,
+    from_handler: &[String],
+) -> Vec<String> {
+    let mut tags: Vec<String> = Vec::new();
+    let mut add = |tag: &str| {
+        if is_valid_tag(tag) && tags.len() < MAX_TAGS && !tags.iter().any(|t| t == tag) {
+            tags.push(tag.to_owned());
+        }
+    };
+    if let Some(name) = &settings.tag_header {
+        for value in headers.get_all(name) {
+            if let Ok(text) = value.to_str() {
+                text.split([' ', ',']).for_each(&mut add);
+            }
+        }
+    }
+    from_handler.iter().for_each(|tag| add(tag));
+    if let Some(name) = settings.hidden_tag_header() {
+        headers.remove(name);
+    }
+    tags
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    #[test]
+    fn tags_are_split_deduplicated_bounded_and_the_header_hidden() {
+        let mut headers = HeaderMap::new();
+        headers.append("cache-tag", HeaderValue::from_static("a b,a,,c"));
+        let long = "x".repeat(300);
+        headers.append("cache-tag", HeaderValue::from_str(&long).unwrap());
+        let from_handler = vec!["c".to_owned(), "d".to_owned(), String::new()];
+        let tags = response_tags(&mut headers, &RouteSettings::default(), &from_handler);
+        assert_eq!(tags, ["a", "b", "c", "d"]);
+        assert!(!headers.contains_key("cache-tag"));
+
+        let many: Vec<String> = (0..100).map(|i| format!("t{i}")).collect();
+        let tags = response_tags(&mut HeaderMap::new(), &RouteSettings::default(), &many);
+        assert_eq!(tags.len(), MAX_TAGS);
+    }
+
+    #[test]
+    fn without_a_tag_header_only_the_handlers_count_and_the_field_stays() {
+        let settings = RouteSettings {
+            tag_header: None,
+            ..RouteSettings::default()
+        };
+        let mut headers = HeaderMap::new();
+        headers.insert("cache-tag", HeaderValue::from_static("a"));
+        let tags = response_tags(&mut headers, &settings, &["b".to_owned()]);
+        assert_eq!(tags, ["b"]);
+        assert!(headers.contains_key("cache-tag"));
+    }
+}

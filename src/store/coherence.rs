@@ -1,0 +1,100 @@
+//! What other replicas invalidate reaches this replica's memory: every invalidation
+//! message heard on the subscription is forgotten at once, and after each window the
+//! subscriber was cut off, what the invalidation log holds for that window (or, past
+//! its reach, everything).
+
+use std::sync::Weak;
+use std::time::Duration;
+
+use super::memory::MemoryStore;
+use super::redis::{Invalidation, MissedWindows, RedisStore};
+use super::until_closed;
+use crate::telemetry::TARGET;
+
+/// Forgets in memory what any replica invalidated: a near cache serves memory first,
+/// and any cache answers from memory while Redis cannot. The task ends when the
+/// store closes or is dropped.
+pub(crate) fn spawn_listener(
+    mut messages: tokio::sync::broadcast::Receiver<fred::types::Message>,
+    mut closed: tokio::sync::watch::Receiver<bool>,
+    memory: MemoryStore,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    tokio::spawn(async move {
+        loop {
+            let received = tokio::select! {
+                received = messages.recv() => received,
+                () = until_closed(&mut closed) => return,
+            };
+            match received {
+                Ok(message) => {
+                    let text = message.value.as_string().unwrap_or_default();
+                    if let Some(invalidation) = Invalidation::parse(&text) {
+                        forget(&memory, invalidation).await;
+                    }
+                }
+                // Messages were missed: forget everything rather than serve what one
+                // of them invalidated.
+                Err(RecvError::Lagged(_)) => memory.remove_all(),
+                Err(RecvError::Closed) => return,
+            }
+        }
+    });
+}
+
+/// Removes from memory what one invalidation names.
+async fn forget(memory: &MemoryStore, invalidation: Invalidation) {
+    match invalidation {
+        Invalidation::Key(key) => memory.remove(&key).await,
+        Invalidation::Tag(tag) => memory.remove_tagged(&tag),
+        Invalidation::All => memory.remove_all(),
+    }
+}
+
+/// How much earlier than this replica's own clock says the catch-up reads the
+/// invalidation log: other replicas' clocks stamp it.
+const CLOCK_MARGIN: Duration = Duration::from_secs(5);
+
+/// After each window in which this replica's subscriber was cut off, memory forgets
+/// what was invalidated meanwhile (read back from Redis's log), so that a later outage
+/// cannot serve it. A log Redis cannot give now is asked for again each `every`; once
+/// the log no longer reaches back to the window, memory forgets everything. Ends with
+/// the store.
+pub(crate) fn spawn_catch_up(
+    store: Weak<RedisStore>,
+    memory: MemoryStore,
+    mut missed: MissedWindows,
+    every: Duration,
+) {
+    tokio::spawn(async move {
+        while let Some(since) = missed.next().await {
+            let since = since
+                .checked_sub(CLOCK_MARGIN)
+                .unwrap_or(std::time::UNIX_EPOCH);
+            loop {
+                let Some(store) = store.upgrade() else {
+                    return;
+                };
+                match store.logged_since(since).await {
+                    Ok(Some(invalidations)) => {
+                        tracing::debug!(target: TARGET, missed = invalidations.len(), outcome = "invalidations-caught-up");
+                        for invalidation in invalidations {
+                            forget(&memory, invalidation).await;
+                        }
+                        break;
+                    }
+                    Ok(None) => {
+                        tracing::debug!(target: TARGET, outcome = "invalidations-out-of-reach");
+                        memory.remove_all();
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::debug!(target: TARGET, error = %e, outcome = "invalidation-log-unreadable");
+                    }
+                }
+                drop(store);
+                tokio::time::sleep(every).await;
+            }
+        }
+    });
+}

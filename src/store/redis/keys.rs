@@ -1,0 +1,135 @@
+//! The Redis key schema, whole: every key and channel the Redis tier reads or
+//! writes is named here, under the cache's namespace.
+//!
+//! ```text
+//! {ns}:v{format}:{64 hex}        an entry (response, Vary index or value), by its CacheKey
+//! {ns}:gone:{64 hex}             a key's invalidation mark: when it was invalidated (ms)
+//! {ns}:gonetag:{blake3 of tag}   a tag's invalidation mark
+//! {ns}:purged                    the last purge's mark
+//! {ns}:tag:{blake3 of tag}       a tag's index: the entry keys stored with it
+//! {ns}:lease:{64 hex}            a key's fill lease: the holder's token
+//! {ns}:invalidation-log          recent invalidation messages, scored by their time
+//! {ns}:invalidations             the pub/sub channel of invalidation messages
+//! ```
+//!
+//! Keys are digests (tags hashed too), so no URL, tag or application key can reach a
+//! key's syntax, its length, or a Redis Cluster hash tag.
+
+use crate::entry::FORMAT_VERSION;
+use crate::key::CacheKey;
+
+/// The names of one namespace's keys.
+#[derive(Debug, Clone)]
+pub(crate) struct RedisKeys {
+    namespace: String,
+    /// `{ns}:v{format}:`, made once: an entry key is made for every command.
+    entry_prefix: String,
+}
+
+impl RedisKeys {
+    pub(crate) fn new(namespace: &str) -> Self {
+        RedisKeys {
+            namespace: namespace.to_owned(),
+            entry_prefix: format!("{namespace}:v{FORMAT_VERSION}:"),
+        }
+    }
+
+    /// `{prefix}{hex}`, in one allocation.
+    fn keyed(prefix: &str, key: &CacheKey) -> String {
+        let mut name = String::with_capacity(prefix.len() + 64);
+        name.push_str(prefix);
+        key.push_hex(&mut name);
+        name
+    }
+
+    /// Where an entry lives: `{ns}:v{format}:{hex}`, so a new format never reads an
+    /// old one.
+    pub(crate) fn entry(&self, key: &CacheKey) -> String {
+        Self::keyed(&self.entry_prefix, key)
+    }
+
+    pub(crate) fn gone(&self, key: &CacheKey) -> String {
+        Self::keyed(&format!("{}:gone:", self.namespace), key)
+    }
+
+    pub(crate) fn gone_tag(&self, tag: &str) -> String {
+        format!("{}:gonetag:{}", self.namespace, tag_digest(tag))
+    }
+
+    pub(crate) fn purged(&self) -> String {
+        format!("{}:purged", self.namespace)
+    }
+
+    pub(crate) fn tag_index(&self, tag: &str) -> String {
+        format!("{}:tag:{}", self.namespace, tag_digest(tag))
+    }
+
+    pub(crate) fn lease(&self, key: &CacheKey) -> String {
+        Self::keyed(&format!("{}:lease:", self.namespace), key)
+    }
+
+    pub(crate) fn invalidation_log(&self) -> String {
+        format!("{}:invalidation-log", self.namespace)
+    }
+
+    pub(crate) fn invalidation_channel(&self) -> String {
+        format!("{}:invalidations", self.namespace)
+    }
+
+    /// Matches every key of the namespace (for a purge's SCAN).
+    pub(crate) fn every_key(&self) -> String {
+        format!("{}:*", self.namespace)
+    }
+}
+
+/// A tag as it appears in keys: hashed, so that no tag can reach a key's syntax.
+fn tag_digest(tag: &str) -> blake3::Hash {
+    blake3::hash(tag.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::settings::RouteSettings;
+
+    #[test]
+    fn entry_keys_are_bounded_and_plain() {
+        let keys = RedisKeys::new("thc");
+        let key = CacheKey::from_bytes([7; 32]);
+        assert_eq!(keys.entry(&key), format!("thc:v1:{}", "07".repeat(32)));
+        let long = format!("http://a/{}?{}", "x".repeat(8000), "{tag}=1&".repeat(200));
+        let uri: http::Uri = long.parse().unwrap();
+        let key = CacheKey::primary(
+            &http::Method::GET,
+            &uri,
+            &http::HeaderMap::new(),
+            &RouteSettings::default(),
+        );
+        let entry = keys.entry(&key);
+        assert_eq!(entry.len(), "thc:v1:".len() + 64);
+        assert!(!entry.contains('{'));
+    }
+
+    #[test]
+    fn every_kind_of_key_has_its_own_prefix() {
+        let keys = RedisKeys::new("ns");
+        let key = CacheKey::from_bytes([1; 32]);
+        let names = [
+            keys.entry(&key),
+            keys.gone(&key),
+            keys.gone_tag("t"),
+            keys.purged(),
+            keys.tag_index("t"),
+            keys.lease(&key),
+            keys.invalidation_log(),
+            keys.invalidation_channel(),
+        ];
+        for (i, a) in names.iter().enumerate() {
+            assert!(a.starts_with("ns:"), "{a}");
+            for b in names.iter().skip(i + 1) {
+                assert_ne!(a, b);
+            }
+        }
+        assert!(!keys.tag_index("{t}").contains('{'));
+    }
+}

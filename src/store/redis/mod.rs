@@ -1,0 +1,322 @@
+//! The shared tier: entries in Redis, through a fred connection pool set up so that it
+//! never blocks start-up and never lets a command wait past its timeout (the settings
+//! measured in `shared/notes/fred-under-faults.md`).
+//!
+//! `RedisStore` owns the connections (the pool, the invalidations subscriber) and
+//! their closing; its operations are split by job: `writes` (batches and marks),
+//! `invalidation` (removals, pub/sub and the log), `lease` (fill leases). The
+//! whole key schema is in `keys`; connection health in `health`.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use fred::clients::{Client, WithOptions};
+use fred::prelude::*;
+use fred::types::config::Options;
+
+mod config;
+pub(crate) mod health;
+mod invalidation;
+mod keys;
+mod lease;
+pub(crate) mod retry;
+mod subscription;
+mod writes;
+
+pub use config::RedisConfig;
+pub use health::RedisHealth;
+pub(crate) use invalidation::Invalidation;
+pub(crate) use subscription::MissedWindows;
+
+use self::health::{one_attempt, spawn_probe, watch_events, HealthState};
+use self::keys::RedisKeys;
+use self::subscription::SubscriberProbe;
+use super::{StoreAnswer, StoreError, StoreOp, StoreRequest, StoreResponse};
+use crate::breaker::CircuitBreaker;
+use crate::entry::{decode_entry, Entry};
+use crate::error::BuildError;
+use crate::key::CacheKey;
+use crate::telemetry::TARGET;
+
+/// Milliseconds as Redis takes them (`PX`, scores), saturating.
+fn millis_i64(millis: u64) -> i64 {
+    i64::try_from(millis).unwrap_or(i64::MAX)
+}
+
+/// The Redis tier: a fred pool, the invalidations subscriber, and the key schema of
+/// this cache's namespace.
+pub(crate) struct RedisStore {
+    pool: Pool,
+    /// A connection subscribed to the namespace's invalidations.
+    subscriber: fred::clients::SubscriberClient,
+    /// Since when the subscriber may have missed messages, taken once by the hybrid
+    /// store.
+    missed: std::sync::Mutex<Option<MissedWindows>>,
+    health: Arc<HealthState>,
+    keys: RedisKeys,
+    options: Options,
+    max_value_bytes: usize,
+    /// How long invalidation marks live, and the invalidation log reaches back.
+    invalidation_ttl: Duration,
+    /// `true` once `quit` was called (dropping the store then has nothing left to
+    /// close); dropped with the store. Our tasks that follow the subscriber end on it
+    /// (fred's event streams end only with a client that quit).
+    closing: tokio::sync::watch::Sender<bool>,
+    /// fred's connection tasks: a client that never connected cannot take a QUIT, and
+    /// would otherwise go on reconnecting after the store is gone.
+    connections: Vec<tokio::task::AbortHandle>,
+    /// How long closing may wait for the QUITs.
+    close_within: Duration,
+}
+
+impl RedisStore {
+    /// Builds the pool, starts its connection tasks and waits for them at most the
+    /// connect timeout: whether or not Redis is up, it returns (fred reconnects in the
+    /// background).
+    /// Also starts a subscriber to the namespace's invalidations, so that memory
+    /// forgets what any replica invalidated (a near cache at once; any cache before
+    /// an outage makes it answer from memory).
+    pub(crate) async fn connect(config: &RedisConfig, namespace: &str) -> Result<Self, BuildError> {
+        config.validate()?;
+        let fred_config = config.fred_config()?;
+        let (performance, connection, policy) = (
+            config.performance_config(),
+            config.connection_config(),
+            config.reconnect_policy(),
+        );
+        let subscriber = {
+            let mut builder = fred::types::Builder::from_config(fred_config.clone());
+            builder
+                .set_performance_config(performance.clone())
+                .set_connection_config(connection.clone())
+                .set_policy(policy.clone());
+            builder
+                .build_subscriber_client()
+                .map_err(|e| BuildError::invalid("redis subscriber", e))?
+        };
+        let pool = Pool::new(
+            fred_config,
+            Some(performance),
+            Some(connection),
+            Some(policy),
+            config.pool_size_value(),
+        )
+        .map_err(|e| BuildError::invalid("redis pool", e))?;
+        // `connect` spawns the connection tasks; unlike `init` it does not wait.
+        let mut connections: Vec<_> = pool
+            .connect_pool()
+            .iter()
+            .map(tokio::task::JoinHandle::abort_handle)
+            .collect();
+        let connected =
+            tokio::time::timeout(config.connect_timeout_value(), pool.wait_for_connect()).await;
+        let connected = matches!(connected, Ok(Ok(())));
+        if !connected {
+            tracing::warn!(target: TARGET, "redis is not reachable yet: serving from memory until it is");
+        }
+        let health = HealthState::new(pool.size(), connected);
+        watch_events(pool.clients(), &health);
+        let (closing, closed) = tokio::sync::watch::channel(false);
+        let probe = (config.probe_interval_value(), config.probe_timeout_value());
+        spawn_probe(
+            pool.clients().to_vec(),
+            Arc::downgrade(&health),
+            probe,
+            closed.clone(),
+        );
+        let keys = RedisKeys::new(namespace);
+        // Subscribes after every reconnection, without blocking start-up.
+        let (missed, subscription) = subscription::subscribe(
+            &subscriber,
+            keys.invalidation_channel(),
+            SubscriberProbe {
+                every: probe.0,
+                timeout: probe.1,
+                closed,
+            },
+        );
+        connections.push(subscription);
+        let command_timeout = config.command_timeout_value();
+        Ok(RedisStore {
+            pool,
+            subscriber,
+            missed: std::sync::Mutex::new(Some(missed)),
+            health,
+            keys,
+            options: one_attempt(command_timeout),
+            max_value_bytes: config.max_value_bytes_value(),
+            invalidation_ttl: config.invalidation_ttl_value(),
+            closing,
+            connections,
+            // Three commands (UNSUBSCRIBE, then the QUITs), each bounded by the
+            // command timeout.
+            close_within: command_timeout.saturating_mul(3),
+        })
+    }
+
+    /// A connection believed healthy; none: fail at once, without asking Redis.
+    fn healthy(&self) -> Result<&Client, StoreError> {
+        let index = self.health.pick().ok_or_else(StoreError::unavailable)?;
+        self.pool
+            .clients()
+            .get(index)
+            .ok_or_else(StoreError::unavailable)
+    }
+
+    /// A healthy connection with the per-call limits (timeout, one attempt, fail fast).
+    fn client(&self) -> Result<WithOptions<Client>, StoreError> {
+        Ok(self.healthy()?.with_options(&self.options))
+    }
+
+    /// The readers' connection (another one for a retry), with the per-call limits.
+    fn reader(&self, attempt: u8) -> Result<WithOptions<Client>, StoreError> {
+        let index = self
+            .health
+            .pick_reader(attempt)
+            .ok_or_else(StoreError::unavailable)?;
+        let client = self
+            .pool
+            .clients()
+            .get(index)
+            .ok_or_else(StoreError::unavailable)?;
+        Ok(client.with_options(&self.options))
+    }
+
+    pub(crate) fn health(&self) -> RedisHealth {
+        self.health.view()
+    }
+
+    /// Lets the connections' health drive `breaker`.
+    pub(crate) fn drive(&self, breaker: CircuitBreaker) {
+        self.health.drive(breaker);
+    }
+
+    /// The entry under `key`: `Ok(None)` when absent or unreadable (a foreign or
+    /// corrupt value is a miss, overwritten by the next store).
+    pub(crate) async fn get(
+        &self,
+        key: &CacheKey,
+        attempt: u8,
+    ) -> Result<Option<Entry>, StoreError> {
+        let value: Option<Bytes> = self
+            .reader(attempt)?
+            .get(self.keys.entry(key))
+            .await
+            .map_err(StoreError::command)?;
+        Ok(value.and_then(|bytes| match decode_entry(bytes) {
+            Ok(entry) => Some(entry),
+            Err(e) => {
+                tracing::debug!(target: TARGET, key = %key, error = %e, outcome = "redis-decode-error");
+                None
+            }
+        }))
+    }
+
+    /// Since when the subscriber may have missed invalidations, each time it is back;
+    /// `None` after the first call.
+    pub(crate) fn missed_windows(&self) -> Option<MissedWindows> {
+        self.missed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+    }
+
+    /// Invalidations published by any replica.
+    pub(crate) fn invalidations(&self) -> tokio::sync::broadcast::Receiver<fred::types::Message> {
+        self.subscriber.message_rx()
+    }
+
+    /// Says when the store is closing or gone, for tasks that follow the subscriber.
+    pub(crate) fn closed(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.closing.subscribe()
+    }
+
+    /// Closes every connection.
+    pub(crate) async fn quit(&self) {
+        self.closing.send_replace(true);
+        self.close().await;
+    }
+
+    fn close(&self) -> impl Future<Output = ()> + Send + 'static {
+        let (subscriber, pool) = (self.subscriber.clone(), self.pool.clone());
+        let connections = self.connections.clone();
+        let within = self.close_within;
+        async move {
+            let quit = async {
+                // fred gets no answer to a QUIT sent in subscribed mode (it waits out
+                // the command timeout and the client lives on): leave the channel
+                // first.
+                let _ = subscriber.unsubscribe_all().await;
+                let _ = subscriber.quit().await;
+                let _ = pool.quit().await;
+            };
+            let _ = tokio::time::timeout(within, quit).await;
+            // The clients are no longer used: their connection tasks stop, also
+            // where no QUIT could be answered (Redis never came up).
+            for connection in connections {
+                connection.abort();
+            }
+        }
+    }
+}
+
+impl Drop for RedisStore {
+    fn drop(&mut self) {
+        if *self.closing.borrow() {
+            return;
+        }
+        // Dropped without `shutdown`: close in the background (outside a runtime
+        // there is nothing to close them with, and nothing left running either).
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(self.close());
+        }
+    }
+}
+
+/// The Redis tier as a tower service; clones share the store.
+#[derive(Clone)]
+pub(crate) struct RedisService(pub(crate) Arc<RedisStore>);
+
+impl tower::Service<StoreRequest> for RedisService {
+    type Response = StoreResponse;
+    type Error = StoreError;
+    type Future = Pin<Box<dyn Future<Output = Result<StoreResponse, StoreError>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), StoreError>> {
+        // fred queues commands itself (bounded); health is checked per command.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: StoreRequest) -> Self::Future {
+        let store = Arc::clone(&self.0);
+        Box::pin(async move {
+            let answer = match request.op {
+                StoreOp::Get(key) => StoreAnswer::Found(store.get(&key, request.attempt).await?),
+                StoreOp::Set(entries) => {
+                    let (written, failed) = store.set_many(&entries).await?;
+                    StoreAnswer::Written { written, failed }
+                }
+                StoreOp::Delete(key) => {
+                    store.delete(&key).await?;
+                    StoreAnswer::Deleted
+                }
+                StoreOp::InvalidateTag(tag) => {
+                    StoreAnswer::Removed(store.invalidate_tag(&tag).await?)
+                }
+                StoreOp::PurgeAll => StoreAnswer::Removed(store.purge_all().await?),
+                StoreOp::Lease(key, token, ttl) => {
+                    StoreAnswer::Leased(store.lease(&key, token, ttl).await?)
+                }
+                StoreOp::Release(key, token) => {
+                    store.release(&key, token).await?;
+                    StoreAnswer::Deleted
+                }
+            };
+            Ok(StoreResponse::new(answer))
+        })
+    }
+}

@@ -1,0 +1,346 @@
+//! Write batches: a run of entries sent as one pipeline, each with its tags' indexes,
+//! and the invalidation marks read in the same round trip so that an entry whose
+//! origin call started before an invalidation (on any replica) is deleted again.
+
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use fred::prelude::*;
+use fred::types::{Expiration, ExpireOptions};
+
+use super::{millis_i64, RedisStore};
+use crate::entry::codec::millis_since_epoch;
+use crate::entry::{encode_entry, Entry};
+use crate::key::CacheKey;
+use crate::store::StoreError;
+use crate::telemetry::TARGET;
+
+/// What one result of a write batch's pipeline answers.
+enum Slot {
+    /// The `SET` of the batch's entry at this index.
+    Write(usize),
+    /// A tag index's `SADD` or `PEXPIRE` (its outcome changes nothing).
+    Index,
+    /// The mark at this index (a cluster reads each with its own `GET`).
+    Mark(usize),
+    /// Every mark, in order (one `MGET`).
+    Marks,
+}
+
+/// The time a mark holds; 0 (supersedes nothing) when it holds anything else.
+fn mark_time(value: Value) -> i64 {
+    value
+        .as_str()
+        .and_then(|text| text.parse().ok())
+        .unwrap_or(0)
+}
+
+/// An entry ready to send.
+struct Outgoing<'a> {
+    key: &'a CacheKey,
+    entry: &'a Entry,
+    /// When its origin call started, in ms since the epoch (the marks' unit).
+    started: i64,
+    storage_key: String,
+    value: Bytes,
+    /// Its time to live in Redis.
+    millis: i64,
+}
+
+/// The distinct tags of a write batch, in first-seen order, each with the storage
+/// keys of its entries and the longest time to live among them.
+#[derive(Default)]
+struct BatchTags<'a> {
+    tags: Vec<BatchTag<'a>>,
+    /// Where each tag is in `tags`.
+    positions: std::collections::HashMap<&'a str, usize>,
+}
+
+struct BatchTag<'a> {
+    name: &'a str,
+    keys: Vec<&'a str>,
+    millis: i64,
+}
+
+impl<'a> BatchTags<'a> {
+    fn add(&mut self, out: &'a Outgoing<'a>) {
+        for tag in out.entry.tags() {
+            let next = self.tags.len();
+            let at = *self.positions.entry(tag.as_str()).or_insert(next);
+            match self.tags.get_mut(at) {
+                Some(known) => {
+                    known.keys.push(&out.storage_key);
+                    known.millis = known.millis.max(out.millis);
+                }
+                None => self.tags.push(BatchTag {
+                    name: tag,
+                    keys: vec![&out.storage_key],
+                    millis: out.millis,
+                }),
+            }
+        }
+    }
+
+    fn position(&self, tag: &str) -> Option<usize> {
+        self.positions.get(tag).copied()
+    }
+}
+
+/// What became of a batch's entries.
+#[derive(Default)]
+struct WriteTally {
+    written: usize,
+    refused: usize,
+    /// The first error reply, returned when nothing was written.
+    first_refusal: Option<StoreError>,
+}
+
+impl WriteTally {
+    /// Counts an entry refused by an error reply (`OOM`); a lost connection or a
+    /// timeout fails the batch instead, for the retry to see.
+    fn failed(&mut self, error: StoreError) -> Result<(), StoreError> {
+        if error.is_transient() {
+            return Err(error);
+        }
+        tracing::debug!(target: TARGET, error = %error, outcome = "redis-write-refused");
+        self.refused += 1;
+        self.first_refusal.get_or_insert(error);
+        Ok(())
+    }
+
+    /// Written and refused counts; a batch refused whole is an error reply, for a
+    /// breaker configured to count those.
+    fn result(self) -> Result<(usize, usize), StoreError> {
+        match self.first_refusal {
+            Some(error) if self.written == 0 => Err(error),
+            _ => Ok((self.written, self.refused)),
+        }
+    }
+}
+
+impl RedisStore {
+    /// Stores entries, each with `PX` set to the time it can still be served, so Redis
+    /// expires it by itself; an entry already past that, or too large, is not sent.
+    /// Returns how many were written and how many were refused by an error reply
+    /// (`OOM`); a lost connection, a timeout, or a batch refused whole is an error,
+    /// for the breaker and the retry to see (the batch is idempotent).
+    ///
+    /// One pipeline, one round trip: the writes, then the invalidation marks (of each
+    /// entry's key and tags, and the purge). An entry whose origin call started before
+    /// one of them is deleted again at once. No invalidation can be lost this way:
+    /// an invalidation sets its mark before it deletes, so a write that lands before
+    /// the delete is deleted by it, and one that lands after is followed by a read of
+    /// the mark. Such an entry can be seen by another replica for about a round trip.
+    pub(crate) async fn set_many(
+        &self,
+        entries: &[(CacheKey, Entry, SystemTime)],
+    ) -> Result<(usize, usize), StoreError> {
+        let client = self.healthy()?;
+        let outgoing = self.outgoing(entries);
+        if outgoing.is_empty() {
+            return Ok((0, 0));
+        }
+        let pipeline = client.pipeline();
+        // What each result of the pipeline answers, for the commands it took.
+        let mut slots = Vec::new();
+        let mut sent = Vec::with_capacity(outgoing.len());
+        let mut tags = BatchTags::default();
+        for out in &outgoing {
+            let queued: Result<(), _> = pipeline
+                .set(
+                    out.storage_key.clone(),
+                    out.value.clone(),
+                    Some(Expiration::PX(out.millis)),
+                    None,
+                    false,
+                )
+                .await;
+            if queued.is_err() {
+                continue;
+            }
+            slots.push(Slot::Write(sent.len()));
+            tags.add(out);
+            sent.push(out);
+        }
+        if sent.is_empty() {
+            return Ok((0, 0));
+        }
+        // Each tag's index lists the keys stored with it, and lives at least as long
+        // as the longest-lived of them (NX sets a first expiry, GT extends): one
+        // SADD and one expiry per tag and batch, however many entries carry it.
+        for tag in &tags.tags {
+            let index = self.keys.tag_index(tag.name);
+            let queued = [
+                pipeline
+                    .sadd::<(), _, _>(index.clone(), tag.keys.clone())
+                    .await,
+                pipeline
+                    .pexpire::<(), _>(index.clone(), tag.millis, Some(ExpireOptions::NX))
+                    .await,
+                pipeline
+                    .pexpire::<(), _>(index, tag.millis, Some(ExpireOptions::GT))
+                    .await,
+            ];
+            slots.extend(queued.iter().filter(|q| q.is_ok()).map(|_| Slot::Index));
+        }
+        let marks = self.mark_keys(&sent, &tags);
+        let mark_count = marks.len();
+        // One MGET on one Redis; a cluster spreads the marks over its slots.
+        if client.is_clustered() {
+            for (i, mark) in marks.into_iter().enumerate() {
+                if pipeline.get::<(), _>(mark).await.is_ok() {
+                    slots.push(Slot::Mark(i));
+                }
+            }
+        } else if pipeline.mget::<(), _>(marks).await.is_ok() {
+            slots.push(Slot::Marks);
+        }
+        let results = pipeline.try_all::<Value>().await;
+
+        let mut tally = WriteTally::default();
+        let mut written = vec![false; sent.len()];
+        // A mark that cannot be read (another type, not a number) supersedes nothing.
+        let mut times = vec![0_i64; mark_count];
+        for (slot, result) in slots.into_iter().zip(results) {
+            match (slot, result) {
+                (Slot::Write(i), Ok(_)) => {
+                    tally.written += 1;
+                    written[i] = true;
+                }
+                (Slot::Write(_), Err(e)) => tally.failed(StoreError::command(e))?,
+                (Slot::Index, _) => {}
+                (Slot::Mark(i), Ok(value)) => times[i] = mark_time(value),
+                (Slot::Marks, Ok(Value::Array(values))) => {
+                    for (time, value) in times.iter_mut().zip(values) {
+                        *time = mark_time(value);
+                    }
+                }
+                (Slot::Marks, Ok(_)) => {}
+                // A lost connection or a timeout: the batch is sent again, and
+                // checked again; an error reply reads as no mark.
+                (Slot::Mark(_) | Slot::Marks, Err(e)) => {
+                    let error = StoreError::command(e);
+                    if error.is_transient() {
+                        return Err(error);
+                    }
+                }
+            }
+        }
+        // In `mark_keys` order: the purge, each entry's key, each tag of the batch.
+        let purged = times.first().copied().unwrap_or(0);
+        let key_marks = times.get(1..).unwrap_or_default();
+        let tag_marks = times.get(1 + sent.len()..).unwrap_or_default();
+        let superseded: Vec<&Outgoing<'_>> = sent
+            .iter()
+            .zip(written)
+            .enumerate()
+            .filter_map(|(i, (out, written))| {
+                let mut newest = purged.max(key_marks.get(i).copied().unwrap_or(0));
+                for tag in out.entry.tags() {
+                    let mark = tags.position(tag).and_then(|t| tag_marks.get(t));
+                    newest = newest.max(mark.copied().unwrap_or(0));
+                }
+                (written && newest >= out.started).then_some(*out)
+            })
+            .collect();
+        if !superseded.is_empty() {
+            let undo = client.pipeline();
+            for out in &superseded {
+                tracing::debug!(target: TARGET, key = %out.key, outcome = "not-stored", detail = "invalidated");
+                let _: Result<(), _> = undo.del(out.storage_key.as_str()).await;
+            }
+            // Failing here would leave an invalidated entry in Redis: the whole batch
+            // is then an error, retried or replayed (and checked) again.
+            let _: Vec<i64> = undo.all().await.map_err(StoreError::command)?;
+            tally.written = tally.written.saturating_sub(superseded.len());
+        }
+        tally.result()
+    }
+
+    /// The marks that can supersede a batch, in the order `set_many` reads them: the
+    /// purge, each entry's key's mark, then each of the batch's tags' marks.
+    fn mark_keys(&self, sent: &[&Outgoing<'_>], tags: &BatchTags<'_>) -> Vec<String> {
+        let mut keys = Vec::with_capacity(1 + sent.len() + tags.tags.len());
+        keys.push(self.keys.purged());
+        keys.extend(sent.iter().map(|out| self.keys.gone(out.key)));
+        keys.extend(tags.tags.iter().map(|tag| self.keys.gone_tag(tag.name)));
+        keys
+    }
+
+    /// The entries worth sending, encoded, with their time to live.
+    fn outgoing<'a>(&self, entries: &'a [(CacheKey, Entry, SystemTime)]) -> Vec<Outgoing<'a>> {
+        let now = SystemTime::now();
+        entries
+            .iter()
+            .filter_map(|(key, entry, started)| {
+                let ttl = entry
+                    .stale_until()
+                    .duration_since(now)
+                    .ok()
+                    .filter(|d| d.as_millis() > 0)?;
+                let value = encode_entry(entry);
+                if value.len() > self.max_value_bytes {
+                    return None;
+                }
+                Some(Outgoing {
+                    key,
+                    entry,
+                    started: millis_i64(millis_since_epoch(*started)),
+                    storage_key: self.keys.entry(key),
+                    value,
+                    millis: i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX),
+                })
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::redis::keys::RedisKeys;
+    use std::sync::Arc;
+
+    #[test]
+    fn a_batch_indexes_each_tag_once_with_all_its_keys_and_the_longest_ttl() {
+        use crate::entry::CachedResponse;
+        let tagged = |tags: &[&str]| {
+            Entry::Response(Arc::new(
+                CachedResponse::builder(http::StatusCode::OK, http::HeaderMap::new(), Bytes::new())
+                    .tags(tags.iter().map(|t| (*t).to_owned()).collect())
+                    .build(),
+            ))
+        };
+        let keys = [CacheKey::from_bytes([1; 32]), CacheKey::from_bytes([2; 32])];
+        let entries = [tagged(&["jobs", "berlin"]), tagged(&["jobs"])];
+        let outgoing: Vec<Outgoing<'_>> = keys
+            .iter()
+            .zip(&entries)
+            .zip([1_000, 5_000])
+            .map(|((key, entry), millis)| Outgoing {
+                key,
+                entry,
+                started: 0,
+                storage_key: RedisKeys::new("ns").entry(key),
+                value: Bytes::new(),
+                millis,
+            })
+            .collect();
+        let mut tags = BatchTags::default();
+        for out in &outgoing {
+            tags.add(out);
+        }
+        let names: Vec<&str> = tags.tags.iter().map(|t| t.name).collect();
+        assert_eq!(names, ["jobs", "berlin"]);
+        let jobs = &tags.tags[0];
+        assert_eq!(
+            jobs.keys,
+            [outgoing[0].storage_key.as_str(), &outgoing[1].storage_key]
+        );
+        assert_eq!(jobs.millis, 5_000);
+        assert_eq!(tags.tags[1].keys, [outgoing[0].storage_key.as_str()]);
+        assert_eq!(tags.tags[1].millis, 1_000);
+        assert_eq!(tags.position("berlin"), Some(1));
+        assert_eq!(tags.position("paris"), None);
+    }
+}

@@ -1,0 +1,379 @@
+//! The Redis tier of a hybrid store, started: its service stacks and tasks, and the
+//! operations the hybrid store routes to it.
+//!
+//! The stacks, outside in: the breaker (while open, nothing touches Redis), one
+//! deadline for the whole operation, retries of transient errors, the application's
+//! own layers, the store. Writes and removals off the response path run the same
+//! stack without the deadline. A lookup's read, the hot path of a Redis hit, runs the
+//! same steps written out, shared by the lookups of its key that arrive meanwhile.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tower::retry::{Policy, RetryLayer};
+use tower::timeout::error::Elapsed;
+use tower::timeout::TimeoutLayer;
+use tower::util::rng::{HasherRng, Rng};
+use tower::util::BoxCloneSyncService;
+use tower::{BoxError, ServiceBuilder, ServiceExt};
+
+use super::coherence::{spawn_catch_up, spawn_listener};
+use super::memory::MemoryStore;
+use super::read_flights::ReadFlights;
+use super::redis::retry::RedisRetry;
+use super::redis::{RedisConfig, RedisHealth, RedisService, RedisStore};
+use super::writer::{spawn_writer, QueuedWrite, Replay};
+use super::{RedisTierService, StoreAnswer, StoreError, StoreRequest, StoreResponse};
+use crate::breaker::{BreakerState, CircuitBreaker, CircuitBreakerLayer, CircuitOpen};
+use crate::entry::Entry;
+use crate::error::BuildError;
+use crate::key::CacheKey;
+use crate::telemetry::{Counter, Counters, TARGET};
+
+/// A Redis tier's service stack, shared by every clone.
+pub(crate) type RedisStack = BoxCloneSyncService<StoreRequest, StoreResponse, BoxError>;
+
+/// A user's layer on the Redis tier, applied to the store.
+pub(crate) type RedisLayerFn = Arc<dyn Fn(RedisTierService) -> RedisTierService + Send + Sync>;
+
+/// The Redis tier of a hybrid store, started. Clones share everything.
+#[derive(Clone)]
+pub(crate) struct RedisTier {
+    /// Deletes and leases (and reads, when the application added layers around the
+    /// store): breaker, deadline, retries, store.
+    service: RedisStack,
+    /// The store itself, for what is not an operation (health, shutdown).
+    store: Arc<RedisStore>,
+    breaker: CircuitBreaker,
+    /// The background writer's queue.
+    writes: mpsc::Sender<QueuedWrite>,
+    /// What Redis could not take, for the replay task.
+    replay: Replay,
+    /// Operations off the response path (no deadline): the writer's stack.
+    admin: RedisStack,
+    /// How a lookup reads Redis.
+    reader: Arc<RedisReader>,
+    /// Reads of a key on their way, shared by the lookups that arrive meanwhile.
+    reads: ReadFlights<RedisRead>,
+    counters: Arc<Counters>,
+}
+
+/// The outcome of asking for a fill lease.
+pub(crate) enum Lease {
+    /// This replica fetches; the token gives it back.
+    Taken(u64),
+    /// Another replica is fetching.
+    Held,
+    /// Redis cannot say (no Redis, breaker open, error).
+    Unavailable,
+}
+
+/// How the tier is put together: its settings, the breaker and the application's
+/// layers.
+pub(crate) struct TierParts<'a> {
+    pub(crate) config: &'a RedisConfig,
+    pub(crate) breaker: CircuitBreakerLayer,
+    pub(crate) layers: &'a [RedisLayerFn],
+    pub(crate) counters: Arc<Counters>,
+}
+
+impl RedisTier {
+    /// Builds the stacks around `store` and starts the tier's tasks on the current
+    /// runtime: the writer, the replay, the invalidation listener and catch-up (which
+    /// forget in `memory` what other replicas invalidated).
+    pub(crate) fn start(
+        store: RedisStore,
+        parts: TierParts<'_>,
+        memory: &MemoryStore,
+    ) -> Result<Self, BuildError> {
+        let TierParts {
+            config,
+            breaker,
+            layers,
+            counters,
+        } = parts;
+        // Error replies (OOM, WRONGTYPE) say Redis is up and answering: by default
+        // they do not trip the breaker; a breaker given its own filter keeps it.
+        let breaker = if breaker.filters_errors() {
+            breaker
+        } else {
+            breaker.count_errors_if(counts_against_redis)
+        };
+        store.drive(breaker.breaker());
+        spawn_listener(store.invalidations(), store.closed(), memory.clone());
+        let store = Arc::new(store);
+        if let Some(missed) = store.missed_windows() {
+            spawn_catch_up(
+                Arc::downgrade(&store),
+                memory.clone(),
+                missed,
+                config.probe_interval_value(),
+            );
+        }
+        let policy = config.retry_policy(Arc::clone(&counters))?;
+        let retry = RetryLayer::new(policy.clone());
+        // The user's layers wrap the store itself, so they see every attempt; the
+        // first added is the outermost, as with `ServiceBuilder`.
+        let inner = layers.iter().rev().fold(
+            RedisTierService::new(RedisService(Arc::clone(&store))),
+            |service, layer| layer(service),
+        );
+        let service = BoxCloneSyncService::new(
+            ServiceBuilder::new()
+                .layer(breaker.clone())
+                .layer(TimeoutLayer::new(config.deadline_value()))
+                .layer(retry.clone())
+                .service(inner.clone()),
+        );
+        // Writes are off the response path: no deadline beyond each attempt's.
+        let admin: RedisStack = BoxCloneSyncService::new(
+            ServiceBuilder::new()
+                .layer(breaker.clone())
+                .layer(retry)
+                .service(inner),
+        );
+        let replay = Replay::default();
+        replay.spawn(
+            admin.clone(),
+            config.probe_interval_value(),
+            Arc::clone(&counters),
+        );
+        let (writes, queue) = mpsc::channel::<QueuedWrite>(config.write_queue_len());
+        spawn_writer(queue, admin.clone(), replay.clone(), Arc::clone(&counters));
+        let reader = Arc::new(RedisReader {
+            store: Arc::clone(&store),
+            breaker: breaker.breaker(),
+            deadline: config.deadline_value(),
+            retry: policy,
+            layered: (!layers.is_empty()).then(|| service.clone()),
+            memory: memory.clone(),
+            counters: Arc::clone(&counters),
+        });
+        Ok(RedisTier {
+            service,
+            store,
+            breaker: breaker.breaker(),
+            writes,
+            replay,
+            admin,
+            reader,
+            reads: ReadFlights::new(),
+            counters,
+        })
+    }
+
+    /// A Redis read of `key` sent after this call, shared with the lookups of the same
+    /// key that arrive while it waits; with the breaker open, a failure at once.
+    pub(crate) async fn read(&self, key: &CacheKey) -> RedisRead {
+        if self.breaker.state() == BreakerState::Open {
+            // What the stack would answer at once, without its allocations: the hot
+            // path of an outage.
+            self.counters.add(Counter::RedisError);
+            self.counters.add(Counter::RedisBreakerRejection);
+            return RedisRead::Failed;
+        }
+        let read = {
+            let (reader, key) = (Arc::clone(&self.reader), *key);
+            move || reader.read_and_keep(key)
+        };
+        let joined = self.reads.join(*key, read);
+        if joined.shared {
+            self.counters.add(Counter::RedisReadShared);
+        }
+        if joined.after_another() {
+            // Two reads' time at most; the lookup's own bound stays one deadline.
+            match tokio::time::timeout(self.reader.deadline, joined.read).await {
+                Ok(outcome) => outcome,
+                Err(_) => {
+                    self.counters.add(Counter::RedisDeadlineHit);
+                    RedisRead::Failed
+                }
+            }
+        } else {
+            joined.read.await
+        }
+    }
+
+    /// Queues a write for the background writer; a full queue drops it (counted).
+    pub(crate) fn queue(&self, write: QueuedWrite) {
+        if self.writes.try_send(write).is_err() {
+            self.counters.add(Counter::RedisWriteDropped);
+        }
+    }
+
+    /// Deletes `key` now, within the deadline; `false` (counted) when Redis could not.
+    pub(crate) async fn delete(&self, key: &CacheKey) -> bool {
+        match self
+            .service
+            .clone()
+            .oneshot(StoreRequest::delete(*key))
+            .await
+        {
+            Ok(_) => true,
+            Err(e) => {
+                count_failure(&self.counters, &e);
+                tracing::debug!(target: TARGET, key = %key, error = %e, outcome = "redis-delete-failed");
+                false
+            }
+        }
+    }
+
+    /// Sends a removal (a tag invalidation, a purge) off the response path; `false`
+    /// when Redis could not take it now: it is kept for the replay.
+    pub(crate) async fn remove(&self, request: StoreRequest) -> bool {
+        match self.admin.clone().oneshot(request.clone()).await {
+            Ok(_) => true,
+            Err(e) => {
+                count_failure(&self.counters, &e);
+                tracing::debug!(target: TARGET, error = %e, outcome = "redis-removal-queued");
+                self.replay.keep(request, &self.counters);
+                false
+            }
+        }
+    }
+
+    /// Tries to take the cross-replica fill lease of `key` for `ttl`.
+    pub(crate) async fn lease(&self, key: &CacheKey, ttl: Duration) -> Lease {
+        let token = HasherRng::default().next_u64();
+        match self
+            .service
+            .clone()
+            .oneshot(StoreRequest::lease(*key, token, ttl))
+            .await
+        {
+            Ok(response) => match response.answer {
+                StoreAnswer::Leased(true) => Lease::Taken(token),
+                StoreAnswer::Leased(false) => Lease::Held,
+                _ => Lease::Unavailable,
+            },
+            // Breaker open, timeout, no connection: local single-flight only.
+            Err(_) => Lease::Unavailable,
+        }
+    }
+
+    /// Operations waiting for Redis to come back.
+    pub(crate) fn pending(&self) -> usize {
+        self.replay.len()
+    }
+
+    pub(crate) fn breaker(&self) -> &CircuitBreaker {
+        &self.breaker
+    }
+
+    pub(crate) fn health(&self) -> RedisHealth {
+        self.store.health()
+    }
+
+    /// Closes the connections.
+    pub(crate) async fn shutdown(&self) {
+        self.store.quit().await;
+    }
+}
+
+/// What a Redis read found, shared by the lookups that waited for it.
+#[derive(Clone)]
+pub(crate) enum RedisRead {
+    Found(Entry),
+    Absent,
+    /// Failed, timed out or refused (counted once, by the read): memory answers.
+    Failed,
+}
+
+/// A lookup's Redis read, in the stack's order: the breaker (while open, Redis is not
+/// asked), one deadline for the whole read, retries of transient errors, the store.
+/// Written out rather than as boxed layers (a read is the hot path of a Redis hit),
+/// unless the application wrapped the store in layers of its own, which must see
+/// every attempt: then the reads go through that stack.
+struct RedisReader {
+    store: Arc<RedisStore>,
+    breaker: CircuitBreaker,
+    /// The bound on a read, and on a lookup's wait for one it shares.
+    deadline: Duration,
+    retry: RedisRetry,
+    layered: Option<RedisStack>,
+    /// A hit is also kept in memory, so that an outage finds it warm.
+    memory: MemoryStore,
+    counters: Arc<Counters>,
+}
+
+impl RedisReader {
+    /// Reads `key`, fills memory with a hit, and counts a failure.
+    async fn read_and_keep(self: Arc<Self>, key: CacheKey) -> RedisRead {
+        match self.read(key).await {
+            Ok(Some(entry)) => {
+                // Most hits find the same version in memory already and skip moka's
+                // insert; the lookup also tells moka the key is in use, so that
+                // memory keeps what Redis serves most.
+                let held = self.memory.get(&key).await;
+                if !held.is_some_and(|held| held.same_version(&entry)) {
+                    self.memory.insert(key, entry.clone()).await;
+                }
+                RedisRead::Found(entry)
+            }
+            Ok(None) => RedisRead::Absent,
+            Err(e) => {
+                count_failure(&self.counters, &e);
+                tracing::debug!(target: TARGET, key = %key, error = %e, outcome = "redis-read-failed");
+                RedisRead::Failed
+            }
+        }
+    }
+
+    async fn read(&self, key: CacheKey) -> Result<Option<Entry>, BoxError> {
+        if let Some(stack) = &self.layered {
+            let response = stack.clone().oneshot(StoreRequest::get(key)).await?;
+            return Ok(match response.answer {
+                StoreAnswer::Found(found) => found,
+                _ => None,
+            });
+        }
+        self.breaker
+            .guard(|| async {
+                tokio::time::timeout(self.deadline, self.attempts(key))
+                    .await
+                    .unwrap_or_else(|_| Err(Elapsed::new().into()))
+            })
+            .await
+    }
+
+    /// The store's answer, retried as the retry policy says (asked only once an
+    /// attempt failed; a success tells it as `tower::retry` would).
+    async fn attempts(&self, key: CacheKey) -> Result<Option<Entry>, BoxError> {
+        let mut request = StoreRequest::get(key);
+        let mut policy: Option<RedisRetry> = None;
+        loop {
+            let error = match self.store.get(&key, request.attempt).await {
+                Ok(found) => {
+                    self.retry.succeeded();
+                    return Ok(found);
+                }
+                Err(error) => error,
+            };
+            let mut failed: Result<StoreResponse, BoxError> = Err(error.into());
+            let policy = policy.get_or_insert_with(|| self.retry.clone());
+            match policy.retry(&mut request, &mut failed) {
+                Some(backoff) => backoff.await,
+                None => return failed.map(|_| None),
+            }
+        }
+    }
+}
+
+/// Whether an error says Redis is unreachable or unwell (lost connection, timeout,
+/// loading, failing over), as opposed to answering with an error reply.
+pub(crate) fn counts_against_redis(error: &BoxError) -> bool {
+    error
+        .downcast_ref::<StoreError>()
+        .is_none_or(StoreError::is_outage)
+}
+
+/// Counts a failed Redis operation, and why when the stack itself refused or cut it.
+pub(crate) fn count_failure(counters: &Counters, error: &BoxError) {
+    counters.add(Counter::RedisError);
+    if error.is::<CircuitOpen>() {
+        counters.add(Counter::RedisBreakerRejection);
+    } else if error.is::<Elapsed>() {
+        counters.add(Counter::RedisDeadlineHit);
+    }
+}
