@@ -3,7 +3,6 @@
 
 use std::fmt;
 
-pub use crate::engine::ValueError;
 pub use crate::entry::DecodeError;
 
 /// Why a [`HybridCache`](crate::HybridCache) could not be built: a setting is invalid.
@@ -29,3 +28,27 @@ impl fmt::Display for BuildError {
 }
 
 impl std::error::Error for BuildError {}
+
+/// A value could not be stored: it does not serialise (as JSON).
+#[derive(Debug)]
+pub struct ValueError {
+    source: serde_json::Error,
+}
+
+impl ValueError {
+    pub(crate) fn new(source: serde_json::Error) -> Self {
+        ValueError { source }
+    }
+}
+
+impl fmt::Display for ValueError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "value does not serialise: {}", self.source)
+    }
+}
+
+impl std::error::Error for ValueError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
+    }
+}

@@ -61,7 +61,6 @@
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
-mod builder;
 mod cache;
 mod engine;
 mod policy;
@@ -74,8 +73,7 @@ pub mod key;
 pub mod layer;
 pub mod store;
 
-pub use builder::HybridCacheBuilder;
-pub use cache::HybridCache;
+pub use cache::{HybridCache, HybridCacheBuilder};
 pub use error::BuildError;
 pub use layer::{CacheOverrides, HybridCacheLayer, RequestDirectives, TtlMode};
 pub use store::RedisConfig;

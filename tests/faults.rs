@@ -428,6 +428,22 @@ async fn a_reply_cut_short_is_never_served_corrupted() {
     assert_eq!(origin.log.calls(), 1);
 }
 
+/// A cache reaching Redis through `proxy`, making `retries` retries, once every pooled
+/// connection is up.
+async fn reader_through(proxy: &FaultProxy, retries: u32) -> HybridCache {
+    let reader = HybridCache::builder()
+        .namespace("faults")
+        .redis(config(&proxy.url()).retries(retries))
+        .build()
+        .await
+        .unwrap();
+    eventually("every connection up", WAIT, || async {
+        reader.redis_health().unwrap().connected == 4
+    })
+    .await;
+    reader
+}
+
 #[tokio::test]
 async fn a_transient_error_is_retried_on_another_connection() {
     let redis = RedisServer::start();
@@ -447,16 +463,7 @@ async fn a_transient_error_is_retried_on_another_connection() {
     })
     .await;
     // A replica with an empty memory tier: only Redis can answer it.
-    let reader = HybridCache::builder()
-        .namespace("faults")
-        .redis(config(&proxy.url()).retries(3))
-        .build()
-        .await
-        .unwrap();
-    eventually("every connection up", WAIT, || async {
-        reader.redis_health().unwrap().connected == 4
-    })
-    .await;
+    let reader = reader_through(&proxy, 3).await;
     let open_before = proxy.connections();
     let gets_before = proxy.senders_of("GET").len();
     proxy.reset_next("GET");
@@ -480,16 +487,7 @@ async fn a_transient_error_is_retried_on_another_connection() {
 async fn fred_sends_a_command_once_and_leaves_retries_to_the_cache() {
     let redis = RedisServer::start();
     let proxy = FaultProxy::start(redis.port());
-    let reader = HybridCache::builder()
-        .namespace("faults")
-        .redis(config(&proxy.url()).retries(0))
-        .build()
-        .await
-        .unwrap();
-    eventually("every connection up", WAIT, || async {
-        reader.redis_health().unwrap().connected == 4
-    })
-    .await;
+    let reader = reader_through(&proxy, 0).await;
     let gets_before = proxy.senders_of("GET").len();
     proxy.reset_next("GET");
     assert_eq!(reader.get::<u8>("anything").await, None);

@@ -18,17 +18,17 @@ mod invalidations;
 mod values;
 mod vary;
 
+pub(crate) use crate::store::redis_tier::Lease;
+pub(crate) use crate::store::Tier;
 pub(crate) use fill::{Fill, FillStart};
 pub(crate) use flight::{Flight, FlightGuard};
-pub use values::ValueError;
 
 use self::flight::SingleFlight;
 use self::invalidations::Invalidations;
 use crate::breaker::CircuitBreaker;
 use crate::entry::CachedResponse;
 use crate::key::CacheKey;
-use crate::store::redis_tier::Lease;
-use crate::store::{HybridStore, RedisHealth, Tier};
+use crate::store::{HybridStore, RedisHealth};
 use crate::telemetry::{CacheStats, Counter, Counters, TARGET};
 
 /// Background refreshes (`stale-while-revalidate`) running at once, at most, per
@@ -269,33 +269,23 @@ pub(crate) mod tests {
                 .fresh_until(std::time::SystemTime::now() + Duration::from_secs(60))
                 .build()
         };
+        let fill = |start| Fill {
+            key,
+            entry: response(),
+            start,
+            guard: None,
+            detail: None,
+        };
         let before = engine.fill_start();
         engine.invalidate_key(key).await;
-        engine
-            .store_fill(Fill {
-                key,
-                entry: response(),
-                start: before,
-                guard: None,
-                detail: None,
-            })
-            .await;
+        engine.store_fill(fill(before)).await;
         assert!(matches!(
             engine.lookup(&key, &HeaderMap::new()).await,
             Lookup::Miss(_)
         ));
         assert_eq!(engine.stats().not_stored, 1);
         // One that started after it is.
-        let after = engine.fill_start();
-        engine
-            .store_fill(Fill {
-                key,
-                entry: response(),
-                start: after,
-                guard: None,
-                detail: None,
-            })
-            .await;
+        engine.store_fill(fill(engine.fill_start())).await;
         assert!(matches!(
             engine.lookup(&key, &HeaderMap::new()).await,
             Lookup::Hit(..)

@@ -2,7 +2,6 @@
 //! the same tiers as responses, under keys of their own kind, with the same fallback
 //! and single-flight.
 
-use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -14,26 +13,9 @@ use serde::Serialize;
 use super::flight::Flight;
 use super::Engine;
 use crate::entry::{Entry, StoredValue};
+use crate::error::ValueError;
 use crate::key::CacheKey;
 use crate::telemetry::TARGET;
-
-/// A value could not be stored: it does not serialise (as JSON).
-#[derive(Debug)]
-pub struct ValueError {
-    source: serde_json::Error,
-}
-
-impl fmt::Display for ValueError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "value does not serialise: {}", self.source)
-    }
-}
-
-impl std::error::Error for ValueError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        Some(&self.source)
-    }
-}
 
 impl Engine {
     /// The fresh value under `key` that deserialises into `T`.
@@ -62,7 +44,7 @@ impl Engine {
         value: &T,
         ttl: Duration,
     ) -> Result<(), ValueError> {
-        let bytes = serde_json::to_vec(value).map_err(|source| ValueError { source })?;
+        let bytes = serde_json::to_vec(value).map_err(ValueError::new)?;
         let now = SystemTime::now();
         let stale_until = now
             .checked_add(ttl)

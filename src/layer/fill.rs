@@ -19,12 +19,11 @@ use super::origin::forward;
 use super::response;
 use super::serve::{Answer, RequestHead, Serving};
 use super::status::Forward;
-use crate::engine::{Engine, Flight, FlightGuard};
+use crate::engine::{Engine, Flight, FlightGuard, Lease};
 use crate::entry::CachedResponse;
 use crate::key::CacheKey;
 use crate::policy::cache_control::CacheControl;
 use crate::policy::settings::RouteSettings;
-use crate::store::redis_tier::Lease;
 use crate::telemetry::{Counter, TARGET};
 
 /// What the service already worked out about a cacheable request it could not answer
@@ -236,4 +235,159 @@ pub(crate) fn spawn_refresh<S, ReqBody, ResBody>(
         }
         tracing::debug!(target: TARGET, key = %primary, outcome = "refreshed");
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use http::StatusCode;
+    use http_body_util::{BodyExt, Full};
+    use tokio::sync::Semaphore;
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::engine::tests::memory_engine;
+    use crate::layer::HybridCacheLayer;
+
+    /// An origin that counts its calls and answers each once `gate` lets it, with a
+    /// response a shared cache may store for a minute.
+    fn origin(
+        calls: &Arc<AtomicUsize>,
+        gate: &Arc<Semaphore>,
+    ) -> impl Service<
+        Request<Full<Bytes>>,
+        Response = Response<Full<Bytes>>,
+        Error = Infallible,
+        Future = impl Send,
+    > + Clone
+           + Send
+           + 'static {
+        let (calls, gate) = (Arc::clone(calls), Arc::clone(gate));
+        tower::service_fn(move |_request: Request<Full<Bytes>>| {
+            let (calls, gate) = (Arc::clone(&calls), Arc::clone(&gate));
+            async move {
+                let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
+                gate.acquire().await.map(|permit| permit.forget()).ok();
+                let mut response = Response::new(Full::new(Bytes::from(format!("call {n}"))));
+                response.headers_mut().insert(
+                    "cache-control",
+                    http::HeaderValue::from_static("max-age=60"),
+                );
+                Ok(response)
+            }
+        })
+    }
+
+    /// Lets other tasks run until `done`; a panic, not a hang, when it never is.
+    async fn until(what: &str, done: impl Fn() -> bool) {
+        let waited = tokio::time::timeout(Duration::from_secs(10), async {
+            while !done() {
+                tokio::task::yield_now().await;
+            }
+        });
+        waited.await.unwrap_or_else(|_| panic!("never: {what}"));
+    }
+
+    fn request(method: &str, headers: &[(&'static str, &'static str)]) -> Request<Full<Bytes>> {
+        let mut builder = Request::builder()
+            .method(method)
+            .uri("http://api.test/fill");
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
+        }
+        builder.body(Full::new(Bytes::new())).unwrap()
+    }
+
+    async fn text<B: Body<Data = Bytes>>(response: Response<CacheBody<B>>) -> (String, String)
+    where
+        B::Error: std::fmt::Debug,
+    {
+        let status = response
+            .headers()
+            .get("cache-status")
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    #[tokio::test]
+    async fn only_if_cached_on_a_miss_is_a_504_without_the_origin() {
+        let engine = memory_engine();
+        let (calls, gate) = (Arc::new(AtomicUsize::new(0)), Arc::new(Semaphore::new(10)));
+        let service = tower::Layer::layer(&HybridCacheLayer::new(engine), origin(&calls, &gate));
+        let response = service
+            .oneshot(request("GET", &[("cache-control", "only-if-cached")]))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
+        let (status, _) = text(response).await;
+        assert_eq!(status, "test; fwd=uri-miss; detail=only-if-cached");
+        assert_eq!(calls.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn a_head_miss_goes_to_the_origin_and_stores_nothing() {
+        let engine = memory_engine();
+        let (calls, gate) = (Arc::new(AtomicUsize::new(0)), Arc::new(Semaphore::new(10)));
+        let layer = HybridCacheLayer::new(Arc::clone(&engine));
+        let service = tower::Layer::layer(&layer, origin(&calls, &gate));
+        let (status, _) = text(service.clone().oneshot(request("HEAD", &[])).await.unwrap()).await;
+        assert_eq!(status, "test; fwd=uri-miss; fwd-status=200");
+        let (status, _) = text(service.oneshot(request("GET", &[])).await.unwrap()).await;
+        assert!(status.contains("fwd=uri-miss"), "{status}");
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn followers_wait_for_their_leader_and_are_served_its_fill() {
+        let engine = memory_engine();
+        let (calls, gate) = (Arc::new(AtomicUsize::new(0)), Arc::new(Semaphore::new(0)));
+        let layer = HybridCacheLayer::new(Arc::clone(&engine));
+        let service = tower::Layer::layer(&layer, origin(&calls, &gate));
+        let requests: Vec<_> = (0..5)
+            .map(|_| tokio::spawn(service.clone().oneshot(request("GET", &[]))))
+            .collect();
+        until("four followers", || engine.stats().coalesced == 4).await;
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "only the leader asks");
+        gate.add_permits(1);
+        let mut hits = 0;
+        for request in requests {
+            let (status, body) = text(request.await.unwrap().unwrap()).await;
+            assert_eq!(body, "call 1");
+            hits += usize::from(status.contains("; hit;"));
+        }
+        assert_eq!(hits, 4);
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_forced_refetch_does_not_wait_for_anyone() {
+        let engine = memory_engine();
+        let (calls, gate) = (Arc::new(AtomicUsize::new(0)), Arc::new(Semaphore::new(0)));
+        let layer = HybridCacheLayer::new(Arc::clone(&engine));
+        let service = tower::Layer::layer(&layer, origin(&calls, &gate));
+        // A leader held at the origin.
+        let leader = tokio::spawn(service.clone().oneshot(request("GET", &[])));
+        until("the leader at the origin", || {
+            calls.load(Ordering::SeqCst) == 1
+        })
+        .await;
+        let reload = tokio::spawn(
+            service
+                .clone()
+                .oneshot(request("GET", &[("cache-control", "no-cache")])),
+        );
+        until("the reload at the origin", || {
+            calls.load(Ordering::SeqCst) == 2
+        })
+        .await;
+        assert_eq!(engine.stats().coalesced, 0);
+        gate.add_permits(2);
+        let (status, _) = text(reload.await.unwrap().unwrap()).await;
+        assert!(status.contains("fwd=request"), "{status}");
+        leader.await.unwrap().unwrap();
+    }
 }

@@ -17,9 +17,8 @@
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, StatusCode};
 
-use crate::engine::LookupMiss;
+use crate::engine::{LookupMiss, Tier};
 use crate::policy::storable::NotStored;
-use crate::store::Tier;
 
 /// The `Cache-Status` field name (RFC 9211).
 pub(crate) const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use tower::{BoxError, Layer, Service};
 
+use super::HybridCache;
 use crate::breaker::CircuitBreakerLayer;
 use crate::engine::{Engine, EngineSettings};
 use crate::error::BuildError;
@@ -14,7 +15,6 @@ use crate::store::redis::RedisStore;
 use crate::store::redis_tier::RedisLayerFn;
 use crate::store::{RedisConfig, RedisTierService, StoreRequest, StoreResponse};
 use crate::telemetry::Counters;
-use crate::HybridCache;
 
 /// Builds a [`HybridCache`]. Every knob has a default; `HybridCache::builder().build()`
 /// is a working memory-only cache.

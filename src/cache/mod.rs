@@ -1,6 +1,6 @@
 //! [`HybridCache`]: the public handle of one cache. It holds the engine and documents
 //! what an application does with it: make a layer per route, invalidate, purge, read
-//! and write application values, observe, shut down.
+//! and write application values, observe, shut down. Its builder is in `builder`.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -10,9 +10,13 @@ use http::HeaderMap;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+mod builder;
+
+pub use builder::HybridCacheBuilder;
+
 use crate::breaker::CircuitBreaker;
-use crate::builder::HybridCacheBuilder;
-use crate::engine::{Engine, ValueError};
+use crate::engine::Engine;
+use crate::error::ValueError;
 use crate::key::CacheKey;
 use crate::layer::HybridCacheLayer;
 use crate::policy::settings::RouteSettings;
