@@ -1,17 +1,11 @@
 //! [`CircuitBreakerLayer`]: the breaker as a tower layer.
 
-use std::future::Future;
-use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::sync::Arc;
 use std::time::Duration;
 
-use std::sync::Arc;
+use tower::{BoxError, Layer};
 
-use pin_project_lite::pin_project;
-use tokio::time::Instant;
-use tower::{BoxError, Layer, Service};
-
-use super::{BreakerConfig, CircuitBreaker, CircuitOpen, Permit};
+use super::{BreakerConfig, CircuitBreaker, CircuitBreakerService};
 
 /// Wraps a service in a circuit breaker. Clones share one breaker.
 ///
@@ -46,7 +40,7 @@ impl Default for CircuitBreakerLayer {
 }
 
 impl CircuitBreakerLayer {
-    /// A breaker with the defaults: opens after 5 consecutive failures or 50 % of the
+    /// Creates a breaker with the defaults: opens after 5 consecutive failures or 50 % of the
     /// last 20 calls; open 1 s, doubling on each trip in a row up to 30 s, ± 10 %
     /// jitter; one probe call half-open; slow calls do not count.
     pub fn new() -> Self {
@@ -65,7 +59,7 @@ impl CircuitBreakerLayer {
         }
     }
 
-    /// Failures in a row that open the breaker. Default 5.
+    /// Sets the failures in a row that open the breaker. Default 5.
     pub fn consecutive_failures(self, n: u32) -> Self {
         self.with(|c| c.consecutive_failures = n.max(1))
     }
@@ -84,12 +78,12 @@ impl CircuitBreakerLayer {
         })
     }
 
-    /// Calls slower than this count as failures, even when they succeed. Default: off.
+    /// Counts calls slower than this as failures, even when they succeed. Default: off.
     pub fn slow_call(self, threshold: Duration) -> Self {
         self.with(|c| c.slow_call = Some(threshold))
     }
 
-    /// How long the breaker stays open: `base` on the first trip, doubling on each
+    /// Sets how long the breaker stays open: `base` on the first trip, doubling on each
     /// trip in a row, never more than `max`. Default 1 s and 30 s.
     pub fn open_for(self, base: Duration, max: Duration) -> Self {
         self.with(|c| {
@@ -98,7 +92,7 @@ impl CircuitBreakerLayer {
         })
     }
 
-    /// The open duration moves by up to ± this fraction, so replicas do not probe in
+    /// Moves the open duration by up to ± this fraction, so replicas do not probe in
     /// step. Default 0.1.
     pub fn jitter(self, fraction: f64) -> Self {
         self.with(|c| {
@@ -110,7 +104,7 @@ impl CircuitBreakerLayer {
         })
     }
 
-    /// Calls let through while half-open; all must succeed to close. Default 1.
+    /// Sets the calls let through while half-open; all must succeed to close. Default 1.
     pub fn half_open_probes(self, n: u32) -> Self {
         self.with(|c| c.probes = n.max(1))
     }
@@ -130,7 +124,7 @@ impl CircuitBreakerLayer {
         self.breaker.config().counts.is_some()
     }
 
-    /// The breaker every service from this layer (and its clones) shares.
+    /// Returns the breaker every service from this layer (and its clones) shares.
     pub fn breaker(&self) -> CircuitBreaker {
         self.breaker.clone()
     }
@@ -140,135 +134,7 @@ impl<S> Layer<S> for CircuitBreakerLayer {
     type Service = CircuitBreakerService<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        CircuitBreakerService {
-            inner,
-            breaker: self.breaker.clone(),
-        }
-    }
-}
-
-/// A service behind a circuit breaker. Errors are boxed: the inner service's, or
-/// [`CircuitOpen`] when the call was refused.
-#[derive(Clone, Debug)]
-pub struct CircuitBreakerService<S> {
-    inner: S,
-    breaker: CircuitBreaker,
-}
-
-impl<S, R> Service<R> for CircuitBreakerService<S>
-where
-    S: Service<R>,
-    S::Error: Into<BoxError>,
-{
-    type Response = S::Response;
-    type Error = BoxError;
-    type Future = ResponseFuture<S::Future>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx).map_err(Into::into)
-    }
-
-    fn call(&mut self, request: R) -> Self::Future {
-        let inner = &mut self.inner;
-        self.breaker.guard(|| inner.call(request))
-    }
-}
-
-impl CircuitBreaker {
-    /// A call through the breaker: `make` starts it if the breaker lets it through
-    /// (refused: `CircuitOpen`, and `make` is not run), and its outcome is recorded
-    /// (a call dropped before it ends gives its place back).
-    pub(crate) fn guard<F>(&self, make: impl FnOnce() -> F) -> ResponseFuture<F> {
-        match self.acquire() {
-            Ok(permit) => ResponseFuture {
-                kind: Kind::Running {
-                    future: make(),
-                    call: Some(CallGuard {
-                        breaker: self.clone(),
-                        permit,
-                        started: Instant::now(),
-                        finished: false,
-                    }),
-                },
-            },
-            Err(open) => ResponseFuture {
-                kind: Kind::Refused { error: Some(open) },
-            },
-        }
-    }
-}
-
-/// A permitted call; given back uncounted if dropped before it finished.
-struct CallGuard {
-    breaker: CircuitBreaker,
-    permit: Permit,
-    started: Instant,
-    finished: bool,
-}
-
-impl CallGuard {
-    fn finish(mut self, ok: bool) {
-        self.breaker.record(self.permit, ok, self.started.elapsed());
-        self.finished = true;
-    }
-}
-
-impl Drop for CallGuard {
-    fn drop(&mut self) {
-        if !self.finished {
-            self.breaker.release(self.permit);
-        }
-    }
-}
-
-pin_project! {
-    /// The response future of [`CircuitBreakerService`].
-    pub struct ResponseFuture<F> {
-        #[pin]
-        kind: Kind<F>,
-    }
-}
-
-pin_project! {
-    #[project = KindProj]
-    enum Kind<F> {
-        Running { #[pin] future: F, call: Option<CallGuard> },
-        Refused { error: Option<CircuitOpen> },
-    }
-}
-
-impl<F> std::fmt::Debug for ResponseFuture<F> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ResponseFuture").finish_non_exhaustive()
-    }
-}
-
-impl<F, T, E> Future for ResponseFuture<F>
-where
-    F: Future<Output = Result<T, E>>,
-    E: Into<BoxError>,
-{
-    type Output = Result<T, BoxError>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project().kind.project() {
-            KindProj::Running { future, call } => {
-                let result = std::task::ready!(future.poll(cx)).map_err(Into::into);
-                if let Some(call) = call.take() {
-                    let failed = match (&result, &call.breaker.config().counts) {
-                        (Ok(_), _) => false,
-                        (Err(error), Some(counts)) => counts(error),
-                        (Err(_), None) => true,
-                    };
-                    call.finish(!failed);
-                }
-                Poll::Ready(result)
-            }
-            KindProj::Refused { error } => Poll::Ready(Err(match error.take() {
-                Some(open) => open.into(),
-                None => CircuitOpen { _private: () }.into(),
-            })),
-        }
+        CircuitBreakerService::new(inner, self.breaker.clone())
     }
 }
 
@@ -278,7 +144,7 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tower::ServiceExt;
 
-    use crate::breaker::BreakerState;
+    use crate::breaker::{BreakerState, CircuitOpen};
 
     #[tokio::test(start_paused = true)]
     async fn an_open_breaker_does_not_touch_the_inner_service() {

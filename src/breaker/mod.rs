@@ -19,9 +19,13 @@ use tower::util::rng::{HasherRng, Rng};
 
 use crate::telemetry::{BREAKER_STATE, BREAKER_TRANSITIONS, TARGET};
 
+mod future;
 mod layer;
+mod service;
 
-pub use layer::{CircuitBreakerLayer, CircuitBreakerService, ResponseFuture};
+pub use future::ResponseFuture;
+pub use layer::CircuitBreakerLayer;
+pub use service::CircuitBreakerService;
 
 /// The breaker's state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -182,7 +186,7 @@ impl CircuitBreaker {
         &self.config
     }
 
-    /// The state now (an Open breaker whose time is up reads as HalfOpen).
+    /// Returns the state now (an Open breaker whose time is up reads as HalfOpen).
     pub fn state(&self) -> BreakerState {
         if self.closed.load(Ordering::Acquire) {
             return BreakerState::Closed;
@@ -195,7 +199,7 @@ impl CircuitBreaker {
         }
     }
 
-    /// State changes since the breaker was made.
+    /// Returns state changes since the breaker was made.
     pub fn transitions(&self) -> u64 {
         self.lock().transitions
     }

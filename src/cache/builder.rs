@@ -68,7 +68,7 @@ impl HybridCacheBuilder {
     /// The cache's name in `Cache-Status` unless set (RFC 9211).
     pub const DEFAULT_CACHE_STATUS_NAME: &'static str = "tower-hybrid-cache";
 
-    /// The most bytes the memory tier holds: bodies, headers and a fixed per-entry
+    /// Sets the most bytes the memory tier holds: bodies, headers and a fixed per-entry
     /// overhead, as its weigher counts them. Least recently and least frequently used
     /// entries are evicted past it (moka's TinyLFU). Default 64 MiB.
     ///
@@ -89,7 +89,7 @@ impl HybridCacheBuilder {
         self
     }
 
-    /// The namespace that starts every storage key (`{namespace}:v1:{digest}`), so
+    /// Sets the namespace that starts every storage key (`{namespace}:v1:{digest}`), so
     /// several applications can share one store. ASCII letters, digits and `-_.:`,
     /// 1 to 64 characters. Default `thc`.
     ///
@@ -112,7 +112,7 @@ impl HybridCacheBuilder {
         self
     }
 
-    /// The cache's name in `Cache-Status` (an RFC 8941 token: a letter or `*`, then
+    /// Sets the cache's name in `Cache-Status` (an RFC 8941 token: a letter or `*`, then
     /// letters, digits and `_-.:%*/!#$&'+^|~`). Default `tower-hybrid-cache`.
     ///
     /// # Examples
@@ -132,7 +132,7 @@ impl HybridCacheBuilder {
         self
     }
 
-    /// How long a request that finds another request already fetching the same URL
+    /// Sets how long a request that finds another request already fetching the same URL
     /// waits for it before going to the origin itself. Default 5 s.
     ///
     /// # Examples
@@ -150,7 +150,7 @@ impl HybridCacheBuilder {
         self
     }
 
-    /// How often moka's pending housekeeping runs, so that expired and evicted
+    /// Sets how often moka's pending housekeeping runs, so that expired and evicted
     /// entries free their memory even when the cache is idle. Default 1 s.
     ///
     /// # Examples
@@ -189,7 +189,7 @@ impl HybridCacheBuilder {
         self.redis(RedisConfig::new(url))
     }
 
-    /// Near-cache mode (with Redis): reads try memory first, and memory keeps an
+    /// Turns on near-cache mode (with Redis): reads try memory first, and memory keeps an
     /// entry at most `local_ttl`, so a replica may serve an entry up to that long
     /// after another replica replaced it in Redis. Invalidations (of a key, a tag, or
     /// a purge) by any replica are published on `{namespace}:invalidations`, and every
@@ -214,7 +214,7 @@ impl HybridCacheBuilder {
         self
     }
 
-    /// The circuit breaker around the Redis tier. Default:
+    /// Sets the circuit breaker around the Redis tier. Default:
     /// [`CircuitBreakerLayer::new`] (5 failures in a row or 50 % of 20 calls; open
     /// 1 s doubling to 30 s). The connections also drive it: all lost opens it at
     /// once, one back lets its probe through.
@@ -280,7 +280,7 @@ impl HybridCacheBuilder {
         self
     }
 
-    /// Cross-replica single-flight (with Redis): the first replica to miss a URL takes
+    /// Turns on cross-replica single-flight (with Redis): the first replica to miss a URL takes
     /// a lease on it in Redis (`SET NX PX`, a random token, held at most `ttl`) and
     /// fetches it; a replica that misses the same URL meanwhile does not call the
     /// origin but polls Redis (every 10–30 ms, jittered) for the entry, at most `ttl` or

@@ -65,7 +65,7 @@ impl HybridCache {
     /// cache; past it a stale hit is served without starting another.
     pub const MAX_REFRESHES: usize = crate::engine::MAX_REFRESHES;
 
-    /// A builder with every default.
+    /// Returns a builder with every default.
     pub fn builder() -> HybridCacheBuilder {
         HybridCacheBuilder::default()
     }
@@ -74,40 +74,40 @@ impl HybridCache {
         HybridCache { engine }
     }
 
-    /// A layer for one route (or a whole router), with the default route settings:
+    /// Returns a layer for one route (or a whole router), with the default route settings:
     /// no route TTL (only the origin's freshness counts), 1 MiB body limit,
     /// `Cache-Status` and `Age` on.
     pub fn layer(&self) -> HybridCacheLayer {
         HybridCacheLayer::new(Arc::clone(&self.engine))
     }
 
-    /// The namespace that starts this cache's storage keys.
+    /// Returns the namespace that starts this cache's storage keys.
     pub fn namespace(&self) -> &str {
         self.engine.namespace()
     }
 
-    /// Counters of what the cache did since it was built.
+    /// Returns counters of what the cache did since it was built.
     pub fn stats(&self) -> CacheStats {
         self.engine.stats()
     }
 
-    /// Bytes held by the memory tier, as its weigher counts them (may lag by the
+    /// Returns bytes held by the memory tier, as its weigher counts them (may lag by the
     /// pending housekeeping).
     pub fn memory_weighted_size(&self) -> u64 {
         self.engine.memory_weighted_size()
     }
 
-    /// Entries held by the memory tier (may lag by the pending housekeeping).
+    /// Returns entries held by the memory tier (may lag by the pending housekeeping).
     pub fn memory_entry_count(&self) -> u64 {
         self.engine.memory_entry_count()
     }
 
-    /// The circuit breaker around the Redis tier; `None` for a memory-only cache.
+    /// Returns the circuit breaker around the Redis tier; `None` for a memory-only cache.
     pub fn redis_breaker(&self) -> Option<CircuitBreaker> {
         self.engine.redis_breaker()
     }
 
-    /// The Redis tier's connections as it sees them; `None` for a memory-only cache.
+    /// Returns the Redis tier's connections as it sees them; `None` for a memory-only cache.
     pub fn redis_health(&self) -> Option<RedisHealth> {
         self.engine.redis_health()
     }
@@ -187,14 +187,14 @@ impl HybridCache {
         self.engine.purge_all().await
     }
 
-    /// Operations waiting for Redis to come back: write batches made while it was
+    /// Returns operations waiting for Redis to come back: write batches made while it was
     /// away, invalidations, tag invalidations and purges. They are replayed in order
     /// (up to 1024 kept; the oldest is dropped first).
     pub fn pending_redis_operations(&self) -> usize {
         self.engine.pending_redis_operations()
     }
 
-    /// The value stored under `key`, if there is a fresh one that deserialises into
+    /// Returns the value stored under `key`, if there is a fresh one that deserialises into
     /// `T`; a value of another shape is a miss, not an error.
     ///
     /// ```
@@ -237,7 +237,7 @@ impl HybridCache {
         self.engine.delete_value(key).await
     }
 
-    /// The value under `key`, or the one `produce` makes (then stored for `ttl`).
+    /// Returns the value under `key`, or the one `produce` makes (then stored for `ttl`).
     /// Concurrent callers for one key wait for a single `produce` (up to the
     /// single-flight timeout).
     ///

@@ -78,69 +78,69 @@ impl CachedResponse {
         })
     }
 
-    /// The status code.
+    /// Returns the status code.
     pub fn status(&self) -> StatusCode {
         self.status
     }
 
-    /// The HTTP version the origin answered with.
+    /// Returns the HTTP version the origin answered with.
     pub fn version(&self) -> Version {
         self.version
     }
 
-    /// The stored header fields (hop-by-hop fields removed, `Content-Length` exact).
+    /// Returns the stored header fields (hop-by-hop fields removed, `Content-Length` exact).
     pub fn headers(&self) -> &HeaderMap {
         &self.headers
     }
 
-    /// The body.
+    /// Returns the body.
     pub fn body(&self) -> &Bytes {
         &self.body
     }
 
-    /// When the response was received from the origin.
+    /// Returns when the response was received from the origin.
     pub fn stored_at(&self) -> SystemTime {
         self.stored_at
     }
 
-    /// Until when the entry may be served without asking the origin.
+    /// Returns until when the entry may be served without asking the origin.
     pub fn fresh_until(&self) -> SystemTime {
         self.fresh_until
     }
 
-    /// Until when the entry is kept at all (equal to `fresh_until` unless a stale
+    /// Returns until when the entry is kept at all (equal to `fresh_until` unless a stale
     /// window applies).
     pub fn stale_until(&self) -> SystemTime {
         self.stale_until
     }
 
-    /// The `ETag` validator, if the origin sent one.
+    /// Returns the `ETag` validator, if the origin sent one.
     pub fn etag(&self) -> Option<&HeaderValue> {
         self.headers.get(ETAG)
     }
 
-    /// The `Last-Modified` validator, if the origin sent one.
+    /// Returns the `Last-Modified` validator, if the origin sent one.
     pub fn last_modified(&self) -> Option<&HeaderValue> {
         self.headers.get(LAST_MODIFIED)
     }
 
-    /// The `Vary` field names the response was selected by, with the storing
+    /// Returns the `Vary` field names the response was selected by, with the storing
     /// request's values (`None` where the request lacked the header).
     pub fn vary(&self) -> &[(HeaderName, Option<Bytes>)] {
         &self.vary
     }
 
-    /// The tags (surrogate keys) the entry carries.
+    /// Returns the tags (surrogate keys) the entry carries.
     pub fn tags(&self) -> &[String] {
         &self.tags
     }
 
-    /// Whether the entry is fresh at `now`.
+    /// Returns whether the entry is fresh at `now`.
     pub fn is_fresh(&self, now: SystemTime) -> bool {
         now < self.fresh_until
     }
 
-    /// The entry's age at `now` (RFC 9111 §4.2.3 `current_age`).
+    /// Returns the entry's age at `now` (RFC 9111 §4.2.3 `current_age`).
     pub fn age(&self, now: SystemTime) -> Duration {
         self.initial_age + now.duration_since(self.stored_at).unwrap_or(Duration::ZERO)
     }
@@ -155,7 +155,7 @@ impl CachedResponse {
         now < self.sie_until
     }
 
-    /// How long the entry stays fresh after `now` (zero when stale).
+    /// Returns how long the entry stays fresh after `now` (zero when stale).
     pub fn time_to_live(&self, now: SystemTime) -> Duration {
         self.fresh_until
             .duration_since(now)
@@ -215,38 +215,38 @@ impl CachedResponse {
 pub struct CachedResponseBuilder(CachedResponse);
 
 impl CachedResponseBuilder {
-    /// The HTTP version the origin answered with (default HTTP/1.1).
+    /// Sets the HTTP version the origin answered with (default HTTP/1.1).
     pub fn version(mut self, version: Version) -> Self {
         self.0.version = version;
         self
     }
 
-    /// When the response was received (default: when the builder was made).
+    /// Sets when the response was received (default: when the builder was made).
     pub fn stored_at(mut self, at: SystemTime) -> Self {
         self.0.stored_at = at;
         self
     }
 
-    /// The age the response already had when it was received.
+    /// Sets the age the response already had when it was received.
     pub fn initial_age(mut self, age: Duration) -> Self {
         self.0.initial_age = age;
         self
     }
 
-    /// Until when the entry is fresh; also moves `stale_until` if that was earlier.
+    /// Sets until when the entry is fresh; also moves `stale_until` if that was earlier.
     pub fn fresh_until(mut self, at: SystemTime) -> Self {
         self.0.fresh_until = at;
         self.0.stale_until = self.0.stale_until.max(at);
         self
     }
 
-    /// Until when the entry is kept at all; never earlier than `fresh_until`.
+    /// Sets until when the entry is kept at all; never earlier than `fresh_until`.
     pub fn stale_until(mut self, at: SystemTime) -> Self {
         self.0.stale_until = at.max(self.0.fresh_until);
         self
     }
 
-    /// Until when it may be served stale while a refresh runs in the background
+    /// Sets until when it may be served stale while a refresh runs in the background
     /// (`stale-while-revalidate`); also moves `stale_until` if that was earlier.
     pub fn stale_while_revalidate_until(mut self, at: SystemTime) -> Self {
         self.0.swr_until = at;
@@ -254,7 +254,7 @@ impl CachedResponseBuilder {
         self
     }
 
-    /// Until when it may be served stale when the origin fails (`stale-if-error`);
+    /// Sets until when it may be served stale when the origin fails (`stale-if-error`);
     /// also moves `stale_until` if that was earlier.
     pub fn stale_if_error_until(mut self, at: SystemTime) -> Self {
         self.0.sie_until = at;
@@ -272,19 +272,19 @@ impl CachedResponseBuilder {
             .stale_until(plan.stale_until)
     }
 
-    /// The `Vary` names and the storing request's values.
+    /// Sets the `Vary` names and the storing request's values.
     pub fn vary(mut self, vary: Vec<(HeaderName, Option<Bytes>)>) -> Self {
         self.0.vary = vary;
         self
     }
 
-    /// Tags (surrogate keys).
+    /// Sets the tags (surrogate keys).
     pub fn tags(mut self, tags: Vec<String>) -> Self {
         self.0.tags = tags;
         self
     }
 
-    /// The entry.
+    /// Returns the entry.
     pub fn build(self) -> CachedResponse {
         self.0
     }

@@ -29,17 +29,17 @@ use canonical::{write_canonical_path, write_canonical_query};
 pub struct CacheKey([u8; 32]);
 
 impl CacheKey {
-    /// A key from a digest made elsewhere.
+    /// Makes a key from a digest made elsewhere.
     pub const fn from_bytes(bytes: [u8; 32]) -> Self {
         CacheKey(bytes)
     }
 
-    /// The digest.
+    /// Returns the digest.
     pub const fn as_bytes(&self) -> &[u8; 32] {
         &self.0
     }
 
-    /// The key of an application value: a digest of the caller's key, so no caller
+    /// Returns the key of an application value: a digest of the caller's key, so no caller
     /// key can reach a storage key's syntax (length, separators, Redis hash tags).
     pub fn for_value(key: &str) -> Self {
         let mut hasher = blake3::Hasher::new();
@@ -61,8 +61,10 @@ impl CacheKey {
             _ => None,
         };
         let mut out = [0_u8; 32];
-        for (i, pair) in bytes.chunks_exact(2).enumerate() {
-            out[i] = digit(pair[0])? << 4 | digit(pair[1])?;
+        // Read from pub/sub messages: no indexing, whatever the input.
+        for (slot, pair) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+            let [high, low] = pair else { return None };
+            *slot = digit(*high)? << 4 | digit(*low)?;
         }
         Some(CacheKey(out))
     }

@@ -104,7 +104,7 @@ impl HybridCacheLayer {
         self
     }
 
-    /// How long a response of this route stays fresh when the origin says nothing
+    /// Sets how long a response of this route stays fresh when the origin says nothing
     /// (or always, with [`TtlMode::Override`]). Only statuses RFC 9110 calls
     /// heuristically cacheable are stored on a route TTL alone: 200, 203, 204, 300,
     /// 301, 308, 404, 405, 410, 414, 501. Default: none.
@@ -112,13 +112,13 @@ impl HybridCacheLayer {
         self.with(|s| s.ttl = Some(ttl))
     }
 
-    /// Whether the origin's freshness or the route TTL wins. Default
+    /// Sets whether the origin's freshness or the route TTL wins. Default
     /// [`TtlMode::Fallback`]: the origin's.
     pub fn ttl_mode(self, mode: TtlMode) -> Self {
         self.with(|s| s.ttl_mode = mode)
     }
 
-    /// Query parameters left out of the key, by name; a trailing `*` matches a prefix
+    /// Leaves query parameters out of the key, by name; a trailing `*` matches a prefix
     /// (`utm_*`). Replaces any earlier [`keep_query_params`](Self::keep_query_params).
     pub fn ignore_query_params<I, T>(self, names: I) -> Self
     where
@@ -129,7 +129,7 @@ impl HybridCacheLayer {
         self.with(|s| s.query = QueryFilter::Ignore(patterns))
     }
 
-    /// The only query parameters that count in the key, by name; a trailing `*`
+    /// Sets the only query parameters that count in the key, by name; a trailing `*`
     /// matches a prefix. Replaces any earlier
     /// [`ignore_query_params`](Self::ignore_query_params).
     pub fn keep_query_params<I, T>(self, names: I) -> Self
@@ -141,7 +141,7 @@ impl HybridCacheLayer {
         self.with(|s| s.query = QueryFilter::Keep(patterns))
     }
 
-    /// Request headers whose values are part of the key for every response of this
+    /// Makes request headers part of the key for every response of this
     /// route, as if the origin always sent `Vary` with them (e.g. a tenant header).
     pub fn key_headers<I>(self, names: I) -> Self
     where
@@ -151,24 +151,24 @@ impl HybridCacheLayer {
         self.with(|s| s.key_headers = names)
     }
 
-    /// The largest body stored. A larger one streams to the client untouched and is
+    /// Sets the largest body stored. A larger one streams to the client untouched and is
     /// not stored. Default 1 MiB.
     pub fn max_body_bytes(self, bytes: usize) -> Self {
         self.with(|s| s.max_body_bytes = bytes)
     }
 
-    /// Whether responses carry a `Cache-Status` field (RFC 9211). Default on.
+    /// Sets whether responses carry a `Cache-Status` field (RFC 9211). Default on.
     pub fn cache_status_header(self, on: bool) -> Self {
         self.with(|s| s.cache_status_header = on)
     }
 
-    /// Whether hits carry an `Age` field. Default on. (RFC 9111 requires it of a
+    /// Sets whether hits carry an `Age` field. Default on. (RFC 9111 requires it of a
     /// cache; turn it off only behind another cache that sets it.)
     pub fn age_header(self, on: bool) -> Self {
         self.with(|s| s.age_header = on)
     }
 
-    /// How long past its freshness a response may still be served at once while a
+    /// Sets how long past its freshness a response may still be served at once while a
     /// background task refreshes it, when the response itself has no
     /// `stale-while-revalidate` (RFC 5861). Not applied to responses with
     /// `must-revalidate`, `proxy-revalidate` or `s-maxage`. Default none.
@@ -176,7 +176,7 @@ impl HybridCacheLayer {
         self.with(|s| s.stale_while_revalidate = Some(window))
     }
 
-    /// How long past its freshness a response may still be served when the origin
+    /// Sets how long past its freshness a response may still be served when the origin
     /// fails (an error, or a 500, 502, 503 or 504), when the response itself has no
     /// `stale-if-error` (RFC 5861). Not applied to responses with `must-revalidate`,
     /// `proxy-revalidate` or `s-maxage`. Default none.
@@ -184,7 +184,7 @@ impl HybridCacheLayer {
         self.with(|s| s.stale_if_error = Some(window))
     }
 
-    /// The response header whose tags (separated by spaces or commas) are stored with
+    /// Sets the response header whose tags (separated by spaces or commas) are stored with
     /// the response, for [`HybridCache::invalidate_tag`](crate::HybridCache::invalidate_tag).
     /// Default `Cache-Tag`.
     pub fn tag_header(self, name: HeaderName) -> Self {
@@ -196,13 +196,13 @@ impl HybridCacheLayer {
         self.with(|s| s.tag_header = None)
     }
 
-    /// Whether the tag header reaches the client (and is stored with the response).
+    /// Sets whether the tag header reaches the client (and is stored with the response).
     /// Default off: it is removed.
     pub fn keep_tag_header(self, keep: bool) -> Self {
         self.with(|s| s.keep_tag_header = keep)
     }
 
-    /// What to do with the client's `no-cache`, `max-age`, `min-fresh` and
+    /// Sets what to do with the client's `no-cache`, `max-age`, `min-fresh` and
     /// `only-if-cached`. Default [`RequestDirectives::Honour`].
     pub fn request_directives(self, directives: RequestDirectives) -> Self {
         self.with(|s| s.request_directives = directives)

@@ -45,30 +45,30 @@ pub struct CacheOverrides {
 }
 
 impl CacheOverrides {
-    /// No overrides.
+    /// Creates overrides that change nothing.
     pub fn new() -> Self {
         CacheOverrides::default()
     }
 
-    /// The freshness lifetime of this response.
+    /// Sets the freshness lifetime of this response.
     pub fn ttl(mut self, ttl: Duration) -> Self {
         self.ttl = Some(ttl);
         self
     }
 
-    /// How long past its freshness it may be served while refreshed in the background.
+    /// Sets how long past its freshness it may be served while refreshed in the background.
     pub fn stale_while_revalidate(mut self, window: Duration) -> Self {
         self.stale_while_revalidate = Some(window);
         self
     }
 
-    /// How long past its freshness it may be served when the origin fails.
+    /// Sets how long past its freshness it may be served when the origin fails.
     pub fn stale_if_error(mut self, window: Duration) -> Self {
         self.stale_if_error = Some(window);
         self
     }
 
-    /// Tags (surrogate keys) of this response. Empty tags and tags over 256 bytes
+    /// Adds tags (surrogate keys) to this response. Empty tags and tags over 256 bytes
     /// are dropped.
     pub fn tags<I, T>(mut self, tags: I) -> Self
     where

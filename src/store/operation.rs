@@ -111,7 +111,7 @@ impl StoreRequest {
         }
     }
 
-    /// What the request does.
+    /// Returns what the request does.
     pub fn operation(&self) -> StoreOperation {
         match self.op {
             StoreOp::Get(_) => StoreOperation::Get,
@@ -124,7 +124,7 @@ impl StoreRequest {
         }
     }
 
-    /// The keys it names: one for `Get` and `Delete`, the batch's for `Set`, none for
+    /// Returns the keys it names: one for `Get` and `Delete`, the batch's for `Set`, none for
     /// the operations that find their keys in Redis.
     pub fn keys(&self) -> Vec<CacheKey> {
         match &self.op {
@@ -193,7 +193,7 @@ impl StoreResponse {
         StoreResponse { answer }
     }
 
-    /// What happened.
+    /// Returns what happened.
     pub fn outcome(&self) -> StoreOutcome {
         match &self.answer {
             StoreAnswer::Found(Some(_)) => StoreOutcome::Hit,
@@ -261,7 +261,7 @@ impl StoreError {
         }
     }
 
-    /// What went wrong.
+    /// Returns what went wrong.
     pub fn kind(&self) -> StoreErrorKind {
         use fred::error::ErrorKind;
         let Repr::Command(error) = &self.repr else {
@@ -280,7 +280,7 @@ impl StoreError {
         }
     }
 
-    /// Whether the same operation may succeed if sent again in a moment: connection
+    /// Returns whether the same operation may succeed if sent again in a moment: connection
     /// failures, timeouts and a busy server. Not: no healthy connection (a retry within
     /// milliseconds will not find one) and error replies.
     pub fn is_transient(&self) -> bool {
@@ -290,7 +290,7 @@ impl StoreError {
         )
     }
 
-    /// Whether it says Redis is unreachable or unwell, as opposed to an error reply
+    /// Returns whether it says Redis is unreachable or unwell, as opposed to an error reply
     /// from a Redis that is up; what the Redis tier's breaker counts by default.
     pub fn is_outage(&self) -> bool {
         self.kind() != StoreErrorKind::Reply

@@ -65,7 +65,7 @@ impl fmt::Debug for RedisConfig {
 }
 
 impl RedisConfig {
-    /// A config for `url`: `redis://[user:password@]host:port[/db]`, or `rediss://`
+    /// Creates a config for `url`: `redis://[user:password@]host:port[/db]`, or `rediss://`
     /// for TLS (rustls).
     pub fn new(url: impl Into<String>) -> Self {
         RedisConfig {
@@ -86,7 +86,7 @@ impl RedisConfig {
         }
     }
 
-    /// The delay before each attempt to reconnect a lost connection: exponential from
+    /// Sets the delay before each attempt to reconnect a lost connection: exponential from
     /// `min` to `max`, with up to 50 ms of jitter. `max` bounds how long the cache
     /// goes on without a Redis that has come back. Default 50 ms to 1 s.
     pub fn reconnect_backoff(mut self, min: Duration, max: Duration) -> Self {
@@ -94,7 +94,7 @@ impl RedisConfig {
         self
     }
 
-    /// The most a request waits on one Redis operation (a lookup's read, a write's
+    /// Sets the most a request waits on one Redis operation (a lookup's read, a write's
     /// delete, a fill lease), every attempt and backoff included; past it the request
     /// goes on without Redis. Default 50 ms.
     pub fn deadline(mut self, deadline: Duration) -> Self {
@@ -102,35 +102,35 @@ impl RedisConfig {
         self
     }
 
-    /// Attempts after the first for an operation that failed with a transient error
+    /// Sets the attempts after the first for an operation that failed with a transient error
     /// (IO, timeout, `LOADING`, `TRYAGAIN`, `CLUSTERDOWN`, `MASTERDOWN`). Default 1.
     pub fn retries(mut self, retries: u32) -> Self {
         self.retries = retries;
         self
     }
 
-    /// The backoff before a retry: exponential from `min` to `max`, with jitter.
+    /// Sets the backoff before a retry: exponential from `min` to `max`, with jitter.
     /// Default 1 ms to 5 ms.
     pub fn retry_backoff(mut self, min: Duration, max: Duration) -> Self {
         self.retry_backoff = (min, max);
         self
     }
 
-    /// Retries may add at most this share of the operations of the last 10 s (plus 10
+    /// Lets retries add at most this share of the operations of the last 10 s (plus 10
     /// a second), so a sick Redis never sees a retry storm. Default 0.2 (20 %).
     pub fn retry_budget(mut self, share: f32) -> Self {
         self.retry_budget = share;
         self
     }
 
-    /// How often every pooled connection, and the invalidations subscriber, is sent a
+    /// Sets how often every pooled connection, and the invalidations subscriber, is sent a
     /// PING. Default 250 ms.
     pub fn probe_interval(mut self, every: Duration) -> Self {
         self.probe_interval = every;
         self
     }
 
-    /// How long a PING may go unanswered; two in a row mark the connection down and
+    /// Sets how long a PING may go unanswered; two in a row mark the connection down and
     /// force a reconnection (a frozen server or a half-open connection is found this
     /// way; a reconnected subscriber catches up on what it missed). Default 100 ms.
     pub fn probe_timeout(mut self, timeout: Duration) -> Self {
@@ -138,14 +138,14 @@ impl RedisConfig {
         self
     }
 
-    /// Connections in the pool. Default 4. Reads share the first one up (a retry takes
+    /// Sets the connections in the pool. Default 4. Reads share the first one up (a retry takes
     /// the next); write batches and removals go round-robin over the others.
     pub fn pool_size(mut self, size: usize) -> Self {
         self.pool_size = size;
         self
     }
 
-    /// The most fred waits for the reply to one command, on any connection; past it
+    /// Sets the most fred waits for the reply to one command, on any connection; past it
     /// that attempt fails (and may be retried within the deadline). It alone bounds
     /// what runs off the response path: write batches, replays, tag invalidations and
     /// purges. Default 50 ms.
@@ -154,21 +154,21 @@ impl RedisConfig {
         self
     }
 
-    /// Longest a connection attempt (TCP, TLS, `AUTH`, `SELECT`) may take. Default
+    /// Sets the longest a connection attempt (TCP, TLS, `AUTH`, `SELECT`) may take. Default
     /// 500 ms.
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
         self
     }
 
-    /// Largest encoded entry sent to Redis; larger ones stay in memory only.
+    /// Sets the largest encoded entry sent to Redis; larger ones stay in memory only.
     /// Default 1 MiB.
     pub fn max_value_bytes(mut self, bytes: usize) -> Self {
         self.max_value_bytes = bytes;
         self
     }
 
-    /// Operations queued for the background writer (write batches' entries, the
+    /// Sets the operations queued for the background writer (write batches' entries, the
     /// deletes behind an invalidation, lease releases); past this, one is dropped (and
     /// counted in `redis_writes_dropped`) rather than queued without bound. Default
     /// 1024.
@@ -177,7 +177,7 @@ impl RedisConfig {
         self
     }
 
-    /// How long invalidations are remembered in Redis: the marks that keep a fill
+    /// Sets how long invalidations are remembered in Redis: the marks that keep a fill
     /// which started before an invalidation from being written after it (by any
     /// replica), and the log a reconnected subscriber catches up from. A fill written
     /// later than this after the invalidation is not caught; a subscriber away for
