@@ -12,7 +12,7 @@ use crate::error::BuildError;
 use crate::store::hybrid::HybridStore;
 use crate::store::memory::MemoryStore;
 use crate::store::redis::RedisStore;
-use crate::store::redis_tier::RedisLayerFn;
+use crate::store::redis_tier::{RedisLayerFn, TierParts};
 use crate::store::{RedisConfig, RedisTierService, StoreRequest, StoreResponse};
 use crate::telemetry::Counters;
 
@@ -350,16 +350,17 @@ impl HybridCacheBuilder {
         let memory = MemoryStore::new(self.memory_capacity_bytes, local_ttl);
         let mut store = HybridStore::new(memory, Arc::clone(&counters));
         if let Some(config) = &self.redis {
-            // Settings first: a bad one must not wait on a connection to be reported.
-            config.validate()?;
-            config.retry_policy(Arc::clone(&counters))?;
+            // Settings first (connecting checks the rest before it connects): a bad
+            // one must not wait on a connection to be reported.
+            let retry = config.retry_policy(Arc::clone(&counters))?;
             let redis = RedisStore::connect(config, &self.namespace).await?;
-            let breaker = self.redis_breaker.clone().unwrap_or_default();
-            store = store.with_redis(
-                redis,
-                (config, breaker, &self.redis_layers.0),
-                local_ttl.is_some(),
-            )?;
+            let parts = TierParts {
+                config,
+                breaker: self.redis_breaker.clone().unwrap_or_default(),
+                retry,
+                layers: &self.redis_layers.0,
+            };
+            store = store.with_redis(redis, parts, local_ttl.is_some());
         }
         let engine = Engine::start(
             store,

@@ -251,22 +251,29 @@ mod tests {
     use crate::engine::tests::memory_engine;
     use crate::layer::HybridCacheLayer;
 
-    /// An origin that counts its calls and answers each once `gate` lets it, with a
-    /// response a shared cache may store for a minute.
-    fn origin(
-        calls: &Arc<AtomicUsize>,
-        gate: &Arc<Semaphore>,
-    ) -> impl Service<
-        Request<Full<Bytes>>,
-        Response = Response<Full<Bytes>>,
-        Error = Infallible,
-        Future = impl Send,
-    > + Clone
-           + Send
-           + 'static {
-        let (calls, gate) = (Arc::clone(calls), Arc::clone(gate));
-        tower::service_fn(move |_request: Request<Full<Bytes>>| {
-            let (calls, gate) = (Arc::clone(&calls), Arc::clone(&gate));
+    /// A memory-only cache's layer around an origin that counts its calls (`calls`)
+    /// and answers each once `gate` lets it (`permits` at first), with a response a
+    /// shared cache may store for a minute.
+    fn cached_origin(
+        permits: usize,
+    ) -> CachedOrigin<
+        impl Service<
+                Request<Full<Bytes>>,
+                Response = Response<Full<Bytes>>,
+                Error = Infallible,
+                Future = impl Send,
+            > + Clone
+            + Send
+            + 'static,
+    > {
+        let engine = memory_engine();
+        let (calls, gate) = (
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(Semaphore::new(permits)),
+        );
+        let (counted, gated) = (Arc::clone(&calls), Arc::clone(&gate));
+        let origin = tower::service_fn(move |_request: Request<Full<Bytes>>| {
+            let (calls, gate) = (Arc::clone(&counted), Arc::clone(&gated));
             async move {
                 let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
                 gate.acquire().await.map(|permit| permit.forget()).ok();
@@ -277,7 +284,22 @@ mod tests {
                 );
                 Ok(response)
             }
-        })
+        });
+        let layer = HybridCacheLayer::new(Arc::clone(&engine));
+        let service = tower::Layer::layer(&layer, origin);
+        CachedOrigin {
+            engine,
+            calls,
+            gate,
+            service,
+        }
+    }
+
+    struct CachedOrigin<S> {
+        engine: Arc<Engine>,
+        calls: Arc<AtomicUsize>,
+        gate: Arc<Semaphore>,
+        service: crate::layer::HybridCacheService<S>,
     }
 
     /// Lets other tasks run until `done`; a panic, not a hang, when it never is.
@@ -315,9 +337,7 @@ mod tests {
 
     #[tokio::test]
     async fn only_if_cached_on_a_miss_is_a_504_without_the_origin() {
-        let engine = memory_engine();
-        let (calls, gate) = (Arc::new(AtomicUsize::new(0)), Arc::new(Semaphore::new(10)));
-        let service = tower::Layer::layer(&HybridCacheLayer::new(engine), origin(&calls, &gate));
+        let CachedOrigin { calls, service, .. } = cached_origin(10);
         let response = service
             .oneshot(request("GET", &[("cache-control", "only-if-cached")]))
             .await
@@ -330,10 +350,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_head_miss_goes_to_the_origin_and_stores_nothing() {
-        let engine = memory_engine();
-        let (calls, gate) = (Arc::new(AtomicUsize::new(0)), Arc::new(Semaphore::new(10)));
-        let layer = HybridCacheLayer::new(Arc::clone(&engine));
-        let service = tower::Layer::layer(&layer, origin(&calls, &gate));
+        let CachedOrigin { calls, service, .. } = cached_origin(10);
         let (status, _) = text(service.clone().oneshot(request("HEAD", &[])).await.unwrap()).await;
         assert_eq!(status, "test; fwd=uri-miss; fwd-status=200");
         let (status, _) = text(service.oneshot(request("GET", &[])).await.unwrap()).await;
@@ -343,10 +360,12 @@ mod tests {
 
     #[tokio::test]
     async fn followers_wait_for_their_leader_and_are_served_its_fill() {
-        let engine = memory_engine();
-        let (calls, gate) = (Arc::new(AtomicUsize::new(0)), Arc::new(Semaphore::new(0)));
-        let layer = HybridCacheLayer::new(Arc::clone(&engine));
-        let service = tower::Layer::layer(&layer, origin(&calls, &gate));
+        let CachedOrigin {
+            engine,
+            calls,
+            gate,
+            service,
+        } = cached_origin(0);
         let requests: Vec<_> = (0..5)
             .map(|_| tokio::spawn(service.clone().oneshot(request("GET", &[]))))
             .collect();
@@ -365,10 +384,12 @@ mod tests {
 
     #[tokio::test]
     async fn a_forced_refetch_does_not_wait_for_anyone() {
-        let engine = memory_engine();
-        let (calls, gate) = (Arc::new(AtomicUsize::new(0)), Arc::new(Semaphore::new(0)));
-        let layer = HybridCacheLayer::new(Arc::clone(&engine));
-        let service = tower::Layer::layer(&layer, origin(&calls, &gate));
+        let CachedOrigin {
+            engine,
+            calls,
+            gate,
+            service,
+        } = cached_origin(0);
         // A leader held at the origin.
         let leader = tokio::spawn(service.clone().oneshot(request("GET", &[])));
         until("the leader at the origin", || {

@@ -109,61 +109,72 @@ where
     let handler_tags = overrides.as_ref().map_or(&[][..], |o| o.tags.as_slice());
     let tags = response_tags(&mut parts.headers, serving.settings, handler_tags);
     let status = CacheStatus::forward(miss).with_origin_status(parts.status);
-    let (status, body) = match request_headers {
-        // A HEAD's response has no body to store.
+    // A HEAD's response has no body to store: no plan.
+    let planned = request_headers.map(|request_headers| {
+        let when = (facts, response_time);
+        let size = body.size_hint().lower();
+        let plan = plan_for(when, &parts, serving.settings, overrides.as_ref(), size);
+        (plan, request_headers)
+    });
+    let (status, body) = match planned {
         None => (status, CacheBody::passthrough(body)),
-        Some(request_headers) => {
-            let settings = with_handler_ttl(serving.settings, overrides.as_ref());
-            let planned = store_plan(
-                facts,
-                parts.status,
-                &parts.headers,
-                &settings,
-                response_time,
-            )
-            .map(|plan| match &overrides {
-                Some(o) => with_windows(plan, o.stale_while_revalidate, o.stale_if_error),
-                None => plan,
-            })
-            .and_then(|plan| {
-                if body.size_hint().lower() > settings.max_body_bytes as u64 {
-                    Err(NotStored::TooLarge)
-                } else {
-                    Ok(plan)
-                }
-            });
-            match planned {
-                Err(reason) => {
-                    engine.count(Counter::NotStored);
-                    tracing::debug!(target: TARGET, key = %serving.primary, outcome = "not-stored", detail = reason.as_str());
-                    let status = status.with_detail(Detail::NotStored(reason));
-                    (status, CacheBody::passthrough(body))
-                }
-                Ok(plan) => {
-                    let entry = stored_entry(&parts, &plan, &request_headers, tags);
-                    let fill = Fill {
-                        key: *serving.primary,
-                        entry,
-                        start,
-                        guard,
-                        detail: None,
-                    };
-                    let capture = Capture::new(Arc::clone(engine), fill, settings.max_body_bytes);
-                    let body = if body.is_end_stream() {
-                        // Nothing to read (a 204, an empty body): a server may never
-                        // poll it, so store now.
-                        capture.finish();
-                        CacheBody::passthrough(body)
-                    } else {
-                        CacheBody::capturing(body, capture)
-                    };
-                    (status.stored(), body)
-                }
-            }
+        Some((Err(reason), _)) => {
+            engine.count(Counter::NotStored);
+            tracing::debug!(target: TARGET, key = %serving.primary, outcome = "not-stored", detail = reason.as_str());
+            let status = status.with_detail(Detail::NotStored(reason));
+            (status, CacheBody::passthrough(body))
+        }
+        Some((Ok(plan), request_headers)) => {
+            let entry = stored_entry(&parts, &plan, &request_headers, tags);
+            let fill = Fill {
+                key: *serving.primary,
+                entry,
+                start,
+                guard,
+                detail: None,
+            };
+            let max_bytes = serving.settings.max_body_bytes;
+            let capture = Capture::new(Arc::clone(engine), fill, max_bytes);
+            let body = if body.is_end_stream() {
+                // Nothing to read (a 204, an empty body): a server may never poll it,
+                // so store now.
+                capture.finish();
+                CacheBody::passthrough(body)
+            } else {
+                CacheBody::capturing(body, capture)
+            };
+            (status.stored(), body)
         }
     };
     serving.stamp().status(&mut parts.headers, status);
     Ok(Response::from_parts(parts, body))
+}
+
+/// How to store a response, or why not: the route's rules with the handler's TTL and
+/// stale windows where it set them, and the body's announced size against the limit.
+fn plan_for(
+    (facts, response_time): (RequestFacts, SystemTime),
+    parts: &http::response::Parts,
+    route: &RouteSettings,
+    overrides: Option<&CacheOverrides>,
+    body_at_least: u64,
+) -> Result<StorePlan, NotStored> {
+    let settings = with_handler_ttl(route, overrides);
+    let plan = store_plan(
+        facts,
+        parts.status,
+        &parts.headers,
+        &settings,
+        response_time,
+    )?;
+    let plan = match overrides {
+        Some(o) => with_windows(plan, o.stale_while_revalidate, o.stale_if_error),
+        None => plan,
+    };
+    if body_at_least > route.max_body_bytes as u64 {
+        return Err(NotStored::TooLarge);
+    }
+    Ok(plan)
 }
 
 /// The route's settings, with the handler's TTL (when it set one) in place of every

@@ -7,13 +7,12 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use super::memory::MemoryStore;
-use super::redis::{RedisConfig, RedisHealth, RedisStore};
-use super::redis_tier::{Lease, RedisLayerFn, RedisRead, RedisTier, TierParts};
+use super::redis::{RedisHealth, RedisStore};
+use super::redis_tier::{Lease, RedisRead, RedisTier, TierParts};
 use super::writer::QueuedWrite;
 use super::{StoreRequest, Tier};
-use crate::breaker::{CircuitBreaker, CircuitBreakerLayer};
+use crate::breaker::CircuitBreaker;
 use crate::entry::Entry;
-use crate::error::BuildError;
 use crate::key::CacheKey;
 use crate::telemetry::{Counter, Counters};
 
@@ -43,18 +42,13 @@ impl HybridStore {
     pub(crate) fn with_redis(
         mut self,
         store: RedisStore,
-        (config, breaker, layers): (&RedisConfig, CircuitBreakerLayer, &[RedisLayerFn]),
+        parts: TierParts<'_>,
         memory_first: bool,
-    ) -> Result<Self, BuildError> {
-        let parts = TierParts {
-            config,
-            breaker,
-            layers,
-            counters: Arc::clone(&self.counters),
-        };
-        self.redis = Some(RedisTier::start(store, parts, &self.memory)?);
+    ) -> Self {
+        let counters = Arc::clone(&self.counters);
+        self.redis = Some(RedisTier::start(store, parts, &self.memory, counters));
         self.memory_first = memory_first;
-        Ok(self)
+        self
     }
 
     /// Whether a read completes without waiting on the network: true when memory is

@@ -27,7 +27,6 @@ use super::writer::{spawn_writer, QueuedWrite, Replay};
 use super::{RedisTierService, StoreAnswer, StoreError, StoreRequest, StoreResponse};
 use crate::breaker::{BreakerState, CircuitBreaker, CircuitBreakerLayer, CircuitOpen};
 use crate::entry::Entry;
-use crate::error::BuildError;
 use crate::key::CacheKey;
 use crate::telemetry::{Counter, Counters, TARGET};
 
@@ -69,13 +68,13 @@ pub(crate) enum Lease {
     Unavailable,
 }
 
-/// How the tier is put together: its settings, the breaker and the application's
-/// layers.
+/// How the tier is put together: its settings, the breaker, the retry policy (built,
+/// and so checked, before anything connects) and the application's layers.
 pub(crate) struct TierParts<'a> {
     pub(crate) config: &'a RedisConfig,
     pub(crate) breaker: CircuitBreakerLayer,
+    pub(crate) retry: RedisRetry,
     pub(crate) layers: &'a [RedisLayerFn],
-    pub(crate) counters: Arc<Counters>,
 }
 
 impl RedisTier {
@@ -86,12 +85,13 @@ impl RedisTier {
         store: RedisStore,
         parts: TierParts<'_>,
         memory: &MemoryStore,
-    ) -> Result<Self, BuildError> {
+        counters: Arc<Counters>,
+    ) -> Self {
         let TierParts {
             config,
             breaker,
+            retry: policy,
             layers,
-            counters,
         } = parts;
         // Error replies (OOM, WRONGTYPE) say Redis is up and answering: by default
         // they do not trip the breaker; a breaker given its own filter keeps it.
@@ -111,7 +111,6 @@ impl RedisTier {
                 config.probe_interval_value(),
             );
         }
-        let policy = config.retry_policy(Arc::clone(&counters))?;
         let retry = RetryLayer::new(policy.clone());
         // The user's layers wrap the store itself, so they see every attempt; the
         // first added is the outermost, as with `ServiceBuilder`.
@@ -150,7 +149,7 @@ impl RedisTier {
             memory: memory.clone(),
             counters: Arc::clone(&counters),
         });
-        Ok(RedisTier {
+        RedisTier {
             service,
             store,
             breaker: breaker.breaker(),
@@ -160,7 +159,7 @@ impl RedisTier {
             reader,
             reads: ReadFlights::new(),
             counters,
-        })
+        }
     }
 
     /// A Redis read of `key` sent after this call, shared with the lookups of the same

@@ -147,8 +147,8 @@ impl RedisConfig {
 
     /// Sets the most fred waits for the reply to one command, on any connection; past it
     /// that attempt fails (and may be retried within the deadline). It alone bounds
-    /// what runs off the response path: write batches, replays, tag invalidations and
-    /// purges. Default 50 ms.
+    /// each attempt of what runs off the response path: write batches, replays, tag
+    /// invalidations and purges. Default 50 ms.
     pub fn command_timeout(mut self, timeout: Duration) -> Self {
         self.command_timeout = timeout;
         self
@@ -249,7 +249,8 @@ impl RedisConfig {
     }
 
     /// Checks every setting that could make a command wait forever or the pool
-    /// misbehave, before anything connects.
+    /// misbehave, before anything connects (the URL is read, and checked, by
+    /// `fred_config`).
     pub(crate) fn validate(&self) -> Result<(), BuildError> {
         // fred reads a zero timeout as "none": a command could then wait forever.
         for (name, value) in [
@@ -271,7 +272,7 @@ impl RedisConfig {
                 "min must be more than zero and max at least min",
             ));
         }
-        self.fred_config().map(|_| ())
+        Ok(())
     }
 
     /// The URL as fred reads it, with fail-fast off: with it on, a failed first

@@ -22,8 +22,11 @@ use crate::key::CacheKey;
 #[derive(Debug, Clone)]
 pub(crate) struct RedisKeys {
     namespace: String,
-    /// `{ns}:v{format}:`, made once: an entry key is made for every command.
+    /// `{ns}:v{format}:`, `{ns}:gone:`, `{ns}:lease:`, made once: these keys are made
+    /// for every command or every entry written.
     entry_prefix: String,
+    gone_prefix: String,
+    lease_prefix: String,
 }
 
 impl RedisKeys {
@@ -31,6 +34,8 @@ impl RedisKeys {
         RedisKeys {
             namespace: namespace.to_owned(),
             entry_prefix: format!("{namespace}:v{FORMAT_VERSION}:"),
+            gone_prefix: format!("{namespace}:gone:"),
+            lease_prefix: format!("{namespace}:lease:"),
         }
     }
 
@@ -49,7 +54,7 @@ impl RedisKeys {
     }
 
     pub(crate) fn gone(&self, key: &CacheKey) -> String {
-        Self::keyed(&format!("{}:gone:", self.namespace), key)
+        Self::keyed(&self.gone_prefix, key)
     }
 
     pub(crate) fn gone_tag(&self, tag: &str) -> String {
@@ -65,7 +70,7 @@ impl RedisKeys {
     }
 
     pub(crate) fn lease(&self, key: &CacheKey) -> String {
-        Self::keyed(&format!("{}:lease:", self.namespace), key)
+        Self::keyed(&self.lease_prefix, key)
     }
 
     pub(crate) fn invalidation_log(&self) -> String {
