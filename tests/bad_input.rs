@@ -10,14 +10,15 @@ use std::time::Duration;
 use axum::body::Body;
 use http::{HeaderValue, Request, StatusCode};
 use support::{call, eventually, Origin};
-use tower_hybrid_cache::HybridCache;
+use tower_hybrid_cache::{HybridCache, RequestDirectives};
 
 const WAIT: Duration = Duration::from_secs(10);
 
 async fn setup(ttl: Option<u64>) -> (Origin, HybridCache, axum::Router) {
     let origin = Origin::new();
     let cache = HybridCache::builder().build().await.unwrap();
-    let mut layer = cache.layer();
+    // Trusted clients: the directives beside the junk are read and obeyed.
+    let mut layer = cache.layer().request_directives(RequestDirectives::Honour);
     if let Some(ttl) = ttl {
         layer = layer.ttl(Duration::from_secs(ttl));
     }

@@ -290,7 +290,13 @@ async fn an_entry_expires_when_its_freshness_runs_out() {
 #[tokio::test]
 async fn request_directives_are_honoured_or_ignored_as_configured() {
     let (origin, cache) = (Origin::new(), new_cache().await);
-    let honour = app(&origin, cache.layer().ttl(Duration::from_secs(60)));
+    let honour = app(
+        &origin,
+        cache
+            .layer()
+            .ttl(Duration::from_secs(60))
+            .request_directives(RequestDirectives::Honour),
+    );
     let url = "http://api.test/r";
     call(honour.clone(), get(url)).await;
     stored(&cache, 1).await;
@@ -334,17 +340,43 @@ async fn request_directives_are_honoured_or_ignored_as_configured() {
     assert_eq!(only_cached.status, StatusCode::GATEWAY_TIMEOUT);
     assert_eq!(origin.log.calls_to("/none"), 0);
 
-    let ignore = app(
-        &origin,
-        cache
-            .layer()
-            .ttl(Duration::from_secs(60))
-            .request_directives(RequestDirectives::Ignore),
-    );
+    // The default ignores what a client asks, but for `no-store` and
+    // `only-if-cached`, which ask for less.
+    let ignore = app(&origin, cache.layer().ttl(Duration::from_secs(60)));
     let before = origin.log.calls();
-    let hit = call(ignore, get_with(url, &[("cache-control", "no-cache")])).await;
-    assert!(hit.is_hit());
+    for cc in [
+        "no-cache",
+        "max-age=0",
+        "min-fresh=3600",
+        "no-cache, max-age=0",
+    ] {
+        let hit = call(ignore.clone(), get_with(url, &[("cache-control", cc)])).await;
+        assert!(hit.is_hit(), "{cc}: {}", hit.cache_status());
+        assert_eq!(hit.text(), refreshed.text(), "{cc}");
+    }
+    let pragma = call(ignore.clone(), get_with(url, &[("pragma", "no-cache")])).await;
+    assert!(pragma.is_hit());
     assert_eq!(origin.log.calls(), before);
+    let only_cached = call(
+        ignore.clone(),
+        get_with(
+            "http://api.test/none",
+            &[("cache-control", "only-if-cached")],
+        ),
+    )
+    .await;
+    assert_eq!(only_cached.status, StatusCode::GATEWAY_TIMEOUT);
+    let no_store = call(
+        ignore.clone(),
+        get_with("http://api.test/kept-out", &[("cache-control", "no-store")]),
+    )
+    .await;
+    assert!(
+        no_store.cache_status().ends_with("detail=no-store"),
+        "{}",
+        no_store.cache_status()
+    );
+    assert!(!call(ignore, get("http://api.test/kept-out")).await.is_hit());
 }
 
 #[tokio::test]
@@ -680,7 +712,10 @@ async fn the_cache_status_name_names_this_cache() {
 #[tokio::test]
 async fn public_gives_no_lifetime_and_immutable_no_transform_must_understand_change_nothing() {
     let (origin, cache) = (Origin::new(), new_cache().await);
-    let app = app(&origin, cache.layer());
+    let app = app(
+        &origin,
+        cache.layer().request_directives(RequestDirectives::Honour),
+    );
     // `public` alone: nothing says how long it is fresh.
     let public = "http://api.test/pub?h=cache-control:public";
     let got = call(app.clone(), get(public)).await;
@@ -727,7 +762,10 @@ async fn public_gives_no_lifetime_and_immutable_no_transform_must_understand_cha
 #[tokio::test]
 async fn a_request_max_age_refuses_entries_older_than_it() {
     let (origin, cache) = (Origin::new(), new_cache().await);
-    let app = app(&origin, cache.layer());
+    let app = app(
+        &origin,
+        cache.layer().request_directives(RequestDirectives::Honour),
+    );
     // Already 100 s old when it arrived, fresh for 500 s more.
     let url = "http://api.test/old?h=cache-control:max-age%3D600&h=age:100";
     call(app.clone(), get(url)).await;

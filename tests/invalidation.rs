@@ -346,7 +346,7 @@ async fn memory_forgets_what_another_replica_invalidated_so_an_outage_cannot_ser
 
 /// How many subscribers Redis counts on the `inval` namespace's invalidations.
 fn subscribers(redis: &RedisServer) -> String {
-    redis.cli(&["PUBSUB", "NUMSUB", "inval:invalidations"])
+    redis.cli(&["PUBSUB", "NUMSUB", "inval/invalidations"])
 }
 
 /// Replica A reaching Redis through a fault proxy, replica B straight, both
@@ -440,9 +440,9 @@ async fn memory_catches_up_on_what_was_invalidated_while_its_subscriber_was_cut_
     .await;
     assert!(cut_off.b.invalidate(&cut_off.gone.parse().unwrap()).await);
     // The log that keeps it for A holds each message once, for as long as the marks.
-    assert_eq!(redis.cli(&["ZCARD", "inval:invalidation-log"]), "1");
+    assert_eq!(redis.cli(&["ZCARD", "inval/invalidation-log"]), "1");
     let kept_for: u64 = redis
-        .cli(&["PTTL", "inval:invalidation-log"])
+        .cli(&["PTTL", "inval/invalidation-log"])
         .parse()
         .unwrap();
     assert!(kept_for > 0 && kept_for <= 300_000, "{kept_for}");
@@ -556,7 +556,7 @@ async fn near_caches_forget_what_another_replica_invalidated() {
     // Both replicas listen on the namespace's channel.
     eventually("both subscribed", WAIT, || async {
         redis
-            .cli(&["PUBSUB", "NUMSUB", "near:invalidations"])
+            .cli(&["PUBSUB", "NUMSUB", "near/invalidations"])
             .lines()
             .nth(1)
             .is_some_and(|n| n.trim() == "2")

@@ -64,7 +64,7 @@ async fn entries_spread_over_the_masters_and_are_shared() {
     );
     for node in &cluster.nodes {
         for key in node.cli(&["--scan"]).lines() {
-            assert!(key.starts_with("jobs:v1:") && !key.contains('{'), "{key}");
+            assert!(key.starts_with("jobs/v1:") && !key.contains('{'), "{key}");
         }
     }
 }

@@ -62,7 +62,7 @@ async fn a_response_stored_by_one_replica_is_a_redis_hit_on_another() {
     assert_eq!(origin.log.calls(), 1);
 
     // Stored under the namespace, with Redis's own expiry at the entry's lifetime.
-    let keys = redis.cli(&["--scan", "--pattern", "jobs:v1:*"]);
+    let keys = redis.cli(&["--scan", "--pattern", "jobs/v1:*"]);
     assert_eq!(keys.lines().count(), 1, "{keys}");
     let pttl: i64 = redis.cli(&["PTTL", keys.trim()]).parse().unwrap();
     assert!((55_000..=60_000).contains(&pttl), "PTTL {pttl}");
@@ -80,7 +80,7 @@ async fn garbage_under_our_key_is_a_miss_and_is_overwritten() {
         cache.stats().redis_writes == 1
     })
     .await;
-    let key = redis.cli(&["--scan", "--pattern", "jobs:v1:*"]);
+    let key = redis.cli(&["--scan", "--pattern", "jobs/v1:*"]);
     for garbage in ["not an entry", "{\"json\": true}"] {
         assert_eq!(redis.cli(&["SET", key.trim(), garbage]), "OK");
         let got = call(app.clone(), get(url)).await;
@@ -147,7 +147,7 @@ async fn redis_down_at_start_serves_from_memory_then_uses_redis_once_up() {
         }
     })
     .await;
-    assert!(!redis.cli(&["--scan", "--pattern", "jobs:v1:*"]).is_empty());
+    assert!(!redis.cli(&["--scan", "--pattern", "jobs/v1:*"]).is_empty());
 }
 
 #[tokio::test]
@@ -281,19 +281,19 @@ async fn invalidation_marks_holding_garbage_supersede_nothing() {
     let cache = replica(&redis.url()).await;
     let app = app(&origin, &cache);
     // The purge mark every write reads: another type, then not a number.
-    assert_eq!(redis.cli(&["RPUSH", "jobs:purged", "junk"]), "1");
+    assert_eq!(redis.cli(&["RPUSH", "jobs/purged", "junk"]), "1");
     call(app.clone(), get("http://api.test/marks/1")).await;
     eventually("a write past a mark of another type", WAIT, || async {
         cache.stats().redis_writes == 1
     })
     .await;
-    assert_eq!(redis.cli(&["SET", "jobs:purged", "yesterday"]), "OK");
+    assert_eq!(redis.cli(&["SET", "jobs/purged", "yesterday"]), "OK");
     call(app, get("http://api.test/marks/2")).await;
     eventually("a write past a mark that is not a time", WAIT, || async {
         cache.stats().redis_writes == 2
     })
     .await;
-    let keys = redis.cli(&["--scan", "--pattern", "jobs:v1:*"]);
+    let keys = redis.cli(&["--scan", "--pattern", "jobs/v1:*"]);
     assert_eq!(keys.lines().count(), 2, "{keys}");
 }
 
@@ -310,7 +310,7 @@ async fn password_and_acl_user_limited_to_the_namespace() {
             "cache",
             "on",
             ">pw",
-            "~jobs:*",
+            "~jobs/*",
             "+get",
             "+set",
             "+del",
@@ -428,7 +428,7 @@ async fn health_follows_a_kill_and_a_restart() {
         .await
         .unwrap();
     eventually("the write to reach Redis", WAIT, || async {
-        !redis.cli(&["--scan", "--pattern", "thc:v1:*"]).is_empty()
+        !redis.cli(&["--scan", "--pattern", "thc/v1:*"]).is_empty()
     })
     .await;
 }
@@ -516,7 +516,7 @@ async fn near_cache_reads_memory_first_with_bounded_staleness() {
     );
 
     // Deleted in Redis: the near cache may serve it only until its local TTL ends.
-    let key = redis.cli(&["--scan", "--pattern", "jobs:v1:*"]);
+    let key = redis.cli(&["--scan", "--pattern", "jobs/v1:*"]);
     assert_eq!(redis.cli(&["DEL", key.trim()]), "1");
     eventually("the local copy to expire", WAIT, || {
         let near_app = near_app.clone();
@@ -819,7 +819,7 @@ async fn entries_over_max_value_bytes_stay_in_memory_only() {
         cache.stats().redis_writes == 1
     })
     .await;
-    let keys = redis.cli(&["--scan", "--pattern", "jobs:v1:*"]);
+    let keys = redis.cli(&["--scan", "--pattern", "jobs/v1:*"]);
     assert_eq!(keys.lines().count(), 1, "{keys}");
     assert_eq!(cache.stats().stores, 2);
     // Redis is asked first and has no copy; with Redis out of reach, memory has one.

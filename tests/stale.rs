@@ -18,7 +18,7 @@ use axum::body::Body;
 use axum::Router;
 use http::{HeaderMap, Response, StatusCode};
 use support::{call, eventually, get, Got, Origin};
-use tower_hybrid_cache::{HybridCache, HybridCacheLayer};
+use tower_hybrid_cache::{HybridCache, HybridCacheLayer, RequestDirectives};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -417,7 +417,9 @@ async fn handler_overrides_grant_stale_windows() {
 async fn the_request_max_age_and_min_fresh_apply_to_stale_serving() {
     for directive in ["min-fresh=1", "max-age=10"] {
         let (origin, cache) = (Origin::new(), new_cache().await);
-        let app = origin.router().layer(cache.layer());
+        let app = origin
+            .router()
+            .layer(cache.layer().request_directives(RequestDirectives::Honour));
         // 30 s old on arrival, fresh for about 1 s more, then within its window.
         let url = "http://api.test/swr-limits?gate=1&h=age:30\
                    &h=cache-control:max-age%3D31,%20stale-while-revalidate%3D600";
@@ -525,6 +527,60 @@ async fn a_304_keeps_the_stored_content_fields() {
 }
 
 #[tokio::test]
+async fn a_304_sets_its_cookie_for_the_client_that_asked_and_stores_none() {
+    let cache = new_cache().await;
+    let handler = |headers: HeaderMap| async move {
+        let mut response = if headers.contains_key("if-none-match") {
+            let mut r = Response::new(Body::empty());
+            *r.status_mut() = StatusCode::NOT_MODIFIED;
+            r.headers_mut()
+                .append("set-cookie", "session=for-you".parse().unwrap());
+            r.headers_mut()
+                .append("set-cookie", "seen=1".parse().unwrap());
+            r
+        } else {
+            Response::new(Body::from("shared"))
+        };
+        let h = response.headers_mut();
+        h.insert("etag", "\"same\"".parse().unwrap());
+        h.insert("cache-control", "max-age=1".parse().unwrap());
+        response
+    };
+    let app = Router::new()
+        .route("/cookie", axum::routing::get(handler))
+        .layer(cache.layer());
+    let url = "http://api.test/cookie";
+    let first = call(app.clone(), get(url)).await;
+    assert!(!first.headers.contains_key("set-cookie"));
+    eventually("stored", WAIT, || async { cache.stats().stores == 1 }).await;
+    let revalidated = until_stale(&app, url).await;
+    assert!(
+        revalidated
+            .cache_status()
+            .contains("fwd-status=304; stored"),
+        "{}",
+        revalidated.cache_status()
+    );
+    assert_eq!(revalidated.text(), "shared");
+    let cookies: Vec<_> = revalidated.headers.get_all("set-cookie").iter().collect();
+    assert_eq!(cookies, ["session=for-you", "seen=1"]);
+    eventually("the refreshed entry stored", WAIT, || async {
+        cache.stats().stores == 2
+    })
+    .await;
+    // The refreshed entry (fresh for 1 s) is everyone's: no cookie in it.
+    eventually("a hit of the refreshed entry", WAIT, || async {
+        let got = call(app.clone(), get(url)).await;
+        assert_eq!(got.text(), "shared");
+        if got.is_hit() {
+            assert!(!got.headers.contains_key("set-cookie"), "a stored cookie");
+        }
+        got.is_hit()
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn at_most_max_refreshes_run_at_once() {
     let (origin, cache) = (Origin::new(), new_cache().await);
     let app = origin.router().layer(cache.layer());
@@ -540,6 +596,9 @@ async fn at_most_max_refreshes_run_at_once() {
         cache.stats().stores == count as u64
     })
     .await;
+    // Each was stored before now, fresh for 1 s: past this, every one is stale (asking
+    // each until it is would start refreshes out of order).
+    tokio::time::sleep(Duration::from_millis(1_050)).await;
     // The first one stale starts its refresh (held at the gate), and so does each of
     // the next ones, until MAX_REFRESHES are running: past that a stale hit is served
     // without one.

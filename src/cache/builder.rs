@@ -89,9 +89,11 @@ impl HybridCacheBuilder {
         self
     }
 
-    /// Sets the namespace that starts every storage key (`{namespace}:v1:{digest}`), so
+    /// Sets the namespace that starts every storage key (`{namespace}/v1:{digest}`), so
     /// several applications can share one store. ASCII letters, digits and `-_.:`,
-    /// 1 to 64 characters. Default `thc`.
+    /// 1 to 64 characters. Default `thc`. The namespace ends at `/`, which it cannot
+    /// hold, so no two namespaces share a key, even when one starts with the other
+    /// (`jobs` and `jobs:prod`): a purge of one never touches the other.
     ///
     /// # Examples
     ///
@@ -192,7 +194,7 @@ impl HybridCacheBuilder {
     /// Turns on near-cache mode (with Redis): reads try memory first, and memory keeps an
     /// entry at most `local_ttl`, so a replica may serve an entry up to that long
     /// after another replica replaced it in Redis. Invalidations (of a key, a tag, or
-    /// a purge) by any replica are published on `{namespace}:invalidations`, and every
+    /// a purge) by any replica are published on `{namespace}/invalidations`, and every
     /// cache's memory forgets them as the message arrives (`local_ttl` still bounds what
     /// a lost message costs a near cache). Without it (the default) every read asks
     /// Redis first, and memory answers only when Redis cannot.

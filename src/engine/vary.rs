@@ -101,7 +101,7 @@ fn variant_key(
         names.push(name.clone());
         if let Some(value) = value {
             if let Ok(value) = HeaderValue::from_maybe_shared(value.clone()) {
-                headers.insert(name.clone(), value);
+                let _ = headers.try_insert(name.clone(), value);
             }
         }
     }

@@ -11,9 +11,10 @@
 //! kind 2, variants: stale_until u64 ms | generation u64 | names: u16 count × (u16-len bytes)
 //! kind 3, value:    stale_until u64 ms | bytes u64-len
 //! ```
-//! Integers are big-endian. Decoding checks every length against what is left, so a
-//! truncated, foreign or hostile value is an error, never a panic or a huge allocation;
-//! header names and values are validated as `http` would on the wire.
+//! Integers are big-endian. Decoding checks every length against what is left and
+//! every count against the bound the store path keeps (header fields, `Vary` names,
+//! tags), so a truncated, foreign or hostile value is an error, never a panic or a
+//! huge allocation; header names and values are validated as `http` would on the wire.
 
 use std::fmt;
 use std::sync::Arc;
@@ -22,7 +23,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::{BufMut, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Version};
 
-use super::{CachedResponse, Entry, StoredValue, VaryIndex, FORMAT_VERSION};
+use super::{
+    is_valid_tag, CachedResponse, Entry, StoredValue, VaryIndex, FORMAT_VERSION, MAX_HEADER_FIELDS,
+    MAX_TAGS, MAX_VARY_NAMES,
+};
 
 const MAGIC: &[u8; 4] = b"\xF0THC";
 const KIND_RESPONSE: u8 = 1;
@@ -46,6 +50,7 @@ enum DecodeErrorKind {
     BadVersion,
     BadHeader,
     BadTag,
+    TooMany(&'static str),
     TrailingBytes,
 }
 
@@ -72,7 +77,8 @@ impl fmt::Display for DecodeError {
             DecodeErrorKind::BadStatus => f.write_str("stored entry has an invalid status"),
             DecodeErrorKind::BadVersion => f.write_str("stored entry has an invalid HTTP version"),
             DecodeErrorKind::BadHeader => f.write_str("stored entry has an invalid header"),
-            DecodeErrorKind::BadTag => f.write_str("stored entry has a tag that is not UTF-8"),
+            DecodeErrorKind::BadTag => f.write_str("stored entry has an invalid tag"),
+            DecodeErrorKind::TooMany(what) => write!(f, "stored entry has too many {what}"),
             DecodeErrorKind::TrailingBytes => f.write_str("stored entry has trailing bytes"),
         }
     }
@@ -117,11 +123,12 @@ pub(crate) fn encode_entry(entry: &Entry) -> Bytes {
                     None => out.put_u8(0),
                 }
             }
+            // Within the bounds decoding checks, as the store path keeps them.
             let tags: Vec<&String> = r
                 .tags
                 .iter()
-                .filter(|t| t.len() <= usize::from(u16::MAX))
-                .take(usize::from(u16::MAX))
+                .filter(|t| is_valid_tag(t))
+                .take(MAX_TAGS)
                 .collect();
             out.put_u16(tags.len() as u16);
             for tag in tags {
@@ -163,8 +170,8 @@ pub(crate) fn decode_entry(bytes: Bytes) -> Result<Entry, DecodeError> {
         KIND_VARIANTS => {
             let stale_until = time_from_millis(r.u64()?);
             let generation = r.u64()?;
-            let count = r.u16()?;
-            let mut names = Vec::new();
+            let count = r.count(MAX_VARY_NAMES, "vary names")?;
+            let mut names = Vec::with_capacity(count);
             for _ in 0..count {
                 names.push(header_name(&r.short()?)?);
             }
@@ -199,16 +206,24 @@ fn decode_response(r: &mut Reader) -> Result<CachedResponse, DecodeError> {
     let stale_until = time_from_millis(r.u64()?);
     let swr_until = time_from_millis(r.u64()?);
     let sie_until = time_from_millis(r.u64()?);
-    let header_count = r.u32()?;
-    let mut headers = HeaderMap::new();
+    let header_count = r.u32().and_then(|n| {
+        bounded(
+            usize::try_from(n).unwrap_or(usize::MAX),
+            MAX_HEADER_FIELDS,
+            "header fields",
+        )
+    })?;
+    let mut headers = HeaderMap::with_capacity(header_count);
     for _ in 0..header_count {
         let name = header_name(&r.short()?)?;
         let value = HeaderValue::from_maybe_shared(r.long()?)
             .map_err(|_| DecodeError::new(DecodeErrorKind::BadHeader))?;
-        headers.append(name, value);
+        headers
+            .try_append(name, value)
+            .map_err(|_| DecodeError::new(DecodeErrorKind::TooMany("header fields")))?;
     }
-    let vary_count = r.u16()?;
-    let mut vary = Vec::new();
+    let vary_count = r.count(MAX_VARY_NAMES, "vary names")?;
+    let mut vary = Vec::with_capacity(vary_count);
     for _ in 0..vary_count {
         let name = header_name(&r.short()?)?;
         let value = match r.u8()? {
@@ -218,11 +233,13 @@ fn decode_response(r: &mut Reader) -> Result<CachedResponse, DecodeError> {
         };
         vary.push((name, value));
     }
-    let tag_count = r.u16()?;
-    let mut tags = Vec::new();
+    let tag_count = r.count(MAX_TAGS, "tags")?;
+    let mut tags = Vec::with_capacity(tag_count);
     for _ in 0..tag_count {
         let tag = String::from_utf8(r.short()?.to_vec())
-            .map_err(|_| DecodeError::new(DecodeErrorKind::BadTag))?;
+            .ok()
+            .filter(|tag| is_valid_tag(tag))
+            .ok_or(DecodeError::new(DecodeErrorKind::BadTag))?;
         tags.push(tag);
     }
     let body_len = r.u64()?;
@@ -295,6 +312,14 @@ fn time_from_millis(millis: u64) -> SystemTime {
         .unwrap_or(UNIX_EPOCH + Duration::from_secs(u64::from(u32::MAX)) * 4)
 }
 
+/// `count`, or an error if it is past `max`.
+fn bounded(count: usize, max: usize, what: &'static str) -> Result<usize, DecodeError> {
+    if count > max {
+        return Err(DecodeError::new(DecodeErrorKind::TooMany(what)));
+    }
+    Ok(count)
+}
+
 struct Reader {
     bytes: Bytes,
     pos: usize,
@@ -333,6 +358,11 @@ impl Reader {
 
     fn u64(&mut self) -> Result<u64, DecodeError> {
         Ok(u64::from_be_bytes(self.array()?))
+    }
+
+    /// A u16 count of `what`, refused past `max`.
+    fn count(&mut self, max: usize, what: &'static str) -> Result<usize, DecodeError> {
+        bounded(usize::from(self.u16()?), max, what)
     }
 
     fn short(&mut self) -> Result<Bytes, DecodeError> {
@@ -378,7 +408,7 @@ mod tests {
             swr in time_strategy(),
             sie in time_strategy(),
             vary in proptest::collection::vec((header_name_strategy(), proptest::option::of(proptest::collection::vec(any::<u8>(), 0..20))), 0..4),
-            tags in proptest::collection::vec("\\PC{0,12}", 0..4),
+            tags in proptest::collection::vec("\\PC{1,12}", 0..4),
         ) -> CachedResponse {
             let mut map = HeaderMap::new();
             for (n, v) in headers { map.append(n, v); }
@@ -407,7 +437,7 @@ mod tests {
         }
 
         #[test]
-        fn variant_indexes_roundtrip(names in proptest::collection::vec(header_name_strategy(), 0..40), stale in time_strategy(), generation in any::<u64>()) {
+        fn variant_indexes_roundtrip(names in proptest::collection::vec(header_name_strategy(), 0..=MAX_VARY_NAMES), stale in time_strategy(), generation in any::<u64>()) {
             let entry = Entry::Variants(Arc::new(VaryIndex { names, stale_until: stale, generation }));
             prop_assert_eq!(decode_entry(encode_entry(&entry)).unwrap(), entry);
         }

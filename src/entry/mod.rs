@@ -16,6 +16,22 @@ pub(crate) use codec::{decode_entry, encode_entry};
 /// never reads an old one.
 pub const FORMAT_VERSION: u8 = 1;
 
+/// Most header fields a stored response holds: a response with more is not stored, and
+/// a stored value with more is corrupt (a miss), so that no value read from Redis can
+/// grow a `HeaderMap` past what `http` allows.
+pub(crate) const MAX_HEADER_FIELDS: usize = crate::policy::storable::MAX_HEADER_FIELDS;
+/// Most `Vary` names an entry or a Vary index holds (as at store time).
+pub(crate) const MAX_VARY_NAMES: usize = crate::policy::storable::MAX_VARY_NAMES;
+/// Most tags kept per response.
+pub(crate) const MAX_TAGS: usize = 64;
+/// Longest tag kept, in bytes.
+pub(crate) const MAX_TAG_BYTES: usize = 256;
+
+/// Whether a tag is kept: not empty, and at most [`MAX_TAG_BYTES`].
+pub(crate) fn is_valid_tag(tag: &str) -> bool {
+    !tag.is_empty() && tag.len() <= MAX_TAG_BYTES
+}
+
 /// A response as the cache stores it.
 ///
 /// Bodies are [`Bytes`]: a hit hands out a reference-counted view, never a copy.

@@ -78,7 +78,8 @@ where
             Answer::Miss(miss, stale) => (miss, stale),
         },
     };
-    if serving.honour && request_cc.only_if_cached {
+    // Honoured in either mode: it only asks for less than a miss would do.
+    if request_cc.only_if_cached {
         return Ok(response::only_if_cached_miss(miss, serving.stamp()));
     }
     if request.method() == Method::HEAD || serving.must_forward() {
@@ -285,7 +286,9 @@ mod tests {
                 Ok(response)
             }
         });
-        let layer = HybridCacheLayer::new(Arc::clone(&engine));
+        // The clients here are trusted: their `no-cache` reaches the origin.
+        let layer = HybridCacheLayer::new(Arc::clone(&engine))
+            .request_directives(crate::policy::RequestDirectives::Honour);
         let service = tower::Layer::layer(&layer, origin);
         CachedOrigin {
             engine,

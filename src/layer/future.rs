@@ -91,7 +91,7 @@ where
                     parts.headers.remove(name);
                 }
                 if let Some(value) = cache_status.take() {
-                    parts.headers.append(super::status::CACHE_STATUS, value);
+                    let _ = parts.headers.try_append(super::status::CACHE_STATUS, value);
                 }
                 Poll::Ready(Ok(Response::from_parts(
                     parts,

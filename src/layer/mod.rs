@@ -202,8 +202,24 @@ impl HybridCacheLayer {
         self.with(|s| s.keep_tag_header = keep)
     }
 
-    /// Sets what to do with the client's `no-cache`, `max-age`, `min-fresh` and
-    /// `only-if-cached`. Default [`RequestDirectives::Honour`].
+    /// Sets what to do with the client's `no-cache`, `max-age` and `min-fresh`.
+    /// Default [`RequestDirectives::Ignore`]: any client could otherwise send every
+    /// request to the origin and replace a fresh entry with what it asked for. Use
+    /// [`RequestDirectives::Honour`] on routes whose clients you trust.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # async fn run() -> Result<(), tower_hybrid_cache::BuildError> {
+    /// use tower_hybrid_cache::{HybridCache, RequestDirectives};
+    ///
+    /// let cache = HybridCache::builder().build().await?;
+    /// // An internal route: a client's `Cache-Control: no-cache` reaches the origin.
+    /// let layer = cache.layer().request_directives(RequestDirectives::Honour);
+    /// # let _ = layer;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn request_directives(self, directives: RequestDirectives) -> Self {
         self.with(|s| s.request_directives = directives)
     }

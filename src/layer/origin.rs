@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use bytes::Bytes;
-use http::header::AUTHORIZATION;
+use http::header::{AUTHORIZATION, SET_COOKIE};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
 use http_body::Body;
 use tower::Service;
@@ -248,8 +248,9 @@ fn stale_on_error<B>(
 }
 
 /// The origin said the stale entry is still good (304): store it refreshed and serve
-/// it whole (the client's request had no conditions of its own). One that may no
-/// longer be stored is served as it was.
+/// it whole (the client's request had no conditions of its own), with the 304's
+/// `Set-Cookie` for this client alone (never stored). One that may no longer be
+/// stored is served refreshed, not stored.
 fn revalidated<B>(
     serving: &Serving<'_>,
     stale: &CachedResponse,
@@ -264,30 +265,43 @@ fn revalidated<B>(
         version,
     };
     let status = CacheStatus::forward(Forward::Stale).with_origin_status(StatusCode::NOT_MODIFIED);
-    let headers = headers_after_304(&stale.headers, not_modified);
-    let Ok(plan) = store_plan(
+    let mut headers = headers_after_304(&stale.headers, not_modified);
+    // A cookie is for the client that asked; the stored response is everyone's.
+    headers.remove(SET_COOKIE);
+    let with_cookies = |mut response: Response<CacheBody<B>>| {
+        for cookie in not_modified.get_all(SET_COOKIE) {
+            let _ = response
+                .headers_mut()
+                .try_append(SET_COOKIE, cookie.clone());
+        }
+        response
+    };
+    let plan = store_plan(
         facts,
         stale.status,
         &headers,
         serving.settings,
         response_time,
-    ) else {
-        let status = status.with_detail(Detail::NotStoredAfter304);
-        return response::from_stored(stale, status, served, response_time, serving.stamp());
-    };
-    let entry = CachedResponse::builder(stale.status, headers, stale.body.clone())
+    );
+    let refreshed = CachedResponse::builder(stale.status, headers, stale.body.clone())
         .version(stale.version)
-        .times(&plan)
         .vary(stale.vary.clone())
-        .tags(stale.tags.clone())
-        .build();
-    let response = response::from_stored(
+        .tags(stale.tags.clone());
+    let Ok(plan) = plan else {
+        let entry = refreshed.build();
+        let status = status.with_detail(Detail::NotStoredAfter304);
+        let response =
+            response::from_stored(&entry, status, served, response_time, serving.stamp());
+        return with_cookies(response);
+    };
+    let entry = refreshed.times(&plan).build();
+    let response = with_cookies(response::from_stored(
         &entry,
         status.stored(),
         served,
         response_time,
         serving.stamp(),
-    );
+    ));
     serving.engine.commit(Fill {
         key: *serving.primary,
         entry,

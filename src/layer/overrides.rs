@@ -1,6 +1,6 @@
 //! [`CacheOverrides`]: what a handler decides for its own response.
 
-use super::tags::is_valid_tag;
+use crate::entry::is_valid_tag;
 
 use std::time::Duration;
 

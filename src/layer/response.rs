@@ -35,7 +35,8 @@ impl<'a> Stamp<'a> {
     pub(crate) fn status(&self, headers: &mut HeaderMap, status: CacheStatus) {
         if self.cache_status {
             if let Some(value) = status.render(self.name) {
-                headers.append(CACHE_STATUS, value);
+                // Fallible: the map may hold what an origin or a stored value put in.
+                let _ = headers.try_append(CACHE_STATUS, value);
             }
         }
     }
@@ -88,7 +89,7 @@ pub(crate) fn from_stored<B>(
         let headers = response.headers_mut();
         for name in NOT_MODIFIED_FIELDS {
             for value in entry.headers.get_all(&name) {
-                headers.append(name.clone(), value.clone());
+                let _ = headers.try_append(name.clone(), value.clone());
             }
         }
     } else {
@@ -97,7 +98,7 @@ pub(crate) fn from_stored<B>(
     }
     let headers = response.headers_mut();
     if stamp.age {
-        headers.insert(AGE, HeaderValue::from(entry.age(now).as_secs()));
+        let _ = headers.try_insert(AGE, HeaderValue::from(entry.age(now).as_secs()));
     }
     stamp.status(headers, status);
     response

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::header::RANGE;
-use http::{Method, Request, Response};
+use http::header::{CONTENT_LENGTH, HOST, RANGE, TRANSFER_ENCODING};
+use http::{HeaderMap, Method, Request, Response, Uri};
 use http_body::Body;
 use tower::Service;
 
@@ -17,7 +17,7 @@ use super::fill::{serve_or_fill, spawn_refresh, Prepared};
 use super::future::ResponseFuture;
 use super::response::Stamp;
 use super::serve::{Answer, RequestHead, Serving};
-use super::status::{CacheStatus, Forward};
+use super::status::{CacheStatus, Detail, Forward};
 use super::write::{invalidate_after, WriteTarget};
 use crate::engine::Engine;
 use crate::key::CacheKey;
@@ -32,8 +32,11 @@ use crate::telemetry::Counter;
 /// entry. Unsafe requests (POST, PUT, PATCH, DELETE, …) pass through, and when they
 /// succeed (2xx, 3xx) they invalidate what is stored for their URI and for the
 /// same-authority URIs in `Location` and `Content-Location`, in both tiers, before the
-/// response goes back (RFC 9111 §4.4). Any other request, and any request with
-/// `Range`, passes through. Errors of `S` pass through untouched.
+/// response goes back (RFC 9111 §4.4). Any other request passes through without
+/// touching the cache: other safe methods (`OPTIONS`, `TRACE`, `QUERY`), `Range`, a
+/// GET or HEAD that carries a body (the key does not cover it), and a request whose
+/// `Host` is repeated or disagrees with its URI's authority. Errors of `S` pass
+/// through untouched.
 #[derive(Clone)]
 pub struct HybridCacheService<S> {
     inner: S,
@@ -74,10 +77,15 @@ impl<S> HybridCacheService<S> {
         self.inner
     }
 
-    /// Counts a request the cache does not answer; its `Cache-Status`, if on.
-    fn bypass(&self) -> Option<http::HeaderValue> {
+    /// Counts a request the cache does not answer; its `Cache-Status` (with why, when
+    /// that is not plain from the method), if on.
+    fn bypass(&self, why: Option<Detail>) -> Option<http::HeaderValue> {
         self.engine.count(Counter::Bypass);
-        Stamp::new(&self.engine, &self.settings).value(CacheStatus::bypass())
+        let status = match why {
+            Some(detail) => CacheStatus::bypass().with_detail(detail),
+            None => CacheStatus::bypass(),
+        };
+        Stamp::new(&self.engine, &self.settings).value(status)
     }
 
     /// The ready inner service, for a future; a clone stays for the next call.
@@ -95,32 +103,62 @@ impl<S> HybridCacheService<S> {
 enum RequestKind {
     /// An unsafe method: forwarded, and invalidates once it succeeds.
     Write,
-    /// A safe request the cache does not handle: other methods, `Range`.
-    Bypass,
+    /// A safe request the cache does not handle: other methods, `Range`, and
+    /// requests it must not answer or store for others (the detail says why).
+    Bypass(Option<Detail>),
     /// A GET or HEAD: served from the cache or stored.
     Cacheable,
 }
 
 fn classify<B>(request: &Request<B>) -> RequestKind {
-    let method = request.method();
+    let (method, headers) = (request.method(), request.headers());
     if !is_safe(method) {
         RequestKind::Write
-    } else if (method != Method::GET && method != Method::HEAD)
-        || request.headers().contains_key(RANGE)
-    {
-        RequestKind::Bypass
+    } else if (method != Method::GET && method != Method::HEAD) || headers.contains_key(RANGE) {
+        RequestKind::Bypass(None)
+    } else if has_body(headers) {
+        // The origin may read the body, the key does not cover it: storing would let
+        // one client's body decide what everyone gets.
+        RequestKind::Bypass(Some(Detail::RequestBody))
+    } else if !has_one_host(request.uri(), headers) {
+        RequestKind::Bypass(Some(Detail::InvalidHost))
     } else {
         RequestKind::Cacheable
     }
 }
 
-/// Safe methods (RFC 9110 §9.2.1) change nothing at the origin; every other method
-/// may, and invalidates when it succeeds.
+/// Safe methods (RFC 9110 §9.2.1, and `QUERY`) change nothing at the origin; every
+/// other method may, and invalidates when it succeeds.
 fn is_safe(method: &Method) -> bool {
     matches!(
         *method,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
-    )
+    ) || method.as_str() == "QUERY"
+}
+
+/// Whether the head announces a body: a `Content-Length` other than 0 (junk included)
+/// or any `Transfer-Encoding` (RFC 9112 §6.1).
+fn has_body(headers: &HeaderMap) -> bool {
+    headers.contains_key(TRANSFER_ENCODING)
+        || headers
+            .get_all(CONTENT_LENGTH)
+            .iter()
+            .any(|length| length.as_bytes().trim_ascii() != b"0")
+}
+
+/// Whether the request names one authority: at most one `Host`, which agrees with an
+/// absolute-form URI's authority (RFC 9112 §3.2: anything else is invalid, and which
+/// host it meant is a guess).
+fn has_one_host(uri: &Uri, headers: &HeaderMap) -> bool {
+    let mut hosts = headers.get_all(HOST).iter();
+    let (first, second) = (hosts.next(), hosts.next());
+    match (first, second, uri.authority()) {
+        (Some(_), Some(_), _) => false,
+        (Some(host), None, Some(authority)) => host
+            .as_bytes()
+            .eq_ignore_ascii_case(authority.as_str().as_bytes()),
+        _ => true,
+    }
 }
 
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for HybridCacheService<S>
@@ -142,14 +180,14 @@ where
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
         match classify(&request) {
             RequestKind::Write => {
-                let status = self.bypass();
+                let status = self.bypass(None);
                 let target = WriteTarget::of(&request, &self.settings);
                 let future = self.inner.call(request);
                 let engine = Arc::clone(&self.engine);
                 ResponseFuture::cached(Box::pin(invalidate_after(future, engine, target, status)))
             }
-            RequestKind::Bypass => {
-                let status = self.bypass();
+            RequestKind::Bypass(why) => {
+                let status = self.bypass(why);
                 let strip = self.settings.hidden_tag_header().cloned();
                 ResponseFuture::bypass(self.inner.call(request), status, strip)
             }
@@ -232,18 +270,34 @@ mod tests {
     }
 
     #[test]
-    fn requests_are_classified_by_method_and_range() {
+    fn requests_are_classified_by_method_range_body_and_host() {
+        let body = RequestKind::Bypass(Some(Detail::RequestBody));
+        let host = RequestKind::Bypass(Some(Detail::InvalidHost));
         let cases = [
             ("GET", &[][..], RequestKind::Cacheable),
             ("HEAD", &[], RequestKind::Cacheable),
-            ("GET", &[("range", "bytes=0-1")], RequestKind::Bypass),
-            ("OPTIONS", &[], RequestKind::Bypass),
-            ("TRACE", &[], RequestKind::Bypass),
+            ("GET", &[("content-length", "0")], RequestKind::Cacheable),
+            ("GET", &[("host", "API.test")], RequestKind::Cacheable),
+            ("GET", &[("range", "bytes=0-1")], RequestKind::Bypass(None)),
+            ("OPTIONS", &[], RequestKind::Bypass(None)),
+            ("TRACE", &[], RequestKind::Bypass(None)),
+            ("QUERY", &[], RequestKind::Bypass(None)),
+            (
+                "QUERY",
+                &[("content-length", "5")],
+                RequestKind::Bypass(None),
+            ),
+            ("GET", &[("content-length", "5")], body),
+            ("HEAD", &[("content-length", "junk")], body),
+            ("GET", &[("transfer-encoding", "chunked")], body),
+            ("GET", &[("host", "api.test"), ("host", "api.test")], host),
+            ("GET", &[("host", "evil.test")], host),
             ("POST", &[], RequestKind::Write),
             ("PUT", &[], RequestKind::Write),
             ("PATCH", &[], RequestKind::Write),
             ("DELETE", &[], RequestKind::Write),
             ("PURGE", &[], RequestKind::Write),
+            ("POST", &[("host", "evil.test")], RequestKind::Write),
         ];
         for (method, headers, kind) in cases {
             assert_eq!(

@@ -10,6 +10,7 @@
 //! {name}; fwd=stale; fwd-status=304; stored
 //! {name}; fwd=uri-miss; detail=only-if-cached
 //! {name}; fwd=bypass
+//! {name}; fwd=bypass; detail=request-body
 //! ```
 //! Parameters always come in this order: `hit`, `ttl`, `fwd`, `fwd-status`, `stored`,
 //! `detail`.
@@ -82,6 +83,10 @@ pub(crate) enum Detail {
     OnlyIfCached,
     /// A 304 refreshed the stale response, which may no longer be stored.
     NotStoredAfter304,
+    /// A GET or HEAD with a body: passed through, neither looked up nor stored.
+    RequestBody,
+    /// A repeated `Host`, or one that disagrees with the URI: passed through.
+    InvalidHost,
 }
 
 impl From<LookupMiss> for Forward {
@@ -229,6 +234,8 @@ impl Detail {
             Detail::StaleIfError => "stale-if-error",
             Detail::OnlyIfCached => "only-if-cached",
             Detail::NotStoredAfter304 => "not-stored",
+            Detail::RequestBody => "request-body",
+            Detail::InvalidHost => "invalid-host",
         }
     }
 }

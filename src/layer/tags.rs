@@ -3,17 +3,8 @@
 
 use http::HeaderMap;
 
+use crate::entry::{is_valid_tag, MAX_TAGS};
 use crate::policy::settings::RouteSettings;
-
-/// Longest tag kept, in bytes.
-const MAX_TAG_BYTES: usize = 256;
-/// Most tags kept per response.
-const MAX_TAGS: usize = 64;
-
-/// Whether a tag is kept: not empty, and at most 256 bytes.
-pub(crate) fn is_valid_tag(tag: &str) -> bool {
-    !tag.is_empty() && tag.len() <= MAX_TAG_BYTES
-}
 
 /// The tags in the route's tag header (separated by spaces or commas), then those of
 /// the handler, each once, at most 64; the header is removed unless the route keeps

@@ -115,7 +115,7 @@ where
         }
     }
     if let Some(value) = cache_status {
-        parts.headers.append(CACHE_STATUS, value);
+        let _ = parts.headers.try_append(CACHE_STATUS, value);
     }
     Ok(Response::from_parts(parts, body).map(CacheBody::passthrough))
 }

@@ -48,7 +48,8 @@ pub(crate) fn headers_after_304(stored: &HeaderMap, not_modified: &HeaderMap) ->
         }
         headers.remove(name);
         for value in updates.get_all(name) {
-            headers.append(name.clone(), value.clone());
+            // Fallible: a 304 from the origin may carry any number of fields.
+            let _ = headers.try_append(name.clone(), value.clone());
         }
     }
     headers

@@ -23,20 +23,22 @@ pub enum TtlMode {
 }
 
 /// What the layer does with a client's `Cache-Control` request directives
-/// `no-cache`, `max-age`, `min-fresh` and `only-if-cached`.
+/// `no-cache`, `max-age` and `min-fresh`.
 ///
-/// `no-store` in a request is always honoured: its response is never stored.
+/// In either mode `no-store` in a request is honoured (its response is never stored)
+/// and `only-if-cached` answers `504` on a miss: neither asks the cache to do more.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum RequestDirectives {
     /// Follow RFC 9111: `no-cache` and `max-age=0` go to the origin (and the fresh
     /// response is stored for the next client), `max-age=N` and `min-fresh=N` refuse
-    /// entries that are too old, `only-if-cached` answers `504` on a miss.
-    /// The default.
-    #[default]
+    /// entries that are too old. For trusted clients only: anyone who can send these
+    /// can send every request to the origin, and replace a fresh entry at will.
     Honour,
-    /// Serve from the cache whatever the client asks, as Varnish and nginx do by
-    /// default: a reload in a browser can then not push load onto the origin.
+    /// Serve from the cache whatever the client asks, as Varnish, nginx and CDNs do
+    /// by default: a reload in a browser, or a cache-busting load, cannot push load
+    /// onto the origin or replace a fresh entry. The default.
+    #[default]
     Ignore,
 }
 
@@ -132,7 +134,7 @@ impl Default for RouteSettings {
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             cache_status_header: true,
             age_header: true,
-            request_directives: RequestDirectives::Honour,
+            request_directives: RequestDirectives::Ignore,
             stale_while_revalidate: None,
             stale_if_error: None,
             tag_header: Some(HeaderName::from_static(DEFAULT_TAG_HEADER)),

@@ -15,6 +15,10 @@ use super::settings::RouteSettings;
 /// hostile origin.
 pub(crate) const MAX_VARY_NAMES: usize = 32;
 
+/// Most header fields a storable response may carry. More is not stored: `http`
+/// refuses maps past 24 576 names, and no honest response needs a thousand fields.
+pub(crate) const MAX_HEADER_FIELDS: usize = 1024;
+
 /// What the request contributes to the decision.
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct RequestFacts {
@@ -38,6 +42,7 @@ pub(crate) enum NotStored {
     AlreadyStale,
     MalformedCacheControl,
     TooLarge,
+    TooManyFields,
 }
 
 impl NotStored {
@@ -55,6 +60,7 @@ impl NotStored {
             NotStored::AlreadyStale => "already-stale",
             NotStored::MalformedCacheControl => "malformed-cache-control",
             NotStored::TooLarge => "too-large",
+            NotStored::TooManyFields => "too-many-fields",
         }
     }
 }
@@ -114,6 +120,9 @@ pub(crate) fn store_plan(
     }
     if headers.contains_key(SET_COOKIE) {
         return Err(NotStored::SetCookie);
+    }
+    if headers.len() > MAX_HEADER_FIELDS {
+        return Err(NotStored::TooManyFields);
     }
     if request.has_authorization && !(cc.public || cc.s_maxage.is_some() || cc.must_revalidate) {
         return Err(NotStored::Authorization);

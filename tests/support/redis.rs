@@ -264,6 +264,27 @@ impl RedisServer {
         let output = command.args(args).output().expect("run redis-cli");
         String::from_utf8_lossy(&output.stdout).trim().to_owned()
     }
+
+    /// Runs `redis-cli -x` (its last argument read from `input`, byte for byte).
+    pub fn cli_with_input(&self, args: &[&str], input: &[u8]) -> String {
+        use std::io::Write;
+        use std::process::Stdio;
+        let mut command = Command::new("redis-cli");
+        command.args(["-p", &self.port.to_string()]);
+        if let Some(ca) = &self.tls_ca {
+            command.arg("--tls").arg("--cacert").arg(ca);
+        }
+        let mut child = command
+            .arg("-x")
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("run redis-cli");
+        child.stdin.take().unwrap().write_all(input).unwrap();
+        let output = child.wait_with_output().expect("redis-cli output");
+        String::from_utf8_lossy(&output.stdout).trim().to_owned()
+    }
 }
 
 impl Drop for RedisServer {

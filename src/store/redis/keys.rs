@@ -2,27 +2,34 @@
 //! writes is named here, under the cache's namespace.
 //!
 //! ```text
-//! {ns}:v{format}:{64 hex}        an entry (response, Vary index or value), by its CacheKey
-//! {ns}:gone:{64 hex}             a key's invalidation mark: when it was invalidated (ms)
-//! {ns}:gonetag:{blake3 of tag}   a tag's invalidation mark
-//! {ns}:purged                    the last purge's mark
-//! {ns}:tag:{blake3 of tag}       a tag's index: the entry keys stored with it
-//! {ns}:lease:{64 hex}            a key's fill lease: the holder's token
-//! {ns}:invalidation-log          recent invalidation messages, scored by their time
-//! {ns}:invalidations             the pub/sub channel of invalidation messages
+//! {ns}/v{format}:{64 hex}        an entry (response, Vary index or value), by its CacheKey
+//! {ns}/gone:{64 hex}             a key's invalidation mark: when it was invalidated (ms)
+//! {ns}/gonetag:{blake3 of tag}   a tag's invalidation mark
+//! {ns}/purged                    the last purge's mark
+//! {ns}/tag:{blake3 of tag}       a tag's index: the entry keys stored with it
+//! {ns}/lease:{64 hex}            a key's fill lease: the holder's token
+//! {ns}/invalidation-log          recent invalidation messages, scored by their time
+//! {ns}/invalidations             the pub/sub channel of invalidation messages
 //! ```
 //!
 //! Keys are digests (tags hashed too), so no URL, tag or application key can reach a
-//! key's syntax, its length, or a Redis Cluster hash tag.
+//! key's syntax, its length, or a Redis Cluster hash tag. The namespace ends at `/`,
+//! which a namespace cannot hold: no namespace's keys (or its purge's SCAN pattern)
+//! reach into another's, even when one namespace starts with another (`jobs`,
+//! `jobs:prod`).
 
 use crate::entry::FORMAT_VERSION;
 use crate::key::CacheKey;
 
+/// Where a namespace ends in every key: a character no namespace may hold.
+pub(crate) const NAMESPACE_END: char = '/';
+
 /// The names of one namespace's keys.
 #[derive(Debug, Clone)]
 pub(crate) struct RedisKeys {
+    /// The namespace and its end, `{ns}/`.
     namespace: String,
-    /// `{ns}:v{format}:`, `{ns}:gone:`, `{ns}:lease:`, made once: these keys are made
+    /// `{ns}/v{format}:`, `{ns}/gone:`, `{ns}/lease:`, made once: these keys are made
     /// for every command or every entry written.
     entry_prefix: String,
     gone_prefix: String,
@@ -31,11 +38,12 @@ pub(crate) struct RedisKeys {
 
 impl RedisKeys {
     pub(crate) fn new(namespace: &str) -> Self {
+        let namespace = format!("{namespace}{NAMESPACE_END}");
         RedisKeys {
-            namespace: namespace.to_owned(),
-            entry_prefix: format!("{namespace}:v{FORMAT_VERSION}:"),
-            gone_prefix: format!("{namespace}:gone:"),
-            lease_prefix: format!("{namespace}:lease:"),
+            entry_prefix: format!("{namespace}v{FORMAT_VERSION}:"),
+            gone_prefix: format!("{namespace}gone:"),
+            lease_prefix: format!("{namespace}lease:"),
+            namespace,
         }
     }
 
@@ -47,7 +55,7 @@ impl RedisKeys {
         name
     }
 
-    /// Where an entry lives: `{ns}:v{format}:{hex}`, so a new format never reads an
+    /// Where an entry lives: `{ns}/v{format}:{hex}`, so a new format never reads an
     /// old one.
     pub(crate) fn entry(&self, key: &CacheKey) -> String {
         Self::keyed(&self.entry_prefix, key)
@@ -58,15 +66,15 @@ impl RedisKeys {
     }
 
     pub(crate) fn gone_tag(&self, tag: &str) -> String {
-        format!("{}:gonetag:{}", self.namespace, tag_digest(tag))
+        format!("{}gonetag:{}", self.namespace, tag_digest(tag))
     }
 
     pub(crate) fn purged(&self) -> String {
-        format!("{}:purged", self.namespace)
+        format!("{}purged", self.namespace)
     }
 
     pub(crate) fn tag_index(&self, tag: &str) -> String {
-        format!("{}:tag:{}", self.namespace, tag_digest(tag))
+        format!("{}tag:{}", self.namespace, tag_digest(tag))
     }
 
     pub(crate) fn lease(&self, key: &CacheKey) -> String {
@@ -74,16 +82,16 @@ impl RedisKeys {
     }
 
     pub(crate) fn invalidation_log(&self) -> String {
-        format!("{}:invalidation-log", self.namespace)
+        format!("{}invalidation-log", self.namespace)
     }
 
     pub(crate) fn invalidation_channel(&self) -> String {
-        format!("{}:invalidations", self.namespace)
+        format!("{}invalidations", self.namespace)
     }
 
     /// Matches every key of the namespace (for a purge's SCAN).
     pub(crate) fn every_key(&self) -> String {
-        format!("{}:*", self.namespace)
+        format!("{}*", self.namespace)
     }
 }
 
@@ -100,10 +108,10 @@ mod tests {
     fn entry_keys_are_bounded_and_plain() {
         let keys = RedisKeys::new("thc");
         let key = CacheKey::from_bytes([7; 32]);
-        assert_eq!(keys.entry(&key), format!("thc:v1:{}", "07".repeat(32)));
+        assert_eq!(keys.entry(&key), format!("thc/v1:{}", "07".repeat(32)));
         let long = format!("{}:{}", "x".repeat(8000), "{tag}".repeat(200));
         let entry = keys.entry(&CacheKey::for_value(&long));
-        assert_eq!(entry.len(), "thc:v1:".len() + 64);
+        assert_eq!(entry.len(), "thc/v1:".len() + 64);
         assert!(!entry.contains('{'));
     }
 
@@ -122,11 +130,31 @@ mod tests {
             keys.invalidation_channel(),
         ];
         for (i, a) in names.iter().enumerate() {
-            assert!(a.starts_with("ns:"), "{a}");
+            assert!(a.starts_with("ns/"), "{a}");
             for b in names.iter().skip(i + 1) {
                 assert_ne!(a, b);
             }
         }
         assert!(!keys.tag_index("{t}").contains('{'));
+    }
+
+    #[test]
+    fn no_namespace_reaches_into_another_that_it_starts() {
+        let (short, long) = (RedisKeys::new("jobs"), RedisKeys::new("jobs:prod"));
+        let pattern = short.every_key();
+        let prefix = pattern.trim_end_matches('*');
+        let key = CacheKey::from_bytes([1; 32]);
+        for name in [
+            long.entry(&key),
+            long.gone(&key),
+            long.gone_tag("t"),
+            long.purged(),
+            long.tag_index("t"),
+            long.lease(&key),
+            long.invalidation_log(),
+        ] {
+            assert!(!name.starts_with(prefix), "{name} matches {pattern}");
+        }
+        assert!(!long.invalidation_channel().starts_with(prefix));
     }
 }
