@@ -450,6 +450,162 @@ async fn memory_catches_up_on_what_was_invalidated_while_its_subscriber_was_cut_
     cut_off.lift_and_expect_caught_up().await;
 }
 
+/// Adds `count` junk messages to the `inval` namespace's invalidation log, scored now
+/// (by Redis's clock), each a microsecond apart: what anonymous writes to distinct
+/// URLs leave there.
+fn flood_the_log(redis: &RedisServer, count: usize) {
+    let script = "local t = redis.call('TIME') \
+                  local now = t[1] * 1000 + math.floor(t[2] / 1000) \
+                  for i = 1, tonumber(ARGV[1]) do \
+                    redis.call('ZADD', KEYS[1], now + i / 1000, 'k junk' .. i) \
+                  end \
+                  return redis.call('ZCARD', KEYS[1])";
+    let size = redis.cli(&[
+        "EVAL",
+        script,
+        "1",
+        "inval/invalidation-log",
+        &count.to_string(),
+    ]);
+    assert!(size.parse::<usize>().unwrap() >= count, "{size}");
+}
+
+#[tokio::test]
+async fn a_catch_up_reads_the_log_in_pages() {
+    let cut_off = CutOff::start("http://api.test/jobs/paged").await;
+    let redis = &cut_off.redis;
+    cut_off.proxy.set(Fault::Reset);
+    eventually("A's subscription gone", WAIT, || async {
+        subscribers(redis).ends_with('1')
+    })
+    .await;
+    flood_the_log(redis, 2_500);
+    let before = cut_off.proxy.count("ZRANGEBYSCORE");
+    // Last in the log: read only if every page before it was.
+    assert!(cut_off.b.invalidate(&cut_off.gone.parse().unwrap()).await);
+    cut_off.lift_and_expect_caught_up().await;
+    let reads = cut_off.proxy.count("ZRANGEBYSCORE") - before;
+    assert!(reads >= 3, "{reads} reads of 1 000 for 2 501 messages");
+}
+
+#[tokio::test]
+async fn a_log_too_long_to_catch_up_on_makes_memory_forget_everything() {
+    let cut_off = CutOff::start("http://api.test/jobs/flooded").await;
+    let redis = &cut_off.redis;
+    cut_off.proxy.set(Fault::Reset);
+    eventually("A's subscription gone", WAIT, || async {
+        subscribers(redis).ends_with('1')
+    })
+    .await;
+    // More than the catch-up reads, none of them about A's entries.
+    flood_the_log(redis, 10_001);
+    // A's reads alone (B, on its own connections, may catch up too).
+    let reads = cut_off.proxy.count("ZRANGEBYSCORE");
+    cut_off.proxy.set(Fault::None);
+    eventually("A subscribed again", WAIT, || async {
+        subscribers(redis).ends_with('2')
+    })
+    .await;
+    eventually("A's connections back", WAIT, || async {
+        cut_off.a.redis_health().unwrap().connected == 4
+    })
+    .await;
+    cut_off.a.redis_breaker().unwrap().force_open();
+    // Neither entry is left in memory, and the log was never read.
+    eventually("A's memory to forget everything", WAIT, || async {
+        cut_off.a.run_pending_tasks().await;
+        cut_off.a.memory_entry_count() == 0
+    })
+    .await;
+    for url in [cut_off.gone, cut_off.kept] {
+        let got = call(cut_off.origin.behind(&cut_off.a), get_request(url)).await;
+        assert!(!got.is_hit(), "{url}: {}", got.cache_status());
+    }
+    assert_eq!(cut_off.proxy.count("ZRANGEBYSCORE"), reads);
+}
+
+#[tokio::test]
+async fn a_log_trimmed_into_the_window_makes_memory_forget_everything() {
+    let cut_off = CutOff::start("http://api.test/jobs/trimmed").await;
+    let redis = &cut_off.redis;
+    cut_off.proxy.set(Fault::Reset);
+    eventually("A's subscription gone", WAIT, || async {
+        subscribers(redis).ends_with('1')
+    })
+    .await;
+    // B's invalidation of `gone` is pushed out of the full log by later ones.
+    assert!(cut_off.b.invalidate(&cut_off.gone.parse().unwrap()).await);
+    flood_the_log(redis, 10_000);
+    assert!(
+        cut_off
+            .b
+            .invalidate(&"http://api.test/other".parse().unwrap())
+            .await
+    );
+    assert_eq!(redis.cli(&["ZCARD", "inval/invalidation-log"]), "10000");
+    cut_off.proxy.set(Fault::None);
+    eventually("A subscribed again", WAIT, || async {
+        subscribers(redis).ends_with('2')
+    })
+    .await;
+    eventually("A's connections back", WAIT, || async {
+        cut_off.a.redis_health().unwrap().connected == 4
+    })
+    .await;
+    cut_off.a.redis_breaker().unwrap().force_open();
+    eventually("A's memory to forget everything", WAIT, || async {
+        cut_off.a.run_pending_tasks().await;
+        cut_off.a.memory_entry_count() == 0
+    })
+    .await;
+    let got = call(cut_off.origin.behind(&cut_off.a), get_request(cut_off.gone)).await;
+    assert!(!got.is_hit(), "{}", got.cache_status());
+}
+
+#[tokio::test]
+async fn an_unreadable_log_is_asked_for_again_with_a_growing_backoff() {
+    let cut_off = CutOff::start("http://api.test/jobs/unreadable").await;
+    let redis = &cut_off.redis;
+    cut_off.proxy.set(Fault::Reset);
+    eventually("A's subscription gone", WAIT, || async {
+        subscribers(redis).ends_with('1')
+    })
+    .await;
+    // Every read of the log now fails (WRONGTYPE).
+    assert_eq!(redis.cli(&["SET", "inval/invalidation-log", "junk"]), "OK");
+    // A's attempts alone (B, on its own connections, may catch up too).
+    let asked = || cut_off.proxy.count("ZCOUNT");
+    let before = asked();
+    cut_off.proxy.set(Fault::None);
+    eventually("A's first attempt", WAIT, || async { asked() > before }).await;
+    let first = std::time::Instant::now();
+    // Asked again after 250 ms, 500 ms, 1 s, 2 s, … (each at least that): a slower
+    // machine only asks less. Every 250 ms, as before, would be 12 or more.
+    eventually("3 s since the first attempt", WAIT, || async {
+        first.elapsed() >= Duration::from_secs(3)
+    })
+    .await;
+    let attempts = asked() - before;
+    assert!((2..=6).contains(&attempts), "{attempts} attempts in 3 s");
+}
+
+#[tokio::test]
+async fn the_invalidation_log_is_capped_in_size() {
+    let redis = RedisServer::start();
+    let cache = replica(&redis.url()).await;
+    flood_the_log(&redis, 12_000);
+    assert!(
+        cache
+            .invalidate(&"http://api.test/any".parse().unwrap())
+            .await
+    );
+    assert_eq!(redis.cli(&["ZCARD", "inval/invalidation-log"]), "10000");
+    // The newest is kept.
+    let newest = redis.cli(&["ZRANGE", "inval/invalidation-log", "-1", "-1"]);
+    assert!(newest.starts_with("k "), "{newest}");
+    assert!(!newest.contains("junk"), "{newest}");
+}
+
 #[tokio::test]
 async fn a_subscriber_connection_that_silently_drops_messages_is_reconnected_and_caught_up() {
     let cut_off = CutOff::start("http://api.test/jobs/half-open").await;

@@ -56,21 +56,28 @@ async fn forget(memory: &MemoryStore, invalidation: Invalidation) {
 const CLOCK_MARGIN: Duration = Duration::from_secs(5);
 
 /// After each window in which this replica's subscriber was cut off, memory forgets
-/// what was invalidated meanwhile (read back from Redis's log), so that a later outage
-/// cannot serve it. A log Redis cannot give now is asked for again each `every`; once
-/// the log no longer reaches back to the window, memory forgets everything. Ends with
-/// the store.
+/// what was invalidated meanwhile (read back from Redis's log, in pages), so that a
+/// later outage cannot serve it. A log Redis cannot give now is asked for again after
+/// a backoff that starts at `every` and doubles (with jitter) up to 32 times that;
+/// once the log no longer reaches back to the window, or holds more than the catch-up
+/// reads, memory forgets everything. Ends with the store.
 pub(crate) fn spawn_catch_up(
     store: Weak<RedisStore>,
     memory: MemoryStore,
     mut missed: MissedWindows,
     every: Duration,
 ) {
+    use tower::retry::backoff::{Backoff, ExponentialBackoffMaker, MakeBackoff};
+    use tower::util::rng::HasherRng;
+    let every = every.max(Duration::from_millis(1));
+    let mut backoffs =
+        ExponentialBackoffMaker::new(every, every * 32, 0.5, HasherRng::default()).ok();
     tokio::spawn(async move {
         while let Some(since) = missed.next().await {
             let since = since
                 .checked_sub(CLOCK_MARGIN)
                 .unwrap_or(std::time::UNIX_EPOCH);
+            let mut backoff = backoffs.as_mut().map(MakeBackoff::make_backoff);
             loop {
                 let Some(store) = store.upgrade() else {
                     return;
@@ -93,7 +100,10 @@ pub(crate) fn spawn_catch_up(
                     }
                 }
                 drop(store);
-                tokio::time::sleep(every).await;
+                match backoff.as_mut() {
+                    Some(backoff) => backoff.next_backoff().await,
+                    None => tokio::time::sleep(every).await,
+                }
             }
         }
     });

@@ -43,6 +43,15 @@ impl Invalidation {
     }
 }
 
+/// Most messages the invalidation log holds: each publish trims the oldest past it,
+/// so anonymous writes to distinct URLs cannot grow it without bound. A replica that
+/// would need more than this to catch up forgets all of its memory instead (always
+/// correct, and cheaper than reading them).
+pub(crate) const MAX_LOGGED: usize = 10_000;
+/// Messages read per command while catching up: each read stays small enough for the
+/// command timeout.
+const PAGE: usize = 1_000;
+
 /// Whether a log kept for `ttl` and trimmed at `now` still holds everything logged
 /// since `since` (both in milliseconds since the epoch).
 fn log_reaches(since: u64, now: u64, ttl: Duration) -> bool {
@@ -171,6 +180,9 @@ impl RedisStore {
         let _: Result<(), _> = pipeline
             .zremrangebyscore(&log, "-inf", millis_i64(now.saturating_sub(keep)))
             .await;
+        let _: Result<(), _> = pipeline
+            .zremrangebyrank(&log, 0, -(MAX_LOGGED as i64) - 1)
+            .await;
         let _: Result<(), _> = pipeline.pexpire(&log, millis_i64(keep), None).await;
         let _: Result<(), _> = pipeline
             .publish(self.keys.invalidation_channel(), message)
@@ -181,8 +193,10 @@ impl RedisStore {
         }
     }
 
-    /// The invalidations logged since `since`; `None` when the log no longer reaches
-    /// back that far (everything may have been invalidated).
+    /// The invalidations logged since `since`, read in pages of at most 1 000; `None`
+    /// when the log no longer reaches back that far (by age, or because it was trimmed
+    /// to its size), or holds more than [`MAX_LOGGED`] since then: everything may have
+    /// been invalidated.
     pub(crate) async fn logged_since(
         &self,
         since: SystemTime,
@@ -192,23 +206,51 @@ impl RedisStore {
         if !log_reaches(since, now, self.invalidation_ttl) {
             return Ok(None);
         }
-        let messages: Vec<String> = self
-            .client()?
-            .zrangebyscore(
-                self.keys.invalidation_log(),
-                millis_i64(since),
-                "+inf",
-                false,
-                None,
-            )
+        let client = self.client()?;
+        let log = self.keys.invalidation_log();
+        // How much there is to read, and whether the size trim reached into the window.
+        let pipeline = client.pipeline();
+        let _: () = pipeline
+            .zcount(&log, millis_i64(since) as f64, f64::INFINITY)
             .await
             .map_err(StoreError::command)?;
-        Ok(Some(
-            messages
-                .iter()
-                .filter_map(|message| Invalidation::parse(message))
-                .collect(),
-        ))
+        let _: () = pipeline.zcard(&log).await.map_err(StoreError::command)?;
+        let _: () = pipeline
+            .zrange(&log, 0, 0, None, false, None, true)
+            .await
+            .map_err(StoreError::command)?;
+        let (count, size, oldest): (u64, u64, Vec<(String, f64)>) =
+            pipeline.all().await.map_err(StoreError::command)?;
+        let trimmed_into_window = size >= MAX_LOGGED as u64
+            && oldest
+                .first()
+                .is_some_and(|(_, score)| *score > since as f64);
+        if count > MAX_LOGGED as u64 || trimmed_into_window {
+            return Ok(None);
+        }
+        let mut found = Vec::new();
+        let mut cursor = since as f64;
+        // Pages by score, each from the last one's score (inclusive: a message read
+        // twice is forgotten twice, which is harmless); bounded even if the log grows
+        // while it is read.
+        for _ in 0..=MAX_LOGGED / PAGE {
+            let page: Vec<(String, f64)> = client
+                .zrangebyscore(&log, cursor, f64::INFINITY, true, Some((0, PAGE as i64)))
+                .await
+                .map_err(StoreError::command)?;
+            found.extend(
+                page.iter()
+                    .filter_map(|(message, _)| Invalidation::parse(message)),
+            );
+            let last = page.last().map(|(_, score)| *score);
+            match last {
+                // A full page, every message in one millisecond: no way forward.
+                Some(score) if page.len() == PAGE && score <= cursor => return Ok(None),
+                Some(score) if page.len() == PAGE => cursor = score,
+                _ => return Ok(Some(found)),
+            }
+        }
+        Ok(None)
     }
 }
 
