@@ -7,13 +7,17 @@
 //! curl -i 'http://127.0.0.1:3000/candidates/7/matches'
 //! curl -i -X POST 'http://127.0.0.1:3000/jobs' -H 'content-type: application/json' \
 //!      -d '{"title":"Rust engineer","company":"Acme","location":"Berlin","skills":["rust","tokio"]}'
-//! curl -i -X POST 'http://127.0.0.1:3000/admin/purge?tag=matches'   # without tag: everything
+//! ADMIN_TOKEN=s3cret cargo run --release --example job_match
+//! curl -i -X POST -H 'authorization: Bearer s3cret' 'http://127.0.0.1:3000/admin/purge?tag=matches'
 //! ```
 //!
 //! Search results are tagged by location (`search:location:berlin`, or
 //! `search:any-location` without a location filter) and match lists `matches`; a new
 //! job invalidates the searches it can appear in and every match list, on every replica
-//! that shares the Redis.
+//! that shares the Redis, all at once through the layer on `POST /jobs` (one Redis
+//! deadline at most, whatever Redis does). `/admin/purge` (a tag, or without one
+//! everything) answers only when `ADMIN_TOKEN` is set, to requests that carry it as a
+//! bearer token; any other gets 401 and changes nothing.
 //!
 //! The data set (a few thousand generated jobs and candidates) lives in memory; the
 //! match route scores every job against a candidate, which takes tens of
@@ -358,11 +362,7 @@ struct NewJob {
     salary: u32,
 }
 
-async fn create_job(
-    State(data): State<Arc<Data>>,
-    Extension(cache): Extension<HybridCache>,
-    Json(new): Json<NewJob>,
-) -> impl IntoResponse {
+async fn create_job(State(data): State<Arc<Data>>, Json(new): Json<NewJob>) -> impl IntoResponse {
     let mut rng = XorShift(0xDEAD_BEEF);
     let profile = profile(&new.skills, &mut rng);
     let location = new.location.clone();
@@ -381,13 +381,17 @@ async fn create_job(
         id
     };
     // The searches the new job can appear in, and every match list, are out of date
-    // (on every replica sharing the Redis).
-    cache.invalidate_tag(&location_tag(&location)).await;
-    cache.invalidate_tag(ANY_LOCATION_TAG).await;
-    cache.invalidate_tag(MATCHES_TAG).await;
+    // (on every replica sharing the Redis): the layer invalidates them together, with
+    // the URIs the POST invalidates anyway, before the response goes back.
+    let stale = [
+        location_tag(&location),
+        ANY_LOCATION_TAG.to_owned(),
+        MATCHES_TAG.to_owned(),
+    ];
     (
         StatusCode::CREATED,
         [(header::LOCATION, format!("/jobs/{id}"))],
+        Extension(CacheOverrides::new().invalidate_tags(stale)),
         Json(serde_json::json!({ "id": id })),
     )
 }
@@ -397,9 +401,54 @@ struct Purge {
     tag: Option<String>,
 }
 
+/// The token the admin routes require, from `ADMIN_TOKEN`; without one they are off.
+#[derive(Clone)]
+pub struct AdminToken(Option<Arc<str>>);
+
+impl AdminToken {
+    /// Reads `ADMIN_TOKEN`; unset or empty turns the admin routes off.
+    pub fn from_env() -> Self {
+        Self::new(std::env::var("ADMIN_TOKEN").ok())
+    }
+
+    /// Guards the admin routes with `token`; `None` or empty turns them off.
+    pub fn new(token: Option<String>) -> Self {
+        AdminToken(token.filter(|t| !t.is_empty()).map(Arc::from))
+    }
+
+    /// Whether `headers` carry the token as `Authorization: Bearer …`, compared in time
+    /// independent of where they differ.
+    fn admits(&self, headers: &axum::http::HeaderMap) -> bool {
+        let Some(token) = &self.0 else { return false };
+        let Some(offered) = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+        else {
+            return false;
+        };
+        offered.len() == token.len()
+            && offered
+                .iter()
+                .zip(token.as_bytes())
+                .fold(0, |diff, (a, b)| diff | (a ^ b))
+                == 0
+    }
+}
+
 /// `POST /admin/purge?tag=search:location:berlin` forgets one tag; without `tag`,
-/// everything.
-async fn purge(Extension(cache): Extension<HybridCache>, Query(purge): Query<Purge>) -> StatusCode {
+/// everything. 404 when no token is configured, 401 without the right one.
+async fn purge(
+    Extension(cache): Extension<HybridCache>,
+    Extension(admin): Extension<AdminToken>,
+    headers: axum::http::HeaderMap,
+    Query(purge): Query<Purge>,
+) -> StatusCode {
+    if admin.0.is_none() {
+        return StatusCode::NOT_FOUND;
+    }
+    if !admin.admits(&headers) {
+        return StatusCode::UNAUTHORIZED;
+    }
     let reached_redis = match purge.tag {
         Some(tag) => cache.invalidate_tag(&tag).await,
         None => cache.purge_all().await,
@@ -412,8 +461,9 @@ async fn purge(Extension(cache): Extension<HybridCache>, Query(purge): Query<Pur
     }
 }
 
-/// The application: each read route cached with its own TTL, in one shared cache.
-pub fn app(cache: &HybridCache, data: Arc<Data>) -> Router {
+/// The application: each read route cached with its own TTL, in one shared cache;
+/// the admin routes guarded by `admin`.
+pub fn app(cache: &HybridCache, data: Arc<Data>, admin: AdminToken) -> Router {
     Router::new()
         .route(
             "/jobs/search",
@@ -424,7 +474,10 @@ pub fn app(cache: &HybridCache, data: Arc<Data>) -> Router {
                     .ignore_query_params(["utm_*"]),
             ),
         )
-        .route("/jobs", axum::routing::post(create_job))
+        .route(
+            "/jobs",
+            axum::routing::post(create_job).layer(cache.layer()),
+        )
         .route("/admin/purge", axum::routing::post(purge))
         .route(
             "/jobs/{id}",
@@ -435,6 +488,7 @@ pub fn app(cache: &HybridCache, data: Arc<Data>) -> Router {
             get(matches).layer(cache.layer().ttl(Duration::from_secs(60))),
         )
         .layer(Extension(cache.clone()))
+        .layer(Extension(admin))
         .with_state(data)
 }
 
@@ -467,6 +521,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let data = Data::generate(5_000, 1_000);
     let listener = tokio::net::TcpListener::bind(addr).await?;
     eprintln!("job_match listening on http://{}", listener.local_addr()?);
-    axum::serve(listener, app(&cache, data)).await?;
+    axum::serve(listener, app(&cache, data, AdminToken::from_env())).await?;
     Ok(())
 }

@@ -19,7 +19,8 @@ use tower_hybrid_cache::HybridCache;
 #[tokio::test]
 async fn read_routes_are_cached_with_their_ttls_and_writes_pass_through() {
     let cache = HybridCache::builder().build().await.unwrap();
-    let app = job_match::app(&cache, job_match::Data::generate(2_000, 50));
+    let admin = job_match::AdminToken::new(Some("s3cret".to_owned()));
+    let app = job_match::app(&cache, job_match::Data::generate(2_000, 50), admin);
 
     let search = "/jobs/search?q=engineer&location=Berlin&page=1&utm_source=mail";
     let first = call(app.clone(), get(search)).await;
@@ -99,13 +100,51 @@ async fn read_routes_are_cached_with_their_ttls_and_writes_pass_through() {
         .is_hit());
     assert!(call(app.clone(), get(paris)).await.is_hit());
 
-    // The admin route purges by tag.
-    let purge = Request::post("/admin/purge?tag=search:location:paris")
-        .body(Body::empty())
-        .unwrap();
+    // The admin route purges by tag, for the token alone.
+    let purge = |token: Option<&str>| {
+        let mut request = Request::post("/admin/purge?tag=search:location:paris");
+        if let Some(token) = token {
+            request = request.header("authorization", token);
+        }
+        request.body(Body::empty()).unwrap()
+    };
+    for wrong in [
+        None,
+        Some("Bearer s3cre"),
+        Some("Bearer s3cret2"),
+        Some("s3cret"),
+        Some("Basic s3cret"),
+    ] {
+        assert_eq!(
+            call(app.clone(), purge(wrong)).await.status,
+            StatusCode::UNAUTHORIZED,
+            "{wrong:?}"
+        );
+        assert!(call(app.clone(), get(paris)).await.is_hit(), "{wrong:?}");
+    }
     assert_eq!(
-        call(app.clone(), purge).await.status,
+        call(app.clone(), purge(Some("Bearer s3cret"))).await.status,
         StatusCode::NO_CONTENT
     );
     assert!(!call(app, get(paris)).await.is_hit());
+}
+
+#[tokio::test]
+async fn the_admin_routes_are_off_without_a_token() {
+    let cache = HybridCache::builder().build().await.unwrap();
+    for token in [None, Some(String::new())] {
+        let admin = job_match::AdminToken::new(token);
+        let app = job_match::app(&cache, job_match::Data::generate(100, 10), admin);
+        call(app.clone(), get("/jobs/1")).await;
+        eventually("stored", Duration::from_secs(10), || async {
+            call(app.clone(), get("/jobs/1")).await.is_hit()
+        })
+        .await;
+        let purge = Request::post("/admin/purge")
+            .header("authorization", "Bearer ")
+            .body(Body::empty())
+            .unwrap();
+        assert_eq!(call(app.clone(), purge).await.status, StatusCode::NOT_FOUND);
+        assert!(call(app, get("/jobs/1")).await.is_hit());
+    }
 }

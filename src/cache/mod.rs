@@ -179,6 +179,28 @@ impl HybridCache {
         self.engine.invalidate_tag(tag).await
     }
 
+    /// Forgets every response stored with any of `tags`, as
+    /// [`invalidate_tag`](Self::invalidate_tag) does for each, but all at once: with
+    /// Redis slow or away, the call takes one deadline, not one per tag. Returns
+    /// `false` when Redis could not take one of them now (it is replayed).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let cache = tower_hybrid_cache::HybridCache::builder().build().await?;
+    /// assert!(cache.invalidate_tags(["search:berlin", "matches"]).await);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn invalidate_tags<I, T>(&self, tags: I) -> bool
+    where
+        I: IntoIterator<Item = T>,
+        T: AsRef<str>,
+    {
+        let tags: Vec<String> = tags.into_iter().map(|t| t.as_ref().to_owned()).collect();
+        self.engine.invalidate_all_of(&[], &tags).await
+    }
+
     /// Forgets everything this cache stored, in both tiers (in Redis: every key of its
     /// namespace), and so for every replica sharing the Redis. Returns `false` when
     /// Redis could not take it now: it is replayed once Redis can, as

@@ -152,6 +152,18 @@ impl Engine {
         self.store.invalidate_tag(tag).await
     }
 
+    /// Invalidates `keys` and `tags` all at once, so that together they take one
+    /// deadline, not one each; `false` when Redis could not be told one of them now.
+    pub(crate) async fn invalidate_all_of(&self, keys: &[CacheKey], tags: &[String]) -> bool {
+        use futures_util::future::join_all;
+        let (keys, tags) = futures_util::future::join(
+            join_all(keys.iter().map(|key| self.invalidate_key(*key))),
+            join_all(tags.iter().map(|tag| self.invalidate_tag(tag))),
+        )
+        .await;
+        keys.into_iter().chain(tags).all(|reached| reached)
+    }
+
     /// Marks everything invalidated, then removes it from both tiers.
     pub(crate) async fn purge_all(&self) -> bool {
         self.invalidations.mark_all();

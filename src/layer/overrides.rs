@@ -13,7 +13,10 @@ use std::time::Duration;
 ///   or `private`, still is not stored);
 /// - `stale_while_revalidate`, `stale_if_error`: the stale windows, in place of the
 ///   response's directives and the route's settings;
-/// - `tags`: added to those of the tag header, for `HybridCache::invalidate_tag`.
+/// - `tags`: added to those of the tag header, for `HybridCache::invalidate_tag`;
+/// - `invalidate_tags`: on the successful response to an unsafe request (POST, PUT,
+///   …), tags to invalidate with the request's own URIs, all at once and within one
+///   Redis deadline, before the response goes back (ignored on other responses).
 ///
 /// ```
 /// use std::time::Duration;
@@ -42,6 +45,7 @@ pub struct CacheOverrides {
     pub(crate) stale_while_revalidate: Option<Duration>,
     pub(crate) stale_if_error: Option<Duration>,
     pub(crate) tags: Vec<String>,
+    pub(crate) invalidate_tags: Vec<String>,
 }
 
 impl CacheOverrides {
@@ -75,11 +79,52 @@ impl CacheOverrides {
         I: IntoIterator<Item = T>,
         T: Into<String>,
     {
-        self.tags.extend(
-            tags.into_iter()
-                .map(Into::into)
-                .filter(|tag| is_valid_tag(tag)),
-        );
+        self.tags.extend(valid_tags(tags));
         self
     }
+
+    /// Adds tags to invalidate once this response to an unsafe request succeeds (2xx,
+    /// 3xx), with the URIs the request invalidates anyway: all of them concurrently,
+    /// so that a sick Redis costs the request one deadline, not one per tag. What
+    /// Redis could not take is queued and replayed, as with
+    /// `HybridCache::invalidate_tag`. Empty tags and tags over 256 bytes are dropped.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use axum::{http::StatusCode, routing::post, Extension, Router};
+    /// use tower_hybrid_cache::{CacheOverrides, HybridCache};
+    ///
+    /// async fn create_job() -> (StatusCode, Extension<CacheOverrides>) {
+    ///     // Every search a job in Berlin can appear in, and every match list.
+    ///     let overrides = CacheOverrides::new().invalidate_tags(["search:berlin", "matches"]);
+    ///     (StatusCode::CREATED, Extension(overrides))
+    /// }
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let cache = HybridCache::builder().build().await?;
+    /// let app: Router = Router::new().route("/jobs", post(create_job).layer(cache.layer()));
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn invalidate_tags<I, T>(mut self, tags: I) -> Self
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<String>,
+    {
+        self.invalidate_tags.extend(valid_tags(tags));
+        self
+    }
+}
+
+/// The tags worth keeping: not empty, at most 256 bytes.
+fn valid_tags<I, T>(tags: I) -> impl Iterator<Item = String>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<String>,
+{
+    tags.into_iter()
+        .map(Into::into)
+        .filter(|tag| is_valid_tag(tag))
 }

@@ -10,6 +10,7 @@ use http::header::{CONTENT_LOCATION, HOST, LOCATION};
 use http::{HeaderMap, HeaderValue, Method, Request, Response};
 
 use super::body::CacheBody;
+use super::overrides::CacheOverrides;
 use super::status::CACHE_STATUS;
 use crate::engine::Engine;
 use crate::key::CacheKey;
@@ -94,7 +95,8 @@ impl WriteTarget {
 }
 
 /// Forwards an unsafe request; after a success (2xx or 3xx), invalidates its targets
-/// before the response goes back, so the client's next read misses.
+/// and the tags its handler named, all at once, before the response goes back, so the
+/// client's next read misses.
 pub(crate) async fn invalidate_after<F, B, E>(
     future: F,
     engine: Arc<Engine>,
@@ -109,10 +111,13 @@ where
     if let Some(name) = target.settings.hidden_tag_header() {
         parts.headers.remove(name);
     }
+    // The handler's overrides are for the cache, not the client.
+    let overrides = parts.extensions.remove::<CacheOverrides>();
     if parts.status.is_success() || parts.status.is_redirection() {
-        for key in target.keys(&parts.headers) {
-            engine.invalidate_key(key).await;
-        }
+        let tags = overrides.map(|o| o.invalidate_tags).unwrap_or_default();
+        engine
+            .invalidate_all_of(&target.keys(&parts.headers), &tags)
+            .await;
     }
     if let Some(value) = cache_status {
         let _ = parts.headers.try_append(CACHE_STATUS, value);

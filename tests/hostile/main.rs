@@ -5,17 +5,20 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "../support/fault_proxy.rs"]
+mod fault_proxy;
 #[path = "../support/mod.rs"]
 mod support;
 
 use std::time::Duration;
 
 use axum::body::Body;
+use fault_proxy::FaultProxy;
 use http::{Request, StatusCode};
 use support::redis::RedisServer;
 use support::{call, eventually, get, get_with, Origin};
 use tower_hybrid_cache::entry::FORMAT_VERSION;
-use tower_hybrid_cache::{HybridCache, RedisConfig};
+use tower_hybrid_cache::{CacheOverrides, HybridCache, RedisConfig};
 
 const WAIT: Duration = Duration::from_secs(15);
 
@@ -286,4 +289,60 @@ async fn a_namespace_never_reaches_into_one_it_starts() {
     assert_eq!(count("jobs:prod/v1:*"), 0);
     let hit = call(app(&origin, &long), get(urls[0])).await;
     assert!(!hit.is_hit(), "{}", hit.cache_status());
+}
+
+#[tokio::test]
+async fn a_writes_invalidations_with_redis_frozen_share_one_deadline() {
+    let redis = RedisServer::start();
+    // Through a proxy that only counts: what the cache sends to the frozen Redis.
+    let proxy = FaultProxy::start(redis.port());
+    let deadline = Duration::from_secs(2);
+    let cache = HybridCache::builder()
+        .namespace("frozen")
+        .redis(
+            RedisConfig::new(proxy.url())
+                .command_timeout(deadline)
+                .deadline(deadline),
+        )
+        .build()
+        .await
+        .unwrap();
+    let create = || async {
+        let tags = ["search:berlin", "search:any-location", "matches"];
+        (
+            StatusCode::CREATED,
+            axum::Extension(CacheOverrides::new().invalidate_tags(tags)),
+        )
+    };
+    let app = axum::Router::new().route("/jobs", axum::routing::post(create).layer(cache.layer()));
+    eventually("connected", WAIT, || async {
+        cache.redis_health().unwrap().connected == 4
+    })
+    .await;
+    redis.freeze();
+    // Every invalidation starts with its mark (a SET): the URI's and the three tags'.
+    let marks = || proxy.count("SET");
+    let before = marks();
+    let post = tokio::spawn(call(
+        app,
+        with_body("POST", "http://api.test/jobs", &[], "{}"),
+    ));
+    eventually("all four marks sent", WAIT, || async {
+        marks() >= before + 4
+    })
+    .await;
+    assert_eq!(
+        cache.stats().redis_deadline_hits,
+        0,
+        "all four were sent before the first deadline ran out"
+    );
+    let got = post.await.unwrap();
+    assert_eq!(got.status, StatusCode::CREATED);
+    // What Redis could not take waits for it, in order.
+    assert_eq!(cache.pending_redis_operations(), 4);
+    redis.resume();
+    eventually("replayed", WAIT, || async {
+        cache.pending_redis_operations() == 0
+    })
+    .await;
 }
