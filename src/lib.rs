@@ -68,6 +68,8 @@ mod telemetry;
 
 pub mod breaker;
 pub mod entry;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod error;
 pub mod key;
 pub mod layer;

@@ -8,7 +8,9 @@ use crate::policy::settings::QueryFilter;
 /// Writes the path with percent-encoding normalised (RFC 3986 §6.2.2): escapes of
 /// unreserved characters decoded, other escapes upper-cased. An invalid escape
 /// (`%zz`, a lone `%`) is kept as it is, so it stays distinct from its valid
-/// spellings.
+/// spellings; an escape of a hex digit right after one stays escaped (`%%35` is
+/// kept, not made `%5`), so that no canonical form holds an escape that was not in
+/// the URL, and canonicalising twice changes nothing.
 pub(crate) fn write_canonical_path(path: &str, out: &mut Vec<u8>) {
     normalise_escapes_into(path.as_bytes(), out);
 }
@@ -59,15 +61,28 @@ fn normalised(input: &[u8]) -> Cow<'_, [u8]> {
 }
 
 fn normalise_escapes_into(input: &[u8], out: &mut Vec<u8>) {
-    // Unreserved characters are decoded; every other escape stays, upper-cased.
-    transcode(input, out, |byte| {
-        !(byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~'))
+    // Unreserved characters are decoded; every other escape stays, upper-cased. A hex
+    // digit stays escaped where, decoded, it would turn an invalid escape kept before
+    // it (`%`, `%5`) into a valid one.
+    transcode(input, out, |byte, before| {
+        let unreserved = byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~');
+        !unreserved || (byte.is_ascii_hexdigit() && completes_an_escape(before))
     });
 }
 
-/// Copies `input`, decoding each valid `%XX` escape unless `stays_escaped` says the
-/// byte keeps its (upper-cased) escape. Invalid escapes are copied as they are.
-fn transcode(input: &[u8], out: &mut Vec<u8>, stays_escaped: impl Fn(u8) -> bool) {
+/// Whether `out` ends as an escape in the making: `%`, or `%` and one hex digit.
+fn completes_an_escape(out: &[u8]) -> bool {
+    match out {
+        [.., b'%'] => true,
+        [.., b'%', digit] => digit.is_ascii_hexdigit(),
+        _ => false,
+    }
+}
+
+/// Copies `input`, decoding each valid `%XX` escape unless `stays_escaped` (given the
+/// byte and what was written so far) says the byte keeps its (upper-cased) escape.
+/// Invalid escapes are copied as they are.
+fn transcode(input: &[u8], out: &mut Vec<u8>, stays_escaped: impl Fn(u8, &[u8]) -> bool) {
     if !input.contains(&b'%') {
         out.extend_from_slice(input);
         return;
@@ -77,7 +92,7 @@ fn transcode(input: &[u8], out: &mut Vec<u8>, stays_escaped: impl Fn(u8) -> bool
         if input[i] == b'%' {
             if let (Some(hi), Some(lo)) = (hex(input.get(i + 1)), hex(input.get(i + 2))) {
                 let byte = (hi << 4) | lo;
-                if stays_escaped(byte) {
+                if stays_escaped(byte, out) {
                     out.extend_from_slice(&[
                         b'%',
                         HEX_UPPER[usize::from(hi)],
@@ -112,7 +127,7 @@ fn percent_decode(input: &[u8]) -> Cow<'_, [u8]> {
         return Cow::Borrowed(input);
     }
     let mut out = Vec::with_capacity(input.len());
-    transcode(input, &mut out, |_| false);
+    transcode(input, &mut out, |_, _| false);
     Cow::Owned(out)
 }
 
@@ -138,6 +153,12 @@ mod tests {
         assert_eq!(path("/a%7Eb%2fc%41"), "/a~b%2FcA");
         assert_eq!(path("/plain"), "/plain");
         assert_eq!(path("/bad%zz%4"), "/bad%zz%4");
+        // Found by fuzzing: decoding `%35` after a lone `%` made an escape (`%55`)
+        // that the next canonicalisation decoded again.
+        assert_eq!(path("/%%3550"), "/%%3550");
+        assert_eq!(path("/%5%35x"), "/%5%35x");
+        assert_eq!(path("/%%47"), "/%G", "not a hex digit: decoded");
+        assert_eq!(path(&path("/%%3550")), path("/%%3550"));
         assert_eq!(path("/%"), "/%");
     }
 

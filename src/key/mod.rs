@@ -6,7 +6,7 @@ use http::{HeaderMap, HeaderName, Method, Uri};
 
 use crate::policy::settings::RouteSettings;
 
-mod canonical;
+pub(crate) mod canonical;
 
 use canonical::{write_canonical_path, write_canonical_query};
 
