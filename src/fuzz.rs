@@ -207,7 +207,8 @@ pub fn layer(data: &[u8]) -> usize {
         let mut hits = 0;
         // One cache for the process, emptied before each script: building one costs
         // more than a short script.
-        static CACHE: tokio::sync::OnceCell<Option<HybridCache>> = tokio::sync::OnceCell::const_new();
+        static CACHE: tokio::sync::OnceCell<Option<HybridCache>> =
+            tokio::sync::OnceCell::const_new();
         let built = CACHE
             .get_or_init(|| async { HybridCache::builder().build().await.ok() })
             .await;
@@ -221,10 +222,8 @@ pub fn layer(data: &[u8]) -> usize {
             Arc::new(Mutex::new((StatusCode::OK, HeaderMap::new(), Bytes::new())));
         let given = Arc::clone(&answer);
         let origin = tower::service_fn(move |request: Request<()>| {
-            let (status, headers, body) = given
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .clone();
+            let (status, headers, body) =
+                given.lock().unwrap_or_else(PoisonError::into_inner).clone();
             let key = CacheKey::primary(
                 request.method(),
                 request.uri(),
@@ -242,7 +241,12 @@ pub fn layer(data: &[u8]) -> usize {
             *answer.lock().unwrap_or_else(PoisonError::into_inner) =
                 (exchange.status, exchange.headers, exchange.body);
             let request = exchange.request;
-            let key = CacheKey::primary(request.method(), request.uri(), request.headers(), &settings);
+            let key = CacheKey::primary(
+                request.method(),
+                request.uri(),
+                request.headers(),
+                &settings,
+            );
             let Ok(response) = tower::ServiceExt::oneshot(service.clone(), request).await;
             let hit = response
                 .headers()

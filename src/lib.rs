@@ -68,9 +68,9 @@ mod telemetry;
 
 pub mod breaker;
 pub mod entry;
+pub mod error;
 #[doc(hidden)]
 pub mod fuzz;
-pub mod error;
 pub mod key;
 pub mod layer;
 pub mod store;
