@@ -1,0 +1,67 @@
+//! Memory hits through the layer, N of them (first argument, default 10 000), for an
+//! instruction-count A/B under callgrind: instruction counts do not depend on what
+//! else the machine is doing, so two builds compare exactly (BENCHMARKS.md, "Hit
+//! path, instructions").
+//!
+//! ```text
+//! cargo bench --bench hit_instructions --no-run   # prints the binary's path
+//! valgrind --tool=callgrind <binary> 2000; valgrind --tool=callgrind <binary> 12000
+//! # per hit: (Ir(12000) - Ir(2000)) / 10000
+//! ```
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::convert::Infallible;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use tower::{Service, ServiceExt};
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let hits: usize = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(10_000);
+    let cache = tower_hybrid_cache::HybridCache::builder()
+        .build()
+        .await
+        .unwrap();
+    let origin = tower::service_fn(|_request: Request<Full<Bytes>>| async {
+        let mut response = Response::new(Full::new(Bytes::from_static(b"hello world")));
+        response.headers_mut().insert(
+            "cache-control",
+            http::HeaderValue::from_static("max-age=600"),
+        );
+        Ok::<_, Infallible>(response)
+    });
+    let mut service = tower::Layer::layer(&cache.layer(), origin);
+    let request = || {
+        Request::get("http://api.test/jobs/42?q=rust")
+            .header("accept", "*/*")
+            .header("user-agent", "bench")
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    };
+    // The miss that stores the entry, then the hits.
+    let stored = service
+        .ready()
+        .await
+        .unwrap()
+        .call(request())
+        .await
+        .unwrap();
+    stored.into_body().collect().await.unwrap();
+    cache.run_pending_tasks().await;
+    for _ in 0..hits {
+        let hit = service
+            .ready()
+            .await
+            .unwrap()
+            .call(request())
+            .await
+            .unwrap();
+        hit.into_body().collect().await.unwrap();
+    }
+}
