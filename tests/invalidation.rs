@@ -322,6 +322,54 @@ async fn replica_held_open_once_forced(url: &str) -> HybridCache {
 }
 
 #[tokio::test]
+async fn a_replica_never_serves_from_redis_what_it_invalidated_while_redis_was_away() {
+    let redis = RedisServer::start();
+    // Replays wait 30 s (the probe interval), so Redis is back before they run.
+    let a = HybridCache::builder()
+        .namespace("inval")
+        .redis(
+            RedisConfig::new(redis.url())
+                .deadline(Duration::from_millis(500))
+                .probe_interval(Duration::from_secs(30)),
+        )
+        .redis_breaker(
+            CircuitBreakerLayer::new().open_for(Duration::from_secs(60), Duration::from_secs(60)),
+        )
+        .build()
+        .await
+        .unwrap();
+    let origin = Origin::new();
+    let (by_key, by_tag) = (
+        "http://api.test/jobs/queued",
+        "http://api.test/jobs/tagged?h=cache-tag:feed",
+    );
+    for url in [by_key, by_tag] {
+        call(origin.behind(&a), get_request(url)).await;
+    }
+    eventually("both in Redis", WAIT, || async {
+        a.stats().redis_writes == 2
+    })
+    .await;
+    // Redis away: both invalidations wait for replay.
+    a.redis_breaker().unwrap().force_open();
+    assert!(!a.invalidate(&by_key.parse().unwrap()).await);
+    assert!(!a.invalidate_tag("feed").await);
+    // The key's delete is kept by the writer, behind the writes queued before it.
+    eventually("both kept for replay", WAIT, || async {
+        a.pending_redis_operations() == 2
+    })
+    .await;
+    // Redis back, the old entries still in it, the replays not run yet.
+    a.redis_breaker().unwrap().force_half_open();
+    for url in [by_key, by_tag] {
+        let got = call(origin.behind(&a), get_request(url)).await;
+        assert!(!got.is_hit(), "{url}: {}", got.cache_status());
+    }
+    assert_eq!(origin.log.calls(), 4);
+    assert_eq!(a.pending_redis_operations(), 2, "read before the replays");
+}
+
+#[tokio::test]
 async fn memory_forgets_what_another_replica_invalidated_so_an_outage_cannot_serve_it() {
     let redis = RedisServer::start();
     let a = replica_held_open_once_forced(&redis.url()).await;

@@ -14,7 +14,7 @@ use super::{StoreRequest, Tier};
 use crate::breaker::CircuitBreaker;
 use crate::entry::Entry;
 use crate::key::CacheKey;
-use crate::telemetry::{Counter, Counters};
+use crate::telemetry::{Counter, Counters, TARGET};
 
 /// The tiers behind one cache. Clones share them.
 #[derive(Clone)]
@@ -70,6 +70,12 @@ impl HybridStore {
         }
         if let Some(redis) = &self.redis {
             match redis.read(key).await {
+                // This replica invalidated it while Redis was away, and the removal
+                // is not replayed yet: Redis's copy is stale to us (memory forgot it).
+                RedisRead::Found(entry) if redis.awaits_invalidation(key, &entry) => {
+                    tracing::debug!(target: TARGET, key = %key, outcome = "invalidation-queued");
+                    return None;
+                }
                 RedisRead::Found(entry) => return Some((entry, Tier::Redis)),
                 // Redis is the shared truth: its miss is a miss, whatever memory holds.
                 RedisRead::Absent => return None,

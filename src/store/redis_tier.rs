@@ -256,6 +256,12 @@ impl RedisTier {
         self.replay.len()
     }
 
+    /// Whether `entry`, read from Redis under `key`, was invalidated here by an
+    /// operation Redis has not taken yet (it waits for replay).
+    pub(crate) fn awaits_invalidation(&self, key: &CacheKey, entry: &Entry) -> bool {
+        self.replay.invalidates(key, entry.tags())
+    }
+
     pub(crate) fn breaker(&self) -> &CircuitBreaker {
         &self.breaker
     }

@@ -67,6 +67,21 @@ impl Replay {
         pending.push_back(request);
     }
 
+    /// Whether an invalidation waiting here (of `key`, of one of `tags`, or a purge)
+    /// would remove the entry stored under `key`: until it is replayed, Redis's copy
+    /// is one this replica already invalidated.
+    pub(crate) fn invalidates(&self, key: &CacheKey, tags: &[String]) -> bool {
+        let Ok(pending) = self.pending.lock() else {
+            return false;
+        };
+        pending.iter().any(|request| match &request.op {
+            StoreOp::Delete(deleted) => deleted == key,
+            StoreOp::InvalidateTag(tag) => tags.contains(tag),
+            StoreOp::PurgeAll => true,
+            _ => false,
+        })
+    }
+
     /// Operations waiting.
     pub(crate) fn len(&self) -> usize {
         self.pending.lock().map(|p| p.len()).unwrap_or(0)
