@@ -139,9 +139,9 @@ struct HeadFields<'a> {
     /// A `Content-Length` other than 0 (junk included) or any `Transfer-Encoding`
     /// (RFC 9112 §6.1).
     body: bool,
-    /// The first `Host`, and whether there is another.
+    /// The first `Host`, and whether another follows it.
     host: Option<&'a http::HeaderValue>,
-    hosts: bool,
+    repeated_host: bool,
 }
 
 impl<'a> HeadFields<'a> {
@@ -150,7 +150,7 @@ impl<'a> HeadFields<'a> {
             range: false,
             body: false,
             host: None,
-            hosts: false,
+            repeated_host: false,
         };
         for (name, value) in headers {
             if name == RANGE {
@@ -160,7 +160,7 @@ impl<'a> HeadFields<'a> {
             {
                 fields.body = true;
             } else if name == HOST {
-                fields.hosts |= fields.host.is_some();
+                fields.repeated_host |= fields.host.is_some();
                 fields.host.get_or_insert(value);
             }
         }
@@ -172,7 +172,7 @@ impl<'a> HeadFields<'a> {
     /// which host it meant is a guess).
     fn names_one_host(&self, uri: &Uri) -> bool {
         match (self.host, uri.authority()) {
-            _ if self.hosts => false,
+            _ if self.repeated_host => false,
             (Some(host), Some(authority)) => host
                 .as_bytes()
                 .eq_ignore_ascii_case(authority.as_str().as_bytes()),

@@ -70,8 +70,9 @@ pub(crate) fn spawn_catch_up(
     use tower::retry::backoff::{Backoff, ExponentialBackoffMaker, MakeBackoff};
     use tower::util::rng::HasherRng;
     let every = every.max(Duration::from_millis(1));
-    let mut backoffs =
-        ExponentialBackoffMaker::new(every, every * 32, 0.5, HasherRng::default()).ok();
+    // Saturating: the interval is the user's, and may be absurd.
+    let most = every.saturating_mul(32);
+    let mut backoffs = ExponentialBackoffMaker::new(every, most, 0.5, HasherRng::default()).ok();
     tokio::spawn(async move {
         while let Some(since) = missed.next().await {
             let since = since
