@@ -62,6 +62,12 @@ pub struct CacheStats {
     /// Operations (write batches, invalidations, tag invalidations, purges) that
     /// Redis could not take when asked, replayed once it could.
     pub redis_replays: u64,
+    /// Removals kept for Redis that were folded into one purge of the namespace,
+    /// because more were waiting than the replay keeps (10 000, or 4 MiB of tags).
+    pub redis_removals_folded: u64,
+    /// Kept operations given up because Redis refused them with an error reply
+    /// (`NOPERM`, `WRONGTYPE`, `OOM`): a write batch at once, a removal after five.
+    pub redis_replays_refused: u64,
 }
 
 #[derive(Debug, Default)]
@@ -83,6 +89,8 @@ pub(crate) struct Counters {
     redis_reads_shared: AtomicU64,
     invalidations: AtomicU64,
     redis_replays: AtomicU64,
+    redis_removals_folded: AtomicU64,
+    redis_replays_refused: AtomicU64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -104,6 +112,8 @@ pub(crate) enum Counter {
     RedisReadShared,
     Invalidation,
     RedisReplay,
+    RedisRemovalFolded,
+    RedisReplayRefused,
 }
 
 impl Counter {
@@ -127,6 +137,8 @@ impl Counter {
             Counter::RedisReadShared => "tower_hybrid_cache_redis_reads_shared_total",
             Counter::Invalidation => "tower_hybrid_cache_invalidations_total",
             Counter::RedisReplay => "tower_hybrid_cache_redis_replays_total",
+            Counter::RedisRemovalFolded => "tower_hybrid_cache_redis_removals_folded_total",
+            Counter::RedisReplayRefused => "tower_hybrid_cache_redis_replays_refused_total",
         }
     }
 }
@@ -168,6 +180,8 @@ impl Counters {
             Counter::RedisReadShared => &self.redis_reads_shared,
             Counter::Invalidation => &self.invalidations,
             Counter::RedisReplay => &self.redis_replays,
+            Counter::RedisRemovalFolded => &self.redis_removals_folded,
+            Counter::RedisReplayRefused => &self.redis_replays_refused,
         }
     }
 
@@ -190,6 +204,8 @@ impl Counters {
             redis_reads_shared: self.redis_reads_shared.load(Ordering::Relaxed),
             invalidations: self.invalidations.load(Ordering::Relaxed),
             redis_replays: self.redis_replays.load(Ordering::Relaxed),
+            redis_removals_folded: self.redis_removals_folded.load(Ordering::Relaxed),
+            redis_replays_refused: self.redis_replays_refused.load(Ordering::Relaxed),
         }
     }
 }
@@ -199,7 +215,7 @@ mod tests {
     use super::*;
     use metrics_util::debugging::{DebugValue, DebuggingRecorder};
 
-    const ALL: [Counter; 17] = [
+    const ALL: [Counter; 19] = [
         Counter::Hit,
         Counter::Miss,
         Counter::Bypass,
@@ -217,6 +233,8 @@ mod tests {
         Counter::RedisReadShared,
         Counter::Invalidation,
         Counter::RedisReplay,
+        Counter::RedisRemovalFolded,
+        Counter::RedisReplayRefused,
     ];
 
     #[test]
@@ -249,6 +267,8 @@ mod tests {
             ("redis_reads_shared", s.redis_reads_shared),
             ("invalidations", s.invalidations),
             ("redis_replays", s.redis_replays),
+            ("redis_removals_folded", s.redis_removals_folded),
+            ("redis_replays_refused", s.redis_replays_refused),
         ];
         let recorded: Vec<(String, DebugValue)> = snapshotter
             .snapshot()

@@ -138,8 +138,9 @@ impl HybridCache {
     /// of a route whose layer drops or keeps parameters, or adds key headers, are
     /// forgotten through that layer ([`HybridCacheLayer::invalidate`]) or by an unsafe
     /// request through that route instead. Returns `false`
-    /// when Redis could not be told now (it is still told through the write queue
-    /// when it comes back, if the queue had room).
+    /// when Redis could not be told now: the delete is kept and replayed once Redis
+    /// can (removals are never dropped for room, see
+    /// [`pending_redis_operations`](Self::pending_redis_operations)).
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")]
@@ -164,8 +165,8 @@ impl HybridCache {
     /// for every replica sharing the Redis. Tags come from the response's tag header
     /// (`Cache-Tag` by default, see `HybridCacheLayer::tag_header`) or the handler's
     /// [`CacheOverrides`](crate::CacheOverrides). Returns `false` when Redis could not
-    /// take it now: it is kept (up to 1024 removals) and replayed, in order, once Redis
-    /// can.
+    /// take it now: it is kept and replayed once Redis can (see
+    /// [`pending_redis_operations`](Self::pending_redis_operations)).
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")]
@@ -209,9 +210,16 @@ impl HybridCache {
         self.engine.purge_all().await
     }
 
-    /// Returns operations waiting for Redis to come back: write batches made while it was
-    /// away, invalidations, tag invalidations and purges. They are replayed in order
-    /// (up to 1024 kept; the oldest is dropped first).
+    /// Returns operations waiting for Redis to come back: invalidations, tag
+    /// invalidations and purges, and write batches made while it was away.
+    ///
+    /// Removals are replayed first, and never dropped for room: past 10 000 (or 4 MiB
+    /// of tags) they fold into one purge of the namespace, which removes more than
+    /// was asked and nothing less (`CacheStats::redis_removals_folded`). Write batches
+    /// are kept up to 1 024 and 16 MiB of entries, the oldest dropped first
+    /// (`redis_writes_dropped`). An operation Redis refuses with an error reply is
+    /// given up (`redis_replays_refused`): a write batch at once, a removal after five
+    /// refusals, each tried behind the others so that it blocks none of them.
     pub fn pending_redis_operations(&self) -> usize {
         self.engine.pending_redis_operations()
     }
@@ -253,8 +261,10 @@ impl HybridCache {
         self.engine.set_value(key, value, ttl).await
     }
 
-    /// Deletes the value under `key` from both tiers. Returns `false` when Redis could
-    /// not be reached (the memory tier is cleared regardless).
+    /// Deletes the value under `key` from both tiers, as an invalidation: a
+    /// [`get_or_insert_with`](Self::get_or_insert_with) that started producing before
+    /// it does not store its value. Returns `false` when Redis could not be told now
+    /// (the memory tier is cleared regardless; the delete is kept and replayed).
     pub async fn delete(&self, key: &str) -> bool {
         self.engine.delete_value(key).await
     }

@@ -57,9 +57,11 @@ impl Engine {
         Ok(())
     }
 
-    /// Deletes the value under `key` from both tiers.
+    /// Deletes the value under `key` from both tiers, as an invalidation: a
+    /// `produce` that started before it does not store its value, and a delete Redis
+    /// cannot take now is kept and replayed.
     pub(crate) async fn delete_value(&self, key: &str) -> bool {
-        self.store.delete(&CacheKey::for_value(key)).await
+        self.invalidate_key(CacheKey::for_value(key)).await
     }
 
     /// The value under `key`, or the one `produce` makes (then stored for `ttl`), one

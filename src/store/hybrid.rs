@@ -105,19 +105,14 @@ impl HybridStore {
 
     /// Removes a key from both tiers: from Redis at once, and again behind every
     /// write already queued (one of which may hold the key). `false` when Redis could
-    /// not be told now.
+    /// not be told now (the delete is kept and replayed once it can).
     pub(crate) async fn invalidate(&self, key: &CacheKey) -> bool {
-        if let Some(redis) = &self.redis {
-            redis.queue(QueuedWrite::Delete(*key));
-        }
-        self.delete(key).await
-    }
-
-    /// Deletes from both tiers; `false` (counted) when Redis could not be told.
-    pub(crate) async fn delete(&self, key: &CacheKey) -> bool {
         self.memory.remove(key).await;
         match &self.redis {
-            Some(redis) => redis.delete(key).await,
+            Some(redis) => {
+                redis.queue(QueuedWrite::Delete(*key));
+                redis.delete(key).await
+            }
             None => true,
         }
     }

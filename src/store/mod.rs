@@ -15,6 +15,7 @@ mod operation;
 mod read_flights;
 pub(crate) mod redis;
 pub(crate) mod redis_tier;
+mod replay;
 mod writer;
 
 pub(crate) use hybrid::HybridStore;

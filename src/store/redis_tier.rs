@@ -23,7 +23,8 @@ use super::memory::MemoryStore;
 use super::read_flights::ReadFlights;
 use super::redis::retry::RedisRetry;
 use super::redis::{RedisConfig, RedisHealth, RedisService, RedisStore};
-use super::writer::{spawn_writer, QueuedWrite, Replay};
+use super::replay::Replay;
+use super::writer::{spawn_writer, QueuedWrite};
 use super::{RedisTierService, StoreAnswer, StoreError, StoreRequest, StoreResponse};
 use crate::breaker::{BreakerState, CircuitBreaker, CircuitBreakerLayer, CircuitOpen};
 use crate::entry::Entry;
@@ -194,25 +195,30 @@ impl RedisTier {
         }
     }
 
-    /// Queues a write for the background writer; a full queue drops it (counted).
+    /// Queues a write for the background writer. A full queue drops an entry or a
+    /// lease's release (counted), and hands a delete to the replay: an invalidation
+    /// is never dropped for room.
     pub(crate) fn queue(&self, write: QueuedWrite) {
-        if self.writes.try_send(write).is_err() {
-            self.counters.add(Counter::RedisWriteDropped);
+        use mpsc::error::TrySendError;
+        match self.writes.try_send(write) {
+            Ok(()) => {}
+            Err(TrySendError::Full(QueuedWrite::Delete(key))) => {
+                self.replay.keep(StoreRequest::delete(key), &self.counters);
+            }
+            Err(_) => self.counters.add(Counter::RedisWriteDropped),
         }
     }
 
-    /// Deletes `key` now, within the deadline; `false` (counted) when Redis could not.
+    /// Deletes `key` now, within the deadline; `false` (counted) when Redis could not:
+    /// the delete is then kept for the replay.
     pub(crate) async fn delete(&self, key: &CacheKey) -> bool {
-        match self
-            .service
-            .clone()
-            .oneshot(StoreRequest::delete(*key))
-            .await
-        {
+        let request = StoreRequest::delete(*key);
+        match self.service.clone().oneshot(request.clone()).await {
             Ok(_) => true,
             Err(e) => {
                 count_failure(&self.counters, &e);
-                tracing::debug!(target: TARGET, key = %key, error = %e, outcome = "redis-delete-failed");
+                tracing::debug!(target: TARGET, key = %key, error = %e, outcome = "redis-delete-queued");
+                self.replay.keep(request, &self.counters);
                 false
             }
         }

@@ -27,6 +27,8 @@ pub(crate) mod retry;
 mod subscription;
 mod writes;
 
+pub(crate) use invalidation::MAX_LOGGED;
+
 pub use config::RedisConfig;
 pub use health::RedisHealth;
 pub(crate) use invalidation::Invalidation;
