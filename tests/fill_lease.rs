@@ -122,3 +122,33 @@ async fn with_redis_down_the_lease_is_skipped_and_nothing_waits() {
         .expect("no wait on a lease nobody holds");
     assert_eq!(origin.log.calls(), 2);
 }
+
+#[tokio::test]
+async fn a_fill_gives_its_lease_back_long_before_the_lease_would_expire() {
+    let redis = RedisServer::start();
+    let a = replica(&redis.url(), true).await;
+    let origin = Origin::new();
+    let leases = || redis.cli(&["--scan", "--pattern", "lease/lease:*"]);
+    for (n, url) in [
+        "http://api.test/stored?gate=1",
+        "http://api.test/private?gate=1&h=cache-control:private",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let fill = tokio::spawn(call(app(&origin, &a), get(url)));
+        eventually("A at the origin, holding the lease", WAIT, || async {
+            origin.log.calls() == n + 1 && !leases().trim().is_empty()
+        })
+        .await;
+        let held: i64 = redis.cli(&["PTTL", leases().trim()]).parse().unwrap();
+        assert!(held > 45_000, "the lease lives a minute: {held} ms left");
+        origin.gate.add_permits(1);
+        fill.await.unwrap();
+        // WAIT is a quarter of the lease: only a release ends it this soon.
+        eventually("the lease given back", WAIT, || async {
+            leases().trim().is_empty()
+        })
+        .await;
+    }
+}

@@ -15,6 +15,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 mod fill;
 mod flight;
 mod invalidations;
+mod lease;
 mod values;
 mod vary;
 
@@ -112,22 +113,6 @@ impl Engine {
     /// How long a follower waits for its leader.
     pub(crate) fn single_flight_timeout(&self) -> Duration {
         self.single_flight_timeout
-    }
-
-    /// The cross-replica fill lease's time to live, when on.
-    pub(crate) fn fill_lease(&self) -> Option<Duration> {
-        self.fill_lease
-    }
-
-    /// Tries to take the cross-replica fill lease of `key`.
-    pub(crate) async fn try_lease(&self, key: &CacheKey, ttl: Duration) -> Lease {
-        self.store.try_lease(key, ttl).await
-    }
-
-    /// Gives the lease (`token`) back when the flight `guard` ends.
-    pub(crate) fn hold_lease(&self, guard: &mut FlightGuard, key: CacheKey, token: u64) {
-        let store = self.store.clone();
-        guard.on_release(move || store.release_lease(key, token));
     }
 
     /// A place among the background refreshes, if one is free.

@@ -162,28 +162,44 @@ enum Waited<B> {
     GaveUp,
 }
 
-/// Polls the cache (Redis first) every 10–30 ms, jittered so replicas do not poll in
-/// step, until another replica's fill lands, its lease is free again, or `limit`
-/// passes.
+/// Polls the cache (Redis first) until another replica's fill lands or its lease is
+/// free again; gives up after `limit`, which bounds the whole wait (a lookup or a
+/// lease attempt on its way when it runs out is cut off).
 async fn wait_for_replica<ResBody>(
     serving: &Serving<'_>,
     request: &RequestHead<'_>,
     limit: Duration,
 ) -> Waited<ResBody> {
-    let deadline = tokio::time::Instant::now() + limit;
-    let mut jitter = HasherRng::default();
-    while tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(10 + jitter.next_u64() % 20)).await;
+    let polled = poll_within(limit, || async {
         if let Answer::Hit(response) | Answer::Refresh(response, _) = serving.serve(request).await {
-            return Waited::Served(response);
+            return Some(Waited::Served(response));
         }
         match serving.engine.try_lease(serving.primary, limit).await {
-            Lease::Held => {}
-            Lease::Taken(token) => return Waited::Leased(token),
-            Lease::Unavailable => return Waited::GaveUp,
+            Lease::Held => None,
+            Lease::Taken(token) => Some(Waited::Leased(token)),
+            Lease::Unavailable => Some(Waited::GaveUp),
         }
-    }
-    Waited::GaveUp
+    });
+    polled.await.unwrap_or(Waited::GaveUp)
+}
+
+/// Runs `round` every 10–30 ms (jittered, so that replicas do not poll in step) until
+/// it answers; `None` once `limit` has passed, wherever the round is.
+async fn poll_within<T, F, Fut>(limit: Duration, mut round: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let mut jitter = HasherRng::default();
+    let rounds = async {
+        loop {
+            tokio::time::sleep(Duration::from_millis(10 + jitter.next_u64() % 20)).await;
+            if let Some(answer) = round().await {
+                return answer;
+            }
+        }
+    };
+    tokio::time::timeout(limit, rounds).await.ok()
 }
 
 /// Refreshes a stale entry in a task the layer owns (it outlives the client's
@@ -413,5 +429,39 @@ mod tests {
         let (status, _) = text(reload.await.unwrap().unwrap()).await;
         assert!(status.contains("fwd=request"), "{status}");
         leader.await.unwrap().unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_wait_ends_at_its_limit_even_in_the_middle_of_a_round() {
+        let started = tokio::time::Instant::now();
+        let rounds = std::sync::atomic::AtomicUsize::new(0);
+        // Each round (a lookup and a lease attempt) takes 100 ms: the third is on its
+        // way when the 250 ms run out.
+        let answer: Option<()> = poll_within(Duration::from_millis(250), || async {
+            rounds.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            None
+        })
+        .await;
+        assert_eq!(answer, None);
+        assert_eq!(started.elapsed(), Duration::from_millis(250));
+        assert!(rounds.into_inner() >= 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_wait_ends_with_the_first_round_that_answers() {
+        let started = tokio::time::Instant::now();
+        let mut left = 3;
+        let answer = poll_within(Duration::from_secs(60), || {
+            left -= 1;
+            let done = left == 0;
+            async move { done.then_some("served") }
+        })
+        .await;
+        assert_eq!(answer, Some("served"));
+        assert!(
+            started.elapsed() <= Duration::from_millis(90),
+            "three pauses of 10-30 ms"
+        );
     }
 }

@@ -136,10 +136,10 @@ impl HybridStore {
         }
     }
 
-    /// Tries to take the cross-replica fill lease of `key`.
-    pub(crate) async fn try_lease(&self, key: &CacheKey, ttl: Duration) -> Lease {
+    /// Tries to take the cross-replica fill lease of `key` as `token`.
+    pub(crate) async fn try_lease(&self, key: &CacheKey, token: u64, ttl: Duration) -> Lease {
         match &self.redis {
-            Some(redis) => redis.lease(key, ttl).await,
+            Some(redis) => redis.lease(key, token, ttl).await,
             None => Lease::Unavailable,
         }
     }

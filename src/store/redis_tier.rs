@@ -14,7 +14,6 @@ use tokio::sync::mpsc;
 use tower::retry::{Policy, RetryLayer};
 use tower::timeout::error::Elapsed;
 use tower::timeout::TimeoutLayer;
-use tower::util::rng::{HasherRng, Rng};
 use tower::util::BoxCloneSyncService;
 use tower::{BoxError, ServiceBuilder, ServiceExt};
 
@@ -238,9 +237,8 @@ impl RedisTier {
         }
     }
 
-    /// Tries to take the cross-replica fill lease of `key` for `ttl`.
-    pub(crate) async fn lease(&self, key: &CacheKey, ttl: Duration) -> Lease {
-        let token = HasherRng::default().next_u64();
+    /// Tries to take the cross-replica fill lease of `key` for `ttl`, as `token`.
+    pub(crate) async fn lease(&self, key: &CacheKey, token: u64, ttl: Duration) -> Lease {
         match self
             .service
             .clone()
