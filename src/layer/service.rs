@@ -209,11 +209,11 @@ where
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
         match classify(&request) {
             RequestKind::Write => {
-                let status = self.bypass(None);
+                self.engine.count(Counter::Bypass);
                 let target = WriteTarget::of(&request, &self.settings);
                 let future = self.inner.call(request);
                 let engine = Arc::clone(&self.engine);
-                ResponseFuture::cached(Box::pin(invalidate_after(future, engine, target, status)))
+                ResponseFuture::cached(Box::pin(invalidate_after(future, engine, target)))
             }
             RequestKind::Bypass(why) => {
                 let status = self.bypass(why);

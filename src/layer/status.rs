@@ -11,6 +11,7 @@
 //! {name}; fwd=uri-miss; detail=only-if-cached
 //! {name}; fwd=bypass
 //! {name}; fwd=bypass; detail=request-body
+//! {name}; fwd=bypass; detail=invalidation-queued
 //! ```
 //! Parameters always come in this order: `hit`, `ttl`, `fwd`, `fwd-status`, `stored`,
 //! `detail`.
@@ -87,6 +88,9 @@ pub(crate) enum Detail {
     RequestBody,
     /// A repeated `Host`, or one that disagrees with the URI: passed through.
     InvalidHost,
+    /// A write whose invalidations Redis could not all take yet: they are kept and
+    /// replayed, and until then other replicas may serve what it invalidated.
+    InvalidationQueued,
 }
 
 impl From<LookupMiss> for Forward {
@@ -236,6 +240,7 @@ impl Detail {
             Detail::NotStoredAfter304 => "not-stored",
             Detail::RequestBody => "request-body",
             Detail::InvalidHost => "invalid-host",
+            Detail::InvalidationQueued => "invalidation-queued",
         }
     }
 }
@@ -294,6 +299,10 @@ mod tests {
                 "thc; fwd=request; detail=only-if-cached",
             ),
             (CacheStatus::bypass(), "thc; fwd=bypass"),
+            (
+                CacheStatus::bypass().with_detail(Detail::InvalidationQueued),
+                "thc; fwd=bypass; detail=invalidation-queued",
+            ),
             (
                 CacheStatus::stale_hit(3)
                     .forwarded(Forward::Stale)

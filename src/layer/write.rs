@@ -11,7 +11,8 @@ use http::{HeaderMap, HeaderValue, Method, Request, Response};
 
 use super::body::CacheBody;
 use super::overrides::CacheOverrides;
-use super::status::CACHE_STATUS;
+use super::response::Stamp;
+use super::status::{CacheStatus, Detail};
 use crate::engine::Engine;
 use crate::key::CacheKey;
 use crate::policy::settings::RouteSettings;
@@ -96,12 +97,13 @@ impl WriteTarget {
 
 /// Forwards an unsafe request; after a success (2xx or 3xx), invalidates its targets
 /// and the tags its handler named, all at once, before the response goes back, so the
-/// client's next read misses.
+/// client's next read misses. Its `Cache-Status` says `detail=invalidation-queued`
+/// when Redis could not take one of them yet (other replicas may serve what it
+/// invalidated until the replay lands).
 pub(crate) async fn invalidate_after<F, B, E>(
     future: F,
     engine: Arc<Engine>,
     target: WriteTarget,
-    cache_status: Option<HeaderValue>,
 ) -> Result<Response<CacheBody<B>>, E>
 where
     F: Future<Output = Result<Response<B>, E>>,
@@ -113,15 +115,18 @@ where
     }
     // The handler's overrides are for the cache, not the client.
     let overrides = parts.extensions.remove::<CacheOverrides>();
+    let settings = Arc::clone(&target.settings);
+    let mut status = CacheStatus::bypass();
     if parts.status.is_success() || parts.status.is_redirection() {
         let tags = overrides.map(|o| o.invalidate_tags).unwrap_or_default();
-        engine
+        let reached = engine
             .invalidate_all_of(&target.keys(&parts.headers), &tags)
             .await;
+        if !reached {
+            status = status.with_detail(Detail::InvalidationQueued);
+        }
     }
-    if let Some(value) = cache_status {
-        let _ = parts.headers.try_append(CACHE_STATUS, value);
-    }
+    Stamp::new(&engine, &settings).status(&mut parts.headers, status);
     Ok(Response::from_parts(parts, body).map(CacheBody::passthrough))
 }
 

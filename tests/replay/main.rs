@@ -3,7 +3,8 @@
 //! first and refuse the kept writes they cover; removals are never dropped for room
 //! (past the cap they fold into a purge); writes are dropped oldest first; a removal
 //! Redis refuses does not block the rest; a delete finds room when the write queue
-//! is full; the direct API's delete is kept like any invalidation.
+//! is full; the direct API's delete is kept like any invalidation; a write whose
+//! invalidation is only kept says so in its `Cache-Status`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -406,4 +407,31 @@ async fn a_value_deleted_during_an_outage_is_deleted_in_redis_once_back() {
     })
     .await;
     assert_eq!(cluster.b.get::<Vec<u32>>("candidate:7").await, None);
+}
+
+#[tokio::test]
+async fn a_write_whose_invalidation_is_only_kept_says_so() {
+    let cluster = Cluster::start().await;
+    let origin = Origin::new();
+    let app_a = app(&origin, &cluster.a);
+    let post = || {
+        http::Request::post("http://api.test/jobs/9")
+            .body(axum::body::Body::empty())
+            .unwrap()
+    };
+    let status = call(app_a.clone(), post()).await.cache_status();
+    assert_eq!(status, "tower-hybrid-cache; fwd=bypass", "Redis took it");
+    cluster.cut_a().await;
+    let status = call(app_a.clone(), post()).await.cache_status();
+    assert_eq!(
+        status, "tower-hybrid-cache; fwd=bypass; detail=invalidation-queued",
+        "kept for the replay"
+    );
+    cluster.heal_a();
+    eventually("replayed", WAIT, || async {
+        cluster.a.pending_redis_operations() == 0
+    })
+    .await;
+    let status = call(app_a.clone(), post()).await.cache_status();
+    assert_eq!(status, "tower-hybrid-cache; fwd=bypass");
 }
