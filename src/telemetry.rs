@@ -145,6 +145,8 @@ impl Counter {
 
 /// The breaker's state as a gauge value.
 pub(crate) const BREAKER_STATE: &str = "tower_hybrid_cache_breaker_state";
+/// Commands the connected Redis refused (see `RedisHealth::missing_commands`).
+pub(crate) const MISSING_COMMANDS: &str = "tower_hybrid_cache_redis_missing_commands";
 /// Breaker state changes.
 pub(crate) const BREAKER_TRANSITIONS: &str = "tower_hybrid_cache_breaker_transitions_total";
 

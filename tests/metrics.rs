@@ -17,7 +17,7 @@ use tower_hybrid_cache::{CacheStats, HybridCache, RedisConfig};
 const WAIT: Duration = Duration::from_secs(15);
 
 /// Every field of `CacheStats` with its value, by the name its metric carries.
-fn fields(stats: &CacheStats) -> [(&'static str, u64); 17] {
+fn fields(stats: &CacheStats) -> [(&'static str, u64); 19] {
     [
         ("hits", stats.hits),
         ("misses", stats.misses),
@@ -36,6 +36,8 @@ fn fields(stats: &CacheStats) -> [(&'static str, u64); 17] {
         ("redis_reads_shared", stats.redis_reads_shared),
         ("invalidations", stats.invalidations),
         ("redis_replays", stats.redis_replays),
+        ("redis_removals_folded", stats.redis_removals_folded),
+        ("redis_replays_refused", stats.redis_replays_refused),
     ]
 }
 
@@ -155,6 +157,12 @@ async fn counters_and_the_breaker_reach_the_metrics_recorder() {
         matches!(value("tower_hybrid_cache_breaker_transitions_total"), Some(DebugValue::Counter(n)) if *n >= 2)
     );
     assert!(value("tower_hybrid_cache_breaker_state").is_some());
+    // The capability check ran on connecting, and found nothing missing.
+    assert!(
+        matches!(value("tower_hybrid_cache_redis_missing_commands"), Some(DebugValue::Gauge(g)) if g.into_inner() == 0.0),
+        "{:?}",
+        value("tower_hybrid_cache_redis_missing_commands")
+    );
     CircuitBreakerLayer::new().breaker().force_open();
     let values = recorded(&snapshotter);
     assert!(values

@@ -339,6 +339,41 @@ async fn password_and_acl_user_limited_to_the_namespace() {
             .cache_status()
             .ends_with("detail=redis"));
         assert_eq!(cache.stats().redis_errors, 0, "{url}");
+        // What the ACL user may not run is reported, not silently lived without.
+        eventually("the check", WAIT, || async {
+            cache.redis_health().unwrap().server_version.is_some()
+        })
+        .await;
+        let health = cache.redis_health().unwrap();
+        let expected: &[&str] = if url.contains("cache:pw") {
+            &[
+                "mget",
+                "pexpire",
+                "pexpire nx|gt (Redis 7)",
+                "sadd",
+                "smembers",
+                "zadd",
+                "zcount",
+                "zcard",
+                "zrangebyscore",
+                "zremrangebyscore",
+                "zremrangebyrank",
+                "publish",
+                "scan",
+                "unlink",
+            ]
+        } else {
+            &[]
+        };
+        assert_eq!(health.missing_commands, expected, "{url}");
+        assert!(
+            health
+                .server_version
+                .as_deref()
+                .unwrap()
+                .starts_with("redis 7"),
+            "{health:?}"
+        );
     }
     // A wrong password is not an error of the request: memory serves.
     let cache = replica(&format!("redis://:wrong@127.0.0.1:{}", redis.port())).await;

@@ -16,9 +16,11 @@ use fred::clients::Client;
 use fred::prelude::*;
 use fred::types::config::Options;
 
+use super::capabilities::{self, Findings};
+use super::keys::RedisKeys;
 use crate::breaker::CircuitBreaker;
 use crate::store::until_closed;
-use crate::telemetry::TARGET;
+use crate::telemetry::{MISSING_COMMANDS, TARGET};
 
 /// What the Redis tier knows of its connections, from
 /// [`HybridCache::redis_health`](crate::HybridCache::redis_health).
@@ -35,6 +37,13 @@ pub struct RedisHealth {
     pub last_error_at: Option<SystemTime>,
     /// Since when at least one connection has been healthy; `None` while none is.
     pub up_since: Option<SystemTime>,
+    /// Commands (and options) the cache relies on that this Redis refused, as found
+    /// by the check run on connecting and after each outage: not permitted to the
+    /// ACL user, renamed away, or too new for the server (`pexpire nx|gt (Redis 7)`).
+    /// Empty when everything was allowed, or before the first check.
+    pub missing_commands: Vec<String>,
+    /// The server's version (`redis 7.0.15`, `valkey 8.0.1`), when `INFO` is allowed.
+    pub server_version: Option<String>,
 }
 
 /// Per-call options of a command that fails at once rather than wait for a
@@ -62,6 +71,8 @@ struct ClientHealth {
 struct Errors {
     last: Option<(String, SystemTime)>,
     up_since: Option<SystemTime>,
+    /// The last capability check, and the `up_since` it was made for.
+    checked: Option<(SystemTime, Findings)>,
 }
 
 /// Shared by the store, fred's event listeners and the probe task.
@@ -179,13 +190,42 @@ impl HealthState {
 
     pub(crate) fn view(&self) -> RedisHealth {
         let errors = self.lock();
+        let findings = errors.checked.as_ref().map(|(_, findings)| findings);
         RedisHealth {
             connected: self.connected(),
             clients: self.clients.len(),
             last_error: errors.last.as_ref().map(|(e, _)| e.clone()),
             last_error_at: errors.last.as_ref().map(|(_, at)| *at),
             up_since: errors.up_since,
+            missing_commands: findings
+                .map(|f| f.missing.iter().map(|name| (*name).to_owned()).collect())
+                .unwrap_or_default(),
+            server_version: findings.and_then(|f| f.version.clone()),
         }
+    }
+
+    /// Since when Redis has been up, if it has not been checked since then.
+    fn unchecked_since(&self) -> Option<SystemTime> {
+        let errors = self.lock();
+        let up_since = errors.up_since?;
+        match &errors.checked {
+            Some((checked, _)) if *checked == up_since => None,
+            _ => Some(up_since),
+        }
+    }
+
+    /// Keeps what a check made for `up_since` found, and says what is missing.
+    fn record_findings(&self, up_since: SystemTime, findings: Findings) {
+        metrics::gauge!(MISSING_COMMANDS).set(findings.missing.len() as f64);
+        if !findings.missing.is_empty() {
+            tracing::warn!(
+                target: TARGET,
+                missing = ?findings.missing,
+                version = ?findings.version,
+                "redis refuses commands the cache relies on: what needs them is off (see the README's Redis requirements)"
+            );
+        }
+        self.lock().checked = Some((up_since, findings));
     }
 }
 
@@ -218,11 +258,13 @@ pub(crate) fn watch_events(clients: &[Client], health: &Arc<HealthState>) {
 }
 
 /// PINGs every client each `every`; two unanswered in a row within `timeout` mark it
-/// down and force a reconnection. Ends when the store closes or is dropped.
+/// down and force a reconnection. Once Redis is up (at start, and after each outage)
+/// it checks what Redis allows (`capabilities`). Ends when the store closes or is
+/// dropped.
 pub(crate) fn spawn_probe(
     clients: Vec<Client>,
     health: Weak<HealthState>,
-    (every, timeout): (Duration, Duration),
+    ((every, timeout), keys): ((Duration, Duration), RedisKeys),
     mut closed: tokio::sync::watch::Receiver<bool>,
 ) {
     let options = one_attempt(timeout);
@@ -260,6 +302,15 @@ pub(crate) fn spawn_probe(
                                 let _ = client.force_reconnection().await;
                             });
                         }
+                    }
+                }
+            }
+            if let Some(up_since) = health.unchecked_since() {
+                let client = health.pick().and_then(|index| clients.get(index));
+                if let Some(client) = client {
+                    let client = client.with_options(&options);
+                    if let Some(findings) = capabilities::check(&client, &keys).await {
+                        health.record_findings(up_since, findings);
                     }
                 }
             }

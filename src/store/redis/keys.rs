@@ -10,6 +10,7 @@
 //! {ns}/lease:{64 hex}            a key's fill lease: the holder's token
 //! {ns}/invalidation-log          recent invalidation messages, scored by their time
 //! {ns}/invalidations             the pub/sub channel of invalidation messages
+//! {ns}/probe:{value|set|log|none} throwaway keys of the capability check (10 s at most)
 //! ```
 //!
 //! Keys are digests (tags hashed too), so no URL, tag or application key can reach a
@@ -87,6 +88,11 @@ impl RedisKeys {
 
     pub(crate) fn invalidation_channel(&self) -> String {
         format!("{}invalidations", self.namespace)
+    }
+
+    /// A throwaway key of the capability check.
+    pub(crate) fn probe(&self, name: &str) -> String {
+        format!("{}probe:{name}", self.namespace)
     }
 
     /// Matches every key of the namespace (for a purge's SCAN).

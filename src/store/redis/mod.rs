@@ -18,6 +18,7 @@ use fred::clients::{Client, WithOptions};
 use fred::prelude::*;
 use fred::types::config::Options;
 
+mod capabilities;
 mod config;
 pub(crate) mod health;
 mod invalidation;
@@ -124,13 +125,13 @@ impl RedisStore {
         watch_events(pool.clients(), &health);
         let (closing, closed) = tokio::sync::watch::channel(false);
         let probe = (config.probe_interval_value(), config.probe_timeout_value());
+        let keys = RedisKeys::new(namespace);
         spawn_probe(
             pool.clients().to_vec(),
             Arc::downgrade(&health),
-            probe,
+            (probe, keys.clone()),
             closed.clone(),
         );
-        let keys = RedisKeys::new(namespace);
         // Subscribes after every reconnection, without blocking start-up.
         let (missed, subscription) = subscription::subscribe(
             &subscriber,
