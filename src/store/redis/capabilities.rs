@@ -63,7 +63,8 @@ fn probes(keys: &RedisKeys) -> Vec<Probe> {
         probe("zrangebyscore", "ZRANGEBYSCORE", &[&log, "0", "0"]),
         probe("zremrangebyscore", "ZREMRANGEBYSCORE", &[&log, "1", "1"]),
         probe("zremrangebyrank", "ZREMRANGEBYRANK", &[&log, "1", "1"]),
-        probe("publish", "PUBLISH", &[&keys.invalidation_channel(), ""]),
+        // A message no replica reads as an invalidation, named like the probe keys.
+        probe("publish", "PUBLISH", &[&keys.invalidation_channel(), &none]),
         Probe {
             name: "scan",
             command: "SCAN",
