@@ -758,3 +758,44 @@ async fn each_request_waits_one_deadline_not_several() {
     assert_eq!(stats.redis_deadline_hits, 4, "one deadline each: {stats:?}");
     redis.resume();
 }
+
+#[tokio::test]
+async fn fallback_max_staleness_bounds_how_long_memory_serves_through_an_outage() {
+    let redis = RedisServer::start();
+    let proxy = FaultProxy::start(redis.port());
+    let bound = Duration::from_secs(2);
+    let cache = HybridCache::builder()
+        .namespace("faults")
+        .redis(config(&proxy.url()))
+        .fallback_max_staleness(bound)
+        .build()
+        .await
+        .unwrap();
+    let origin = Origin::new();
+    let app = app(&origin, &cache);
+    let url = "http://api.test/jobs/bounded";
+    call(app.clone(), get(url)).await;
+    eventually("the fill in Redis", WAIT, || async {
+        cache.stats().redis_writes == 1
+    })
+    .await;
+    proxy.set(Fault::Reset);
+    // Redis away: memory serves what it holds, for the bound.
+    let first = call(app.clone(), get(url)).await;
+    assert!(
+        first.is_hit() && first.cache_status().ends_with("detail=memory"),
+        "{}",
+        first.cache_status()
+    );
+    assert_eq!(origin.log.calls(), 1);
+    // Past the bound (counted from when Redis stopped answering), the origin answers.
+    eventually("the copy too long out of touch", WAIT, || async {
+        !call(app.clone(), get(url)).await.is_hit()
+    })
+    .await;
+    assert_eq!(origin.log.calls(), 2);
+    // The copy it stored is this replica's newest word: served in turn.
+    let again = call(app.clone(), get(url)).await;
+    assert!(again.is_hit(), "{}", again.cache_status());
+    assert_eq!(origin.log.calls(), 2);
+}

@@ -31,6 +31,7 @@ pub struct HybridCacheBuilder {
     redis_breaker: Option<CircuitBreakerLayer>,
     redis_layers: RedisLayers,
     fill_lease: Option<Duration>,
+    fallback_max_staleness: Option<Duration>,
 }
 
 /// The user's layers on the Redis tier, in the order they were added.
@@ -56,6 +57,7 @@ impl Default for HybridCacheBuilder {
             redis_breaker: None,
             redis_layers: RedisLayers::default(),
             fill_lease: None,
+            fallback_max_staleness: None,
         }
     }
 }
@@ -308,6 +310,33 @@ impl HybridCacheBuilder {
         self
     }
 
+    /// Bounds what memory serves while Redis cannot answer: a stored response is
+    /// served from memory then only if this replica got it less than `bound` ago,
+    /// counted from when Redis stopped answering for a copy it held before (what it
+    /// cannot know during an outage is another replica's invalidation). Past it the
+    /// request goes to the origin, and the copy it stores is served for `bound` in
+    /// turn. Default: none (memory serves each copy within its own freshness and stale
+    /// windows, as when Redis is up). A team that prefers origin load to staleness
+    /// during an outage sets it. Application values (`HybridCache::get`) are not
+    /// bounded by it.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_hybrid_cache::HybridCache;
+    ///
+    /// // With Redis away, nothing served from memory is more than 10 s out of touch.
+    /// let builder = HybridCache::builder()
+    ///     .redis_url("redis://127.0.0.1:6379")
+    ///     .fallback_max_staleness(Duration::from_secs(10));
+    /// # let _ = builder;
+    /// ```
+    pub fn fallback_max_staleness(mut self, bound: Duration) -> Self {
+        self.fallback_max_staleness = Some(bound);
+        self
+    }
+
     /// Shares entries through Redis, configured in full.
     ///
     /// # Examples
@@ -362,7 +391,9 @@ impl HybridCacheBuilder {
                 retry,
                 layers: &self.redis_layers.0,
             };
-            store = store.with_redis(redis, parts, local_ttl.is_some());
+            store = store
+                .with_redis(redis, parts, local_ttl.is_some())
+                .with_fallback_bound(self.fallback_max_staleness);
         }
         let engine = Engine::start(
             store,

@@ -3,6 +3,7 @@
 //! go to memory at once and to Redis through the background writer, off the response
 //! path; removals go to both.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -12,6 +13,7 @@ use super::redis_tier::{Lease, RedisRead, RedisTier, TierParts};
 use super::writer::QueuedWrite;
 use super::{StoreRequest, Tier};
 use crate::breaker::CircuitBreaker;
+use crate::entry::codec::millis_since_epoch;
 use crate::entry::Entry;
 use crate::key::CacheKey;
 use crate::telemetry::{Counter, Counters, TARGET};
@@ -23,6 +25,12 @@ pub(crate) struct HybridStore {
     redis: Option<RedisTier>,
     /// Near-cache mode: memory is read first (its entries live at most the local TTL).
     memory_first: bool,
+    /// With Redis failing, how long since this replica got a response (or since
+    /// Redis began failing, for one it held before) memory may still serve it.
+    fallback_bound: Option<Duration>,
+    /// Since when (ms since the epoch) Redis reads have failed in a row; 0 while they
+    /// answer.
+    failing_since: Arc<AtomicU64>,
     counters: Arc<Counters>,
 }
 
@@ -33,8 +41,16 @@ impl HybridStore {
             memory,
             redis: None,
             memory_first: false,
+            fallback_bound: None,
+            failing_since: Arc::new(AtomicU64::new(0)),
             counters,
         }
+    }
+
+    /// Bounds what memory serves while Redis fails (`fallback_max_staleness`).
+    pub(crate) fn with_fallback_bound(mut self, bound: Option<Duration>) -> Self {
+        self.fallback_bound = bound;
+        self
     }
 
     /// Adds the Redis tier and starts its tasks on the current runtime; with
@@ -69,7 +85,19 @@ impl HybridStore {
             }
         }
         if let Some(redis) = &self.redis {
-            match redis.read(key).await {
+            let read = redis.read(key).await;
+            if matches!(read, RedisRead::Failed) {
+                let now = millis_since_epoch(SystemTime::now());
+                let _ = self.failing_since.compare_exchange(
+                    0,
+                    now.max(1),
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                );
+            } else if self.failing_since.load(Ordering::Relaxed) != 0 {
+                self.failing_since.store(0, Ordering::Relaxed);
+            }
+            match read {
                 // This replica invalidated it while Redis was away, and the removal
                 // is not replayed yet: Redis's copy is stale to us (memory forgot it).
                 RedisRead::Found(entry) if redis.awaits_invalidation(key, &entry) => {
@@ -80,7 +108,11 @@ impl HybridStore {
                 // Redis is the shared truth: its miss is a miss, whatever memory holds.
                 RedisRead::Absent => return None,
                 RedisRead::Failed => {
-                    let held = self.memory.get(key).await;
+                    let held = self
+                        .memory
+                        .get(key)
+                        .await
+                        .filter(|entry| self.within_fallback_bound(entry));
                     if held.is_some() {
                         self.counters.add(Counter::FallbackHit);
                     }
@@ -92,6 +124,24 @@ impl HybridStore {
             .get(key)
             .await
             .map(|entry| (entry, Tier::Memory))
+    }
+
+    /// Whether memory may serve `entry` while Redis fails: always, unless a bound is
+    /// set and this replica has been out of touch with it for longer (since it got
+    /// the response, or since Redis began failing if it got it before).
+    fn within_fallback_bound(&self, entry: &Entry) -> bool {
+        let (Some(bound), Entry::Response(response)) = (self.fallback_bound, entry) else {
+            return true;
+        };
+        let failing_since = self.failing_since.load(Ordering::Relaxed);
+        let since = millis_since_epoch(response.stored_at()).max(failing_since);
+        let now = millis_since_epoch(SystemTime::now());
+        let bound = u64::try_from(bound.as_millis()).unwrap_or(u64::MAX);
+        let within = now.saturating_sub(since) <= bound;
+        if !within {
+            tracing::debug!(target: TARGET, outcome = "fallback-too-stale");
+        }
+        within
     }
 
     /// Stores in memory at once and queues the Redis write; `started` is when the
