@@ -394,7 +394,14 @@ async fn a_flapping_redis_gets_no_retry_storm_and_fails_no_request() {
         cache.stats()
     );
     assert_served_within_bound(&samples);
-    assert_eq!(origin.log.calls(), urls.len());
+    // Nothing refetched but the one refresh per URL after each of the five returns
+    // (what was stored before Redis came back may have missed an invalidation).
+    assert!(
+        origin.log.calls() <= urls.len() * 6,
+        "{} origin calls for {} URLs",
+        origin.log.calls(),
+        urls.len()
+    );
 }
 
 #[tokio::test]

@@ -52,6 +52,13 @@ async fn entries_spread_over_the_masters_and_are_shared() {
         );
     }
     assert_eq!(origin.log.calls(), 30);
+    // The capability checks (on connecting) leave nothing behind once done.
+    for cache in [&one, &two] {
+        eventually("the capability check", Duration::from_secs(15), || async {
+            cache.redis_health().unwrap().server_version.is_some()
+        })
+        .await;
+    }
     let per_node: Vec<usize> = cluster
         .nodes
         .iter()

@@ -66,5 +66,12 @@ async fn entries_are_shared_over_tls() {
         "{}",
         hit.cache_status()
     );
+    // The capability checks (on connecting) leave nothing behind once done.
+    for cache in [&one, &two] {
+        eventually("the capability check", Duration::from_secs(15), || async {
+            cache.redis_health().unwrap().server_version.is_some()
+        })
+        .await;
+    }
     assert_eq!(redis.cli(&["DBSIZE"]), "1");
 }

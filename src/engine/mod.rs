@@ -157,6 +157,12 @@ impl Engine {
         self.store.purge_all().await
     }
 
+    /// Whether `entry` was stored before Redis last came back after an outage: served
+    /// once more, it is refreshed in the background (one refresh for the cluster).
+    pub(crate) fn stored_before_recovery(&self, entry: &CachedResponse) -> bool {
+        self.store.stored_before_recovery(entry.stored_at())
+    }
+
     /// Operations waiting for Redis to come back.
     pub(crate) fn pending_redis_operations(&self) -> usize {
         self.store.pending_operations()

@@ -236,6 +236,20 @@ pub(crate) fn spawn_refresh<S, ReqBody, ResBody>(
     request.headers_mut().remove(IF_MODIFIED_SINCE);
     runtime.spawn(async move {
         let _permit = permit;
+        let mut guard = guard;
+        // One refresh for the whole cluster: off the response path, the lease costs
+        // no client anything, whether or not misses take it.
+        let ttl = engine
+            .fill_lease()
+            .unwrap_or_else(|| engine.single_flight_timeout());
+        match engine.try_lease(&primary, ttl).await {
+            Lease::Taken(token) => engine.hold_lease(&mut guard, primary, token),
+            Lease::Held => {
+                tracing::debug!(target: TARGET, key = %primary, outcome = "refresh-skipped", detail = "another-replica");
+                return;
+            }
+            Lease::Unavailable => {}
+        }
         let serving = Serving::new(&engine, &settings, &primary, &request_cc);
         let refreshed = forward(
             inner,

@@ -52,8 +52,9 @@ impl<'a> RequestHead<'a> {
 pub(crate) enum Answer<B> {
     /// A fresh stored response.
     Hit(Response<CacheBody<B>>),
-    /// A stale one within its `stale-while-revalidate` window: served now, refreshed
-    /// in the background.
+    /// A stale one within its `stale-while-revalidate` window, or a fresh one stored
+    /// before Redis last came back after an outage: served now, refreshed in the
+    /// background.
     Refresh(Response<CacheBody<B>>, Arc<CachedResponse>),
     /// Nothing usable; the stale entry, if any, for revalidation and
     /// `stale-if-error`.
@@ -168,6 +169,14 @@ impl<'a> Serving<'a> {
                     version: request.version,
                 };
                 let status = CacheStatus::hit(tier, entry.time_to_live(now).as_secs());
+                if self.engine.stored_before_recovery(&entry) {
+                    // It may have missed an invalidation Redis never got: served
+                    // once more, and refreshed.
+                    tracing::debug!(target: TARGET, key = %self.primary, outcome = "refresh-after-outage");
+                    let status = status.with_detail(Detail::RefreshAfterOutage);
+                    let response = response::from_stored(&entry, status, served, now, self.stamp());
+                    return Answer::Refresh(response, entry);
+                }
                 Answer::Hit(response::from_stored(
                     &entry,
                     status,

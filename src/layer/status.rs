@@ -4,6 +4,7 @@
 //! ```text
 //! {name}; hit; ttl=42; detail=memory
 //! {name}; hit; ttl=-12; detail=stale-while-revalidate
+//! {name}; hit; ttl=42; detail=refresh-after-outage
 //! {name}; hit; ttl=-12; fwd=stale; fwd-status=503; detail=stale-if-error
 //! {name}; fwd=uri-miss; fwd-status=200; stored
 //! {name}; fwd=uri-miss; fwd-status=200; detail=private
@@ -91,6 +92,9 @@ pub(crate) enum Detail {
     /// A write whose invalidations Redis could not all take yet: they are kept and
     /// replayed, and until then other replicas may serve what it invalidated.
     InvalidationQueued,
+    /// A fresh response stored before Redis last came back after an outage: served,
+    /// and refreshed in the background.
+    RefreshAfterOutage,
 }
 
 impl From<LookupMiss> for Forward {
@@ -241,6 +245,7 @@ impl Detail {
             Detail::RequestBody => "request-body",
             Detail::InvalidHost => "invalid-host",
             Detail::InvalidationQueued => "invalidation-queued",
+            Detail::RefreshAfterOutage => "refresh-after-outage",
         }
     }
 }
@@ -299,6 +304,10 @@ mod tests {
                 "thc; fwd=request; detail=only-if-cached",
             ),
             (CacheStatus::bypass(), "thc; fwd=bypass"),
+            (
+                CacheStatus::hit(Tier::Redis, 42).with_detail(Detail::RefreshAfterOutage),
+                "thc; hit; ttl=42; detail=refresh-after-outage",
+            ),
             (
                 CacheStatus::bypass().with_detail(Detail::InvalidationQueued),
                 "thc; fwd=bypass; detail=invalidation-queued",

@@ -211,6 +211,22 @@ impl HybridStore {
         self.redis.as_ref().map(|redis| redis.breaker().clone())
     }
 
+    /// Whether a response stored at `stored_at` predates Redis's last return from an
+    /// outage (here, or recorded by another replica): it may have missed an
+    /// invalidation Redis never got, so it is refreshed on its next use.
+    /// While Redis fails, the fallback's rules apply instead: a refresh then would be
+    /// refused by Redis, and asked again once it is back.
+    pub(crate) fn stored_before_recovery(&self, stored_at: SystemTime) -> bool {
+        let Some(redis) = &self.redis else {
+            return false;
+        };
+        if self.failing_since.load(Ordering::Relaxed) != 0 {
+            return false;
+        }
+        let recovered = redis.recovered_at();
+        recovered != 0 && millis_since_epoch(stored_at) < recovered
+    }
+
     pub(crate) fn redis_health(&self) -> Option<RedisHealth> {
         self.redis.as_ref().map(RedisTier::health)
     }

@@ -274,6 +274,11 @@ impl RedisTier {
         self.store.health()
     }
 
+    /// When Redis last came back after an outage (ms since the epoch; 0: never).
+    pub(crate) fn recovered_at(&self) -> u64 {
+        self.store.recovered_at()
+    }
+
     /// Closes the connections.
     pub(crate) async fn shutdown(&self) {
         self.store.quit().await;

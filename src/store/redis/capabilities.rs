@@ -56,8 +56,12 @@ fn probes(keys: &RedisKeys) -> Vec<Probe> {
         probe("pexpire", "PEXPIRE", &[&value, "10000"]),
         probe(PEXPIRE_NX_GT, "PEXPIRE", &[&value, "10000", "GT"]),
         probe("sadd", "SADD", &[&set, "x"]),
+        // Neither probe key outlives a check cut short.
+        probe("pexpire", "PEXPIRE", &[&set, "10000"]),
         probe("smembers", "SMEMBERS", &[&set]),
         probe("zadd", "ZADD", &[&log, "0", "x"]),
+        probe("pexpire", "PEXPIRE", &[&log, "10000"]),
+        probe("zscore", "ZSCORE", &[&log, "x"]),
         probe("zcount", "ZCOUNT", &[&log, "-inf", "+inf"]),
         probe("zcard", "ZCARD", &[&log]),
         probe("zrangebyscore", "ZRANGEBYSCORE", &[&log, "0", "0"]),
@@ -75,7 +79,10 @@ fn probes(keys: &RedisKeys) -> Vec<Probe> {
                 .collect(),
         },
         probe("unlink", "UNLINK", &[&none]),
-        probe("del", "DEL", &[&value, &set, &log]),
+        // One key each: in a cluster the probe keys live in different slots.
+        probe("del", "DEL", &[&value]),
+        probe("del", "DEL", &[&set]),
+        probe("del", "DEL", &[&log]),
     ]
 }
 
@@ -105,7 +112,7 @@ pub(crate) async fn check<C: ClientLike>(client: &C, keys: &RedisKeys) -> Option
             Err(error) if !StoreError::command(error.clone()).is_outage() => {
                 // An error reply: refused, or something else (`OOM`, `WRONGTYPE` on a
                 // foreign value) that says nothing about the command.
-                if refused(&error) {
+                if refused(&error) && !findings.missing.contains(&probe.name) {
                     findings.missing.push(probe.name);
                 }
             }

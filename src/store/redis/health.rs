@@ -7,7 +7,7 @@
 //! within the probe timeout, which also forces a reconnection. Commands go only to
 //! clients marked up; with none up, the tier fails at once without touching Redis.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use std::time::{Duration, SystemTime};
@@ -18,7 +18,9 @@ use fred::types::config::Options;
 
 use super::capabilities::{self, Findings};
 use super::keys::RedisKeys;
+use super::outage;
 use crate::breaker::CircuitBreaker;
+use crate::entry::codec::millis_since_epoch;
 use crate::store::until_closed;
 use crate::telemetry::{MISSING_COMMANDS, TARGET};
 
@@ -82,6 +84,14 @@ pub(crate) struct HealthState {
     errors: Mutex<Errors>,
     /// Driven by the connections: all lost → open at once; one back → half-open.
     breaker: Mutex<Option<CircuitBreaker>>,
+    /// Whether every connection has been lost since Redis was last up (from the
+    /// start, when it was not reachable then).
+    down: AtomicBool,
+    /// When Redis last came back after an outage, here or as another replica
+    /// recorded it (ms since the epoch; 0: never).
+    recovered_at: AtomicU64,
+    /// A recovery seen here that Redis has not recorded yet.
+    unpublished: AtomicBool,
 }
 
 impl HealthState {
@@ -91,6 +101,9 @@ impl HealthState {
             next: AtomicUsize::new(0),
             errors: Mutex::new(Errors::default()),
             breaker: Mutex::new(None),
+            down: AtomicBool::new(!all_up),
+            recovered_at: AtomicU64::new(0),
+            unpublished: AtomicBool::new(false),
         };
         for client in &state.clients {
             client.up.store(all_up, Ordering::Relaxed);
@@ -161,12 +174,17 @@ impl HealthState {
             match (up, connected) {
                 (true, 1) => {
                     errors.up_since = Some(SystemTime::now());
+                    if self.down.swap(false, Ordering::Relaxed) {
+                        self.adopt_recovery(millis_since_epoch(SystemTime::now()));
+                        self.unpublished.store(true, Ordering::Relaxed);
+                    }
                     if let Some(breaker) = &breaker {
                         breaker.force_half_open();
                     }
                 }
                 (false, 0) => {
                     errors.up_since = None;
+                    self.down.store(true, Ordering::Relaxed);
                     if let Some(breaker) = &breaker {
                         breaker.force_open();
                     }
@@ -201,6 +219,20 @@ impl HealthState {
                 .map(|f| f.missing.iter().map(|name| (*name).to_owned()).collect())
                 .unwrap_or_default(),
             server_version: findings.and_then(|f| f.version.clone()),
+        }
+    }
+
+    /// When Redis last came back after an outage (ms since the epoch; 0: never): what
+    /// was stored before may have missed an invalidation.
+    pub(crate) fn recovered_at(&self) -> u64 {
+        self.recovered_at.load(Ordering::Relaxed)
+    }
+
+    /// Takes a recovery at `at` (ms) if it is the latest known.
+    fn adopt_recovery(&self, at: u64) {
+        let before = self.recovered_at.fetch_max(at, Ordering::Relaxed);
+        if at > before {
+            tracing::info!(target: TARGET, recovered_at = at, "redis came back after an outage: what was stored before is refreshed on its next use");
         }
     }
 
@@ -268,7 +300,11 @@ pub(crate) fn spawn_probe(
     mut closed: tokio::sync::watch::Receiver<bool>,
 ) {
     let options = one_attempt(timeout);
+    // The recorded recovery is read about once a second (at least every tick).
+    let read_recovery_every =
+        (Duration::from_secs(1).as_millis() / every.as_millis().max(1)).max(1);
     tokio::spawn(async move {
+        let mut tick: u128 = 0;
         let mut ticks = tokio::time::interval(every);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -305,13 +341,24 @@ pub(crate) fn spawn_probe(
                     }
                 }
             }
+            let Some(client) = health.pick().and_then(|index| clients.get(index)) else {
+                continue;
+            };
+            let client = client.with_options(&options);
             if let Some(up_since) = health.unchecked_since() {
-                let client = health.pick().and_then(|index| clients.get(index));
-                if let Some(client) = client {
-                    let client = client.with_options(&options);
-                    if let Some(findings) = capabilities::check(&client, &keys).await {
-                        health.record_findings(up_since, findings);
-                    }
+                if let Some(findings) = capabilities::check(&client, &keys).await {
+                    health.record_findings(up_since, findings);
+                }
+            }
+            if health.unpublished.swap(false, Ordering::Relaxed)
+                && !outage::publish(&client, &keys, health.recovered_at()).await
+            {
+                health.unpublished.store(true, Ordering::Relaxed);
+            }
+            tick += 1;
+            if tick % read_recovery_every == 0 {
+                if let Some(at) = outage::latest(&client, &keys).await {
+                    health.adopt_recovery(at);
                 }
             }
         }

@@ -10,6 +10,7 @@
 //! {ns}/lease:{64 hex}            a key's fill lease: the holder's token
 //! {ns}/invalidation-log          recent invalidation messages, scored by their time
 //! {ns}/invalidations             the pub/sub channel of invalidation messages
+//! {ns}/outages                   when Redis last came back after an outage (a score, ms)
 //! {ns}/probe:{value|set|log|none} throwaway keys of the capability check (10 s at most)
 //! ```
 //!
@@ -88,6 +89,10 @@ impl RedisKeys {
 
     pub(crate) fn invalidation_channel(&self) -> String {
         format!("{}invalidations", self.namespace)
+    }
+
+    pub(crate) fn outages(&self) -> String {
+        format!("{}outages", self.namespace)
     }
 
     /// A throwaway key of the capability check.

@@ -24,6 +24,7 @@ pub(crate) mod health;
 mod invalidation;
 mod keys;
 mod lease;
+mod outage;
 pub(crate) mod retry;
 mod subscription;
 mod writes;
@@ -191,6 +192,11 @@ impl RedisStore {
 
     pub(crate) fn health(&self) -> RedisHealth {
         self.health.view()
+    }
+
+    /// When Redis last came back after an outage (ms since the epoch; 0: never).
+    pub(crate) fn recovered_at(&self) -> u64 {
+        self.health.recovered_at()
     }
 
     /// Lets the connections' health drive `breaker`.
