@@ -68,6 +68,8 @@ pub struct CacheStats {
     /// Kept operations given up because Redis refused them with an error reply
     /// (`NOPERM`, `WRONGTYPE`, `OOM`): a write batch at once, a removal after five.
     pub redis_replays_refused: u64,
+    /// Entries this replica wrote back from memory to a Redis that lost its data.
+    pub redis_reseeds: u64,
 }
 
 #[derive(Debug, Default)]
@@ -91,6 +93,7 @@ pub(crate) struct Counters {
     redis_replays: AtomicU64,
     redis_removals_folded: AtomicU64,
     redis_replays_refused: AtomicU64,
+    redis_reseeds: AtomicU64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -114,6 +117,7 @@ pub(crate) enum Counter {
     RedisReplay,
     RedisRemovalFolded,
     RedisReplayRefused,
+    RedisReseed,
 }
 
 impl Counter {
@@ -139,6 +143,7 @@ impl Counter {
             Counter::RedisReplay => "tower_hybrid_cache_redis_replays_total",
             Counter::RedisRemovalFolded => "tower_hybrid_cache_redis_removals_folded_total",
             Counter::RedisReplayRefused => "tower_hybrid_cache_redis_replays_refused_total",
+            Counter::RedisReseed => "tower_hybrid_cache_redis_reseeds_total",
         }
     }
 }
@@ -184,6 +189,7 @@ impl Counters {
             Counter::RedisReplay => &self.redis_replays,
             Counter::RedisRemovalFolded => &self.redis_removals_folded,
             Counter::RedisReplayRefused => &self.redis_replays_refused,
+            Counter::RedisReseed => &self.redis_reseeds,
         }
     }
 
@@ -208,6 +214,7 @@ impl Counters {
             redis_replays: self.redis_replays.load(Ordering::Relaxed),
             redis_removals_folded: self.redis_removals_folded.load(Ordering::Relaxed),
             redis_replays_refused: self.redis_replays_refused.load(Ordering::Relaxed),
+            redis_reseeds: self.redis_reseeds.load(Ordering::Relaxed),
         }
     }
 }
@@ -217,7 +224,7 @@ mod tests {
     use super::*;
     use metrics_util::debugging::{DebugValue, DebuggingRecorder};
 
-    const ALL: [Counter; 19] = [
+    const ALL: [Counter; 20] = [
         Counter::Hit,
         Counter::Miss,
         Counter::Bypass,
@@ -237,6 +244,7 @@ mod tests {
         Counter::RedisReplay,
         Counter::RedisRemovalFolded,
         Counter::RedisReplayRefused,
+        Counter::RedisReseed,
     ];
 
     #[test]
@@ -271,6 +279,7 @@ mod tests {
             ("redis_replays", s.redis_replays),
             ("redis_removals_folded", s.redis_removals_folded),
             ("redis_replays_refused", s.redis_replays_refused),
+            ("redis_reseeds", s.redis_reseeds),
         ];
         let recorded: Vec<(String, DebugValue)> = snapshotter
             .snapshot()

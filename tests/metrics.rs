@@ -17,7 +17,7 @@ use tower_hybrid_cache::{CacheStats, HybridCache, RedisConfig};
 const WAIT: Duration = Duration::from_secs(15);
 
 /// Every field of `CacheStats` with its value, by the name its metric carries.
-fn fields(stats: &CacheStats) -> [(&'static str, u64); 19] {
+fn fields(stats: &CacheStats) -> [(&'static str, u64); 20] {
     [
         ("hits", stats.hits),
         ("misses", stats.misses),
@@ -38,6 +38,7 @@ fn fields(stats: &CacheStats) -> [(&'static str, u64); 19] {
         ("redis_replays", stats.redis_replays),
         ("redis_removals_folded", stats.redis_removals_folded),
         ("redis_replays_refused", stats.redis_replays_refused),
+        ("redis_reseeds", stats.redis_reseeds),
     ]
 }
 

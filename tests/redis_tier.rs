@@ -353,7 +353,7 @@ async fn password_and_acl_user_limited_to_the_namespace() {
                 "sadd",
                 "smembers",
                 "zadd",
-                "zscore",
+                "zmscore",
                 "zcount",
                 "zcard",
                 "zrangebyscore",

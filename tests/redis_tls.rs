@@ -73,5 +73,7 @@ async fn entries_are_shared_over_tls() {
         })
         .await;
     }
-    assert_eq!(redis.cli(&["DBSIZE"]), "1");
+    // The entry, and the record of outages and this Redis's epoch.
+    assert_eq!(redis.cli(&["DBSIZE"]), "2");
+    assert_eq!(redis.cli(&["TYPE", "thc/outages"]), "zset");
 }

@@ -105,6 +105,9 @@ impl HybridStore {
                     return None;
                 }
                 RedisRead::Found(entry) => return Some((entry, Tier::Redis)),
+                // Redis lost its data and memory is putting it back: memory answers
+                // what Redis does not hold yet.
+                RedisRead::Absent if redis.reseeding() => {}
                 // Redis is the shared truth: its miss is a miss, whatever memory holds.
                 RedisRead::Absent => return None,
                 RedisRead::Failed => {

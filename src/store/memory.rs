@@ -108,6 +108,14 @@ impl MemoryStore {
         self.cache.run_pending_tasks().await;
     }
 
+    /// Every entry held now (their bodies shared, not copied), for a re-seed.
+    pub(crate) fn entries(&self) -> Vec<(CacheKey, Entry)> {
+        self.cache
+            .iter()
+            .map(|(key, entry)| (*key, entry))
+            .collect()
+    }
+
     pub(crate) fn weighted_size(&self) -> u64 {
         self.cache.weighted_size()
     }

@@ -16,6 +16,7 @@ mod read_flights;
 pub(crate) mod redis;
 pub(crate) mod redis_tier;
 mod replay;
+mod reseed;
 mod writer;
 
 pub(crate) use hybrid::HybridStore;

@@ -23,6 +23,7 @@ use super::read_flights::ReadFlights;
 use super::redis::retry::RedisRetry;
 use super::redis::{RedisConfig, RedisHealth, RedisService, RedisStore};
 use super::replay::Replay;
+use super::reseed::spawn_reseed;
 use super::writer::{spawn_writer, QueuedWrite};
 use super::{RedisTierService, StoreAnswer, StoreError, StoreRequest, StoreResponse};
 use crate::breaker::{BreakerState, CircuitBreaker, CircuitBreakerLayer, CircuitOpen};
@@ -103,6 +104,11 @@ impl RedisTier {
         store.drive(breaker.breaker());
         spawn_listener(store.invalidations(), store.closed(), memory.clone());
         let store = Arc::new(store);
+        spawn_reseed(
+            Arc::downgrade(&store),
+            memory.clone(),
+            Arc::clone(&counters),
+        );
         if let Some(missed) = store.missed_windows() {
             spawn_catch_up(
                 Arc::downgrade(&store),
@@ -277,6 +283,12 @@ impl RedisTier {
     /// When Redis last came back after an outage (ms since the epoch; 0: never).
     pub(crate) fn recovered_at(&self) -> u64 {
         self.store.recovered_at()
+    }
+
+    /// Whether memory is re-seeding a Redis that lost its data: until it is done, a
+    /// Redis miss is not the shared truth.
+    pub(crate) fn reseeding(&self) -> bool {
+        self.store.reseeding()
     }
 
     /// Closes the connections.

@@ -228,3 +228,51 @@ async fn after_an_outage_each_key_is_refreshed_once_for_the_cluster() {
         "one refresh for both replicas"
     );
 }
+
+#[tokio::test]
+async fn a_redis_that_lost_its_data_is_reseeded_from_memory_not_refetched() {
+    let mut redis = RedisServer::start();
+    let origin = Origin::new();
+    let a = replica(&redis.url()).await;
+    connected(&a).await;
+    let urls: Vec<String> = (0..20)
+        .map(|i| format!("http://api.test/jobs/seed/{i}"))
+        .collect();
+    for url in &urls {
+        stored(&origin, &a, url).await;
+    }
+    eventually("A read the epoch", WAIT, || async {
+        !redis.cli(&["ZSCORE", "outage/outages", "epoch"]).is_empty()
+    })
+    .await;
+    let entries = |redis: &RedisServer| {
+        redis
+            .cli(&["--scan", "--pattern", "outage/v1:*"])
+            .lines()
+            .count()
+    };
+    assert_eq!(entries(&redis), 20);
+
+    // Redis comes back empty: A finds its epoch gone and puts its memory back.
+    redis.restart();
+    assert_eq!(entries(&redis), 0);
+    eventually("Redis re-seeded from A's memory", WAIT, || async {
+        entries(&redis) == 20 && a.stats().redis_reseeds == 20
+    })
+    .await;
+    assert_eq!(origin.log.calls(), 20, "nothing refetched to re-seed");
+
+    // A replica with an empty memory finds every URL in Redis: hits, not misses; each
+    // refreshed at most once.
+    let c = replica(&redis.url()).await;
+    connected(&c).await;
+    for url in &urls {
+        let got = call(app(&origin, &c), get(url)).await;
+        assert!(got.is_hit(), "{url}: {}", got.cache_status());
+    }
+    assert!(
+        origin.log.calls() <= 40,
+        "{} origin calls",
+        origin.log.calls()
+    );
+}

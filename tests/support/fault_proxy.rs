@@ -303,8 +303,9 @@ struct RespCommands {
 
 impl RespCommands {
     /// Adds bytes; returns the names (upper case) of the commands they complete,
-    /// leaving out the cache's capability check (its commands name `…/probe:…`):
-    /// the tests count what the cache does for requests and invalidations.
+    /// leaving out the cache's own housekeeping (the capability check on `…/probe:…`,
+    /// the recorded recoveries and epoch on `…/outages`): the tests count what the cache does
+    /// for requests and invalidations.
     fn push(&mut self, bytes: &[u8]) -> Vec<String> {
         self.pending.extend_from_slice(bytes);
         let mut names = Vec::new();
@@ -349,12 +350,17 @@ fn command(bytes: &[u8]) -> Option<(String, bool, usize)> {
         let arg = &bytes[next..end];
         if i == 0 {
             name = String::from_utf8_lossy(arg).to_ascii_uppercase();
-        } else if arg.windows(7).any(|w| w == b"/probe:") {
+        } else if (i == 1 && housekeeping(arg)) || arg.windows(7).any(|w| w == b"/probe:") {
             probe = true;
         }
         at = end + 2;
     }
     Some((name, probe, at))
+}
+
+/// Whether a command's first argument is one of the cache's housekeeping keys.
+fn housekeeping(key: &[u8]) -> bool {
+    key.ends_with(b"/outages")
 }
 
 /// The line starting at `from` (without its CRLF) and where the next one starts.

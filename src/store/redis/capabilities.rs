@@ -61,7 +61,7 @@ fn probes(keys: &RedisKeys) -> Vec<Probe> {
         probe("smembers", "SMEMBERS", &[&set]),
         probe("zadd", "ZADD", &[&log, "0", "x"]),
         probe("pexpire", "PEXPIRE", &[&log, "10000"]),
-        probe("zscore", "ZSCORE", &[&log, "x"]),
+        probe("zmscore", "ZMSCORE", &[&log, "x", "y"]),
         probe("zcount", "ZCOUNT", &[&log, "-inf", "+inf"]),
         probe("zcard", "ZCARD", &[&log]),
         probe("zrangebyscore", "ZRANGEBYSCORE", &[&log, "0", "0"]),

@@ -92,6 +92,13 @@ pub(crate) struct HealthState {
     recovered_at: AtomicU64,
     /// A recovery seen here that Redis has not recorded yet.
     unpublished: AtomicBool,
+    /// The epoch this replica last read (see `outage`).
+    epoch: Mutex<Option<u64>>,
+    /// Told when Redis is found to have lost its data (the re-seed waits on it).
+    data_lost: Arc<tokio::sync::Notify>,
+    /// While memory re-seeds a Redis that lost its data: a Redis miss is not yet the
+    /// shared truth.
+    reseeding: AtomicBool,
 }
 
 impl HealthState {
@@ -104,6 +111,9 @@ impl HealthState {
             down: AtomicBool::new(!all_up),
             recovered_at: AtomicU64::new(0),
             unpublished: AtomicBool::new(false),
+            epoch: Mutex::new(None),
+            data_lost: Arc::new(tokio::sync::Notify::new()),
+            reseeding: AtomicBool::new(false),
         };
         for client in &state.clients {
             client.up.store(all_up, Ordering::Relaxed);
@@ -228,6 +238,47 @@ impl HealthState {
         self.recovered_at.load(Ordering::Relaxed)
     }
 
+    /// Told each time Redis is found to have lost its data.
+    pub(crate) fn data_lost(&self) -> Arc<tokio::sync::Notify> {
+        Arc::clone(&self.data_lost)
+    }
+
+    /// Whether memory is re-seeding a Redis that lost its data.
+    pub(crate) fn reseeding(&self) -> bool {
+        self.reseeding.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_reseeding(&self, on: bool) {
+        self.reseeding.store(on, Ordering::Relaxed);
+    }
+
+    /// Reads what Redis records of outages: adopts the latest recovery, and compares
+    /// the epoch with the one last read. A change means Redis lost its data:
+    /// everything stored before now is refreshed on its next use (here and, once
+    /// recorded, on every replica), and memory re-seeds Redis.
+    async fn read_outages<C: fred::interfaces::ClientLike>(&self, client: &C, keys: &RedisKeys) {
+        let Some(recorded) = outage::read_and_keep_epoch(client, keys).await else {
+            return;
+        };
+        if let Some(at) = recorded.recovered {
+            self.adopt_recovery(at);
+        }
+        let Some(epoch) = recorded.epoch else {
+            return;
+        };
+        let known = self
+            .epoch
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .replace(epoch);
+        if known.is_some_and(|known| known != epoch) {
+            tracing::warn!(target: TARGET, "redis lost its data: re-seeding it from memory; what was stored before is refreshed on its next use");
+            self.adopt_recovery(millis_since_epoch(SystemTime::now()));
+            self.unpublished.store(true, Ordering::Relaxed);
+            self.data_lost.notify_one();
+        }
+    }
+
     /// Takes a recovery at `at` (ms) if it is the latest known.
     fn adopt_recovery(&self, at: u64) {
         let before = self.recovered_at.fetch_max(at, Ordering::Relaxed);
@@ -350,16 +401,17 @@ pub(crate) fn spawn_probe(
                     health.record_findings(up_since, findings);
                 }
             }
+            // About once a second, and at once after a return: did Redis lose its
+            // data, and when did it (for any replica) last come back?
+            let every_second = tick % read_recovery_every == 0;
+            tick += 1;
+            if every_second || health.unpublished.load(Ordering::Relaxed) {
+                health.read_outages(&client, &keys).await;
+            }
             if health.unpublished.swap(false, Ordering::Relaxed)
                 && !outage::publish(&client, &keys, health.recovered_at()).await
             {
                 health.unpublished.store(true, Ordering::Relaxed);
-            }
-            tick += 1;
-            if tick % read_recovery_every == 0 {
-                if let Some(at) = outage::latest(&client, &keys).await {
-                    health.adopt_recovery(at);
-                }
             }
         }
     });

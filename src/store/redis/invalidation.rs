@@ -119,6 +119,9 @@ impl RedisStore {
         // now either landed before the mark (and the SCAN finds it) or is refused by it.
         let purged = self.keys.purged();
         self.mark(client, purged.clone()).await?;
+        // What says whether Redis lost its data, and when it last came back, is not
+        // the cache's content.
+        let kept = [purged.clone(), self.keys.outages()];
         let pattern = self.keys.every_key();
         let mut keys = if client.is_clustered() {
             client
@@ -131,7 +134,7 @@ impl RedisStore {
         let mut removed = 0;
         while let Some(key) = keys.next().await {
             let key = key.map_err(StoreError::command)?;
-            if let Some(key) = key.as_str().filter(|key| **key != purged) {
+            if let Some(key) = key.as_str().filter(|key| !kept.iter().any(|k| k == &**key)) {
                 batch.push(key.to_owned());
             }
             if batch.len() >= 500 {

@@ -10,7 +10,8 @@
 //! {ns}/lease:{64 hex}            a key's fill lease: the holder's token
 //! {ns}/invalidation-log          recent invalidation messages, scored by their time
 //! {ns}/invalidations             the pub/sub channel of invalidation messages
-//! {ns}/outages                   when Redis last came back after an outage (a score, ms)
+//! {ns}/outages                   scores: `recovered`, when Redis last came back after an
+//!                                outage (ms); `epoch`, set once (gone: Redis lost its data)
 //! {ns}/probe:{value|set|log|none} throwaway keys of the capability check (10 s at most)
 //! ```
 //!

@@ -199,6 +199,20 @@ impl RedisStore {
         self.health.recovered_at()
     }
 
+    /// Told each time Redis is found to have lost its data.
+    pub(crate) fn data_lost(&self) -> Arc<tokio::sync::Notify> {
+        self.health.data_lost()
+    }
+
+    /// Whether memory is re-seeding a Redis that lost its data.
+    pub(crate) fn reseeding(&self) -> bool {
+        self.health.reseeding()
+    }
+
+    pub(crate) fn set_reseeding(&self, on: bool) {
+        self.health.set_reseeding(on);
+    }
+
     /// Lets the connections' health drive `breaker`.
     pub(crate) fn drive(&self, breaker: CircuitBreaker) {
         self.health.drive(breaker);

@@ -6,7 +6,7 @@ use std::time::SystemTime;
 
 use bytes::Bytes;
 use fred::prelude::*;
-use fred::types::{Expiration, ExpireOptions};
+use fred::types::{Expiration, ExpireOptions, SetOptions};
 
 use super::{millis_i64, RedisStore};
 use crate::entry::codec::millis_since_epoch;
@@ -135,6 +135,23 @@ impl RedisStore {
         &self,
         entries: &[(CacheKey, Entry, SystemTime)],
     ) -> Result<(usize, usize), StoreError> {
+        self.write_many(entries, false).await
+    }
+
+    /// As `set_many`, but only where Redis holds nothing (`SET NX`): a re-seed from
+    /// memory never replaces what a replica wrote since.
+    pub(crate) async fn seed_many(
+        &self,
+        entries: &[(CacheKey, Entry, SystemTime)],
+    ) -> Result<(usize, usize), StoreError> {
+        self.write_many(entries, true).await
+    }
+
+    async fn write_many(
+        &self,
+        entries: &[(CacheKey, Entry, SystemTime)],
+        only_if_absent: bool,
+    ) -> Result<(usize, usize), StoreError> {
         let client = self.healthy()?;
         let outgoing = self.outgoing(entries);
         if outgoing.is_empty() {
@@ -151,7 +168,7 @@ impl RedisStore {
                     out.storage_key.clone(),
                     out.value.clone(),
                     Some(Expiration::PX(out.millis)),
-                    None,
+                    only_if_absent.then_some(SetOptions::NX),
                     false,
                 )
                 .await;
@@ -203,6 +220,8 @@ impl RedisStore {
         let mut times = vec![0_i64; mark_count];
         for (slot, result) in slots.into_iter().zip(results) {
             match (slot, result) {
+                // `SET NX` where a value was: nothing written.
+                (Slot::Write(_), Ok(Value::Null)) => {}
                 (Slot::Write(i), Ok(_)) => {
                     tally.written += 1;
                     written[i] = true;

@@ -1,0 +1,78 @@
+//! Re-seeding a Redis that lost its data (restarted empty, failed over to a replica
+//! that had not caught up) from this replica's memory, instead of sending every
+//! replica back to the origin at once.
+//!
+//! Entries go back only where Redis holds nothing (`SET NX`), in pipelines of 64, with
+//! their tags' indexes. Each was stored before Redis came back, so every replica
+//! serves it once more and refreshes it (`detail=refresh-after-outage`, one refresh
+//! per URL for the cluster): the origin sees one refresh per URL spread over the
+//! requests' arrivals, not a stampede, and nothing invalidated during the outage is
+//! trusted for its TTL. While the re-seed runs, a Redis miss falls back to memory.
+
+use std::sync::{Arc, Weak};
+use std::time::SystemTime;
+
+use super::memory::MemoryStore;
+use super::redis::RedisStore;
+use super::until_closed;
+use crate::entry::Entry;
+use crate::telemetry::{Counter, Counters, TARGET};
+
+/// Entries per pipeline.
+const BATCH: usize = 64;
+
+/// Re-seeds Redis from `memory` each time the store finds it lost its data; ends when
+/// the store closes or is gone.
+pub(crate) fn spawn_reseed(store: Weak<RedisStore>, memory: MemoryStore, counters: Arc<Counters>) {
+    let Some((signal, mut closed)) = store.upgrade().map(|s| (s.data_lost(), s.closed())) else {
+        return;
+    };
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = signal.notified() => {}
+                () = until_closed(&mut closed) => return,
+            }
+            let Some(store) = store.upgrade() else {
+                return;
+            };
+            store.set_reseeding(true);
+            let written = reseed(&store, &memory, &counters).await;
+            store.set_reseeding(false);
+            tracing::info!(target: TARGET, written, "re-seeded redis from memory");
+        }
+    });
+}
+
+/// Writes what memory holds where Redis holds nothing; returns how many entries were
+/// written (stops early if Redis stops answering).
+async fn reseed(store: &RedisStore, memory: &MemoryStore, counters: &Counters) -> usize {
+    let entries = memory.entries();
+    let mut written = 0;
+    for chunk in entries.chunks(BATCH) {
+        // When its origin call started, as far as memory knows: an invalidation
+        // marked since supersedes it.
+        let batch: Vec<_> = chunk
+            .iter()
+            .map(|(key, entry)| {
+                let started = match entry {
+                    Entry::Response(response) => response.stored_at(),
+                    _ => SystemTime::UNIX_EPOCH,
+                };
+                (*key, entry.clone(), started)
+            })
+            .collect();
+        match store.seed_many(&batch).await {
+            Ok((count, _refused)) => {
+                written += count;
+                counters.add_n(Counter::RedisReseed, count);
+            }
+            Err(e) => {
+                tracing::debug!(target: TARGET, error = %e, outcome = "reseed-stopped");
+                break;
+            }
+        }
+        tokio::task::yield_now().await;
+    }
+    written
+}
