@@ -18,6 +18,8 @@
 //!   the cheap handler of (c′); (g″)/(h″) the same pair with job_match's search
 //!   handler of (c) (label `writes-search`), and (h‴) the same with no entry sent to
 //!   Redis, so that only the misses' Redis reads remain (label `writes-search-reads`);
+//!   (h) against (h′), the same with the cross-replica fill lease (label
+//!   `writes-lease`);
 //! - (i) memory hits on a memory-only layer and (j) the same on a layer whose Redis
 //!   was killed (breaker open): the degraded mode;
 //! - memory: resident size before and after a load of unique URLs that stores far
@@ -61,8 +63,8 @@ mod support;
 
 struct Args {
     /// Pairs to run (`hits`, `hits-swr-tags`, `search`, `misses`, `redis`,
-    /// `redis-spread`, `writes`, `writes-search`, `writes-search-reads`, `degraded`,
-    /// `memory`); empty: all.
+    /// `redis-spread`, `writes`, `writes-lease`, `writes-search`, `writes-search-reads`,
+    /// `degraded`, `memory`); empty: all.
     only: Vec<String>,
     seconds: f64,
     rounds: usize,
@@ -389,6 +391,7 @@ async fn run(args: Args) {
         "writes",
         "writes-search",
         "writes-search-reads",
+        "writes-lease",
     ]
     .iter()
     .any(|pair| wanted(pair))
@@ -423,6 +426,9 @@ async fn run(args: Args) {
                 )
                 .await,
             );
+        }
+        if wanted("writes-lease") {
+            pairs.push(lease_pair(&redis.url()).await);
         }
         if wanted("writes-search") {
             let config = tower_hybrid_cache::RedisConfig::new(redis.url());
@@ -736,6 +742,41 @@ async fn redis_pairs(
         });
     }
     pairs
+}
+
+/// (h) against (h′): all misses with Redis on, without and with the cross-replica fill
+/// lease (a `SET NX` before each origin call, a release after its write): what the
+/// lease costs a miss.
+async fn lease_pair(url: &str) -> Pair {
+    let rendered = |Query(seed): Query<Seed>| async move {
+        (
+            [(CONTENT_TYPE, "application/json")],
+            render(seed.i.unwrap_or(0)),
+        )
+    };
+    let without = HybridCache::builder().redis_url(url).build().await.unwrap();
+    let with = HybridCache::builder()
+        .redis_url(url)
+        .redis_fill_lease(Duration::from_secs(2))
+        .build()
+        .await
+        .unwrap();
+    let route = |cache: &HybridCache| {
+        Router::new().route(
+            "/render",
+            get(rendered).layer(cache.layer().ttl(Duration::from_secs(60))),
+        )
+    };
+    Pair {
+        label: "writes-lease",
+        names: [
+            "(h) all misses with Redis on, no fill lease",
+            "(h′) (h) with the fill lease: a SET NX per miss, a release after its write",
+        ],
+        path: "/render",
+        urls: Urls::Unique,
+        servers: [serve(route(&without)).await, serve(route(&with)).await],
+    }
 }
 
 /// (i)/(j): memory hits on a memory-only layer against the same on a layer whose

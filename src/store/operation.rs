@@ -238,7 +238,7 @@ pub enum StoreErrorKind {
     /// No answer within the per-command timeout.
     Timeout,
     /// Redis is loading, failing over or resharding (`LOADING`, `TRYAGAIN`,
-    /// `CLUSTERDOWN`, `MASTERDOWN`).
+    /// `CLUSTERDOWN`, `MASTERDOWN`, and `READONLY` from a primary just demoted).
     Busy,
     /// Redis refused the command (`OOM`, `WRONGTYPE`, `NOPERM`, auth errors): it is up
     /// and answering.
@@ -246,7 +246,13 @@ pub enum StoreErrorKind {
 }
 
 /// Reply prefixes that say Redis will take the command again shortly.
-const BUSY_REPLIES: [&str; 4] = ["LOADING", "TRYAGAIN", "CLUSTERDOWN", "MASTERDOWN"];
+const BUSY_REPLIES: [&str; 5] = [
+    "LOADING",
+    "TRYAGAIN",
+    "CLUSTERDOWN",
+    "MASTERDOWN",
+    "READONLY",
+];
 
 impl StoreError {
     pub(crate) fn unavailable() -> Self {
@@ -392,6 +398,13 @@ mod tests {
             ),
             (
                 command(ErrorKind::Unknown, "MASTERDOWN link"),
+                StoreErrorKind::Busy,
+            ),
+            (
+                command(
+                    ErrorKind::Unknown,
+                    "READONLY You can't write against a read only replica.",
+                ),
                 StoreErrorKind::Busy,
             ),
             (

@@ -359,3 +359,145 @@ impl RedisCluster {
         url
     }
 }
+
+/// A primary, one replica and three sentinels (`redis-server --sentinel`) watching
+/// them as `mymaster` (quorum 2), torn down on drop.
+pub struct RedisSentinelGroup {
+    pub primary: RedisServer,
+    pub replica: RedisServer,
+    sentinels: Vec<(u16, Child)>,
+    dir: PathBuf,
+}
+
+impl RedisSentinelGroup {
+    pub fn start() -> Self {
+        let primary = RedisServer::start();
+        // Read-only off, so that a test can make it lag (`FLUSHALL` on it alone).
+        let replica = RedisServer::start_with(&[
+            "--replicaof",
+            "127.0.0.1",
+            &primary.port().to_string(),
+            "--replica-read-only",
+            "no",
+        ]);
+        let group_dir = std::env::temp_dir().join(format!(
+            "thc-sentinels-{}-{}",
+            std::process::id(),
+            primary.port()
+        ));
+        std::fs::create_dir_all(&group_dir).expect("sentinel dir");
+        let sentinels = (0..3)
+            .map(|_| {
+                let port = free_port();
+                let conf = group_dir.join(format!("sentinel-{port}.conf"));
+                std::fs::write(
+                    &conf,
+                    format!(
+                        "port {port}\nbind 127.0.0.1\ndir {}\n\
+                         sentinel monitor mymaster 127.0.0.1 {} 2\n\
+                         sentinel down-after-milliseconds mymaster 1000\n\
+                         sentinel failover-timeout mymaster 5000\n",
+                        group_dir.display(),
+                        primary.port()
+                    ),
+                )
+                .expect("sentinel conf");
+                let child = Command::new("redis-server")
+                    .arg(&conf)
+                    .arg("--sentinel")
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .expect("spawn redis-server --sentinel");
+                (port, child)
+            })
+            .collect();
+        let group = RedisSentinelGroup {
+            primary,
+            replica,
+            sentinels,
+            dir: group_dir,
+        };
+        // Every sentinel knows the replica and the two other sentinels.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ready = group.sentinels.iter().all(|(port, _)| {
+                let replicas = sentinel_cli(*port, &["SENTINEL", "REPLICAS", "mymaster"]);
+                let others = sentinel_cli(*port, &["SENTINEL", "SENTINELS", "mymaster"]);
+                replicas.contains(&group.replica.port().to_string())
+                    && others.matches("127.0.0.1").count() >= 2
+            });
+            let linked = group
+                .replica
+                .cli(&["INFO", "replication"])
+                .contains("master_link_status:up");
+            if ready && linked {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the sentinels did not settle");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        group
+    }
+
+    /// A fred sentinel URL naming every sentinel.
+    pub fn url(&self) -> String {
+        let mut url = format!(
+            "redis-sentinel://127.0.0.1:{}?sentinelServiceName=mymaster",
+            self.sentinels[0].0
+        );
+        for (port, _) in self.sentinels.iter().skip(1) {
+            url.push_str(&format!("&node=127.0.0.1:{port}"));
+        }
+        url
+    }
+
+    /// The port the sentinels name as the primary now.
+    pub fn primary_port(&self) -> u16 {
+        let answer = sentinel_cli(
+            self.sentinels[0].0,
+            &["SENTINEL", "GET-MASTER-ADDR-BY-NAME", "mymaster"],
+        );
+        answer
+            .lines()
+            .nth(1)
+            .and_then(|port| port.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Fails the primary over to the replica and waits until the sentinels and the
+    /// replica agree it is the primary.
+    pub fn fail_over(&self) {
+        let asked = sentinel_cli(self.sentinels[0].0, &["SENTINEL", "FAILOVER", "mymaster"]);
+        assert_eq!(asked, "OK", "SENTINEL FAILOVER");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !(self.primary_port() == self.replica.port()
+            && self
+                .replica
+                .cli(&["INFO", "replication"])
+                .contains("role:master"))
+        {
+            assert!(Instant::now() < deadline, "the failover did not happen");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+fn sentinel_cli(port: u16, args: &[&str]) -> String {
+    let output = Command::new("redis-cli")
+        .args(["-p", &port.to_string()])
+        .args(args)
+        .output()
+        .expect("run redis-cli");
+    String::from_utf8_lossy(&output.stdout).trim().to_owned()
+}
+
+impl Drop for RedisSentinelGroup {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.sentinels {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -65,8 +65,10 @@ impl fmt::Debug for RedisConfig {
 }
 
 impl RedisConfig {
-    /// Creates a config for `url`: `redis://[user:password@]host:port[/db]`, or `rediss://`
-    /// for TLS (rustls).
+    /// Creates a config for `url`: `redis://[user:password@]host:port[/db]`, `rediss://`
+    /// for TLS (rustls), `redis-cluster://host:port?node=host:port…` for a Redis Cluster,
+    /// or `redis-sentinel://host:port?sentinelServiceName=name&node=host:port…` for a
+    /// primary found through Redis Sentinel.
     pub fn new(url: impl Into<String>) -> Self {
         RedisConfig {
             url: url.into(),
