@@ -287,7 +287,7 @@ impl HybridCacheBuilder {
     /// Turns on cross-replica single-flight (with Redis): the first replica to miss a URL takes
     /// a lease on it in Redis (`SET NX PX`, a random token, held at most `ttl`) and
     /// fetches it; a replica that misses the same URL meanwhile does not call the
-    /// origin but polls Redis (every 10–30 ms, jittered) for the entry, at most `ttl` or
+    /// origin but polls Redis (after 2 ms, doubling to 32 ms, jittered) for the entry, at most `ttl` or
     /// the single-flight timeout, and calls the origin itself only if none comes. The
     /// lease is given back when the fill ends. While the breaker is open, or Redis
     /// cannot answer, only the in-process single-flight applies. Default off: each
