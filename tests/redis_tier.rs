@@ -362,6 +362,7 @@ async fn password_and_acl_user_limited_to_the_namespace() {
                 "publish",
                 "scan",
                 "unlink",
+                "eval",
             ]
         } else {
             &[]

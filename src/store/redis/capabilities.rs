@@ -79,6 +79,12 @@ fn probes(keys: &RedisKeys) -> Vec<Probe> {
                 .collect(),
         },
         probe("unlink", "UNLINK", &[&none]),
+        Probe {
+            name: "eval",
+            command: "EVAL",
+            hash: ClusterHash::Random,
+            args: vec!["return 1".to_owned(), "0".to_owned()],
+        },
         // One key each: in a cluster the probe keys live in different slots.
         probe("del", "DEL", &[&value]),
         probe("del", "DEL", &[&set]),
@@ -88,7 +94,7 @@ fn probes(keys: &RedisKeys) -> Vec<Probe> {
 
 /// Whether an error reply says the command (or this form of it) is not available to
 /// us: not permitted, unknown (renamed, disabled, too new), or not understood.
-fn refused(error: &fred::error::Error) -> bool {
+pub(crate) fn refused(error: &fred::error::Error) -> bool {
     let details = error.details().to_ascii_lowercase();
     [
         "noperm",

@@ -99,6 +99,9 @@ pub(crate) struct HealthState {
     /// While memory re-seeds a Redis that lost its data: a Redis miss is not yet the
     /// shared truth.
     reseeding: AtomicBool,
+    /// Whether writes check their marks in a script: until a capability check finds
+    /// `EVAL` refused (a refused script fails its batch, which a later fill rewrites).
+    scripts: AtomicBool,
 }
 
 impl HealthState {
@@ -114,6 +117,7 @@ impl HealthState {
             epoch: Mutex::new(None),
             data_lost: Arc::new(tokio::sync::Notify::new()),
             reseeding: AtomicBool::new(false),
+            scripts: AtomicBool::new(true),
         };
         for client in &state.clients {
             client.up.store(all_up, Ordering::Relaxed);
@@ -243,6 +247,17 @@ impl HealthState {
         Arc::clone(&self.data_lost)
     }
 
+    /// Whether writes check their marks in a script (no capability check found `EVAL`
+    /// refused).
+    pub(crate) fn scripts_allowed(&self) -> bool {
+        self.scripts.load(Ordering::Relaxed)
+    }
+
+    /// Stops writes using the script (Redis refused it), until a check finds it allowed.
+    pub(crate) fn refuse_scripts(&self) {
+        self.scripts.store(false, Ordering::Relaxed);
+    }
+
     /// Whether memory is re-seeding a Redis that lost its data.
     pub(crate) fn reseeding(&self) -> bool {
         self.reseeding.load(Ordering::Relaxed)
@@ -300,6 +315,8 @@ impl HealthState {
     /// Keeps what a check made for `up_since` found, and says what is missing.
     fn record_findings(&self, up_since: SystemTime, findings: Findings) {
         metrics::gauge!(MISSING_COMMANDS).set(findings.missing.len() as f64);
+        self.scripts
+            .store(!findings.missing.contains(&"eval"), Ordering::Relaxed);
         if !findings.missing.is_empty() {
             tracing::warn!(
                 target: TARGET,

@@ -1,12 +1,19 @@
 //! Write batches: a run of entries sent as one pipeline, each with its tags' indexes,
-//! and the invalidation marks read in the same round trip so that an entry whose
-//! origin call started before an invalidation (on any replica) is deleted again.
+//! checked against the invalidation marks so that an entry whose origin call started
+//! before an invalidation (on any replica) is never stored.
+//!
+//! On one Redis (standalone or behind Sentinel) each entry is written by a script that
+//! reads its marks and sets it only if none supersedes it, atomically: no replica
+//! ever sees an invalidated entry. A Redis Cluster (whose marks live in other slots
+//! than the entry) or an ACL user without `EVAL` gets the marks read in the same
+//! round trip instead, and an entry they supersede deleted again: another replica may
+//! see it for about that round trip.
 
 use std::time::SystemTime;
 
 use bytes::Bytes;
 use fred::prelude::*;
-use fred::types::{Expiration, ExpireOptions, SetOptions};
+use fred::types::{ClusterHash, CustomCommand, Expiration, ExpireOptions, SetOptions};
 
 use super::{millis_i64, RedisStore};
 use crate::entry::codec::millis_since_epoch;
@@ -14,6 +21,23 @@ use crate::entry::{encode_entry, Entry};
 use crate::key::CacheKey;
 use crate::store::StoreError;
 use crate::telemetry::TARGET;
+
+/// Sets `KEYS[1]` to `ARGV[1]` for `ARGV[2]` ms unless a mark among the other keys
+/// holds a time at or after `ARGV[3]` (the fill's start); with `ARGV[4]` = 1, only if
+/// `KEYS[1]` holds nothing. A mark that is not a number supersedes nothing. Returns 1
+/// (written), 0 (superseded) or 2 (a value was there).
+const GUARDED_SET: &str = "\
+local started = tonumber(ARGV[3])
+for i = 2, #KEYS do
+  local mark = redis.pcall('GET', KEYS[i])
+  if type(mark) == 'string' and (tonumber(mark) or 0) >= started then return 0 end
+end
+if ARGV[4] == '1' then
+  if redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2], 'NX') then return 1 end
+  return 2
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1";
 
 /// What one result of a write batch's pipeline answers.
 enum Slot {
@@ -147,31 +171,74 @@ impl RedisStore {
         self.write_many(entries, true).await
     }
 
+    /// Writes with the script where it can; a Redis that refuses the script (an ACL
+    /// user without `EVAL`) gets the batch again without it, and no script after.
     async fn write_many(
         &self,
         entries: &[(CacheKey, Entry, SystemTime)],
         only_if_absent: bool,
     ) -> Result<(usize, usize), StoreError> {
+        let guarded = self.health.scripts_allowed();
+        match self.write_batch(entries, only_if_absent, guarded).await? {
+            Some(written) => Ok(written),
+            None => {
+                tracing::warn!(target: TARGET, "redis refuses EVAL: write batches check their marks after writing instead");
+                self.health.refuse_scripts();
+                Ok(self
+                    .write_batch(entries, only_if_absent, false)
+                    .await?
+                    .unwrap_or((0, 0)))
+            }
+        }
+    }
+
+    /// One batch, `guarded` by the script or not; `None` when Redis refused the
+    /// script itself.
+    async fn write_batch(
+        &self,
+        entries: &[(CacheKey, Entry, SystemTime)],
+        only_if_absent: bool,
+        guarded: bool,
+    ) -> Result<Option<(usize, usize)>, StoreError> {
         let client = self.healthy()?;
         let outgoing = self.outgoing(entries);
         if outgoing.is_empty() {
-            return Ok((0, 0));
+            return Ok(Some((0, 0)));
         }
+        let guarded = guarded && !client.is_clustered();
         let pipeline = client.pipeline();
         // What each result of the pipeline answers, for the commands it took.
         let mut slots = Vec::new();
         let mut sent = Vec::with_capacity(outgoing.len());
         let mut tags = BatchTags::default();
         for out in &outgoing {
-            let queued: Result<(), _> = pipeline
-                .set(
-                    out.storage_key.clone(),
-                    out.value.clone(),
-                    Some(Expiration::PX(out.millis)),
-                    only_if_absent.then_some(SetOptions::NX),
-                    false,
-                )
-                .await;
+            let queued: Result<(), _> = if guarded {
+                // EVAL script numkeys keys… args…
+                let tags = out.entry.tags();
+                let mut args: Vec<Value> = Vec::with_capacity(9 + tags.len());
+                args.push(Value::from(GUARDED_SET));
+                args.push(Value::Integer(3 + tags.len() as i64));
+                args.push(Value::from(out.storage_key.as_str()));
+                args.push(Value::from(self.keys.purged()));
+                args.push(Value::from(self.keys.gone(out.key)));
+                args.extend(tags.iter().map(|tag| Value::from(self.keys.gone_tag(tag))));
+                args.push(Value::Bytes(out.value.clone()));
+                args.push(Value::Integer(out.millis));
+                args.push(Value::Integer(out.started));
+                args.push(Value::Integer(i64::from(only_if_absent)));
+                let eval = CustomCommand::new_static("EVAL", ClusterHash::Offset(2), false);
+                pipeline.custom(eval, args).await
+            } else {
+                pipeline
+                    .set(
+                        out.storage_key.clone(),
+                        out.value.clone(),
+                        Some(Expiration::PX(out.millis)),
+                        only_if_absent.then_some(SetOptions::NX),
+                        false,
+                    )
+                    .await
+            };
             if queued.is_err() {
                 continue;
             }
@@ -180,7 +247,7 @@ impl RedisStore {
             sent.push(out);
         }
         if sent.is_empty() {
-            return Ok((0, 0));
+            return Ok(Some((0, 0)));
         }
         // Each tag's index lists the keys stored with it, and lives at least as long
         // as the longest-lived of them (NX sets a first expiry, GT extends): one
@@ -200,7 +267,12 @@ impl RedisStore {
             ];
             slots.extend(queued.iter().filter(|q| q.is_ok()).map(|_| Slot::Index));
         }
-        let marks = self.mark_keys(&sent, &tags);
+        // The script checked the marks already.
+        let marks = if guarded {
+            Vec::new()
+        } else {
+            self.mark_keys(&sent, &tags)
+        };
         let mark_count = marks.len();
         // One MGET on one Redis; a cluster spreads the marks over its slots.
         if client.is_clustered() {
@@ -209,7 +281,7 @@ impl RedisStore {
                     slots.push(Slot::Mark(i));
                 }
             }
-        } else if pipeline.mget::<(), _>(marks).await.is_ok() {
+        } else if !guarded && pipeline.mget::<(), _>(marks).await.is_ok() {
             slots.push(Slot::Marks);
         }
         let results = pipeline.try_all::<Value>().await;
@@ -221,10 +293,17 @@ impl RedisStore {
         for (slot, result) in slots.into_iter().zip(results) {
             match (slot, result) {
                 // `SET NX` where a value was: nothing written.
-                (Slot::Write(_), Ok(Value::Null)) => {}
+                (Slot::Write(_), Ok(Value::Null | Value::Integer(2))) => {}
+                (Slot::Write(i), Ok(Value::Integer(0))) => {
+                    let key = sent.get(i).map(|out| out.key);
+                    tracing::debug!(target: TARGET, key = ?key, outcome = "not-stored", detail = "invalidated");
+                }
                 (Slot::Write(i), Ok(_)) => {
                     tally.written += 1;
                     written[i] = true;
+                }
+                (Slot::Write(_), Err(e)) if guarded && super::capabilities::refused(&e) => {
+                    return Ok(None);
                 }
                 (Slot::Write(_), Err(e)) => tally.failed(StoreError::command(e))?,
                 (Slot::Index, _) => {}
@@ -273,7 +352,7 @@ impl RedisStore {
             let _: Vec<i64> = undo.all().await.map_err(StoreError::command)?;
             tally.written = tally.written.saturating_sub(superseded.len());
         }
-        tally.result()
+        tally.result().map(Some)
     }
 
     /// The marks that can supersede a batch, in the order `set_many` reads them: the

@@ -1,0 +1,344 @@
+//! A chaos soak with an oracle: three replicas of a cached service share one real
+//! `redis-server` (each through its own fault proxy), clients read and write
+//! versioned resources through random replicas, and a seeded fault schedule cuts,
+//! black-holes and slows each replica's link, freezes Redis, and restarts it empty.
+//! Every response is checked against the origin's version history:
+//!
+//! - no request fails;
+//! - no hit is staler than the TTL (a stored copy was current when fetched, and is
+//!   served fresh for at most the TTL);
+//! - a plain Redis hit (`detail=redis`) is never older than a write whose
+//!   invalidation Redis took (no `detail=invalidation-queued`) before the read began.
+//!
+//! CI runs a short seeded schedule; `scripts/soak` runs a long one
+//! (`SOAK_SECONDS`, `SOAK_SEED`, `SOAK_CLIENTS`) and prints the report.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "../support/fault_proxy.rs"]
+mod fault_proxy;
+#[path = "../support/mod.rs"]
+mod support;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::{Path, State};
+use axum::routing::get;
+use axum::Router;
+use fault_proxy::{Fault, FaultProxy};
+use support::redis::RedisServer;
+use support::{call, eventually};
+use tower_hybrid_cache::{HybridCache, RedisConfig};
+
+/// How long a stored response is fresh (the route's TTL; the origin says nothing).
+const TTL: Duration = Duration::from_secs(3);
+/// Resources the clients share.
+const RESOURCES: u32 = 24;
+
+fn env(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// A small seeded generator (xorshift): the same seed, the same schedule.
+struct Seeded(u64);
+
+impl Seeded {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+/// The origin's data: for each resource, when each write made its next version
+/// (version `n` is what the first `n` writes left; version 0 is the initial one).
+#[derive(Default)]
+struct History {
+    versions: Mutex<HashMap<u32, Vec<Instant>>>,
+    calls: Mutex<HashMap<u32, u64>>,
+}
+
+impl History {
+    fn current(&self, id: u32) -> usize {
+        self.versions.lock().unwrap().get(&id).map_or(0, Vec::len)
+    }
+
+    /// The version current at `at`.
+    fn at(&self, id: u32, at: Instant) -> usize {
+        let versions = self.versions.lock().unwrap();
+        let made = versions.get(&id).map_or(&[][..], Vec::as_slice);
+        made.iter().filter(|made| **made <= at).count()
+    }
+
+    /// When `version` stopped being the newest, if it has.
+    fn superseded(&self, id: u32, version: usize) -> Option<Instant> {
+        self.versions
+            .lock()
+            .unwrap()
+            .get(&id)
+            .and_then(|v| v.get(version).copied())
+    }
+}
+
+fn origin(history: Arc<History>) -> Router {
+    async fn read(State(h): State<Arc<History>>, Path(id): Path<u32>) -> String {
+        *h.calls.lock().unwrap().entry(id).or_default() += 1;
+        format!("{id}:{}", h.current(id))
+    }
+    async fn write(State(h): State<Arc<History>>, Path(id): Path<u32>) -> String {
+        let mut versions = h.versions.lock().unwrap();
+        let made = versions.entry(id).or_default();
+        made.push(Instant::now());
+        format!("{id}:{}", made.len())
+    }
+    Router::new()
+        .route("/r/{id}", get(read).post(write))
+        .with_state(history)
+}
+
+struct Read {
+    id: u32,
+    version: usize,
+    status: String,
+    started: Instant,
+    ok: bool,
+}
+
+struct Write {
+    id: u32,
+    version: usize,
+    /// Redis took its invalidation before the response went back.
+    reached_redis: bool,
+    ended: Instant,
+    ok: bool,
+}
+
+#[derive(Default)]
+struct Log {
+    reads: Vec<Read>,
+    writes: Vec<Write>,
+}
+
+fn version_of(body: &str) -> Option<usize> {
+    body.split_once(':').and_then(|(_, v)| v.parse().ok())
+}
+
+async fn replica(url: &str) -> HybridCache {
+    HybridCache::builder()
+        .namespace("chaos")
+        .redis(
+            RedisConfig::new(url)
+                .command_timeout(Duration::from_millis(100))
+                .deadline(Duration::from_millis(100))
+                .connect_timeout(Duration::from_millis(100)),
+        )
+        .build()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_through_faults_serve_nothing_the_oracle_forbids() {
+    let seconds = env("SOAK_SECONDS", 12);
+    let seed = env("SOAK_SEED", 0x5eed_cafe).max(1);
+    let clients = env("SOAK_CLIENTS", 6);
+
+    let mut redis = RedisServer::start();
+    let proxies: Vec<FaultProxy> = (0..3).map(|_| FaultProxy::start(redis.port())).collect();
+    let history = Arc::new(History::default());
+    let mut caches = Vec::new();
+    let mut apps = Vec::new();
+    for proxy in &proxies {
+        let cache = replica(&proxy.url()).await;
+        apps.push(origin(Arc::clone(&history)).layer(cache.layer().ttl(TTL)));
+        caches.push(cache);
+    }
+    for cache in &caches {
+        eventually("connected", Duration::from_secs(15), || async {
+            cache.redis_health().unwrap().connected > 0
+        })
+        .await;
+    }
+
+    let log = Arc::new(Mutex::new(Log::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for client in 0..clients {
+        let (apps, log, stop) = (apps.clone(), Arc::clone(&log), Arc::clone(&stop));
+        tasks.push(tokio::spawn(async move {
+            let mut rng = Seeded(seed ^ (client + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            while !stop.load(Ordering::Relaxed) {
+                let app = apps[rng.below(3) as usize].clone();
+                let id = rng.below(u64::from(RESOURCES)) as u32;
+                let uri = format!("http://api.test/r/{id}");
+                if rng.below(10) == 0 {
+                    let request = http::Request::post(&uri)
+                        .body(axum::body::Body::empty())
+                        .unwrap();
+                    let got = call(app, request).await;
+                    let write = Write {
+                        id,
+                        version: version_of(&got.text()).unwrap_or(0),
+                        reached_redis: !got.cache_status().contains("invalidation-queued"),
+                        ended: Instant::now(),
+                        ok: got.status.is_success(),
+                    };
+                    log.lock().unwrap().writes.push(write);
+                } else {
+                    let began = Instant::now();
+                    let got = call(app, support::get(&uri)).await;
+                    let read = Read {
+                        id,
+                        version: version_of(&got.text()).unwrap_or(usize::MAX),
+                        status: got.cache_status(),
+                        started: began,
+                        ok: got.status.is_success(),
+                    };
+                    log.lock().unwrap().reads.push(read);
+                }
+            }
+        }));
+    }
+
+    // The fault schedule: one fault at a time, each for 0.3-1.5 s, then 0.2-1 s clear;
+    // every kind in each cycle of six, in a seeded order.
+    let mut rng = Seeded(seed);
+    let mut order: Vec<u64> = (0..6).collect();
+    for i in (1..order.len()).rev() {
+        order.swap(i, rng.below(i as u64 + 1) as usize);
+    }
+    let mut faults: HashMap<&'static str, u64> = HashMap::new();
+    let mut round = 0;
+    while started.elapsed() < Duration::from_secs(seconds) {
+        let hold = Duration::from_millis(300 + rng.below(1200));
+        let which = if env("SOAK_NO_FAULTS", 0) == 1 {
+            5
+        } else {
+            order[round % order.len()]
+        };
+        round += 1;
+        let proxy = &proxies[rng.below(3) as usize];
+        let name = match which {
+            0 => {
+                proxy.set(Fault::Reset);
+                "link reset"
+            }
+            1 => {
+                proxy.set(Fault::BlackHole);
+                "link black-holed"
+            }
+            2 => {
+                proxy.set(Fault::Latency(Duration::from_millis(150)));
+                "link slowed"
+            }
+            3 => {
+                redis.freeze();
+                "redis frozen"
+            }
+            4 => {
+                redis.restart();
+                "redis restarted empty"
+            }
+            _ => "none",
+        };
+        *faults.entry(name).or_default() += 1;
+        tokio::time::sleep(hold).await;
+        for proxy in &proxies {
+            proxy.set(Fault::None);
+        }
+        redis.resume();
+        tokio::time::sleep(Duration::from_millis(200 + rng.below(800))).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for task in tasks {
+        task.await.unwrap();
+    }
+
+    // The oracle.
+    let log = log.lock().unwrap();
+    let mut failures = 0;
+    let mut violations = Vec::new();
+    let mut staleness = Vec::new();
+    let slack = Duration::from_secs(1);
+    for read in &log.reads {
+        if !read.ok || read.version == usize::MAX {
+            failures += 1;
+            continue;
+        }
+        let current = history.at(read.id, read.started);
+        let stale_for = match history.superseded(read.id, read.version) {
+            Some(at) if read.version < current => read.started.saturating_duration_since(at),
+            _ => Duration::ZERO,
+        };
+        staleness.push(stale_for);
+        let hit = read.status.contains("; hit");
+        if hit && stale_for > TTL + slack {
+            violations.push(format!(
+                "{}:{} stale for {stale_for:?} > TTL: {}",
+                read.id, read.version, read.status
+            ));
+        }
+        if read.status.ends_with("detail=redis") {
+            let acknowledged = log.writes.iter().any(|w| {
+                w.ok && w.reached_redis
+                    && w.id == read.id
+                    && w.ended < read.started
+                    && w.version > read.version
+            });
+            if acknowledged {
+                violations.push(format!(
+                    "{}:{} from Redis after a newer write Redis took: {}",
+                    read.id, read.version, read.status
+                ));
+            }
+        }
+    }
+    failures += log.writes.iter().filter(|w| !w.ok).count();
+    staleness.sort();
+    let pct = |p: f64| {
+        staleness
+            .get(((staleness.len() as f64 - 1.0) * p) as usize)
+            .copied()
+            .unwrap_or_default()
+    };
+    let calls = history.calls.lock().unwrap();
+    let origin_calls: u64 = calls.values().sum();
+    let stale_reads = staleness.iter().filter(|s| !s.is_zero()).count();
+    println!("chaos soak: seed {seed:#x}, {seconds} s, {clients} clients, faults {faults:?}");
+    println!(
+        "requests {} (reads {}, writes {}), failures {failures}, oracle violations {}",
+        log.reads.len() + log.writes.len(),
+        log.reads.len(),
+        log.writes.len(),
+        violations.len()
+    );
+    println!(
+        "origin calls {origin_calls} ({:.1} per resource), stale reads {stale_reads}, staleness p50 {:?} p99 {:?} max {:?}",
+        origin_calls as f64 / f64::from(RESOURCES),
+        pct(0.5),
+        pct(0.99),
+        staleness.last().copied().unwrap_or_default()
+    );
+    for violation in violations.iter().take(20) {
+        println!("violation: {violation}");
+    }
+    assert!(log.reads.len() > 100, "the load ran");
+    assert_eq!(failures, 0, "no request fails");
+    assert!(
+        violations.is_empty(),
+        "{} oracle violations",
+        violations.len()
+    );
+}
