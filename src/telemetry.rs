@@ -150,6 +150,12 @@ impl Counter {
 
 /// The breaker's state as a gauge value.
 pub(crate) const BREAKER_STATE: &str = "tower_hybrid_cache_breaker_state";
+/// How long an invalidation took from the replica that published it to this one's
+/// memory (seconds, by the two replicas' clocks).
+pub(crate) const INVALIDATION_DELAY: &str = "tower_hybrid_cache_invalidation_delay_seconds";
+/// How far past its freshness a stale response was when served (stale-while-revalidate,
+/// stale-if-error), in seconds.
+pub(crate) const STALE_SERVED: &str = "tower_hybrid_cache_stale_served_seconds";
 /// Commands the connected Redis refused (see `RedisHealth::missing_commands`).
 pub(crate) const MISSING_COMMANDS: &str = "tower_hybrid_cache_redis_missing_commands";
 /// Breaker state changes.

@@ -120,6 +120,16 @@ async fn counters_and_the_breaker_reach_the_metrics_recorder() {
     })
     .await;
 
+    // A stale response served while it is refreshed: how stale, as a histogram.
+    let swr = "http://api.test/swr?h=cache-control:max-age%3D1,%20stale-while-revalidate%3D60";
+    call(app.clone(), get(swr)).await;
+    eventually("served stale", WAIT, || async {
+        call(app.clone(), get(swr))
+            .await
+            .cache_status()
+            .ends_with("detail=stale-while-revalidate")
+    })
+    .await;
     let stats = cache.stats();
     let values = recorded(&snapshotter);
     let value = |name: &str| values.iter().find(|(n, _)| n == name).map(|(_, v)| v);
@@ -158,6 +168,19 @@ async fn counters_and_the_breaker_reach_the_metrics_recorder() {
         matches!(value("tower_hybrid_cache_breaker_transitions_total"), Some(DebugValue::Counter(n)) if *n >= 2)
     );
     assert!(value("tower_hybrid_cache_breaker_state").is_some());
+    // The write's invalidation came back to this replica's own subscriber, stamped
+    // with its sending time (heard long before: the replay above waited a probe
+    // interval at least).
+    assert!(
+        matches!(value("tower_hybrid_cache_invalidation_delay_seconds"), Some(DebugValue::Histogram(h)) if !h.is_empty()),
+        "{:?}",
+        value("tower_hybrid_cache_invalidation_delay_seconds")
+    );
+    assert!(
+        matches!(value("tower_hybrid_cache_stale_served_seconds"), Some(DebugValue::Histogram(h)) if !h.is_empty()),
+        "{:?}",
+        value("tower_hybrid_cache_stale_served_seconds")
+    );
     // The capability check ran on connecting, and found nothing missing.
     assert!(
         matches!(value("tower_hybrid_cache_redis_missing_commands"), Some(DebugValue::Gauge(g)) if g.into_inner() == 0.0),

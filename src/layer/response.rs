@@ -119,11 +119,9 @@ pub(crate) fn stale<B>(
         not_modified: false,
         version,
     };
-    let stale_for = now
-        .duration_since(entry.fresh_until)
-        .unwrap_or_default()
-        .as_secs();
-    let status = why(CacheStatus::stale_hit(stale_for));
+    let stale_for = now.duration_since(entry.fresh_until).unwrap_or_default();
+    metrics::histogram!(crate::telemetry::STALE_SERVED).record(stale_for.as_secs_f64());
+    let status = why(CacheStatus::stale_hit(stale_for.as_secs()));
     from_stored(entry, status, served, now, stamp)
 }
 

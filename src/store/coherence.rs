@@ -4,12 +4,13 @@
 //! its reach, everything).
 
 use std::sync::Weak;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use super::memory::MemoryStore;
 use super::redis::{Invalidation, MissedWindows, RedisStore};
 use super::until_closed;
-use crate::telemetry::TARGET;
+use crate::entry::codec::millis_since_epoch;
+use crate::telemetry::{INVALIDATION_DELAY, TARGET};
 
 /// Forgets in memory what any replica invalidated: a near cache serves memory first,
 /// and any cache answers from memory while Redis cannot. The task ends when the
@@ -29,8 +30,13 @@ pub(crate) fn spawn_listener(
             match received {
                 Ok(message) => {
                     let text = message.value.as_string().unwrap_or_default();
-                    if let Some(invalidation) = Invalidation::parse(&text) {
+                    if let Some((invalidation, sent_at)) = Invalidation::parse_published(&text) {
                         forget(&memory, invalidation).await;
+                        if let Some(sent_at) = sent_at {
+                            let now = millis_since_epoch(SystemTime::now());
+                            let delay = Duration::from_millis(now.saturating_sub(sent_at));
+                            metrics::histogram!(INVALIDATION_DELAY).record(delay.as_secs_f64());
+                        }
                     }
                 }
                 // Messages were missed: forget everything rather than serve what one

@@ -32,6 +32,26 @@ impl Invalidation {
         }
     }
 
+    /// The message as published: stamped with when it was sent (ms since the epoch),
+    /// so that a listener can tell how long it took to arrive. The log keeps the
+    /// plain message (its score is the time).
+    pub(crate) fn stamped(&self, sent_at: u64) -> String {
+        format!("@{sent_at} {}", self.message())
+    }
+
+    /// Reads a published message, stamped or not: the invalidation and when it was
+    /// sent, if it says; `None` for anything else (another writer's junk).
+    pub(crate) fn parse_published(message: &str) -> Option<(Self, Option<u64>)> {
+        let stamped = message
+            .strip_prefix('@')
+            .and_then(|rest| rest.split_once(' '))
+            .and_then(|(at, rest)| at.parse::<u64>().ok().map(|at| (at, rest)));
+        match stamped {
+            Some((at, rest)) => Self::parse(rest).map(|i| (i, Some(at))),
+            None => Self::parse(message).map(|i| (i, None)),
+        }
+    }
+
     /// Reads a message; `None` for anything else (another writer's junk).
     pub(crate) fn parse(message: &str) -> Option<Self> {
         match message.split_once(' ') {
@@ -187,8 +207,12 @@ impl RedisStore {
             .zremrangebyrank(&log, 0, -(MAX_LOGGED as i64) - 1)
             .await;
         let _: Result<(), _> = pipeline.pexpire(&log, millis_i64(keep), None).await;
+        let stamped = match Invalidation::parse(&message) {
+            Some(invalidation) => invalidation.stamped(now),
+            None => message,
+        };
         let _: Result<(), _> = pipeline
-            .publish(self.keys.invalidation_channel(), message)
+            .publish(self.keys.invalidation_channel(), stamped)
             .await;
         let sent: Result<Vec<Value>, _> = pipeline.try_all().await.into_iter().collect();
         if let Err(e) = sent {
@@ -282,12 +306,33 @@ mod tests {
             Invalidation::All,
         ] {
             assert_eq!(
+                Invalidation::parse_published(&invalidation.stamped(1_764_000_000_000)),
+                Some((
+                    Invalidation::parse(&invalidation.message()).unwrap(),
+                    Some(1_764_000_000_000)
+                ))
+            );
+            assert_eq!(
+                Invalidation::parse_published(&invalidation.message()),
+                Some((Invalidation::parse(&invalidation.message()).unwrap(), None)),
+                "an unstamped message (an older replica's) still counts"
+            );
+            assert_eq!(
                 Invalidation::parse(&invalidation.message()),
                 Some(invalidation)
             );
         }
-        for junk in ["", "k", "k 12", "t ", "x y", "pp"] {
+        // A tag may hold spaces: the stamp comes first.
+        let spaced = Invalidation::Tag("search: berlin".to_owned());
+        assert_eq!(
+            Invalidation::parse_published(&spaced.stamped(5)),
+            Some((Invalidation::Tag("search: berlin".to_owned()), Some(5)))
+        );
+        for junk in [
+            "", "k", "k 12", "t ", "x y", "pp", "@", "@12", "@12 ", "@x k 00",
+        ] {
             assert_eq!(Invalidation::parse(junk), None, "{junk:?}");
+            assert_eq!(Invalidation::parse_published(junk), None, "{junk:?}");
         }
     }
 }
