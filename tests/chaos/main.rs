@@ -2,6 +2,8 @@
 //! `redis-server` (each through its own fault proxy), clients read and write
 //! versioned resources through random replicas, and a seeded fault schedule cuts,
 //! black-holes and slows each replica's link, freezes Redis, and restarts it empty.
+//! A second run does the same on a Sentinel group: failovers (one to a replica that
+//! lost what the primary acknowledged) and replica restarts.
 //! Every response is checked against the origin's version history:
 //!
 //! - no request fails;
@@ -29,7 +31,7 @@ use axum::extract::{Path, State};
 use axum::routing::get;
 use axum::Router;
 use fault_proxy::{Fault, FaultProxy};
-use support::redis::RedisServer;
+use support::redis::{RedisSentinelGroup, RedisServer};
 use support::{call, eventually};
 use tower_hybrid_cache::{HybridCache, RedisConfig};
 
@@ -149,20 +151,69 @@ async fn replica(url: &str) -> HybridCache {
         .unwrap()
 }
 
+/// Where the replicas' Redis is, and what the schedule can do to it.
+enum Topology {
+    /// One server, each replica through its own fault proxy.
+    Proxied {
+        redis: RedisServer,
+        proxies: Vec<FaultProxy>,
+    },
+    /// A primary and a replica under three sentinels, the replicas on the sentinels.
+    Sentinel(RedisSentinelGroup),
+}
+
+impl Topology {
+    fn url(&self, replica: usize) -> String {
+        match self {
+            Topology::Proxied { proxies, .. } => proxies[replica].url(),
+            Topology::Sentinel(group) => group.url(),
+        }
+    }
+
+    /// Kinds of fault in the schedule.
+    fn kinds(&self) -> u64 {
+        match self {
+            Topology::Proxied { .. } => 8,
+            Topology::Sentinel(_) => 4,
+        }
+    }
+
+    fn clear(&self) {
+        if let Topology::Proxied { redis, proxies } = self {
+            for proxy in proxies {
+                proxy.set(Fault::None);
+            }
+            redis.resume();
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_through_faults_serve_nothing_the_oracle_forbids() {
-    let seconds = env("SOAK_SECONDS", 12);
+    let redis = RedisServer::start();
+    let proxies: Vec<FaultProxy> = (0..3).map(|_| FaultProxy::start(redis.port())).collect();
+    soak(
+        Topology::Proxied { redis, proxies },
+        env("SOAK_SECONDS", 12),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_through_sentinel_failovers_serve_nothing_the_oracle_forbids() {
+    let group = RedisSentinelGroup::start();
+    soak(Topology::Sentinel(group), env("SOAK_SENTINEL_SECONDS", 15)).await;
+}
+
+async fn soak(mut topology: Topology, seconds: u64) {
     let seed = env("SOAK_SEED", 0x5eed_cafe).max(1);
     let clients = env("SOAK_CLIENTS", 6);
-
-    let mut redis = RedisServer::start();
-    let proxies: Vec<FaultProxy> = (0..3).map(|_| FaultProxy::start(redis.port())).collect();
     let history = Arc::new(History::default());
     // The replicas, as the clients find them: a restart swaps one for a new one.
     let apps: Arc<Mutex<Vec<Router>>> = Arc::new(Mutex::new(Vec::new()));
     let mut caches = Vec::new();
-    for proxy in &proxies {
-        let cache = replica(&proxy.url()).await;
+    for i in 0..3 {
+        let cache = replica(&topology.url(i)).await;
         apps.lock()
             .unwrap()
             .push(origin(Arc::clone(&history)).layer(cache.layer().ttl(TTL)));
@@ -219,69 +270,100 @@ async fn three_replicas_through_faults_serve_nothing_the_oracle_forbids() {
     // The fault schedule: one fault at a time, each for 0.3-1.5 s, then 0.2-1 s clear;
     // every kind in each cycle of eight, in a seeded order.
     let mut rng = Seeded(seed);
-    let mut order: Vec<u64> = (0..8).collect();
+    let mut order: Vec<u64> = (0..topology.kinds()).collect();
     for i in (1..order.len()).rev() {
         order.swap(i, rng.below(i as u64 + 1) as usize);
+    }
+    if let Topology::Sentinel(_) = topology {
+        // A failover takes seconds: the one that loses writes first, so that a short
+        // run has it.
+        order = vec![1, 2, 0, 3];
     }
     let mut faults: HashMap<&'static str, u64> = HashMap::new();
     let mut round = 0;
     while started.elapsed() < Duration::from_secs(seconds) {
         let hold = Duration::from_millis(300 + rng.below(1200));
         let which = if env("SOAK_NO_FAULTS", 0) == 1 {
-            7
+            u64::MAX
         } else {
             order[round % order.len()]
         };
         round += 1;
         let victim = rng.below(3) as usize;
-        let proxy = &proxies[victim];
-        let name = match which {
-            0 => {
-                proxy.set(Fault::Reset);
-                "link reset"
-            }
-            1 => {
-                proxy.set(Fault::BlackHole);
-                "link black-holed"
-            }
-            2 => {
-                proxy.set(Fault::Latency(Duration::from_millis(150)));
-                "link slowed"
-            }
-            3 => {
-                redis.freeze();
-                "redis frozen"
-            }
-            4 => {
-                redis.restart();
-                "redis restarted empty"
-            }
-            5 => {
-                // Every replica loses Redis at once, which keeps its data: as a
-                // Redis killed and restarted from its snapshot.
-                for proxy in &proxies {
-                    proxy.set(Fault::Reset);
+        let name = match &mut topology {
+            Topology::Proxied { redis, proxies } => {
+                let proxy = &proxies[victim];
+                match which {
+                    0 => {
+                        proxy.set(Fault::Reset);
+                        "link reset"
+                    }
+                    1 => {
+                        proxy.set(Fault::BlackHole);
+                        "link black-holed"
+                    }
+                    2 => {
+                        proxy.set(Fault::Latency(Duration::from_millis(150)));
+                        "link slowed"
+                    }
+                    3 => {
+                        redis.freeze();
+                        "redis frozen"
+                    }
+                    4 => {
+                        redis.restart();
+                        "redis restarted empty"
+                    }
+                    5 => {
+                        // Every replica loses Redis at once, which keeps its data: as a
+                        // Redis killed and restarted from its snapshot.
+                        for proxy in proxies.iter() {
+                            proxy.set(Fault::Reset);
+                        }
+                        "redis away for all, data kept"
+                    }
+                    6 => {
+                        // A replica dies (what it kept for Redis with it) and a new one
+                        // takes its place, while its link is cut.
+                        proxy.set(Fault::Reset);
+                        let fresh = replica(&proxy.url()).await;
+                        let app = origin(Arc::clone(&history)).layer(fresh.layer().ttl(TTL));
+                        apps.lock().unwrap()[victim] = app;
+                        caches[victim] = fresh;
+                        "replica restarted"
+                    }
+                    _ => "none",
                 }
-                "redis away for all, data kept"
             }
-            6 => {
-                // A replica dies (what it kept for Redis with it) and a new one
-                // takes its place, while its link is cut.
-                proxy.set(Fault::Reset);
-                let fresh = replica(&proxy.url()).await;
-                let app = origin(Arc::clone(&history)).layer(fresh.layer().ttl(TTL));
-                apps.lock().unwrap()[victim] = app;
-                caches[victim] = fresh;
-                "replica restarted"
-            }
-            _ => "none",
+            Topology::Sentinel(group) => match which {
+                0 => {
+                    tokio::task::block_in_place(|| group.fail_over());
+                    "failover"
+                }
+                1 => {
+                    // The replica about to be promoted lost what the primary
+                    // acknowledged (replication lag), then is promoted.
+                    tokio::task::block_in_place(|| {
+                        let lagging = group.current_replica();
+                        lagging.cli(&["CONFIG", "SET", "replica-read-only", "no"]);
+                        lagging.cli(&["FLUSHALL"]);
+                        group.fail_over();
+                    });
+                    "failover to a replica that lost writes"
+                }
+                2 => {
+                    let fresh = replica(&group.url()).await;
+                    let app = origin(Arc::clone(&history)).layer(fresh.layer().ttl(TTL));
+                    apps.lock().unwrap()[victim] = app;
+                    caches[victim] = fresh;
+                    "replica restarted"
+                }
+                _ => "none",
+            },
         };
         *faults.entry(name).or_default() += 1;
         tokio::time::sleep(hold).await;
-        for proxy in &proxies {
-            proxy.set(Fault::None);
-        }
-        redis.resume();
+        topology.clear();
         tokio::time::sleep(Duration::from_millis(200 + rng.below(800))).await;
     }
     stop.store(true, Ordering::Relaxed);

@@ -465,19 +465,41 @@ impl RedisSentinelGroup {
             .unwrap_or(0)
     }
 
+    /// The server that is the replica now (the roles swap at each failover).
+    pub fn current_replica(&self) -> &RedisServer {
+        if self.primary_port() == self.primary.port() {
+            &self.replica
+        } else {
+            &self.primary
+        }
+    }
+
     /// Fails the primary over to the replica and waits until the sentinels and the
-    /// replica agree it is the primary.
+    /// promoted server agree it is the primary, and the demoted one follows it.
     pub fn fail_over(&self) {
+        let before = self.primary_port();
+        let promoted = self.current_replica();
         let asked = sentinel_cli(self.sentinels[0].0, &["SENTINEL", "FAILOVER", "mymaster"]);
         assert_eq!(asked, "OK", "SENTINEL FAILOVER");
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !(self.primary_port() == self.replica.port()
-            && self
-                .replica
+        while !(self.primary_port() != before
+            && promoted
                 .cli(&["INFO", "replication"])
                 .contains("role:master"))
         {
             assert!(Instant::now() < deadline, "the failover did not happen");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // The sentinels refuse a new failover until the demoted server replicates.
+        let demoted = self.current_replica();
+        while !demoted
+            .cli(&["INFO", "replication"])
+            .contains("master_link_status:up")
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the demoted primary did not follow"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
