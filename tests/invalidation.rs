@@ -309,6 +309,36 @@ async fn a_write_through_one_replica_invalidates_for_every_replica() {
     assert_eq!(jobs.reads(), 2);
 }
 
+/// An invalidation never lowers a mark a later one set: a command held in a hung
+/// link's socket buffer reaches Redis late, and a fill that started between the two
+/// invalidations would be written over the newer one (the chaos soak caught plain
+/// Redis hits older than an acknowledged write that way, with a black-holed link).
+#[tokio::test]
+async fn a_late_invalidation_never_lowers_a_later_mark() {
+    let redis = RedisServer::start();
+    let cache = replica(&redis.url()).await;
+    eventually("connected", WAIT, || async {
+        cache.redis_health().unwrap().connected > 0
+    })
+    .await;
+    let mark = || redis.cli(&["GET", "inval/purged"]).parse::<u64>().unwrap();
+    // An earlier mark is raised to now.
+    redis.cli(&["SET", "inval/purged", "1000"]);
+    assert!(cache.purge_all().await);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    assert!(mark() > now - 60_000, "{}", mark());
+    // A later one stays, and so does its lifetime.
+    let later = now + 600_000;
+    redis.cli(&["SET", "inval/purged", &later.to_string(), "PX", "900000"]);
+    assert!(cache.purge_all().await);
+    assert_eq!(mark(), later);
+    let left: u64 = redis.cli(&["PTTL", "inval/purged"]).parse().unwrap();
+    assert!(left > 800_000, "{left}");
+}
+
 /// A replica whose breaker, once forced open, stays open: it then answers from memory
 /// alone.
 async fn replica_held_open_once_forced(url: &str) -> HybridCache {

@@ -7,13 +7,23 @@ use std::time::{Duration, SystemTime};
 
 use fred::clients::Client;
 use fred::prelude::*;
-use fred::types::Expiration;
+use fred::types::{ClusterHash, CustomCommand, Expiration};
 
 use super::{millis_i64, RedisStore};
 use crate::entry::codec::millis_since_epoch;
 use crate::key::CacheKey;
 use crate::store::StoreError;
 use crate::telemetry::TARGET;
+
+/// Sets the mark `KEYS[1]` to `ARGV[1]` for `ARGV[2]` ms unless it holds a later
+/// time. A command that reaches Redis late (held in a socket buffer while a link
+/// hung, then sent) must not lower a mark another replica raised since: a fill that
+/// started in between would be written over the newer invalidation.
+const RAISE_MARK: &str = "\
+local held = tonumber(redis.pcall('GET', KEYS[1])) or 0
+if held >= tonumber(ARGV[1]) then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1";
 
 /// What an invalidation message says to forget.
 #[derive(Debug, PartialEq, Eq)]
@@ -88,10 +98,29 @@ impl RedisStore {
         duration_millis(self.invalidation_ttl)
     }
 
-    /// Sets an invalidation mark to now, for as long as a fill may still be running.
+    /// Sets an invalidation mark to now, for as long as a fill may still be running;
+    /// a mark already later stays (by a script where Redis allows one).
     async fn mark(&self, client: &Client, mark: String) -> Result<(), StoreError> {
         let now = millis_i64(millis_since_epoch(SystemTime::now()));
         let millis = millis_i64(self.invalidation_millis());
+        if self.health.scripts_allowed() {
+            let args = vec![
+                Value::from(RAISE_MARK),
+                Value::Integer(1),
+                Value::from(mark.as_str()),
+                Value::Integer(now),
+                Value::Integer(millis),
+            ];
+            let eval = CustomCommand::new_static("EVAL", ClusterHash::Offset(2), false);
+            match client.custom::<Value, _>(eval, args).await {
+                Ok(_) => return Ok(()),
+                Err(e) if super::capabilities::refused(&e) => {
+                    tracing::warn!(target: TARGET, "redis refuses EVAL: invalidation marks are set without their check");
+                    self.health.refuse_scripts();
+                }
+                Err(e) => return Err(StoreError::command(e)),
+            }
+        }
         client
             .set::<(), _, _>(mark, now, Some(Expiration::PX(millis)), None, false)
             .await
