@@ -8,6 +8,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue, HOST, VIA};
@@ -22,7 +23,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tower::Layer;
-use tower_hybrid_cache::HybridCache;
+use tower_hybrid_cache::{HybridCache, HybridCacheLayer};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body the forwarder answers with: the upstream's, or a short error text.
@@ -107,18 +108,57 @@ fn error_response(status: StatusCode, text: String) -> Response<ProxyBody> {
     response
 }
 
-/// Serves the caching proxy on `listener` until the task is dropped.
+/// The targeted cache-control fields a gateway cache obeys by default (RFC 9213
+/// §2.1): `CDN-Cache-Control`, then the library's own.
+pub const DEFAULT_TARGETED_FIELDS: [&str; 2] = ["cdn-cache-control", "tower-hybrid-cache-control"];
+
+/// How long past its freshness the proxy serves a stored response when the upstream
+/// fails or cannot be reached, unless the response says otherwise (`must-revalidate`,
+/// its own `stale-if-error`, …): a gateway keeps answering through an origin outage.
+pub const DEFAULT_STALE_IF_ERROR: Duration = Duration::from_secs(60);
+
+/// The proxy's layer: what the upstream's headers allow (no route TTL), obeying the
+/// `targeted` cache-control fields in order, serving stale for `stale_if_error` when
+/// the upstream fails (none when zero).
+pub fn proxy_layer(
+    cache: &HybridCache,
+    targeted: &[HeaderName],
+    stale_if_error: Duration,
+) -> HybridCacheLayer {
+    let layer = cache
+        .layer()
+        .targeted_cache_control(targeted.iter().cloned());
+    if stale_if_error.is_zero() {
+        layer
+    } else {
+        layer.stale_if_error(stale_if_error)
+    }
+}
+
+/// The default targeted fields, as header names.
+pub fn default_targeted_fields() -> Vec<HeaderName> {
+    DEFAULT_TARGETED_FIELDS
+        .iter()
+        .map(|name| HeaderName::from_static(name))
+        .collect()
+}
+
+/// Serves the caching proxy on `listener`, through `layer`, until the task is dropped.
 pub async fn serve(
     listener: TcpListener,
     upstream: Uri,
-    cache: HybridCache,
+    layer: HybridCacheLayer,
 ) -> std::io::Result<()> {
-    let client: Client<HttpConnector, Incoming> =
-        Client::builder(TokioExecutor::new()).build_http();
+    // Idle upstream connections are dropped before the 5 s after which Node's (and
+    // many other) servers close them: a request sent on a connection the server is
+    // closing fails (a 502) and, with a body, is not retried.
+    let client: Client<HttpConnector, Incoming> = Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(4))
+        .build_http();
     let forwarder = tower::service_fn(move |request: Request<Incoming>| {
         forward(client.clone(), upstream.clone(), request)
     });
-    let service = cache.layer().layer(forwarder);
+    let service = layer.layer(forwarder);
     loop {
         let (stream, _) = listener.accept().await?;
         let service = TowerToHyperService::new(service.clone());
@@ -134,12 +174,16 @@ struct Args {
     listen: SocketAddr,
     upstream: Uri,
     redis_url: Option<String>,
+    targeted: Vec<HeaderName>,
+    stale_if_error: Duration,
 }
 
 fn parse_args() -> Result<Args, String> {
     let mut listen = None;
     let mut upstream = None;
     let mut redis_url = None;
+    let mut targeted = default_targeted_fields();
+    let mut stale_if_error = DEFAULT_STALE_IF_ERROR;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = || args.next().ok_or_else(|| format!("{arg} needs a value"));
@@ -159,6 +203,25 @@ fn parse_args() -> Result<Args, String> {
                 )
             }
             "--redis-url" => redis_url = Some(value()?),
+            "--stale-if-error" => {
+                let secs = value()?
+                    .parse::<u64>()
+                    .map_err(|e| format!("--stale-if-error: {e}"))?;
+                stale_if_error = Duration::from_secs(secs);
+            }
+            "--targeted-cache-control" => {
+                // Comma-separated names; empty turns targeted fields off.
+                let names = value()?;
+                targeted = names
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|name| !name.is_empty())
+                    .map(|name| {
+                        HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes())
+                            .map_err(|e| format!("--targeted-cache-control {name}: {e}"))
+                    })
+                    .collect::<Result<_, _>>()?;
+            }
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown argument {other}")),
         }
@@ -171,6 +234,8 @@ fn parse_args() -> Result<Args, String> {
         listen: listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080))),
         upstream,
         redis_url,
+        targeted,
+        stale_if_error,
     })
 }
 
@@ -183,7 +248,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             if !message.is_empty() {
                 eprintln!("{message}");
             }
-            eprintln!("usage: caching_proxy --listen ADDR --upstream URL [--redis-url URL]");
+            eprintln!("usage: caching_proxy --listen ADDR --upstream URL [--redis-url URL] [--targeted-cache-control NAME,NAME (default cdn-cache-control,tower-hybrid-cache-control; empty: none)] [--stale-if-error SECS (default 60; 0: none)]");
             std::process::exit(2);
         }
     };
@@ -199,6 +264,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         args.upstream,
         listener.local_addr()?
     );
-    serve(listener, args.upstream, cache).await?;
+    let layer = proxy_layer(&cache, &args.targeted, args.stale_if_error);
+    serve(listener, args.upstream, layer).await?;
     Ok(())
 }

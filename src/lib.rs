@@ -77,7 +77,7 @@ pub mod store;
 
 pub use cache::{HybridCache, HybridCacheBuilder};
 pub use error::BuildError;
-pub use layer::{CacheOverrides, HybridCacheLayer, RequestDirectives, TtlMode};
+pub use layer::{CacheOverrides, HybridCacheLayer, KeyAuthority, RequestDirectives, TtlMode};
 pub use store::RedisConfig;
 pub use telemetry::CacheStats;
 

@@ -29,7 +29,12 @@ async fn setup() -> Setup {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let proxy = listener.local_addr().unwrap();
     let upstream = format!("http://{upstream}").parse().unwrap();
-    tokio::spawn(caching_proxy::serve(listener, upstream, cache.clone()));
+    let layer = caching_proxy::proxy_layer(
+        &cache,
+        &caching_proxy::default_targeted_fields(),
+        caching_proxy::DEFAULT_STALE_IF_ERROR,
+    );
+    tokio::spawn(caching_proxy::serve(listener, upstream, layer));
     Setup {
         origin,
         cache,
@@ -47,6 +52,72 @@ impl Setup {
             self.cache.stats().stores >= n
         })
         .await;
+    }
+}
+
+#[tokio::test]
+async fn the_proxy_serves_stale_while_its_upstream_is_down() {
+    let origin = Origin::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream: http::Uri = format!("http://{}", listener.local_addr().unwrap())
+        .parse()
+        .unwrap();
+    let router = origin.router();
+    let server = tokio::spawn(async move { axum::serve(listener, router).await });
+    let cache = HybridCache::builder().build().await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy = listener.local_addr().unwrap();
+    let layer = caching_proxy::proxy_layer(
+        &cache,
+        &caching_proxy::default_targeted_fields(),
+        caching_proxy::DEFAULT_STALE_IF_ERROR,
+    );
+    tokio::spawn(caching_proxy::serve(listener, upstream, layer));
+    let client = support::client();
+    // `Connection: close`: no pooled connection outlives the server.
+    let url = format!("http://{proxy}/down?h=cache-control:max-age%3D1&h=connection:close");
+    let first = fetch(&client, "GET", &url, &[]).await;
+    // must-revalidate forbids it.
+    let strict = format!(
+        "http://{proxy}/strict?h=cache-control:max-age%3D1,must-revalidate&h=connection:close"
+    );
+    fetch(&client, "GET", &strict, &[]).await;
+    eventually("the stores", WAIT, || async { cache.stats().stores >= 2 }).await;
+    server.abort();
+    let _ = server.await;
+    eventually("stale-if-error", WAIT, || async {
+        let got = fetch(&client, "GET", &url, &[]).await;
+        got.status == http::StatusCode::OK
+            && got.body == first.body
+            && got.cache_status().contains("detail=stale-if-error")
+    })
+    .await;
+    let got = fetch(&client, "GET", &strict, &[]).await;
+    assert_eq!(
+        got.status,
+        http::StatusCode::BAD_GATEWAY,
+        "{}",
+        got.cache_status()
+    );
+}
+
+#[tokio::test]
+async fn the_proxy_obeys_cdn_cache_control_and_forwards_it() {
+    let s = setup().await;
+    let client = support::client();
+    let url = s.url("/cdn?h=cache-control:no-store&h=cdn-cache-control:max-age%3D120");
+    let miss = fetch(&client, "GET", &url, &[]).await;
+    assert!(
+        miss.cache_status().ends_with("stored"),
+        "{}",
+        miss.cache_status()
+    );
+    s.stored(1).await;
+    let hit = fetch(&client, "GET", &url, &[]).await;
+    assert!(hit.is_hit(), "{}", hit.cache_status());
+    for got in [&miss, &hit] {
+        assert_eq!(got.header("cache-control"), Some("no-store"));
+        assert_eq!(got.header("cdn-cache-control"), Some("max-age=120"));
     }
 }
 
@@ -203,7 +274,7 @@ async fn an_unreachable_origin_is_a_502_not_a_dropped_connection() {
     tokio::spawn(caching_proxy::serve(
         listener,
         format!("http://{dead}").parse().unwrap(),
-        cache,
+        cache.layer(),
     ));
     let got = fetch(&support::client(), "GET", &format!("http://{proxy}/x"), &[]).await;
     assert_eq!(got.status, http::StatusCode::BAD_GATEWAY);
@@ -231,7 +302,7 @@ async fn two_proxies_on_one_redis_share_entries() {
         tokio::spawn(caching_proxy::serve(
             listener,
             upstream.clone(),
-            cache.clone(),
+            cache.layer(),
         ));
         caches.push(cache);
     }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use support::redis::RedisServer;
 use support::{call, eventually, get, Origin};
-use tower_hybrid_cache::{HybridCache, RedisConfig};
+use tower_hybrid_cache::{HybridCache, KeyAuthority, RedisConfig};
 
 const WAIT: Duration = Duration::from_secs(15);
 
@@ -867,4 +867,96 @@ async fn entries_over_max_value_bytes_stay_in_memory_only() {
     );
     assert_eq!(got.body.len(), 20000);
     assert_eq!(origin.log.calls(), 2);
+}
+
+#[tokio::test]
+async fn a_reload_names_why_it_reached_the_origin_after_a_redis_lookup() {
+    let redis = RedisServer::start();
+    let origin = Origin::new();
+    let (one, two) = (replica(&redis.url()).await, replica(&redis.url()).await);
+    let honour = |cache: &HybridCache| {
+        origin.router().layer(
+            cache
+                .layer()
+                .ttl(Duration::from_secs(60))
+                .request_directives(tower_hybrid_cache::RequestDirectives::Honour),
+        )
+    };
+    let url = "http://api.test/reload";
+    let reload = [("cache-control", "no-cache")];
+    let first = call(honour(&one), support::get_with(url, &reload)).await;
+    assert!(
+        first.cache_status().contains("fwd=uri-miss"),
+        "{}",
+        first.cache_status()
+    );
+    eventually("in Redis", WAIT, || async { one.stats().redis_writes >= 1 }).await;
+    // The other replica's memory is empty: only Redis knows it is stored.
+    let second = call(honour(&two), support::get_with(url, &reload)).await;
+    assert!(
+        second.cache_status().contains("fwd=request"),
+        "{}",
+        second.cache_status()
+    );
+}
+
+/// What a balancer that rewrites `Host` per backend sends each replica.
+fn behind_balancer(method: &str, host: &str) -> http::Request<axum::body::Body> {
+    http::Request::builder()
+        .method(method)
+        .uri("/jobs/9")
+        .header("host", host)
+        .body(axum::body::Body::empty())
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_fixed_key_authority_shares_entries_across_rewritten_hosts_and_invalidates_them() {
+    let redis = RedisServer::start();
+    let origin = Origin::new();
+    let (one, two) = (replica(&redis.url()).await, replica(&redis.url()).await);
+    let routed = |cache: &HybridCache, authority: KeyAuthority| {
+        origin.router().layer(
+            cache
+                .layer()
+                .ttl(Duration::from_secs(60))
+                .key_authority(authority),
+        )
+    };
+    // Keyed on the request's Host: each backend name its own entry.
+    let (a, b) = (
+        routed(&one, KeyAuthority::Request),
+        routed(&two, KeyAuthority::Request),
+    );
+    call(a, behind_balancer("GET", "app-1:8080")).await;
+    eventually("in Redis", WAIT, || async { one.stats().redis_writes >= 1 }).await;
+    let other = call(b, behind_balancer("GET", "app-2:8080")).await;
+    assert!(!other.is_hit(), "{}", other.cache_status());
+    // Keyed on one authority: shared.
+    let fixed = || KeyAuthority::fixed("Jobs.Example.com");
+    let (a, b) = (routed(&one, fixed()), routed(&two, fixed()));
+    call(a.clone(), behind_balancer("GET", "app-1:8080")).await;
+    eventually("in Redis", WAIT, || async { one.stats().redis_writes >= 2 }).await;
+    let shared = call(b.clone(), behind_balancer("GET", "app-2:8080")).await;
+    assert!(
+        shared.cache_status().ends_with("detail=redis"),
+        "{}",
+        shared.cache_status()
+    );
+    // A write through the other backend invalidates it for both.
+    call(b.clone(), behind_balancer("DELETE", "app-2:8080")).await;
+    let after = call(a, behind_balancer("GET", "app-1:8080")).await;
+    assert!(!after.is_hit(), "{}", after.cache_status());
+    // None: the path alone.
+    let (a, b) = (
+        routed(&one, KeyAuthority::None),
+        routed(&two, KeyAuthority::None),
+    );
+    call(a, behind_balancer("GET", "app-1:8080")).await;
+    eventually("shared with any host", WAIT, || async {
+        call(b.clone(), behind_balancer("GET", "app-3:8080"))
+            .await
+            .is_hit()
+    })
+    .await;
 }

@@ -17,7 +17,7 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::Router;
 use http::{HeaderMap, Response, StatusCode};
-use support::{call, eventually, get, Got, Origin};
+use support::{call, eventually, get, get_with, Got, Origin};
 use tower_hybrid_cache::{HybridCache, HybridCacheLayer, RequestDirectives};
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -222,6 +222,8 @@ struct Versioned {
     max_age: Arc<AtomicU16>,
     full: Arc<AtomicUsize>,
     not_modified: Arc<AtomicUsize>,
+    /// Adds `no-cache` to its `Cache-Control`.
+    no_cache: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Versioned {
@@ -231,7 +233,11 @@ impl Versioned {
             let origin = origin.clone();
             async move {
                 let etag = origin.etag.lock().unwrap().clone();
-                let cache_control = format!("max-age={}", origin.max_age.load(Ordering::SeqCst));
+                let mut cache_control =
+                    format!("max-age={}", origin.max_age.load(Ordering::SeqCst));
+                if origin.no_cache.load(Ordering::SeqCst) {
+                    cache_control.push_str(", no-cache");
+                }
                 let matches = headers
                     .get("if-none-match")
                     .is_some_and(|v| v.to_str().unwrap() == etag);
@@ -254,6 +260,40 @@ impl Versioned {
             .route("/doc", axum::routing::get(handler))
             .layer(cache.layer())
     }
+}
+
+#[tokio::test]
+async fn a_no_cache_response_is_stored_and_revalidated_on_every_use() {
+    let cache = new_cache().await;
+    let origin = Versioned::default();
+    *origin.etag.lock().unwrap() = "\"v1\"".to_owned();
+    // Fresh for an hour, but no-cache: never used without a successful validation.
+    origin.max_age.store(3600, Ordering::SeqCst);
+    origin.no_cache.store(true, Ordering::SeqCst);
+    let app = origin.router(&cache);
+    let url = "http://api.test/doc";
+    let first = call(app.clone(), get(url)).await;
+    assert!(
+        first.cache_status().ends_with("stored"),
+        "{}",
+        first.cache_status()
+    );
+    eventually("stored", WAIT, || async { cache.stats().stores == 1 }).await;
+    for n in 1..=3 {
+        let got = call(app.clone(), get(url)).await;
+        assert_eq!(got.body, first.body, "the stored body");
+        assert!(
+            got.cache_status().contains("fwd=stale; fwd-status=304"),
+            "{}",
+            got.cache_status()
+        );
+        assert_eq!(origin.not_modified.load(Ordering::SeqCst), n);
+    }
+    assert_eq!(origin.full.load(Ordering::SeqCst), 1);
+    // Changed: the next use gets the new document at once.
+    *origin.etag.lock().unwrap() = "\"v2\"".to_owned();
+    let changed = call(app.clone(), get(url)).await;
+    assert_eq!(changed.text(), "document \"v2\" #2");
 }
 
 #[tokio::test]
@@ -321,6 +361,43 @@ async fn the_route_stale_if_error_window_serves_when_the_origin_fails() {
         got.cache_status().contains("detail=stale-if-error"),
         "{}",
         got.cache_status()
+    );
+}
+
+#[tokio::test]
+async fn stale_if_error_keeps_to_the_request_s_limits_where_they_are_honoured() {
+    let cache = new_cache().await;
+    let flaky = Flaky::default();
+    flaky.status.store(200, Ordering::SeqCst);
+    let app = flaky.layered(
+        cache
+            .layer()
+            .request_directives(tower_hybrid_cache::RequestDirectives::Honour),
+    );
+    let url = "http://api.test/limits";
+    let first = call(app.clone(), get(url)).await;
+    eventually("stored", WAIT, || async { cache.stats().stores == 1 }).await;
+    flaky.status.store(503, Ordering::SeqCst);
+    until_stale(&app, url).await;
+    // One that takes anything up to an hour old gets the stale copy.
+    let easy = call(
+        app.clone(),
+        get_with(url, &[("cache-control", "max-age=3600")]),
+    )
+    .await;
+    assert_eq!(easy.body, first.body, "{}", easy.cache_status());
+    assert!(easy.cache_status().contains("detail=stale-if-error"));
+    // A client that wants at least 10 s of freshness gets the origin's 503, not stale.
+    let picky = call(
+        app.clone(),
+        get_with(url, &[("cache-control", "min-fresh=10")]),
+    )
+    .await;
+    assert_eq!(
+        picky.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        picky.cache_status()
     );
 }
 

@@ -2,9 +2,10 @@
 
 use std::fmt;
 
+use http::header::{ACCEPT, ACCEPT_ENCODING, ACCEPT_LANGUAGE};
 use http::{HeaderMap, HeaderName, Method, Uri};
 
-use crate::policy::settings::RouteSettings;
+use crate::policy::settings::{KeyAuthority, RouteSettings};
 
 pub(crate) mod canonical;
 
@@ -102,9 +103,11 @@ impl CacheKey {
             };
             field(input, |b| b.extend_from_slice(method.as_str().as_bytes()));
             field(input, |b| {
-                let raw = match uri.authority() {
-                    Some(authority) => authority.as_str().as_bytes(),
-                    None => headers
+                let raw = match (&settings.key_authority, uri.authority()) {
+                    (KeyAuthority::Fixed(fixed), _) => fixed.as_bytes(),
+                    (KeyAuthority::None, _) => &[],
+                    (KeyAuthority::Request, Some(authority)) => authority.as_str().as_bytes(),
+                    (KeyAuthority::Request, None) => headers
                         .get(http::header::HOST)
                         .map(|h| h.as_bytes())
                         .unwrap_or_default(),
@@ -169,9 +172,8 @@ fn field(input: &mut Vec<u8>, write: impl FnOnce(&mut Vec<u8>)) {
     input[at..at + 8].copy_from_slice(&len.to_le_bytes());
 }
 
-/// Writes a request's values of `names`: all field lines of a name, trimmed and joined
-/// with ", ", so `a, b` and two lines `a` and `b` match; an absent header differs from
-/// an empty one.
+/// Writes a request's values of `names`, each normalised as one list
+/// ([`write_normalised_value`]); an absent header differs from an empty one.
 fn header_values(input: &mut Vec<u8>, names: &[HeaderName], headers: &HeaderMap) {
     for name in names {
         field(input, |b| b.extend_from_slice(name.as_str().as_bytes()));
@@ -184,19 +186,53 @@ fn header_values(input: &mut Vec<u8>, names: &[HeaderName], headers: &HeaderMap)
     }
 }
 
-/// All field lines of `name`, each trimmed, joined with ", ".
+/// All field lines of `name` read as one list, normalised (see
+/// [`write_normalised_value`]).
 pub(crate) fn normalised_value(headers: &HeaderMap, name: &HeaderName) -> Vec<u8> {
     let mut joined = Vec::new();
     write_normalised_value(headers, name, &mut joined);
     joined
 }
 
+/// Writes all field lines of `name` as one list: members trimmed, empty ones
+/// dropped, joined with `,`, so that `1, 2`, ` 1,2 ` and two lines `1` and `2`
+/// match. For the fields whose syntax is known and whose members' order and case
+/// select nothing (`Accept`, `Accept-Encoding`, `Accept-Language`: the weights
+/// do), members are also lower-cased, stripped of the spaces around their
+/// parameters, and sorted.
 fn write_normalised_value(headers: &HeaderMap, name: &HeaderName, out: &mut Vec<u8>) {
-    for (i, value) in headers.get_all(name).iter().enumerate() {
-        if i > 0 {
-            out.extend_from_slice(b", ");
+    let members = headers
+        .get_all(name)
+        .iter()
+        .flat_map(|value| value.as_bytes().split(|b| *b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|member| !member.is_empty());
+    let negotiated = [ACCEPT, ACCEPT_ENCODING, ACCEPT_LANGUAGE].contains(name);
+    if !negotiated {
+        for (i, member) in members.enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(member);
         }
-        out.extend_from_slice(value.as_bytes().trim_ascii());
+        return;
+    }
+    let mut sorted: Vec<Vec<u8>> = members
+        .map(|member| {
+            member
+                .iter()
+                .filter(|b| !matches!(b, b' ' | b'\t'))
+                .map(u8::to_ascii_lowercase)
+                .collect()
+        })
+        .collect();
+    sorted.sort_unstable();
+    sorted.dedup();
+    for (i, member) in sorted.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(member);
     }
 }
 
@@ -326,6 +362,37 @@ mod tests {
         assert_ne!(k1.variant(0, &vary, &en), k1);
         // A new index generation reaches none of the old variants.
         assert_ne!(k1.variant(0, &vary, &en), k1.variant(1, &vary, &en));
+    }
+
+    #[test]
+    fn selecting_values_are_compared_as_normalised_lists() {
+        let value = |name: &'static str, lines: &[&'static str]| {
+            let mut headers = HeaderMap::new();
+            for line in lines {
+                headers.append(name, HeaderValue::from_static(line));
+            }
+            normalised_value(&headers, &HeaderName::from_static(name))
+        };
+        // Any field: lines and spacing around commas.
+        assert_eq!(value("foo", &["1, 2"]), value("foo", &["1", "2"]));
+        assert_eq!(value("foo", &["1,2"]), value("foo", &[" 1, 2 "]));
+        assert_eq!(value("foo", &["1,,2"]), b"1,2");
+        assert_ne!(value("foo", &["1, 2"]), value("foo", &["2, 1"]));
+        assert_ne!(value("foo", &["a"]), value("foo", &["A"]));
+        // Negotiation fields: case, order, and spaces around parameters too.
+        let lang = value("accept-language", &["en, de"]);
+        assert_eq!(lang, value("accept-language", &["de, en"]));
+        assert_eq!(lang, value("accept-language", &["eN, De"]));
+        assert_eq!(lang, value("accept-language", &[" en ,   de"]));
+        assert_ne!(lang, value("accept-language", &["en"]));
+        assert_eq!(
+            value("accept", &["text/html; q=0.9, application/json"]),
+            value("accept", &["Application/JSON", "text/html;q=0.9"])
+        );
+        assert_ne!(
+            value("accept-encoding", &["gzip;q=1"]),
+            value("accept-encoding", &["gzip;q=0"])
+        );
     }
 
     #[test]

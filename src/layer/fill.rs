@@ -61,6 +61,10 @@ where
     let serving = Serving::new(&engine, &settings, &primary, &request_cc);
     let (miss, stale) = match known {
         Some(known) => known,
+        None if serving.must_forward() => (
+            serving.forward_reason(&RequestHead::of(&request)).await,
+            None,
+        ),
         None => match serving.serve(&RequestHead::of(&request)).await {
             Answer::Hit(response) => return Ok(response),
             Answer::Refresh(response, stale) => {
@@ -446,7 +450,8 @@ mod tests {
         assert_eq!(engine.stats().coalesced, 0);
         gate.add_permits(2);
         let (status, _) = text(reload.await.unwrap().unwrap()).await;
-        assert!(status.contains("fwd=request"), "{status}");
+        // Nothing was stored yet.
+        assert!(status.contains("fwd=uri-miss"), "{status}");
         leader.await.unwrap().unwrap();
     }
 

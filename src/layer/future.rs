@@ -3,12 +3,14 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use http::{HeaderName, HeaderValue, Response};
+use http::{HeaderValue, Response};
 use pin_project_lite::pin_project;
 
 use super::body::CacheBody;
+use crate::policy::settings::RouteSettings;
 
 pub(crate) type BoxedResponse<B, E> =
     Pin<Box<dyn Future<Output = Result<Response<CacheBody<B>>, E>> + Send + 'static>>;
@@ -28,19 +30,19 @@ pin_project! {
 pin_project! {
     #[project = KindProj]
     enum Kind<F, B, E> {
-        Bypass { #[pin] future: F, cache_status: Option<HeaderValue>, strip: Option<HeaderName> },
+        Bypass { #[pin] future: F, cache_status: Option<HeaderValue>, strip: Option<Arc<RouteSettings>> },
         Cached { future: BoxedResponse<B, E> },
         Ready { response: Option<Response<CacheBody<B>>> },
     }
 }
 
 impl<F, B, E> ResponseFuture<F, B, E> {
-    /// The inner future, plus `cache_status`; `strip` is a header the client must
-    /// not see (the route's tag header).
+    /// The inner future, plus `cache_status`; `strip` is the route when it hides
+    /// fields from the client (its tag header, its targeted cache-control fields).
     pub(crate) fn bypass(
         future: F,
         cache_status: Option<HeaderValue>,
-        strip: Option<HeaderName>,
+        strip: Option<Arc<RouteSettings>>,
     ) -> Self {
         ResponseFuture {
             kind: Kind::Bypass {
@@ -87,8 +89,8 @@ where
             } => {
                 let response = std::task::ready!(future.poll(cx))?;
                 let (mut parts, body) = response.into_parts();
-                if let Some(name) = strip.take() {
-                    parts.headers.remove(name);
+                if let Some(route) = strip.take() {
+                    route.hide_fields(&mut parts.headers);
                 }
                 if let Some(value) = cache_status.take() {
                     let _ = parts.headers.try_append(super::status::CACHE_STATUS, value);

@@ -30,7 +30,7 @@ mod status;
 mod tags;
 mod write;
 
-pub use crate::policy::{RequestDirectives, TtlMode};
+pub use crate::policy::{KeyAuthority, RequestDirectives, TtlMode};
 pub use body::CacheBody;
 pub use future::ResponseFuture;
 pub use overrides::CacheOverrides;
@@ -200,6 +200,54 @@ impl HybridCacheLayer {
     /// Default off: it is removed.
     pub fn keep_tag_header(self, keep: bool) -> Self {
         self.with(|s| s.keep_tag_header = keep)
+    }
+
+    /// Sets which authority the route's cache keys are made with (default: the
+    /// request's URI authority, else its `Host`). Invalidation by writes and
+    /// [`HybridCacheLayer::invalidate`] key the same way.
+    pub fn key_authority(self, authority: KeyAuthority) -> Self {
+        self.with(|s| s.key_authority = authority)
+    }
+
+    /// Sets the targeted cache-control fields (RFC 9213) the route obeys, in order of
+    /// precedence: the first present that parses (a Structured Fields dictionary)
+    /// replaces `Cache-Control` for this cache's decisions, and `Cache-Control` still
+    /// goes to the client. Default `Tower-Hybrid-Cache-Control`; add
+    /// `CDN-Cache-Control` for a cache that stands where a CDN's would; none turns
+    /// them off.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use http::HeaderName;
+    /// let cache = tower_hybrid_cache::HybridCache::builder().build().await?;
+    /// // The handler answers `Cache-Control: max-age=0` for browsers and
+    /// // `Tower-Hybrid-Cache-Control: max-age=60` for this cache.
+    /// let layer = cache.layer().targeted_cache_control([
+    ///     HeaderName::from_static("tower-hybrid-cache-control"),
+    ///     HeaderName::from_static("cdn-cache-control"),
+    /// ]);
+    /// # let _ = layer;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn targeted_cache_control<I>(self, names: I) -> Self
+    where
+        I: IntoIterator<Item = HeaderName>,
+    {
+        let names: Vec<HeaderName> = names.into_iter().collect();
+        self.with(|s| s.targeted_fields = names)
+    }
+
+    /// Sets whether the targeted cache-control fields the route obeys reach the client
+    /// (and are stored with the response). Default: each but
+    /// `Tower-Hybrid-Cache-Control` is forwarded, as RFC 9213 §3 expects of a cache
+    /// using `CDN-Cache-Control` (a cache further down may use it too); this crate's
+    /// own field is for this cache alone, and removed.
+    pub fn forward_targeted_cache_control(self, forward: bool) -> Self {
+        self.with(|s| s.forward_targeted_fields = Some(forward))
     }
 
     /// Sets what to do with the client's `no-cache`, `max-age` and `min-fresh`.

@@ -22,6 +22,7 @@ use super::tags::response_tags;
 use crate::engine::{Fill, FillStart, FlightGuard};
 use crate::entry::CachedResponse;
 use crate::key::normalised_value;
+use crate::policy::range::Part;
 use crate::policy::revalidation::{add_validators, headers_after_304};
 use crate::policy::settings::{RouteSettings, TtlMode};
 use crate::policy::stale::{is_origin_error, with_windows};
@@ -116,6 +117,8 @@ where
         let plan = plan_for(when, &parts, serving.settings, overrides.as_ref(), size);
         (plan, request_headers)
     });
+    // The targeted fields were read by the plan; they are for this cache alone.
+    serving.settings.hide_targeted_fields(&mut parts.headers);
     let (status, body) = match planned {
         None => (status, CacheBody::passthrough(body)),
         Some((Err(reason), _)) => {
@@ -229,7 +232,8 @@ fn stale_on_error<B>(
     failed: impl FnOnce(CacheStatus) -> CacheStatus,
 ) -> Option<Response<CacheBody<B>>> {
     let now = SystemTime::now();
-    let entry = stale.filter(|entry| entry.may_serve_on_error(now))?;
+    let entry = stale
+        .filter(|entry| entry.may_serve_on_error(now) && serving.request_allows(entry, now))?;
     serving.engine.count(Counter::Hit);
     tracing::debug!(target: TARGET, key = %serving.primary, outcome = "hit", detail = "stale-if-error");
     Some(response::stale(
@@ -263,6 +267,7 @@ fn revalidated<B>(
         head,
         not_modified: false,
         version,
+        part: Part::Whole,
     };
     let status = CacheStatus::forward(Forward::Stale).with_origin_status(StatusCode::NOT_MODIFIED);
     let mut headers = headers_after_304(&stale.headers, not_modified);
@@ -283,6 +288,7 @@ fn revalidated<B>(
         serving.settings,
         response_time,
     );
+    serving.settings.hide_targeted_fields(&mut headers);
     let refreshed = CachedResponse::builder(stale.status, headers, stale.body.clone())
         .version(stale.version)
         .vary(stale.vary.clone())

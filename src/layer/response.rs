@@ -1,16 +1,18 @@
-//! Responses the cache makes: a stored response served (whole, as a 304, or for a
-//! HEAD), a stale one served with how long it has been stale, the 504 of
+//! Responses the cache makes: a stored response served (whole, as a 304, for a
+//! HEAD, or a byte range of it), a stale one served with how long it has been stale, the 504 of
 //! `only-if-cached`, and the route's stamp (`Cache-Status`, `Age`) on each.
 
 use std::time::SystemTime;
 
-use http::header::AGE;
+use bytes::Bytes;
+use http::header::{AGE, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE};
 use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode, Version};
 
 use super::body::CacheBody;
 use super::status::{CacheStatus, Detail, Forward, CACHE_STATUS};
 use crate::engine::Engine;
 use crate::entry::CachedResponse;
+use crate::policy::range::Part;
 use crate::policy::settings::RouteSettings;
 
 /// What a route puts on the responses its cache handles: `Cache-Status` (when on,
@@ -57,6 +59,8 @@ pub(crate) struct Served {
     /// The request's conditions matched: 304 Not Modified.
     pub(crate) not_modified: bool,
     pub(crate) version: Version,
+    /// The part of the body the request's `Range` selects.
+    pub(crate) part: Part,
 }
 
 /// The fields a 304 carries from the stored response (RFC 9110 §15.4.5).
@@ -77,6 +81,13 @@ pub(crate) fn from_stored<B>(
     now: SystemTime,
     stamp: Stamp<'_>,
 ) -> Response<CacheBody<B>> {
+    if let Part::Bytes { .. } | Part::Unsatisfiable = served.part {
+        if let Some(response) = partial(entry, served) {
+            let mut response = response;
+            stamp_hit(&mut response, entry, status, now, stamp);
+            return response;
+        }
+    }
     let body = if served.head || served.not_modified {
         CacheBody::empty()
     } else {
@@ -96,12 +107,61 @@ pub(crate) fn from_stored<B>(
         *response.status_mut() = entry.status;
         *response.headers_mut() = entry.headers.clone();
     }
+    stamp_hit(&mut response, entry, status, now, stamp);
+    response
+}
+
+/// `Age` and `Cache-Status` on a response from the cache.
+fn stamp_hit<B>(
+    response: &mut Response<B>,
+    entry: &CachedResponse,
+    status: CacheStatus,
+    now: SystemTime,
+    stamp: Stamp<'_>,
+) {
     let headers = response.headers_mut();
     if stamp.age {
         let _ = headers.try_insert(AGE, HeaderValue::from(entry.age(now).as_secs()));
     }
     stamp.status(headers, status);
-    response
+}
+
+/// A 206 of the stored body's bytes the request's range selects, or a 416 when it
+/// selects none (RFC 9110 §14.4, §15.5.17); `None` if the part is not in the body.
+fn partial<B>(entry: &CachedResponse, served: Served) -> Option<Response<CacheBody<B>>> {
+    let len = entry.body.len();
+    let (status, body, content_range) = match served.part {
+        Part::Bytes { first, last } => {
+            let first = usize::try_from(first).ok()?;
+            let end = usize::try_from(last).ok()?.checked_add(1)?;
+            if first >= end || end > len {
+                return None;
+            }
+            let range = format!("bytes {first}-{}/{len}", end - 1);
+            (
+                StatusCode::PARTIAL_CONTENT,
+                entry.body.slice(first..end),
+                range,
+            )
+        }
+        Part::Unsatisfiable => (
+            StatusCode::RANGE_NOT_SATISFIABLE,
+            Bytes::new(),
+            format!("bytes */{len}"),
+        ),
+        Part::Whole => return None,
+    };
+    let mut headers = entry.headers.clone();
+    if status == StatusCode::RANGE_NOT_SATISFIABLE {
+        headers.remove(CONTENT_TYPE);
+    }
+    headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
+    headers.insert(CONTENT_RANGE, HeaderValue::from_str(&content_range).ok()?);
+    let mut response = Response::new(CacheBody::full(body));
+    *response.status_mut() = status;
+    *response.version_mut() = served.version;
+    *response.headers_mut() = headers;
+    Some(response)
 }
 
 /// A stale entry served whole (within its `stale-while-revalidate` or
@@ -118,6 +178,7 @@ pub(crate) fn stale<B>(
         head,
         not_modified: false,
         version,
+        part: Part::Whole,
     };
     let stale_for = now.duration_since(entry.fresh_until).unwrap_or_default();
     metrics::histogram!(crate::telemetry::STALE_SERVED).record(stale_for.as_secs_f64());

@@ -1,5 +1,6 @@
 //! Serving from the cache: a cacheable request's lookup, and what the stored response
-//! can give it (RFC 9111 §4): a fresh hit (or a 304 for its conditions), a stale one
+//! can give it (RFC 9111 §4): a fresh hit (or a 304 for its conditions, or the byte
+//! range it asks for), a stale one
 //! within its `stale-while-revalidate` window, or nothing usable and why.
 
 use std::future::Future;
@@ -17,6 +18,7 @@ use crate::entry::CachedResponse;
 use crate::key::CacheKey;
 use crate::policy::cache_control::CacheControl;
 use crate::policy::conditional::{has_origin_preconditions, is_not_modified};
+use crate::policy::range::{requested_part, Part};
 use crate::policy::settings::{RequestDirectives, RouteSettings};
 use crate::telemetry::{Counter, TARGET};
 
@@ -74,6 +76,15 @@ pub(crate) enum Verdict {
     Refused,
 }
 
+/// `fwd=request` when something is stored (the request's directives refused it),
+/// else the miss.
+fn forward_reason(found: Lookup) -> Forward {
+    match found {
+        Lookup::Hit(..) => Forward::Request,
+        Lookup::Miss(miss) => miss.into(),
+    }
+}
+
 impl<'a> Serving<'a> {
     pub(crate) fn new(
         engine: &'a Arc<Engine>,
@@ -110,10 +121,44 @@ impl<'a> Serving<'a> {
         }
     }
 
+    /// Why a request that must reach the origin (`must_forward`) goes there: a
+    /// stored response it may not use (`fwd=request`), or none (`uri-miss`,
+    /// `vary-miss`); `None` while the lookup waits (on Redis).
+    pub(crate) fn forward_reason_now(&self, request: &RequestHead<'_>) -> Option<Forward> {
+        let lookup = std::pin::pin!(self.engine.lookup(self.primary, request.headers));
+        match lookup.poll(&mut Context::from_waker(Waker::noop())) {
+            Poll::Ready(found) => Some(forward_reason(found)),
+            Poll::Pending => None,
+        }
+    }
+
+    /// As `forward_reason_now`, waiting for the lookup.
+    pub(crate) async fn forward_reason(&self, request: &RequestHead<'_>) -> Forward {
+        forward_reason(self.engine.lookup(self.primary, request.headers).await)
+    }
+
     /// A response from the cache, or why there is none.
     pub(crate) async fn serve<B>(&self, request: &RequestHead<'_>) -> Answer<B> {
         let found = self.engine.lookup(self.primary, request.headers).await;
         self.answer(found, request)
+    }
+
+    /// Whether the request's `max-age` and `min-fresh` (when the route honours them)
+    /// let `entry` be used at `now`, fresh or stale: too old, or fresh for too short a
+    /// time (a stale entry is fresh for none), and it is not.
+    pub(crate) fn request_allows(&self, entry: &CachedResponse, now: SystemTime) -> bool {
+        if !self.honour {
+            return true;
+        }
+        let too_old = self
+            .request_cc
+            .max_age
+            .is_some_and(|max| entry.age(now).as_secs() > max);
+        let too_close = self
+            .request_cc
+            .min_fresh
+            .is_some_and(|min| entry.time_to_live(now).as_secs() < min);
+        !(too_old || too_close)
     }
 
     /// What a stored `entry` may give this request at `now` (RFC 9111 §4.2, §5.2.1;
@@ -124,17 +169,7 @@ impl<'a> Serving<'a> {
         request: &HeaderMap,
         now: SystemTime,
     ) -> Verdict {
-        let allowed = !self.honour || {
-            let too_old = self
-                .request_cc
-                .max_age
-                .is_some_and(|max| entry.age(now).as_secs() > max);
-            let too_close = self
-                .request_cc
-                .min_fresh
-                .is_some_and(|min| entry.time_to_live(now).as_secs() < min);
-            !(too_old || too_close)
-        };
+        let allowed = self.request_allows(entry, now);
         if !entry.is_fresh(now) {
             if allowed
                 && entry.may_serve_while_revalidating(now)
@@ -163,10 +198,18 @@ impl<'a> Serving<'a> {
             Verdict::Fresh { not_modified } => {
                 self.engine.count(Counter::Hit);
                 tracing::debug!(target: TARGET, key = %self.primary, outcome = "hit", detail = tier.as_str(), not_modified);
+                // Only a stored 200 is a representation a range can be of; a 304
+                // and a HEAD come first.
+                let part = if request.head || not_modified || entry.status != StatusCode::OK {
+                    Part::Whole
+                } else {
+                    requested_part(request.headers, &entry.headers, entry.body.len() as u64)
+                };
                 let served = Served {
                     head: request.head,
                     not_modified,
                     version: request.version,
+                    part,
                 };
                 let status = CacheStatus::hit(tier, entry.time_to_live(now).as_secs());
                 if self.engine.stored_before_recovery(&entry) {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::header::{CONTENT_LENGTH, HOST, RANGE, TRANSFER_ENCODING};
+use http::header::{CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
 use http::{HeaderMap, Method, Request, Response, Uri};
 use http_body::Body;
 use tower::Service;
@@ -17,7 +17,7 @@ use super::fill::{serve_or_fill, spawn_refresh, Prepared};
 use super::future::ResponseFuture;
 use super::response::Stamp;
 use super::serve::{Answer, RequestHead, Serving};
-use super::status::{CacheStatus, Detail, Forward};
+use super::status::{CacheStatus, Detail};
 use super::write::{invalidate_after, WriteTarget};
 use crate::engine::Engine;
 use crate::key::CacheKey;
@@ -119,9 +119,7 @@ fn classify<B>(request: &Request<B>) -> RequestKind {
         return RequestKind::Bypass(None);
     }
     let head = HeadFields::of(request.headers());
-    if head.range {
-        RequestKind::Bypass(None)
-    } else if head.body {
+    if head.body {
         // The origin may read the body, the key does not cover it: storing would let
         // one client's body decide what everyone gets.
         RequestKind::Bypass(Some(Detail::RequestBody))
@@ -135,7 +133,6 @@ fn classify<B>(request: &Request<B>) -> RequestKind {
 /// What a GET's or HEAD's fields say about whether the cache may handle it, read in
 /// one pass over the fields (cheaper than a lookup per name on the hit path).
 struct HeadFields<'a> {
-    range: bool,
     /// A `Content-Length` other than 0 (junk included) or any `Transfer-Encoding`
     /// (RFC 9112 §6.1).
     body: bool,
@@ -147,15 +144,12 @@ struct HeadFields<'a> {
 impl<'a> HeadFields<'a> {
     fn of(headers: &'a HeaderMap) -> Self {
         let mut fields = HeadFields {
-            range: false,
             body: false,
             host: None,
             repeated_host: false,
         };
         for (name, value) in headers {
-            if name == RANGE {
-                fields.range = true;
-            } else if name == TRANSFER_ENCODING
+            if name == TRANSFER_ENCODING
                 || (name == CONTENT_LENGTH && value.as_bytes().trim_ascii() != b"0")
             {
                 fields.body = true;
@@ -217,7 +211,10 @@ where
             }
             RequestKind::Bypass(why) => {
                 let status = self.bypass(why);
-                let strip = self.settings.hidden_tag_header().cloned();
+                let strip = self
+                    .settings
+                    .hides_fields()
+                    .then(|| Arc::clone(&self.settings));
                 ResponseFuture::bypass(self.inner.call(request), status, strip)
             }
             RequestKind::Cacheable => self.cacheable(request),
@@ -250,7 +247,11 @@ impl<S> HybridCacheService<S> {
         );
         let serving = Serving::new(&self.engine, &self.settings, &primary, &request_cc);
         let known = if serving.must_forward() {
-            Some((Forward::Request, None))
+            // Why it goes there, for `Cache-Status` (looked up in the fill when the
+            // lookup must wait).
+            serving
+                .forward_reason_now(&RequestHead::of(&request))
+                .map(|why| (why, None))
         } else if !self.engine.reads_are_local() {
             None
         } else {
@@ -307,7 +308,8 @@ mod tests {
             ("HEAD", &[], RequestKind::Cacheable),
             ("GET", &[("content-length", "0")], RequestKind::Cacheable),
             ("GET", &[("host", "API.test")], RequestKind::Cacheable),
-            ("GET", &[("range", "bytes=0-1")], RequestKind::Bypass(None)),
+            // Answered from a stored response when one is fresh.
+            ("GET", &[("range", "bytes=0-1")], RequestKind::Cacheable),
             ("OPTIONS", &[], RequestKind::Bypass(None)),
             ("TRACE", &[], RequestKind::Bypass(None)),
             ("QUERY", &[], RequestKind::Bypass(None)),

@@ -110,9 +110,7 @@ where
 {
     let response = future.await?;
     let (mut parts, body) = response.into_parts();
-    if let Some(name) = target.settings.hidden_tag_header() {
-        parts.headers.remove(name);
-    }
+    target.settings.hide_fields(&mut parts.headers);
     // The handler's overrides are for the cache, not the client.
     let overrides = parts.extensions.remove::<CacheOverrides>();
     let settings = Arc::clone(&target.settings);

@@ -35,6 +35,8 @@ pub(crate) struct CacheControl {
     pub(crate) proxy_revalidate: bool,
     pub(crate) only_if_cached: bool,
     pub(crate) immutable: bool,
+    /// `must-understand`: `no-store` yields to a status whose rules the cache knows.
+    pub(crate) must_understand: bool,
     /// A field line held bytes that are not visible ASCII or the field could not be
     /// split into directives.
     pub(crate) malformed: bool,
@@ -146,6 +148,8 @@ impl CacheControl {
             self.only_if_cached = true;
         } else if is("immutable") {
             self.immutable = true;
+        } else if is("must-understand") {
+            self.must_understand = true;
         }
     }
 }

@@ -5,17 +5,17 @@
 use std::time::SystemTime;
 
 use http::header::{
-    DATE, ETAG, IF_MATCH, IF_MODIFIED_SINCE, IF_NONE_MATCH, IF_RANGE, IF_UNMODIFIED_SINCE,
-    LAST_MODIFIED,
+    DATE, ETAG, IF_MATCH, IF_MODIFIED_SINCE, IF_NONE_MATCH, IF_UNMODIFIED_SINCE, LAST_MODIFIED,
 };
 use http::HeaderMap;
 
+use super::http_date::parse_http_date;
+
 /// Preconditions the cache leaves to the origin: their failure is a 412 only the origin
-/// may decide (and `If-Range` goes with `Range`, which bypasses the cache).
+/// may decide. (`If-Range` is the cache's to judge against a stored response: it only
+/// chooses between a range and the whole.)
 pub(crate) fn has_origin_preconditions(request: &HeaderMap) -> bool {
-    request.contains_key(IF_MATCH)
-        || request.contains_key(IF_UNMODIFIED_SINCE)
-        || request.contains_key(IF_RANGE)
+    request.contains_key(IF_MATCH) || request.contains_key(IF_UNMODIFIED_SINCE)
 }
 
 /// Whether a stored response with `stored` headers, received at `stored_at`, answers
@@ -46,20 +46,14 @@ pub(crate) fn is_not_modified(
     }
     let Some(since) = request
         .get(IF_MODIFIED_SINCE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| httpdate::parse_http_date(v).ok())
+        .and_then(|v| parse_http_date(v.as_bytes()))
     else {
         return false;
     };
     // The stored validator: Last-Modified, else Date, else when it was received.
     let modified = [LAST_MODIFIED, DATE]
         .iter()
-        .find_map(|name| {
-            stored
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| httpdate::parse_http_date(v).ok())
-        })
+        .find_map(|name| stored.get(name).and_then(|v| parse_http_date(v.as_bytes())))
         .unwrap_or(stored_at);
     modified <= since
 }

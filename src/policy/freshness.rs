@@ -6,6 +6,7 @@ use http::header::{AGE, DATE, EXPIRES, LAST_MODIFIED};
 use http::HeaderMap;
 
 use super::cache_control::{parse_delta, CacheControl, DELTA_SECONDS_CAP};
+use super::http_date::parse_http_date;
 use super::settings::TtlMode;
 
 /// Longest lifetime the Last-Modified heuristic may give (Squid and Varnish use a
@@ -55,10 +56,13 @@ fn explicit_lifetime(
     if let Some(secs) = cc.s_maxage.or(cc.max_age) {
         return Some(Duration::from_secs(secs));
     }
-    let expires = headers.get(EXPIRES)?;
-    // An invalid Expires, "0" above all, means "already expired" (§5.3).
-    let Some(expires) = parse_http_date(expires.as_bytes()) else {
-        return Some(Duration::ZERO);
+    let mut lines = headers.get_all(EXPIRES).iter();
+    let first = lines.next()?;
+    // An invalid Expires, "0" above all, means "already expired" (§5.3); so do two
+    // lines (which is a list, and no date).
+    let expires = match (parse_http_date(first.as_bytes()), lines.next()) {
+        (Some(expires), None) => expires,
+        _ => return Some(Duration::ZERO),
     };
     let date = header_date(headers, DATE).unwrap_or(response_time);
     Some(
@@ -80,7 +84,7 @@ pub(crate) fn initial_age(
     let apparent_age = response_time.duration_since(date).unwrap_or(Duration::ZERO);
     let age_value = headers
         .get(AGE)
-        .map(|v| Duration::from_secs(parse_delta(v.as_bytes())))
+        .map(|v| Duration::from_secs(age_seconds(v.as_bytes())))
         .unwrap_or(Duration::ZERO);
     let response_delay = response_time
         .duration_since(request_time)
@@ -88,13 +92,16 @@ pub(crate) fn initial_age(
     apparent_age.max(age_value.saturating_add(response_delay))
 }
 
-fn header_date(headers: &HeaderMap, name: http::HeaderName) -> Option<SystemTime> {
-    parse_http_date(headers.get(name)?.as_bytes())
+/// The `Age` a field line says: its first list member (a cache that joined two lines,
+/// or an origin that sent a list, put the oldest first, as HTTP caches read it), 0
+/// when that is not a plain number (RFC 9111 §5.1).
+fn age_seconds(line: &[u8]) -> u64 {
+    let first = line.split(|b| *b == b',').next().unwrap_or_default();
+    parse_delta(first.trim_ascii())
 }
 
-fn parse_http_date(bytes: &[u8]) -> Option<SystemTime> {
-    let text = std::str::from_utf8(bytes).ok()?;
-    httpdate::parse_http_date(text.trim()).ok()
+fn header_date(headers: &HeaderMap, name: http::HeaderName) -> Option<SystemTime> {
+    parse_http_date(headers.get(name)?.as_bytes())
 }
 
 #[cfg(test)]
@@ -112,6 +119,37 @@ mod tests {
             map.append(*name, HeaderValue::from_str(value).unwrap());
         }
         map
+    }
+
+    #[test]
+    fn two_expires_lines_are_already_expired() {
+        let mut h = headers(&[("expires", httpdate::fmt_http_date(at(500)))]);
+        let cc = CacheControl::default();
+        let one = lifetime(&cc, &h, at(0), None, TtlMode::Fallback);
+        assert_eq!(one.map(|(d, _)| d), Some(Duration::from_secs(500)));
+        h.append(
+            "expires",
+            HeaderValue::from_str(&httpdate::fmt_http_date(at(600))).unwrap(),
+        );
+        let two = lifetime(&cc, &h, at(0), None, TtlMode::Fallback);
+        assert_eq!(two, Some((Duration::ZERO, LifetimeSource::Explicit)));
+    }
+
+    #[test]
+    fn an_age_list_counts_its_first_member_and_junk_counts_nothing() {
+        for (line, secs) in [
+            ("7200, 0", 7200),
+            ("0, 7200", 0),
+            (" 30 ", 30),
+            ("abc", 0),
+            ("-7200", 0),
+            ("7200.0", 0),
+            (",", 0),
+            ("", 0),
+            ("99999999999999999999", DELTA_SECONDS_CAP),
+        ] {
+            assert_eq!(age_seconds(line.as_bytes()), secs, "{line:?}");
+        }
     }
 
     #[test]

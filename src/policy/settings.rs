@@ -42,6 +42,43 @@ pub enum RequestDirectives {
     Ignore,
 }
 
+/// Which authority (host and port) a route's cache keys are made with.
+///
+/// # Examples
+///
+/// A balancer that rewrites `Host` per backend (`app-1:8080`, `app-2:8080`) would
+/// give each replica keys of its own, and no entry would be shared:
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use tower_hybrid_cache::{HybridCache, KeyAuthority};
+/// let cache = HybridCache::builder().build().await?;
+/// let layer = cache.layer().key_authority(KeyAuthority::fixed("jobs.example.com"));
+/// # let _ = layer;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum KeyAuthority {
+    /// The request's: its URI's authority, else its `Host` (lower-cased). The default.
+    #[default]
+    Request,
+    /// This one, whatever the request says: one site behind a balancer that
+    /// rewrites `Host`.
+    Fixed(String),
+    /// None: the cache serves one site, and the path and query are the key.
+    None,
+}
+
+impl KeyAuthority {
+    /// Keys on `authority` (lower-cased) whatever the request says.
+    pub fn fixed(authority: impl Into<String>) -> Self {
+        KeyAuthority::Fixed(authority.into().to_ascii_lowercase())
+    }
+}
+
 /// Which query parameters take part in the cache key.
 #[derive(Debug, Clone, Default)]
 pub(crate) enum QueryFilter {
@@ -112,6 +149,13 @@ pub(crate) struct RouteSettings {
     pub(crate) tag_header: Option<HeaderName>,
     /// Whether the tag header reaches the client (and is stored).
     pub(crate) keep_tag_header: bool,
+    /// The authority the route's keys are made with.
+    pub(crate) key_authority: KeyAuthority,
+    /// The targeted cache-control fields this route obeys, in order (RFC 9213).
+    pub(crate) targeted_fields: Vec<HeaderName>,
+    /// Whether the targeted fields reach the client (and are stored); `None`: all
+    /// but this crate's own.
+    pub(crate) forward_targeted_fields: Option<bool>,
 }
 
 impl RouteSettings {
@@ -119,7 +163,41 @@ impl RouteSettings {
     pub(crate) fn hidden_tag_header(&self) -> Option<&HeaderName> {
         self.tag_header.as_ref().filter(|_| !self.keep_tag_header)
     }
+
+    /// Whether the route removes any field from what the client sees.
+    pub(crate) fn hides_fields(&self) -> bool {
+        self.hidden_tag_header().is_some()
+            || self.targeted_fields.iter().any(|name| !self.forwards(name))
+    }
+
+    /// Whether the targeted field `name` reaches the client.
+    fn forwards(&self, name: &HeaderName) -> bool {
+        self.forward_targeted_fields
+            .unwrap_or(name.as_str() != DEFAULT_TARGETED_FIELD)
+    }
+
+    /// Removes the fields meant for this cache alone: the tag header and the targeted
+    /// fields the route does not forward.
+    pub(crate) fn hide_fields(&self, headers: &mut http::HeaderMap) {
+        if let Some(name) = self.hidden_tag_header() {
+            headers.remove(name);
+        }
+        self.hide_targeted_fields(headers);
+    }
+
+    /// Removes the targeted fields the route does not forward.
+    pub(crate) fn hide_targeted_fields(&self, headers: &mut http::HeaderMap) {
+        for name in &self.targeted_fields {
+            if !self.forwards(name) {
+                headers.remove(name);
+            }
+        }
+    }
 }
+
+/// The targeted cache-control field a route obeys by default: its own, so that an
+/// application can tell this cache one thing and browsers (`Cache-Control`) another.
+pub(crate) const DEFAULT_TARGETED_FIELD: &str = "tower-hybrid-cache-control";
 
 /// The default tag header.
 pub(crate) const DEFAULT_TAG_HEADER: &str = "cache-tag";
@@ -139,6 +217,9 @@ impl Default for RouteSettings {
             stale_if_error: None,
             tag_header: Some(HeaderName::from_static(DEFAULT_TAG_HEADER)),
             keep_tag_header: false,
+            key_authority: KeyAuthority::Request,
+            targeted_fields: vec![HeaderName::from_static(DEFAULT_TARGETED_FIELD)],
+            forward_targeted_fields: None,
         }
     }
 }

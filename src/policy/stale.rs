@@ -13,12 +13,16 @@ pub(crate) fn is_origin_error(status: StatusCode) -> bool {
 }
 
 /// The plan with the handler's stale windows, where it set them, in place of the
-/// response's and the route's.
+/// response's and the route's; none for a response that forbids serving stale
+/// (`must-revalidate`, `proxy-revalidate`, `no-cache`).
 pub(crate) fn with_windows(
     mut plan: StorePlan,
     stale_while_revalidate: Option<Duration>,
     stale_if_error: Option<Duration>,
 ) -> StorePlan {
+    if plan.never_stale {
+        return plan;
+    }
     let after = |window: Duration| {
         plan.fresh_until
             .checked_add(window)
@@ -66,16 +70,24 @@ mod tests {
             sie_until: now,
             stale_until: now + Duration::from_secs(5),
             vary: Vec::new(),
+            never_stale: false,
         };
         let unchanged = with_windows(plan.clone(), None, None);
         assert_eq!(unchanged, plan);
         let windowed = with_windows(
-            plan,
+            plan.clone(),
             Some(Duration::from_secs(1)),
             Some(Duration::from_secs(60)),
         );
         assert_eq!(windowed.swr_until, now + Duration::from_secs(1));
         assert_eq!(windowed.sie_until, now + Duration::from_secs(60));
         assert_eq!(windowed.stale_until, now + Duration::from_secs(60));
+        // must-revalidate and its kind rule out every window.
+        let strict = StorePlan {
+            never_stale: true,
+            ..plan
+        };
+        let windowed = with_windows(strict.clone(), Some(Duration::from_secs(1)), None);
+        assert_eq!(windowed, strict);
     }
 }

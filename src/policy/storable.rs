@@ -9,6 +9,7 @@ use http::{HeaderMap, HeaderName, StatusCode};
 use super::cache_control::CacheControl;
 use super::freshness::{self, LifetimeSource};
 use super::settings::RouteSettings;
+use super::targeted::targeted_cache_control;
 
 /// Most `Vary` names a storable response may list. More is not stored: each name
 /// costs a header lookup on every hit, and hundreds of them are a sign of a broken or
@@ -79,6 +80,9 @@ pub(crate) struct StorePlan {
     /// or `Last-Modified`), long enough to be revalidated instead of refetched.
     pub(crate) stale_until: SystemTime,
     pub(crate) vary: Vec<HeaderName>,
+    /// `must-revalidate`, `proxy-revalidate` or `no-cache`: never served stale, by
+    /// no window (the route's, the response's or the handler's).
+    pub(crate) never_stale: bool,
 }
 
 /// A response with a validator is kept past its freshness for as long as it was
@@ -105,17 +109,28 @@ pub(crate) fn store_plan(
     settings: &RouteSettings,
     response_time: SystemTime,
 ) -> Result<StorePlan, NotStored> {
-    let cc = CacheControl::from_headers(headers);
+    // A targeted field (RFC 9213) the route obeys replaces `Cache-Control`.
+    let cc = targeted_cache_control(headers, &settings.targeted_fields)
+        .unwrap_or_else(|| CacheControl::from_headers(headers));
     if cc.malformed {
         return Err(NotStored::MalformedCacheControl);
     }
-    if cc.no_store || request.no_store {
+    // `must-understand` (RFC 9111 §5.2.2.3): a status whose caching rules this cache
+    // knows may be stored despite `no-store`; one it does not know, never.
+    let understood = status.canonical_reason().is_some();
+    if cc.must_understand && !understood {
+        return Err(NotStored::Status);
+    }
+    if (cc.no_store && !cc.must_understand) || request.no_store {
         return Err(NotStored::NoStore);
     }
     if cc.private {
         return Err(NotStored::Private);
     }
-    if cc.no_cache {
+    // `no-cache` (bare or listing fields, treated alike): stored to be revalidated on
+    // every use (RFC 9111 §5.2.2.4), so only with a validator to revalidate with.
+    let has_validator = headers.contains_key(ETAG) || headers.contains_key(LAST_MODIFIED);
+    if cc.no_cache && !has_validator {
         return Err(NotStored::NoCache);
     }
     if headers.contains_key(SET_COOKIE) {
@@ -134,25 +149,35 @@ pub(crate) fn store_plan(
         return Err(NotStored::Status);
     }
     let vary = vary_names(headers)?;
-    let (lifetime, source) =
-        freshness::lifetime(&cc, headers, response_time, settings.ttl, settings.ttl_mode)
-            .ok_or(NotStored::NoFreshness)?;
+    let found = freshness::lifetime(&cc, headers, response_time, settings.ttl, settings.ttl_mode);
+    let (lifetime, source) = match found {
+        Some(found) => found,
+        // Stale at once anyway: stored for a status that may be stored without one.
+        None if cc.no_cache => (Duration::ZERO, LifetimeSource::Heuristic),
+        None => return Err(NotStored::NoFreshness),
+    };
     if source != LifetimeSource::Explicit && !heuristically_cacheable(status) {
         return Err(NotStored::Status);
     }
     let request_time = request.request_time.unwrap_or(response_time);
     let initial_age = freshness::initial_age(headers, request_time, response_time);
-    let remaining = lifetime
-        .checked_sub(initial_age)
-        .filter(|d| !d.is_zero())
-        .ok_or(NotStored::AlreadyStale)?;
-    let fresh_until = response_time
-        .checked_add(remaining)
-        .ok_or(NotStored::NoFreshness)?;
-    // must-revalidate and proxy-revalidate forbid serving stale; s-maxage implies
-    // proxy-revalidate for a shared cache unless the response grants a window itself.
+    let fresh_until = if cc.no_cache {
+        // Never used without a successful validation.
+        response_time
+    } else {
+        let remaining = lifetime
+            .checked_sub(initial_age)
+            .filter(|d| !d.is_zero())
+            .ok_or(NotStored::AlreadyStale)?;
+        response_time
+            .checked_add(remaining)
+            .ok_or(NotStored::NoFreshness)?
+    };
+    // must-revalidate and proxy-revalidate forbid serving stale, and no-cache any use
+    // without validation; s-maxage implies proxy-revalidate for a shared cache unless
+    // the response grants a window itself.
     let window = |granted: Option<u64>, route: Option<Duration>| {
-        if cc.must_revalidate || cc.proxy_revalidate {
+        if cc.must_revalidate || cc.proxy_revalidate || cc.no_cache {
             return fresh_until;
         }
         let route = route.filter(|_| cc.s_maxage.is_none());
@@ -166,7 +191,7 @@ pub(crate) fn store_plan(
     };
     let swr_until = window(cc.stale_while_revalidate, settings.stale_while_revalidate);
     let sie_until = window(cc.stale_if_error, settings.stale_if_error);
-    let keep_until = if headers.contains_key(ETAG) || headers.contains_key(LAST_MODIFIED) {
+    let keep_until = if has_validator {
         let keep = lifetime.clamp(REVALIDATION_KEEP_MIN, REVALIDATION_KEEP_MAX);
         fresh_until.checked_add(keep).unwrap_or(fresh_until)
     } else {
@@ -180,6 +205,7 @@ pub(crate) fn store_plan(
         sie_until,
         stale_until: swr_until.max(sie_until).max(keep_until),
         vary,
+        never_stale: cc.must_revalidate || cc.proxy_revalidate || cc.no_cache,
     })
 }
 
