@@ -328,3 +328,67 @@ async fn headers_that_forbid_storing_win_over_handler_overrides() {
     assert_eq!(cache.stats().stores, 0);
     assert_eq!(cache.stats().not_stored, 6);
 }
+
+/// A GET or POST of `url` as a client of origin `host` sends it.
+fn at_host(method: &str, host: &str, path: &str) -> http::Request<axum::body::Body> {
+    http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", host)
+        .body(axum::body::Body::empty())
+        .unwrap()
+}
+
+#[tokio::test]
+async fn cache_groups_are_invalidated_across_replicas_within_their_origin() {
+    let redis = RedisServer::start();
+    let (a, b) = (replica(&redis.url()).await, replica(&redis.url()).await);
+    let origin = Origin::new();
+    let (app_a, app_b) = (origin.behind(&a), origin.behind(&b));
+    let grouped = "/jobs/1?h=cache-groups:%22jobs%22,%20%22berlin%22";
+    let other_group = "/jobs/2?h=cache-groups:%22companies%22";
+    for (host, path) in [
+        ("api.test", grouped),
+        ("api.test", other_group),
+        ("other.test", grouped),
+    ] {
+        call(app_a.clone(), at_host("GET", host, path)).await;
+    }
+    eventually("in Redis", WAIT, || async { a.stats().redis_writes >= 3 }).await;
+    // A write through the other replica names the group to invalidate.
+    let write = call(
+        app_b.clone(),
+        at_host(
+            "POST",
+            "api.test",
+            "/jobs?h=cache-group-invalidation:%22jobs%22",
+        ),
+    )
+    .await;
+    assert!(write.status.is_success());
+    let hit = |host: &'static str, path: &'static str| {
+        let (app_a, app_b) = (app_a.clone(), app_b.clone());
+        async move {
+            let from_a = call(app_a, at_host("GET", host, path)).await.is_hit();
+            let from_b = call(app_b, at_host("GET", host, path)).await.is_hit();
+            (from_a, from_b)
+        }
+    };
+    // The group's member is gone for both replicas; another group, and the same
+    // group name of another origin, stay.
+    assert!(!hit("api.test", grouped).await.0);
+    eventually("the refill", WAIT, || async { a.stats().redis_writes >= 4 }).await;
+    assert_eq!(hit("api.test", other_group).await, (true, true));
+    assert_eq!(hit("other.test", grouped).await, (true, true));
+    // Junk in the field invalidates nothing.
+    call(
+        app_b.clone(),
+        at_host(
+            "POST",
+            "api.test",
+            "/jobs?h=cache-group-invalidation:companies,%20(((",
+        ),
+    )
+    .await;
+    assert_eq!(hit("api.test", other_group).await, (true, true));
+}

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use bytes::Bytes;
-use http::header::{AUTHORIZATION, SET_COOKIE};
+use http::header::{AUTHORIZATION, HOST, SET_COOKIE};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
 use http_body::Body;
 use tower::Service;
@@ -22,6 +22,7 @@ use super::tags::response_tags;
 use crate::engine::{Fill, FillStart, FlightGuard};
 use crate::entry::CachedResponse;
 use crate::key::normalised_value;
+use crate::policy::groups::{group_tags, CACHE_GROUPS};
 use crate::policy::range::Part;
 use crate::policy::revalidation::{add_validators, headers_after_304};
 use crate::policy::settings::{RouteSettings, TtlMode};
@@ -61,6 +62,8 @@ where
     // The request's values of the response's `Vary` names are known only once the
     // response is in; keep the headers for that, on the miss path only.
     let request_headers = storing.then(|| request.headers().clone());
+    // The origin its cache groups belong to, if it names any (a cheap clone).
+    let uri_authority = request.uri().authority().cloned();
     let revalidating = match &stale {
         Some(entry) if storing => add_validators(request.headers_mut(), &entry.headers),
         _ => false,
@@ -108,7 +111,22 @@ where
     // The handler's overrides and the tag header are for the cache, not the client.
     let overrides = parts.extensions.remove::<CacheOverrides>();
     let handler_tags = overrides.as_ref().map_or(&[][..], |o| o.tags.as_slice());
-    let tags = response_tags(&mut parts.headers, serving.settings, handler_tags);
+    let groups = if parts.headers.contains_key(CACHE_GROUPS) {
+        let request_authority = match (&uri_authority, &request_headers) {
+            (Some(authority), _) => authority.as_str().to_ascii_lowercase(),
+            (None, Some(headers)) => headers
+                .get(HOST)
+                .and_then(|host| host.to_str().ok())
+                .unwrap_or_default()
+                .to_ascii_lowercase(),
+            (None, None) => String::new(),
+        };
+        let scope = serving.settings.group_scope(&request_authority);
+        group_tags(&parts.headers, &CACHE_GROUPS, scope)
+    } else {
+        Vec::new()
+    };
+    let tags = response_tags(&mut parts.headers, serving.settings, handler_tags, &groups);
     let status = CacheStatus::forward(miss).with_origin_status(parts.status);
     // A HEAD's response has no body to store: no plan.
     let planned = request_headers.map(|request_headers| {

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::SystemTime;
 
+use http::header::RANGE;
 use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
 
 use super::body::CacheBody;
@@ -38,14 +39,24 @@ pub(crate) struct RequestHead<'a> {
     pub(crate) headers: &'a HeaderMap,
     pub(crate) head: bool,
     pub(crate) version: Version,
+    /// It has a `Range` field.
+    pub(crate) ranged: bool,
 }
 
 impl<'a> RequestHead<'a> {
     pub(crate) fn of<B>(request: &'a Request<B>) -> Self {
+        let ranged = request.headers().contains_key(RANGE);
+        Self::with_range(request, ranged)
+    }
+
+    /// As `of`, with whether it has `Range` already known (the hit path read every
+    /// field once to classify it).
+    pub(crate) fn with_range<B>(request: &'a Request<B>, ranged: bool) -> Self {
         RequestHead {
             headers: request.headers(),
             head: request.method() == Method::HEAD,
             version: request.version(),
+            ranged,
         }
     }
 }
@@ -200,7 +211,11 @@ impl<'a> Serving<'a> {
                 tracing::debug!(target: TARGET, key = %self.primary, outcome = "hit", detail = tier.as_str(), not_modified);
                 // Only a stored 200 is a representation a range can be of; a 304
                 // and a HEAD come first.
-                let part = if request.head || not_modified || entry.status != StatusCode::OK {
+                let part = if !request.ranged
+                    || request.head
+                    || not_modified
+                    || entry.status != StatusCode::OK
+                {
                     Part::Whole
                 } else {
                     requested_part(request.headers, &entry.headers, entry.body.len() as u64)

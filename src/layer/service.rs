@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::header::{CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
+use http::header::{CONTENT_LENGTH, HOST, RANGE, TRANSFER_ENCODING};
 use http::{HeaderMap, Method, Request, Response, Uri};
 use http_body::Body;
 use tower::Service;
@@ -103,11 +103,11 @@ impl<S> HybridCacheService<S> {
 enum RequestKind {
     /// An unsafe method: forwarded, and invalidates once it succeeds.
     Write,
-    /// A safe request the cache does not handle: other methods, `Range`, and
+    /// A safe request the cache does not handle: other methods, and
     /// requests it must not answer or store for others (the detail says why).
     Bypass(Option<Detail>),
-    /// A GET or HEAD: served from the cache or stored.
-    Cacheable,
+    /// A GET or HEAD: served from the cache or stored; `ranged` when it has `Range`.
+    Cacheable { ranged: bool },
 }
 
 fn classify<B>(request: &Request<B>) -> RequestKind {
@@ -126,13 +126,15 @@ fn classify<B>(request: &Request<B>) -> RequestKind {
     } else if !head.names_one_host(request.uri()) {
         RequestKind::Bypass(Some(Detail::InvalidHost))
     } else {
-        RequestKind::Cacheable
+        RequestKind::Cacheable { ranged: head.range }
     }
 }
 
 /// What a GET's or HEAD's fields say about whether the cache may handle it, read in
 /// one pass over the fields (cheaper than a lookup per name on the hit path).
 struct HeadFields<'a> {
+    /// A `Range` field (looked at only when a fresh 200 is found).
+    range: bool,
     /// A `Content-Length` other than 0 (junk included) or any `Transfer-Encoding`
     /// (RFC 9112 §6.1).
     body: bool,
@@ -144,12 +146,15 @@ struct HeadFields<'a> {
 impl<'a> HeadFields<'a> {
     fn of(headers: &'a HeaderMap) -> Self {
         let mut fields = HeadFields {
+            range: false,
             body: false,
             host: None,
             repeated_host: false,
         };
         for (name, value) in headers {
-            if name == TRANSFER_ENCODING
+            if name == RANGE {
+                fields.range = true;
+            } else if name == TRANSFER_ENCODING
                 || (name == CONTENT_LENGTH && value.as_bytes().trim_ascii() != b"0")
             {
                 fields.body = true;
@@ -217,7 +222,7 @@ where
                     .then(|| Arc::clone(&self.settings));
                 ResponseFuture::bypass(self.inner.call(request), status, strip)
             }
-            RequestKind::Cacheable => self.cacheable(request),
+            RequestKind::Cacheable { ranged } => self.cacheable(request, ranged),
         }
     }
 }
@@ -230,6 +235,7 @@ impl<S> HybridCacheService<S> {
     fn cacheable<ReqBody, ResBody>(
         &mut self,
         request: Request<ReqBody>,
+        ranged: bool,
     ) -> ResponseFuture<S::Future, ResBody, S::Error>
     where
         S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
@@ -255,7 +261,7 @@ impl<S> HybridCacheService<S> {
         } else if !self.engine.reads_are_local() {
             None
         } else {
-            match serving.serve_now(&RequestHead::of(&request)) {
+            match serving.serve_now(&RequestHead::with_range(&request, ranged)) {
                 Some(Answer::Hit(response)) => return ResponseFuture::ready(response),
                 Some(Answer::Refresh(response, stale)) => {
                     let inner = self.take_inner();
@@ -301,15 +307,20 @@ mod tests {
 
     #[test]
     fn requests_are_classified_by_method_range_body_and_host() {
+        let cacheable = RequestKind::Cacheable { ranged: false };
         let body = RequestKind::Bypass(Some(Detail::RequestBody));
         let host = RequestKind::Bypass(Some(Detail::InvalidHost));
         let cases = [
-            ("GET", &[][..], RequestKind::Cacheable),
-            ("HEAD", &[], RequestKind::Cacheable),
-            ("GET", &[("content-length", "0")], RequestKind::Cacheable),
-            ("GET", &[("host", "API.test")], RequestKind::Cacheable),
+            ("GET", &[][..], cacheable),
+            ("HEAD", &[], cacheable),
+            ("GET", &[("content-length", "0")], cacheable),
+            ("GET", &[("host", "API.test")], cacheable),
             // Answered from a stored response when one is fresh.
-            ("GET", &[("range", "bytes=0-1")], RequestKind::Cacheable),
+            (
+                "GET",
+                &[("range", "bytes=0-1")],
+                RequestKind::Cacheable { ranged: true },
+            ),
             ("OPTIONS", &[], RequestKind::Bypass(None)),
             ("TRACE", &[], RequestKind::Bypass(None)),
             ("QUERY", &[], RequestKind::Bypass(None)),

@@ -1,5 +1,5 @@
-//! Tags (surrogate keys) of a response: from the route's tag header and the
-//! handler's overrides, bounded in number and size.
+//! Tags (surrogate keys) of a response: from the route's tag header, the handler's
+//! overrides and its cache groups, bounded in number and size.
 
 use http::HeaderMap;
 
@@ -7,12 +7,13 @@ use crate::entry::{is_valid_tag, MAX_TAGS};
 use crate::policy::settings::RouteSettings;
 
 /// The tags in the route's tag header (separated by spaces or commas), then those of
-/// the handler, each once, at most 64; the header is removed unless the route keeps
-/// it.
+/// the handler, then the cache groups (`groups`, already scoped), each once, at most
+/// 64; the header is removed unless the route keeps it.
 pub(crate) fn response_tags(
     headers: &mut HeaderMap,
     settings: &RouteSettings,
     from_handler: &[String],
+    groups: &[String],
 ) -> Vec<String> {
     let mut tags: Vec<String> = Vec::new();
     let mut add = |tag: &str| {
@@ -28,6 +29,7 @@ pub(crate) fn response_tags(
         }
     }
     from_handler.iter().for_each(|tag| add(tag));
+    groups.iter().for_each(|tag| add(tag));
     if let Some(name) = settings.hidden_tag_header() {
         headers.remove(name);
     }
@@ -46,12 +48,12 @@ mod tests {
         let long = "x".repeat(300);
         headers.append("cache-tag", HeaderValue::from_str(&long).unwrap());
         let from_handler = vec!["c".to_owned(), "d".to_owned(), String::new()];
-        let tags = response_tags(&mut headers, &RouteSettings::default(), &from_handler);
+        let tags = response_tags(&mut headers, &RouteSettings::default(), &from_handler, &[]);
         assert_eq!(tags, ["a", "b", "c", "d"]);
         assert!(!headers.contains_key("cache-tag"));
 
         let many: Vec<String> = (0..100).map(|i| format!("t{i}")).collect();
-        let tags = response_tags(&mut HeaderMap::new(), &RouteSettings::default(), &many);
+        let tags = response_tags(&mut HeaderMap::new(), &RouteSettings::default(), &many, &[]);
         assert_eq!(tags.len(), MAX_TAGS);
     }
 
@@ -63,7 +65,7 @@ mod tests {
         };
         let mut headers = HeaderMap::new();
         headers.insert("cache-tag", HeaderValue::from_static("a"));
-        let tags = response_tags(&mut headers, &settings, &["b".to_owned()]);
+        let tags = response_tags(&mut headers, &settings, &["b".to_owned()], &[]);
         assert_eq!(tags, ["b"]);
         assert!(headers.contains_key("cache-tag"));
     }

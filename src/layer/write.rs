@@ -15,6 +15,7 @@ use super::response::Stamp;
 use super::status::{CacheStatus, Detail};
 use crate::engine::Engine;
 use crate::key::CacheKey;
+use crate::policy::groups::{group_tags, CACHE_GROUP_INVALIDATION};
 use crate::policy::settings::RouteSettings;
 
 /// What an unsafe request may invalidate: its own URI, and the URIs its response
@@ -116,7 +117,10 @@ where
     let settings = Arc::clone(&target.settings);
     let mut status = CacheStatus::bypass();
     if parts.status.is_success() || parts.status.is_redirection() {
-        let tags = overrides.map(|o| o.invalidate_tags).unwrap_or_default();
+        let mut tags = overrides.map(|o| o.invalidate_tags).unwrap_or_default();
+        // Cache-Group-Invalidation (RFC 9875): the groups of this origin.
+        let scope = target.settings.group_scope(&target.authority);
+        tags.extend(group_tags(&parts.headers, &CACHE_GROUP_INVALIDATION, scope));
         let reached = engine
             .invalidate_all_of(&target.keys(&parts.headers), &tags)
             .await;

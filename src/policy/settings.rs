@@ -164,6 +164,17 @@ impl RouteSettings {
         self.tag_header.as_ref().filter(|_| !self.keep_tag_header)
     }
 
+    /// The origin a response's cache groups belong to (RFC 9875), as the route keys
+    /// it: `request` (the request's authority, lower case) unless the key authority
+    /// is fixed or none.
+    pub(crate) fn group_scope<'a>(&'a self, request: &'a str) -> &'a str {
+        match &self.key_authority {
+            KeyAuthority::Request => request,
+            KeyAuthority::Fixed(fixed) => fixed,
+            KeyAuthority::None => "",
+        }
+    }
+
     /// Whether the route removes any field from what the client sees.
     pub(crate) fn hides_fields(&self) -> bool {
         self.hidden_tag_header().is_some()
