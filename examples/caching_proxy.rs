@@ -22,18 +22,19 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use tower::Layer;
+use tower::{Layer, ServiceExt};
 use tower_hybrid_cache::{HybridCache, HybridCacheLayer};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body the forwarder answers with: the upstream's, or a short error text.
 pub type ProxyBody = BoxBody<Bytes, BoxError>;
 
-/// Request fields that concern one connection only (RFC 9110 §7.6.1).
-const HOP_BY_HOP: [&str; 8] = [
+/// Fields that concern one connection only (RFC 9110 §7.6.1), in either direction.
+const HOP_BY_HOP: [&str; 9] = [
     "connection",
     "keep-alive",
     "proxy-connection",
+    "proxy-authenticate",
     "proxy-authorization",
     "te",
     "trailer",
@@ -41,8 +42,28 @@ const HOP_BY_HOP: [&str; 8] = [
     "upgrade",
 ];
 
-/// Forwards a request to `upstream`: same path and query, `Host` set to the upstream,
-/// hop-by-hop fields removed, `Via` added. An unreachable upstream is a `502`.
+/// Removes the hop-by-hop fields and those `Connection` names. Returns whether the
+/// message had a `Transfer-Encoding` (its body's framing was that, not a length).
+fn strip_hop_by_hop(headers: &mut http::HeaderMap) -> bool {
+    let named: Vec<HeaderName> = headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim_ascii()).ok())
+        .collect();
+    let chunked = headers.contains_key(http::header::TRANSFER_ENCODING);
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+    chunked
+}
+
+/// Forwards a request to `upstream` as HTTP/1.1 (whatever the client spoke): same
+/// path and query, `Host` set to the upstream, hop-by-hop fields removed both ways,
+/// `Via` added. An unreachable upstream is a `502`.
 pub async fn forward(
     client: Client<HttpConnector, Incoming>,
     upstream: Uri,
@@ -64,9 +85,9 @@ pub async fn forward(
             ))
         }
     };
-    for name in HOP_BY_HOP {
-        parts.headers.remove(name);
-    }
+    strip_hop_by_hop(&mut parts.headers);
+    // The upstream client speaks HTTP/1.1; an h2c client's request goes out as that.
+    parts.version = http::Version::HTTP_11;
     if let Some(authority) = upstream.authority() {
         if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
             parts.headers.insert(HOST, host);
@@ -79,6 +100,12 @@ pub async fn forward(
     match client.request(Request::from_parts(parts, body)).await {
         Ok(response) => {
             let (mut parts, body) = response.into_parts();
+            // The upstream's framing is undone (the body is decoded); a length beside
+            // a `Transfer-Encoding` means nothing (RFC 9112 §6.3), and passed on it
+            // would make the client read the wrong body.
+            if strip_hop_by_hop(&mut parts.headers) {
+                parts.headers.remove(http::header::CONTENT_LENGTH);
+            }
             parts
                 .headers
                 .append(VIA, HeaderValue::from_static("1.1 tower-hybrid-cache"));
@@ -143,6 +170,25 @@ pub fn default_targeted_fields() -> Vec<HeaderName> {
         .collect()
 }
 
+/// The path the proxy answers itself, for a balancer's health check: never
+/// forwarded, never cached.
+pub const HEALTH_PATH: &str = "/healthz";
+
+/// `200 ok`, for the health check: the proxy answers (with Redis down too: it serves
+/// from memory and the upstream).
+fn health_response() -> Response<ProxyBody> {
+    let mut response = Response::new(
+        Full::new(Bytes::from_static(b"ok\n"))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    response.headers_mut().insert(
+        http::header::CACHE_CONTROL,
+        HeaderValue::from_static("no-store"),
+    );
+    response
+}
+
 /// Serves the caching proxy on `listener`, through `layer`, until the task is dropped.
 pub async fn serve(
     listener: TcpListener,
@@ -152,13 +198,27 @@ pub async fn serve(
     // Idle upstream connections are dropped before the 5 s after which Node's (and
     // many other) servers close them: a request sent on a connection the server is
     // closing fails (a 502) and, with a body, is not retried.
+    // Without TCP_NODELAY a request's head and body leave in two packets, and the
+    // second waits for the upstream's delayed ACK (about 40 ms on Linux).
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
     let client: Client<HttpConnector, Incoming> = Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(4))
-        .build_http();
+        .build(connector);
     let forwarder = tower::service_fn(move |request: Request<Incoming>| {
         forward(client.clone(), upstream.clone(), request)
     });
-    let service = layer.layer(forwarder);
+    let cached = layer.layer(forwarder);
+    let service = tower::service_fn(move |request: Request<Incoming>| {
+        let cached = cached.clone();
+        async move {
+            if request.uri().path() == HEALTH_PATH {
+                return Ok::<_, Infallible>(health_response());
+            }
+            let response = cached.oneshot(request).await?;
+            Ok(response.map(BodyExt::boxed))
+        }
+    });
     loop {
         let (stream, _) = listener.accept().await?;
         let service = TowerToHyperService::new(service.clone());

@@ -501,6 +501,12 @@ pub fn search_router(data: Arc<Data>, cache: Option<&HybridCache>) -> Router {
     Router::new().route("/jobs/search", route).with_state(data)
 }
 
+/// The Redis URL a `REDIS_URL` value names: none when unset or empty (as most tools
+/// read an empty variable).
+pub fn redis_url(var: Option<String>) -> Option<String> {
+    var.filter(|url| !url.trim().is_empty())
+}
+
 #[allow(dead_code)] // Tests include this file as a module and do not call `main`.
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -514,7 +520,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .memory_capacity_bytes(256 << 20)
         .namespace("job_match");
     // With REDIS_URL, replicas share entries through Redis; without it, memory only.
-    if let Ok(url) = std::env::var("REDIS_URL") {
+    if let Some(url) = redis_url(std::env::var("REDIS_URL").ok()) {
         builder = builder.redis_url(url);
     }
     let cache = builder.build().await?;

@@ -386,3 +386,99 @@ async fn through_the_proxy_stale_while_revalidate_answers_at_once() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn an_h2c_client_is_forwarded_over_http_1_1() {
+    let s = setup().await;
+    let client: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .http2_only(true)
+            .build_http();
+    let url = s.url("/h2c?h=cache-control:max-age%3D60");
+    for _ in 0..2 {
+        let response = client
+            .request(
+                http::Request::get(&url)
+                    .body(http_body_util::Full::new(bytes::Bytes::new()))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(response.status(), http::StatusCode::OK);
+        assert_eq!(response.version(), http::Version::HTTP_2);
+        s.stored(1).await;
+    }
+    assert_eq!(s.origin.log.calls(), 1);
+}
+
+#[tokio::test]
+async fn hop_by_hop_fields_of_the_upstream_stop_at_the_proxy() {
+    let s = setup().await;
+    let client = support::client();
+    let url = s.url("/hop?h=connection:x-hop&h=x-hop:1&h=keep-alive:timeout%3D5&h=x-end:1");
+    let got = fetch(&client, "GET", &url, &[]).await;
+    assert_eq!(got.status, http::StatusCode::OK);
+    assert_eq!(got.header("x-end"), Some("1"));
+    assert_eq!(got.header("x-hop"), None);
+    assert_eq!(got.header("keep-alive"), None);
+}
+
+#[tokio::test]
+async fn an_upstream_framing_its_body_two_ways_is_answered_by_its_chunks() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // An upstream that sends both Transfer-Encoding and Content-Length (RFC 9112
+    // §6.3: the chunks count, the length does not).
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream: http::Uri = format!("http://{}", listener.local_addr().unwrap())
+        .parse()
+        .unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let mut buffer = [0_u8; 1024];
+                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match socket.read(&mut buffer).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => seen.extend_from_slice(&buffer[..n]),
+                    }
+                }
+                let answer =
+                    "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\
+                              Connection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
+                let _ = socket.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    let cache = HybridCache::builder().build().await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy = listener.local_addr().unwrap();
+    tokio::spawn(caching_proxy::serve(listener, upstream, cache.layer()));
+    let got = fetch(
+        &support::client(),
+        "GET",
+        &format!("http://{proxy}/both"),
+        &[],
+    )
+    .await;
+    assert!(
+        got.status == http::StatusCode::OK && got.body.as_ref() == b"hello"
+            || got.status == http::StatusCode::BAD_GATEWAY,
+        "{} {:?}",
+        got.status,
+        got.body
+    );
+}
+
+#[tokio::test]
+async fn the_health_check_is_answered_by_the_proxy_itself() {
+    let s = setup().await;
+    let client = support::client();
+    for _ in 0..2 {
+        let got = fetch(&client, "GET", &s.url(caching_proxy::HEALTH_PATH), &[]).await;
+        assert_eq!(got.status, http::StatusCode::OK);
+        assert_eq!(got.text(), "ok\n");
+        assert!(got.cache_status().is_empty());
+    }
+    assert_eq!(s.origin.log.calls(), 0);
+}

@@ -148,3 +148,14 @@ async fn the_admin_routes_are_off_without_a_token() {
         assert!(call(app, get("/jobs/1")).await.is_hit());
     }
 }
+
+#[test]
+fn an_empty_redis_url_means_memory_only() {
+    assert_eq!(job_match::redis_url(None), None);
+    assert_eq!(job_match::redis_url(Some(String::new())), None);
+    assert_eq!(job_match::redis_url(Some("  ".to_owned())), None);
+    assert_eq!(
+        job_match::redis_url(Some("redis://127.0.0.1:6379".to_owned())).as_deref(),
+        Some("redis://127.0.0.1:6379")
+    );
+}
