@@ -28,14 +28,16 @@ async fn main() {
         .build()
         .await
         .unwrap();
-    let origin = tower::service_fn(|_request: Request<Full<Bytes>>| async {
-        let mut response = Response::new(Full::new(Bytes::from_static(b"hello world")));
-        response.headers_mut().insert(
-            "cache-control",
-            http::HeaderValue::from_static("max-age=600"),
-        );
-        Ok::<_, Infallible>(response)
-    });
+    let origin = tower::service_fn(
+        |_request: Request<tower_hybrid_cache::layer::RequestBody<Full<Bytes>>>| async {
+            let mut response = Response::new(Full::new(Bytes::from_static(b"hello world")));
+            response.headers_mut().insert(
+                "cache-control",
+                http::HeaderValue::from_static("max-age=600"),
+            );
+            Ok::<_, Infallible>(response)
+        },
+    );
     let mut service = tower::Layer::layer(&cache.layer(), origin);
     let request = || {
         Request::get("http://api.test/jobs/42?q=rust")

@@ -105,10 +105,12 @@ fn layer(c: &mut Criterion) {
         .build()
         .unwrap();
     let body = Bytes::from(vec![b'j'; 3 * 1024]);
-    let inner = tower::service_fn(move |_req: Request<Full<Bytes>>| {
-        let body = body.clone();
-        async move { Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(body))) }
-    });
+    let inner = tower::service_fn(
+        move |_req: Request<tower_hybrid_cache::layer::RequestBody<Full<Bytes>>>| {
+            let body = body.clone();
+            async move { Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(body))) }
+        },
+    );
     let cache = rt.block_on(HybridCache::builder().build()).unwrap();
     let cached = cache
         .layer()
@@ -126,7 +128,10 @@ fn layer(c: &mut Criterion) {
         b.to_async(&rt).iter(|| async {
             let response = inner
                 .clone()
-                .oneshot(request("/jobs/search?q=rust".into()))
+                .oneshot(
+                    request("/jobs/search?q=rust".into())
+                        .map(tower_hybrid_cache::layer::RequestBody::new),
+                )
                 .await
                 .unwrap();
             response.into_body().collect().await.unwrap()

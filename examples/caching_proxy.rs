@@ -1,6 +1,9 @@
 //! A caching reverse proxy: every request is forwarded to one upstream, and the
 //! layer caches what the upstream's own headers allow (no route TTL).
 //!
+//! Not forwarded: 1xx interim responses (`103 Early Hints`): hyper 1 gives a service
+//! no way to send one, and its client does not pass them on. None is ever stored.
+//!
 //! ```text
 //! cargo run --release --example caching_proxy -- --listen 127.0.0.1:8080 --upstream http://127.0.0.1:3000
 //! curl -i http://127.0.0.1:8080/jobs/42
@@ -23,11 +26,15 @@ use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tower::{Layer, ServiceExt};
+use tower_hybrid_cache::layer::RequestBody;
 use tower_hybrid_cache::{HybridCache, HybridCacheLayer};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body the forwarder answers with: the upstream's, or a short error text.
 pub type ProxyBody = BoxBody<Bytes, BoxError>;
+/// The body the forwarder sends upstream: the client's, as the cache layer hands it
+/// on (with a `QUERY`'s content it read to key it).
+pub type UpstreamBody = RequestBody<Incoming>;
 
 /// Fields that concern one connection only (RFC 9110 §7.6.1), in either direction.
 const HOP_BY_HOP: [&str; 9] = [
@@ -65,9 +72,9 @@ fn strip_hop_by_hop(headers: &mut http::HeaderMap) -> bool {
 /// path and query, `Host` set to the upstream, hop-by-hop fields removed both ways,
 /// `Via` added. An unreachable upstream is a `502`.
 pub async fn forward(
-    client: Client<HttpConnector, Incoming>,
+    client: Client<HttpConnector, UpstreamBody>,
     upstream: Uri,
-    request: Request<Incoming>,
+    request: Request<UpstreamBody>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let (mut parts, body) = request.into_parts();
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
@@ -202,10 +209,10 @@ pub async fn serve(
     // second waits for the upstream's delayed ACK (about 40 ms on Linux).
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
-    let client: Client<HttpConnector, Incoming> = Client::builder(TokioExecutor::new())
+    let client: Client<HttpConnector, UpstreamBody> = Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(4))
         .build(connector);
-    let forwarder = tower::service_fn(move |request: Request<Incoming>| {
+    let forwarder = tower::service_fn(move |request: Request<UpstreamBody>| {
         forward(client.clone(), upstream.clone(), request)
     });
     let cached = layer.layer(forwarder);

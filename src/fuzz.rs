@@ -221,26 +221,28 @@ pub fn layer(data: &[u8]) -> usize {
         let answer: Arc<Mutex<(StatusCode, HeaderMap, Bytes)>> =
             Arc::new(Mutex::new((StatusCode::OK, HeaderMap::new(), Bytes::new())));
         let given = Arc::clone(&answer);
-        let origin = tower::service_fn(move |request: Request<()>| {
-            let (status, headers, body) =
-                given.lock().unwrap_or_else(PoisonError::into_inner).clone();
-            let key = CacheKey::primary(
-                request.method(),
-                request.uri(),
-                request.headers(),
-                &RouteSettings::default(),
-            );
-            let mut response = Response::new(WholeBody(Some(marked(&key, &body))));
-            *response.status_mut() = status;
-            *response.headers_mut() = headers;
-            std::future::ready(Ok::<_, Infallible>(response))
-        });
+        let origin = tower::service_fn(
+            move |request: Request<crate::layer::RequestBody<WholeBody>>| {
+                let (status, headers, body) =
+                    given.lock().unwrap_or_else(PoisonError::into_inner).clone();
+                let key = CacheKey::primary(
+                    request.method(),
+                    request.uri(),
+                    request.headers(),
+                    &RouteSettings::default(),
+                );
+                let mut response = Response::new(WholeBody(Some(marked(&key, &body))));
+                *response.status_mut() = status;
+                *response.headers_mut() = headers;
+                std::future::ready(Ok::<_, Infallible>(response))
+            },
+        );
         let layer = cache.layer().ttl(Duration::from_secs(60));
         let service = tower::Layer::layer(&layer, origin);
         for exchange in exchanges {
             *answer.lock().unwrap_or_else(PoisonError::into_inner) =
                 (exchange.status, exchange.headers, exchange.body);
-            let request = exchange.request;
+            let request = exchange.request.map(|()| WholeBody(None));
             let key = CacheKey::primary(
                 request.method(),
                 request.uri(),

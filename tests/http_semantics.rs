@@ -12,6 +12,7 @@ use axum::Router;
 use http::{Request, Response, StatusCode};
 use support::{call, eventually, get, get_with, Origin};
 use tower::ServiceExt;
+use tower_hybrid_cache::layer::RequestBody;
 use tower_hybrid_cache::{HybridCache, HybridCacheLayer, RequestDirectives, TtlMode};
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -513,8 +514,9 @@ async fn errors_of_the_inner_service_pass_through_untouched() {
     #[derive(Debug, PartialEq)]
     struct OriginDown(u32);
     let cache = new_cache().await;
-    let failing =
-        tower::service_fn(|_req: Request<Body>| async { Err::<Response<Body>, _>(OriginDown(7)) });
+    let failing = tower::service_fn(|_req: Request<RequestBody<Body>>| async {
+        Err::<Response<Body>, _>(OriginDown(7))
+    });
     let service = tower::Layer::layer(&cache.layer().ttl(Duration::from_secs(60)), failing);
     for _ in 0..2 {
         let err = service
@@ -525,7 +527,7 @@ async fn errors_of_the_inner_service_pass_through_untouched() {
         assert_eq!(err, OriginDown(7));
     }
     // And the failure stored nothing nor left anyone waiting.
-    let ok = tower::service_fn(|_req: Request<Body>| async {
+    let ok = tower::service_fn(|_req: Request<RequestBody<Body>>| async {
         Ok::<_, Infallible>(Response::new(Body::from("up")))
     });
     let service = tower::Layer::layer(&cache.layer().ttl(Duration::from_secs(60)), ok);
@@ -936,7 +938,7 @@ async fn a_body_with_trailers_is_served_whole_and_not_stored() {
     let cache = new_cache().await;
     let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let counted = calls.clone();
-    let origin = tower::service_fn(move |_request: Request<Body>| {
+    let origin = tower::service_fn(move |_request: Request<RequestBody<Body>>| {
         counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         async move {
             let mut trailers = http::HeaderMap::new();

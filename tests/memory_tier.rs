@@ -13,6 +13,7 @@ use http::{Request, Response};
 use http_body_util::BodyExt;
 use support::eventually;
 use tower::{Layer, ServiceExt};
+use tower_hybrid_cache::layer::RequestBody;
 use tower_hybrid_cache::HybridCache;
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -20,14 +21,14 @@ const WAIT: Duration = Duration::from_secs(10);
 fn origin(
     size: usize,
 ) -> impl tower::Service<
-    Request<Body>,
+    Request<RequestBody<Body>>,
     Response = Response<Body>,
     Error = std::convert::Infallible,
     Future = impl Send,
 > + Clone
        + Send
        + 'static {
-    tower::service_fn(move |request: Request<Body>| async move {
+    tower::service_fn(move |request: Request<RequestBody<Body>>| async move {
         // A fresh body per response, as a real handler makes.
         let fill = request.uri().path().len() as u8;
         Ok(Response::new(Body::from(vec![fill; size])))

@@ -126,27 +126,29 @@ struct Flaky {
 impl Flaky {
     fn layered(&self, layer: HybridCacheLayer) -> Router {
         let flaky = self.clone();
-        let service = tower::service_fn(move |_request: http::Request<Body>| {
-            let flaky = flaky.clone();
-            async move {
-                let n = flaky.calls.fetch_add(1, Ordering::SeqCst) + 1;
-                let cache_control = flaky
-                    .cache_control
-                    .lock()
-                    .unwrap()
-                    .unwrap_or("max-age=1, stale-if-error=60");
-                match flaky.status.load(Ordering::SeqCst) {
-                    0 => Err(std::io::Error::other("origin down")),
-                    status => Ok::<_, std::io::Error>(
-                        Response::builder()
-                            .status(status)
-                            .header("cache-control", cache_control)
-                            .body(Body::from(format!("report #{n}")))
-                            .unwrap(),
-                    ),
+        let service = tower::service_fn(
+            move |_request: http::Request<tower_hybrid_cache::layer::RequestBody<Body>>| {
+                let flaky = flaky.clone();
+                async move {
+                    let n = flaky.calls.fetch_add(1, Ordering::SeqCst) + 1;
+                    let cache_control = flaky
+                        .cache_control
+                        .lock()
+                        .unwrap()
+                        .unwrap_or("max-age=1, stale-if-error=60");
+                    match flaky.status.load(Ordering::SeqCst) {
+                        0 => Err(std::io::Error::other("origin down")),
+                        status => Ok::<_, std::io::Error>(
+                            Response::builder()
+                                .status(status)
+                                .header("cache-control", cache_control)
+                                .body(Body::from(format!("report #{n}")))
+                                .unwrap(),
+                        ),
+                    }
                 }
-            }
-        });
+            },
+        );
         let service = tower::ServiceExt::map_err(
             tower::ServiceBuilder::new().layer(layer).service(service),
             |e: std::io::Error| -> Infallible {

@@ -123,6 +123,23 @@ impl CacheKey {
         })
     }
 
+    /// The key of a `QUERY`: its primary key, the content's `Content-Type` and
+    /// `Content-Encoding`, and a digest of the content itself (RFC 10008 §2.7).
+    pub(crate) fn with_content(&self, headers: &HeaderMap, content: &[u8]) -> Self {
+        let digest = blake3::hash(content);
+        with_scratch(|input| {
+            field(input, |b| b.extend_from_slice(b"content"));
+            field(input, |b| b.extend_from_slice(&self.0));
+            header_values(
+                input,
+                &[http::header::CONTENT_TYPE, http::header::CONTENT_ENCODING],
+                headers,
+            );
+            field(input, |b| b.extend_from_slice(digest.as_bytes()));
+            CacheKey(*blake3::hash(input).as_bytes())
+        })
+    }
+
     /// The key of one variant of this URL: the primary key plus the request's values
     /// of the `Vary` names.
     pub(crate) fn variant(

@@ -240,7 +240,9 @@ pub(crate) fn spawn_refresh<S, ReqBody, ResBody>(
     // The refresh stores a GET's response (a HEAD's has no body to store), and the
     // client's own conditions were answered from the stale entry: it asks with the
     // stored validators instead.
-    *request.method_mut() = Method::GET;
+    if request.method() == Method::HEAD {
+        *request.method_mut() = Method::GET;
+    }
     request.headers_mut().remove(IF_NONE_MATCH);
     request.headers_mut().remove(IF_MODIFIED_SINCE);
     runtime.spawn(async move {
@@ -291,6 +293,9 @@ mod tests {
     use crate::engine::tests::memory_engine;
     use crate::layer::HybridCacheLayer;
 
+    /// What the layer hands the test origin.
+    type OriginBody = crate::layer::RequestBody<Full<Bytes>>;
+
     /// A memory-only cache's layer around an origin that counts its calls (`calls`)
     /// and answers each once `gate` lets it (`permits` at first), with a response a
     /// shared cache may store for a minute.
@@ -298,7 +303,7 @@ mod tests {
         permits: usize,
     ) -> CachedOrigin<
         impl Service<
-                Request<Full<Bytes>>,
+                Request<OriginBody>,
                 Response = Response<Full<Bytes>>,
                 Error = Infallible,
                 Future = impl Send,
@@ -312,19 +317,21 @@ mod tests {
             Arc::new(Semaphore::new(permits)),
         );
         let (counted, gated) = (Arc::clone(&calls), Arc::clone(&gate));
-        let origin = tower::service_fn(move |_request: Request<Full<Bytes>>| {
-            let (calls, gate) = (Arc::clone(&counted), Arc::clone(&gated));
-            async move {
-                let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
-                gate.acquire().await.map(|permit| permit.forget()).ok();
-                let mut response = Response::new(Full::new(Bytes::from(format!("call {n}"))));
-                response.headers_mut().insert(
-                    "cache-control",
-                    http::HeaderValue::from_static("max-age=60"),
-                );
-                Ok(response)
-            }
-        });
+        let origin = tower::service_fn(
+            move |_request: Request<crate::layer::RequestBody<Full<Bytes>>>| {
+                let (calls, gate) = (Arc::clone(&counted), Arc::clone(&gated));
+                async move {
+                    let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
+                    gate.acquire().await.map(|permit| permit.forget()).ok();
+                    let mut response = Response::new(Full::new(Bytes::from(format!("call {n}"))));
+                    response.headers_mut().insert(
+                        "cache-control",
+                        http::HeaderValue::from_static("max-age=60"),
+                    );
+                    Ok(response)
+                }
+            },
+        );
         // The clients here are trusted: their `no-cache` reaches the origin.
         let layer = HybridCacheLayer::new(Arc::clone(&engine))
             .request_directives(crate::policy::RequestDirectives::Honour);

@@ -4,9 +4,10 @@
 //! (`service`); a cacheable one is served from the cache (`serve`, responses built in
 //! `response`, `Cache-Status` typed in `status`) or filled from the origin through
 //! single-flight and the fill lease (`fill`), whose call, stale-if-error and 304
-//! handling are in `origin`; a write invalidates what it changed (`write`). Bodies
-//! being stored are teed by [`CacheBody`]; tags come from `tags`, handler settings
-//! from [`CacheOverrides`].
+//! handling are in `origin`; a `QUERY` has its content read and keyed first
+//! (`query`); a write invalidates what it changed (`write`). Bodies being stored are
+//! teed by [`CacheBody`]; the wrapped service receives [`RequestBody`]; tags come
+//! from `tags`, handler settings from [`CacheOverrides`].
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,6 +24,8 @@ mod fill;
 mod future;
 mod origin;
 mod overrides;
+mod query;
+mod request_body;
 mod response;
 mod serve;
 mod service;
@@ -34,6 +37,7 @@ pub use crate::policy::{KeyAuthority, RequestDirectives, TtlMode};
 pub use body::CacheBody;
 pub use future::ResponseFuture;
 pub use overrides::CacheOverrides;
+pub use request_body::{BodyError, RequestBody};
 pub use service::HybridCacheService;
 
 /// Caches the responses of the service it wraps, with one route's settings, in a
@@ -155,6 +159,15 @@ impl HybridCacheLayer {
     /// not stored. Default 1 MiB.
     pub fn max_body_bytes(self, bytes: usize) -> Self {
         self.with(|s| s.max_body_bytes = bytes)
+    }
+
+    /// Sets the largest `QUERY` content (RFC 10008) the route reads to key it: a
+    /// `QUERY` is cached under a key that covers its content, `Content-Type` and
+    /// `Content-Encoding`; a larger one (or one with trailers) passes through, read
+    /// only as far as the limit and handed on whole. 0 passes every `QUERY` through.
+    /// Default 64 KiB.
+    pub fn max_query_bytes(self, bytes: usize) -> Self {
+        self.with(|s| s.max_query_bytes = bytes)
     }
 
     /// Sets whether responses carry a `Cache-Status` field (RFC 9211). Default on.

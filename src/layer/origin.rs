@@ -52,7 +52,8 @@ where
     ResBody: Body,
 {
     let engine = serving.engine;
-    let storing = request.method() == Method::GET;
+    // A HEAD's response has no body to store; a QUERY's is stored like a GET's.
+    let storing = request.method() == Method::GET || request.method().as_str() == "QUERY";
     let start = engine.fill_start();
     let facts = RequestFacts {
         has_authorization: request.headers().contains_key(AUTHORIZATION),

@@ -15,6 +15,8 @@ use tower::Service;
 use super::body::CacheBody;
 use super::fill::{serve_or_fill, spawn_refresh, Prepared};
 use super::future::ResponseFuture;
+use super::query::serve_query;
+use super::request_body::RequestBody;
 use super::response::Stamp;
 use super::serve::{Answer, RequestHead, Serving};
 use super::status::{CacheStatus, Detail};
@@ -108,18 +110,29 @@ enum RequestKind {
     Bypass(Option<Detail>),
     /// A GET or HEAD: served from the cache or stored; `ranged` when it has `Range`.
     Cacheable { ranged: bool },
+    /// A `QUERY` (RFC 10008): its content is read, then served from the cache or
+    /// stored under a key that covers it.
+    Query,
 }
 
-fn classify<B>(request: &Request<B>) -> RequestKind {
+fn classify<B>(request: &Request<B>, caches_query: bool) -> RequestKind {
     let method = request.method();
     if !is_safe(method) {
         return RequestKind::Write;
     }
-    if method != Method::GET && method != Method::HEAD {
+    let query = method.as_str() == "QUERY";
+    if method != Method::GET && method != Method::HEAD && !(query && caches_query) {
         return RequestKind::Bypass(None);
     }
     let head = HeadFields::of(request.headers());
-    if head.body {
+    if query {
+        // Its content is read and keyed.
+        if head.names_one_host(request.uri()) {
+            RequestKind::Query
+        } else {
+            RequestKind::Bypass(Some(Detail::InvalidHost))
+        }
+    } else if head.body {
         // The origin may read the body, the key does not cover it: storing would let
         // one client's body decide what everyone gets.
         RequestKind::Bypass(Some(Detail::RequestBody))
@@ -191,10 +204,14 @@ fn is_safe(method: &Method) -> bool {
 
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for HybridCacheService<S>
 where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>>
+        + Clone
+        + Send
+        + 'static,
     S::Future: Send + 'static,
     S::Error: Send + 'static,
-    ReqBody: Send + 'static,
+    ReqBody: Body<Data = Bytes> + Unpin + Send + 'static,
+    ReqBody::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     ResBody: Body<Data = Bytes> + Send + 'static,
 {
     type Response = Response<CacheBody<ResBody>>;
@@ -206,11 +223,11 @@ where
     }
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
-        match classify(&request) {
+        match classify(&request, self.settings.max_query_bytes > 0) {
             RequestKind::Write => {
                 self.engine.count(Counter::Bypass);
                 let target = WriteTarget::of(&request, &self.settings);
-                let future = self.inner.call(request);
+                let future = self.inner.call(request.map(RequestBody::new));
                 let engine = Arc::clone(&self.engine);
                 ResponseFuture::cached(Box::pin(invalidate_after(future, engine, target)))
             }
@@ -220,9 +237,18 @@ where
                     .settings
                     .hides_fields()
                     .then(|| Arc::clone(&self.settings));
-                ResponseFuture::bypass(self.inner.call(request), status, strip)
+                ResponseFuture::bypass(
+                    self.inner.call(request.map(RequestBody::new)),
+                    status,
+                    strip,
+                )
             }
             RequestKind::Cacheable { ranged } => self.cacheable(request, ranged),
+            RequestKind::Query => {
+                let inner = self.take_inner();
+                let (engine, settings) = (Arc::clone(&self.engine), Arc::clone(&self.settings));
+                ResponseFuture::cached(Box::pin(serve_query(inner, engine, settings, request)))
+            }
         }
     }
 }
@@ -238,7 +264,10 @@ impl<S> HybridCacheService<S> {
         ranged: bool,
     ) -> ResponseFuture<S::Future, ResBody, S::Error>
     where
-        S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
+        S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>>
+            + Clone
+            + Send
+            + 'static,
         S::Future: Send + 'static,
         S::Error: Send + 'static,
         ReqBody: Send + 'static,
@@ -271,7 +300,7 @@ impl<S> HybridCacheService<S> {
                         engine,
                         settings,
                         (primary, request_cc),
-                        request,
+                        request.map(RequestBody::new),
                         stale,
                     );
                     return ResponseFuture::ready(response);
@@ -287,6 +316,7 @@ impl<S> HybridCacheService<S> {
         };
         let inner = self.take_inner();
         let (engine, settings) = (Arc::clone(&self.engine), Arc::clone(&self.settings));
+        let request = request.map(RequestBody::new);
         ResponseFuture::cached(Box::pin(serve_or_fill(
             inner, engine, settings, request, prepared,
         )))
@@ -323,12 +353,9 @@ mod tests {
             ),
             ("OPTIONS", &[], RequestKind::Bypass(None)),
             ("TRACE", &[], RequestKind::Bypass(None)),
-            ("QUERY", &[], RequestKind::Bypass(None)),
-            (
-                "QUERY",
-                &[("content-length", "5")],
-                RequestKind::Bypass(None),
-            ),
+            ("QUERY", &[], RequestKind::Query),
+            ("QUERY", &[("content-length", "5")], RequestKind::Query),
+            ("QUERY", &[("host", "evil.test")], host),
             ("GET", &[("content-length", "5")], body),
             ("HEAD", &[("content-length", "junk")], body),
             ("GET", &[("transfer-encoding", "chunked")], body),
@@ -343,10 +370,15 @@ mod tests {
         ];
         for (method, headers, kind) in cases {
             assert_eq!(
-                classify(&request(method, headers)),
+                classify(&request(method, headers), true),
                 kind,
                 "{method} {headers:?}"
             );
         }
+        // A route that does not cache QUERY passes it through.
+        assert_eq!(
+            classify(&request("QUERY", &[]), false),
+            RequestKind::Bypass(None)
+        );
     }
 }

@@ -4,6 +4,9 @@ use std::time::Duration;
 
 use http::HeaderName;
 
+/// The default largest `QUERY` content the layer reads to key it: 64 KiB.
+pub(crate) const DEFAULT_MAX_QUERY_BYTES: usize = 64 << 10;
+
 /// The default largest body the layer captures and stores: 1 MiB.
 pub(crate) const DEFAULT_MAX_BODY_BYTES: usize = 1 << 20;
 
@@ -149,6 +152,9 @@ pub(crate) struct RouteSettings {
     pub(crate) tag_header: Option<HeaderName>,
     /// Whether the tag header reaches the client (and is stored).
     pub(crate) keep_tag_header: bool,
+    /// The largest `QUERY` content read to key it (RFC 10008); larger ones, and
+    /// every `QUERY` when 0, pass through.
+    pub(crate) max_query_bytes: usize,
     /// The authority the route's keys are made with.
     pub(crate) key_authority: KeyAuthority,
     /// The targeted cache-control fields this route obeys, in order (RFC 9213).
@@ -228,6 +234,7 @@ impl Default for RouteSettings {
             stale_if_error: None,
             tag_header: Some(HeaderName::from_static(DEFAULT_TAG_HEADER)),
             keep_tag_header: false,
+            max_query_bytes: DEFAULT_MAX_QUERY_BYTES,
             key_authority: KeyAuthority::Request,
             targeted_fields: vec![HeaderName::from_static(DEFAULT_TARGETED_FIELD)],
             forward_targeted_fields: None,

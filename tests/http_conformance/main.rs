@@ -1,12 +1,14 @@
 //! Rules the public HTTP cache test suite (http-tests/cache-tests) checks, each
 //! covered here against the layer itself: targeted cache-control fields (RFC 9213),
-//! `Age` lists, and byte ranges of stored responses. `scripts/cache-tests` runs the suite against `caching_proxy`.
+//! `Age` lists, byte ranges of stored responses, dates, and `QUERY` (RFC 10008). `scripts/cache-tests` runs the suite against `caching_proxy`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[path = "../support/mod.rs"]
 mod support;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -270,4 +272,146 @@ async fn expires_in_the_obsolete_forms_and_any_case_gives_freshness() {
     let cache = new_cache().await;
     let (hit, ..) = twice(cache.layer(), &cache, "http://api.test/e?h=expires:soon").await;
     assert!(!hit);
+}
+
+/// An origin that answers any method with its content echoed, fresh for a minute,
+/// counting its calls.
+fn echo_origin(calls: Arc<AtomicUsize>) -> axum::Router {
+    axum::Router::new().fallback(move |method: http::Method, body: bytes::Bytes| {
+        let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
+        async move {
+            let mut text = format!("{method} #{n}: ").into_bytes();
+            text.extend_from_slice(&body);
+            ([("cache-control", "max-age=60")], text)
+        }
+    })
+}
+
+fn query(url: &str, content_type: &str, content: &'static str) -> Request<Body> {
+    Request::builder()
+        .method("QUERY")
+        .uri(url)
+        .header("content-type", content_type)
+        .body(Body::from(content))
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_query_is_cached_under_a_key_that_covers_its_content() {
+    let cache = new_cache().await;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let app = echo_origin(Arc::clone(&calls)).layer(cache.layer());
+    let url = "http://api.test/jobs/search";
+    let first = call(
+        app.clone(),
+        query(url, "application/json", r#"{"q":"rust"}"#),
+    )
+    .await;
+    assert!(
+        first.cache_status().ends_with("stored"),
+        "{}",
+        first.cache_status()
+    );
+    assert_eq!(
+        first.text(),
+        r#"QUERY #1: {"q":"rust"}"#,
+        "the origin got the content"
+    );
+    eventually("the store", WAIT, || async { cache.stats().stores >= 1 }).await;
+    let again = call(
+        app.clone(),
+        query(url, "application/json", r#"{"q":"rust"}"#),
+    )
+    .await;
+    assert!(again.is_hit(), "{}", again.cache_status());
+    assert_eq!(again.body, first.body);
+    // Other content, or the same bytes of another type: other keys.
+    let other = call(app.clone(), query(url, "application/json", r#"{"q":"go"}"#)).await;
+    assert!(!other.is_hit());
+    assert_eq!(other.text(), r#"QUERY #2: {"q":"go"}"#);
+    let typed = call(app.clone(), query(url, "text/plain", r#"{"q":"rust"}"#)).await;
+    assert!(!typed.is_hit());
+    // A QUERY never invalidates, and is no GET: a stored GET stays a hit.
+    call(app.clone(), get(url)).await;
+    eventually("the GET stored", WAIT, || async {
+        cache.stats().stores >= 4
+    })
+    .await;
+    call(app.clone(), query(url, "application/json", "{}")).await;
+    assert!(call(app.clone(), get(url)).await.is_hit());
+    assert_eq!(calls.load(Ordering::SeqCst), 5);
+}
+
+#[tokio::test]
+async fn a_query_larger_than_the_limit_passes_through_whole() {
+    let cache = new_cache().await;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let app = echo_origin(Arc::clone(&calls)).layer(cache.layer().max_query_bytes(8));
+    let url = "http://api.test/big";
+    let content = "0123456789abcdef";
+    for n in 1..=2 {
+        let got = call(app.clone(), query(url, "text/plain", content)).await;
+        assert_eq!(
+            got.text(),
+            format!("QUERY #{n}: {content}"),
+            "handed on whole"
+        );
+        assert_eq!(
+            got.cache_status(),
+            "tower-hybrid-cache; fwd=bypass; detail=request-body"
+        );
+    }
+    // Streamed, with no length: read up to the limit, then handed on with the rest.
+    let chunks =
+        ["01234", "56789", "abcdef"].map(|c| Ok::<_, std::io::Error>(bytes::Bytes::from(c)));
+    let streamed = Request::builder()
+        .method("QUERY")
+        .uri(url)
+        .body(Body::from_stream(futures_util::stream::iter(chunks)))
+        .unwrap();
+    let got = call(app.clone(), streamed).await;
+    assert_eq!(
+        got.text(),
+        format!("QUERY #3: {content}"),
+        "handed on whole"
+    );
+    assert_eq!(
+        got.cache_status(),
+        "tower-hybrid-cache; fwd=bypass; detail=request-body"
+    );
+    // Within the limit: cached. A route that caches no QUERY passes every one through.
+    let small = call(app.clone(), query(url, "text/plain", "tiny")).await;
+    assert!(small.cache_status().ends_with("stored"));
+    let off = echo_origin(Arc::new(AtomicUsize::new(0))).layer(cache.layer().max_query_bytes(0));
+    let got = call(off, query(url, "text/plain", "tiny")).await;
+    assert_eq!(got.cache_status(), "tower-hybrid-cache; fwd=bypass");
+}
+
+#[tokio::test]
+async fn a_query_stored_by_one_replica_is_a_redis_hit_on_another() {
+    let redis = support::redis::RedisServer::start();
+    let replica = || async {
+        HybridCache::builder()
+            .namespace("query")
+            .redis_url(redis.url())
+            .build()
+            .await
+            .unwrap()
+    };
+    let (one, two) = (replica().await, replica().await);
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (a, b) = (
+        echo_origin(Arc::clone(&calls)).layer(one.layer()),
+        echo_origin(Arc::clone(&calls)).layer(two.layer()),
+    );
+    let url = "http://api.test/shared";
+    call(a, query(url, "application/json", r#"{"q":"rust"}"#)).await;
+    eventually("in Redis", WAIT, || async { one.stats().redis_writes >= 1 }).await;
+    let got = call(b, query(url, "application/json", r#"{"q":"rust"}"#)).await;
+    assert!(
+        got.cache_status().ends_with("detail=redis"),
+        "{}",
+        got.cache_status()
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
 }
