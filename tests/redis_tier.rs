@@ -960,3 +960,67 @@ async fn a_fixed_key_authority_shares_entries_across_rewritten_hosts_and_invalid
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_replica_s_own_fill_is_a_hit_before_its_write_reaches_redis() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use tokio::sync::Semaphore;
+    use tower::ServiceExt;
+    use tower_hybrid_cache::store::{RedisTierService, StoreOperation, StoreRequest};
+
+    let redis = RedisServer::start();
+    // Writes wait at a gate the test opens; reads are counted.
+    let gate = Arc::new(Semaphore::new(0));
+    let gets = Arc::new(AtomicUsize::new(0));
+    let (held, counted) = (Arc::clone(&gate), Arc::clone(&gets));
+    let cache = HybridCache::builder()
+        .namespace("own-fill")
+        .redis(RedisConfig::new(redis.url()).deadline(Duration::from_secs(5)))
+        .redis_layer(tower::layer::layer_fn(move |inner: RedisTierService| {
+            let (held, counted) = (Arc::clone(&held), Arc::clone(&counted));
+            tower::service_fn(move |request: StoreRequest| {
+                let (inner, held, counted) =
+                    (inner.clone(), Arc::clone(&held), Arc::clone(&counted));
+                async move {
+                    match request.operation() {
+                        StoreOperation::Set => drop(held.acquire().await),
+                        StoreOperation::Get => {
+                            counted.fetch_add(1, Ordering::SeqCst);
+                        }
+                        _ => {}
+                    }
+                    inner.oneshot(request).await
+                }
+            })
+        }))
+        .build()
+        .await
+        .unwrap();
+    eventually("connected", WAIT, || async {
+        cache.redis_health().unwrap().connected > 0
+    })
+    .await;
+    let origin = Origin::new();
+    let app = app(&origin, &cache);
+    let url = "http://api.test/own";
+    let first = call(app.clone(), get(url)).await;
+    assert!(first.cache_status().ends_with("stored"));
+    eventually("in memory", WAIT, || async { cache.stats().stores >= 1 }).await;
+    // Redis does not hold it yet: the lookup waits for the write, then finds it.
+    let before = gets.load(Ordering::SeqCst);
+    let second = tokio::spawn(call(app.clone(), get(url)));
+    eventually("the lookup read Redis", WAIT, || async {
+        gets.load(Ordering::SeqCst) > before
+    })
+    .await;
+    gate.add_permits(1);
+    let second = second.await.unwrap();
+    assert!(
+        second.cache_status().ends_with("detail=redis"),
+        "{}",
+        second.cache_status()
+    );
+    assert_eq!(second.body, first.body);
+    assert_eq!(origin.log.calls(), 1);
+}

@@ -85,7 +85,21 @@ impl HybridStore {
             }
         }
         if let Some(redis) = &self.redis {
-            let read = redis.read(key).await;
+            // This replica's own fill may not be in Redis yet (its write follows the
+            // response): on a miss, wait for that write's answer, within a deadline,
+            // and ask again. Redis stays the truth: a write an invalidation refused,
+            // or one removed since, is still a miss. Taken before the read, so that
+            // a write answered in between still counts.
+            let written = redis.pending_write(key);
+            let mut read = redis.read(key).await;
+            if let (RedisRead::Absent, Some(written)) = (&read, written) {
+                if tokio::time::timeout(redis.deadline(), written)
+                    .await
+                    .is_ok()
+                {
+                    read = redis.read(key).await;
+                }
+            }
             if matches!(read, RedisRead::Failed) {
                 let now = millis_since_epoch(SystemTime::now());
                 let _ = self.failing_since.compare_exchange(

@@ -12,6 +12,7 @@ mod coherence;
 pub(crate) mod hybrid;
 pub(crate) mod memory;
 mod operation;
+mod pending;
 mod read_flights;
 pub(crate) mod redis;
 pub(crate) mod redis_tier;

@@ -7,6 +7,11 @@
 //! stack without the deadline. A lookup's read, the hot path of a Redis hit, runs the
 //! same steps written out, shared by the lookups of its key that arrive meanwhile.
 
+use std::pin::Pin;
+
+use tokio::sync::futures::OwnedNotified;
+
+use super::pending::PendingWrites;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -56,6 +61,8 @@ pub(crate) struct RedisTier {
     reader: Arc<RedisReader>,
     /// Reads of a key on their way, shared by the lookups that arrive meanwhile.
     reads: ReadFlights<RedisRead>,
+    /// Entries the writer holds that Redis has not answered for yet.
+    pending: Arc<PendingWrites>,
     counters: Arc<Counters>,
 }
 
@@ -145,7 +152,13 @@ impl RedisTier {
             Arc::clone(&counters),
         );
         let (writes, queue) = mpsc::channel::<QueuedWrite>(config.write_queue_len());
-        spawn_writer(queue, admin.clone(), replay.clone(), Arc::clone(&counters));
+        let pending = Arc::new(PendingWrites::default());
+        spawn_writer(
+            queue,
+            admin.clone(),
+            replay.clone(),
+            (Arc::clone(&pending), Arc::clone(&counters)),
+        );
         let reader = Arc::new(RedisReader {
             store: Arc::clone(&store),
             breaker: breaker.breaker(),
@@ -164,8 +177,20 @@ impl RedisTier {
             admin,
             reader,
             reads: ReadFlights::new(),
+            pending,
             counters,
         }
+    }
+
+    /// A wake-up for when the writes of `key` this replica queued are answered;
+    /// `None` when there are none.
+    pub(crate) fn pending_write(&self, key: &CacheKey) -> Option<Pin<Box<OwnedNotified>>> {
+        self.pending.wait_for(key)
+    }
+
+    /// How long a lookup may wait on Redis.
+    pub(crate) fn deadline(&self) -> Duration {
+        self.reader.deadline
     }
 
     /// A Redis read of `key` sent after this call, shared with the lookups of the same
@@ -205,10 +230,20 @@ impl RedisTier {
     /// is never dropped for room.
     pub(crate) fn queue(&self, write: QueuedWrite) {
         use mpsc::error::TrySendError;
+        if let QueuedWrite::Set(key, ..) = &write {
+            self.pending.add(*key);
+        }
         match self.writes.try_send(write) {
             Ok(()) => {}
             Err(TrySendError::Full(QueuedWrite::Delete(key))) => {
                 self.replay.keep(StoreRequest::delete(key), &self.counters);
+            }
+            Err(
+                TrySendError::Full(QueuedWrite::Set(key, ..))
+                | TrySendError::Closed(QueuedWrite::Set(key, ..)),
+            ) => {
+                self.pending.done([&key]);
+                self.counters.add(Counter::RedisWriteDropped);
             }
             Err(_) => self.counters.add(Counter::RedisWriteDropped),
         }

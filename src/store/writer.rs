@@ -9,6 +9,7 @@ use std::time::SystemTime;
 use tokio::sync::mpsc;
 use tower::ServiceExt;
 
+use super::pending::PendingWrites;
 use super::redis_tier::{count_failure, counts_against_redis, RedisStack};
 use super::replay::Replay;
 use super::{StoreAnswer, StoreRequest};
@@ -38,7 +39,7 @@ pub(crate) fn spawn_writer(
     mut queue: mpsc::Receiver<QueuedWrite>,
     writer: RedisStack,
     replay: Replay,
-    counters: Arc<Counters>,
+    (pending, counters): (Arc<PendingWrites>, Arc<Counters>),
 ) {
     tokio::spawn(async move {
         let mut batch = Vec::with_capacity(WRITE_BATCH);
@@ -50,14 +51,26 @@ pub(crate) fn spawn_writer(
                 match write {
                     QueuedWrite::Set(key, entry, started) => sets.push((key, entry, started)),
                     QueuedWrite::Release(key, token) => {
-                        send_sets(&writer, std::mem::take(&mut sets), &counters, &replay).await;
+                        send_sets(
+                            &writer,
+                            std::mem::take(&mut sets),
+                            (&pending, &counters),
+                            &replay,
+                        )
+                        .await;
                         let _ = writer
                             .clone()
                             .oneshot(StoreRequest::release(key, token))
                             .await;
                     }
                     QueuedWrite::Delete(key) => {
-                        send_sets(&writer, std::mem::take(&mut sets), &counters, &replay).await;
+                        send_sets(
+                            &writer,
+                            std::mem::take(&mut sets),
+                            (&pending, &counters),
+                            &replay,
+                        )
+                        .await;
                         let request = StoreRequest::delete(key);
                         if let Err(e) = writer.clone().oneshot(request.clone()).await {
                             count_failure(&counters, &e);
@@ -66,7 +79,7 @@ pub(crate) fn spawn_writer(
                     }
                 }
             }
-            send_sets(&writer, sets, &counters, &replay).await;
+            send_sets(&writer, sets, (&pending, &counters), &replay).await;
         }
     });
 }
@@ -75,13 +88,23 @@ pub(crate) fn spawn_writer(
 async fn send_sets(
     writer: &RedisStack,
     sets: Vec<(CacheKey, Entry, SystemTime)>,
-    counters: &Counters,
+    (pending, counters): (&PendingWrites, &Counters),
     replay: &Replay,
 ) {
     let count = sets.len();
     if count == 0 {
         return;
     }
+    let keys: Vec<CacheKey> = sets.iter().map(|(key, ..)| *key).collect();
+    // Whatever Redis answers (or if it does not), the lookups waiting on these keys
+    // ask it again.
+    struct Answered<'a>(&'a PendingWrites, Vec<CacheKey>);
+    impl Drop for Answered<'_> {
+        fn drop(&mut self) {
+            self.0.done(&self.1);
+        }
+    }
+    let _answered = Answered(pending, keys);
     let request = StoreRequest::set(sets);
     match writer.clone().oneshot(request.clone()).await {
         Ok(response) => match response.answer {
