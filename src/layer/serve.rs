@@ -45,7 +45,8 @@ pub(crate) struct RequestHead<'a> {
 
 impl<'a> RequestHead<'a> {
     pub(crate) fn of<B>(request: &'a Request<B>) -> Self {
-        let ranged = request.headers().contains_key(RANGE);
+        // A range is of a GET's response only (RFC 9110 §14.2).
+        let ranged = request.method() == Method::GET && request.headers().contains_key(RANGE);
         Self::with_range(request, ranged)
     }
 

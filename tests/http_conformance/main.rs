@@ -325,6 +325,14 @@ async fn a_query_is_cached_under_a_key_that_covers_its_content() {
     .await;
     assert!(again.is_hit(), "{}", again.cache_status());
     assert_eq!(again.body, first.body);
+    // A range is of a GET's response only: a QUERY gets the whole answer.
+    let mut ranged = query(url, "application/json", r#"{"q":"rust"}"#);
+    ranged
+        .headers_mut()
+        .insert("range", http::HeaderValue::from_static("bytes=0-1"));
+    let whole = call(app.clone(), ranged).await;
+    assert_eq!(whole.status, http::StatusCode::OK);
+    assert_eq!(whole.body, first.body);
     // Other content, or the same bytes of another type: other keys.
     let other = call(app.clone(), query(url, "application/json", r#"{"q":"go"}"#)).await;
     assert!(!other.is_hit());
