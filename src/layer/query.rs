@@ -27,7 +27,7 @@ enum Content<B> {
     /// All of it, within the limit.
     Whole(Bytes),
     /// Not all of it (too large, trailers, a failure): the body to pass on.
-    PassOn(RequestBody<B>, Detail),
+    PassOn(RequestBody<B>),
 }
 
 /// Reads a body up to `limit` bytes.
@@ -37,7 +37,7 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     if body.size_hint().lower() > limit as u64 {
-        return Content::PassOn(RequestBody::new(body), Detail::RequestBody);
+        return Content::PassOn(RequestBody::new(body));
     }
     let mut read = BytesMut::new();
     loop {
@@ -46,21 +46,21 @@ where
             None => return Content::Whole(read.freeze()),
             Some(Err(error)) => {
                 let body = RequestBody::failed(read.freeze(), BodyError::new(error));
-                return Content::PassOn(body, Detail::RequestBody);
+                return Content::PassOn(body);
             }
             Some(Ok(frame)) => match frame.into_data() {
                 Ok(data) => {
                     read.extend_from_slice(&data);
                     if read.len() > limit {
                         let body = RequestBody::replay(read.freeze(), None, Some(body));
-                        return Content::PassOn(body, Detail::RequestBody);
+                        return Content::PassOn(body);
                     }
                 }
                 Err(frame) => {
                     // Trailers: the key would not cover them.
                     let trailers: Option<HeaderMap> = frame.into_trailers().ok();
                     let body = RequestBody::replay(read.freeze(), trailers, Some(body));
-                    return Content::PassOn(body, Detail::RequestBody);
+                    return Content::PassOn(body);
                 }
             },
         }
@@ -97,13 +97,13 @@ where
             };
             serve_or_fill(inner, engine, settings, request, prepared).await
         }
-        Content::PassOn(body, why) => {
+        Content::PassOn(body) => {
             engine.count(Counter::Bypass);
             let request = Request::from_parts(parts, body);
             let response = inner.ready().await?.call(request).await?;
             let (mut parts, body) = response.into_parts();
             settings.hide_fields(&mut parts.headers);
-            let status = CacheStatus::bypass().with_detail(why);
+            let status = CacheStatus::bypass().with_detail(Detail::RequestBody);
             Stamp::new(&engine, &settings).status(&mut parts.headers, status);
             Ok(Response::from_parts(parts, CacheBody::passthrough(body)))
         }

@@ -126,20 +126,22 @@ impl<'a> Serving<'a> {
     /// The lookup, if it completes without waiting (the memory tier's always does,
     /// but for moka's rare housekeeping hand-offs).
     pub(crate) fn serve_now<B>(&self, request: &RequestHead<'_>) -> Option<Answer<B>> {
-        let lookup = std::pin::pin!(self.engine.lookup(self.primary, request.headers));
-        match lookup.poll(&mut Context::from_waker(Waker::noop())) {
-            Poll::Ready(found) => Some(self.answer(found, request)),
-            Poll::Pending => None,
-        }
+        self.lookup_now(request)
+            .map(|found| self.answer(found, request))
     }
 
     /// Why a request that must reach the origin (`must_forward`) goes there: a
     /// stored response it may not use (`fwd=request`), or none (`uri-miss`,
     /// `vary-miss`); `None` while the lookup waits (on Redis).
     pub(crate) fn forward_reason_now(&self, request: &RequestHead<'_>) -> Option<Forward> {
+        self.lookup_now(request).map(forward_reason)
+    }
+
+    /// The lookup, polled once: `None` if it must wait.
+    fn lookup_now(&self, request: &RequestHead<'_>) -> Option<Lookup> {
         let lookup = std::pin::pin!(self.engine.lookup(self.primary, request.headers));
         match lookup.poll(&mut Context::from_waker(Waker::noop())) {
-            Poll::Ready(found) => Some(forward_reason(found)),
+            Poll::Ready(found) => Some(found),
             Poll::Pending => None,
         }
     }

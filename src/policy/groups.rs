@@ -5,7 +5,9 @@
 //! stored as a tag carrying that scope: one origin cannot invalidate another's.
 
 use http::{HeaderMap, HeaderName};
-use sfv::{BareItem, List, ListEntry, Parser};
+use sfv::{BareItem, List, ListEntry};
+
+use super::structured::parse_field;
 
 /// The response field listing the groups a response belongs to.
 pub(crate) const CACHE_GROUPS: HeaderName = HeaderName::from_static("cache-groups");
@@ -21,17 +23,7 @@ const MAX_GROUPS: usize = 32;
 /// (the origin's authority, as the route keys it). A field that does not parse,
 /// and members that are not strings, name no group (RFC 9875 §2).
 pub(crate) fn group_tags(headers: &HeaderMap, field: &HeaderName, scope: &str) -> Vec<String> {
-    let mut lines = headers.get_all(field).iter();
-    let Some(first) = lines.next() else {
-        return Vec::new();
-    };
-    // The lines of one field are one list (RFC 8941 §4.2).
-    let mut joined = first.as_bytes().to_vec();
-    for line in lines {
-        joined.extend_from_slice(b", ");
-        joined.extend_from_slice(line.as_bytes());
-    }
-    let Ok(list) = Parser::new(&joined).parse::<List>() else {
+    let Some(list) = parse_field::<List>(headers, field) else {
         return Vec::new();
     };
     let mut tags: Vec<String> = Vec::new();

@@ -132,13 +132,20 @@ fn days_in_month(year: u64, month: u64) -> u64 {
     }
 }
 
-/// Days from 1970-01-01 to the date (`year` ≥ 1970).
+/// Days from 1970-01-01 to the date (`year` ≥ 1970, `month` 1-12, `day` ≥ 1), in
+/// closed form: the year counted from March, so that February's length comes last.
 fn days_since_epoch(year: u64, month: u64, day: u64) -> u64 {
-    let years: u64 = (1970..year)
-        .map(|y| if is_leap(y) { 366 } else { 365 })
-        .sum();
-    let months: u64 = (1..month).map(|m| days_in_month(year, m)).sum();
-    years + months + day - 1
+    let (year, month) = if month <= 2 {
+        (year - 1, month + 9)
+    } else {
+        (year, month - 3)
+    };
+    let era = year / 400;
+    let year_of_era = year % 400;
+    let day_of_year = (153 * month + 2) / 5 + day - 1;
+    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
+    // 719 468: days from 0000-03-01 to 1970-01-01.
+    era * 146_097 + day_of_era - 719_468
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@ pub(crate) mod settings;
 pub(crate) mod stale;
 pub(crate) mod storable;
 pub(crate) mod stored_fields;
+pub(crate) mod structured;
 pub(crate) mod targeted;
 
 pub use settings::{KeyAuthority, RequestDirectives, TtlMode};

@@ -5,9 +5,10 @@
 //! empty, is ignored as if absent (RFC 9213 §2.1).
 
 use http::{HeaderMap, HeaderName};
-use sfv::{BareItem, Dictionary, ListEntry, Parser};
+use sfv::{BareItem, Dictionary, ListEntry};
 
 use super::cache_control::{CacheControl, DELTA_SECONDS_CAP};
+use super::structured::parse_field;
 
 /// The directives of the first targeted field in `names` that `headers` carries and
 /// that parses; `None` when there is none (then `Cache-Control` decides).
@@ -15,19 +16,11 @@ pub(crate) fn targeted_cache_control(
     headers: &HeaderMap,
     names: &[HeaderName],
 ) -> Option<CacheControl> {
-    names.iter().find_map(|name| parse_field(headers, name))
+    names.iter().find_map(|name| read_field(headers, name))
 }
 
-fn parse_field(headers: &HeaderMap, name: &HeaderName) -> Option<CacheControl> {
-    let mut lines = headers.get_all(name).iter();
-    let first = lines.next()?;
-    // The lines of one field are one dictionary (RFC 8941 §4.2).
-    let mut joined = first.as_bytes().to_vec();
-    for line in lines {
-        joined.extend_from_slice(b", ");
-        joined.extend_from_slice(line.as_bytes());
-    }
-    let dictionary: Dictionary = Parser::new(&joined).parse().ok()?;
+fn read_field(headers: &HeaderMap, name: &HeaderName) -> Option<CacheControl> {
+    let dictionary: Dictionary = parse_field(headers, name)?;
     if dictionary.is_empty() {
         return None;
     }

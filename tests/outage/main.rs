@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use fault_proxy::{Fault, FaultProxy};
 use support::redis::RedisServer;
-use support::{call, eventually, get, Origin};
+use support::{call, connected, eventually, get, Origin};
 use tower_hybrid_cache::{HybridCache, RedisConfig};
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -34,23 +34,10 @@ async fn replica(url: &str) -> HybridCache {
         .unwrap()
 }
 
-fn app(origin: &Origin, cache: &HybridCache) -> axum::Router {
-    origin
-        .router()
-        .layer(cache.layer().ttl(Duration::from_secs(300)))
-}
-
-async fn connected(cache: &HybridCache) {
-    eventually("connected", WAIT, || async {
-        cache.redis_health().unwrap().connected == 4
-    })
-    .await;
-}
-
 /// Stores `url` through `cache` and waits until it is in Redis.
 async fn stored(origin: &Origin, cache: &HybridCache, url: &str) {
     let writes = cache.stats().redis_writes;
-    let got = call(app(origin, cache), get(url)).await;
+    let got = call(origin.behind(cache), get(url)).await;
     assert!(
         got.cache_status().contains("stored"),
         "{}",
@@ -68,10 +55,10 @@ async fn an_invalidation_lost_with_its_replica_outlives_the_outage_by_one_refres
     let proxy = FaultProxy::start(redis.port());
     let origin = Origin::new();
     let b = replica(&redis.url()).await;
-    connected(&b).await;
+    connected(&b, WAIT).await;
     let url = "http://api.test/jobs/42";
     stored(&origin, &b, url).await;
-    let before = call(app(&origin, &b), get(url)).await;
+    let before = call(origin.behind(&b), get(url)).await;
     assert!(before.text().ends_with("#1"), "{}", before.text());
 
     // Redis out of A's reach; A invalidates (kept for replay), then dies with it.
@@ -80,13 +67,13 @@ async fn an_invalidation_lost_with_its_replica_outlives_the_outage_by_one_refres
     let post = http::Request::post(url)
         .body(axum::body::Body::empty())
         .unwrap();
-    call(app(&origin, &a), post).await;
+    call(origin.behind(&a), post).await;
     assert_eq!(a.pending_redis_operations(), 1);
     drop(a);
     // Its successor starts while Redis is still away, and reaches it later.
     let a = replica(&proxy.url()).await;
     proxy.set(Fault::None);
-    connected(&a).await;
+    connected(&a, WAIT).await;
     eventually("the recovery recorded in Redis", WAIT, || async {
         !redis
             .cli(&["ZSCORE", "outage/outages", "recovered"])
@@ -98,7 +85,7 @@ async fn an_invalidation_lost_with_its_replica_outlives_the_outage_by_one_refres
     // once it reads the recovery, it serves that entry once more and refreshes it.
     let refreshing = std::sync::atomic::AtomicUsize::new(0);
     eventually("B refreshes what predates the recovery", WAIT, || async {
-        let got = call(app(&origin, &b), get(url)).await;
+        let got = call(origin.behind(&b), get(url)).await;
         assert!(got.is_hit(), "{}", got.cache_status());
         if got.cache_status().ends_with("detail=refresh-after-outage") {
             assert!(got.text().ends_with("#1"), "{}", got.text());
@@ -113,14 +100,14 @@ async fn an_invalidation_lost_with_its_replica_outlives_the_outage_by_one_refres
     );
     // The refresh (the origin's third call: B's fill, A's POST, the refresh) is now
     // what every replica serves, as a plain hit.
-    let b_now = call(app(&origin, &b), get(url)).await;
+    let b_now = call(origin.behind(&b), get(url)).await;
     assert!(b_now.text().ends_with("#3"), "{}", b_now.text());
     assert!(
         b_now.cache_status().ends_with("detail=redis"),
         "{}",
         b_now.cache_status()
     );
-    let a_now = call(app(&origin, &a), get(url)).await;
+    let a_now = call(origin.behind(&a), get(url)).await;
     assert_eq!(a_now.text(), b_now.text());
     assert!(
         a_now.cache_status().ends_with("detail=redis"),
@@ -136,8 +123,8 @@ async fn after_an_outage_each_key_is_refreshed_once_for_the_cluster() {
     let proxy = FaultProxy::start(redis.port());
     let origin = Origin::new();
     let (a, b) = (replica(&proxy.url()).await, replica(&redis.url()).await);
-    connected(&a).await;
-    connected(&b).await;
+    connected(&a, WAIT).await;
+    connected(&b, WAIT).await;
     let (first, marker, held) = (
         "http://api.test/jobs/first",
         "http://api.test/jobs/marker",
@@ -155,10 +142,10 @@ async fn after_an_outage_each_key_is_refreshed_once_for_the_cluster() {
     })
     .await;
     proxy.set(Fault::None);
-    connected(&a).await;
+    connected(&a, WAIT).await;
 
     // A serves what predates its recovery once more, and refreshes it.
-    let got = call(app(&origin, &a), get(first)).await;
+    let got = call(origin.behind(&a), get(first)).await;
     assert!(
         got.is_hit() && got.cache_status().ends_with("detail=refresh-after-outage"),
         "{}",
@@ -168,7 +155,7 @@ async fn after_an_outage_each_key_is_refreshed_once_for_the_cluster() {
         "the refreshed entry served as a plain hit",
         WAIT,
         || async {
-            call(app(&origin, &a), get(first))
+            call(origin.behind(&a), get(first))
                 .await
                 .cache_status()
                 .ends_with("detail=redis")
@@ -179,7 +166,7 @@ async fn after_an_outage_each_key_is_refreshed_once_for_the_cluster() {
 
     // B, which never lost Redis, learns of A's recovery from it.
     eventually("B reads the recovery", WAIT, || async {
-        call(app(&origin, &b), get(marker))
+        call(origin.behind(&b), get(marker))
             .await
             .cache_status()
             .ends_with("detail=refresh-after-outage")
@@ -188,7 +175,7 @@ async fn after_an_outage_each_key_is_refreshed_once_for_the_cluster() {
 
     // A's refresh of the held entry waits at the origin's gate; B serves the entry
     // meanwhile and, finding the refresh lease taken, leaves the refresh to A.
-    let from_a = call(app(&origin, &a), get(held)).await;
+    let from_a = call(origin.behind(&a), get(held)).await;
     assert!(
         from_a
             .cache_status()
@@ -201,7 +188,7 @@ async fn after_an_outage_each_key_is_refreshed_once_for_the_cluster() {
     })
     .await;
     for _ in 0..5 {
-        let from_b = call(app(&origin, &b), get(held)).await;
+        let from_b = call(origin.behind(&b), get(held)).await;
         assert!(
             from_b
                 .cache_status()
@@ -215,7 +202,7 @@ async fn after_an_outage_each_key_is_refreshed_once_for_the_cluster() {
         "the refreshed entry served as a plain hit",
         WAIT,
         || async {
-            call(app(&origin, &b), get(held))
+            call(origin.behind(&b), get(held))
                 .await
                 .cache_status()
                 .ends_with("detail=redis")
@@ -234,7 +221,7 @@ async fn a_redis_that_lost_its_data_is_reseeded_from_memory_not_refetched() {
     let mut redis = RedisServer::start();
     let origin = Origin::new();
     let a = replica(&redis.url()).await;
-    connected(&a).await;
+    connected(&a, WAIT).await;
     let urls: Vec<String> = (0..20)
         .map(|i| format!("http://api.test/jobs/seed/{i}"))
         .collect();
@@ -265,9 +252,9 @@ async fn a_redis_that_lost_its_data_is_reseeded_from_memory_not_refetched() {
     // A replica with an empty memory finds every URL in Redis: hits, not misses; each
     // refreshed at most once.
     let c = replica(&redis.url()).await;
-    connected(&c).await;
+    connected(&c, WAIT).await;
     for url in &urls {
-        let got = call(app(&origin, &c), get(url)).await;
+        let got = call(origin.behind(&c), get(url)).await;
         assert!(got.is_hit(), "{url}: {}", got.cache_status());
     }
     assert!(

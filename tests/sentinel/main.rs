@@ -12,7 +12,7 @@ mod support;
 use std::time::Duration;
 
 use support::redis::{RedisSentinelGroup, RedisServer};
-use support::{call, eventually, get, Origin};
+use support::{call, connected, eventually, get, Origin};
 use tower_hybrid_cache::{HybridCache, RedisConfig};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -30,19 +30,6 @@ async fn replica(url: &str) -> HybridCache {
         .unwrap()
 }
 
-fn app(origin: &Origin, cache: &HybridCache) -> axum::Router {
-    origin
-        .router()
-        .layer(cache.layer().ttl(Duration::from_secs(300)))
-}
-
-async fn connected(cache: &HybridCache) {
-    eventually("connected", WAIT, || async {
-        cache.redis_health().unwrap().connected == 4
-    })
-    .await;
-}
-
 fn entries(server: &RedisServer) -> usize {
     server
         .cli(&["--scan", "--pattern", "sentinel/v1:*"])
@@ -53,7 +40,7 @@ fn entries(server: &RedisServer) -> usize {
 /// Stores `url` through `cache` and waits until the write reached Redis.
 async fn stored(origin: &Origin, cache: &HybridCache, url: &str) {
     let writes = cache.stats().redis_writes;
-    let got = call(app(origin, cache), get(url)).await;
+    let got = call(origin.behind(cache), get(url)).await;
     assert!(
         got.cache_status().contains("stored"),
         "{}",
@@ -70,11 +57,11 @@ async fn entries_are_shared_through_sentinel_and_follow_a_failover() {
     let group = RedisSentinelGroup::start();
     let origin = Origin::new();
     let (a, b) = (replica(&group.url()).await, replica(&group.url()).await);
-    connected(&a).await;
-    connected(&b).await;
+    connected(&a, WAIT).await;
+    connected(&b, WAIT).await;
     let before = "http://api.test/jobs/before";
     stored(&origin, &a, before).await;
-    let hit = call(app(&origin, &b), get(before)).await;
+    let hit = call(origin.behind(&b), get(before)).await;
     assert!(
         hit.cache_status().ends_with("detail=redis"),
         "{}",
@@ -86,12 +73,12 @@ async fn entries_are_shared_through_sentinel_and_follow_a_failover() {
     // Both replicas follow the sentinels to the new primary.
     let after = "http://api.test/jobs/after";
     eventually("A writes to the new primary", WAIT, || async {
-        call(app(&origin, &a), get(after)).await;
+        call(origin.behind(&a), get(after)).await;
         entries(&group.replica) == 2
     })
     .await;
     eventually("B reads the new primary", WAIT, || async {
-        call(app(&origin, &b), get(after))
+        call(origin.behind(&b), get(after))
             .await
             .cache_status()
             .ends_with("detail=redis")
@@ -100,7 +87,7 @@ async fn entries_are_shared_through_sentinel_and_follow_a_failover() {
     // A failover is an outage: what was stored before it is served once more and
     // refreshed.
     eventually("the entry from before refreshed", WAIT, || async {
-        call(app(&origin, &b), get(before))
+        call(origin.behind(&b), get(before))
             .await
             .cache_status()
             .ends_with("detail=refresh-after-outage")
@@ -113,7 +100,7 @@ async fn a_new_primary_missing_acknowledged_writes_is_reseeded_from_memory() {
     let group = RedisSentinelGroup::start();
     let origin = Origin::new();
     let a = replica(&group.url()).await;
-    connected(&a).await;
+    connected(&a, WAIT).await;
     for i in 0..10 {
         stored(&origin, &a, &format!("http://api.test/jobs/{i}")).await;
     }

@@ -66,6 +66,15 @@ impl OriginLog {
     }
 }
 
+/// Waits (up to `wait`) until every pooled Redis connection of `cache` is up: four,
+/// the pool's default.
+pub async fn connected(cache: &tower_hybrid_cache::HybridCache, wait: Duration) {
+    eventually("every Redis connection up", wait, || async {
+        cache.redis_health().is_some_and(|h| h.connected == 4)
+    })
+    .await;
+}
+
 /// A scriptable origin. The query says what to answer:
 /// - `status=N` (default 200)
 /// - `h=name:value` (repeatable) adds a response header
