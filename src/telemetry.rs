@@ -2,7 +2,8 @@
 //!
 //! Every decision is a `tracing` event at `debug` level with the target
 //! `tower_hybrid_cache` and the fields `key`, `outcome` and, where it applies,
-//! `detail`. Every counter is both a plain atomic read through
+//! `detail`, inside a span per request ([`request_span`]) that carries the outcome.
+//! Every counter is both a plain atomic read through
 //! [`HybridCache::stats`](crate::HybridCache::stats) and a counter of the `metrics`
 //! facade (for whatever recorder the application installs), named
 //! `tower_hybrid_cache_<field>_total` after the [`CacheStats`] field; the circuit
@@ -10,6 +11,7 @@
 //! and `tower_hybrid_cache_breaker_transitions_total`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
 /// The `tracing` target of every event the crate emits.
 pub(crate) const TARGET: &str = "tower_hybrid_cache";
@@ -160,6 +162,31 @@ pub(crate) const STALE_SERVED: &str = "tower_hybrid_cache_stale_served_seconds";
 pub(crate) const MISSING_COMMANDS: &str = "tower_hybrid_cache_redis_missing_commands";
 /// Breaker state changes.
 pub(crate) const BREAKER_TRANSITIONS: &str = "tower_hybrid_cache_breaker_transitions_total";
+/// How long one tier took to answer a lookup (found or not), in seconds, labelled
+/// `tier` (`memory`, `redis`).
+pub(crate) const LOOKUP_SECONDS: &str = "tower_hybrid_cache_lookup_seconds";
+
+/// The span of one request through a cache layer (`debug` level, target
+/// `tower_hybrid_cache`), with the fields [`CacheStatus`](crate::layer) records once
+/// the cache has decided: `cache.outcome` (`hit`, `stale`, `miss`, `bypass`) and,
+/// where they apply, `cache.fwd`, `cache.fwd_status`, `cache.stored`, `cache.detail`.
+/// A disabled span (no subscriber wants it) costs a level check.
+pub(crate) fn request_span() -> tracing::Span {
+    tracing::debug_span!(
+        target: TARGET,
+        "tower_hybrid_cache",
+        cache.outcome = tracing::field::Empty,
+        cache.fwd = tracing::field::Empty,
+        cache.fwd_status = tracing::field::Empty,
+        cache.stored = tracing::field::Empty,
+        cache.detail = tracing::field::Empty,
+    )
+}
+
+/// Records a lookup in `tier` that began at `started`.
+pub(crate) fn lookup_took(tier: &'static str, started: Instant) {
+    metrics::histogram!(LOOKUP_SECONDS, "tier" => tier).record(started.elapsed().as_secs_f64());
+}
 
 impl Counters {
     pub(crate) fn add_n(&self, counter: Counter, n: usize) {

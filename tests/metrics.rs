@@ -42,10 +42,20 @@ fn fields(stats: &CacheStats) -> [(&'static str, u64); 20] {
     ]
 }
 
+/// A snapshot's values by name (a snapshot drains what it reads: take one).
 fn recorded(snapshotter: &Snapshotter) -> Vec<(String, DebugValue)> {
-    snapshotter
-        .snapshot()
-        .into_vec()
+    named(snapshotter.snapshot().into_vec())
+}
+
+fn named(
+    snapshot: Vec<(
+        metrics_util::CompositeKey,
+        Option<metrics::Unit>,
+        Option<metrics::SharedString>,
+        DebugValue,
+    )>,
+) -> Vec<(String, DebugValue)> {
+    snapshot
         .into_iter()
         .map(|(key, _, _, value)| (key.key().name().to_owned(), value))
         .collect()
@@ -130,8 +140,27 @@ async fn counters_and_the_breaker_reach_the_metrics_recorder() {
             .ends_with("detail=stale-while-revalidate")
     })
     .await;
+    // Lookup latency per tier: Redis asked on every lookup, memory when Redis could
+    // not answer (the breaker forced open above).
+    let drained = snapshotter.snapshot().into_vec();
+    for tier in ["memory", "redis"] {
+        let samples = drained
+            .iter()
+            .find(|(key, _, _, _)| {
+                key.key().name() == "tower_hybrid_cache_lookup_seconds"
+                    && key
+                        .key()
+                        .labels()
+                        .any(|l| l.key() == "tier" && l.value() == tier)
+            })
+            .map(|(_, _, _, value)| value);
+        assert!(
+            matches!(samples, Some(DebugValue::Histogram(h)) if !h.is_empty()),
+            "{tier}: {samples:?}"
+        );
+    }
     let stats = cache.stats();
-    let values = recorded(&snapshotter);
+    let values = named(drained);
     let value = |name: &str| values.iter().find(|(n, _)| n == name).map(|(_, v)| v);
     for (field, count) in fields(&stats) {
         let name = format!("tower_hybrid_cache_{field}_total");

@@ -30,25 +30,27 @@ pin_project! {
 pin_project! {
     #[project = KindProj]
     enum Kind<F, B, E> {
-        Bypass { #[pin] future: F, cache_status: Option<HeaderValue>, strip: Option<Arc<RouteSettings>> },
+        Bypass { #[pin] future: F, cache_status: Option<HeaderValue>, strip: Option<Arc<RouteSettings>>, span: tracing::Span },
         Cached { future: BoxedResponse<B, E> },
         Ready { response: Option<Response<CacheBody<B>>> },
     }
 }
 
 impl<F, B, E> ResponseFuture<F, B, E> {
-    /// The inner future, plus `cache_status`; `strip` is the route when it hides
+    /// The inner future (polled in the request's `span`), plus `cache_status`; `strip` is the route when it hides
     /// fields from the client (its tag header, its targeted cache-control fields).
     pub(crate) fn bypass(
         future: F,
         cache_status: Option<HeaderValue>,
         strip: Option<Arc<RouteSettings>>,
+        span: tracing::Span,
     ) -> Self {
         ResponseFuture {
             kind: Kind::Bypass {
                 future,
                 cache_status,
                 strip,
+                span,
             },
         }
     }
@@ -86,7 +88,9 @@ where
                 future,
                 cache_status,
                 strip,
+                span,
             } => {
+                let _entered = span.enter();
                 let response = std::task::ready!(future.poll(cx))?;
                 let (mut parts, body) = response.into_parts();
                 if let Some(route) = strip.take() {

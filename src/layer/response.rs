@@ -35,6 +35,7 @@ impl<'a> Stamp<'a> {
 
     /// Adds `status` to `headers`, when the route says so.
     pub(crate) fn status(&self, headers: &mut HeaderMap, status: CacheStatus) {
+        status.trace();
         if self.cache_status {
             if let Some(value) = status.render(self.name) {
                 // Fallible: the map may hold what an origin or a stored value put in.
@@ -45,6 +46,7 @@ impl<'a> Stamp<'a> {
 
     /// `status` rendered for later, when the route says so.
     pub(crate) fn value(&self, status: CacheStatus) -> Option<HeaderValue> {
+        status.trace();
         self.cache_status
             .then(|| status.render(self.name))
             .flatten()

@@ -11,6 +11,7 @@ use http::header::{CONTENT_LENGTH, HOST, RANGE, TRANSFER_ENCODING};
 use http::{HeaderMap, Method, Request, Response, Uri};
 use http_body::Body;
 use tower::Service;
+use tracing::Instrument;
 
 use super::body::CacheBody;
 use super::fill::{serve_or_fill, spawn_refresh, Prepared};
@@ -25,7 +26,7 @@ use crate::engine::Engine;
 use crate::key::CacheKey;
 use crate::policy::cache_control::CacheControl;
 use crate::policy::settings::RouteSettings;
-use crate::telemetry::Counter;
+use crate::telemetry::{request_span, Counter};
 
 /// Caches the responses of `S`. Made by [`HybridCacheLayer`](super::HybridCacheLayer).
 ///
@@ -223,13 +224,17 @@ where
     }
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+        let span = request_span();
+        let _entered = span.enter();
         match classify(&request, self.settings.max_query_bytes > 0) {
             RequestKind::Write => {
                 self.engine.count(Counter::Bypass);
+                CacheStatus::bypass().trace();
                 let target = WriteTarget::of(&request, &self.settings);
                 let future = self.inner.call(request.map(RequestBody::new));
                 let engine = Arc::clone(&self.engine);
-                ResponseFuture::cached(Box::pin(invalidate_after(future, engine, target)))
+                let future = invalidate_after(future, engine, target);
+                ResponseFuture::cached(Box::pin(future.instrument(span.clone())))
             }
             RequestKind::Bypass(why) => {
                 let status = self.bypass(why);
@@ -241,13 +246,15 @@ where
                     self.inner.call(request.map(RequestBody::new)),
                     status,
                     strip,
+                    span.clone(),
                 )
             }
-            RequestKind::Cacheable { ranged } => self.cacheable(request, ranged),
+            RequestKind::Cacheable { ranged } => self.cacheable(request, ranged, &span),
             RequestKind::Query => {
                 let inner = self.take_inner();
                 let (engine, settings) = (Arc::clone(&self.engine), Arc::clone(&self.settings));
-                ResponseFuture::cached(Box::pin(serve_query(inner, engine, settings, request)))
+                let future = serve_query(inner, engine, settings, request);
+                ResponseFuture::cached(Box::pin(future.instrument(span.clone())))
             }
         }
     }
@@ -262,6 +269,7 @@ impl<S> HybridCacheService<S> {
         &mut self,
         request: Request<ReqBody>,
         ranged: bool,
+        span: &tracing::Span,
     ) -> ResponseFuture<S::Future, ResBody, S::Error>
     where
         S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>>
@@ -317,9 +325,8 @@ impl<S> HybridCacheService<S> {
         let inner = self.take_inner();
         let (engine, settings) = (Arc::clone(&self.engine), Arc::clone(&self.settings));
         let request = request.map(RequestBody::new);
-        ResponseFuture::cached(Box::pin(serve_or_fill(
-            inner, engine, settings, request, prepared,
-        )))
+        let future = serve_or_fill(inner, engine, settings, request, prepared);
+        ResponseFuture::cached(Box::pin(future.instrument(span.clone())))
     }
 }
 

@@ -178,6 +178,46 @@ impl CacheStatus {
         self
     }
 
+    /// What the request came to: `hit` (fresh), `stale` (served stale), `bypass`
+    /// (not handled), `miss` (went to the origin).
+    fn outcome(&self) -> &'static str {
+        match (self.hit, self.ttl, self.fwd) {
+            (true, Some(Ttl::Stale(_)), _) => "stale",
+            (true, _, _) => "hit",
+            (false, _, Some(Forward::Bypass)) => "bypass",
+            (false, _, _) => "miss",
+        }
+    }
+
+    /// Records this status on the current span (the request's, see
+    /// `telemetry::request_span`) when a subscriber listens at `debug`: a field it
+    /// does not declare (another span's) is ignored.
+    pub(crate) fn trace(&self) {
+        if !tracing::level_enabled!(tracing::Level::DEBUG) {
+            return;
+        }
+        let span = tracing::Span::current();
+        span.record("cache.outcome", self.outcome());
+        if let Some(fwd) = self.fwd {
+            span.record("cache.fwd", fwd.as_str());
+        }
+        match self.fwd_status {
+            Some(ForwardStatus::Code(status)) => {
+                span.record("cache.fwd_status", status.as_u16());
+            }
+            Some(ForwardStatus::Error) => {
+                span.record("cache.fwd_status", "error");
+            }
+            None => {}
+        }
+        if self.stored {
+            span.record("cache.stored", true);
+        }
+        if let Some(detail) = self.detail {
+            span.record("cache.detail", detail.as_str());
+        }
+    }
+
     /// The field value, after the cache's `name`.
     pub(crate) fn render(&self, name: &str) -> Option<HeaderValue> {
         // Written by hand into one buffer: a hit renders this on every request.

@@ -5,7 +5,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use super::memory::MemoryStore;
 use super::redis::{RedisHealth, RedisStore};
@@ -16,7 +16,7 @@ use crate::breaker::CircuitBreaker;
 use crate::entry::codec::millis_since_epoch;
 use crate::entry::Entry;
 use crate::key::CacheKey;
-use crate::telemetry::{Counter, Counters, TARGET};
+use crate::telemetry::{lookup_took, Counter, Counters, TARGET};
 
 /// The tiers behind one cache. Clones share them.
 #[derive(Clone)]
@@ -80,7 +80,7 @@ impl HybridStore {
     /// The entry under `key`, and the tier that answered.
     pub(crate) async fn get(&self, key: &CacheKey) -> Option<(Entry, Tier)> {
         if self.memory_first {
-            if let Some(entry) = self.memory.get(key).await {
+            if let Some(entry) = self.timed_memory_get(key).await {
                 return Some((entry, Tier::Memory));
             }
         }
@@ -90,6 +90,7 @@ impl HybridStore {
             // and ask again. Redis stays the truth: a write an invalidation refused,
             // or one removed since, is still a miss. Taken before the read, so that
             // a write answered in between still counts.
+            let started = Instant::now();
             let written = redis.pending_write(key);
             let mut read = redis.read(key).await;
             if let (RedisRead::Absent, Some(written)) = (&read, written) {
@@ -100,6 +101,7 @@ impl HybridStore {
                     read = redis.read(key).await;
                 }
             }
+            lookup_took(Tier::Redis.as_str(), started);
             if matches!(read, RedisRead::Failed) {
                 let now = millis_since_epoch(SystemTime::now());
                 let _ = self.failing_since.compare_exchange(
@@ -126,8 +128,7 @@ impl HybridStore {
                 RedisRead::Absent => return None,
                 RedisRead::Failed => {
                     let held = self
-                        .memory
-                        .get(key)
+                        .timed_memory_get(key)
                         .await
                         .filter(|entry| self.within_fallback_bound(entry));
                     if held.is_some() {
@@ -137,10 +138,17 @@ impl HybridStore {
                 }
             }
         }
-        self.memory
-            .get(key)
+        self.timed_memory_get(key)
             .await
             .map(|entry| (entry, Tier::Memory))
+    }
+
+    /// The memory tier's entry under `key`, its lookup time recorded.
+    async fn timed_memory_get(&self, key: &CacheKey) -> Option<Entry> {
+        let started = Instant::now();
+        let found = self.memory.get(key).await;
+        lookup_took(Tier::Memory.as_str(), started);
+        found
     }
 
     /// Whether memory may serve `entry` while Redis fails: always, unless a bound is
