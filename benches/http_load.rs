@@ -53,7 +53,7 @@ use serde::Serialize;
 use tower_hybrid_cache::HybridCache;
 
 #[allow(dead_code, unreachable_pub)]
-#[path = "../examples/job_match.rs"]
+#[path = "../examples/job_match/main.rs"]
 mod job_match;
 
 #[allow(dead_code, unreachable_pub)]
@@ -316,7 +316,11 @@ async fn run(args: Args) {
             render(seed.i.unwrap_or(0)),
         )
     };
-    let data = job_match::Data::generate(5_000, 100);
+    let data = job_match::Data::temporary(job_match::Seed {
+        jobs: 5_000,
+        candidates: 100,
+    })
+    .expect("a database");
     let search_cache = HybridCache::builder()
         .memory_capacity_bytes(64 << 20)
         .build()
@@ -788,7 +792,11 @@ async fn search_miss_pair(
     layered: &'static str,
     redis: tower_hybrid_cache::RedisConfig,
 ) -> Pair {
-    let data = job_match::Data::generate(5_000, 100);
+    let data = job_match::Data::temporary(job_match::Seed {
+        jobs: 5_000,
+        candidates: 100,
+    })
+    .expect("a database");
     let memory_only = HybridCache::builder().build().await.unwrap();
     let with_redis = HybridCache::builder().redis(redis).build().await.unwrap();
     Pair {

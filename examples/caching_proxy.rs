@@ -6,14 +6,22 @@
 //!
 //! ```text
 //! cargo run --release --example caching_proxy -- --listen 127.0.0.1:8080 --upstream http://127.0.0.1:3000
+//! cargo run --release --example caching_proxy -- --help     # every cache and Redis knob
 //! curl -i http://127.0.0.1:8080/jobs/42
+//! curl -s http://127.0.0.1:8080/metrics
 //! ```
+//!
+//! The proxy answers `/healthz` and `/metrics` (Prometheus text) itself, never
+//! through the cache. On SIGTERM or Ctrl-C it stops accepting, lets requests in
+//! flight finish (`--shutdown-grace`), then closes the cache's Redis connections.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
+use clap::Parser;
 use http::header::{HeaderName, HeaderValue, HOST, VIA};
 use http::{Request, Response, StatusCode, Uri};
 use http_body_util::combinators::BoxBody;
@@ -23,11 +31,27 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
+use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tower::{Layer, ServiceExt};
 use tower_hybrid_cache::layer::RequestBody;
-use tower_hybrid_cache::{HybridCache, HybridCacheLayer};
+use tower_hybrid_cache::HybridCacheLayer;
+
+// Their `pub` items are this example's API for the tests that include it.
+#[allow(unreachable_pub)]
+#[path = "shared/cache_flags.rs"]
+mod cache_flags;
+#[allow(unreachable_pub, dead_code)]
+#[path = "shared/metrics_endpoint.rs"]
+mod metrics_endpoint;
+#[allow(unreachable_pub)]
+#[path = "shared/shutdown.rs"]
+mod shutdown;
+
+pub use cache_flags::{CacheFlags, RouteFlags};
+pub use metrics_endpoint::METRICS_PATH;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body the forwarder answers with: the upstream's, or a short error text.
@@ -142,41 +166,6 @@ fn error_response(status: StatusCode, text: String) -> Response<ProxyBody> {
     response
 }
 
-/// The targeted cache-control fields a gateway cache obeys by default (RFC 9213
-/// §2.1): `CDN-Cache-Control`, then the library's own.
-pub const DEFAULT_TARGETED_FIELDS: [&str; 2] = ["cdn-cache-control", "tower-hybrid-cache-control"];
-
-/// How long past its freshness the proxy serves a stored response when the upstream
-/// fails or cannot be reached, unless the response says otherwise (`must-revalidate`,
-/// its own `stale-if-error`, …): a gateway keeps answering through an origin outage.
-pub const DEFAULT_STALE_IF_ERROR: Duration = Duration::from_secs(60);
-
-/// The proxy's layer: what the upstream's headers allow (no route TTL), obeying the
-/// `targeted` cache-control fields in order, serving stale for `stale_if_error` when
-/// the upstream fails (none when zero).
-pub fn proxy_layer(
-    cache: &HybridCache,
-    targeted: &[HeaderName],
-    stale_if_error: Duration,
-) -> HybridCacheLayer {
-    let layer = cache
-        .layer()
-        .targeted_cache_control(targeted.iter().cloned());
-    if stale_if_error.is_zero() {
-        layer
-    } else {
-        layer.stale_if_error(stale_if_error)
-    }
-}
-
-/// The default targeted fields, as header names.
-pub fn default_targeted_fields() -> Vec<HeaderName> {
-    DEFAULT_TARGETED_FIELDS
-        .iter()
-        .map(|name| HeaderName::from_static(name))
-        .collect()
-}
-
 /// The path the proxy answers itself, for a balancer's health check: never
 /// forwarded, never cached.
 pub const HEALTH_PATH: &str = "/healthz";
@@ -202,6 +191,28 @@ pub async fn serve(
     upstream: Uri,
     layer: HybridCacheLayer,
 ) -> std::io::Result<()> {
+    serve_until(
+        listener,
+        upstream,
+        layer,
+        None,
+        std::future::pending(),
+        Duration::ZERO,
+    )
+    .await
+}
+
+/// Serves the caching proxy on `listener`, through `layer`, answering
+/// [`METRICS_PATH`] from `metrics` when given, until `stop` completes; then lets the
+/// connections finish what they are doing, for `grace` at most.
+pub async fn serve_until(
+    listener: TcpListener,
+    upstream: Uri,
+    layer: HybridCacheLayer,
+    metrics: Option<PrometheusHandle>,
+    stop: impl Future<Output = ()>,
+    grace: Duration,
+) -> std::io::Result<()> {
     // Idle upstream connections are dropped before the 5 s after which Node's (and
     // many other) servers close them: a request sent on a connection the server is
     // closing fails (a 502) and, with a body, is not retried.
@@ -218,120 +229,109 @@ pub async fn serve(
     let cached = layer.layer(forwarder);
     let service = tower::service_fn(move |request: Request<Incoming>| {
         let cached = cached.clone();
+        let metrics = metrics.clone();
         async move {
-            if request.uri().path() == HEALTH_PATH {
-                return Ok::<_, Infallible>(health_response());
+            match (request.uri().path(), metrics) {
+                (HEALTH_PATH, _) => return Ok::<_, Infallible>(health_response()),
+                (METRICS_PATH, Some(metrics)) => return Ok(metrics_response(&metrics)),
+                _ => {}
             }
             let response = cached.oneshot(request).await?;
             Ok(response.map(BodyExt::boxed))
         }
     });
+    let connections = GracefulShutdown::new();
+    let mut stop = std::pin::pin!(stop);
     loop {
-        let (stream, _) = listener.accept().await?;
+        let stream = tokio::select! {
+            accepted = listener.accept() => accepted?.0,
+            () = &mut stop => break,
+        };
+        let _ = stream.set_nodelay(true);
         let service = TowerToHyperService::new(service.clone());
+        let connection = auto::Builder::new(TokioExecutor::new())
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
+        let connection = connections.watch(connection);
         tokio::spawn(async move {
-            let _ = auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            let _ = connection.await;
         });
     }
+    drop(listener);
+    // Idle connections close at once, busy ones after their response.
+    let _ = tokio::time::timeout(grace, connections.shutdown()).await;
+    Ok(())
 }
 
-struct Args {
-    listen: SocketAddr,
-    upstream: Uri,
-    redis_url: Option<String>,
-    targeted: Vec<HeaderName>,
-    stale_if_error: Duration,
+/// What `/metrics` answers: the recorder's text.
+fn metrics_response(metrics: &PrometheusHandle) -> Response<ProxyBody> {
+    let mut response = Response::new(
+        Full::new(Bytes::from(metrics.render()))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static(metrics_endpoint::CONTENT_TYPE),
+    );
+    response
 }
 
-fn parse_args() -> Result<Args, String> {
-    let mut listen = None;
-    let mut upstream = None;
-    let mut redis_url = None;
-    let mut targeted = default_targeted_fields();
-    let mut stale_if_error = DEFAULT_STALE_IF_ERROR;
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        let mut value = || args.next().ok_or_else(|| format!("{arg} needs a value"));
-        match arg.as_str() {
-            "--listen" => {
-                listen = Some(
-                    value()?
-                        .parse::<SocketAddr>()
-                        .map_err(|e| format!("--listen: {e}"))?,
-                )
-            }
-            "--upstream" => {
-                upstream = Some(
-                    value()?
-                        .parse::<Uri>()
-                        .map_err(|e| format!("--upstream: {e}"))?,
-                )
-            }
-            "--redis-url" => redis_url = Some(value()?),
-            "--stale-if-error" => {
-                let secs = value()?
-                    .parse::<u64>()
-                    .map_err(|e| format!("--stale-if-error: {e}"))?;
-                stale_if_error = Duration::from_secs(secs);
-            }
-            "--targeted-cache-control" => {
-                // Comma-separated names; empty turns targeted fields off.
-                let names = value()?;
-                targeted = names
-                    .split(',')
-                    .map(str::trim)
-                    .filter(|name| !name.is_empty())
-                    .map(|name| {
-                        HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes())
-                            .map_err(|e| format!("--targeted-cache-control {name}: {e}"))
-                    })
-                    .collect::<Result<_, _>>()?;
-            }
-            "-h" | "--help" => return Err(String::new()),
-            other => return Err(format!("unknown argument {other}")),
-        }
+/// A caching reverse proxy for one upstream; every flag can also be set by its
+/// variable.
+#[derive(Debug, Parser)]
+#[command(name = "caching_proxy", version, about)]
+pub struct Args {
+    /// Address to listen on.
+    #[arg(long, env = "LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// The upstream every request goes to (an absolute `http://` URL).
+    #[arg(long, env = "UPSTREAM", value_parser = upstream)]
+    pub upstream: Uri,
+    /// How long requests in flight may take to finish after SIGTERM.
+    #[arg(long, env = "SHUTDOWN_GRACE", value_parser = humantime::parse_duration, default_value = "10s")]
+    pub shutdown_grace: Duration,
+    /// How the cache is built.
+    #[command(flatten)]
+    pub cache: CacheFlags,
+    /// How requests are cached (what the upstream's headers allow, no route TTL).
+    #[command(flatten)]
+    pub route: RouteFlags,
+}
+
+fn upstream(text: &str) -> Result<Uri, String> {
+    let uri: Uri = text.parse().map_err(|e| format!("{e}"))?;
+    match (uri.scheme_str(), uri.authority()) {
+        (Some("http"), Some(_)) => Ok(uri),
+        _ => Err("an absolute http:// URL".to_owned()),
     }
-    let upstream = upstream.ok_or("--upstream is required")?;
-    if upstream.authority().is_none() {
-        return Err("--upstream must be an absolute http:// URL".to_owned());
-    }
-    Ok(Args {
-        listen: listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080))),
-        upstream,
-        redis_url,
-        targeted,
-        stale_if_error,
-    })
 }
 
 #[allow(dead_code)] // Tests include this file as a module and do not call `main`.
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let args = match parse_args() {
-        Ok(args) => args,
-        Err(message) => {
-            if !message.is_empty() {
-                eprintln!("{message}");
-            }
-            eprintln!("usage: caching_proxy --listen ADDR --upstream URL [--redis-url URL] [--targeted-cache-control NAME,NAME (default cdn-cache-control,tower-hybrid-cache-control; empty: none)] [--stale-if-error SECS (default 60; 0: none)]");
-            std::process::exit(2);
-        }
-    };
-    let mut builder = HybridCache::builder().namespace("caching_proxy");
+    let args = Args::parse();
+    // Before the cache is built: what it emits from then on reaches the exporter.
+    let metrics = metrics_endpoint::install()?;
     // Several proxies given one --redis-url share their entries.
-    if let Some(url) = args.redis_url {
-        builder = builder.redis_url(url);
-    }
-    let cache = builder.build().await?;
+    let cache = args.cache.build("caching_proxy").await?;
+    let layer = args.route.layer(&cache)?;
     let listener = TcpListener::bind(args.listen).await?;
     eprintln!(
         "caching {} on http://{}",
         args.upstream,
         listener.local_addr()?
     );
-    let layer = proxy_layer(&cache, &args.targeted, args.stale_if_error);
-    serve(listener, args.upstream, layer).await?;
+    serve_until(
+        listener,
+        args.upstream,
+        layer,
+        Some(metrics),
+        shutdown::signal(),
+        args.shutdown_grace,
+    )
+    .await?;
+    cache.shutdown().await;
+    eprintln!("caching_proxy stopped");
     Ok(())
 }

@@ -11,6 +11,7 @@ mod caching_proxy;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use clap::Parser;
 use support::{eventually, fetch, pattern, Origin};
 use tower_hybrid_cache::HybridCache;
 
@@ -22,6 +23,15 @@ struct Setup {
     proxy: SocketAddr,
 }
 
+/// The layer `caching_proxy` builds when given no flags but `--upstream`.
+fn default_layer(cache: &HybridCache) -> tower_hybrid_cache::HybridCacheLayer {
+    caching_proxy::Args::try_parse_from(["caching_proxy", "--upstream", "http://upstream.test"])
+        .unwrap()
+        .route
+        .layer(cache)
+        .unwrap()
+}
+
 async fn setup() -> Setup {
     let origin = Origin::new();
     let upstream = origin.spawn().await;
@@ -29,11 +39,7 @@ async fn setup() -> Setup {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let proxy = listener.local_addr().unwrap();
     let upstream = format!("http://{upstream}").parse().unwrap();
-    let layer = caching_proxy::proxy_layer(
-        &cache,
-        &caching_proxy::default_targeted_fields(),
-        caching_proxy::DEFAULT_STALE_IF_ERROR,
-    );
+    let layer = default_layer(&cache);
     tokio::spawn(caching_proxy::serve(listener, upstream, layer));
     Setup {
         origin,
@@ -67,11 +73,7 @@ async fn the_proxy_serves_stale_while_its_upstream_is_down() {
     let cache = HybridCache::builder().build().await.unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let proxy = listener.local_addr().unwrap();
-    let layer = caching_proxy::proxy_layer(
-        &cache,
-        &caching_proxy::default_targeted_fields(),
-        caching_proxy::DEFAULT_STALE_IF_ERROR,
-    );
+    let layer = default_layer(&cache);
     tokio::spawn(caching_proxy::serve(listener, upstream, layer));
     let client = support::client();
     // `Connection: close`: no pooled connection outlives the server.
@@ -481,4 +483,99 @@ async fn the_health_check_is_answered_by_the_proxy_itself() {
         assert!(got.cache_status().is_empty());
     }
     assert_eq!(s.origin.log.calls(), 0);
+}
+
+#[tokio::test]
+async fn on_stop_the_proxy_finishes_requests_in_flight_then_returns() {
+    let origin = Origin::new();
+    let upstream: http::Uri = format!("http://{}", origin.spawn().await).parse().unwrap();
+    let cache = HybridCache::builder().build().await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(caching_proxy::serve_until(
+        listener,
+        upstream,
+        default_layer(&cache),
+        None,
+        async move {
+            let _ = stopped.await;
+        },
+        Duration::from_secs(30),
+    ));
+    // A request the origin holds until its gate opens.
+    let in_flight = tokio::spawn(async move {
+        fetch(
+            &support::client(),
+            "GET",
+            &format!("http://{proxy}/slow?gate=1"),
+            &[],
+        )
+        .await
+    });
+    eventually(
+        "the request at the origin",
+        Duration::from_secs(10),
+        || async { origin.log.calls() == 1 },
+    )
+    .await;
+    stop.send(()).unwrap();
+    // No longer accepting: a new connection is refused (polled: the accept loop
+    // ends on its next turn).
+    eventually(
+        "new connections refused",
+        Duration::from_secs(10),
+        || async { tokio::net::TcpStream::connect(proxy).await.is_err() },
+    )
+    .await;
+    // Still draining: a proxy that returned now would let its process exit under the
+    // request. (The wait can only make a broken drain pass, never a sound one fail:
+    // the drain waits up to its 30 s grace.)
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!server.is_finished(), "returned with a request in flight");
+    origin.gate.add_permits(1);
+    let got = in_flight.await.unwrap();
+    assert_eq!(got.status, http::StatusCode::OK);
+    tokio::time::timeout(Duration::from_secs(10), server)
+        .await
+        .expect("serve_until returned after the drain")
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test]
+async fn the_proxy_serves_its_metrics_beside_the_cache() {
+    // A recorder local to this test's proxy: the process-wide one is not installed.
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    let handle = recorder.handle();
+    let origin = Origin::new();
+    let upstream: http::Uri = format!("http://{}", origin.spawn().await).parse().unwrap();
+    let cache = HybridCache::builder().build().await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy = listener.local_addr().unwrap();
+    tokio::spawn(caching_proxy::serve_until(
+        listener,
+        upstream,
+        default_layer(&cache),
+        Some(handle),
+        std::future::pending(),
+        Duration::ZERO,
+    ));
+    let got = fetch(
+        &support::client(),
+        "GET",
+        &format!("http://{proxy}{}", caching_proxy::METRICS_PATH),
+        &[],
+    )
+    .await;
+    assert_eq!(got.status, http::StatusCode::OK);
+    assert!(got
+        .header("content-type")
+        .unwrap()
+        .starts_with("text/plain"));
+    assert!(
+        got.header("cache-status").is_none(),
+        "not through the cache"
+    );
+    assert_eq!(origin.log.calls(), 0);
 }

@@ -6,21 +6,27 @@
 mod support;
 
 #[allow(dead_code, unreachable_pub)]
-#[path = "../examples/job_match.rs"]
+#[path = "../examples/job_match/main.rs"]
 mod job_match;
 
 use std::time::Duration;
 
 use axum::body::Body;
+use clap::Parser;
 use http::{Request, StatusCode};
 use support::{call, eventually, get};
 use tower_hybrid_cache::HybridCache;
+
+/// A database of its own, seeded with `jobs` jobs and `candidates` candidates.
+fn seeded(jobs: usize, candidates: usize) -> std::sync::Arc<job_match::Data> {
+    job_match::Data::temporary(job_match::Seed { jobs, candidates }).unwrap()
+}
 
 #[tokio::test]
 async fn read_routes_are_cached_with_their_ttls_and_writes_pass_through() {
     let cache = HybridCache::builder().build().await.unwrap();
     let admin = job_match::AdminToken::new(Some("s3cret".to_owned()));
-    let app = job_match::app(&cache, job_match::Data::generate(2_000, 50), admin);
+    let app = job_match::app(&cache, &cache.layer(), seeded(2_000, 50), admin);
 
     let search = "/jobs/search?q=engineer&location=Berlin&page=1&utm_source=mail";
     let first = call(app.clone(), get(search)).await;
@@ -134,7 +140,7 @@ async fn the_admin_routes_are_off_without_a_token() {
     let cache = HybridCache::builder().build().await.unwrap();
     for token in [None, Some(String::new())] {
         let admin = job_match::AdminToken::new(token);
-        let app = job_match::app(&cache, job_match::Data::generate(100, 10), admin);
+        let app = job_match::app(&cache, &cache.layer(), seeded(100, 10), admin);
         call(app.clone(), get("/jobs/1")).await;
         eventually("stored", Duration::from_secs(10), || async {
             call(app.clone(), get("/jobs/1")).await.is_hit()
@@ -151,11 +157,184 @@ async fn the_admin_routes_are_off_without_a_token() {
 
 #[test]
 fn an_empty_redis_url_means_memory_only() {
-    assert_eq!(job_match::redis_url(None), None);
-    assert_eq!(job_match::redis_url(Some(String::new())), None);
-    assert_eq!(job_match::redis_url(Some("  ".to_owned())), None);
+    let parse = |args: &[&str]| {
+        let mut argv = vec!["job_match"];
+        argv.extend_from_slice(args);
+        job_match::Args::try_parse_from(argv).unwrap()
+    };
+    assert_eq!(parse(&[]).cache.redis_url(), None);
+    assert_eq!(parse(&["--redis-url", ""]).cache.redis_url(), None);
+    assert_eq!(parse(&["--redis-url", "  "]).cache.redis_url(), None);
     assert_eq!(
-        job_match::redis_url(Some("redis://127.0.0.1:6379".to_owned())).as_deref(),
+        parse(&["--redis-url", "redis://127.0.0.1:6379"])
+            .cache
+            .redis_url(),
         Some("redis://127.0.0.1:6379")
     );
+}
+
+#[test]
+fn the_database_is_sqlite_in_a_file() {
+    use std::path::PathBuf;
+    let path = |url: Option<&str>| job_match::database_path(url).ok();
+    assert_eq!(path(None), Some(PathBuf::from("job_match.db")));
+    assert_eq!(path(Some("")), Some(PathBuf::from("job_match.db")));
+    assert_eq!(
+        path(Some("sqlite:///var/lib/jobs.db")),
+        Some(PathBuf::from("/var/lib/jobs.db"))
+    );
+    assert_eq!(path(Some("sqlite:jobs.db")), Some(PathBuf::from("jobs.db")));
+    assert_eq!(
+        path(Some("data/jobs.db")),
+        Some(PathBuf::from("data/jobs.db"))
+    );
+    let refused = job_match::database_path(Some("postgres://db/jobs")).unwrap_err();
+    assert!(refused.to_string().contains("SQLite only"), "{refused}");
+}
+
+#[tokio::test]
+async fn every_knob_is_a_flag_and_builds_a_cache() {
+    let redis = support::redis::RedisServer::start();
+    let url = redis.url();
+    let args = job_match::Args::try_parse_from([
+        "job_match",
+        "--listen",
+        "127.0.0.1:0",
+        "--database-url",
+        "sqlite:unused.db",
+        "--redis-url",
+        &url,
+        "--namespace",
+        "flags",
+        "--memory-capacity-bytes",
+        "1048576",
+        "--near-cache",
+        "2s",
+        "--fill-lease",
+        "1s",
+        "--fallback-max-staleness",
+        "10s",
+        "--single-flight-timeout",
+        "3s",
+        "--cache-status-name",
+        "edge",
+        "--redis-deadline",
+        "40ms",
+        "--redis-command-timeout",
+        "40ms",
+        "--redis-connect-timeout",
+        "300ms",
+        "--redis-retries",
+        "2",
+        "--redis-retry-budget",
+        "0.1",
+        "--redis-pool-size",
+        "2",
+        "--redis-max-value-bytes",
+        "65536",
+        "--redis-write-queue",
+        "64",
+        "--redis-probe-interval",
+        "200ms",
+        "--redis-invalidation-ttl",
+        "2m",
+        "--breaker-consecutive-failures",
+        "3",
+        "--breaker-open-for",
+        "500ms",
+        "--max-body-bytes",
+        "65536",
+        "--max-query-bytes",
+        "1024",
+        "--stale-if-error",
+        "30s",
+        "--stale-while-revalidate",
+        "5s",
+        "--targeted-cache-control",
+        "cdn-cache-control",
+        "--forward-targeted-cache-control",
+        "true",
+        "--key-authority",
+        "jobs.example.com",
+        "--ignore-query-params",
+        "utm_*,ref",
+        "--key-headers",
+        "accept-language",
+        "--shutdown-grace",
+        "1s",
+    ])
+    .unwrap();
+    assert_eq!(args.cache.near_cache, Duration::from_millis(2_000));
+    assert_eq!(args.route.ignore_query_params, ["utm_*", "ref"]);
+    let cache = args.cache.build("job_match").await.unwrap();
+    assert_eq!(cache.namespace(), "flags");
+    // The pool size taken: two connections.
+    eventually(
+        "two Redis connections up",
+        Duration::from_secs(10),
+        || async { cache.redis_health().is_some_and(|h| h.connected == 2) },
+    )
+    .await;
+    let base = args.route.layer(&cache).unwrap();
+    let app = job_match::app(
+        &cache,
+        &base,
+        seeded(10, 2),
+        job_match::AdminToken::new(None),
+    );
+    let got = call(app, get("http://other.test/jobs/1?utm_source=x")).await;
+    assert_eq!(got.status, StatusCode::OK);
+    assert!(
+        got.cache_status().starts_with("edge; fwd=uri-miss"),
+        "{}",
+        got.cache_status()
+    );
+    // A flag that does not read is an error, not a default.
+    for bad in [
+        ["--near-cache", "soon"],
+        ["--redis-retries", "-1"],
+        ["--listen", "nowhere"],
+    ] {
+        let mut argv = vec!["job_match"];
+        argv.extend_from_slice(&bad);
+        assert!(job_match::Args::try_parse_from(argv).is_err(), "{bad:?}");
+    }
+    let bad_authority =
+        job_match::Args::try_parse_from(["job_match", "--key-authority", "a b"]).unwrap();
+    assert!(bad_authority.route.layer(&cache).is_err());
+}
+
+#[test]
+fn a_replica_that_finds_the_database_locked_for_long_still_starts() {
+    let path = std::env::temp_dir().join(format!("job_match-locked-{}.db", std::process::id()));
+    let remove = || {
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+        }
+    };
+    remove();
+    // Another process's long write (a replica seeding): held past SQLite's busy wait.
+    let holder = rusqlite::Connection::open(&path).unwrap();
+    holder.execute_batch("BEGIN EXCLUSIVE;").unwrap();
+    let opening = {
+        let path = path.clone();
+        std::thread::spawn(move || {
+            job_match::Data::open(
+                &path,
+                job_match::Seed {
+                    jobs: 20,
+                    candidates: 2,
+                },
+            )
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+        })
+    };
+    let held_until = std::time::Instant::now() + Duration::from_millis(1_500);
+    while std::time::Instant::now() < held_until && !opening.is_finished() {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    holder.execute_batch("COMMIT;").unwrap();
+    assert_eq!(opening.join().unwrap(), Ok(()));
+    remove();
 }

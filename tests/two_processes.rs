@@ -5,44 +5,12 @@
 
 mod support;
 
-use std::net::TcpListener;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use support::process::{example_binary, free_port, Running};
 use support::redis::RedisServer;
 use support::{eventually, fetch, Origin};
-
-/// A child process killed on drop.
-struct Proxy(Child);
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// `cargo test` builds the examples beside the test binaries' `deps` folder.
-fn example_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().and_then(|deps| deps.parent()).unwrap();
-    let binary = profile_dir.join("examples").join("caching_proxy");
-    assert!(
-        binary.exists(),
-        "{} is missing: run through `cargo test`",
-        binary.display()
-    );
-    binary
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 #[tokio::test]
 async fn two_proxy_processes_share_entries_through_redis() {
@@ -50,11 +18,11 @@ async fn two_proxy_processes_share_entries_through_redis() {
     let origin = Origin::new();
     let upstream = origin.spawn().await;
     let ports = [free_port(), free_port()];
-    let _proxies: Vec<Proxy> = ports
+    let _proxies: Vec<Running> = ports
         .iter()
         .map(|port| {
-            Proxy(
-                Command::new(example_binary())
+            Running::new(
+                Command::new(example_binary("caching_proxy"))
                     .args(["--listen", &format!("127.0.0.1:{port}")])
                     .args(["--upstream", &format!("http://{upstream}")])
                     .args(["--redis-url", &redis.url()])

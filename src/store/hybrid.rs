@@ -16,7 +16,7 @@ use crate::breaker::CircuitBreaker;
 use crate::entry::codec::millis_since_epoch;
 use crate::entry::Entry;
 use crate::key::CacheKey;
-use crate::telemetry::{lookup_took, Counter, Counters, TARGET};
+use crate::telemetry::{Counter, Counters, LookupTimers, TARGET};
 
 /// The tiers behind one cache. Clones share them.
 #[derive(Clone)]
@@ -32,6 +32,7 @@ pub(crate) struct HybridStore {
     /// answer.
     failing_since: Arc<AtomicU64>,
     counters: Arc<Counters>,
+    timers: LookupTimers,
 }
 
 impl HybridStore {
@@ -44,6 +45,7 @@ impl HybridStore {
             fallback_bound: None,
             failing_since: Arc::new(AtomicU64::new(0)),
             counters,
+            timers: LookupTimers::register(),
         }
     }
 
@@ -101,7 +103,7 @@ impl HybridStore {
                     read = redis.read(key).await;
                 }
             }
-            lookup_took(Tier::Redis.as_str(), started);
+            self.timers.redis(started);
             if matches!(read, RedisRead::Failed) {
                 let now = millis_since_epoch(SystemTime::now());
                 let _ = self.failing_since.compare_exchange(
@@ -147,7 +149,7 @@ impl HybridStore {
     async fn timed_memory_get(&self, key: &CacheKey) -> Option<Entry> {
         let started = Instant::now();
         let found = self.memory.get(key).await;
-        lookup_took(Tier::Memory.as_str(), started);
+        self.timers.memory(started);
         found
     }
 

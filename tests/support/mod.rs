@@ -269,10 +269,15 @@ pub async fn fetch(
     for (name, value) in headers {
         builder = builder.header(*name, *value);
     }
-    let response = client
-        .request(builder.body(Full::new(Bytes::new())).unwrap())
-        .await
-        .unwrap();
+    send(client, builder.body(Full::new(Bytes::new())).unwrap()).await
+}
+
+/// Sends `request` over a real socket and reads the answer whole.
+pub async fn send(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    request: http::Request<Full<Bytes>>,
+) -> Got {
+    let response = client.request(request).await.unwrap();
     let (parts, body) = response.into_parts();
     Got {
         status: parts.status,
@@ -310,4 +315,5 @@ pub fn get_with(uri: &str, headers: &[(&str, &str)]) -> http::Request<Body> {
     }
     builder.body(Body::empty()).unwrap()
 }
+pub mod process;
 pub mod redis;
