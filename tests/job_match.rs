@@ -338,3 +338,76 @@ fn a_replica_that_finds_the_database_locked_for_long_still_starts() {
     assert_eq!(opening.join().unwrap(), Ok(()));
     remove();
 }
+
+#[tokio::test]
+async fn the_search_in_sqlite_matches_titles_and_skills_by_location_with_its_facets() {
+    let data = seeded(300, 2);
+    // Every job, page by page.
+    let mut all: Vec<serde_json::Value> = Vec::new();
+    for page in 1.. {
+        let found =
+            serde_json::to_value(data.search(String::new(), None, page).await.unwrap()).unwrap();
+        let jobs = found["jobs"].as_array().unwrap().clone();
+        if jobs.is_empty() {
+            break;
+        }
+        all.extend(jobs);
+    }
+    assert_eq!(all.len(), 300);
+    let queries = [
+        "rust", "ENGINEER", "go", "manager", "zz", "%", "_", "ru,st", "",
+    ];
+    let locations = [None, Some("berlin"), Some("BERLIN"), Some("Nowhere")];
+    for q in queries {
+        for location in locations {
+            let q_lower = q.to_lowercase();
+            let expected: Vec<&serde_json::Value> = all
+                .iter()
+                .filter(|job| {
+                    let title = job["title"].as_str().unwrap().to_lowercase();
+                    let skills = job["skills"].as_array().unwrap();
+                    q_lower.is_empty()
+                        || title.contains(&q_lower)
+                        || skills
+                            .iter()
+                            .any(|s| s.as_str().unwrap().contains(&q_lower))
+                })
+                .filter(|job| {
+                    location
+                        .is_none_or(|l| job["location"].as_str().unwrap().eq_ignore_ascii_case(l))
+                })
+                .collect();
+            let found = data
+                .search(q.to_owned(), location.map(str::to_owned), 1)
+                .await
+                .unwrap();
+            let found = serde_json::to_value(found).unwrap();
+            let case = format!("q={q:?} location={location:?}");
+            assert_eq!(
+                found["total"].as_u64().unwrap() as usize,
+                expected.len(),
+                "{case}"
+            );
+            let ids: Vec<&serde_json::Value> = found["jobs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|j| &j["id"])
+                .collect();
+            let expected_ids: Vec<&serde_json::Value> =
+                expected.iter().take(20).map(|j| &j["id"]).collect();
+            assert_eq!(ids, expected_ids, "{case}");
+            let facet_total: u64 = found["facets"]["company"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|pair| pair[1].as_u64().unwrap())
+                .sum();
+            assert_eq!(facet_total as usize, expected.len(), "{case}");
+        }
+    }
+    // An absurd page is an empty page, not an error.
+    let far =
+        serde_json::to_value(data.search(String::new(), None, usize::MAX).await.unwrap()).unwrap();
+    assert!(far["jobs"].as_array().unwrap().is_empty());
+}
