@@ -52,6 +52,7 @@ mod shutdown;
 
 pub use cache_flags::{CacheFlags, RouteFlags};
 pub use metrics_endpoint::METRICS_PATH;
+pub use shutdown::ShutdownFlags;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body the forwarder answers with: the upstream's, or a short error text.
@@ -280,7 +281,7 @@ fn metrics_response(metrics: &PrometheusHandle) -> Response<ProxyBody> {
 /// A caching reverse proxy for one upstream; every flag can also be set by its
 /// variable.
 #[derive(Debug, Parser)]
-#[command(name = "caching_proxy", version, about)]
+#[command(name = "caching_proxy", version)]
 pub struct Args {
     /// Address to listen on.
     #[arg(long, env = "LISTEN", default_value = "127.0.0.1:8080")]
@@ -288,9 +289,9 @@ pub struct Args {
     /// The upstream every request goes to (an absolute `http://` URL).
     #[arg(long, env = "UPSTREAM", value_parser = upstream)]
     pub upstream: Uri,
-    /// How long requests in flight may take to finish after SIGTERM.
-    #[arg(long, env = "SHUTDOWN_GRACE", value_parser = humantime::parse_duration, default_value = "10s")]
-    pub shutdown_grace: Duration,
+    /// How a stop goes.
+    #[command(flatten)]
+    pub shutdown: ShutdownFlags,
     /// How the cache is built.
     #[command(flatten)]
     pub cache: CacheFlags,
@@ -328,7 +329,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         layer,
         Some(metrics),
         shutdown::signal(),
-        args.shutdown_grace,
+        args.shutdown.shutdown_grace,
     )
     .await?;
     cache.shutdown().await;

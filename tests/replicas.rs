@@ -442,3 +442,49 @@ async fn the_replicas_script_balances_replicas_that_see_each_others_writes() {
     drop(script);
     let _ = std::fs::remove_dir_all(&work);
 }
+
+#[tokio::test]
+async fn on_sigterm_a_replica_finishes_its_requests_in_flight_then_exits() {
+    let redis = RedisServer::start();
+    let database = std::env::temp_dir().join(format!("drain-{}.db", std::process::id()));
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", database.display()));
+    }
+    let mut replica = Replica::start(&format!("sqlite://{}", database.display()), &redis.url());
+    replica.ready().await;
+    // A match list scores every job: long enough to be in flight when the signal comes.
+    let url = replica.url("/candidates/11/matches");
+    let in_flight = tokio::spawn(async move { fetch(&support::client(), "GET", &url, &[]).await });
+    // Its lookup done (Redis missed), the handler at work: counted when it answers.
+    eventually("the request in flight", WAIT, || async {
+        let scrape = replica.scrape().await;
+        total(&scrape, "tower_hybrid_cache_lookup_seconds_count").is_some()
+            && total(&scrape, "tower_hybrid_cache_misses_total").is_none()
+    })
+    .await;
+    replica.process.terminate();
+    let got = in_flight.await.unwrap();
+    assert_eq!(got.status, http::StatusCode::OK, "answered, not cut off");
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&got.body)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .len(),
+        20
+    );
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let status = loop {
+        if let Some(status) = replica.process.exited() {
+            break status;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still running after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "{status}");
+    let log = std::fs::read_to_string(&replica.log).unwrap();
+    assert!(log.contains("job_match stopped"), "{log}");
+}

@@ -59,6 +59,7 @@ mod shutdown;
 
 pub use cache_flags::{CacheFlags, RouteFlags};
 pub use data::{database_path, Data, DataError, NewJob, Seed, DEFAULT_SEED};
+pub use shutdown::ShutdownFlags;
 
 #[derive(Deserialize)]
 struct SearchParams {
@@ -270,7 +271,7 @@ pub fn search_router(data: Arc<Data>, cache: Option<&HybridCache>) -> Router {
 
 /// The job-matching API, cached; every flag can also be set by its variable.
 #[derive(Debug, Parser)]
-#[command(name = "job_match", version, about)]
+#[command(name = "job_match", version)]
 pub struct Args {
     /// Address to listen on.
     #[arg(long, env = "ADDR", default_value = "127.0.0.1:3000")]
@@ -282,9 +283,9 @@ pub struct Args {
     /// Bearer token of `/admin/purge`; unset or empty: the route answers 404.
     #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
-    /// How long requests in flight may take to finish after SIGTERM.
-    #[arg(long, env = "SHUTDOWN_GRACE", value_parser = humantime::parse_duration, default_value = "10s")]
-    pub shutdown_grace: Duration,
+    /// How a stop goes.
+    #[command(flatten)]
+    pub shutdown: ShutdownFlags,
     /// How the cache is built.
     #[command(flatten)]
     pub cache: CacheFlags,
@@ -331,7 +332,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Once the signal came, requests in flight get the grace period, no more.
     let drained = async {
         let _ = stopped.await;
-        tokio::time::sleep(args.shutdown_grace).await;
+        tokio::time::sleep(args.shutdown.shutdown_grace).await;
     };
     tokio::select! {
         served = server => served??,

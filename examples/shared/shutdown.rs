@@ -1,6 +1,17 @@
 //! When the examples stop: on SIGTERM (what a process manager or Kubernetes sends)
-//! or Ctrl-C, they stop accepting, let requests in flight finish, then close the
-//! cache's Redis connections (`HybridCache::shutdown`).
+//! or Ctrl-C, they stop accepting, let requests in flight finish (for
+//! [`ShutdownFlags::shutdown_grace`] at most), then close the cache's Redis
+//! connections (`HybridCache::shutdown`).
+
+use std::time::Duration;
+
+/// How a stop goes.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ShutdownFlags {
+    /// How long requests in flight may take to finish after SIGTERM.
+    #[arg(long, env = "SHUTDOWN_GRACE", value_parser = humantime::parse_duration, default_value = "10s")]
+    pub shutdown_grace: Duration,
+}
 
 /// Completes on SIGTERM or Ctrl-C.
 pub async fn signal() {
