@@ -95,4 +95,25 @@ async fn two_proxy_processes_share_entries_through_redis() {
         break;
     }
     assert!(shared, "no entry reached Redis through the first process");
+    // The second process's own metrics, scraped as Prometheus would: the Redis hit.
+    let metrics = fetch(
+        &client,
+        "GET",
+        &format!("http://127.0.0.1:{}/metrics", ports[1]),
+        &[],
+    )
+    .await;
+    assert_eq!(metrics.status, http::StatusCode::OK);
+    assert!(metrics.cache_status().is_empty(), "never through the cache");
+    let text = metrics.text();
+    for line in [
+        "tower_hybrid_cache_hits_total 1",
+        "tower_hybrid_cache_lookup_seconds_count{tier=\"redis\"}",
+        "tower_hybrid_cache_breaker_state 0",
+    ] {
+        assert!(
+            text.lines().any(|l| l.starts_with(line)),
+            "{line} in:\n{text}"
+        );
+    }
 }

@@ -160,6 +160,15 @@ pub(crate) struct Permit {
     probe: bool,
 }
 
+/// The gauge's value of `state`: 0 closed, 1 half-open, 2 open.
+fn gauge_value(state: &State) -> f64 {
+    match state {
+        State::Closed => 0.0,
+        State::HalfOpen { .. } => 1.0,
+        State::Open { .. } => 2.0,
+    }
+}
+
 impl CircuitBreaker {
     pub(crate) fn new(config: BreakerConfig) -> Self {
         CircuitBreaker {
@@ -339,15 +348,16 @@ impl CircuitBreaker {
         self.enter(inner, state, "half-open");
     }
 
+    /// Sets the state gauge to the state now: a scrape shows the breaker from the
+    /// start, not only after its first transition.
+    pub(crate) fn report_state(&self) {
+        metrics::gauge!(BREAKER_STATE).set(gauge_value(&self.lock().state));
+    }
+
     fn enter(&self, inner: &mut Inner, state: State, name: &'static str) {
         self.closed
             .store(matches!(state, State::Closed), Ordering::Release);
-        let gauge = match state {
-            State::Closed => 0.0,
-            State::HalfOpen { .. } => 1.0,
-            State::Open { .. } => 2.0,
-        };
-        metrics::gauge!(BREAKER_STATE).set(gauge);
+        metrics::gauge!(BREAKER_STATE).set(gauge_value(&state));
         metrics::counter!(BREAKER_TRANSITIONS).increment(1);
         inner.state = state;
         inner.transitions += 1;

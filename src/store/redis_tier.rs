@@ -108,7 +108,9 @@ impl RedisTier {
         } else {
             breaker.count_errors_if(counts_against_redis)
         };
-        store.drive(breaker.breaker());
+        let driven = breaker.breaker();
+        driven.report_state();
+        store.drive(driven);
         spawn_listener(store.invalidations(), store.closed(), memory.clone());
         let store = Arc::new(store);
         spawn_reseed(
