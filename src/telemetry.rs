@@ -5,7 +5,8 @@
 //! `detail`, inside a span per request ([`request_span`]) that carries the outcome.
 //! Every counter is both a plain atomic read through
 //! [`HybridCache::stats`](crate::HybridCache::stats) and a counter of the `metrics`
-//! facade (for whatever recorder the application installs), named
+//! facade (for the recorder the application installed before building the cache:
+//! the handles are registered then), named
 //! `tower_hybrid_cache_<field>_total` after the [`CacheStats`] field; the circuit
 //! breaker reports `tower_hybrid_cache_breaker_state` (0 closed, 1 half-open, 2 open)
 //! and `tower_hybrid_cache_breaker_transitions_total`; `tower_hybrid_cache_lookup_seconds`
@@ -76,8 +77,11 @@ pub struct CacheStats {
     pub redis_reseeds: u64,
 }
 
-#[derive(Debug, Default)]
+/// What the cache counts: atomics for [`CacheStats`], and a `metrics` handle per
+/// counter, registered with the recorder installed when the cache is built (one
+/// `counter!` per count builds and hashes its key: about 200 instructions a hit).
 pub(crate) struct Counters {
+    handles: [metrics::Counter; COUNTERS],
     hits: AtomicU64,
     misses: AtomicU64,
     bypasses: AtomicU64,
@@ -99,6 +103,67 @@ pub(crate) struct Counters {
     redis_replays_refused: AtomicU64,
     redis_reseeds: AtomicU64,
 }
+
+impl std::fmt::Debug for Counters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Counters").field(&self.snapshot()).finish()
+    }
+}
+
+impl Default for Counters {
+    fn default() -> Self {
+        Counters {
+            handles: ALL.map(|counter| metrics::counter!(counter.metric_name())),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+            bypasses: AtomicU64::new(0),
+            stores: AtomicU64::new(0),
+            not_stored: AtomicU64::new(0),
+            coalesced: AtomicU64::new(0),
+            redis_writes: AtomicU64::new(0),
+            redis_errors: AtomicU64::new(0),
+            redis_writes_dropped: AtomicU64::new(0),
+            redis_retries: AtomicU64::new(0),
+            retry_budget_exhausted: AtomicU64::new(0),
+            redis_deadline_hits: AtomicU64::new(0),
+            redis_breaker_rejections: AtomicU64::new(0),
+            fallback_hits: AtomicU64::new(0),
+            redis_reads_shared: AtomicU64::new(0),
+            invalidations: AtomicU64::new(0),
+            redis_replays: AtomicU64::new(0),
+            redis_removals_folded: AtomicU64::new(0),
+            redis_replays_refused: AtomicU64::new(0),
+            redis_reseeds: AtomicU64::new(0),
+        }
+    }
+}
+
+/// How many counters there are.
+const COUNTERS: usize = 20;
+
+/// Every counter, in declaration order (its index in `Counters::handles`).
+const ALL: [Counter; COUNTERS] = [
+    Counter::Hit,
+    Counter::Miss,
+    Counter::Bypass,
+    Counter::Store,
+    Counter::NotStored,
+    Counter::Coalesced,
+    Counter::RedisWrite,
+    Counter::RedisError,
+    Counter::RedisWriteDropped,
+    Counter::RedisRetry,
+    Counter::RetryBudgetExhausted,
+    Counter::RedisDeadlineHit,
+    Counter::RedisBreakerRejection,
+    Counter::FallbackHit,
+    Counter::RedisReadShared,
+    Counter::Invalidation,
+    Counter::RedisReplay,
+    Counter::RedisRemovalFolded,
+    Counter::RedisReplayRefused,
+    Counter::RedisReseed,
+];
 
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Counter {
@@ -151,6 +216,9 @@ impl Counter {
         }
     }
 }
+
+/// A counter that records nothing (for an index `ALL` would not have).
+static NOOP: metrics::Counter = metrics::Counter::noop();
 
 /// The breaker's state as a gauge value.
 pub(crate) const BREAKER_STATE: &str = "tower_hybrid_cache_breaker_state";
@@ -229,13 +297,22 @@ impl Counters {
     pub(crate) fn add_n(&self, counter: Counter, n: usize) {
         if n > 0 {
             self.cell(counter).fetch_add(n as u64, Ordering::Relaxed);
-            metrics::counter!(counter.metric_name()).increment(n as u64);
+            self.handle(counter).increment(n as u64);
         }
     }
 
     pub(crate) fn add(&self, counter: Counter) {
         self.cell(counter).fetch_add(1, Ordering::Relaxed);
-        metrics::counter!(counter.metric_name()).increment(1);
+        self.handle(counter).increment(1);
+    }
+
+    fn handle(&self, counter: Counter) -> &metrics::Counter {
+        // `ALL` lists every variant in declaration order: the discriminant is the
+        // index (checked by the tests).
+        match self.handles.get(counter as usize) {
+            Some(handle) => handle,
+            None => &NOOP,
+        }
     }
 
     fn cell(&self, counter: Counter) -> &AtomicU64 {
@@ -294,39 +371,19 @@ mod tests {
     use super::*;
     use metrics_util::debugging::{DebugValue, DebuggingRecorder};
 
-    const ALL: [Counter; 20] = [
-        Counter::Hit,
-        Counter::Miss,
-        Counter::Bypass,
-        Counter::Store,
-        Counter::NotStored,
-        Counter::Coalesced,
-        Counter::RedisWrite,
-        Counter::RedisError,
-        Counter::RedisWriteDropped,
-        Counter::RedisRetry,
-        Counter::RetryBudgetExhausted,
-        Counter::RedisDeadlineHit,
-        Counter::RedisBreakerRejection,
-        Counter::FallbackHit,
-        Counter::RedisReadShared,
-        Counter::Invalidation,
-        Counter::RedisReplay,
-        Counter::RedisRemovalFolded,
-        Counter::RedisReplayRefused,
-        Counter::RedisReseed,
-    ];
-
     #[test]
     fn every_counter_has_its_own_field_and_metric_named_after_it() {
         let recorder = DebuggingRecorder::new();
         let snapshotter = recorder.snapshotter();
-        let counters = Counters::default();
         // Counter i is added i + 1 times, so that each field's value names its counter.
-        metrics::with_local_recorder(&recorder, || {
+        // The handles are registered when the counters are made: with the recorder.
+        let counters = metrics::with_local_recorder(&recorder, || {
+            let counters = Counters::default();
             for (i, counter) in ALL.iter().enumerate() {
+                assert_eq!(*counter as usize, i, "ALL is in declaration order");
                 counters.add_n(*counter, i + 1);
             }
+            counters
         });
         let s = counters.snapshot();
         let fields = [

@@ -358,6 +358,8 @@ impl HybridCacheBuilder {
     }
 
     /// Builds the cache and starts its housekeeping task on the current tokio runtime.
+    /// Its `metrics` counters and histograms are registered here, with the recorder
+    /// installed now: install yours (Prometheus, StatsD, …) before this.
     ///
     /// # Errors
     ///

@@ -37,8 +37,9 @@ pin_project! {
 }
 
 impl<F, B, E> ResponseFuture<F, B, E> {
-    /// The inner future (polled in the request's `span`), plus `cache_status`; `strip` is the route when it hides
-    /// fields from the client (its tag header, its targeted cache-control fields).
+    /// The inner future (polled in the request's `span`), plus `cache_status`;
+    /// `strip` is the route when it hides fields from the client (its tag header, its
+    /// targeted cache-control fields).
     pub(crate) fn bypass(
         future: F,
         cache_status: Option<HeaderValue>,
