@@ -1,7 +1,8 @@
 //! HTTP load benchmark: the layer against its baselines, in one run on one machine.
 //!
 //! `cargo bench --bench http_load` (options after `--`: `--seconds 2 --rounds 10
-//! --connections 32 --memory-requests 200000`).
+//! --connections 32 --memory-requests 200000`, and `--http2` for the load over HTTP/2
+//! with prior knowledge).
 //!
 //! - (a) a handler returning pre-rendered bytes;
 //! - (b) the same route behind the layer, every request a memory hit; (b‴) the same
@@ -77,6 +78,11 @@ struct Args {
     redis_cpu: Option<usize>,
 }
 
+/// Whether the load generator speaks HTTP/2 with prior knowledge (`--http2`) instead
+/// of HTTP/1.1: one stream at a time on each connection, as HTTP/1.1 does, so that the
+/// two protocols see the same concurrency.
+static HTTP2: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 fn args() -> Args {
     let mut args = Args {
         only: Vec::new(),
@@ -105,6 +111,9 @@ fn args() -> Args {
     }
     if let Some(v) = value("--redis-cpu") {
         args.redis_cpu = Some(v.parse().expect("--redis-cpu N"));
+    }
+    if std::env::args().any(|a| a == "--http2") {
+        HTTP2.store(true, Ordering::Relaxed);
     }
     if let Some(v) = value("--memory-requests") {
         args.memory_requests = v.parse().expect("--memory-requests N");
@@ -159,7 +168,47 @@ struct Run {
     p99_us: u32,
 }
 
-/// Drives `connections` keep-alive HTTP/1.1 connections for `seconds`. With
+/// One connection of the load generator, HTTP/1.1 or (`--http2`) HTTP/2.
+enum Sender {
+    Http1(hyper::client::conn::http1::SendRequest<Empty<Bytes>>),
+    Http2(hyper::client::conn::http2::SendRequest<Empty<Bytes>>),
+}
+
+impl Sender {
+    async fn connect(stream: tokio::net::TcpStream) -> Self {
+        let io = TokioIo::new(stream);
+        if HTTP2.load(Ordering::Relaxed) {
+            let (sender, conn) =
+                hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+                    .await
+                    .unwrap();
+            tokio::spawn(conn);
+            Sender::Http2(sender)
+        } else {
+            let (sender, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+            tokio::spawn(conn);
+            Sender::Http1(sender)
+        }
+    }
+
+    async fn send(
+        &mut self,
+        request: Request<Empty<Bytes>>,
+    ) -> http::Response<hyper::body::Incoming> {
+        match self {
+            Sender::Http1(sender) => {
+                sender.ready().await.unwrap();
+                sender.send_request(request).await.unwrap()
+            }
+            Sender::Http2(sender) => {
+                sender.ready().await.unwrap();
+                sender.send_request(request).await.unwrap()
+            }
+        }
+    }
+}
+
+/// Drives `connections` keep-alive HTTP/1.1 (or HTTP/2) connections for `seconds`. With
 /// `urls` saying which URL each request asks for.
 async fn load(
     addr: SocketAddr,
@@ -178,11 +227,7 @@ async fn load(
             tokio::spawn(async move {
                 let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
                 stream.set_nodelay(true).unwrap();
-                let (mut sender, conn) =
-                    hyper::client::conn::http1::handshake(TokioIo::new(stream))
-                        .await
-                        .unwrap();
-                tokio::spawn(conn);
+                let mut sender = Sender::connect(stream).await;
                 let mut latencies = Vec::with_capacity(100_000);
                 while Instant::now() < deadline {
                     let sep = if path.contains('?') { '&' } else { '?' };
@@ -201,8 +246,7 @@ async fn load(
                         .body(Empty::<Bytes>::new())
                         .unwrap();
                     let sent = Instant::now();
-                    sender.ready().await.unwrap();
-                    let response = sender.send_request(request).await.unwrap();
+                    let response = sender.send(request).await;
                     assert!(response.status().is_success());
                     let body = response.into_body().collect().await.unwrap().to_bytes();
                     assert!(!body.is_empty());
