@@ -452,26 +452,39 @@ async fn on_sigterm_a_replica_finishes_its_requests_in_flight_then_exits() {
     }
     let mut replica = Replica::start(&format!("sqlite://{}", database.display()), &redis.url());
     replica.ready().await;
-    // A match list scores every job: long enough to be in flight when the signal comes.
-    let url = replica.url("/candidates/11/matches");
-    let in_flight = tokio::spawn(async move { fetch(&support::client(), "GET", &url, &[]).await });
-    // Its lookup done (Redis missed), the handler at work: counted when it answers.
+    // A POST whose body is half sent: its handler waits for the rest, so the request
+    // is in flight for as long as this test says (the layer counted it on arrival).
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let body = br#"{"title":"Zig wrangler","company":"Acme","location":"Lisbon","skills":["zig"]}"#;
+    let (first, rest) = body.split_at(body.len() / 2);
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", replica.port))
+        .await
+        .unwrap();
+    let head = format!(
+        "POST /jobs HTTP/1.1\r\nhost: replica\r\nconnection: close\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(first).await.unwrap();
     eventually("the request in flight", WAIT, || async {
-        let scrape = replica.scrape().await;
-        total(&scrape, "tower_hybrid_cache_lookup_seconds_count").is_some()
-            && total(&scrape, "tower_hybrid_cache_misses_total").is_none()
+        total(&replica.scrape().await, "tower_hybrid_cache_bypasses_total").is_some()
     })
     .await;
     replica.process.terminate();
-    let got = in_flight.await.unwrap();
-    assert_eq!(got.status, http::StatusCode::OK, "answered, not cut off");
-    assert_eq!(
-        serde_json::from_slice::<serde_json::Value>(&got.body)
-            .unwrap()
-            .as_array()
-            .unwrap()
-            .len(),
-        20
+    // Still running: the drain waits for the request. (The wait can only make a
+    // broken drain pass, never a sound one fail.)
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        replica.process.exited().is_none(),
+        "exited with a request in flight"
+    );
+    stream.write_all(rest).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 201"),
+        "answered, not cut off: {answer}"
     );
     let deadline = tokio::time::Instant::now() + WAIT;
     let status = loop {
