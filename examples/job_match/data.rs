@@ -251,6 +251,10 @@ impl Data {
     /// when it holds no jobs: the first of several replicas starting together seeds,
     /// the others find the data.
     pub fn open(path: &Path, seed: Seed) -> Result<Arc<Self>, DataError> {
+        Self::connect(path, seed).map(Arc::new)
+    }
+
+    fn connect(path: &Path, seed: Seed) -> Result<Self, DataError> {
         let manager = SqliteConnectionManager::file(path).with_init(|c| {
             // Replicas write the same file: wait for another's write lock rather
             // than fail with SQLITE_BUSY.
@@ -264,7 +268,7 @@ impl Data {
         initialise(&mut setup, seed)?;
         drop(setup);
         let pool = r2d2::Pool::builder().max_size(8).build(manager)?;
-        Ok(Arc::new(Data { pool, owned: None }))
+        Ok(Data { pool, owned: None })
     }
 
     /// A database of its own in a new temporary file, removed when dropped (tests
@@ -278,9 +282,7 @@ impl Data {
             NEXT.fetch_add(1, Ordering::Relaxed)
         ));
         let _ = std::fs::remove_file(&path);
-        let opened = Data::open(&path, seed)?;
-        let mut data = Arc::try_unwrap(opened)
-            .map_err(|_| DataError::Other("a new database handle is shared".to_owned()))?;
+        let mut data = Data::connect(&path, seed)?;
         data.owned = Some(path);
         Ok(Arc::new(data))
     }

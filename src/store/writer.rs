@@ -48,29 +48,24 @@ pub(crate) fn spawn_writer(
             // before it.
             let mut sets = Vec::new();
             for write in batch.drain(..) {
+                if !matches!(write, QueuedWrite::Set(..)) {
+                    send_sets(
+                        &writer,
+                        std::mem::take(&mut sets),
+                        (&pending, &counters),
+                        &replay,
+                    )
+                    .await;
+                }
                 match write {
                     QueuedWrite::Set(key, entry, started) => sets.push((key, entry, started)),
                     QueuedWrite::Release(key, token) => {
-                        send_sets(
-                            &writer,
-                            std::mem::take(&mut sets),
-                            (&pending, &counters),
-                            &replay,
-                        )
-                        .await;
                         let _ = writer
                             .clone()
                             .oneshot(StoreRequest::release(key, token))
                             .await;
                     }
                     QueuedWrite::Delete(key) => {
-                        send_sets(
-                            &writer,
-                            std::mem::take(&mut sets),
-                            (&pending, &counters),
-                            &replay,
-                        )
-                        .await;
                         let request = StoreRequest::delete(key);
                         if let Err(e) = writer.clone().oneshot(request.clone()).await {
                             count_failure(&counters, &e);
