@@ -1,18 +1,18 @@
 //! Per-key single-flight: the first miss for a key leads, the rest wait for its store
 //! (or its failure) and look again.
 
-use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::key::CacheKey;
+use crate::key::{CacheKey, KeyMap};
 
 /// The keys being fetched, each with the signal its followers wait on.
 #[derive(Default)]
 pub(crate) struct SingleFlight {
-    flights: Arc<Mutex<HashMap<CacheKey, watch::Receiver<()>>>>,
+    flights: Arc<Mutex<KeyMap<watch::Receiver<()>>>>,
 }
 
 /// A request's place in the flight of its key.
@@ -29,11 +29,12 @@ impl SingleFlight {
             .flights
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(rx) = flights.get(&key) {
-            return Flight::Follower(Follower(rx.clone()));
-        }
+        let slot = match flights.entry(key) {
+            Entry::Occupied(flight) => return Flight::Follower(Follower(flight.get().clone())),
+            Entry::Vacant(slot) => slot,
+        };
         let (tx, rx) = watch::channel(());
-        flights.insert(key, rx);
+        slot.insert(rx);
         Flight::Leader(FlightGuard {
             key,
             tx: Some(tx),
@@ -53,7 +54,7 @@ impl SingleFlight {
 pub(crate) struct FlightGuard {
     key: CacheKey,
     tx: Option<watch::Sender<()>>,
-    flights: Arc<Mutex<HashMap<CacheKey, watch::Receiver<()>>>>,
+    flights: Arc<Mutex<KeyMap<watch::Receiver<()>>>>,
     /// Gives back the cross-replica fill lease, when this flight holds one.
     on_release: Option<Box<dyn FnOnce() + Send + Sync>>,
 }
@@ -74,9 +75,10 @@ impl Drop for FlightGuard {
             .flights
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let (Some(rx), Some(tx)) = (flights.get(&self.key), self.tx.as_ref()) {
-            if rx.same_channel(&tx.subscribe()) {
-                flights.remove(&self.key);
+        // The key's flight may be a later one (this one abandoned and replaced).
+        if let (Entry::Occupied(flight), Some(tx)) = (flights.entry(self.key), self.tx.as_ref()) {
+            if flight.get().same_channel(&tx.subscribe()) {
+                flight.remove();
             }
         }
         drop(flights);

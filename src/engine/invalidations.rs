@@ -67,6 +67,11 @@ impl Invalidations {
 
     /// Whether `key`, or one of `tags`, or everything, was invalidated after `since`.
     pub(crate) async fn since(&self, key: &CacheKey, tags: &[String], since: u64) -> bool {
+        // Every invalidation takes a new sequence number before it is recorded: none
+        // taken since means none to look up (the usual fill asks no table at all).
+        if self.seq.load(Ordering::SeqCst) <= since {
+            return false;
+        }
         if self.purged.load(Ordering::SeqCst) > since {
             return true;
         }

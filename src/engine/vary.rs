@@ -43,11 +43,11 @@ impl Engine {
     pub(super) async fn store_response(
         &self,
         primary: CacheKey,
-        response: CachedResponse,
+        response: Arc<CachedResponse>,
         started: SystemTime,
     ) {
         if response.vary.is_empty() {
-            let entry = Entry::Response(Arc::new(response));
+            let entry = Entry::Response(response);
             self.store.put(primary, entry, started).await;
             return;
         }
@@ -64,7 +64,7 @@ impl Engine {
             }
         }
         let variant = variant_key(&primary, generation, &response.vary);
-        let entry = Entry::Response(Arc::new(response));
+        let entry = Entry::Response(response);
         self.store.put(variant, entry, started).await;
         let index = Entry::Variants(Arc::new(VaryIndex {
             names,

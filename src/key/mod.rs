@@ -11,6 +11,15 @@ pub(crate) mod canonical;
 
 use canonical::{write_canonical_path, write_canonical_query};
 
+/// The hasher of the in-process tables keyed by [`CacheKey`] (the memory tier, the
+/// flights, the invalidation marks): foldhash with a random seed. A key is a digest
+/// of a URL a client chose, so the seed is what keeps keys from being picked to
+/// collide; SipHash, the standard one, cost about 1 400 instructions a miss here.
+pub(crate) type KeyHasher = foldhash::fast::RandomState;
+
+/// A `HashMap` keyed by [`CacheKey`], with [`KeyHasher`].
+pub(crate) type KeyMap<V> = std::collections::HashMap<CacheKey, V, KeyHasher>;
+
 /// The identity of a stored response: a BLAKE3 digest of the method (HEAD counts as
 /// GET), the authority, the path and query in canonical form, the route's extra key
 /// headers and, for a variant, the request's values of the headers the response

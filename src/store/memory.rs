@@ -7,12 +7,12 @@ use moka::future::Cache;
 use moka::Expiry;
 
 use crate::entry::Entry;
-use crate::key::CacheKey;
+use crate::key::{CacheKey, KeyHasher};
 
 /// The memory tier. Cloning shares the same cache.
 #[derive(Clone)]
 pub(crate) struct MemoryStore {
-    cache: Cache<CacheKey, Entry>,
+    cache: Cache<CacheKey, Entry, KeyHasher>,
 }
 
 /// An entry lives until it can no longer be served, or, as a near cache in front of
@@ -67,7 +67,7 @@ impl MemoryStore {
             .expire_after(EntryExpiry { local_ttl })
             // For `invalidate_tag`: entries are found by their tags, not their keys.
             .support_invalidation_closures()
-            .build();
+            .build_with_hasher(KeyHasher::default());
         MemoryStore { cache }
     }
 

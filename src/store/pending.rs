@@ -4,19 +4,18 @@
 //! a hit from the moment it is stored, and Redis stays the shared truth (an
 //! invalidation that refused the write, or removed it since, still wins).
 
-use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::sync::futures::OwnedNotified;
 use tokio::sync::Notify;
 
-use crate::key::CacheKey;
+use crate::key::{CacheKey, KeyMap};
 
 /// Keys with writes in the writer's hands, each with how many and who waits.
 #[derive(Default)]
 pub(crate) struct PendingWrites {
-    keys: Mutex<HashMap<CacheKey, (u32, Arc<Notify>)>>,
+    keys: Mutex<KeyMap<(u32, Arc<Notify>)>>,
 }
 
 impl PendingWrites {

@@ -8,7 +8,6 @@
 //! so nothing another replica wrote or invalidated before the lookup arrived can be
 //! missed, as with a read of its own.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -18,7 +17,7 @@ use std::task::{Context, Poll};
 use futures_util::future::{BoxFuture, FutureExt, Shared, WeakShared};
 use tokio::sync::Notify;
 
-use crate::key::CacheKey;
+use crate::key::{CacheKey, KeyMap};
 
 /// Keys with a read on its way or waiting. Cloning shares the state.
 pub(crate) struct ReadFlights<V> {
@@ -39,7 +38,7 @@ struct FlightState<V> {
 }
 
 struct Flights<V> {
-    by_key: HashMap<CacheKey, Flight<V>>,
+    by_key: KeyMap<Flight<V>>,
     /// Size past which flights nobody waits for any more are swept out.
     sweep_at: usize,
 }
@@ -178,7 +177,7 @@ impl<V: Clone + Send + Sync + 'static> ReadFlights<V> {
         ReadFlights {
             state: Arc::new(FlightState {
                 flights: Mutex::new(Flights {
-                    by_key: HashMap::new(),
+                    by_key: KeyMap::default(),
                     sweep_at: FIRST_SWEEP,
                 }),
                 next_id: AtomicU64::new(0),

@@ -1,0 +1,53 @@
+//! Stored misses through the layer, N of them (first argument, default 10 000), each on
+//! a URL of its own, for an instruction-count A/B under callgrind (BENCHMARKS.md,
+//! "Miss path, instructions"): the key, the single-flight entry, the origin call, the
+//! body's tee, the entry built and stored in memory, moka's insert and eviction.
+//!
+//! ```text
+//! cargo bench --bench miss_instructions --no-run   # prints the binary's path
+//! valgrind --tool=callgrind <binary> 2000; valgrind --tool=callgrind <binary> 12000
+//! # per miss: (Ir(12000) - Ir(2000)) / 10000
+//! ```
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use tower::{Service, ServiceExt};
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let misses: usize = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(10_000);
+    let cache = tower_hybrid_cache::HybridCache::builder()
+        .build()
+        .await
+        .unwrap();
+    let body = Bytes::from(vec![b'j'; 3 * 1024]);
+    let origin = tower::service_fn(
+        move |_request: Request<tower_hybrid_cache::layer::RequestBody<Full<Bytes>>>| {
+            let body = body.clone();
+            async move { Ok::<_, Infallible>(Response::new(Full::new(body))) }
+        },
+    );
+    let mut service = tower::Layer::layer(&cache.layer().ttl(Duration::from_secs(3600)), origin);
+    for page in 0..misses {
+        let request = Request::get(format!("http://api.test/jobs/search?q=rust&page={page}"))
+            .header("accept", "*/*")
+            .header("user-agent", "bench")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let response = service.ready().await.unwrap().call(request).await.unwrap();
+        response.into_body().collect().await.unwrap();
+        // Let the background store run now, as a server's runtime would.
+        tokio::task::yield_now().await;
+    }
+    cache.run_pending_tasks().await;
+    assert_eq!(cache.stats().stores, misses as u64, "every miss stored");
+}
