@@ -24,7 +24,9 @@
 //! - (i) memory hits on a memory-only layer and (j) the same on a layer whose Redis
 //!   was killed (breaker open): the degraded mode;
 //! - memory: resident size before and after a load of unique URLs that stores far
-//!   more than the configured capacity.
+//!   more than the configured capacity (`--memory-body BYTES`, default 4096, and
+//!   `--memory-json` for axum `Json` bodies; run it alone, `--only memory`, in a
+//!   process of its own for each size).
 //!
 //! The Redis pairs start their own `redis-server` (it must be on PATH);
 //! `BENCH_REDIS_STATS=1` prints its `INFO commandstats` after the rounds. `--side 0|1`
@@ -43,6 +45,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::Query;
+use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 use bytes::Bytes;
@@ -71,6 +74,11 @@ struct Args {
     rounds: usize,
     connections: usize,
     memory_requests: usize,
+    /// The body size of the memory run's responses (`--memory-body`, bytes).
+    memory_body: usize,
+    /// The memory run's handler answers with axum's `Json` (a buffer grown while
+    /// serialising, with room to spare) instead of an exact `Vec` (`--memory-json`).
+    memory_json: bool,
     side: Option<usize>,
     /// Pins the bench's redis-server to this CPU (`taskset`), for runs where the bench
     /// itself is pinned to others: Redis then takes no CPU from the server under test,
@@ -90,6 +98,8 @@ fn args() -> Args {
         rounds: 10,
         connections: 32,
         memory_requests: 200_000,
+        memory_body: 4096,
+        memory_json: false,
         side: None,
         redis_cpu: None,
     };
@@ -118,6 +128,10 @@ fn args() -> Args {
     if let Some(v) = value("--memory-requests") {
         args.memory_requests = v.parse().expect("--memory-requests N");
     }
+    if let Some(v) = value("--memory-body") {
+        args.memory_body = v.parse().expect("--memory-body BYTES");
+    }
+    args.memory_json = std::env::args().any(|a| a == "--memory-json");
     args
 }
 
@@ -315,7 +329,7 @@ async fn run(args: Args) {
     let wanted = |label: &str| args.only.is_empty() || args.only.iter().any(|o| o == label);
     // Memory first, while the process has allocated nothing else.
     if wanted("memory") {
-        memory(args.memory_requests).await;
+        memory(&args).await;
     }
     if args.only.iter().all(|o| o == "memory") && !args.only.is_empty() {
         return;
@@ -934,16 +948,26 @@ struct PairResult {
 }
 
 /// Resident size under a load of unique URLs against a small capacity.
-async fn memory(requests: usize) {
+async fn memory(args: &Args) {
     const CAPACITY: u64 = 32 << 20;
+    let (requests, size, json) = (args.memory_requests, args.memory_body, args.memory_json);
     let cache = HybridCache::builder()
         .memory_capacity_bytes(CAPACITY)
         .build()
         .await
         .unwrap();
-    // A fresh 4 KiB body per response, as a real handler makes.
-    let handler =
-        |Query(seed): Query<Seed>| async move { vec![(seed.i.unwrap_or(0) % 251) as u8; 4096] };
+    // A fresh body per response, as a real handler makes: an exact `Vec`, or JSON
+    // serialised into a growing buffer (axum's `Json`).
+    let handler = move |Query(seed): Query<Seed>| async move {
+        let byte = (seed.i.unwrap_or(0) % 26) as u8 + b'a';
+        if json {
+            // `{"d":"…"}`: 8 bytes around the string.
+            let data = String::from_utf8(vec![byte; size.saturating_sub(8)]).unwrap();
+            axum::Json(serde_json::json!({ "d": data })).into_response()
+        } else {
+            vec![byte; size].into_response()
+        }
+    };
     let addr = serve(Router::new().route(
         "/m",
         get(handler).layer(cache.layer().ttl(Duration::from_secs(3600))),
@@ -964,7 +988,8 @@ async fn memory(requests: usize) {
     let stored = cache.stats().stores;
     println!();
     println!(
-        "| memory: 4 KiB bodies, unique URLs, capacity {} MiB | value |",
+        "| memory: {size} B bodies{}, unique URLs, capacity {} MiB | value |",
+        if json { " (axum `Json`)" } else { "" },
         CAPACITY >> 20
     );
     println!("|---|---|");
@@ -975,7 +1000,7 @@ async fn memory(requests: usize) {
     );
     println!(
         "| responses stored | {stored} ({:.0} MiB of bodies) |",
-        stored as f64 * 4096.0 / 1048576.0
+        stored as f64 * size as f64 / 1048576.0
     );
     println!(
         "| entries held at the end | {} |",
@@ -994,9 +1019,20 @@ async fn memory(requests: usize) {
         "| RSS peak (sampled every 0.25 s) | {:.1} MiB |",
         peak.max(after) as f64 / 1048576.0
     );
+    let growth = (peak.max(after) as f64 - before as f64) / 1048576.0;
     println!(
-        "| RSS peak growth | {:.1} MiB (capacity {} MiB) |",
-        (peak.max(after) as f64 - before as f64) / 1048576.0,
+        "| RSS peak growth | {growth:.1} MiB (capacity {} MiB) |",
         CAPACITY >> 20
+    );
+    let capacity = (CAPACITY >> 20) as f64;
+    println!(
+        "| growth against the target, 1.15 × capacity + 8 MiB = {:.1} MiB | {:.2} |",
+        1.15 * capacity + 8.0,
+        growth / (1.15 * capacity + 8.0)
+    );
+    println!(
+        "| bytes of RSS growth per entry held, against the weigher's | {:.0} against {:.0} |",
+        growth * 1048576.0 / cache.memory_entry_count().max(1) as f64,
+        cache.memory_weighted_size() as f64 / cache.memory_entry_count().max(1) as f64
     );
 }

@@ -70,9 +70,12 @@ impl HybridCacheBuilder {
     /// The cache's name in `Cache-Status` unless set (RFC 9211).
     pub const DEFAULT_CACHE_STATUS_NAME: &'static str = "tower-hybrid-cache";
 
-    /// Sets the most bytes the memory tier holds: bodies, headers and a fixed per-entry
-    /// overhead, as its weigher counts them. Least recently and least frequently used
-    /// entries are evicted past it (moka's TinyLFU). Default 64 MiB.
+    /// Sets the most bytes the memory tier holds: every entry's heap, as its weigher
+    /// counts it (the body, about 200 bytes a header field, about 900 bytes of
+    /// bookkeeping an entry; checked against the allocator's count of what stored
+    /// responses hold). Bodies are stored in buffers of their own size, never as
+    /// slices of larger ones. Least recently and least frequently used entries are
+    /// evicted past it (moka's TinyLFU). Default 64 MiB.
     ///
     /// # Examples
     ///

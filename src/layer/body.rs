@@ -119,17 +119,15 @@ impl Capture {
             len,
             ..
         } = self;
-        let body = match chunks.len() {
-            0 => Bytes::new(),
-            1 => chunks.into_iter().next().unwrap_or_default(),
-            _ => {
-                let mut body = BytesMut::with_capacity(len);
-                for chunk in chunks {
-                    body.extend_from_slice(&chunk);
-                }
-                body.freeze()
-            }
-        };
+        // Copied into one buffer of the body's size, even from a single chunk: a chunk
+        // may be a slice of a larger buffer (axum's `Json` grows one as it
+        // serialises, twice the body at worst; hyper reads a socket into one), all of
+        // which storing the chunk would keep, unweighed, for the entry's life.
+        let mut body = BytesMut::with_capacity(len);
+        for chunk in chunks {
+            body.extend_from_slice(&chunk);
+        }
+        let body = body.freeze();
         fill.entry.complete(body);
         engine.commit(fill);
     }
