@@ -8,8 +8,9 @@ use std::future::Future;
 use std::sync::Arc;
 use std::task::{Context, Waker};
 
-use tokio::runtime::Handle;
 use std::time::SystemTime;
+
+use tokio::runtime::Handle;
 
 use super::flight::FlightGuard;
 use super::Engine;
@@ -120,7 +121,9 @@ mod tests {
     async fn work_done_at_once_needs_no_task_and_the_rest_goes_on_in_one() {
         let done = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&done);
-        run_or_spawn(&Handle::current(), async move { flag.store(true, Ordering::SeqCst) });
+        run_or_spawn(&Handle::current(), async move {
+            flag.store(true, Ordering::SeqCst)
+        });
         assert!(done.load(Ordering::SeqCst), "done in place");
 
         let done = Arc::new(AtomicBool::new(false));
