@@ -10,7 +10,7 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::Router;
 use http::{Request, Response, StatusCode};
-use support::{call, eventually, get, get_with, Origin};
+use support::{call, eventually, get, get_with, Got, Origin};
 use tower::ServiceExt;
 use tower_hybrid_cache::layer::RequestBody;
 use tower_hybrid_cache::{HybridCache, HybridCacheLayer, RequestDirectives, TtlMode};
@@ -507,6 +507,42 @@ async fn one_cache_serves_routes_with_different_settings() {
     let routed = call(app.clone(), get("/routed")).await.cache_status();
     assert!(routed.contains("hit; ttl=4"), "{routed}");
     assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 3);
+}
+
+#[tokio::test]
+async fn a_hit_keeps_every_stored_field_line_in_order() {
+    let (origin, cache) = (Origin::new(), new_cache().await);
+    let app = app(&origin, cache.layer());
+    let url = "http://api.test/lines?h=cache-control:max-age%3D60\
+        &h=link:%3C%2Fa%3E%3B%20rel%3Dpreload&h=x-one:1&h=link:%3C%2Fb%3E%3B%20rel%3Dpreload\
+        &h=x-two:2&h=x-three:3&h=x-four:4&h=x-five:5";
+    let first = call(app.clone(), get(url)).await;
+    stored(&cache, 1).await;
+    let hit = call(app, get(url)).await;
+    assert!(hit.cache_status().contains("hit"), "{}", hit.cache_status());
+    let lines = |got: &Got, name: &str| -> Vec<String> {
+        got.headers
+            .get_all(name)
+            .iter()
+            .map(|v| v.to_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(
+        lines(&hit, "link"),
+        ["</a>; rel=preload", "</b>; rel=preload"]
+    );
+    for name in [
+        "x-one",
+        "x-two",
+        "x-three",
+        "x-four",
+        "x-five",
+        "cache-control",
+    ] {
+        assert_eq!(lines(&hit, name), lines(&first, name), "{name}");
+    }
+    assert_eq!(hit.headers.get_all("age").iter().count(), 1);
+    assert_eq!(hit.headers.get_all("cache-status").iter().count(), 1);
 }
 
 #[tokio::test]
