@@ -7,7 +7,6 @@
 use std::future::Future;
 use std::sync::Arc;
 use std::task::{Context, Waker};
-
 use std::time::SystemTime;
 
 use tokio::runtime::Handle;
