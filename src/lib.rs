@@ -50,8 +50,9 @@
 //! and [`HybridCache::purge_all`] forgets everything, on every replica sharing the
 //! Redis.
 //!
-//! The layer needs a tokio runtime: stores are written by a background task, so the
-//! client never waits for them.
+//! The layer needs a tokio runtime: a store that cannot finish at once (moka's
+//! housekeeping, a lock) goes on in a task, and Redis writes are a background
+//! task's, so the client never waits for them.
 //!
 //! The crate root holds what most applications type; the rest is by area:
 //! [`layer`] (the middleware and its types), [`store`] (what a layer of yours on the

@@ -17,8 +17,9 @@ pin_project! {
     ///
     /// A hit's body is the stored [`Bytes`] (no copy); a response that will not be
     /// stored is the origin's body, polled straight through; a response being stored
-    /// is the origin's body with each chunk also kept (a reference count, not a copy)
-    /// until the end, when the entry is handed to a background task.
+    /// is the origin's body with each chunk also kept (a reference count) until the
+    /// end, when the body is copied into one buffer of its size and the entry stored
+    /// (in memory at once, its Redis write queued for the background writer).
     pub struct CacheBody<B> {
         #[pin]
         kind: Kind<B>,
