@@ -11,8 +11,9 @@ pub(crate) mod canonical;
 
 use canonical::{write_canonical_path, write_canonical_query};
 
-/// The hasher of the in-process tables keyed by [`CacheKey`] (the memory tier, the
-/// flights, the invalidation marks): foldhash with a random seed. A key is a digest
+/// The hasher of the in-process tables keyed by [`CacheKey`] on the request path (the
+/// memory tier, the fill and Redis read flights, the pending writes): foldhash with
+/// a random seed. A key is a digest
 /// of a URL a client chose, so the seed is what keeps keys from being picked to
 /// collide; SipHash, the standard one, cost about 1 400 instructions a miss here.
 pub(crate) type KeyHasher = foldhash::fast::RandomState;

@@ -21,8 +21,8 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
     )
 }
 
-/// The fields of `headers` worth storing. One pass over the names; the usual
-/// response has none to drop and is cloned whole.
+/// The fields of `headers` worth storing: one pass over the names finds those to
+/// drop (the usual response has none).
 pub(crate) fn storable_headers(headers: &HeaderMap) -> HeaderMap {
     let named: Vec<HeaderName> = headers
         .get_all(CONNECTION)
@@ -31,12 +31,11 @@ pub(crate) fn storable_headers(headers: &HeaderMap) -> HeaderMap {
         .filter_map(|name| HeaderName::from_bytes(name.trim_ascii()).ok())
         .collect();
     let dropped = |name: &HeaderName| is_hop_by_hop(name) || name == AGE || named.contains(name);
+    // Empty, and so no allocation, for the usual response.
+    let names: Vec<HeaderName> = headers.keys().filter(|n| dropped(n)).cloned().collect();
     let mut stored = headers.clone();
-    if headers.keys().any(dropped) {
-        let names: Vec<HeaderName> = headers.keys().filter(|n| dropped(n)).cloned().collect();
-        for name in names {
-            stored.remove(name);
-        }
+    for name in names {
+        stored.remove(name);
     }
     stored
 }
