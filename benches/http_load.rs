@@ -50,10 +50,6 @@ use axum::routing::get;
 use axum::Router;
 use bytes::Bytes;
 use http::header::CONTENT_TYPE;
-use http::Request;
-use http_body_util::{BodyExt, Empty};
-use hyper_util::rt::TokioIo;
-use serde::Serialize;
 use tower_hybrid_cache::HybridCache;
 
 #[allow(dead_code, unreachable_pub)]
@@ -64,6 +60,16 @@ mod job_match;
 #[path = "../tests/support/redis.rs"]
 mod redis_support;
 mod support;
+// `Run::requests` is read by the peer comparison only.
+#[allow(dead_code)]
+#[path = "support/load.rs"]
+mod load;
+
+#[path = "support/document.rs"]
+mod document;
+
+use document::{render, Seed};
+use load::{load, median, Run, Urls, HTTP2};
 
 struct Args {
     /// Pairs to run (`hits`, `hits-swr-tags`, `search`, `misses`, `redis`,
@@ -85,11 +91,6 @@ struct Args {
     /// as on a host of its own.
     redis_cpu: Option<usize>,
 }
-
-/// Whether the load generator speaks HTTP/2 with prior knowledge (`--http2`) instead
-/// of HTTP/1.1: one stream at a time on each connection, as HTTP/1.1 does, so that the
-/// two protocols see the same concurrency.
-static HTTP2: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 fn args() -> Args {
     let mut args = Args {
@@ -135,159 +136,11 @@ fn args() -> Args {
     args
 }
 
-#[derive(Serialize, Clone)]
-struct Job {
-    id: u64,
-    title: &'static str,
-    company: &'static str,
-    location: &'static str,
-    skills: [&'static str; 4],
-    salary: u32,
-    score: f64,
-}
-
-/// The JSON document every handler serves (about 3 KB): twenty search results.
-fn render(seed: u64) -> Vec<u8> {
-    let jobs: Vec<Job> = (0..20)
-        .map(|i| Job {
-            id: seed.wrapping_mul(31).wrapping_add(i),
-            title: "Senior backend engineer",
-            company: "Acme Corporation",
-            location: "Berlin, Germany",
-            skills: ["rust", "tokio", "postgres", "kubernetes"],
-            salary: 70_000 + (i as u32) * 1_000,
-            score: 1.0 / (i as f64 + 1.0),
-        })
-        .collect();
-    serde_json::to_vec(&jobs).unwrap()
-}
-
-#[derive(serde::Deserialize)]
-struct Seed {
-    i: Option<u64>,
-}
-
 async fn serve(router: Router) -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
     addr
-}
-
-struct Run {
-    rps: f64,
-    /// CPU µs the whole process (server and load generator) spent per request.
-    cpu_us: f64,
-    p50_us: u32,
-    p99_us: u32,
-}
-
-/// One connection of the load generator, HTTP/1.1 or (`--http2`) HTTP/2.
-enum Sender {
-    Http1(hyper::client::conn::http1::SendRequest<Empty<Bytes>>),
-    Http2(hyper::client::conn::http2::SendRequest<Empty<Bytes>>),
-}
-
-impl Sender {
-    async fn connect(stream: tokio::net::TcpStream) -> Self {
-        let io = TokioIo::new(stream);
-        if HTTP2.load(Ordering::Relaxed) {
-            let (sender, conn) =
-                hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
-                    .await
-                    .unwrap();
-            tokio::spawn(conn);
-            Sender::Http2(sender)
-        } else {
-            let (sender, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
-            tokio::spawn(conn);
-            Sender::Http1(sender)
-        }
-    }
-
-    async fn send(
-        &mut self,
-        request: Request<Empty<Bytes>>,
-    ) -> http::Response<hyper::body::Incoming> {
-        match self {
-            Sender::Http1(sender) => {
-                sender.ready().await.unwrap();
-                sender.send_request(request).await.unwrap()
-            }
-            Sender::Http2(sender) => {
-                sender.ready().await.unwrap();
-                sender.send_request(request).await.unwrap()
-            }
-        }
-    }
-}
-
-/// Drives `connections` keep-alive HTTP/1.1 (or HTTP/2) connections for `seconds`. With
-/// `urls` saying which URL each request asks for.
-async fn load(
-    addr: SocketAddr,
-    path: &'static str,
-    urls: Urls,
-    seconds: f64,
-    connections: usize,
-    counter: Arc<AtomicU64>,
-) -> Run {
-    let deadline = Instant::now() + Duration::from_secs_f64(seconds);
-    let started = Instant::now();
-    let cpu_started = cpu_seconds();
-    let tasks: Vec<_> = (0..connections)
-        .map(|_| {
-            let counter = counter.clone();
-            tokio::spawn(async move {
-                let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-                stream.set_nodelay(true).unwrap();
-                let mut sender = Sender::connect(stream).await;
-                let mut latencies = Vec::with_capacity(100_000);
-                while Instant::now() < deadline {
-                    let sep = if path.contains('?') { '&' } else { '?' };
-                    let uri = match urls {
-                        Urls::Same => path.to_owned(),
-                        Urls::Unique => {
-                            format!("{path}{sep}i={}", counter.fetch_add(1, Ordering::Relaxed))
-                        }
-                        Urls::Spread(n) => format!(
-                            "{path}{sep}i={}",
-                            counter.fetch_add(1, Ordering::Relaxed) % n
-                        ),
-                    };
-                    let request = Request::get(uri)
-                        .header("host", "bench")
-                        .body(Empty::<Bytes>::new())
-                        .unwrap();
-                    let sent = Instant::now();
-                    let response = sender.send(request).await;
-                    assert!(response.status().is_success());
-                    let body = response.into_body().collect().await.unwrap().to_bytes();
-                    assert!(!body.is_empty());
-                    latencies.push(sent.elapsed().as_micros() as u32);
-                }
-                latencies
-            })
-        })
-        .collect();
-    let mut all = Vec::new();
-    for task in tasks {
-        all.extend(task.await.unwrap());
-    }
-    let elapsed = started.elapsed().as_secs_f64();
-    let cpu = cpu_seconds() - cpu_started;
-    all.sort_unstable();
-    let pct = |p: f64| {
-        all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or(0)
-    };
-    Run {
-        rps: all.len() as f64 / elapsed,
-        cpu_us: cpu * 1e6 / all.len().max(1) as f64,
-        p50_us: pct(0.50),
-        p99_us: pct(0.99),
-    }
 }
 
 fn rss_bytes() -> u64 {
@@ -298,27 +151,6 @@ fn rss_bytes() -> u64 {
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|kb| kb.parse::<u64>().ok())
         .map_or(0, |kb| kb * 1024)
-}
-
-/// CPU time (user + system) this process has used: steadier than wall time on a
-/// shared machine, since time stolen by other processes does not count.
-fn cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    // Fields after the parenthesised command name; utime and stime are 14 and 15.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (ticks(11) + ticks(12)) / 100.0
-}
-
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
 }
 
 fn main() {
@@ -927,17 +759,6 @@ struct Pair {
     path: &'static str,
     urls: Urls,
     servers: [SocketAddr; 2],
-}
-
-/// Which URLs a load asks for.
-#[derive(Clone, Copy)]
-enum Urls {
-    /// `path` every time.
-    Same,
-    /// A URL never asked before every time (`?i=` a counter).
-    Unique,
-    /// `?i=` the counter modulo this many: a spread of keys, each asked again.
-    Spread(u64),
 }
 
 #[derive(Default)]
