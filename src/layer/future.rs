@@ -64,7 +64,18 @@ impl<F, B, E> ResponseFuture<F, B, E> {
         }
     }
 
-    pub(crate) fn cached(future: BoxedResponse<B, E>) -> Self {
+    /// `future` boxed, polled in the request's `span` when it is on; when it is off
+    /// (no subscriber wants it), not wrapped at all: the wrapper is a move of the
+    /// whole future (a miss's is large) for nothing.
+    pub(crate) fn cached<Fut>(future: Fut, span: &tracing::Span) -> Self
+    where
+        Fut: Future<Output = Result<Response<CacheBody<B>>, E>> + Send + 'static,
+    {
+        let future: BoxedResponse<B, E> = if span.is_disabled() {
+            Box::pin(future)
+        } else {
+            Box::pin(tracing::Instrument::instrument(future, span.clone()))
+        };
         ResponseFuture {
             kind: Kind::Cached { future },
         }

@@ -11,7 +11,6 @@ use http::header::{CONTENT_LENGTH, HOST, RANGE, TRANSFER_ENCODING};
 use http::{HeaderMap, Method, Request, Response, Uri};
 use http_body::Body;
 use tower::Service;
-use tracing::Instrument;
 
 use super::body::CacheBody;
 use super::fill::{serve_or_fill, spawn_refresh, Prepared};
@@ -234,7 +233,7 @@ where
                 let future = self.inner.call(request.map(RequestBody::new));
                 let engine = Arc::clone(&self.engine);
                 let future = invalidate_after(future, engine, target);
-                ResponseFuture::cached(Box::pin(future.instrument(span.clone())))
+                ResponseFuture::cached(future, &span)
             }
             RequestKind::Bypass(why) => {
                 let status = self.bypass(why);
@@ -254,7 +253,7 @@ where
                 let inner = self.take_inner();
                 let (engine, settings) = (Arc::clone(&self.engine), Arc::clone(&self.settings));
                 let future = serve_query(inner, engine, settings, request);
-                ResponseFuture::cached(Box::pin(future.instrument(span.clone())))
+                ResponseFuture::cached(future, &span)
             }
         }
     }
@@ -326,7 +325,7 @@ impl<S> HybridCacheService<S> {
         let (engine, settings) = (Arc::clone(&self.engine), Arc::clone(&self.settings));
         let request = request.map(RequestBody::new);
         let future = serve_or_fill(inner, engine, settings, request, prepared);
-        ResponseFuture::cached(Box::pin(future.instrument(span.clone())))
+        ResponseFuture::cached(future, &span)
     }
 }
 
