@@ -325,7 +325,7 @@ impl<S> HybridCacheService<S> {
         let (engine, settings) = (Arc::clone(&self.engine), Arc::clone(&self.settings));
         let request = request.map(RequestBody::new);
         let future = serve_or_fill(inner, engine, settings, request, prepared);
-        ResponseFuture::cached(future, &span)
+        ResponseFuture::cached(future, span)
     }
 }
 
