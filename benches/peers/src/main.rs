@@ -392,6 +392,16 @@ fn print_table(scenario: &Scenario, sides: &[Side], runs: &[Vec<Run>], calls: &m
             median(&mut calls[i]),
         );
     }
+    println!("\nThe ratios by req/s of each round, sorted:\n");
+    for (i, side) in sides.iter().enumerate().skip(1) {
+        let name = SIDES.iter().find(|s| s.0 == *side).map_or("?", |s| s.1);
+        let mut r: Vec<f64> = (0..rounds)
+            .map(|k| runs[i][k].rps / runs[0][k].rps)
+            .collect();
+        r.sort_by(f64::total_cmp);
+        let r: Vec<String> = r.iter().map(|x| format!("{x:.3}")).collect();
+        println!("- {name}: {}", r.join(" "));
+    }
 }
 
 /// The routes every side serves: `/pre` (pre-rendered), `/slow` (2 ms, then rendered),
