@@ -61,6 +61,9 @@ pub type ProxyBody = BoxBody<Bytes, BoxError>;
 /// on (with a `QUERY`'s content it read to key it).
 pub type UpstreamBody = RequestBody<Incoming>;
 
+/// How long the accept loop waits after `accept` fails before it tries again.
+const ACCEPT_RETRY: Duration = Duration::from_millis(50);
+
 /// Fields that concern one connection only (RFC 9110 §7.6.1), in either direction.
 const HOP_BY_HOP: [&str; 9] = [
     "connection",
@@ -249,7 +252,17 @@ pub async fn serve_until(
     let mut stop = std::pin::pin!(stop);
     loop {
         let stream = tokio::select! {
-            accepted = listener.accept() => accepted?.0,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    // Out of descriptors (EMFILE, ENFILE) or a connection gone before
+                    // it was taken: the listener is still good. A pause, so that a full
+                    // descriptor table is not spun on until connections close.
+                    eprintln!("accept failed ({error}); retrying");
+                    tokio::time::sleep(ACCEPT_RETRY).await;
+                    continue;
+                }
+            },
             () = &mut stop => break,
         };
         let _ = stream.set_nodelay(true);
