@@ -771,6 +771,13 @@ async fn a_fill_on_another_replica_cannot_resurrect_an_invalidated_entry() {
         // Redis never got B's stale response: A misses, and so does B (Redis first).
         let from_a = call(app(&a), get_request(url)).await;
         assert!(!from_a.is_hit(), "{url}: {}", from_a.cache_status());
+        // Nor is its value left staged: the write script deletes what it does not
+        // rename into place.
+        let staged = redis.cli(&["--scan", "--pattern", "*/staging:*"]);
+        assert!(
+            staged.trim().is_empty(),
+            "{url}: staged values left: {staged}"
+        );
     }
 }
 

@@ -76,6 +76,9 @@ async fn a_response_stored_by_one_replica_is_a_redis_hit_on_another() {
     assert_eq!(keys.lines().count(), 1, "{keys}");
     let pttl: i64 = redis.cli(&["PTTL", keys.trim()]).parse().unwrap();
     assert!((55_000..=60_000).contains(&pttl), "PTTL {pttl}");
+    // Its value was staged under a name of its own and renamed into place.
+    let staged = redis.cli(&["--scan", "--pattern", "jobs/staging:*"]);
+    assert!(staged.trim().is_empty(), "staged values left: {staged}");
 }
 
 #[tokio::test]

@@ -8,6 +8,8 @@
 //! {ns}/purged                    the last purge's mark
 //! {ns}/tag:{blake3 of tag}       a tag's index: the entry keys stored with it
 //! {ns}/lease:{64 hex}            a key's fill lease: the holder's token
+//! {ns}/staging:{64 hex}:{writer}:{n}  an entry's value on its way in (10 s at most):
+//!                                the write script renames it into place or deletes it
 //! {ns}/invalidation-log          recent invalidation messages, scored by their time
 //! {ns}/invalidations             the pub/sub channel of invalidation messages
 //! {ns}/outages                   scores: `recovered`, when Redis last came back after an
@@ -32,11 +34,12 @@ pub(crate) const NAMESPACE_END: char = '/';
 pub(crate) struct RedisKeys {
     /// The namespace and its end, `{ns}/`.
     namespace: String,
-    /// `{ns}/v{format}:`, `{ns}/gone:`, `{ns}/lease:`, made once: these keys are made
-    /// for every command or every entry written.
+    /// `{ns}/v{format}:`, `{ns}/gone:`, `{ns}/lease:`, `{ns}/staging:`, made once:
+    /// these keys are made for every command or every entry written.
     entry_prefix: String,
     gone_prefix: String,
     lease_prefix: String,
+    staging_prefix: String,
 }
 
 impl RedisKeys {
@@ -46,6 +49,7 @@ impl RedisKeys {
             entry_prefix: format!("{namespace}v{FORMAT_VERSION}:"),
             gone_prefix: format!("{namespace}gone:"),
             lease_prefix: format!("{namespace}lease:"),
+            staging_prefix: format!("{namespace}staging:"),
             namespace,
         }
     }
@@ -82,6 +86,18 @@ impl RedisKeys {
 
     pub(crate) fn lease(&self, key: &CacheKey) -> String {
         Self::keyed(&self.lease_prefix, key)
+    }
+
+    /// Where one write stages an entry's value: named by the key, the writing
+    /// process and its write, so that no two writes (on any replica) share one.
+    pub(crate) fn staging(&self, key: &CacheKey, writer: u64, write: u64) -> String {
+        let mut name = Self::keyed(&self.staging_prefix, key);
+        let mut number = itoa::Buffer::new();
+        name.push(':');
+        name.push_str(number.format(writer));
+        name.push(':');
+        name.push_str(number.format(write));
+        name
     }
 
     pub(crate) fn invalidation_log(&self) -> String {

@@ -62,6 +62,8 @@ pub(crate) struct RedisStore {
     missed: std::sync::Mutex<Option<MissedWindows>>,
     health: Arc<HealthState>,
     keys: RedisKeys,
+    /// Names this process's staged values (`writes.rs`).
+    writer: writes::StagingWriter,
     options: Options,
     max_value_bytes: usize,
     /// How long invalidation marks live, and the invalidation log reaches back.
@@ -151,6 +153,7 @@ impl RedisStore {
             missed: std::sync::Mutex::new(Some(missed)),
             health,
             keys,
+            writer: writes::StagingWriter::new(),
             options: one_attempt(command_timeout),
             max_value_bytes: config.max_value_bytes_value(),
             invalidation_ttl: config.invalidation_ttl_value(),

@@ -2,9 +2,10 @@
 //! checked against the invalidation marks so that an entry whose origin call started
 //! before an invalidation (on any replica) is never stored.
 //!
-//! On one Redis (standalone or behind Sentinel) each entry is written by a script that
-//! reads its marks and sets it only if none supersedes it, atomically: no replica
-//! ever sees an invalidated entry. A Redis Cluster (whose marks live in other slots
+//! On one Redis (standalone or behind Sentinel) each entry's value is set under a
+//! staging key of its own, and a script reads the entry's marks and renames the value
+//! into place only if none supersedes it (deleting it otherwise), atomically: no
+//! replica ever sees an invalidated entry, and the value never passes through Lua. A Redis Cluster (whose marks live in other slots
 //! than the entry) or an ACL user without `EVAL` gets the marks read in the same
 //! round trip instead, and an entry they supersede deleted again: another replica may
 //! see it for about that round trip.
@@ -22,27 +23,64 @@ use crate::key::CacheKey;
 use crate::store::StoreError;
 use crate::telemetry::TARGET;
 
-/// Sets `KEYS[1]` to `ARGV[1]` for `ARGV[2]` ms unless a mark among the other keys
-/// holds a time at or after `ARGV[3]` (the fill's start); with `ARGV[4]` = 1, only if
-/// `KEYS[1]` holds nothing. A mark that is not a number supersedes nothing. Returns 1
-/// (written), 0 (superseded) or 2 (a value was there).
-const GUARDED_SET: &str = "\
-local started = tonumber(ARGV[3])
-for i = 2, #KEYS do
+/// Renames the staged value `KEYS[1]` to `KEYS[2]` with a time to live of `ARGV[1]` ms
+/// unless a mark among the other keys holds a time at or after `ARGV[2]` (the fill's
+/// start); with `ARGV[3]` = 1, only if `KEYS[2]` holds nothing. A value not renamed is
+/// deleted. A mark that is not a number supersedes nothing. Returns 1 (written), 0
+/// (superseded), 2 (a value was there) or 3 (the staged value is not there: its `SET`
+/// failed). The value itself never passes through Lua: a script's arguments are
+/// copied in and out again, which cost Redis ~1.7 µs a KB (BENCHMARKS.md).
+const GUARDED_RENAME: &str = "\
+local started = tonumber(ARGV[2])
+for i = 3, #KEYS do
   local mark = redis.pcall('GET', KEYS[i])
-  if type(mark) == 'string' and (tonumber(mark) or 0) >= started then return 0 end
+  if type(mark) == 'string' and (tonumber(mark) or 0) >= started then
+    redis.call('DEL', KEYS[1])
+    return 0
+  end
 end
-if ARGV[4] == '1' then
-  if redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2], 'NX') then return 1 end
+if redis.call('EXISTS', KEYS[1]) == 0 then return 3 end
+if ARGV[3] == '1' and redis.call('EXISTS', KEYS[2]) == 1 then
+  redis.call('DEL', KEYS[1])
   return 2
 end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('RENAME', KEYS[1], KEYS[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[1])
 return 1";
+
+/// This process's name among the writers of staged values, and the count of its
+/// writes: with the key, they make each staged value's name its own.
+pub(crate) struct StagingWriter {
+    id: u64,
+    writes: std::sync::atomic::AtomicU64,
+}
+
+impl StagingWriter {
+    /// A writer with a random name: replicas never share one.
+    pub(crate) fn new() -> Self {
+        use tower::util::rng::{HasherRng, Rng};
+        StagingWriter {
+            id: HasherRng::default().next_u64(),
+            writes: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    fn next(&self) -> u64 {
+        self.writes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// How long a staged value lives if its script never runs (the connection dropped
+/// between the two): the script runs right after it in the same pipeline.
+const STAGING_MILLIS: i64 = 10_000;
 
 /// What one result of a write batch's pipeline answers.
 enum Slot {
-    /// The `SET` of the batch's entry at this index.
+    /// The `SET` (or the script) of the batch's entry at this index.
     Write(usize),
+    /// The `SET` of an entry's staged value: its error reply is the entry's.
+    Staged,
     /// A tag index's `SADD` or `PEXPIRE` (its outcome changes nothing).
     Index,
     /// The mark at this index (a cluster reads each with its own `GET`).
@@ -213,16 +251,34 @@ impl RedisStore {
         let mut tags = BatchTags::default();
         for out in &outgoing {
             let queued: Result<(), _> = if guarded {
+                // The value under a name of this write's own, then the script that
+                // checks the marks and renames it into place.
+                let staging = self
+                    .keys
+                    .staging(out.key, self.writer.id, self.writer.next());
+                let staged: Result<(), _> = pipeline
+                    .set(
+                        staging.as_str(),
+                        out.value.clone(),
+                        Some(Expiration::PX(STAGING_MILLIS)),
+                        None,
+                        false,
+                    )
+                    .await;
+                if staged.is_err() {
+                    continue;
+                }
+                slots.push(Slot::Staged);
                 // EVAL script numkeys keys… args…
                 let tags = out.entry.tags();
-                let mut args: Vec<Value> = Vec::with_capacity(9 + tags.len());
-                args.push(Value::from(GUARDED_SET));
-                args.push(Value::Integer(3 + tags.len() as i64));
+                let mut args: Vec<Value> = Vec::with_capacity(10 + tags.len());
+                args.push(Value::from(GUARDED_RENAME));
+                args.push(Value::Integer(4 + tags.len() as i64));
+                args.push(Value::from(staging));
                 args.push(Value::from(out.storage_key.as_str()));
                 args.push(Value::from(self.keys.purged()));
                 args.push(Value::from(self.keys.gone(out.key)));
                 args.extend(tags.iter().map(|tag| Value::from(self.keys.gone_tag(tag))));
-                args.push(Value::Bytes(out.value.clone()));
                 args.push(Value::Integer(out.millis));
                 args.push(Value::Integer(out.started));
                 args.push(Value::Integer(i64::from(only_if_absent)));
@@ -294,6 +350,12 @@ impl RedisStore {
             match (slot, result) {
                 // `SET NX` where a value was: nothing written.
                 (Slot::Write(_), Ok(Value::Null | Value::Integer(2))) => {}
+                // Its staged value did not arrive (its `SET` failed, counted there):
+                // nothing written.
+                (Slot::Write(i), Ok(Value::Integer(3))) => {
+                    let key = sent.get(i).map(|out| out.key);
+                    tracing::debug!(target: TARGET, key = ?key, outcome = "not-stored", detail = "staging-lost");
+                }
                 (Slot::Write(i), Ok(Value::Integer(0))) => {
                     let key = sent.get(i).map(|out| out.key);
                     tracing::debug!(target: TARGET, key = ?key, outcome = "not-stored", detail = "invalidated");
@@ -306,7 +368,8 @@ impl RedisStore {
                     return Ok(None);
                 }
                 (Slot::Write(_), Err(e)) => tally.failed(StoreError::command(e))?,
-                (Slot::Index, _) => {}
+                (Slot::Staged, Err(e)) => tally.failed(StoreError::command(e))?,
+                (Slot::Staged | Slot::Index, _) => {}
                 (Slot::Mark(i), Ok(value)) => times[i] = mark_time(value),
                 (Slot::Marks, Ok(Value::Array(values))) => {
                     for (time, value) in times.iter_mut().zip(values) {
