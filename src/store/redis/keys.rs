@@ -154,6 +154,7 @@ mod tests {
             keys.purged(),
             keys.tag_index("t"),
             keys.lease(&key),
+            keys.staging(&key, 7, 0),
             keys.invalidation_log(),
             keys.invalidation_channel(),
         ];
@@ -164,6 +165,9 @@ mod tests {
             }
         }
         assert!(!keys.tag_index("{t}").contains('{'));
+        // Each write stages under a name of its own.
+        assert_ne!(keys.staging(&key, 7, 0), keys.staging(&key, 7, 1));
+        assert_ne!(keys.staging(&key, 7, 0), keys.staging(&key, 8, 0));
     }
 
     #[test]
@@ -179,6 +183,7 @@ mod tests {
             long.purged(),
             long.tag_index("t"),
             long.lease(&key),
+            long.staging(&key, 7, 0),
             long.invalidation_log(),
         ] {
             assert!(!name.starts_with(prefix), "{name} matches {pattern}");

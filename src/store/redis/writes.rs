@@ -5,10 +5,11 @@
 //! On one Redis (standalone or behind Sentinel) each entry's value is set under a
 //! staging key of its own, and a script reads the entry's marks and renames the value
 //! into place only if none supersedes it (deleting it otherwise), atomically: no
-//! replica ever sees an invalidated entry, and the value never passes through Lua. A Redis Cluster (whose marks live in other slots
-//! than the entry) or an ACL user without `EVAL` gets the marks read in the same
-//! round trip instead, and an entry they supersede deleted again: another replica may
-//! see it for about that round trip.
+//! replica ever sees an invalidated entry, and the value never passes through Lua. A
+//! Redis Cluster (whose marks live in other slots than the entry) or an ACL user
+//! without `EVAL` gets the marks read in the same round trip instead, and an entry
+//! they supersede deleted again: another replica may see it for about that round
+//! trip.
 
 use std::time::SystemTime;
 
