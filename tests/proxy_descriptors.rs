@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use support::process::{example_binary, free_port, Running};
+use support::process::{example_binary, free_port, listening, Running};
 use support::{eventually, fetch, Origin};
 
 #[tokio::test]
@@ -42,10 +42,8 @@ async fn the_proxy_keeps_serving_after_running_out_of_descriptors() {
         }
     });
     let mut proxy = Running::new(child);
-    eventually("the proxy to listen", Duration::from_secs(20), || async {
-        tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_ok()
+    eventually("the proxy to listen", Duration::from_secs(20), || {
+        listening(port)
     })
     .await;
     let client = support::client();

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
-use support::process::{example_binary, free_port, Running};
+use support::process::{example_binary, free_port, listening, Running};
 use support::redis::RedisServer;
 use support::{eventually, fetch, send, Got};
 
@@ -351,13 +351,6 @@ async fn replicas_started_together_on_a_new_database_all_come_up_on_one_seed() {
             "round {round}: {totals:?}"
         );
     }
-}
-
-/// Whether something listens on `port`.
-async fn listening(port: u16) -> bool {
-    tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .is_ok()
 }
 
 #[tokio::test]

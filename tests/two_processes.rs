@@ -8,7 +8,7 @@ mod support;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use support::process::{example_binary, free_port, Running};
+use support::process::{example_binary, free_port, listening, Running};
 use support::redis::RedisServer;
 use support::{eventually, fetch, Origin};
 
@@ -34,15 +34,9 @@ async fn two_proxy_processes_share_entries_through_redis() {
         })
         .collect();
     for port in ports {
-        eventually(
-            "the proxy to listen",
-            Duration::from_secs(20),
-            || async move {
-                tokio::net::TcpStream::connect(("127.0.0.1", port))
-                    .await
-                    .is_ok()
-            },
-        )
+        eventually("the proxy to listen", Duration::from_secs(20), || {
+            listening(port)
+        })
         .await;
     }
     let client = support::client();

@@ -79,3 +79,10 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// Whether something listens on loopback `port`.
+pub async fn listening(port: u16) -> bool {
+    tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_ok()
+}

@@ -451,6 +451,20 @@ async fn internal_error<E: std::fmt::Display>(error: E) -> Response {
     (StatusCode::INTERNAL_SERVER_ERROR, error.to_string()).into_response()
 }
 
+/// `router` behind tower-http-cache's `layer`, with what it needs around it: its
+/// errors answered (axum's routes take none) and the inner body made `Sync`.
+fn behind_tower_http_cache<B>(router: Router, layer: tower_http_cache::CacheLayer<B>) -> Router
+where
+    B: tower_http_cache::backend::CacheBackend,
+{
+    router.layer(
+        ServiceBuilder::new()
+            .layer(HandleErrorLayer::new(internal_error::<BoxError>))
+            .layer(layer)
+            .map_response(sync_body),
+    )
+}
+
 /// Wraps a response body so that it is `Sync`, as tower-http-cache requires of the
 /// service it wraps (axum's `Body` is `Send` only).
 fn sync_body(response: Response) -> http::Response<SyncBody> {
@@ -582,12 +596,7 @@ async fn cached_routes(
             let layer = CacheLayer::builder(InMemoryBackend::new(ENTRIES))
                 .ttl(TTL)
                 .build();
-            router.layer(
-                ServiceBuilder::new()
-                    .layer(HandleErrorLayer::new(internal_error::<BoxError>))
-                    .layer(layer)
-                    .map_response(sync_body),
-            )
+            behind_tower_http_cache(router, layer)
         }
         Side::TowerHttpCacheRedis => {
             use tower_http_cache::prelude::*;
@@ -600,12 +609,7 @@ async fn cached_routes(
                     (method == http::Method::GET).then(|| format!("{prefix}{uri}"))
                 }))
                 .build();
-            router.layer(
-                ServiceBuilder::new()
-                    .layer(HandleErrorLayer::new(internal_error::<BoxError>))
-                    .layer(layer)
-                    .map_response(sync_body),
-            )
+            behind_tower_http_cache(router, layer)
         }
         Side::AxumResponseCache => {
             let store = cached::stores::LruTtlCache::with_size_and_ttl(ENTRIES as usize, TTL);

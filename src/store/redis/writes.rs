@@ -272,7 +272,7 @@ impl RedisStore {
                 slots.push(Slot::Staged);
                 // EVAL script numkeys keys… args…
                 let tags = out.entry.tags();
-                let mut args: Vec<Value> = Vec::with_capacity(10 + tags.len());
+                let mut args: Vec<Value> = Vec::with_capacity(9 + tags.len());
                 args.push(Value::from(GUARDED_RENAME));
                 args.push(Value::Integer(4 + tags.len() as i64));
                 args.push(Value::from(staging));
