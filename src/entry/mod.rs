@@ -8,9 +8,11 @@ use http::header::{ETAG, LAST_MODIFIED};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Version};
 
 pub(crate) mod codec;
+mod decimal;
 
 pub use codec::DecodeError;
 pub(crate) use codec::{decode_entry, encode_entry};
+pub(crate) use decimal::decimal_value;
 
 /// The version of the stored-entry format; part of every storage key, so a new format
 /// never reads an old one.
@@ -198,8 +200,10 @@ impl CachedResponse {
         if self.status == StatusCode::NO_CONTENT {
             self.headers.remove(http::header::CONTENT_LENGTH);
         } else {
-            self.headers
-                .insert(http::header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+            self.headers.insert(
+                http::header::CONTENT_LENGTH,
+                decimal_value(body.len() as u64),
+            );
         }
         self.body = body;
     }

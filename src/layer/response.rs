@@ -11,7 +11,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode, Version};
 use super::body::CacheBody;
 use super::status::{CacheStatus, Detail, Forward, CACHE_STATUS};
 use crate::engine::Engine;
-use crate::entry::CachedResponse;
+use crate::entry::{decimal_value, CachedResponse};
 use crate::policy::range::Part;
 use crate::policy::settings::RouteSettings;
 
@@ -126,7 +126,7 @@ fn stamp_hit<B>(
 ) {
     let headers = response.headers_mut();
     if stamp.age {
-        let _ = headers.try_insert(AGE, HeaderValue::from(entry.age(now).as_secs()));
+        let _ = headers.try_insert(AGE, decimal_value(entry.age(now).as_secs()));
     }
     stamp.status(headers, status);
 }
@@ -160,7 +160,7 @@ fn partial<B>(entry: &CachedResponse, served: Served) -> Option<Response<CacheBo
     if status == StatusCode::RANGE_NOT_SATISFIABLE {
         headers.remove(CONTENT_TYPE);
     }
-    headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
+    headers.insert(CONTENT_LENGTH, decimal_value(body.len() as u64));
     headers.insert(CONTENT_RANGE, HeaderValue::from_str(&content_range).ok()?);
     let mut response = Response::new(CacheBody::full(body));
     *response.status_mut() = status;

@@ -17,6 +17,8 @@
 //! Parameters always come in this order: `hit`, `ttl`, `fwd`, `fwd-status`, `stored`,
 //! `detail`.
 
+use std::cell::RefCell;
+
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, StatusCode};
 
@@ -25,6 +27,32 @@ use crate::policy::storable::NotStored;
 
 /// The `Cache-Status` field name (RFC 9211).
 pub(crate) const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
+
+/// How many rendered values a thread keeps (a power of two).
+const RECENT_SLOTS: usize = 16;
+
+thread_local! {
+    /// The values this thread rendered lately, by [`CacheStatus::slot`]: a response's
+    /// `Cache-Status` is then a reference count, not an allocation and a render
+    /// (BENCHMARKS, "Hit path, instructions").
+    static RECENT: RefCell<[Option<Rendered>; RECENT_SLOTS]> =
+        const { RefCell::new([const { None }; RECENT_SLOTS]) };
+}
+
+/// A status rendered after a cache's name.
+struct Rendered {
+    status: CacheStatus,
+    name_len: usize,
+    value: HeaderValue,
+}
+
+impl Rendered {
+    /// Whether it was rendered after `name`: the value is the name, then what the
+    /// status renders to, so the same status after the same name is the same value.
+    fn is_for(&self, name: &str) -> bool {
+        self.name_len == name.len() && self.value.as_bytes().starts_with(name.as_bytes())
+    }
+}
 
 /// What the cache did with one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -218,9 +246,62 @@ impl CacheStatus {
         }
     }
 
-    /// The field value, after the cache's `name`.
+    /// The field value, after the cache's `name`: from this thread's recent values
+    /// when it rendered the same one lately (every miss of a route renders the same
+    /// value; the hits on an entry, the same one for a second), else rendered.
     pub(crate) fn render(&self, name: &str) -> Option<HeaderValue> {
-        // Written by hand into one buffer: a hit renders this on every request.
+        let held = RECENT.try_with(|recent| {
+            let recent = recent.try_borrow().ok()?;
+            match recent.get(self.slot()) {
+                Some(Some(held)) if held.status == *self && held.is_for(name) => {
+                    Some(held.value.clone())
+                }
+                _ => None,
+            }
+        });
+        if let Ok(Some(value)) = held {
+            return Some(value);
+        }
+        let value = self.render_new(name)?;
+        // A thread tearing down its locals keeps nothing.
+        let _ = RECENT.try_with(|recent| {
+            if let Ok(mut recent) = recent.try_borrow_mut() {
+                if let Some(slot) = recent.get_mut(self.slot()) {
+                    *slot = Some(Rendered {
+                        status: *self,
+                        name_len: name.len(),
+                        value: value.clone(),
+                    });
+                }
+            }
+        });
+        Some(value)
+    }
+
+    /// Where this status is kept among a thread's recent values.
+    fn slot(&self) -> usize {
+        let secs = match self.ttl {
+            Some(Ttl::Fresh(secs)) => secs,
+            Some(Ttl::Stale(secs)) => secs ^ 0x55,
+            None => 0,
+        };
+        let fwd = self.fwd.map_or(0, |fwd| fwd as u64 + 1);
+        let fwd_status = match self.fwd_status {
+            Some(ForwardStatus::Code(code)) => u64::from(code.as_u16()),
+            Some(ForwardStatus::Error) => 1,
+            None => 0,
+        };
+        let mixed = secs
+            ^ (fwd << 3)
+            ^ (fwd_status << 1)
+            ^ (u64::from(self.hit) << 6)
+            ^ (u64::from(self.stored) << 7);
+        // `RECENT_SLOTS` is a power of two: the mask keeps the index in range.
+        (mixed as usize) & (RECENT_SLOTS - 1)
+    }
+
+    /// The field value rendered afresh.
+    fn render_new(&self, name: &str) -> Option<HeaderValue> {
         let mut out = String::with_capacity(name.len() + 64);
         out.push_str(name);
         let mut number = itoa::Buffer::new();
@@ -363,6 +444,37 @@ mod tests {
         for (status, text) in cases {
             assert_eq!(rendered(status), text);
         }
+    }
+
+    #[test]
+    fn a_value_rendered_lately_is_shared_and_only_for_its_status_and_name() {
+        let hit = CacheStatus::hit(Tier::Memory, 42);
+        let first = hit.render("thc").unwrap();
+        let again = hit.render("thc").unwrap();
+        assert_eq!(first, again);
+        assert_eq!(
+            first.as_bytes().as_ptr(),
+            again.as_bytes().as_ptr(),
+            "one buffer"
+        );
+        // Same status, another cache's name (one a prefix of the other).
+        assert_eq!(rendered_as(hit, "thc2"), "thc2; hit; ttl=42; detail=memory");
+        assert_eq!(rendered_as(hit, "th"), "th; hit; ttl=42; detail=memory");
+        // Statuses that share a slot (ttls 16 apart) take turns in it.
+        for _ in 0..3 {
+            for ttl in [0, 16, 32] {
+                let status = CacheStatus::hit(Tier::Redis, ttl);
+                assert_eq!(
+                    rendered(status),
+                    format!("thc; hit; ttl={ttl}; detail=redis")
+                );
+            }
+            assert_eq!(rendered(CacheStatus::stale_hit(16)), "thc; hit; ttl=-16");
+        }
+    }
+
+    fn rendered_as(status: CacheStatus, name: &str) -> String {
+        status.render(name).unwrap().to_str().unwrap().to_owned()
     }
 
     #[test]
