@@ -3,6 +3,8 @@
 
 use std::borrow::Cow;
 
+use smallvec::SmallVec;
+
 use crate::policy::settings::QueryFilter;
 
 /// Writes the path with percent-encoding normalised (RFC 3986 §6.2.2): escapes of
@@ -24,7 +26,8 @@ type Pair<'a> = (Cow<'a, [u8]>, Option<&'a [u8]>);
 /// origin. `+` is kept apart from `%20`: only form decoding equates them.
 pub(crate) fn write_canonical_query(query: Option<&str>, filter: &QueryFilter, out: &mut Vec<u8>) {
     let Some(query) = query else { return };
-    let mut pairs: Vec<Pair<'_>> = Vec::with_capacity(8);
+    // On the stack for the usual few pairs: every request's key is made here.
+    let mut pairs: SmallVec<[Pair<'_>; 8]> = SmallVec::new();
     for pair in query.as_bytes().split(|&b| b == b'&') {
         if pair.is_empty() {
             continue;
@@ -168,6 +171,11 @@ mod tests {
         assert_eq!(query(Some("b=2&a=1&a=0&c"), &all), "a=1&a=0&b=2&c");
         assert_eq!(query(Some("b=%7e&%61=1"), &all), "a=1&b=~");
         assert_eq!(query(None, &all), "");
+        // More pairs than are kept on the stack.
+        assert_eq!(
+            query(Some("k=1&j&i=1&h=1&g=1&f=1&e=1&d=1&c=1&b=1&a=1&a=0"), &all),
+            "a=1&a=0&b=1&c=1&d=1&e=1&f=1&g=1&h=1&i=1&j&k=1"
+        );
         let ignore = QueryFilter::Ignore(vec![NamePattern::new("utm_*")]);
         // The name is matched decoded: an escaped `utm_` is still ignored.
         assert_eq!(query(Some("utm%5Fsource=x&q=1"), &ignore), "q=1");
