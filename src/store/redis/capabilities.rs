@@ -54,6 +54,9 @@ fn probes(keys: &RedisKeys) -> Vec<Probe> {
         probe("get", "GET", &[&value]),
         probe("mget", "MGET", &[&value, &value]),
         probe("pexpire", "PEXPIRE", &[&value, "10000"]),
+        probe("exists", "EXISTS", &[&value]),
+        // Onto itself: allowed, it changes nothing (and needs no second slot).
+        probe("rename", "RENAME", &[&value, &value]),
         probe(PEXPIRE_NX_GT, "PEXPIRE", &[&value, "10000", "GT"]),
         probe("sadd", "SADD", &[&set, "x"]),
         // Neither probe key outlives a check cut short.
@@ -92,12 +95,20 @@ fn probes(keys: &RedisKeys) -> Vec<Probe> {
     ]
 }
 
+/// The commands the cache's scripts run: with any of them refused (or `EVAL`), writes
+/// and invalidation marks go without the scripts.
+pub(crate) const SCRIPT_COMMANDS: [&str; 7] =
+    ["eval", "get", "set", "del", "exists", "rename", "pexpire"];
+
 /// Whether an error reply says the command (or this form of it) is not available to
-/// us: not permitted, unknown (renamed, disabled, too new), or not understood.
+/// us: not permitted (also inside a script), unknown (renamed, disabled, too new), or
+/// not understood.
 pub(crate) fn refused(error: &fred::error::Error) -> bool {
     let details = error.details().to_ascii_lowercase();
     [
         "noperm",
+        // Redis 7's reply when a script calls a command the user may not run.
+        "can't run this command",
         "unknown command",
         "wrong number of arguments",
         "syntax error",
@@ -188,6 +199,23 @@ mod tests {
         let findings = check(&client, &RedisKeys::new("jobs")).await.unwrap();
         assert_eq!(findings.missing, [PEXPIRE_NX_GT]);
         assert_eq!(findings.version.as_deref(), Some("redis 6.2.14"));
+    }
+
+    #[test]
+    fn a_command_refused_inside_a_script_reads_as_refused() {
+        let reply = |text: &str| Error::new(ErrorKind::Unknown, text.to_owned());
+        for text in [
+            // Redis 7.0 and later.
+            "ERR The user executing the script can't run this command or subcommand script: cc72eda6, on @user_script:1.",
+            // Redis 6.2.
+            "ERR Error running script (call to f_cc72eda6): @user_script:1: @user_script: 1: NOPERM this user has no permissions to run the 'rename' command or its subcommand",
+            "NOPERM this user has no permissions to run the 'eval' command",
+        ] {
+            assert!(refused(&reply(text)), "{text}");
+        }
+        assert!(!refused(&reply(
+            "OOM command not allowed when used memory > 'maxmemory'."
+        )));
     }
 
     #[test]

@@ -100,7 +100,8 @@ pub(crate) struct HealthState {
     /// shared truth.
     reseeding: AtomicBool,
     /// Whether writes check their marks in a script: until a capability check finds
-    /// `EVAL` refused (a refused script fails its batch, which a later fill rewrites).
+    /// `EVAL` or a command the scripts run refused, or a script is refused as it runs
+    /// (its batch is then written again without it).
     scripts: AtomicBool,
 }
 
@@ -248,7 +249,7 @@ impl HealthState {
     }
 
     /// Whether writes check their marks in a script (no capability check found `EVAL`
-    /// refused).
+    /// or a command the scripts run refused, and no script was refused since).
     pub(crate) fn scripts_allowed(&self) -> bool {
         self.scripts.load(Ordering::Relaxed)
     }
@@ -315,8 +316,10 @@ impl HealthState {
     /// Keeps what a check made for `up_since` found, and says what is missing.
     fn record_findings(&self, up_since: SystemTime, findings: Findings) {
         metrics::gauge!(MISSING_COMMANDS).set(findings.missing.len() as f64);
-        self.scripts
-            .store(!findings.missing.contains(&"eval"), Ordering::Relaxed);
+        let scripts = !capabilities::SCRIPT_COMMANDS
+            .iter()
+            .any(|command| findings.missing.contains(command));
+        self.scripts.store(scripts, Ordering::Relaxed);
         if !findings.missing.is_empty() {
             tracing::warn!(
                 target: TARGET,

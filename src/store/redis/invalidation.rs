@@ -115,7 +115,7 @@ impl RedisStore {
             match client.custom::<Value, _>(eval, args).await {
                 Ok(_) => return Ok(()),
                 Err(e) if super::capabilities::refused(&e) => {
-                    tracing::warn!(target: TARGET, "redis refuses EVAL: invalidation marks are set without their check");
+                    tracing::warn!(target: TARGET, error = %e, "redis refuses the mark script: invalidation marks are set without their check");
                     self.health.refuse_scripts();
                 }
                 Err(e) => return Err(StoreError::command(e)),

@@ -211,7 +211,8 @@ impl RedisStore {
     }
 
     /// Writes with the script where it can; a Redis that refuses the script (an ACL
-    /// user without `EVAL`) gets the batch again without it, and no script after.
+    /// user without `EVAL`, or without a command it runs) gets the batch again without
+    /// it, and no script after (until a capability check finds them all allowed).
     async fn write_many(
         &self,
         entries: &[(CacheKey, Entry, SystemTime)],
@@ -221,7 +222,6 @@ impl RedisStore {
         match self.write_batch(entries, only_if_absent, guarded).await? {
             Some(written) => Ok(written),
             None => {
-                tracing::warn!(target: TARGET, "redis refuses EVAL: write batches check their marks after writing instead");
                 self.health.refuse_scripts();
                 Ok(self
                     .write_batch(entries, only_if_absent, false)
@@ -366,6 +366,9 @@ impl RedisStore {
                     written[i] = true;
                 }
                 (Slot::Write(_), Err(e)) if guarded && super::capabilities::refused(&e) => {
+                    // The reply names what was refused: `EVAL`, or a command the
+                    // script runs (an ACL user without `RENAME`).
+                    tracing::warn!(target: TARGET, error = %e, "redis refuses the write script: write batches check their marks after writing instead");
                     return Ok(None);
                 }
                 (Slot::Write(_), Err(e)) => tally.failed(StoreError::command(e))?,
