@@ -2,7 +2,8 @@
 //! behind tower-http-cache, axum-response-cache, http-cache-tower and hitbox, in one
 //! run on one machine, sides interleaved round by round.
 //!
-//! `cargo run --release --manifest-path benches/peers/Cargo.toml -- --rounds 6`
+//! `cd benches/peers && cargo run --release -- --rounds 6` (from this folder: its
+//! `.cargo/config.toml` puts the build under the library's `target/peers`)
 //! (options: `--seconds 2 --rounds 6 --connections 32 --only hits,misses-2ms,…`;
 //! scenarios: `hits`, `misses-2ms`, `misses-cheap`, `redis-hits`, `redis-misses-2ms`).
 //!
