@@ -472,6 +472,12 @@ async fn an_acl_user_without_rename_writes_without_the_script() {
         hit.cache_status()
     );
     assert_eq!(cache.stats().redis_errors, 0);
+    // The refused batch's staged value is deleted, not left for its 10 s.
+    assert_eq!(
+        admin(&["--scan", "--pattern", "jobs/staging:*"]),
+        "",
+        "nothing staged"
+    );
 }
 
 #[tokio::test]

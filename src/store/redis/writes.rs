@@ -250,13 +250,15 @@ impl RedisStore {
         let mut slots = Vec::new();
         let mut sent = Vec::with_capacity(outgoing.len());
         let mut tags = BatchTags::default();
+        // Each staged value's key and number: its name again, should Redis refuse the
+        // script (the values would otherwise wait out their 10 s).
+        let mut staged_names = Vec::new();
         for out in &outgoing {
             let queued: Result<(), _> = if guarded {
                 // The value under a name of this write's own, then the script that
                 // checks the marks and renames it into place.
-                let staging = self
-                    .keys
-                    .staging(out.key, self.writer.id, self.writer.next());
+                let write = self.writer.next();
+                let staging = self.keys.staging(out.key, self.writer.id, write);
                 let staged: Result<(), _> = pipeline
                     .set(
                         staging.as_str(),
@@ -269,6 +271,7 @@ impl RedisStore {
                 if staged.is_err() {
                     continue;
                 }
+                staged_names.push((out.key, write));
                 slots.push(Slot::Staged);
                 // EVAL script numkeys keys… args…
                 let tags = out.entry.tags();
@@ -369,6 +372,12 @@ impl RedisStore {
                     // The reply names what was refused: `EVAL`, or a command the
                     // script runs (an ACL user without `RENAME`).
                     tracing::warn!(target: TARGET, error = %e, "redis refuses the write script: write batches check their marks after writing instead");
+                    let names: Vec<String> = staged_names
+                        .iter()
+                        .map(|(key, write)| self.keys.staging(key, self.writer.id, *write))
+                        .collect();
+                    // Best effort: what is left expires within its 10 s.
+                    let _: Result<i64, _> = client.del(names).await;
                     return Ok(None);
                 }
                 (Slot::Write(_), Err(e)) => tally.failed(StoreError::command(e))?,
