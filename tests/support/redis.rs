@@ -2,7 +2,7 @@
 //! when a test panics).
 
 use std::net::TcpListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -360,6 +360,32 @@ impl RedisCluster {
     }
 }
 
+/// A sentinel watching the primary on `primary_port` as `mymaster`, on a free port,
+/// its configuration in `dir`.
+fn spawn_sentinel(dir: &Path, primary_port: u16) -> (u16, Child) {
+    let port = free_port();
+    let conf = dir.join(format!("sentinel-{port}.conf"));
+    std::fs::write(
+        &conf,
+        format!(
+            "port {port}\nbind 127.0.0.1\ndir {}\n\
+             sentinel monitor mymaster 127.0.0.1 {primary_port} 2\n\
+             sentinel down-after-milliseconds mymaster 1000\n\
+             sentinel failover-timeout mymaster 5000\n",
+            dir.display(),
+        ),
+    )
+    .expect("sentinel conf");
+    let child = Command::new("redis-server")
+        .arg(&conf)
+        .arg("--sentinel")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn redis-server --sentinel");
+    (port, child)
+}
+
 /// A primary, one replica and three sentinels (`redis-server --sentinel`) watching
 /// them as `mymaster` (quorum 2), torn down on drop.
 pub struct RedisSentinelGroup {
@@ -387,32 +413,9 @@ impl RedisSentinelGroup {
         ));
         std::fs::create_dir_all(&group_dir).expect("sentinel dir");
         let sentinels = (0..3)
-            .map(|_| {
-                let port = free_port();
-                let conf = group_dir.join(format!("sentinel-{port}.conf"));
-                std::fs::write(
-                    &conf,
-                    format!(
-                        "port {port}\nbind 127.0.0.1\ndir {}\n\
-                         sentinel monitor mymaster 127.0.0.1 {} 2\n\
-                         sentinel down-after-milliseconds mymaster 1000\n\
-                         sentinel failover-timeout mymaster 5000\n",
-                        group_dir.display(),
-                        primary.port()
-                    ),
-                )
-                .expect("sentinel conf");
-                let child = Command::new("redis-server")
-                    .arg(&conf)
-                    .arg("--sentinel")
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .expect("spawn redis-server --sentinel");
-                (port, child)
-            })
+            .map(|_| spawn_sentinel(&group_dir, primary.port()))
             .collect();
-        let group = RedisSentinelGroup {
+        let mut group = RedisSentinelGroup {
             primary,
             replica,
             sentinels,
@@ -421,6 +424,14 @@ impl RedisSentinelGroup {
         // Every sentinel knows the replica and the two other sentinels.
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
+            // A sentinel that exited lost its port between `free_port` and its bind
+            // (to another test's connection): again on another port. The others find
+            // it through the primary.
+            for sentinel in &mut group.sentinels {
+                if let Ok(Some(_)) = sentinel.1.try_wait() {
+                    *sentinel = spawn_sentinel(&group.dir, group.primary.port());
+                }
+            }
             let ready = group.sentinels.iter().all(|(port, _)| {
                 let replicas = sentinel_cli(*port, &["SENTINEL", "REPLICAS", "mymaster"]);
                 let others = sentinel_cli(*port, &["SENTINEL", "SENTINELS", "mymaster"]);
