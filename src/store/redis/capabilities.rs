@@ -205,9 +205,10 @@ mod tests {
     fn a_command_refused_inside_a_script_reads_as_refused() {
         let reply = |text: &str| Error::new(ErrorKind::Unknown, text.to_owned());
         for text in [
-            // Redis 7.0 and later.
+            // Redis 7.0.15's reply, captured from a real ACL user without `RENAME`.
             "ERR The user executing the script can't run this command or subcommand script: cc72eda6, on @user_script:1.",
-            // Redis 6.2.
+            // A `NOPERM` wrapped in a script's error, in the shape older Redis uses
+            // (written here, not captured).
             "ERR Error running script (call to f_cc72eda6): @user_script:1: @user_script: 1: NOPERM this user has no permissions to run the 'rename' command or its subcommand",
             "NOPERM this user has no permissions to run the 'eval' command",
         ] {

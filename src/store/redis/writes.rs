@@ -369,7 +369,7 @@ impl RedisStore {
                     written[i] = true;
                 }
                 (Slot::Write(_), Err(e)) if guarded && super::capabilities::refused(&e) => {
-                    // The reply names what was refused: `EVAL`, or a command the
+                    // Redis's words for what it refused: `EVAL`, or a command the
                     // script runs (an ACL user without `RENAME`).
                     tracing::warn!(target: TARGET, error = %e, "redis refuses the write script: write batches check their marks after writing instead");
                     let names: Vec<String> = staged_names
