@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
-use support::process::{example_binary, free_port, listening, Running};
+use support::process::{example_binary, free_port, listening, Running, TempDatabase};
 use support::redis::RedisServer;
 use support::{eventually, fetch, send, Got};
 
@@ -51,6 +51,12 @@ struct Replica {
     process: Running,
     /// Where its stderr goes, shown when it fails to start.
     log: std::path::PathBuf,
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.log);
+    }
 }
 
 impl Replica {
@@ -231,11 +237,9 @@ fn readme_metrics() -> BTreeSet<String> {
 #[tokio::test]
 async fn two_replicas_share_one_database_and_one_redis_and_report_every_metric() {
     let redis = RedisServer::start();
-    let database = std::env::temp_dir().join(format!("replicas-{}.db", std::process::id()));
-    for suffix in ["", "-wal", "-shm"] {
-        let _ = std::fs::remove_file(format!("{}{suffix}", database.display()));
-    }
-    let database = format!("sqlite://{}", database.display());
+    // Declared before the replicas: removed after they are stopped.
+    let scratch = TempDatabase::new("replicas");
+    let database = scratch.url();
     let mut a = Replica::start(&database, &redis.url());
     let mut b = Replica::start(&database, &redis.url());
     a.ready().await;
@@ -328,12 +332,8 @@ async fn two_replicas_share_one_database_and_one_redis_and_report_every_metric()
 async fn replicas_started_together_on_a_new_database_all_come_up_on_one_seed() {
     let redis = RedisServer::start();
     for round in 0..3 {
-        let database =
-            std::env::temp_dir().join(format!("together-{}-{round}.db", std::process::id()));
-        for suffix in ["", "-wal", "-shm"] {
-            let _ = std::fs::remove_file(format!("{}{suffix}", database.display()));
-        }
-        let url = format!("sqlite://{}", database.display());
+        let database = TempDatabase::new(&format!("together-{round}"));
+        let url = database.url();
         let mut replicas: Vec<Replica> =
             (0..4).map(|_| Replica::start(&url, &redis.url())).collect();
         for replica in &mut replicas {
@@ -433,17 +433,21 @@ async fn the_replicas_script_balances_replicas_that_see_each_others_writes() {
         .await;
     }
     drop(script);
-    let _ = std::fs::remove_dir_all(&work);
+    // What it started may still be writing its last files as it exits: tried again
+    // for a while (a cleanup, not a check).
+    for _ in 0..50 {
+        if std::fs::remove_dir_all(&work).is_ok() || !work.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test]
 async fn on_sigterm_a_replica_finishes_its_requests_in_flight_then_exits() {
     let redis = RedisServer::start();
-    let database = std::env::temp_dir().join(format!("drain-{}.db", std::process::id()));
-    for suffix in ["", "-wal", "-shm"] {
-        let _ = std::fs::remove_file(format!("{}{suffix}", database.display()));
-    }
-    let mut replica = Replica::start(&format!("sqlite://{}", database.display()), &redis.url());
+    let database = TempDatabase::new("drain");
+    let mut replica = Replica::start(&database.url(), &redis.url());
     replica.ready().await;
     // A POST whose body is half sent: its handler waits for the rest, so the request
     // is in flight for as long as this test says (the layer counted it on arrival).
