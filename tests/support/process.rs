@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use std::process::Child;
 
 /// A SQLite database file of this test process's under the temp directory, with its
-/// `-wal` and `-shm` files: none there when made, removed again when dropped (a run
-/// of the replica tests left ~170 MB behind).
+/// `-wal` and `-shm` files: none there when made, removed again when dropped (each
+/// run of the replica tests used to leave over 200 MB behind).
 pub struct TempDatabase(PathBuf);
 
 impl TempDatabase {
