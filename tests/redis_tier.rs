@@ -426,58 +426,48 @@ async fn an_acl_user_without_rename_writes_without_the_script() {
         assert_eq!(admin(&[&acl[..], &[rename]].concat()), "OK");
     }
     let origin = Origin::new();
+    let staged = || admin(&["--scan", "--pattern", "jobs/staging:*"]);
 
-    let cache = replica(&format!("redis://norename:pw@127.0.0.1:{}", redis.port())).await;
+    let cache = checked_replica(&format!("redis://norename:pw@127.0.0.1:{}", redis.port())).await;
+    assert_eq!(cache.redis_health().unwrap().missing_commands, ["rename"]);
+    stored_in_redis_without_errors(&origin, &cache, "http://api.test/acl/checked").await;
+    assert_eq!(staged(), "", "nothing staged");
+
+    let cache = checked_replica(&format!("redis://late:pw@127.0.0.1:{}", redis.port())).await;
+    assert!(cache.redis_health().unwrap().missing_commands.is_empty());
+    assert_eq!(admin(&["ACL", "SETUSER", "late", "-rename"]), "OK");
+    // The script is refused as it runs: the batch is written again without it.
+    stored_in_redis_without_errors(&origin, &cache, "http://api.test/acl/late").await;
+    // The refused batch's staged value is deleted, not left for its 10 s.
+    assert_eq!(staged(), "", "nothing staged");
+}
+
+/// A replica whose first capability check is done.
+async fn checked_replica(redis_url: &str) -> HybridCache {
+    let cache = replica(redis_url).await;
     eventually("the check", WAIT, || async {
         cache.redis_health().unwrap().server_version.is_some()
     })
     .await;
-    assert_eq!(cache.redis_health().unwrap().missing_commands, ["rename"]);
-    let checked = app(&origin, &cache);
-    call(checked.clone(), get("http://api.test/acl/checked")).await;
+    cache
+}
+
+/// Asks `url` twice through `cache`: the miss is written to Redis, the second
+/// request is a Redis hit, and no Redis operation failed.
+async fn stored_in_redis_without_errors(origin: &Origin, cache: &HybridCache, url: &str) {
+    let app = app(origin, cache);
+    call(app.clone(), get(url)).await;
     eventually("the write", WAIT, || async {
         cache.stats().redis_writes == 1
     })
     .await;
-    let hit = call(checked, get("http://api.test/acl/checked")).await;
+    let hit = call(app, get(url)).await;
     assert!(
         hit.cache_status().ends_with("detail=redis"),
         "{}",
         hit.cache_status()
     );
     assert_eq!(cache.stats().redis_errors, 0);
-    assert_eq!(
-        admin(&["--scan", "--pattern", "jobs/staging:*"]),
-        "",
-        "nothing staged"
-    );
-
-    let cache = replica(&format!("redis://late:pw@127.0.0.1:{}", redis.port())).await;
-    eventually("the check", WAIT, || async {
-        cache.redis_health().unwrap().server_version.is_some()
-    })
-    .await;
-    assert!(cache.redis_health().unwrap().missing_commands.is_empty());
-    assert_eq!(admin(&["ACL", "SETUSER", "late", "-rename"]), "OK");
-    let late = app(&origin, &cache);
-    call(late.clone(), get("http://api.test/acl/late")).await;
-    eventually("the write, again without the script", WAIT, || async {
-        cache.stats().redis_writes == 1
-    })
-    .await;
-    let hit = call(late, get("http://api.test/acl/late")).await;
-    assert!(
-        hit.cache_status().ends_with("detail=redis"),
-        "{}",
-        hit.cache_status()
-    );
-    assert_eq!(cache.stats().redis_errors, 0);
-    // The refused batch's staged value is deleted, not left for its 10 s.
-    assert_eq!(
-        admin(&["--scan", "--pattern", "jobs/staging:*"]),
-        "",
-        "nothing staged"
-    );
 }
 
 #[tokio::test]
