@@ -95,7 +95,7 @@ impl Engine {
         // An invalidation between the check and the store may have removed the key
         // before it was written: remove it again.
         if self.invalidations.since(&key, &entry.tags, start.seq).await {
-            self.store.invalidate(&key).await;
+            Box::pin(self.store.invalidate(&key)).await;
             self.not_stored_after_invalidation(&key);
             return;
         }

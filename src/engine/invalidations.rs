@@ -75,6 +75,12 @@ impl Invalidations {
         if self.purged.load(Ordering::SeqCst) > since {
             return true;
         }
+        // Boxed: inline, the tables' lookups would enlarge every fill's future.
+        Box::pin(self.recorded_since(key, tags, since)).await
+    }
+
+    /// Whether the tables record `key`, or one of `tags`, as invalidated after `since`.
+    async fn recorded_since(&self, key: &CacheKey, tags: &[String], since: u64) -> bool {
         if self.marks.get(key).await.is_some_and(|seq| seq > since) {
             return true;
         }

@@ -51,6 +51,17 @@ impl Engine {
             self.store.put(primary, entry, started).await;
             return;
         }
+        // Boxed: inline, the index's lookup would enlarge every fill's future.
+        Box::pin(self.store_variant(primary, response, started)).await;
+    }
+
+    /// Stores a response that varies as a variant, and its index.
+    async fn store_variant(
+        &self,
+        primary: CacheKey,
+        response: Arc<CachedResponse>,
+        started: SystemTime,
+    ) {
         let names: Vec<HeaderName> = response.vary.iter().map(|(name, _)| name.clone()).collect();
         let mut stale_until = response.stale_until;
         let mut generation = HasherRng::default().next_u64();

@@ -59,13 +59,16 @@ where
         known,
     } = prepared;
     let serving = Serving::new(&engine, &settings, &primary, &request_cc);
+    // The awaits that only some requests reach (a lookup that had to wait, the fill
+    // lease, a follower's look again) are boxed: inline, each would make every
+    // miss's future larger (about 3 KB), and a miss moves its future twice.
     let (miss, stale) = match known {
         Some(known) => known,
         None if serving.must_forward() => (
-            serving.forward_reason(&RequestHead::of(&request)).await,
+            Box::pin(serving.forward_reason(&RequestHead::of(&request))).await,
             None,
         ),
-        None => match serving.serve(&RequestHead::of(&request)).await {
+        None => match Box::pin(serving.serve(&RequestHead::of(&request))).await {
             Answer::Hit(response) => return Ok(response),
             Answer::Refresh(response, stale) => {
                 let key = (primary, request_cc.clone());
@@ -92,15 +95,18 @@ where
         return Box::pin(forward(inner, &serving, request, miss, None, stale)).await;
     }
     let guard = match engine.join_flight(primary) {
-        Flight::Leader(guard) => match lead(&serving, guard, &RequestHead::of(&request)).await {
-            Led::Fetch(guard) => Some(guard),
-            Led::Served(response) => return Ok(response),
-        },
+        Flight::Leader(guard) if engine.fill_lease().is_none() => Some(guard),
+        Flight::Leader(guard) => {
+            match Box::pin(lead(&serving, guard, &RequestHead::of(&request))).await {
+                Led::Fetch(guard) => Some(guard),
+                Led::Served(response) => return Ok(response),
+            }
+        }
         Flight::Follower(follower) => {
             engine.count(Counter::Coalesced);
-            let released = follower.wait(engine.single_flight_timeout()).await;
+            let released = Box::pin(follower.wait(engine.single_flight_timeout())).await;
             if let Answer::Hit(response) | Answer::Refresh(response, _) =
-                serving.serve(&RequestHead::of(&request)).await
+                Box::pin(serving.serve(&RequestHead::of(&request))).await
             {
                 return Ok(response);
             }
@@ -108,7 +114,7 @@ where
             None
         }
     };
-    // Boxed so that the future of a request that waited on a lookup stays small.
+    // Boxed for the same reason.
     Box::pin(forward(inner, &serving, request, miss, guard, stale)).await
 }
 
