@@ -18,7 +18,8 @@
 //! - (g) an all-miss load on a memory-only layer and (h) the same with Redis on, with
 //!   the cheap handler of (c′); (g″)/(h″) the same pair with job_match's search
 //!   handler of (c) (label `writes-search`), and (h‴) the same with no entry sent to
-//!   Redis, so that only the misses' Redis reads remain (label `writes-search-reads`);
+//!   Redis, so that only the misses' Redis reads remain (label `writes-search-reads`;
+//!   `writes-reads` is the same beside (g), with the cheap handler);
 //!   (h) against (h′), the same with the cross-replica fill lease (label
 //!   `writes-lease`);
 //! - (i) memory hits on a memory-only layer and (j) the same on a layer whose Redis
@@ -73,7 +74,7 @@ use load::{load, median, Run, Urls, HTTP2};
 
 struct Args {
     /// Pairs to run (`hits`, `hits-swr-tags`, `search`, `misses`, `redis`,
-    /// `redis-spread`, `writes`, `writes-lease`, `writes-search`, `writes-search-reads`,
+    /// `redis-spread`, `writes`, `writes-reads`, `writes-lease`, `writes-search`, `writes-search-reads`,
     /// `degraded`, `memory`); empty: all.
     only: Vec<String>,
     seconds: f64,
@@ -283,6 +284,7 @@ async fn run(args: Args) {
         "redis",
         "redis-spread",
         "writes",
+        "writes-reads",
         "writes-search",
         "writes-search-reads",
         "writes-lease",
@@ -305,6 +307,7 @@ async fn run(args: Args) {
                 wanted("redis"),
                 wanted("redis-spread"),
                 wanted("writes"),
+                wanted("writes-reads"),
             )
             .await,
         );
@@ -520,6 +523,7 @@ async fn redis_pairs(
     hits: bool,
     spread: bool,
     writes: bool,
+    writes_reads: bool,
 ) -> Vec<Pair> {
     use fred::prelude::*;
     let mut pairs = Vec::new();
@@ -604,7 +608,7 @@ async fn redis_pairs(
             ],
         });
     }
-    if writes {
+    if writes || writes_reads {
         let rendered = |Query(seed): Query<Seed>| async move {
             (
                 [(CONTENT_TYPE, "application/json")],
@@ -613,27 +617,59 @@ async fn redis_pairs(
         };
         let memory_only = HybridCache::builder().build().await.unwrap();
         let with_redis = HybridCache::builder().redis_url(url).build().await.unwrap();
-        pairs.push(Pair {
-            label: "writes",
-            names: [
-                "(g) (c′) behind a memory-only layer, all misses, all stored",
-                "(h) (g) with Redis on: every store also written to Redis",
-            ],
-            path: "/render",
-            urls: Urls::Unique,
-            servers: [
-                serve(Router::new().route(
-                    "/render",
-                    get(rendered).layer(memory_only.layer().ttl(Duration::from_secs(60))),
-                ))
-                .await,
-                serve(Router::new().route(
-                    "/render",
-                    get(rendered).layer(with_redis.layer().ttl(Duration::from_secs(60))),
-                ))
-                .await,
-            ],
-        });
+        if writes_reads {
+            // (h⁗): what the misses' Redis reads cost alone; no entry is small enough
+            // to be sent.
+            let reads_only = HybridCache::builder()
+                .redis(tower_hybrid_cache::RedisConfig::new(url).max_value_bytes(1))
+                .build()
+                .await
+                .unwrap();
+            pairs.push(Pair {
+                label: "writes-reads",
+                names: [
+                    "(g) (c′) behind a memory-only layer, all misses, all stored",
+                    "(h⁗) (g) with Redis on, no entry sent: the misses' Redis reads alone",
+                ],
+                path: "/render",
+                urls: Urls::Unique,
+                servers: [
+                    serve(Router::new().route(
+                        "/render",
+                        get(rendered).layer(memory_only.layer().ttl(Duration::from_secs(60))),
+                    ))
+                    .await,
+                    serve(Router::new().route(
+                        "/render",
+                        get(rendered).layer(reads_only.layer().ttl(Duration::from_secs(60))),
+                    ))
+                    .await,
+                ],
+            });
+        }
+        if writes {
+            pairs.push(Pair {
+                label: "writes",
+                names: [
+                    "(g) (c′) behind a memory-only layer, all misses, all stored",
+                    "(h) (g) with Redis on: every store also written to Redis",
+                ],
+                path: "/render",
+                urls: Urls::Unique,
+                servers: [
+                    serve(Router::new().route(
+                        "/render",
+                        get(rendered).layer(memory_only.layer().ttl(Duration::from_secs(60))),
+                    ))
+                    .await,
+                    serve(Router::new().route(
+                        "/render",
+                        get(rendered).layer(with_redis.layer().ttl(Duration::from_secs(60))),
+                    ))
+                    .await,
+                ],
+            });
+        }
     }
     pairs
 }

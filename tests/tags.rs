@@ -392,3 +392,107 @@ async fn cache_groups_are_invalidated_across_replicas_within_their_origin() {
     .await;
     assert_eq!(hit("api.test", other_group).await, (true, true));
 }
+
+#[tokio::test]
+async fn each_entry_of_a_write_run_is_checked_against_its_own_marks() {
+    let redis = RedisServer::start();
+    let patient = |url: String| async move {
+        HybridCache::builder()
+            .namespace("tags")
+            .redis(
+                RedisConfig::new(url)
+                    .command_timeout(Duration::from_secs(10))
+                    .deadline(Duration::from_secs(10)),
+            )
+            .build()
+            .await
+            .unwrap()
+    };
+    let (a, b) = (patient(redis.url()).await, patient(redis.url()).await);
+    let origin = Origin::new();
+    // A mark on `feed` later than any fill's start: whatever carries the tag is
+    // superseded when written. B heard of the invalidation before its fills began,
+    // so only the write script can refuse them.
+    assert!(a.invalidate_tag("feed").await);
+    let mark = redis.cli(&["--scan", "--pattern", "*gonetag:*"]);
+    assert_eq!(mark.lines().count(), 1, "{mark}");
+    redis.cli(&["SET", mark.trim(), "99999999999999"]);
+
+    // Entries with different counts of marks, side by side in one run of the script.
+    let urls = [
+        ("http://api.test/run/1?gate=1&h=cache-tag:x,y", true),
+        ("http://api.test/run/2?gate=1&h=cache-tag:feed", false),
+        ("http://api.test/run/3?gate=1&h=cache-tag:z", true),
+        ("http://api.test/run/4?gate=1", true),
+        ("http://api.test/run/5?gate=1&h=cache-tag:x,feed,z", false),
+        ("http://api.test/run/6?gate=1&h=cache-tag:y", true),
+    ];
+    let fills: Vec<_> = urls
+        .iter()
+        .map(|(url, _)| tokio::spawn(call(origin.behind(&b), get_request(url))))
+        .collect();
+    eventually("B's fills at the origin", WAIT, || async {
+        origin.log.calls() == urls.len()
+    })
+    .await;
+    // Redis holds every write until unpaused: B's writer waits on a first one while
+    // the fills queue theirs behind it.
+    redis.cli(&["CLIENT", "PAUSE", "20000", "WRITE"]);
+    let before = b.stats();
+    b.set("hold", &1_u8, Duration::from_secs(60)).await.unwrap();
+    eventually("B's writer held by the pause", WAIT, || async {
+        redis
+            .cli(&["INFO", "clients"])
+            .contains("blocked_clients:1")
+    })
+    .await;
+    origin.gate.add_permits(urls.len());
+    for fill in fills {
+        fill.await.unwrap();
+    }
+    eventually("B's fills stored and queued", WAIT, || async {
+        b.stats().stores >= before.stores + urls.len() as u64
+    })
+    .await;
+    redis.cli(&["CLIENT", "UNPAUSE"]);
+    let written = 1 + urls.iter().filter(|(_, written)| *written).count() as u64;
+    eventually("B's writes through", WAIT, || async {
+        b.pending_redis_operations() == 0 && b.stats().redis_writes >= before.redis_writes + written
+    })
+    .await;
+
+    let c = patient(redis.url()).await;
+    origin.gate.add_permits(urls.len());
+    for (url, written) in urls {
+        let got = call(origin.behind(&c), get_request(url)).await;
+        assert_eq!(got.is_hit(), written, "{url}: {}", got.cache_status());
+    }
+    let staged = redis.cli(&["--scan", "--pattern", "*staging:*"]);
+    assert!(staged.trim().is_empty(), "staged values left: {staged}");
+
+    // The same for the purge's mark, which every entry of a run reads.
+    assert!(a.purge_all().await);
+    let mark = redis.cli(&["--scan", "--pattern", "*purged"]);
+    assert_eq!(mark.lines().count(), 1, "{mark}");
+    redis.cli(&["SET", mark.trim(), "99999999999999"]);
+    let scripts = || {
+        let stats = redis.cli(&["INFO", "commandstats"]);
+        let calls = stats
+            .lines()
+            .find_map(|line| line.strip_prefix("cmdstat_eval:calls="))
+            .and_then(|rest| rest.split(',').next())
+            .and_then(|calls| calls.parse::<u64>().ok());
+        calls.unwrap_or(0)
+    };
+    let ran = scripts();
+    let url = "http://api.test/run/after-purge";
+    let filled = call(origin.behind(&b), get_request(url)).await;
+    assert!(
+        filled.cache_status().contains("stored"),
+        "{}",
+        filled.cache_status()
+    );
+    eventually("B's write script ran", WAIT, || async { scripts() > ran }).await;
+    let got = call(origin.behind(&c), get_request(url)).await;
+    assert!(!got.is_hit(), "{}", got.cache_status());
+}

@@ -3,9 +3,10 @@
 //! before an invalidation (on any replica) is never stored.
 //!
 //! On one Redis (standalone or behind Sentinel) each entry's value is set under a
-//! staging key of its own, and a script reads the entry's marks and renames the value
-//! into place only if none supersedes it (deleting it otherwise), atomically: no
-//! replica ever sees an invalidated entry, and the value never passes through Lua. A
+//! staging key of its own, and one script for a run of entries reads each entry's
+//! marks and renames its value into place only if none supersedes it (deleting it
+//! otherwise), atomically: no replica ever sees an invalidated entry, and the value
+//! never passes through Lua. A
 //! Redis Cluster (whose marks live in other slots than the entry) or an ACL user
 //! without `EVAL` gets the marks read in the same round trip instead, and an entry
 //! they supersede deleted again: another replica may see it for about that round
@@ -24,30 +25,51 @@ use crate::key::CacheKey;
 use crate::store::StoreError;
 use crate::telemetry::TARGET;
 
-/// Renames the staged value `KEYS[1]` to `KEYS[2]` with a time to live of `ARGV[1]` ms
-/// unless a mark among the other keys holds a time at or after `ARGV[2]` (the fill's
-/// start); with `ARGV[3]` = 1, only if `KEYS[2]` holds nothing. A value not renamed is
-/// deleted. A mark that is not a number supersedes nothing. Returns 1 (written), 0
-/// (superseded), 2 (a value was there) or 3 (the staged value is not there: its `SET`
-/// failed). The value itself never passes through Lua: a script's arguments are
-/// copied in and out again, which cost Redis ~1.7 µs a KB (BENCHMARKS.md).
+/// Renames each staged value into place unless a mark supersedes it, for a run of
+/// entries in one call (Lua's fixed cost, about 7 µs a call, is paid once a run).
+/// `KEYS[1]` is the purge mark; then, for each entry, its staged value, its key, and
+/// `ARGV[i]` marks (its key's, then its tags'). `ARGV[1]` = 1 renames only where the
+/// key holds nothing; then, for each entry, its mark count, its time to live in ms
+/// and its fill's start (ms since the epoch). A mark holding a time at or after the
+/// start supersedes the entry; one that is not a number supersedes nothing. A value
+/// not renamed is deleted. Returns one code per entry: 1 (written), 0 (superseded),
+/// 2 (a value was there) or 3 (the staged value is not there: its `SET` failed). The
+/// values themselves never pass through Lua: a script's arguments are copied in and
+/// out again, which cost Redis ~1.7 µs a KB (BENCHMARKS.md).
 const GUARDED_RENAME: &str = "\
-local started = tonumber(ARGV[2])
-for i = 3, #KEYS do
-  local mark = redis.pcall('GET', KEYS[i])
-  if type(mark) == 'string' and (tonumber(mark) or 0) >= started then
-    redis.call('DEL', KEYS[1])
-    return 0
+local function mark(key)
+  local value = redis.pcall('GET', key)
+  if type(value) == 'string' then return tonumber(value) or 0 end
+  return 0
+end
+local purged = mark(KEYS[1])
+local codes = {}
+local k = 2
+for a = 2, #ARGV - 2, 3 do
+  local marks = tonumber(ARGV[a])
+  local started = tonumber(ARGV[a + 2])
+  local staging, target = KEYS[k], KEYS[k + 1]
+  local code = 1
+  if purged >= started then code = 0 end
+  for i = k + 2, k + 1 + marks do
+    if code == 1 and mark(KEYS[i]) >= started then code = 0 end
   end
+  if code == 1 and redis.call('EXISTS', staging) == 0 then code = 3 end
+  if code == 1 and ARGV[1] == '1' and redis.call('EXISTS', target) == 1 then code = 2 end
+  if code == 1 then
+    redis.call('RENAME', staging, target)
+    redis.call('PEXPIRE', target, ARGV[a + 1])
+  elseif code ~= 3 then
+    redis.call('DEL', staging)
+  end
+  codes[#codes + 1] = code
+  k = k + 2 + marks
 end
-if redis.call('EXISTS', KEYS[1]) == 0 then return 3 end
-if ARGV[3] == '1' and redis.call('EXISTS', KEYS[2]) == 1 then
-  redis.call('DEL', KEYS[1])
-  return 2
-end
-redis.call('RENAME', KEYS[1], KEYS[2])
-redis.call('PEXPIRE', KEYS[2], ARGV[1])
-return 1";
+return codes";
+
+/// Entries per call of the write script: enough to spread its fixed cost, few enough
+/// that one call does not hold Redis (which runs a script to its end) for long.
+const GUARDED_RUN: usize = 16;
 
 /// This process's name among the writers of staged values, and the count of its
 /// writes: with the key, they make each staged value's name its own.
@@ -78,8 +100,10 @@ const STAGING_MILLIS: i64 = 10_000;
 
 /// What one result of a write batch's pipeline answers.
 enum Slot {
-    /// The `SET` (or the script) of the batch's entry at this index.
+    /// The `SET` of the batch's entry at this index.
     Write(usize),
+    /// The script for the run of the batch's entries that starts at this index.
+    Guarded(usize),
     /// The `SET` of an entry's staged value: its error reply is the entry's.
     Staged,
     /// A tag index's `SADD` or `PEXPIRE` (its outcome changes nothing).
@@ -250,16 +274,16 @@ impl RedisStore {
         let mut slots = Vec::new();
         let mut sent = Vec::with_capacity(outgoing.len());
         let mut tags = BatchTags::default();
-        // Each staged value's key and number: its name again, should Redis refuse the
-        // script (the values would otherwise wait out their 10 s).
-        let mut staged_names = Vec::new();
+        // Each staged value's name, in `sent` order: the script's keys, and what to
+        // delete should Redis refuse the script (they would wait out their 10 s).
+        let mut staged_names: Vec<String> = Vec::new();
         for out in &outgoing {
             let queued: Result<(), _> = if guarded {
-                // The value under a name of this write's own, then the script that
-                // checks the marks and renames it into place.
+                // The value under a name of this write's own; the script, after the
+                // loop, checks the marks and renames it into place.
                 let write = self.writer.next();
                 let staging = self.keys.staging(out.key, self.writer.id, write);
-                let staged: Result<(), _> = pipeline
+                let staged = pipeline
                     .set(
                         staging.as_str(),
                         out.value.clone(),
@@ -268,28 +292,13 @@ impl RedisStore {
                         false,
                     )
                     .await;
-                if staged.is_err() {
-                    continue;
+                if staged.is_ok() {
+                    staged_names.push(staging);
+                    slots.push(Slot::Staged);
                 }
-                staged_names.push((out.key, write));
-                slots.push(Slot::Staged);
-                // EVAL script numkeys keys… args…
-                let tags = out.entry.tags();
-                let mut args: Vec<Value> = Vec::with_capacity(9 + tags.len());
-                args.push(Value::from(GUARDED_RENAME));
-                args.push(Value::Integer(4 + tags.len() as i64));
-                args.push(Value::from(staging));
-                args.push(Value::from(out.storage_key.as_str()));
-                args.push(Value::from(self.keys.purged()));
-                args.push(Value::from(self.keys.gone(out.key)));
-                args.extend(tags.iter().map(|tag| Value::from(self.keys.gone_tag(tag))));
-                args.push(Value::Integer(out.millis));
-                args.push(Value::Integer(out.started));
-                args.push(Value::Integer(i64::from(only_if_absent)));
-                let eval = CustomCommand::new_static("EVAL", ClusterHash::Offset(2), false);
-                pipeline.custom(eval, args).await
+                staged
             } else {
-                pipeline
+                let set = pipeline
                     .set(
                         out.storage_key.clone(),
                         out.value.clone(),
@@ -297,17 +306,34 @@ impl RedisStore {
                         only_if_absent.then_some(SetOptions::NX),
                         false,
                     )
-                    .await
+                    .await;
+                if set.is_ok() {
+                    slots.push(Slot::Write(sent.len()));
+                }
+                set
             };
             if queued.is_err() {
                 continue;
             }
-            slots.push(Slot::Write(sent.len()));
             tags.add(out);
             sent.push(out);
         }
         if sent.is_empty() {
             return Ok(Some((0, 0)));
+        }
+        if guarded {
+            for (run, staged) in staged_names.chunks(GUARDED_RUN).enumerate() {
+                let first = run * GUARDED_RUN;
+                let args = self.guarded_args(
+                    sent.get(first..).unwrap_or_default(),
+                    staged,
+                    only_if_absent,
+                );
+                let eval = CustomCommand::new_static("EVAL", ClusterHash::Offset(2), false);
+                if pipeline.custom::<(), _>(eval, args).await.is_ok() {
+                    slots.push(Slot::Guarded(first));
+                }
+            }
         }
         // Each tag's index lists the keys stored with it, and lives at least as long
         // as the longest-lived of them (NX sets a first expiry, GT extends): one
@@ -352,33 +378,53 @@ impl RedisStore {
         let mut times = vec![0_i64; mark_count];
         for (slot, result) in slots.into_iter().zip(results) {
             match (slot, result) {
-                // `SET NX` where a value was: nothing written.
-                (Slot::Write(_), Ok(Value::Null | Value::Integer(2))) => {}
-                // Its staged value did not arrive (its `SET` failed, counted there):
-                // nothing written.
-                (Slot::Write(i), Ok(Value::Integer(3))) => {
-                    let key = sent.get(i).map(|out| out.key);
-                    tracing::debug!(target: TARGET, key = ?key, outcome = "not-stored", detail = "staging-lost");
+                (Slot::Guarded(first), Ok(Value::Array(codes))) => {
+                    for (i, code) in (first..).zip(codes) {
+                        let key = sent.get(i).map(|out| out.key);
+                        match code {
+                            Value::Integer(1) => {
+                                tally.written += 1;
+                                if let Some(written) = written.get_mut(i) {
+                                    *written = true;
+                                }
+                            }
+                            Value::Integer(0) => {
+                                tracing::debug!(target: TARGET, key = ?key, outcome = "not-stored", detail = "invalidated");
+                            }
+                            // Its staged value did not arrive (its `SET` failed,
+                            // counted there): nothing written.
+                            Value::Integer(3) => {
+                                tracing::debug!(target: TARGET, key = ?key, outcome = "not-stored", detail = "staging-lost");
+                            }
+                            // `2`: a value was there (a re-seed); nothing written.
+                            _ => {}
+                        }
+                    }
                 }
-                (Slot::Write(i), Ok(Value::Integer(0))) => {
-                    let key = sent.get(i).map(|out| out.key);
-                    tracing::debug!(target: TARGET, key = ?key, outcome = "not-stored", detail = "invalidated");
-                }
-                (Slot::Write(i), Ok(_)) => {
-                    tally.written += 1;
-                    written[i] = true;
-                }
-                (Slot::Write(_), Err(e)) if guarded && super::capabilities::refused(&e) => {
+                (Slot::Guarded(_), Err(e)) if super::capabilities::refused(&e) => {
                     // Redis's words for what it refused: `EVAL`, or a command the
                     // script runs (an ACL user without `RENAME`).
                     tracing::warn!(target: TARGET, error = %e, "redis refuses the write script: write batches check their marks after writing instead");
-                    let names: Vec<String> = staged_names
-                        .iter()
-                        .map(|(key, write)| self.keys.staging(key, self.writer.id, *write))
-                        .collect();
+                    let names: Vec<&str> = staged_names.iter().map(String::as_str).collect();
                     // Best effort: what is left expires within its 10 s.
                     let _: Result<i64, _> = client.del(names).await;
                     return Ok(None);
+                }
+                // Refused whole (`OOM`, a script error): each of its entries is.
+                (Slot::Guarded(first), Err(e)) => {
+                    let run = sent.len().saturating_sub(first).min(GUARDED_RUN);
+                    for _ in 0..run {
+                        tally.failed(StoreError::command(e.clone()))?;
+                    }
+                }
+                (Slot::Guarded(_), Ok(_)) => {}
+                // `SET NX` where a value was: nothing written.
+                (Slot::Write(_), Ok(Value::Null)) => {}
+                (Slot::Write(i), Ok(_)) => {
+                    tally.written += 1;
+                    if let Some(written) = written.get_mut(i) {
+                        *written = true;
+                    }
                 }
                 (Slot::Write(_), Err(e)) => tally.failed(StoreError::command(e))?,
                 (Slot::Staged, Err(e)) => tally.failed(StoreError::command(e))?,
@@ -429,6 +475,48 @@ impl RedisStore {
             tally.written = tally.written.saturating_sub(superseded.len());
         }
         tally.result().map(Some)
+    }
+
+    /// The write script's arguments for a run of entries (`sent`, from the run's first)
+    /// and their staged values (`staged`, the run's): its text, its keys, its numbers.
+    fn guarded_args(
+        &self,
+        sent: &[&Outgoing<'_>],
+        staged: &[String],
+        only_if_absent: bool,
+    ) -> Vec<Value> {
+        let runs: Vec<(&Outgoing<'_>, &str)> = sent
+            .iter()
+            .zip(staged)
+            .map(|(out, name)| (*out, name.as_str()))
+            .collect();
+        let marks = |out: &Outgoing<'_>| 1 + out.entry.tags().len();
+        let key_count: usize = 1 + runs.iter().map(|(out, _)| 2 + marks(out)).sum::<usize>();
+        // EVAL script numkeys keys… args…
+        let mut args: Vec<Value> = Vec::with_capacity(3 + key_count + 3 * runs.len());
+        args.push(Value::from(GUARDED_RENAME));
+        args.push(Value::Integer(i64::try_from(key_count).unwrap_or(i64::MAX)));
+        args.push(Value::from(self.keys.purged()));
+        for (out, staging) in &runs {
+            args.push(Value::from(*staging));
+            args.push(Value::from(out.storage_key.as_str()));
+            args.push(Value::from(self.keys.gone(out.key)));
+            args.extend(
+                out.entry
+                    .tags()
+                    .iter()
+                    .map(|tag| Value::from(self.keys.gone_tag(tag))),
+            );
+        }
+        args.push(Value::Integer(i64::from(only_if_absent)));
+        for (out, _) in &runs {
+            args.push(Value::Integer(
+                i64::try_from(marks(out)).unwrap_or(i64::MAX),
+            ));
+            args.push(Value::Integer(out.millis));
+            args.push(Value::Integer(out.started));
+        }
+        args
     }
 
     /// The marks that can supersede a batch, in the order `set_many` reads them: the
