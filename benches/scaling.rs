@@ -6,7 +6,11 @@
 //! ```text
 //! cargo bench --bench scaling                 # about seven minutes
 //! cargo bench --bench scaling -- --seconds 0.5 --max-entries 100000   # quicker
+//! cargo bench --bench scaling -- --tables entries --min-entries 1000000  # one row, to profile
 //! ```
+//!
+//! `--tables` takes a comma-separated list of `entries`, `body`, `vary`, `tags`,
+//! `commands` (default all).
 //!
 //! Everything runs on one thread (a current-thread runtime: the layer, the handler,
 //! fred's connections), and each figure is that thread's CPU time per request
@@ -289,6 +293,10 @@ fn main() {
     let seconds: f64 = support::option("--seconds").map_or(1.5, |v| v.parse().unwrap());
     let max_entries: u64 =
         support::option("--max-entries").map_or(1_000_000, |v| v.parse().unwrap());
+    let min_entries: u64 = support::option("--min-entries").map_or(1_000, |v| v.parse().unwrap());
+    let tables: Option<Vec<String>> =
+        support::option("--tables").map(|v| v.split(',').map(str::to_owned).collect());
+    let wanted = move |table: &str| tables.as_ref().is_none_or(|t| t.iter().any(|n| n == table));
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -297,107 +305,117 @@ fn main() {
         let redis = redis_support::RedisServer::start();
         let small = Origin::new(200);
         let limit = bare(seconds, &small).await;
-        println!("\n### Entries held (200 B bodies, memory only)\n");
-        println!("| entries held | hit µs | stored miss µs | handler alone µs | hit / handler | miss / handler |");
-        println!("|---|---|---|---|---|---|");
-        let mut held = 1_000;
-        while held <= max_entries {
-            let (hit, miss, _, _) = layer_costs(seconds, &small, held, 1, None).await;
-            println!(
-                "| {held} | {hit:.2} | {miss:.2} | {limit:.2} | {:.2} | {:.2} |",
-                hit / limit,
-                miss / limit
-            );
-            held *= 10;
+        if wanted("entries") {
+            println!("\n### Entries held (200 B bodies, memory only)\n");
+            println!("| entries held | hit µs | stored miss µs | handler alone µs | hit / handler | miss / handler |");
+            println!("|---|---|---|---|---|---|");
+            let mut held = min_entries;
+            while held <= max_entries {
+                let (hit, miss, _, _) = layer_costs(seconds, &small, held, 1, None).await;
+                println!(
+                    "| {held} | {hit:.2} | {miss:.2} | {limit:.2} | {:.2} | {:.2} |",
+                    hit / limit,
+                    miss / limit
+                );
+                held *= 10;
+            }
         }
 
-        println!("\n### Body size (1 000 URLs held)\n");
-        println!("| body | handler alone µs | memory hit µs | memory miss µs | bare fred GET µs | Redis hit µs | Redis miss µs | Redis commands per hit / miss |");
-        println!("|---|---|---|---|---|---|---|---|");
-        for size in [1 << 10, 16 << 10, 256 << 10, 1 << 20] {
-            let origin = Origin::new(size);
-            let limit = bare(seconds, &origin).await;
-            let (hit, miss, _, _) = layer_costs(seconds, &origin, 1_000, 1, None).await;
-            let get = bare_get(seconds, &redis.url(), size).await;
-            let (rhit, rmiss, per_hit, per_miss) =
-                layer_costs(seconds, &origin, 1_000, 1, Some(&redis)).await;
-            println!(
-                "| {} KiB | {limit:.2} | {hit:.2} | {miss:.2} | {get:.2} | {rhit:.2} | {rmiss:.2} | {per_hit:.2} / {per_miss:.2} |",
-                size >> 10
-            );
-            let _ = redis.cli(&["FLUSHALL"]);
+        if wanted("body") {
+            println!("\n### Body size (1 000 URLs held)\n");
+            println!("| body | handler alone µs | memory hit µs | memory miss µs | bare fred GET µs | Redis hit µs | Redis miss µs | Redis commands per hit / miss |");
+            println!("|---|---|---|---|---|---|---|---|");
+            for size in [1 << 10, 16 << 10, 256 << 10, 1 << 20] {
+                let origin = Origin::new(size);
+                let limit = bare(seconds, &origin).await;
+                let (hit, miss, _, _) = layer_costs(seconds, &origin, 1_000, 1, None).await;
+                let get = bare_get(seconds, &redis.url(), size).await;
+                let (rhit, rmiss, per_hit, per_miss) =
+                    layer_costs(seconds, &origin, 1_000, 1, Some(&redis)).await;
+                println!(
+                    "| {} KiB | {limit:.2} | {hit:.2} | {miss:.2} | {get:.2} | {rhit:.2} | {rmiss:.2} | {per_hit:.2} / {per_miss:.2} |",
+                    size >> 10
+                );
+                let _ = redis.cli(&["FLUSHALL"]);
+            }
         }
 
-        println!("\n### Vary variants per URL (200 B bodies, 1 000 URLs)\n");
-        println!("| variants | memory hit µs | Redis hit µs | Redis commands per hit |");
-        println!("|---|---|---|---|");
-        for variants in [1, 4, 16, 64] {
-            let origin = Origin::new(200).varying();
-            let (hit, _, _, _) = layer_costs(seconds, &origin, 1_000, variants, None).await;
-            let (rhit, _, per_hit, _) =
-                layer_costs(seconds, &origin, 1_000, variants, Some(&redis)).await;
-            println!("| {variants} | {hit:.2} | {rhit:.2} | {per_hit:.2} |");
-            let _ = redis.cli(&["FLUSHALL"]);
+        if wanted("vary") {
+            println!("\n### Vary variants per URL (200 B bodies, 1 000 URLs)\n");
+            println!("| variants | memory hit µs | Redis hit µs | Redis commands per hit |");
+            println!("|---|---|---|---|");
+            for variants in [1, 4, 16, 64] {
+                let origin = Origin::new(200).varying();
+                let (hit, _, _, _) = layer_costs(seconds, &origin, 1_000, variants, None).await;
+                let (rhit, _, per_hit, _) =
+                    layer_costs(seconds, &origin, 1_000, variants, Some(&redis)).await;
+                println!("| {variants} | {hit:.2} | {rhit:.2} | {per_hit:.2} |");
+                let _ = redis.cli(&["FLUSHALL"]);
+            }
         }
 
-        println!("\n### Tags per entry (200 B bodies, 1 000 URLs)\n");
-        println!("| tags | memory hit µs | memory miss µs | Redis hit µs | Redis miss µs | Redis commands per miss |");
-        println!("|---|---|---|---|---|---|");
-        for tags in [0, 1, 8, 32] {
-            let origin = Origin::new(200).tagged(tags);
-            let (hit, miss, _, _) = layer_costs(seconds, &origin, 1_000, 1, None).await;
-            let (rhit, rmiss, _, per_miss) =
-                layer_costs(seconds, &origin, 1_000, 1, Some(&redis)).await;
-            println!("| {tags} | {hit:.2} | {miss:.2} | {rhit:.2} | {rmiss:.2} | {per_miss:.2} |");
-            let _ = redis.cli(&["FLUSHALL"]);
+        if wanted("tags") {
+            println!("\n### Tags per entry (200 B bodies, 1 000 URLs)\n");
+            println!("| tags | memory hit µs | memory miss µs | Redis hit µs | Redis miss µs | Redis commands per miss |");
+            println!("|---|---|---|---|---|---|");
+            for tags in [0, 1, 8, 32] {
+                let origin = Origin::new(200).tagged(tags);
+                let (hit, miss, _, _) = layer_costs(seconds, &origin, 1_000, 1, None).await;
+                let (rhit, rmiss, _, per_miss) =
+                    layer_costs(seconds, &origin, 1_000, 1, Some(&redis)).await;
+                println!("| {tags} | {hit:.2} | {miss:.2} | {rhit:.2} | {rmiss:.2} | {per_miss:.2} |");
+                let _ = redis.cli(&["FLUSHALL"]);
+            }
         }
 
-        println!("\n### Redis commands by name (200 B bodies, 4 tags; per request)\n");
-        let origin = Origin::new(200).tagged(4);
-        let cache = cache(Some(&redis.url())).await;
-        let service = cache
-            .layer()
-            .ttl(Duration::from_secs(3600))
-            .layer(origin.service());
-        const N: u64 = 2_000;
-        let _ = redis.cli(&["CONFIG", "RESETSTAT"]);
-        for u in 0..N {
-            ask(&service, request(u, 0)).await;
-        }
-        written(&cache, N).await;
-        let misses = redis.cli(&["INFO", "commandstats"]);
-        let _ = redis.cli(&["CONFIG", "RESETSTAT"]);
-        for u in 0..N {
-            ask(&service, request(u, 0)).await;
-        }
-        let hits = redis.cli(&["INFO", "commandstats"]);
-        println!("| command | per stored miss | per hit |");
-        println!("|---|---|---|");
-        let calls = |stats: &str, name: &str| {
-            stats
+        if wanted("commands") {
+            println!("\n### Redis commands by name (200 B bodies, 4 tags; per request)\n");
+            let origin = Origin::new(200).tagged(4);
+            let cache = cache(Some(&redis.url())).await;
+            let service = cache
+                .layer()
+                .ttl(Duration::from_secs(3600))
+                .layer(origin.service());
+            const N: u64 = 2_000;
+            let _ = redis.cli(&["CONFIG", "RESETSTAT"]);
+            for u in 0..N {
+                ask(&service, request(u, 0)).await;
+            }
+            written(&cache, N).await;
+            let misses = redis.cli(&["INFO", "commandstats"]);
+            let _ = redis.cli(&["CONFIG", "RESETSTAT"]);
+            for u in 0..N {
+                ask(&service, request(u, 0)).await;
+            }
+            let hits = redis.cli(&["INFO", "commandstats"]);
+            println!("| command | per stored miss | per hit |");
+            println!("|---|---|---|");
+            let calls = |stats: &str, name: &str| {
+                stats
+                    .lines()
+                    .find_map(|l| l.strip_prefix(&format!("cmdstat_{name}:calls=")))
+                    .and_then(|rest| rest.split(',').next())
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            let mut names: Vec<String> = misses
                 .lines()
-                .find_map(|l| l.strip_prefix(&format!("cmdstat_{name}:calls=")))
-                .and_then(|rest| rest.split(',').next())
-                .and_then(|v| v.parse::<u64>().ok())
-                .unwrap_or(0)
-        };
-        let mut names: Vec<String> = misses
-            .lines()
-            .chain(hits.lines())
-            .filter_map(|l| l.strip_prefix("cmdstat_"))
-            .filter_map(|l| l.split(':').next())
-            .map(str::to_owned)
-            .filter(|n| n != "config" && n != "info")
-            .collect();
-        names.sort();
-        names.dedup();
-        for name in names {
-            println!(
-                "| `{name}` | {:.2} | {:.2} |",
-                calls(&misses, &name) as f64 / N as f64,
-                calls(&hits, &name) as f64 / N as f64
-            );
+                .chain(hits.lines())
+                .filter_map(|l| l.strip_prefix("cmdstat_"))
+                .filter_map(|l| l.split(':').next())
+                .map(str::to_owned)
+                .filter(|n| n != "config" && n != "info")
+                .collect();
+            names.sort();
+            names.dedup();
+            for name in names {
+                println!(
+                    "| `{name}` | {:.2} | {:.2} |",
+                    calls(&misses, &name) as f64 / N as f64,
+                    calls(&hits, &name) as f64 / N as f64
+                );
+            }
+            cache.shutdown().await;
         }
-        cache.shutdown().await;
     });
 }
