@@ -608,68 +608,42 @@ async fn redis_pairs(
             ],
         });
     }
-    if writes || writes_reads {
-        let rendered = |Query(seed): Query<Seed>| async move {
-            (
-                [(CONTENT_TYPE, "application/json")],
-                render(seed.i.unwrap_or(0)),
-            )
-        };
+    const MEMORY_ONLY: &str = "(g) (c′) behind a memory-only layer, all misses, all stored";
+    if writes_reads {
+        // (h⁗): what the misses' Redis reads cost alone; no entry is small enough to be
+        // sent.
+        let reads_only = HybridCache::builder()
+            .redis(tower_hybrid_cache::RedisConfig::new(url).max_value_bytes(1))
+            .build()
+            .await
+            .unwrap();
         let memory_only = HybridCache::builder().build().await.unwrap();
-        let with_redis = HybridCache::builder().redis_url(url).build().await.unwrap();
-        if writes_reads {
-            // (h⁗): what the misses' Redis reads cost alone; no entry is small enough
-            // to be sent.
-            let reads_only = HybridCache::builder()
-                .redis(tower_hybrid_cache::RedisConfig::new(url).max_value_bytes(1))
-                .build()
-                .await
-                .unwrap();
-            pairs.push(Pair {
-                label: "writes-reads",
-                names: [
-                    "(g) (c′) behind a memory-only layer, all misses, all stored",
+        pairs.push(
+            render_pair(
+                "writes-reads",
+                [
+                    MEMORY_ONLY,
                     "(h⁗) (g) with Redis on, no entry sent: the misses' Redis reads alone",
                 ],
-                path: "/render",
-                urls: Urls::Unique,
-                servers: [
-                    serve(Router::new().route(
-                        "/render",
-                        get(rendered).layer(memory_only.layer().ttl(Duration::from_secs(60))),
-                    ))
-                    .await,
-                    serve(Router::new().route(
-                        "/render",
-                        get(rendered).layer(reads_only.layer().ttl(Duration::from_secs(60))),
-                    ))
-                    .await,
-                ],
-            });
-        }
-        if writes {
-            pairs.push(Pair {
-                label: "writes",
-                names: [
-                    "(g) (c′) behind a memory-only layer, all misses, all stored",
+                [&memory_only, &reads_only],
+            )
+            .await,
+        );
+    }
+    if writes {
+        let memory_only = HybridCache::builder().build().await.unwrap();
+        let with_redis = HybridCache::builder().redis_url(url).build().await.unwrap();
+        pairs.push(
+            render_pair(
+                "writes",
+                [
+                    MEMORY_ONLY,
                     "(h) (g) with Redis on: every store also written to Redis",
                 ],
-                path: "/render",
-                urls: Urls::Unique,
-                servers: [
-                    serve(Router::new().route(
-                        "/render",
-                        get(rendered).layer(memory_only.layer().ttl(Duration::from_secs(60))),
-                    ))
-                    .await,
-                    serve(Router::new().route(
-                        "/render",
-                        get(rendered).layer(with_redis.layer().ttl(Duration::from_secs(60))),
-                    ))
-                    .await,
-                ],
-            });
-        }
+                [&memory_only, &with_redis],
+            )
+            .await,
+        );
     }
     pairs
 }
@@ -678,12 +652,6 @@ async fn redis_pairs(
 /// lease (a `SET NX` before each origin call, a release after its write): what the
 /// lease costs a miss.
 async fn lease_pair(url: &str) -> Pair {
-    let rendered = |Query(seed): Query<Seed>| async move {
-        (
-            [(CONTENT_TYPE, "application/json")],
-            render(seed.i.unwrap_or(0)),
-        )
-    };
     let without = HybridCache::builder().redis_url(url).build().await.unwrap();
     let with = HybridCache::builder()
         .redis_url(url)
@@ -691,21 +659,42 @@ async fn lease_pair(url: &str) -> Pair {
         .build()
         .await
         .unwrap();
+    render_pair(
+        "writes-lease",
+        [
+            "(h) all misses with Redis on, no fill lease",
+            "(h′) (h) with the fill lease: a SET NX per miss, a release after its write",
+        ],
+        [&without, &with],
+    )
+    .await
+}
+
+/// (c′)'s cheap handler on unique URLs (all misses) behind each of `caches`, 60 s TTL.
+async fn render_pair(
+    label: &'static str,
+    names: [&'static str; 2],
+    caches: [&HybridCache; 2],
+) -> Pair {
+    let rendered = |Query(seed): Query<Seed>| async move {
+        (
+            [(CONTENT_TYPE, "application/json")],
+            render(seed.i.unwrap_or(0)),
+        )
+    };
     let route = |cache: &HybridCache| {
         Router::new().route(
             "/render",
             get(rendered).layer(cache.layer().ttl(Duration::from_secs(60))),
         )
     };
+    let [base, layered] = caches;
     Pair {
-        label: "writes-lease",
-        names: [
-            "(h) all misses with Redis on, no fill lease",
-            "(h′) (h) with the fill lease: a SET NX per miss, a release after its write",
-        ],
+        label,
+        names,
         path: "/render",
         urls: Urls::Unique,
-        servers: [serve(route(&without)).await, serve(route(&with)).await],
+        servers: [serve(route(base)).await, serve(route(layered)).await],
     }
 }
 

@@ -393,22 +393,27 @@ async fn cache_groups_are_invalidated_across_replicas_within_their_origin() {
     assert_eq!(hit("api.test", other_group).await, (true, true));
 }
 
+/// A replica whose Redis commands outwait a `CLIENT PAUSE` of the test's making.
+async fn patient_replica(url: &str) -> HybridCache {
+    HybridCache::builder()
+        .namespace("tags")
+        .redis(
+            RedisConfig::new(url)
+                .command_timeout(Duration::from_secs(10))
+                .deadline(Duration::from_secs(10)),
+        )
+        .build()
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn each_entry_of_a_write_run_is_checked_against_its_own_marks() {
     let redis = RedisServer::start();
-    let patient = |url: String| async move {
-        HybridCache::builder()
-            .namespace("tags")
-            .redis(
-                RedisConfig::new(url)
-                    .command_timeout(Duration::from_secs(10))
-                    .deadline(Duration::from_secs(10)),
-            )
-            .build()
-            .await
-            .unwrap()
-    };
-    let (a, b) = (patient(redis.url()).await, patient(redis.url()).await);
+    let (a, b) = (
+        patient_replica(&redis.url()).await,
+        patient_replica(&redis.url()).await,
+    );
     let origin = Origin::new();
     // A mark on `feed` later than any fill's start: whatever carries the tag is
     // superseded when written. B heard of the invalidation before its fills began,
@@ -461,7 +466,7 @@ async fn each_entry_of_a_write_run_is_checked_against_its_own_marks() {
     })
     .await;
 
-    let c = patient(redis.url()).await;
+    let c = patient_replica(&redis.url()).await;
     origin.gate.add_permits(urls.len());
     for (url, written) in urls {
         let got = call(origin.behind(&c), get_request(url)).await;

@@ -95,13 +95,15 @@ where
         return Box::pin(forward(inner, &serving, request, miss, None, stale)).await;
     }
     let guard = match engine.join_flight(primary) {
-        Flight::Leader(guard) if engine.fill_lease().is_none() => Some(guard),
-        Flight::Leader(guard) => {
-            match Box::pin(lead(&serving, guard, &RequestHead::of(&request))).await {
-                Led::Fetch(guard) => Some(guard),
-                Led::Served(response) => return Ok(response),
+        Flight::Leader(guard) => match engine.fill_lease() {
+            None => Some(guard),
+            Some(ttl) => {
+                match Box::pin(lead(&serving, guard, ttl, &RequestHead::of(&request))).await {
+                    Led::Fetch(guard) => Some(guard),
+                    Led::Served(response) => return Ok(response),
+                }
             }
-        }
+        },
         Flight::Follower(follower) => {
             engine.count(Counter::Coalesced);
             let released = Box::pin(follower.wait(engine.single_flight_timeout())).await;
@@ -127,18 +129,16 @@ enum Led<B> {
     Served(Response<CacheBody<B>>),
 }
 
-/// With the cross-replica lease on, the leader takes it, or waits for the replica
-/// that holds it; without, it fetches.
+/// With the cross-replica lease on (`ttl`), the leader takes it, or waits for the
+/// replica that holds it.
 async fn lead<ResBody>(
     serving: &Serving<'_>,
     mut guard: FlightGuard,
+    ttl: Duration,
     request: &RequestHead<'_>,
 ) -> Led<ResBody> {
     let engine = serving.engine;
     let primary = *serving.primary;
-    let Some(ttl) = engine.fill_lease() else {
-        return Led::Fetch(guard);
-    };
     match engine.try_lease(&primary, ttl).await {
         Lease::Taken(token) => engine.hold_lease(&mut guard, primary, token),
         Lease::Held => {

@@ -382,12 +382,8 @@ impl RedisStore {
                     for (i, code) in (first..).zip(codes) {
                         let key = sent.get(i).map(|out| out.key);
                         match code {
-                            Value::Integer(1) => {
-                                tally.written += 1;
-                                if let Some(written) = written.get_mut(i) {
-                                    *written = true;
-                                }
-                            }
+                            // The script checked its marks: nothing to undo below.
+                            Value::Integer(1) => tally.written += 1,
                             Value::Integer(0) => {
                                 tracing::debug!(target: TARGET, key = ?key, outcome = "not-stored", detail = "invalidated");
                             }
@@ -485,20 +481,16 @@ impl RedisStore {
         staged: &[String],
         only_if_absent: bool,
     ) -> Vec<Value> {
-        let runs: Vec<(&Outgoing<'_>, &str)> = sent
-            .iter()
-            .zip(staged)
-            .map(|(out, name)| (*out, name.as_str()))
-            .collect();
+        let runs = || sent.iter().zip(staged);
         let marks = |out: &Outgoing<'_>| 1 + out.entry.tags().len();
-        let key_count: usize = 1 + runs.iter().map(|(out, _)| 2 + marks(out)).sum::<usize>();
+        let key_count: usize = 1 + runs().map(|(out, _)| 2 + marks(out)).sum::<usize>();
         // EVAL script numkeys keys… args…
-        let mut args: Vec<Value> = Vec::with_capacity(3 + key_count + 3 * runs.len());
+        let mut args: Vec<Value> = Vec::with_capacity(3 + key_count + 3 * staged.len());
         args.push(Value::from(GUARDED_RENAME));
         args.push(Value::Integer(i64::try_from(key_count).unwrap_or(i64::MAX)));
         args.push(Value::from(self.keys.purged()));
-        for (out, staging) in &runs {
-            args.push(Value::from(*staging));
+        for (out, staging) in runs() {
+            args.push(Value::from(staging.as_str()));
             args.push(Value::from(out.storage_key.as_str()));
             args.push(Value::from(self.keys.gone(out.key)));
             args.extend(
@@ -509,7 +501,7 @@ impl RedisStore {
             );
         }
         args.push(Value::Integer(i64::from(only_if_absent)));
-        for (out, _) in &runs {
+        for (out, _) in runs() {
             args.push(Value::Integer(
                 i64::try_from(marks(out)).unwrap_or(i64::MAX),
             ));
