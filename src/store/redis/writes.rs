@@ -15,6 +15,7 @@
 use std::time::SystemTime;
 
 use bytes::Bytes;
+use fred::bytes_utils::Str;
 use fred::prelude::*;
 use fred::types::{ClusterHash, CustomCommand, Expiration, ExpireOptions, SetOptions};
 
@@ -128,7 +129,8 @@ struct Outgoing<'a> {
     entry: &'a Entry,
     /// When its origin call started, in ms since the epoch (the marks' unit).
     started: i64,
-    storage_key: String,
+    /// Where it goes: shared, not copied, by each command that names it.
+    storage_key: Str,
     value: Bytes,
     /// Its time to live in Redis.
     millis: i64,
@@ -156,12 +158,12 @@ impl<'a> BatchTags<'a> {
             let at = *self.positions.entry(tag.as_str()).or_insert(next);
             match self.tags.get_mut(at) {
                 Some(known) => {
-                    known.keys.push(&out.storage_key);
+                    known.keys.push(&*out.storage_key);
                     known.millis = known.millis.max(out.millis);
                 }
                 None => self.tags.push(BatchTag {
                     name: tag,
-                    keys: vec![&out.storage_key],
+                    keys: vec![&*out.storage_key],
                     millis: out.millis,
                 }),
             }
@@ -276,16 +278,16 @@ impl RedisStore {
         let mut tags = BatchTags::default();
         // Each staged value's name, in `sent` order: the script's keys, and what to
         // delete should Redis refuse the script (they would wait out their 10 s).
-        let mut staged_names: Vec<String> = Vec::new();
+        let mut staged_names: Vec<Str> = Vec::new();
         for out in &outgoing {
             let queued: Result<(), _> = if guarded {
                 // The value under a name of this write's own; the script, after the
                 // loop, checks the marks and renames it into place.
                 let write = self.writer.next();
-                let staging = self.keys.staging(out.key, self.writer.id, write);
+                let staging = Str::from(self.keys.staging(out.key, self.writer.id, write));
                 let staged = pipeline
                     .set(
-                        staging.as_str(),
+                        &staging,
                         out.value.clone(),
                         Some(Expiration::PX(STAGING_MILLIS)),
                         None,
@@ -401,7 +403,7 @@ impl RedisStore {
                     // Redis's words for what it refused: `EVAL`, or a command the
                     // script runs (an ACL user without `RENAME`).
                     tracing::warn!(target: TARGET, error = %e, "redis refuses the write script: write batches check their marks after writing instead");
-                    let names: Vec<&str> = staged_names.iter().map(String::as_str).collect();
+                    let names: Vec<&str> = staged_names.iter().map(|name| &**name).collect();
                     // Best effort: what is left expires within its 10 s.
                     let _: Result<i64, _> = client.del(names).await;
                     return Ok(None);
@@ -463,7 +465,7 @@ impl RedisStore {
             let undo = client.pipeline();
             for out in &superseded {
                 tracing::debug!(target: TARGET, key = %out.key, outcome = "not-stored", detail = "invalidated");
-                let _: Result<(), _> = undo.del(out.storage_key.as_str()).await;
+                let _: Result<(), _> = undo.del(&out.storage_key).await;
             }
             // Failing here would leave an invalidated entry in Redis: the whole batch
             // is then an error, retried or replayed (and checked) again.
@@ -478,7 +480,7 @@ impl RedisStore {
     fn guarded_args(
         &self,
         sent: &[&Outgoing<'_>],
-        staged: &[String],
+        staged: &[Str],
         only_if_absent: bool,
     ) -> Vec<Value> {
         let runs = || sent.iter().zip(staged);
@@ -490,8 +492,8 @@ impl RedisStore {
         args.push(Value::Integer(i64::try_from(key_count).unwrap_or(i64::MAX)));
         args.push(Value::from(self.keys.purged()));
         for (out, staging) in runs() {
-            args.push(Value::from(staging.as_str()));
-            args.push(Value::from(out.storage_key.as_str()));
+            args.push(Value::from(staging.clone()));
+            args.push(Value::from(out.storage_key.clone()));
             args.push(Value::from(self.keys.gone(out.key)));
             args.extend(
                 out.entry
@@ -540,7 +542,7 @@ impl RedisStore {
                     key,
                     entry,
                     started: millis_i64(millis_since_epoch(*started)),
-                    storage_key: self.keys.entry(key),
+                    storage_key: Str::from(self.keys.entry(key)),
                     value,
                     millis: i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX),
                 })
@@ -575,7 +577,7 @@ mod tests {
                 key,
                 entry,
                 started: 0,
-                storage_key: RedisKeys::new("ns").entry(key),
+                storage_key: Str::from(RedisKeys::new("ns").entry(key)),
                 value: Bytes::new(),
                 millis,
             })
@@ -589,10 +591,10 @@ mod tests {
         let jobs = &tags.tags[0];
         assert_eq!(
             jobs.keys,
-            [outgoing[0].storage_key.as_str(), &outgoing[1].storage_key]
+            [&*outgoing[0].storage_key, &*outgoing[1].storage_key]
         );
         assert_eq!(jobs.millis, 5_000);
-        assert_eq!(tags.tags[1].keys, [outgoing[0].storage_key.as_str()]);
+        assert_eq!(tags.tags[1].keys, [&*outgoing[0].storage_key]);
         assert_eq!(tags.tags[1].millis, 1_000);
         assert_eq!(tags.position("berlin"), Some(1));
         assert_eq!(tags.position("paris"), None);
