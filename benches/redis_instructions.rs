@@ -1,5 +1,5 @@
-//! Redis reads, N of them (second argument, default 10 000), for an instruction-count
-//! A/B under callgrind against a real `redis-server` it starts (BENCHMARKS.md, "Redis
+//! Requests through the Redis path, N of them (second argument, default 10 000), for an
+//! instruction-count A/B under callgrind against a real `redis-server` it starts (BENCHMARKS.md, "Redis
 //! path, instructions"). The first argument picks what is counted:
 //!
 //! - `bare`: one fred `GET` of a 3 KiB value per request, in a handler (the limit a
@@ -19,7 +19,9 @@
 //! ```
 //!
 //! A third argument sends that many requests at once (default 1): concurrent misses
-//! share the writer's batches, as they do under load.
+//! share the writer's batches, as they do under load, but how full each batch is then
+//! depends on when the writer task runs, so such counts vary from run to run; compare
+//! builds one request at a time.
 //!
 //! redis-server runs outside valgrind: only this process's instructions are counted.
 //! With `BENCH_REDIS_STATS=1`, the run ends by printing what Redis was sent (`INFO
