@@ -586,14 +586,7 @@ async fn redis_pairs(
         while sent.load(Ordering::Relaxed) < SPREAD {
             load(layered, "/pre", Urls::Unique, 0.05, 1, sent.clone()).await;
         }
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while cache.stats().redis_writes < SPREAD {
-            assert!(
-                Instant::now() < deadline,
-                "the spread keys did not reach Redis"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        support::redis_written(&cache, SPREAD).await;
         pairs.push(Pair {
             label: "redis-spread",
             names: [

@@ -89,9 +89,7 @@ async fn run(args: Args) {
     // Warm: every URL stored, and in Redis.
     let warm_until = Instant::now() + Duration::from_secs(1);
     load(addr, 4, warm_until, Instant::now()).await;
-    while cache.stats().redis_writes < URLS as u64 {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    support::redis_written(&cache, URLS as u64).await;
 
     let phase = Duration::from_secs_f64(args.phase);
     let start = Instant::now();

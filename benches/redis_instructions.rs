@@ -30,7 +30,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::convert::Infallible;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use fred::prelude::*;
@@ -43,6 +43,9 @@ use tower_hybrid_cache::{HybridCache, RedisConfig};
 #[allow(dead_code, unreachable_pub)]
 #[path = "../tests/support/redis.rs"]
 mod redis_support;
+// The command-line and runtime helpers are the HTTP benches'.
+#[allow(dead_code)]
+mod support;
 
 const KEYS: usize = 1_000;
 
@@ -146,11 +149,7 @@ async fn main() {
                 tower::Layer::layer(&cache.layer().ttl(Duration::from_secs(3600)), origin);
             if mode == "hits" {
                 drive!(service, 0..KEYS, 1);
-                let deadline = Instant::now() + Duration::from_secs(60);
-                while cache.stats().redis_writes < KEYS as u64 {
-                    assert!(Instant::now() < deadline, "the keys did not reach Redis");
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
+                support::redis_written(&cache, KEYS as u64).await;
                 let before = cache.stats();
                 drive!(service, (0..requests).map(|i| i % KEYS), in_flight);
                 let after = cache.stats();
@@ -168,11 +167,7 @@ async fn main() {
                 assert_eq!(stats.redis_errors, 0, "every Redis read answered");
                 if mode == "misses" {
                     // The writes' answers, before the counts are read.
-                    let deadline = Instant::now() + Duration::from_secs(60);
-                    while cache.stats().redis_writes < requests as u64 {
-                        assert!(Instant::now() < deadline, "the entries did not reach Redis");
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                    }
+                    support::redis_written(&cache, requests as u64).await;
                 }
             }
         }

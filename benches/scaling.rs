@@ -204,15 +204,6 @@ async fn cache(redis: Option<&str>) -> HybridCache {
     .unwrap()
 }
 
-/// Waits until `cache` has written `n` entries to Redis (when it has Redis).
-async fn written(cache: &HybridCache, n: u64) {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while cache.stats().redis_writes < n {
-        assert!(Instant::now() < deadline, "the fills did not reach Redis");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
 /// Redis's count of commands it processed so far.
 fn redis_commands(redis: &redis_support::RedisServer) -> u64 {
     redis
@@ -251,7 +242,7 @@ async fn layer_costs(
         cache.run_pending_tasks().await;
         tokio::task::yield_now().await;
     }
-    written(&cache, if redis.is_some() { urls * variants } else { 0 }).await;
+    support::redis_written(&cache, if redis.is_some() { urls * variants } else { 0 }).await;
     let commands = || redis.map_or(0, redis_commands);
     // Hits in an order no cache line predicts (a multiplicative hash of the count).
     let (before, asked) = (commands(), std::cell::Cell::new(0u64));
@@ -275,7 +266,7 @@ async fn layer_costs(
     })
     .await;
     cache.run_pending_tasks().await;
-    written(
+    support::redis_written(
         &cache,
         if redis.is_some() {
             urls * variants + asked.get()
@@ -381,7 +372,7 @@ fn main() {
             for u in 0..N {
                 ask(&service, request(u, 0)).await;
             }
-            written(&cache, N).await;
+            support::redis_written(&cache, N).await;
             let misses = redis.cli(&["INFO", "commandstats"]);
             let _ = redis.cli(&["CONFIG", "RESETSTAT"]);
             for u in 0..N {

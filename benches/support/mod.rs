@@ -1,7 +1,10 @@
-//! What the HTTP benches share: reading their `--name value` options, and the runtime
-//! they run on.
+//! What the benches share: reading their `--name value` options, the runtime they run
+//! on, and waiting for their fills to reach Redis.
 
 use std::future::Future;
+use std::time::{Duration, Instant};
+
+use tower_hybrid_cache::HybridCache;
 
 /// The value after `--name` on the command line, if given.
 pub(crate) fn option(name: &str) -> Option<String> {
@@ -21,4 +24,13 @@ pub(crate) fn run_on_two_workers<F: Future>(future: F) -> F::Output {
         .build()
         .expect("a tokio runtime")
         .block_on(future)
+}
+
+/// Waits until `cache` has written `n` entries to Redis, within two minutes.
+pub(crate) async fn redis_written(cache: &HybridCache, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while cache.stats().redis_writes < n {
+        assert!(Instant::now() < deadline, "the fills did not reach Redis");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }

@@ -403,9 +403,8 @@ impl RedisStore {
                     // Redis's words for what it refused: `EVAL`, or a command the
                     // script runs (an ACL user without `RENAME`).
                     tracing::warn!(target: TARGET, error = %e, "redis refuses the write script: write batches check their marks after writing instead");
-                    let names: Vec<&str> = staged_names.iter().map(|name| &**name).collect();
                     // Best effort: what is left expires within its 10 s.
-                    let _: Result<i64, _> = client.del(names).await;
+                    let _: Result<i64, _> = client.del(std::mem::take(&mut staged_names)).await;
                     return Ok(None);
                 }
                 // Refused whole (`OOM`, a script error): each of its entries is.
