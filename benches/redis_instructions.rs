@@ -10,7 +10,9 @@
 //!   layer, each response stored (the baseline of the two below);
 //! - `read-misses`: the same behind the layer with Redis, no entry small enough to be
 //!   sent (`max_value_bytes(1)`): a miss's Redis read, without the write;
-//! - `misses`: the same with every entry written to Redis (the write path whole).
+//! - `misses`: the same with every entry written to Redis (the write path whole);
+//! - `tagged-misses`: `misses` with four tags on every response (`Cache-Tag`), each
+//!   indexed in Redis as the entry is written.
 //!
 //! ```text
 //! cargo bench --bench redis_instructions --no-run   # prints the binary's path
@@ -25,7 +27,7 @@
 //!
 //! redis-server runs outside valgrind: only this process's instructions are counted.
 //! With `BENCH_REDIS_STATS=1`, the run ends by printing what Redis was sent (`INFO
-//! commandstats`).
+//! commandstats`) and the CPU time it used (`INFO cpu`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -130,7 +132,7 @@ async fn main() {
             });
             drive!(origin, 0..requests, in_flight);
         }
-        "hits" | "memory-misses" | "read-misses" | "misses" => {
+        "hits" | "memory-misses" | "read-misses" | "misses" | "tagged-misses" => {
             let mut config = RedisConfig::new(redis.url());
             if mode == "read-misses" {
                 config = config.max_value_bytes(1);
@@ -141,9 +143,17 @@ async fn main() {
                 _ => builder.redis(config),
             };
             let cache = builder.build().await.unwrap();
+            let tagged = mode == "tagged-misses";
             let origin = tower::service_fn(move |_request: Request<RequestBody<Full<Bytes>>>| {
                 let body = body.clone();
-                async move { Ok::<_, Infallible>(Response::new(Full::new(body))) }
+                async move {
+                    let mut response = Response::new(Full::new(body));
+                    if tagged {
+                        let tags = http::HeaderValue::from_static("jobs berlin rust remote");
+                        response.headers_mut().insert("cache-tag", tags);
+                    }
+                    Ok::<_, Infallible>(response)
+                }
             });
             let service =
                 tower::Layer::layer(&cache.layer().ttl(Duration::from_secs(3600)), origin);
@@ -165,15 +175,20 @@ async fn main() {
                 let stats = cache.stats();
                 assert_eq!(stats.stores, requests as u64, "every miss stored");
                 assert_eq!(stats.redis_errors, 0, "every Redis read answered");
-                if mode == "misses" {
+                if mode == "misses" || tagged {
                     // The writes' answers, before the counts are read.
                     support::redis_written(&cache, requests as u64).await;
                 }
             }
         }
-        other => panic!("unknown mode {other}: bare, hits, memory-misses, read-misses or misses"),
+        other => panic!(
+            "unknown mode {other}: bare, hits, memory-misses, read-misses, misses or tagged-misses"
+        ),
     }
     if std::env::var_os("BENCH_REDIS_STATS").is_some() {
         println!("{}", redis.cli(&["INFO", "commandstats"]));
+        // Redis's own CPU time for the whole run, what a command's `usec` leaves out
+        // (reading and parsing it) and counts twice (a script's and its commands').
+        println!("{}", redis.cli(&["INFO", "cpu"]));
     }
 }

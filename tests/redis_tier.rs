@@ -50,33 +50,43 @@ async fn a_response_stored_by_one_replica_is_a_redis_hit_on_another() {
     let redis = RedisServer::start();
     let origin = Origin::new();
     let (one, two) = (replica(&redis.url()).await, replica(&redis.url()).await);
-    let url = "http://api.test/jobs/42";
-    let first = call(app(&origin, &one), get(url)).await;
-    assert!(first.cache_status().contains("stored"));
-    eventually("the write to reach Redis", WAIT, || async {
-        one.stats().redis_writes == 1
-    })
-    .await;
+    // A small value goes to Redis in the write script's arguments; a large one is
+    // staged under a name of its own and renamed into place by the script.
+    let urls = [
+        "http://api.test/jobs/42",
+        "http://api.test/jobs/43?size=20000",
+    ];
+    for (written, url) in (1..).zip(urls) {
+        let first = call(app(&origin, &one), get(url)).await;
+        assert!(first.cache_status().contains("stored"));
+        eventually("the write to reach Redis", WAIT, || async {
+            one.stats().redis_writes == written
+        })
+        .await;
 
-    let second = call(app(&origin, &two), get(url)).await;
-    assert_eq!(
-        second.cache_status().split("ttl=").next().unwrap(),
-        "tower-hybrid-cache; hit; "
-    );
-    assert!(
-        second.cache_status().ends_with("detail=redis"),
-        "{}",
-        second.cache_status()
-    );
-    assert_eq!(second.body, first.body);
-    assert_eq!(origin.log.calls(), 1);
+        let second = call(app(&origin, &two), get(url)).await;
+        assert_eq!(
+            second.cache_status().split("ttl=").next().unwrap(),
+            "tower-hybrid-cache; hit; ",
+            "{url}"
+        );
+        assert!(
+            second.cache_status().ends_with("detail=redis"),
+            "{url}: {}",
+            second.cache_status()
+        );
+        assert_eq!(second.body, first.body, "{url}");
+        assert_eq!(origin.log.calls(), usize::try_from(written).unwrap());
+    }
 
     // Stored under the namespace, with Redis's own expiry at the entry's lifetime.
     let keys = redis.cli(&["--scan", "--pattern", "jobs/v1:*"]);
-    assert_eq!(keys.lines().count(), 1, "{keys}");
-    let pttl: i64 = redis.cli(&["PTTL", keys.trim()]).parse().unwrap();
-    assert!((55_000..=60_000).contains(&pttl), "PTTL {pttl}");
-    // Its value was staged under a name of its own and renamed into place.
+    assert_eq!(keys.lines().count(), urls.len(), "{keys}");
+    for key in keys.lines() {
+        let pttl: i64 = redis.cli(&["PTTL", key]).parse().unwrap();
+        assert!((55_000..=60_000).contains(&pttl), "{key}: PTTL {pttl}");
+    }
+    // Nothing is left staged.
     let staged = redis.cli(&["--scan", "--pattern", "jobs/staging:*"]);
     assert!(staged.trim().is_empty(), "staged values left: {staged}");
 }

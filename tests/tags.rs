@@ -423,13 +423,20 @@ async fn each_entry_of_a_write_run_is_checked_against_its_own_marks() {
     assert_eq!(mark.lines().count(), 1, "{mark}");
     redis.cli(&["SET", mark.trim(), "99999999999999"]);
 
-    // Entries with different counts of marks, side by side in one run of the script.
+    // Entries with different counts of marks, side by side in one run of the script;
+    // the 20 000-byte ones are staged apart, the others go in the script's arguments.
     let urls = [
-        ("http://api.test/run/1?gate=1&h=cache-tag:x,y", true),
+        (
+            "http://api.test/run/1?gate=1&size=20000&h=cache-tag:x,y",
+            true,
+        ),
         ("http://api.test/run/2?gate=1&h=cache-tag:feed", false),
         ("http://api.test/run/3?gate=1&h=cache-tag:z", true),
         ("http://api.test/run/4?gate=1", true),
-        ("http://api.test/run/5?gate=1&h=cache-tag:x,feed,z", false),
+        (
+            "http://api.test/run/5?gate=1&size=20000&h=cache-tag:x,feed,z",
+            false,
+        ),
         ("http://api.test/run/6?gate=1&h=cache-tag:y", true),
     ];
     let fills: Vec<_> = urls
@@ -474,6 +481,26 @@ async fn each_entry_of_a_write_run_is_checked_against_its_own_marks() {
     }
     let staged = redis.cli(&["--scan", "--pattern", "*staging:*"]);
     assert!(staged.trim().is_empty(), "staged values left: {staged}");
+    // Each written entry is in its tags' indexes (x: 1, y: 1 and 6, z: 3), indexed
+    // with it by the script; a superseded one (2 and 5) is in none, and an index
+    // expires.
+    let indexes = redis.cli(&["--scan", "--pattern", "tags/tag:*"]);
+    let mut sizes = Vec::new();
+    for index in indexes.lines() {
+        let members = redis.cli(&["SMEMBERS", index]);
+        for member in members.lines() {
+            assert_eq!(
+                redis.cli(&["EXISTS", member]).trim(),
+                "1",
+                "{index}: {member}"
+            );
+        }
+        sizes.push(members.lines().count());
+        let ttl: i64 = redis.cli(&["PTTL", index]).trim().parse().unwrap();
+        assert!(ttl > 0, "{index} expires: PTTL {ttl}");
+    }
+    sizes.sort_unstable();
+    assert_eq!(sizes, [1, 1, 2], "{indexes}");
 
     // The same for the purge's mark, which every entry of a run reads.
     assert!(a.purge_all().await);

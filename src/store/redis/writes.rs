@@ -26,18 +26,28 @@ use crate::key::CacheKey;
 use crate::store::StoreError;
 use crate::telemetry::TARGET;
 
-/// Renames each staged value into place unless a mark supersedes it, for a run of
-/// entries in one call (Lua's fixed cost, about 7 µs a call, is paid once a run).
-/// `KEYS[1]` is the purge mark; then, for each entry, its staged value, its key, and
-/// `ARGV[i]` marks (its key's, then its tags'). `ARGV[1]` = 1 renames only where the
-/// key holds nothing; then, for each entry, its mark count, its time to live in ms
-/// and its fill's start (ms since the epoch). A mark holding a time at or after the
-/// start supersedes the entry; one that is not a number supersedes nothing. A value
-/// not renamed is deleted. Returns one code per entry: 1 (written), 0 (superseded),
-/// 2 (a value was there) or 3 (the staged value is not there: its `SET` failed). The
-/// values themselves never pass through Lua: a script's arguments are copied in and
-/// out again, which cost Redis ~1.7 µs a KB (BENCHMARKS.md).
-const GUARDED_RENAME: &str = "\
+/// Writes a run of entries in one call (Lua's fixed cost, about 7 µs a call, is paid
+/// once a run), each only if no mark supersedes it, and indexes each written entry
+/// under its tags in the same atomic step: a tag's invalidation either comes first
+/// (its mark supersedes the entry) or finds the entry in the tag's index.
+///
+/// `KEYS[1]` is the purge mark; then, for each entry: its key, its staged value (only
+/// for an entry staged, below), its key's mark, its tags' marks, its tags' indexes.
+/// `ARGV[1]` = 1 writes only where the key holds nothing; then, for each entry: its
+/// tag count, its time to live in ms, its fill's start (ms since the epoch), and its
+/// value, or an empty string for a value staged under a name of its own beforehand
+/// (an encoded entry is never empty). A small value passes through the arguments (one
+/// command a run for this process to send); a large one is staged, since a value
+/// copied into a script and out again costs Redis about 1.7 µs a KB (BENCHMARKS.md).
+/// A mark holding a time at or after the start supersedes the entry; one that is not
+/// a number supersedes nothing. A staged value not renamed is deleted. Returns one
+/// code per entry: 1 (written), 0 (superseded), 2 (a value was there) or 3 (the staged
+/// value is not there: its `SET` failed). Each tag's index gets the run's written keys
+/// in one `SADD`, and lives at least as long as the longest-lived of them (`NX` sets a
+/// first expiry, `GT` extends). An index that cannot take the keys (another
+/// type, a Redis older than 7 refusing `PEXPIRE NX`) does not stop the write, as an
+/// index command's error reply did not when they were sent apart.
+const GUARDED_WRITE: &str = "\
 local function mark(key)
   local value = redis.pcall('GET', key)
   if type(value) == 'string' then return tonumber(value) or 0 end
@@ -45,28 +55,64 @@ local function mark(key)
 end
 local purged = mark(KEYS[1])
 local codes = {}
+-- Each index to add keys to: the keys written, and the longest time to live among
+-- them (as text: Lua prints a large number in exponent form, which PEXPIRE refuses).
+local indexed = {}
 local k = 2
-for a = 2, #ARGV - 2, 3 do
-  local marks = tonumber(ARGV[a])
+for a = 2, #ARGV - 3, 4 do
+  local tags = tonumber(ARGV[a])
+  local millis = ARGV[a + 1]
   local started = tonumber(ARGV[a + 2])
-  local staging, target = KEYS[k], KEYS[k + 1]
+  local value = ARGV[a + 3]
+  local target, staging = KEYS[k], nil
+  if value == '' then
+    staging = KEYS[k + 1]
+    k = k + 2
+  else
+    k = k + 1
+  end
   local code = 1
   if purged >= started then code = 0 end
-  for i = k + 2, k + 1 + marks do
+  for i = k, k + tags do
     if code == 1 and mark(KEYS[i]) >= started then code = 0 end
   end
-  if code == 1 and redis.call('EXISTS', staging) == 0 then code = 3 end
+  if code == 1 and staging and redis.call('EXISTS', staging) == 0 then code = 3 end
   if code == 1 and ARGV[1] == '1' and redis.call('EXISTS', target) == 1 then code = 2 end
   if code == 1 then
-    redis.call('RENAME', staging, target)
-    redis.call('PEXPIRE', target, ARGV[a + 1])
-  elseif code ~= 3 then
+    if staging then
+      redis.call('RENAME', staging, target)
+      redis.call('PEXPIRE', target, millis)
+    else
+      redis.call('SET', target, value, 'PX', millis)
+    end
+    for i = k + tags + 1, k + 2 * tags do
+      local index = indexed[KEYS[i]]
+      if not index then
+        index = {keys = {}, millis = millis}
+        indexed[KEYS[i]] = index
+      elseif tonumber(index.millis) < tonumber(millis) then
+        index.millis = millis
+      end
+      index.keys[#index.keys + 1] = target
+    end
+  elseif staging and code ~= 3 then
     redis.call('DEL', staging)
   end
   codes[#codes + 1] = code
-  k = k + 2 + marks
+  k = k + 1 + 2 * tags
+end
+for name, index in pairs(indexed) do
+  redis.pcall('SADD', name, unpack(index.keys))
+  redis.pcall('PEXPIRE', name, index.millis, 'NX')
+  redis.pcall('PEXPIRE', name, index.millis, 'GT')
 end
 return codes";
+
+/// The largest value the write script takes in its arguments; a larger one is staged
+/// by a `SET` of its own first. Measured on 3 KB entries (BENCHMARKS.md, "Redis path,
+/// instructions"): inline, a write costs this process one command fewer and Redis no
+/// more time than staged.
+const INLINE_VALUE_BYTES: usize = 4 * 1024;
 
 /// Entries per call of the write script: enough to spread its fixed cost, few enough
 /// that one call does not hold Redis (which runs a script to its end) for long.
@@ -275,19 +321,25 @@ impl RedisStore {
         // What each result of the pipeline answers, for the commands it took.
         let mut slots = Vec::new();
         let mut sent = Vec::with_capacity(outgoing.len());
+        // The unguarded path's tags: the script indexes each entry it writes itself.
         let mut tags = BatchTags::default();
-        // Each staged value's name, in `sent` order: the script's keys, and what to
-        // delete should Redis refuse the script (they would wait out their 10 s).
-        let mut staged_names: Vec<Str> = Vec::new();
+        // Each sent entry's staged value's name, if it was staged: the script's keys,
+        // and what to delete should Redis refuse the script (they would wait out their
+        // 10 s).
+        let mut staging: Vec<Option<Str>> = Vec::new();
         for out in &outgoing {
-            let queued: Result<(), _> = if guarded {
+            let queued: Result<(), _> = if guarded && out.value.len() <= INLINE_VALUE_BYTES {
+                // The value goes in the script's arguments.
+                staging.push(None);
+                Ok(())
+            } else if guarded {
                 // The value under a name of this write's own; the script, after the
                 // loop, checks the marks and renames it into place.
                 let write = self.writer.next();
-                let staging = Str::from(self.keys.staging(out.key, self.writer.id, write));
+                let name = Str::from(self.keys.staging(out.key, self.writer.id, write));
                 let staged = pipeline
                     .set(
-                        &staging,
+                        &name,
                         out.value.clone(),
                         Some(Expiration::PX(STAGING_MILLIS)),
                         None,
@@ -295,7 +347,7 @@ impl RedisStore {
                     )
                     .await;
                 if staged.is_ok() {
-                    staged_names.push(staging);
+                    staging.push(Some(name));
                     slots.push(Slot::Staged);
                 }
                 staged
@@ -311,35 +363,33 @@ impl RedisStore {
                     .await;
                 if set.is_ok() {
                     slots.push(Slot::Write(sent.len()));
+                    tags.add(out);
                 }
                 set
             };
             if queued.is_err() {
                 continue;
             }
-            tags.add(out);
             sent.push(out);
         }
         if sent.is_empty() {
             return Ok(Some((0, 0)));
         }
         if guarded {
-            for (run, staged) in staged_names.chunks(GUARDED_RUN).enumerate() {
-                let first = run * GUARDED_RUN;
-                let args = self.guarded_args(
-                    sent.get(first..).unwrap_or_default(),
-                    staged,
-                    only_if_absent,
-                );
+            let runs = sent.chunks(GUARDED_RUN).zip(staging.chunks(GUARDED_RUN));
+            for (run, (entries, staged)) in runs.enumerate() {
+                let args = self.guarded_args(entries, staged, only_if_absent);
                 let eval = CustomCommand::new_static("EVAL", ClusterHash::Offset(2), false);
                 if pipeline.custom::<(), _>(eval, args).await.is_ok() {
-                    slots.push(Slot::Guarded(first));
+                    slots.push(Slot::Guarded(run * GUARDED_RUN));
                 }
             }
         }
-        // Each tag's index lists the keys stored with it, and lives at least as long
-        // as the longest-lived of them (NX sets a first expiry, GT extends): one
-        // SADD and one expiry per tag and batch, however many entries carry it.
+        // Without the script, each tag's index lists the keys stored with it, and lives
+        // at least as long as the longest-lived of them (NX sets a first expiry, GT
+        // extends): one SADD and one expiry per tag and batch, however many entries
+        // carry it. A key indexed but not written (superseded, below) is harmless: an
+        // invalidation of the tag deletes nothing then.
         for tag in &tags.tags {
             let index = self.keys.tag_index(tag.name);
             let queued = [
@@ -404,7 +454,10 @@ impl RedisStore {
                     // script runs (an ACL user without `RENAME`).
                     tracing::warn!(target: TARGET, error = %e, "redis refuses the write script: write batches check their marks after writing instead");
                     // Best effort: what is left expires within its 10 s.
-                    let _: Result<i64, _> = client.del(std::mem::take(&mut staged_names)).await;
+                    let staged: Vec<Str> = staging.drain(..).flatten().collect();
+                    if !staged.is_empty() {
+                        let _: Result<i64, _> = client.del(staged).await;
+                    }
                     return Ok(None);
                 }
                 // Refused whole (`OOM`, a script error): each of its entries is.
@@ -474,40 +527,46 @@ impl RedisStore {
         tally.result().map(Some)
     }
 
-    /// The write script's arguments for a run of entries (`sent`, from the run's first)
-    /// and their staged values (`staged`, the run's): its text, its keys, its numbers.
+    /// The write script's arguments for a run of entries and, for each, the name its
+    /// value was staged under, if it was: the script's text, its keys, its numbers and
+    /// the values it takes.
     fn guarded_args(
         &self,
-        sent: &[&Outgoing<'_>],
-        staged: &[Str],
+        entries: &[&Outgoing<'_>],
+        staging: &[Option<Str>],
         only_if_absent: bool,
     ) -> Vec<Value> {
-        let runs = || sent.iter().zip(staged);
-        let marks = |out: &Outgoing<'_>| 1 + out.entry.tags().len();
-        let key_count: usize = 1 + runs().map(|(out, _)| 2 + marks(out)).sum::<usize>();
+        let run = || entries.iter().zip(staging);
+        let tag_count = |out: &Outgoing<'_>| out.entry.tags().len();
+        let key_count: usize = 1 + run()
+            .map(|(out, staged)| 2 + usize::from(staged.is_some()) + 2 * tag_count(out))
+            .sum::<usize>();
         // EVAL script numkeys keys… args…
-        let mut args: Vec<Value> = Vec::with_capacity(3 + key_count + 3 * staged.len());
-        args.push(Value::from(GUARDED_RENAME));
+        let mut args: Vec<Value> = Vec::with_capacity(3 + key_count + 4 * entries.len());
+        args.push(Value::from(GUARDED_WRITE));
         args.push(Value::Integer(i64::try_from(key_count).unwrap_or(i64::MAX)));
         args.push(Value::from(self.keys.purged()));
-        for (out, staging) in runs() {
-            args.push(Value::from(staging.clone()));
+        for (out, staged) in run() {
             args.push(Value::from(out.storage_key.clone()));
+            if let Some(name) = staged {
+                args.push(Value::from(name.clone()));
+            }
             args.push(Value::from(self.keys.gone(out.key)));
-            args.extend(
-                out.entry
-                    .tags()
-                    .iter()
-                    .map(|tag| Value::from(self.keys.gone_tag(tag))),
-            );
+            let tags = out.entry.tags();
+            args.extend(tags.iter().map(|tag| Value::from(self.keys.gone_tag(tag))));
+            args.extend(tags.iter().map(|tag| Value::from(self.keys.tag_index(tag))));
         }
         args.push(Value::Integer(i64::from(only_if_absent)));
-        for (out, _) in runs() {
+        for (out, staged) in run() {
             args.push(Value::Integer(
-                i64::try_from(marks(out)).unwrap_or(i64::MAX),
+                i64::try_from(tag_count(out)).unwrap_or(i64::MAX),
             ));
             args.push(Value::Integer(out.millis));
             args.push(Value::Integer(out.started));
+            args.push(match staged {
+                Some(_) => Value::Bytes(Bytes::new()),
+                None => Value::Bytes(out.value.clone()),
+            });
         }
         args
     }
