@@ -942,7 +942,8 @@ async fn entries_over_max_value_bytes_stay_in_memory_only() {
     let app = app(&origin, &cache);
     let big = "http://api.test/big?size=20000";
     call(app.clone(), get(big)).await;
-    // Written after it, in order: once this one is in Redis, the big one was passed.
+    // Queued after it: once this one is in Redis, the big one would be too, were it
+    // sent.
     call(app.clone(), get("http://api.test/small")).await;
     eventually("the small entry in Redis", WAIT, || async {
         cache.stats().redis_writes == 1

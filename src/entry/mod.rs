@@ -379,6 +379,16 @@ impl Entry {
         }
     }
 
+    /// The bytes of its body (a response's, a stored value's): less than its encoded
+    /// size, so an entry whose body alone is over a bound is over it encoded too.
+    pub(crate) fn body_len(&self) -> usize {
+        match self {
+            Entry::Response(r) => r.body.len(),
+            Entry::Variants(_) => 0,
+            Entry::Value(v) => v.bytes.len(),
+        }
+    }
+
     /// Bytes the entry costs the memory tier, as its weigher counts them.
     pub(crate) fn weight(&self) -> usize {
         PER_ENTRY

@@ -227,12 +227,16 @@ impl RedisTier {
         }
     }
 
-    /// Queues a write for the background writer. A full queue drops an entry or a
-    /// lease's release (counted), and hands a delete to the replay: an invalidation
-    /// is never dropped for room.
+    /// Queues a write for the background writer. An entry too large for Redis is not
+    /// queued; a full queue drops an entry or a lease's release (counted), and hands a
+    /// delete to the replay: an invalidation is never dropped for room.
     pub(crate) fn queue(&self, write: QueuedWrite) {
         use mpsc::error::TrySendError;
-        if let QueuedWrite::Set(key, ..) = &write {
+        if let QueuedWrite::Set(key, entry, _) = &write {
+            // Not encoded, nor queued, only to be found too large by the writer.
+            if self.store.surely_too_large(entry) {
+                return;
+            }
             self.pending.add(*key);
         }
         match self.writes.try_send(write) {

@@ -193,6 +193,12 @@ impl RedisStore {
         Ok(client.with_options(&self.options))
     }
 
+    /// Whether `entry` is too large to be sent, known without encoding it: its body
+    /// alone is over `max_value_bytes` (the writer checks the encoded size).
+    pub(crate) fn surely_too_large(&self, entry: &Entry) -> bool {
+        entry.body_len() > self.max_value_bytes
+    }
+
     pub(crate) fn health(&self) -> RedisHealth {
         self.health.view()
     }
