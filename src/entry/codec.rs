@@ -196,6 +196,42 @@ pub(crate) fn decode_entry(bytes: Bytes) -> Result<Entry, DecodeError> {
     Ok(entry)
 }
 
+/// Bytes of a response's fields before its headers: magic, format, kind, status,
+/// version, then six times.
+const RESPONSE_HEAD: usize = 4 + 1 + 1 + 2 + 1 + 6 * 8;
+
+/// Whether `raw`, as read from a store, encodes the version of `held` that
+/// [`Entry::same_version`] would find in it (the same stored and stale-until times,
+/// the same body length), read from its fixed fields and from its body's length, which
+/// ends the value, without decoding the rest. `false` for anything else, a value that
+/// is not a response (or not an entry at all) included.
+pub(crate) fn encodes_version_of(raw: &[u8], held: &Entry) -> bool {
+    let Entry::Response(held) = held else {
+        return false;
+    };
+    let be_u64 = |at: usize| {
+        raw.get(at..at.saturating_add(8))
+            .and_then(|field| <[u8; 8]>::try_from(field).ok())
+            .map(u64::from_be_bytes)
+    };
+    let (Some(stored_at), Some(stale_until)) = (be_u64(9), be_u64(33)) else {
+        return false;
+    };
+    let body = held.body.len();
+    // The body's length field, right before the body at the value's end.
+    let body_field = raw
+        .len()
+        .checked_sub(body)
+        .and_then(|at| at.checked_sub(8))
+        .filter(|&at| at >= RESPONSE_HEAD);
+    raw.get(..4) == Some(&MAGIC[..])
+        && raw.get(4) == Some(&FORMAT_VERSION)
+        && raw.get(5) == Some(&KIND_RESPONSE)
+        && body_field.and_then(be_u64) == u64::try_from(body).ok()
+        && time_from_millis(stored_at) == held.stored_at
+        && time_from_millis(stale_until) == held.stale_until
+}
+
 fn decode_response(r: &mut Reader) -> Result<CachedResponse, DecodeError> {
     let status =
         StatusCode::from_u16(r.u16()?).map_err(|_| DecodeError::new(DecodeErrorKind::BadStatus))?;
@@ -453,6 +489,40 @@ mod tests {
             let _ = decode_entry(Bytes::from(bytes));
         }
 
+        /// The peek at an encoded version says what decoding it and comparing would.
+        #[test]
+        fn the_version_peek_agrees_with_a_decode(
+            stored in response_strategy(),
+            held in response_strategy(),
+            same_stored_at in any::<bool>(),
+            same_stale_until in any::<bool>(),
+            same_body_len in any::<bool>(),
+        ) {
+            let mut held = held;
+            if same_stored_at {
+                held.stored_at = time_from_millis(millis_since_epoch(stored.stored_at));
+            }
+            if same_stale_until {
+                held.stale_until = time_from_millis(millis_since_epoch(stored.stale_until));
+            }
+            if same_body_len {
+                held.body = Bytes::from(vec![b'x'; stored.body.len()]);
+            }
+            let raw = encode_entry(&Entry::Response(Arc::new(stored)));
+            let held = Entry::Response(Arc::new(held));
+            let decoded = decode_entry(raw.clone()).unwrap();
+            prop_assert_eq!(encodes_version_of(&raw, &held), decoded.same_version(&held));
+        }
+
+        #[test]
+        fn the_version_peek_at_garbage_never_panics_or_matches(
+            bytes in proptest::collection::vec(any::<u8>(), 0..512),
+            held in response_strategy(),
+        ) {
+            let held = Entry::Response(Arc::new(held));
+            prop_assert!(!encodes_version_of(&bytes, &held) || decode_entry(Bytes::from(bytes)).is_ok());
+        }
+
         #[test]
         fn every_truncation_is_an_error(entry in response_strategy(), cut in any::<prop::sample::Index>()) {
             let bytes = entry.encode();
@@ -467,6 +537,51 @@ mod tests {
             bytes[at] = byte;
             let _ = decode_entry(Bytes::from(bytes));
         }
+    }
+
+    #[test]
+    fn the_version_peek_reads_only_responses() {
+        let built = CachedResponse::builder(
+            StatusCode::OK,
+            HeaderMap::new(),
+            Bytes::from_static(b"body"),
+        );
+        // As read back from a store, its times to the millisecond.
+        let response =
+            decode_entry(encode_entry(&Entry::Response(Arc::new(built.build())))).unwrap();
+        let raw = encode_entry(&response);
+        assert!(encodes_version_of(&raw, &response));
+        // Any cut of it, or anything after it, reads as another value.
+        for cut in 0..raw.len() {
+            assert!(!encodes_version_of(&raw[..cut], &response), "cut at {cut}");
+        }
+        let mut longer = raw.to_vec();
+        longer.push(0);
+        assert!(!encodes_version_of(&longer, &response));
+        // Another magic, format or kind in the same bytes.
+        for at in [0, 4, 5] {
+            let mut other = raw.to_vec();
+            other[at] ^= 0x7f;
+            assert!(!encodes_version_of(&other, &response), "byte {at}");
+        }
+        // An empty body whose length field would be read from the head's last time
+        // (zero here) were the value cut there.
+        let Entry::Response(held) = &response else {
+            unreachable!()
+        };
+        let mut empty = CachedResponse::clone(held);
+        empty.body = Bytes::new();
+        empty.sie_until = UNIX_EPOCH;
+        let empty = Entry::Response(Arc::new(empty));
+        let raw = encode_entry(&empty);
+        assert!(encodes_version_of(&raw, &empty));
+        assert!(!encodes_version_of(&raw[..RESPONSE_HEAD], &empty));
+        let value = Entry::Value(Arc::new(StoredValue {
+            bytes: Bytes::from_static(b"body"),
+            stale_until: UNIX_EPOCH,
+        }));
+        assert!(!encodes_version_of(&encode_entry(&value), &value));
+        assert!(!encodes_version_of(&encode_entry(&value), &response));
     }
 
     #[test]

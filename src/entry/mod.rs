@@ -11,7 +11,7 @@ pub(crate) mod codec;
 mod decimal;
 
 pub use codec::DecodeError;
-pub(crate) use codec::{decode_entry, encode_entry};
+pub(crate) use codec::{decode_entry, encode_entry, encodes_version_of};
 pub(crate) use decimal::decimal_value;
 
 /// The version of the stored-entry format; part of every storage key, so a new format

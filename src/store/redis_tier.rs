@@ -15,6 +15,7 @@ use super::pending::PendingWrites;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use tokio::sync::mpsc;
 use tower::retry::{Policy, RetryLayer};
 use tower::timeout::error::Elapsed;
@@ -26,13 +27,13 @@ use super::coherence::{spawn_catch_up, spawn_listener};
 use super::memory::MemoryStore;
 use super::read_flights::ReadFlights;
 use super::redis::retry::RedisRetry;
-use super::redis::{RedisConfig, RedisHealth, RedisService, RedisStore};
+use super::redis::{decoded, RedisConfig, RedisHealth, RedisService, RedisStore};
 use super::replay::Replay;
 use super::reseed::spawn_reseed;
 use super::writer::{spawn_writer, QueuedWrite};
 use super::{RedisTierService, StoreAnswer, StoreError, StoreRequest, StoreResponse};
 use crate::breaker::{BreakerState, CircuitBreaker, CircuitBreakerLayer, CircuitOpen};
-use crate::entry::Entry;
+use crate::entry::{encodes_version_of, Entry};
 use crate::key::CacheKey;
 use crate::telemetry::{Counter, Counters, TARGET};
 
@@ -364,15 +365,36 @@ struct RedisReader {
     counters: Arc<Counters>,
 }
 
+/// What a lookup's read of Redis found.
+enum Found {
+    /// Through the application's layers, whose store answers decoded entries.
+    Decoded(Entry),
+    /// Straight from the store, as Redis holds it.
+    Encoded(Bytes),
+}
+
 impl RedisReader {
     /// Reads `key`, fills memory with a hit, and counts a failure.
     async fn read_and_keep(self: Arc<Self>, key: CacheKey) -> RedisRead {
         match self.read(key).await {
-            Ok(Some(entry)) => {
-                // Most hits find the same version in memory already and skip moka's
-                // insert; the lookup also tells moka the key is in use, so that
-                // memory keeps what Redis serves most.
+            Ok(Some(found)) => {
+                // Most hits find the same version in memory already: they serve it
+                // without decoding Redis's copy, and skip moka's insert. The lookup
+                // also tells moka the key is in use, so that memory keeps what Redis
+                // serves most.
                 let held = self.memory.get(&key).await;
+                let entry = match found {
+                    Found::Decoded(entry) => entry,
+                    Found::Encoded(bytes) => match held {
+                        Some(held) if encodes_version_of(&bytes, &held) => {
+                            return RedisRead::Found(held);
+                        }
+                        _ => match decoded(&key, bytes) {
+                            Some(entry) => entry,
+                            None => return RedisRead::Absent,
+                        },
+                    },
+                };
                 if !held.is_some_and(|held| held.same_version(&entry)) {
                     self.memory.insert(key, entry.clone()).await;
                 }
@@ -387,11 +409,11 @@ impl RedisReader {
         }
     }
 
-    async fn read(&self, key: CacheKey) -> Result<Option<Entry>, BoxError> {
+    async fn read(&self, key: CacheKey) -> Result<Option<Found>, BoxError> {
         if let Some(stack) = &self.layered {
             let response = stack.clone().oneshot(StoreRequest::get(key)).await?;
             return Ok(match response.answer {
-                StoreAnswer::Found(found) => found,
+                StoreAnswer::Found(found) => found.map(Found::Decoded),
                 _ => None,
             });
         }
@@ -406,14 +428,14 @@ impl RedisReader {
 
     /// The store's answer, retried as the retry policy says (asked only once an
     /// attempt failed; a success tells it as `tower::retry` would).
-    async fn attempts(&self, key: CacheKey) -> Result<Option<Entry>, BoxError> {
+    async fn attempts(&self, key: CacheKey) -> Result<Option<Found>, BoxError> {
         let mut request = StoreRequest::get(key);
         let mut policy: Option<RedisRetry> = None;
         loop {
-            let error = match self.store.get(&key, request.attempt).await {
+            let error = match self.store.get_encoded(&key, request.attempt).await {
                 Ok(found) => {
                     self.retry.succeeded();
-                    return Ok(found);
+                    return Ok(found.map(Found::Encoded));
                 }
                 Err(error) => error,
             };

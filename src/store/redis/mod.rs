@@ -46,6 +46,18 @@ use crate::error::BuildError;
 use crate::key::CacheKey;
 use crate::telemetry::TARGET;
 
+/// The entry `bytes` (read under `key`) encode; `None` (logged) when they encode
+/// none: a foreign or damaged value is a miss, and is overwritten by the next fill.
+pub(crate) fn decoded(key: &CacheKey, bytes: Bytes) -> Option<Entry> {
+    match decode_entry(bytes) {
+        Ok(entry) => Some(entry),
+        Err(e) => {
+            tracing::debug!(target: TARGET, key = %key, error = %e, outcome = "redis-decode-error");
+            None
+        }
+    }
+}
+
 /// Milliseconds as Redis takes them (`PX`, scores), saturating.
 fn millis_i64(millis: u64) -> i64 {
     i64::try_from(millis).unwrap_or(i64::MAX)
@@ -234,18 +246,21 @@ impl RedisStore {
         key: &CacheKey,
         attempt: u8,
     ) -> Result<Option<Entry>, StoreError> {
-        let value: Option<Bytes> = self
-            .reader(attempt)?
+        let value = self.get_encoded(key, attempt).await?;
+        Ok(value.and_then(|bytes| decoded(key, bytes)))
+    }
+
+    /// The value under `key` as Redis holds it, not decoded yet: a lookup that finds
+    /// the same version in memory need not decode it (`decoded`, otherwise).
+    pub(crate) async fn get_encoded(
+        &self,
+        key: &CacheKey,
+        attempt: u8,
+    ) -> Result<Option<Bytes>, StoreError> {
+        self.reader(attempt)?
             .get(self.keys.entry(key))
             .await
-            .map_err(StoreError::command)?;
-        Ok(value.and_then(|bytes| match decode_entry(bytes) {
-            Ok(entry) => Some(entry),
-            Err(e) => {
-                tracing::debug!(target: TARGET, key = %key, error = %e, outcome = "redis-decode-error");
-                None
-            }
-        }))
+            .map_err(StoreError::command)
     }
 
     /// Since when the subscriber may have missed invalidations, each time it is back;
