@@ -398,9 +398,14 @@ async fn a_flapping_redis_gets_no_retry_storm_and_fails_no_request() {
     // (what was stored before Redis came back may have missed an invalidation).
     assert!(
         origin.log.calls() <= urls.len() * 6,
-        "{} origin calls for {} URLs",
+        "{} origin calls for {} URLs, by URL: {:?}",
         origin.log.calls(),
-        urls.len()
+        urls.len(),
+        urls.iter()
+            .map(|url| origin
+                .log
+                .calls_to(url.trim_start_matches("http://api.test")))
+            .collect::<Vec<_>>()
     );
 }
 

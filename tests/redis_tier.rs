@@ -1057,7 +1057,7 @@ async fn a_fixed_key_authority_shares_entries_across_rewritten_hosts_and_invalid
 }
 
 #[tokio::test]
-async fn a_replica_s_own_fill_is_a_hit_before_its_write_reaches_redis() {
+async fn a_replica_s_own_fill_and_refill_are_hits_before_their_writes_reach_redis() {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
     use tokio::sync::Semaphore;
@@ -1079,7 +1079,12 @@ async fn a_replica_s_own_fill_is_a_hit_before_its_write_reaches_redis() {
                     (inner.clone(), Arc::clone(&held), Arc::clone(&counted));
                 async move {
                     match request.operation() {
-                        StoreOperation::Set => drop(held.acquire().await),
+                        // Each write takes a permit for good.
+                        StoreOperation::Set => {
+                            if let Ok(permit) = held.acquire().await {
+                                permit.forget();
+                            }
+                        }
                         StoreOperation::Get => {
                             counted.fetch_add(1, Ordering::SeqCst);
                         }
@@ -1118,4 +1123,36 @@ async fn a_replica_s_own_fill_is_a_hit_before_its_write_reaches_redis() {
     );
     assert_eq!(second.body, first.body);
     assert_eq!(origin.log.calls(), 1);
+
+    // A refill (the client asks for `no-cache`) replaces the entry, its write held:
+    // a lookup meanwhile finds the replaced version in Redis, and waits for the write
+    // rather than serving it.
+    let refill = http::Request::get(url)
+        .header("cache-control", "no-cache")
+        .body(axum::body::Body::empty())
+        .unwrap();
+    let honouring = origin.router().layer(
+        cache
+            .layer()
+            .ttl(Duration::from_secs(60))
+            .request_directives(tower_hybrid_cache::RequestDirectives::Honour),
+    );
+    let refilled = call(honouring, refill).await;
+    assert_ne!(refilled.body, first.body);
+    eventually("in memory", WAIT, || async { cache.stats().stores >= 2 }).await;
+    let before = gets.load(Ordering::SeqCst);
+    let third = tokio::spawn(call(app.clone(), get(url)));
+    eventually("the lookup read Redis", WAIT, || async {
+        gets.load(Ordering::SeqCst) > before
+    })
+    .await;
+    gate.add_permits(1);
+    let third = third.await.unwrap();
+    assert_eq!(third.body, refilled.body, "{}", third.cache_status());
+    assert!(
+        third.cache_status().ends_with("detail=redis"),
+        "{}",
+        third.cache_status()
+    );
+    assert_eq!(origin.log.calls(), 2);
 }

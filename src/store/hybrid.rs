@@ -88,14 +88,17 @@ impl HybridStore {
         }
         if let Some(redis) = &self.redis {
             // This replica's own fill may not be in Redis yet (its write follows the
-            // response): on a miss, wait for that write's answer, within a deadline,
-            // and ask again. Redis stays the truth: a write an invalidation refused,
-            // or one removed since, is still a miss. Taken before the read, so that
-            // a write answered in between still counts.
+            // response): on a miss, or on an answer that may be the version this
+            // fill replaces (a refresh's, a revalidation's), wait for that write's
+            // answer, within a deadline, and ask again. Without that, the next
+            // lookup after a refresh read the version it replaced and refreshed it
+            // again. Redis stays the truth: a write an invalidation refused, or one
+            // removed since, is still a miss. Taken before the read, so that a write
+            // answered in between still counts.
             let started = Instant::now();
             let written = redis.pending_write(key);
             let mut read = redis.read(key).await;
-            if let (RedisRead::Absent, Some(written)) = (&read, written) {
+            if let (RedisRead::Absent | RedisRead::Found(_), Some(written)) = (&read, written) {
                 if tokio::time::timeout(redis.deadline(), written)
                     .await
                     .is_ok()
