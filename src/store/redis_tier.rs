@@ -366,7 +366,7 @@ struct RedisReader {
 }
 
 /// What a lookup's read of Redis found.
-enum Found {
+enum Fetched {
     /// Through the application's layers, whose store answers decoded entries.
     Decoded(Entry),
     /// Straight from the store, as Redis holds it.
@@ -384,8 +384,8 @@ impl RedisReader {
                 // serves most.
                 let held = self.memory.get(&key).await;
                 let entry = match found {
-                    Found::Decoded(entry) => entry,
-                    Found::Encoded(bytes) => match held {
+                    Fetched::Decoded(entry) => entry,
+                    Fetched::Encoded(bytes) => match held {
                         Some(held) if encodes_version_of(&bytes, &held) => {
                             return RedisRead::Found(held);
                         }
@@ -409,11 +409,11 @@ impl RedisReader {
         }
     }
 
-    async fn read(&self, key: CacheKey) -> Result<Option<Found>, BoxError> {
+    async fn read(&self, key: CacheKey) -> Result<Option<Fetched>, BoxError> {
         if let Some(stack) = &self.layered {
             let response = stack.clone().oneshot(StoreRequest::get(key)).await?;
             return Ok(match response.answer {
-                StoreAnswer::Found(found) => found.map(Found::Decoded),
+                StoreAnswer::Found(found) => found.map(Fetched::Decoded),
                 _ => None,
             });
         }
@@ -428,14 +428,14 @@ impl RedisReader {
 
     /// The store's answer, retried as the retry policy says (asked only once an
     /// attempt failed; a success tells it as `tower::retry` would).
-    async fn attempts(&self, key: CacheKey) -> Result<Option<Found>, BoxError> {
+    async fn attempts(&self, key: CacheKey) -> Result<Option<Fetched>, BoxError> {
         let mut request = StoreRequest::get(key);
         let mut policy: Option<RedisRetry> = None;
         loop {
             let error = match self.store.get_encoded(&key, request.attempt).await {
                 Ok(found) => {
                     self.retry.succeeded();
-                    return Ok(found.map(Found::Encoded));
+                    return Ok(found.map(Fetched::Encoded));
                 }
                 Err(error) => error,
             };

@@ -109,9 +109,9 @@ end
 return codes";
 
 /// The largest value the write script takes in its arguments; a larger one is staged
-/// by a `SET` of its own first. Measured on 3 KB entries (BENCHMARKS.md, "Redis path,
-/// instructions"): inline, a write costs this process one command fewer and Redis no
-/// more time than staged.
+/// by a `SET` of its own first. Measured on 3 KB entries in runs of 16 (BENCHMARKS.md,
+/// "Redis path, instructions"): inline, a write costs this process one command fewer,
+/// and Redis the same CPU within the runs' spread.
 const INLINE_VALUE_BYTES: usize = 4 * 1024;
 
 /// Entries per call of the write script: enough to spread its fixed cost, few enough
