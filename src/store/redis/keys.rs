@@ -8,8 +8,9 @@
 //! {ns}/purged                    the last purge's mark
 //! {ns}/tag:{blake3 of tag}       a tag's index: the entry keys stored with it
 //! {ns}/lease:{64 hex}            a key's fill lease: the holder's token
-//! {ns}/staging:{64 hex}:{writer}:{n}  an entry's value on its way in (10 s at most):
-//!                                the write script renames it into place or deletes it
+//! {ns}/staging:{64 hex}:{writer}:{n}  a large entry's value on its way in (10 s at
+//!                                most): the write script renames it into place or
+//!                                deletes it
 //! {ns}/invalidation-log          recent invalidation messages, scored by their time
 //! {ns}/invalidations             the pub/sub channel of invalidation messages
 //! {ns}/outages                   scores: `recovered`, when Redis last came back after an

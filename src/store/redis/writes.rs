@@ -2,11 +2,12 @@
 //! checked against the invalidation marks so that an entry whose origin call started
 //! before an invalidation (on any replica) is never stored.
 //!
-//! On one Redis (standalone or behind Sentinel) each entry's value is set under a
-//! staging key of its own, and one script for a run of entries reads each entry's
-//! marks and renames its value into place only if none supersedes it (deleting it
-//! otherwise), atomically: no replica ever sees an invalidated entry, and the value
-//! never passes through Lua. A
+//! On one Redis (standalone or behind Sentinel) one script for a run of entries reads
+//! each entry's marks and writes it only if none supersedes it, indexing it under its
+//! tags in the same step, atomically: no replica ever sees an invalidated entry, and a
+//! tag's invalidation finds every entry written before its mark. A small value goes
+//! to the script in its arguments; a large one is set under a staging key of its own
+//! first and renamed into place (or deleted), so that it never passes through Lua. A
 //! Redis Cluster (whose marks live in other slots than the entry) or an ACL user
 //! without `EVAL` gets the marks read in the same round trip instead, and an entry
 //! they supersede deleted again: another replica may see it for about that round
