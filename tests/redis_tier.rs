@@ -1107,15 +1107,19 @@ async fn a_replica_s_own_fill_and_refill_are_hits_before_their_writes_reach_redi
     let first = call(app.clone(), get(url)).await;
     assert!(first.cache_status().ends_with("stored"));
     eventually("in memory", WAIT, || async { cache.stats().stores >= 1 }).await;
+    // A lookup that has read Redis while the write is held; then the write goes.
+    let lookup_while_held = || async {
+        let before = gets.load(Ordering::SeqCst);
+        let lookup = tokio::spawn(call(app.clone(), get(url)));
+        eventually("the lookup read Redis", WAIT, || async {
+            gets.load(Ordering::SeqCst) > before
+        })
+        .await;
+        gate.add_permits(1);
+        lookup.await.unwrap()
+    };
     // Redis does not hold it yet: the lookup waits for the write, then finds it.
-    let before = gets.load(Ordering::SeqCst);
-    let second = tokio::spawn(call(app.clone(), get(url)));
-    eventually("the lookup read Redis", WAIT, || async {
-        gets.load(Ordering::SeqCst) > before
-    })
-    .await;
-    gate.add_permits(1);
-    let second = second.await.unwrap();
+    let second = lookup_while_held().await;
     assert!(
         second.cache_status().ends_with("detail=redis"),
         "{}",
@@ -1140,14 +1144,7 @@ async fn a_replica_s_own_fill_and_refill_are_hits_before_their_writes_reach_redi
     let refilled = call(honouring, refill).await;
     assert_ne!(refilled.body, first.body);
     eventually("in memory", WAIT, || async { cache.stats().stores >= 2 }).await;
-    let before = gets.load(Ordering::SeqCst);
-    let third = tokio::spawn(call(app.clone(), get(url)));
-    eventually("the lookup read Redis", WAIT, || async {
-        gets.load(Ordering::SeqCst) > before
-    })
-    .await;
-    gate.add_permits(1);
-    let third = third.await.unwrap();
+    let third = lookup_while_held().await;
     assert_eq!(third.body, refilled.body, "{}", third.cache_status());
     assert!(
         third.cache_status().ends_with("detail=redis"),
