@@ -1,7 +1,9 @@
 //! Stored misses through the layer, N of them (first argument, default 10 000), each on
 //! a URL of its own, for an instruction-count A/B under callgrind (BENCHMARKS.md,
 //! "Miss path, instructions"): the key, the single-flight entry, the origin call, the
-//! body's tee, the entry built and stored in memory, moka's insert and eviction.
+//! body's tee, the entry built and stored in memory, the memory tier's insert. A
+//! second argument sets the memory capacity in bytes (default 64 MiB, which holds
+//! every miss): at 4194304, about 900 entries fit and every later miss evicts one.
 //!
 //! ```text
 //! cargo bench --bench miss_instructions --no-run   # prints the binary's path
@@ -25,7 +27,12 @@ async fn main() {
         .nth(1)
         .and_then(|a| a.parse().ok())
         .unwrap_or(10_000);
+    let capacity: u64 = std::env::args()
+        .nth(2)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(tower_hybrid_cache::HybridCacheBuilder::DEFAULT_MEMORY_CAPACITY_BYTES);
     let cache = tower_hybrid_cache::HybridCache::builder()
+        .memory_capacity_bytes(capacity)
         .build()
         .await
         .unwrap();

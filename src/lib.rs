@@ -1,8 +1,8 @@
 //! A tower middleware that caches HTTP responses as a correct shared cache
 //! (RFC 9111). Entries are shared across replicas through Redis
 //! ([fred](https://docs.rs/fred)), behind a circuit breaker, one deadline and budgeted
-//! retries, with a bounded in-process [moka](https://docs.rs/moka) tier that answers
-//! when Redis cannot (or alone, without Redis).
+//! retries, with a bounded in-process tier ([quick_cache](https://docs.rs/quick_cache))
+//! that answers when Redis cannot (or alone, without Redis).
 //!
 //! Build one [`HybridCache`] per process, then put a [`HybridCacheLayer`] on each
 //! route (or a whole router) with that route's settings:
@@ -50,8 +50,8 @@
 //! and [`HybridCache::purge_all`] forgets everything, on every replica sharing the
 //! Redis.
 //!
-//! The layer needs a tokio runtime: a store that cannot finish at once (moka's
-//! housekeeping, a lock) goes on in a task, and Redis writes are a background
+//! The layer needs a tokio runtime: a store that cannot finish at once (a `Vary`
+//! index, the invalidation tables) goes on in a task, and Redis writes are a background
 //! task's, so the client never waits for them.
 //!
 //! The crate root holds what most applications type; the rest is by area:

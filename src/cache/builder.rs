@@ -71,11 +71,13 @@ impl HybridCacheBuilder {
     pub const DEFAULT_CACHE_STATUS_NAME: &'static str = "tower-hybrid-cache";
 
     /// Sets the most bytes the memory tier holds: every entry's heap, as its weigher
-    /// counts it (the body, about 200 bytes a header field, about 900 bytes of
+    /// counts it (the body, about 200 bytes a header field, about 500 bytes of
     /// bookkeeping an entry; checked against the allocator's count of what stored
     /// responses hold). Bodies are stored in buffers of their own size, never as
     /// slices of larger ones. Least recently and least frequently used entries are
-    /// evicted past it (moka's TinyLFU). Default 64 MiB.
+    /// evicted past it (quick_cache's S3-FIFO). The capacity is split evenly over up
+    /// to four shards a core, none under 8 MiB (one shard below that): an entry
+    /// over 97 % of a shard's share is not kept in memory. Default 64 MiB.
     ///
     /// # Examples
     ///
@@ -157,8 +159,9 @@ impl HybridCacheBuilder {
         self
     }
 
-    /// Sets how often moka's pending housekeeping runs, so that expired and evicted
-    /// entries free their memory even when the cache is idle. Default 1 s.
+    /// Sets how often the memory tier sweeps its expired entries, so that they free
+    /// their memory even when the cache is idle (a lookup never serves one). A sweep
+    /// is a pass over every entry, skipped while none can have expired. Default 1 s.
     ///
     /// # Examples
     ///

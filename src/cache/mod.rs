@@ -122,7 +122,7 @@ impl HybridCache {
 
     /// Runs the memory tier's pending housekeeping now.
     pub async fn run_pending_tasks(&self) {
-        self.engine.run_pending_tasks().await;
+        self.engine.run_pending_tasks();
     }
 
     /// Forgets the response stored for `uri` (and all its `Vary` variants) in both

@@ -67,8 +67,8 @@ impl Engine {
     /// Stores `fill`, unless what it stores was invalidated since its origin call
     /// started. The store is polled once here: the usual one (into memory, the Redis
     /// write only queued) is done then, without a task of its own (a spawned task
-    /// cost each miss about 2 500 instructions); one that has to wait (a lock, moka's
-    /// housekeeping) goes on in a task, so the client never waits on it.
+    /// cost each miss about 2 500 instructions); one that has to wait (the invalidation
+    /// tables' moka housekeeping, a `Vary` index) goes on in a task, so the client never waits on it.
     pub(crate) fn commit(self: &Arc<Self>, fill: Fill) {
         let Ok(runtime) = Handle::try_current() else {
             tracing::warn!(target: TARGET, key = %fill.key, "no tokio runtime: response not stored");

@@ -59,7 +59,7 @@ pub(crate) struct EngineSettings {
     pub(crate) single_flight_timeout: Duration,
     /// The cross-replica fill lease's time to live, when on.
     pub(crate) fill_lease: Option<Duration>,
-    /// How often moka's pending housekeeping runs.
+    /// How often the memory tier sweeps its expired entries.
     pub(crate) maintenance_interval: Duration,
 }
 
@@ -193,8 +193,8 @@ impl Engine {
         self.store.memory().entry_count()
     }
 
-    pub(crate) async fn run_pending_tasks(&self) {
-        self.store.memory().run_pending_tasks().await;
+    pub(crate) fn run_pending_tasks(&self) {
+        self.store.memory().remove_expired();
     }
 
     pub(crate) fn redis_breaker(&self) -> Option<CircuitBreaker> {
@@ -210,8 +210,8 @@ impl Engine {
     }
 }
 
-/// Runs moka's pending housekeeping every `every`, so that expired and evicted entries
-/// free their memory while the cache is idle; holds the engine weakly and ends with it.
+/// Sweeps the memory tier's expired entries every `every`, so that they free their
+/// memory while the cache is idle; holds the engine weakly and ends with it.
 fn spawn_maintenance(engine: Weak<Engine>, every: Duration) {
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
         tracing::warn!(target: TARGET, "no tokio runtime: memory housekeeping runs only on access");
@@ -225,7 +225,7 @@ fn spawn_maintenance(engine: Weak<Engine>, every: Duration) {
             let Some(engine) = engine.upgrade() else {
                 return;
             };
-            engine.run_pending_tasks().await;
+            engine.run_pending_tasks();
         }
     });
 }

@@ -330,10 +330,12 @@ pub(crate) struct StoredValue {
     pub(crate) stale_until: SystemTime,
 }
 
-/// What the memory tier spends on any entry besides what it holds: moka's node, the
-/// key (twice), the nodes of its access, write and expiry orders, the frequency
-/// sketch's share, the `Arc`s.
-const PER_ENTRY: usize = 512;
+/// What the memory tier spends on any entry besides what it holds: its slot in
+/// quick_cache's slab (the key, the entry's pointer, its expiry and weight, the
+/// links of its queue) and in the shard's hash table, and its share of the keys
+/// remembered after eviction. Measured at 44 bytes an entry with the slab nearly full
+/// (`tests/entry_weight.rs`); a slab just doubled holds about twice its entries' share.
+const PER_ENTRY: usize = 128;
 
 /// What a store holds under one key: a response, or, under a URL's primary key when
 /// its responses vary, the names that select the variant, or a value of the direct

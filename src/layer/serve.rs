@@ -123,8 +123,8 @@ impl<'a> Serving<'a> {
         self.honour && (self.request_cc.no_cache || self.request_cc.max_age == Some(0))
     }
 
-    /// The lookup, if it completes without waiting (the memory tier's always does,
-    /// but for moka's rare housekeeping hand-offs).
+    /// The lookup, if it completes without waiting (a memory-only lookup always
+    /// does).
     pub(crate) fn serve_now<B>(&self, request: &RequestHead<'_>) -> Option<Answer<B>> {
         self.lookup_now(request)
             .map(|found| self.answer(found, request))

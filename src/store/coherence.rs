@@ -31,7 +31,7 @@ pub(crate) fn spawn_listener(
                 Ok(message) => {
                     let text = message.value.as_string().unwrap_or_default();
                     if let Some((invalidation, sent_at)) = Invalidation::parse_published(&text) {
-                        forget(&memory, invalidation).await;
+                        forget(&memory, invalidation);
                         if let Some(sent_at) = sent_at {
                             let now = millis_since_epoch(SystemTime::now());
                             let delay = Duration::from_millis(now.saturating_sub(sent_at));
@@ -49,9 +49,9 @@ pub(crate) fn spawn_listener(
 }
 
 /// Removes from memory what one invalidation names.
-async fn forget(memory: &MemoryStore, invalidation: Invalidation) {
+fn forget(memory: &MemoryStore, invalidation: Invalidation) {
     match invalidation {
-        Invalidation::Key(key) => memory.remove(&key).await,
+        Invalidation::Key(key) => memory.remove(&key),
         Invalidation::Tag(tag) => memory.remove_tagged(&tag),
         Invalidation::All => memory.remove_all(),
     }
@@ -93,7 +93,7 @@ pub(crate) fn spawn_catch_up(
                     Ok(Some(invalidations)) => {
                         tracing::debug!(target: TARGET, missed = invalidations.len(), outcome = "invalidations-caught-up");
                         for invalidation in invalidations {
-                            forget(&memory, invalidation).await;
+                            forget(&memory, invalidation);
                         }
                         break;
                     }

@@ -82,7 +82,7 @@ impl HybridStore {
     /// The entry under `key`, and the tier that answered.
     pub(crate) async fn get(&self, key: &CacheKey) -> Option<(Entry, Tier)> {
         if self.memory_first {
-            if let Some(entry) = self.timed_memory_get(key).await {
+            if let Some(entry) = self.timed_memory_get(key) {
                 return Some((entry, Tier::Memory));
             }
         }
@@ -134,7 +134,6 @@ impl HybridStore {
                 RedisRead::Failed => {
                     let held = self
                         .timed_memory_get(key)
-                        .await
                         .filter(|entry| self.within_fallback_bound(entry));
                     if held.is_some() {
                         self.counters.add(Counter::FallbackHit);
@@ -144,14 +143,13 @@ impl HybridStore {
             }
         }
         self.timed_memory_get(key)
-            .await
             .map(|entry| (entry, Tier::Memory))
     }
 
     /// The memory tier's entry under `key`, its lookup time recorded.
-    async fn timed_memory_get(&self, key: &CacheKey) -> Option<Entry> {
+    fn timed_memory_get(&self, key: &CacheKey) -> Option<Entry> {
         let started = Instant::now();
-        let found = self.memory.get(key).await;
+        let found = self.memory.get(key);
         self.timers.memory(started);
         found
     }
@@ -180,14 +178,14 @@ impl HybridStore {
         if let Some(redis) = &self.redis {
             redis.queue(QueuedWrite::Set(key, entry.clone(), started));
         }
-        self.memory.insert(key, entry).await;
+        self.memory.insert(key, entry);
     }
 
     /// Removes a key from both tiers: from Redis at once, and again behind every
     /// write already queued (one of which may hold the key). `false` when Redis could
     /// not be told now (the delete is kept and replayed once it can).
     pub(crate) async fn invalidate(&self, key: &CacheKey) -> bool {
-        self.memory.remove(key).await;
+        self.memory.remove(key);
         match &self.redis {
             Some(redis) => {
                 redis.queue(QueuedWrite::Delete(*key));

@@ -1,4 +1,4 @@
-//! Where entries live: the memory tier (moka) and, when configured, the shared Redis
+//! Where entries live: the memory tier (quick_cache) and, when configured, the shared Redis
 //! tier, routed by the hybrid store.
 //!
 //! The Redis tier is a `tower::Service<StoreRequest>`, so that resilience (a breaker
@@ -37,7 +37,7 @@ pub(crate) async fn until_closed(closed: &mut tokio::sync::watch::Receiver<bool>
 /// The tier that answered a lookup; named in `Cache-Status` as `detail`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Tier {
-    /// The in-process moka cache.
+    /// The in-process cache.
     Memory,
     /// The shared Redis tier.
     Redis,

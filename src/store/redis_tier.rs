@@ -379,10 +379,10 @@ impl RedisReader {
         match self.read(key).await {
             Ok(Some(found)) => {
                 // Most hits find the same version in memory already: they serve it
-                // without decoding Redis's copy, and skip moka's insert. The lookup
-                // also tells moka the key is in use, so that memory keeps what Redis
+                // without decoding Redis's copy, and skip memory's insert. The lookup
+                // also tells memory the key is in use, so that memory keeps what Redis
                 // serves most.
-                let held = self.memory.get(&key).await;
+                let held = self.memory.get(&key);
                 let entry = match found {
                     Fetched::Decoded(entry) => entry,
                     Fetched::Encoded(bytes) => match held {
@@ -396,7 +396,7 @@ impl RedisReader {
                     },
                 };
                 if !held.is_some_and(|held| held.same_version(&entry)) {
-                    self.memory.insert(key, entry.clone()).await;
+                    self.memory.insert(key, entry.clone());
                 }
                 RedisRead::Found(entry)
             }
