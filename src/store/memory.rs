@@ -36,8 +36,9 @@ const TYPICAL_ENTRY_BYTES: u64 = 4 << 10;
 #[derive(Clone)]
 struct Slot {
     entry: Entry,
-    /// Nanoseconds after the store's `epoch`.
-    expires: u64,
+    /// An `Instant`, not a count from the epoch: a lookup compares it with the
+    /// clock, without a subtraction.
+    expires: Instant,
     weight: u64,
 }
 
@@ -110,15 +111,16 @@ impl MemoryStore {
         }
     }
 
-    /// Nanoseconds since the store's epoch.
-    fn now(&self) -> u64 {
-        u64::try_from(self.inner.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    /// Nanoseconds from the store's epoch to `at`.
+    fn since_epoch(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.inner.epoch).as_nanos())
+            .unwrap_or(u64::MAX)
     }
 
     /// The entry under `key`, unless it is past its time here.
     pub(crate) fn get(&self, key: &CacheKey) -> Option<Entry> {
         let slot = self.inner.cache.get(key)?;
-        let now = self.now();
+        let now = Instant::now();
         if slot.expires > now {
             return Some(slot.entry);
         }
@@ -142,11 +144,17 @@ impl MemoryStore {
             self.inner.cache.remove(&key);
             return;
         }
-        let lifetime = u64::try_from(lifetime.as_nanos()).unwrap_or(u64::MAX);
-        let expires = self.now().saturating_add(lifetime);
+        // Past what an `Instant` holds (a lifetime of centuries): a year is as good.
+        let now = Instant::now();
+        let expires = now
+            .checked_add(lifetime)
+            .or_else(|| now.checked_add(Duration::from_secs(365 * 24 * 3600)))
+            .unwrap_or(now);
         // Never 0: quick_cache never evicts an entry of no weight.
         let weight = u64::try_from(entry.weight()).unwrap_or(u64::MAX).max(1);
-        self.inner.next_expiry.fetch_min(expires, Ordering::Relaxed);
+        self.inner
+            .next_expiry
+            .fetch_min(self.since_epoch(expires), Ordering::Relaxed);
         self.inner.cache.insert(
             key,
             Slot {
@@ -178,8 +186,8 @@ impl MemoryStore {
     /// nothing reads them; a pass over every entry, skipped while none can have
     /// expired.
     pub(crate) fn remove_expired(&self) {
-        let now = self.now();
-        if self.inner.next_expiry.load(Ordering::Relaxed) > now {
+        let now = Instant::now();
+        if self.inner.next_expiry.load(Ordering::Relaxed) > self.since_epoch(now) {
             return;
         }
         // Inserts during the pass lower the mark themselves; the survivors' earliest
@@ -189,7 +197,7 @@ impl MemoryStore {
         self.inner.cache.retain(|_, slot| {
             let keep = slot.expires > now;
             if keep {
-                earliest.set(earliest.get().min(slot.expires));
+                earliest.set(earliest.get().min(self.since_epoch(slot.expires)));
             }
             keep
         });
@@ -200,7 +208,7 @@ impl MemoryStore {
 
     /// Every entry held now (their bodies shared, not copied), for a re-seed.
     pub(crate) fn entries(&self) -> Vec<(CacheKey, Entry)> {
-        let now = self.now();
+        let now = Instant::now();
         self.inner
             .cache
             .iter()
