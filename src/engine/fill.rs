@@ -13,7 +13,7 @@ use tokio::runtime::Handle;
 
 use super::flight::FlightGuard;
 use super::Engine;
-use crate::entry::CachedResponse;
+use crate::entry::{CachedResponse, Entry};
 use crate::key::CacheKey;
 use crate::telemetry::{Counter, TARGET};
 
@@ -65,11 +65,17 @@ impl Engine {
     }
 
     /// Stores `fill`, unless what it stores was invalidated since its origin call
-    /// started. The store is polled once here: the usual one (into memory, the Redis
-    /// write only queued) is done then, without a task of its own (a spawned task
-    /// cost each miss about 2 500 instructions); one that has to wait (the invalidation
-    /// tables' moka housekeeping, a `Vary` index) goes on in a task, so the client never waits on it.
+    /// started. The usual fill (no `Vary`, nothing invalidated since it started) is
+    /// stored here and now: into memory, the Redis write only queued, with no future
+    /// and no task. Any other is polled once here and, if it has to wait (the
+    /// invalidation tables, a `Vary` index read from Redis), goes on in a task (a
+    /// task for every fill cost each miss about 2 500 instructions), so the client
+    /// never waits on it.
     pub(crate) fn commit(self: &Arc<Self>, fill: Fill) {
+        if fill.entry.vary.is_empty() && self.invalidations.none_since(fill.start.seq) {
+            self.commit_plain(fill);
+            return;
+        }
         let Ok(runtime) = Handle::try_current() else {
             tracing::warn!(target: TARGET, key = %fill.key, "no tokio runtime: response not stored");
             return;
@@ -92,16 +98,65 @@ impl Engine {
         }
         let entry = Arc::new(entry);
         self.store_response(key, Arc::clone(&entry), start.at).await;
-        // An invalidation between the check and the store may have removed the key
-        // before it was written: remove it again.
-        if self.invalidations.since(&key, &entry.tags, start.seq).await {
+        self.settle(key, &entry.tags, start.seq, guard, detail)
+            .await;
+    }
+
+    /// Stores a fill with no `Vary` that nothing was invalidated since: `put` waits
+    /// on nothing then.
+    fn commit_plain(self: &Arc<Self>, fill: Fill) {
+        let Fill {
+            key,
+            entry,
+            start,
+            guard,
+            detail,
+        } = fill;
+        let entry = Arc::new(entry);
+        self.store
+            .put(key, Entry::Response(Arc::clone(&entry)), start.at);
+        if self.invalidations.none_since(start.seq) {
+            self.stored(&key, guard, detail);
+            return;
+        }
+        // One landed since the check: settled as `store_fill` settles.
+        let Ok(runtime) = Handle::try_current() else {
+            self.store.memory().remove(&key);
+            self.not_stored_after_invalidation(&key);
+            return;
+        };
+        let engine = Arc::clone(self);
+        run_or_spawn(&runtime, async move {
+            engine
+                .settle(key, &entry.tags, start.seq, guard, detail)
+                .await;
+        });
+    }
+
+    /// Finishes a fill just stored: an invalidation between the check before the
+    /// store and the store may have removed the key before it was written, so it is
+    /// removed again; otherwise it counts as stored.
+    async fn settle(
+        &self,
+        key: CacheKey,
+        tags: &[String],
+        seq: u64,
+        guard: Option<FlightGuard>,
+        detail: Option<&'static str>,
+    ) {
+        if self.invalidations.since(&key, tags, seq).await {
             Box::pin(self.store.invalidate(&key)).await;
             self.not_stored_after_invalidation(&key);
             return;
         }
+        self.stored(&key, guard, detail);
+    }
+
+    /// Counts a fill as stored and releases its followers, who look again only once
+    /// the entry is in.
+    fn stored(&self, key: &CacheKey, guard: Option<FlightGuard>, detail: Option<&'static str>) {
         self.count(Counter::Store);
         tracing::debug!(target: TARGET, key = %key, outcome = "stored", detail);
-        // Followers look again only once the entry is in.
         drop(guard);
     }
 

@@ -65,11 +65,16 @@ impl Invalidations {
         self.purged.store(self.next(), Ordering::SeqCst);
     }
 
+    /// Whether nothing at all was invalidated after `since`: every invalidation takes a
+    /// new sequence number before it is recorded, so none taken since means none to
+    /// look up (the usual fill asks no table at all).
+    pub(crate) fn none_since(&self, since: u64) -> bool {
+        self.seq.load(Ordering::SeqCst) <= since
+    }
+
     /// Whether `key`, or one of `tags`, or everything, was invalidated after `since`.
     pub(crate) async fn since(&self, key: &CacheKey, tags: &[String], since: u64) -> bool {
-        // Every invalidation takes a new sequence number before it is recorded: none
-        // taken since means none to look up (the usual fill asks no table at all).
-        if self.seq.load(Ordering::SeqCst) <= since {
+        if self.none_since(since) {
             return false;
         }
         if self.purged.load(Ordering::SeqCst) > since {

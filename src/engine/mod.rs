@@ -295,4 +295,61 @@ pub(crate) mod tests {
         ));
         assert_eq!(engine.stats().stores, 1);
     }
+
+    #[tokio::test]
+    async fn a_committed_fill_is_stored_at_once_unless_invalidated_since_it_started() {
+        use std::future::Future;
+        let engine = memory_engine();
+        let response = || {
+            CachedResponse::builder(http::StatusCode::OK, HeaderMap::new(), bytes::Bytes::new())
+                .fresh_until(std::time::SystemTime::now() + Duration::from_secs(60))
+                .build()
+        };
+        let fill = |key, start| Fill {
+            key,
+            entry: response(),
+            start,
+            guard: None,
+            detail: None,
+        };
+        let headers = HeaderMap::new();
+        let found = |key| {
+            let lookup = engine.lookup(&key, &headers);
+            let mut lookup = std::pin::pin!(lookup);
+            let waker = std::task::Waker::noop();
+            match lookup
+                .as_mut()
+                .poll(&mut std::task::Context::from_waker(waker))
+            {
+                std::task::Poll::Ready(found) => matches!(found, Lookup::Hit(..)),
+                std::task::Poll::Pending => panic!("a memory lookup waited"),
+            }
+        };
+        // Nothing invalidated: in memory when `commit` returns, no task run.
+        let (a, b, c) = (
+            CacheKey::from_bytes([6; 32]),
+            CacheKey::from_bytes([7; 32]),
+            CacheKey::from_bytes([8; 32]),
+        );
+        engine.commit(fill(a, engine.fill_start()));
+        assert!(found(a));
+        assert_eq!(engine.stats().stores, 1);
+        // Started before an invalidation of its own key: not stored.
+        let before = engine.fill_start();
+        engine.invalidate_key(b).await;
+        engine.commit(fill(b, before));
+        tokio::task::yield_now().await;
+        assert!(!found(b));
+        assert_eq!(engine.stats().not_stored, 1);
+        // Started before an invalidation of another key: stored.
+        engine.commit(fill(c, before));
+        for _ in 0..100 {
+            if engine.stats().stores == 2 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(engine.stats().stores, 2);
+        assert!(found(c));
+    }
 }

@@ -53,7 +53,7 @@ impl Engine {
             bytes: Bytes::from(bytes),
             stale_until,
         }));
-        self.store.put(CacheKey::for_value(key), entry, now).await;
+        self.store.put(CacheKey::for_value(key), entry, now);
         Ok(())
     }
 

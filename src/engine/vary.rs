@@ -48,7 +48,7 @@ impl Engine {
     ) {
         if response.vary.is_empty() {
             let entry = Entry::Response(response);
-            self.store.put(primary, entry, started).await;
+            self.store.put(primary, entry, started);
             return;
         }
         // Boxed: inline, the index's lookup would enlarge every fill's future.
@@ -76,13 +76,13 @@ impl Engine {
         }
         let variant = variant_key(&primary, generation, &response.vary);
         let entry = Entry::Response(response);
-        self.store.put(variant, entry, started).await;
+        self.store.put(variant, entry, started);
         let index = Entry::Variants(Arc::new(VaryIndex {
             names,
             stale_until,
             generation,
         }));
-        self.store.put(primary, index, started).await;
+        self.store.put(primary, index, started);
     }
 }
 

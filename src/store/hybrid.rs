@@ -174,7 +174,7 @@ impl HybridStore {
 
     /// Stores in memory at once and queues the Redis write; `started` is when the
     /// response's origin call started.
-    pub(crate) async fn put(&self, key: CacheKey, entry: Entry, started: SystemTime) {
+    pub(crate) fn put(&self, key: CacheKey, entry: Entry, started: SystemTime) {
         if let Some(redis) = &self.redis {
             redis.queue(QueuedWrite::Set(key, entry.clone(), started));
         }

@@ -113,8 +113,7 @@ impl MemoryStore {
 
     /// Nanoseconds from the store's epoch to `at`.
     fn since_epoch(&self, at: Instant) -> u64 {
-        u64::try_from(at.saturating_duration_since(self.inner.epoch).as_nanos())
-            .unwrap_or(u64::MAX)
+        u64::try_from(at.saturating_duration_since(self.inner.epoch).as_nanos()).unwrap_or(u64::MAX)
     }
 
     /// The entry under `key`, unless it is past its time here.
