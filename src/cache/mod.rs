@@ -120,7 +120,8 @@ impl HybridCache {
         self.engine.shutdown().await;
     }
 
-    /// Runs the memory tier's pending housekeeping now.
+    /// Sweeps the memory tier's expired entries now, as the maintenance task does every
+    /// `maintenance_interval` (evictions happen as entries are stored).
     pub async fn run_pending_tasks(&self) {
         self.engine.run_pending_tasks();
     }
