@@ -586,7 +586,8 @@ async fn redis_pairs(
         while sent.load(Ordering::Relaxed) < SPREAD {
             load(layered, "/pre", Urls::Unique, 0.05, 1, sent.clone()).await;
         }
-        support::redis_written(&cache, SPREAD).await;
+        let dropped = support::redis_written(&cache, SPREAD).await;
+        assert_eq!(dropped, 0, "every URL in Redis before the rounds");
         pairs.push(Pair {
             label: "redis-spread",
             names: [

@@ -89,7 +89,8 @@ async fn run(args: Args) {
     // Warm: every URL stored, and in Redis.
     let warm_until = Instant::now() + Duration::from_secs(1);
     load(addr, 4, warm_until, Instant::now()).await;
-    support::redis_written(&cache, URLS as u64).await;
+    let dropped = support::redis_written(&cache, URLS as u64).await;
+    assert_eq!(dropped, 0, "every URL in Redis before the outage");
 
     let phase = Duration::from_secs_f64(args.phase);
     let start = Instant::now();

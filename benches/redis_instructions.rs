@@ -159,7 +159,8 @@ async fn main() {
                 tower::Layer::layer(&cache.layer().ttl(Duration::from_secs(3600)), origin);
             if mode == "hits" {
                 drive!(service, 0..KEYS, 1);
-                support::redis_written(&cache, KEYS as u64).await;
+                let dropped = support::redis_written(&cache, KEYS as u64).await;
+                assert_eq!(dropped, 0, "every key in Redis before the hits");
                 let before = cache.stats();
                 drive!(service, (0..requests).map(|i| i % KEYS), in_flight);
                 let after = cache.stats();
@@ -177,7 +178,8 @@ async fn main() {
                 assert_eq!(stats.redis_errors, 0, "every Redis read answered");
                 if mode == "misses" || tagged {
                     // The writes' answers, before the counts are read.
-                    support::redis_written(&cache, requests as u64).await;
+                    let dropped = support::redis_written(&cache, requests as u64).await;
+                    assert_eq!(dropped, 0, "every write counted");
                 }
             }
         }
