@@ -20,6 +20,40 @@ use crate::telemetry::{Counter, Counters, TARGET};
 /// Most queued writes sent to Redis in one pipeline.
 const WRITE_BATCH: usize = 64;
 
+/// Most body bytes sent to Redis in one pipeline (one larger entry goes alone): 64
+/// entries of 1 MiB made one pipeline of 64 MiB, and some of those writes failed
+/// and waited in the replay (`benches/scaling.rs`, Redis misses with 1 MiB bodies).
+const PIPELINE_BYTES: usize = 4 << 20;
+
+/// A run of sets to send as one pipeline, bounded by `PIPELINE_BYTES` of bodies.
+#[derive(Default)]
+struct SetRun {
+    sets: Vec<(CacheKey, Entry, SystemTime)>,
+    bytes: usize,
+}
+
+impl SetRun {
+    /// Adds a set; returns the run before it when the set would take it past the
+    /// bound (that run is to be sent first).
+    fn push(
+        &mut self,
+        set: (CacheKey, Entry, SystemTime),
+    ) -> Option<Vec<(CacheKey, Entry, SystemTime)>> {
+        let len = set.1.body_len();
+        let full = (!self.sets.is_empty() && self.bytes.saturating_add(len) > PIPELINE_BYTES)
+            .then(|| self.take());
+        self.bytes = self.bytes.saturating_add(len);
+        self.sets.push(set);
+        full
+    }
+
+    /// The run so far, leaving an empty one.
+    fn take(&mut self) -> Vec<(CacheKey, Entry, SystemTime)> {
+        self.bytes = 0;
+        std::mem::take(&mut self.sets)
+    }
+}
+
 /// What the background writer sends to Redis, in order.
 pub(crate) enum QueuedWrite {
     /// An entry, and when its origin call started.
@@ -46,19 +80,17 @@ pub(crate) fn spawn_writer(
         while queue.recv_many(&mut batch, WRITE_BATCH).await > 0 {
             // Runs of sets go out as one pipeline each; a delete waits for the sets
             // before it.
-            let mut sets = Vec::new();
+            let mut run = SetRun::default();
             for write in batch.drain(..) {
                 if !matches!(write, QueuedWrite::Set(..)) {
-                    send_sets(
-                        &writer,
-                        std::mem::take(&mut sets),
-                        (&pending, &counters),
-                        &replay,
-                    )
-                    .await;
+                    send_sets(&writer, run.take(), (&pending, &counters), &replay).await;
                 }
                 match write {
-                    QueuedWrite::Set(key, entry, started) => sets.push((key, entry, started)),
+                    QueuedWrite::Set(key, entry, started) => {
+                        if let Some(full) = run.push((key, entry, started)) {
+                            send_sets(&writer, full, (&pending, &counters), &replay).await;
+                        }
+                    }
                     QueuedWrite::Release(key, token) => {
                         let _ = writer
                             .clone()
@@ -74,7 +106,7 @@ pub(crate) fn spawn_writer(
                     }
                 }
             }
-            send_sets(&writer, sets, (&pending, &counters), &replay).await;
+            send_sets(&writer, run.take(), (&pending, &counters), &replay).await;
         }
     });
 }
@@ -120,5 +152,51 @@ async fn send_sets(
                 replay.keep(request, counters);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::entry::CachedResponse;
+    use bytes::Bytes;
+    use http::{HeaderMap, StatusCode};
+
+    fn set(i: u8, body_bytes: usize) -> (CacheKey, Entry, SystemTime) {
+        let body = Bytes::from(vec![b'x'; body_bytes]);
+        let response = CachedResponse::builder(StatusCode::OK, HeaderMap::new(), body).build();
+        (
+            CacheKey::from_bytes([i; 32]),
+            Entry::Response(Arc::new(response)),
+            SystemTime::now(),
+        )
+    }
+
+    #[test]
+    fn runs_of_large_entries_are_split_and_an_oversized_one_goes_alone() {
+        let mut run = SetRun::default();
+        let mut sent = Vec::new();
+        for i in 0..64 {
+            if let Some(full) = run.push(set(i, 1 << 20)) {
+                sent.push(full.len());
+            }
+        }
+        sent.push(run.take().len());
+        assert_eq!(sent, vec![4; 16], "64 entries of 1 MiB, 4 MiB a pipeline");
+
+        let mut run = SetRun::default();
+        assert!(run.push(set(1, 100)).is_none());
+        let before = run.push(set(2, 8 << 20)).map(|r| r.len());
+        assert_eq!(
+            before,
+            Some(1),
+            "what came before an oversized entry goes first"
+        );
+        let after = run.push(set(3, 100)).map(|r| r.len());
+        assert_eq!(after, Some(1), "the oversized entry goes alone");
+        // Small entries fill one run up to the batch.
+        let mut run = SetRun::default();
+        assert!((0..64).all(|i| run.push(set(i, 3 << 10)).is_none()));
+        assert_eq!(run.take().len(), 64);
     }
 }
