@@ -25,20 +25,20 @@ const WRITE_BATCH: usize = 64;
 /// and waited in the replay (`benches/scaling.rs`, Redis misses with 1 MiB bodies).
 const PIPELINE_BYTES: usize = 4 << 20;
 
+/// A queued entry: its key, itself, and when its origin call started.
+type QueuedSet = (CacheKey, Entry, SystemTime);
+
 /// A run of sets to send as one pipeline, bounded by `PIPELINE_BYTES` of bodies.
 #[derive(Default)]
 struct SetRun {
-    sets: Vec<(CacheKey, Entry, SystemTime)>,
+    sets: Vec<QueuedSet>,
     bytes: usize,
 }
 
 impl SetRun {
     /// Adds a set; returns the run before it when the set would take it past the
     /// bound (that run is to be sent first).
-    fn push(
-        &mut self,
-        set: (CacheKey, Entry, SystemTime),
-    ) -> Option<Vec<(CacheKey, Entry, SystemTime)>> {
+    fn push(&mut self, set: QueuedSet) -> Option<Vec<QueuedSet>> {
         let len = set.1.body_len();
         let full = (!self.sets.is_empty() && self.bytes.saturating_add(len) > PIPELINE_BYTES)
             .then(|| self.take());
@@ -48,7 +48,7 @@ impl SetRun {
     }
 
     /// The run so far, leaving an empty one.
-    fn take(&mut self) -> Vec<(CacheKey, Entry, SystemTime)> {
+    fn take(&mut self) -> Vec<QueuedSet> {
         self.bytes = 0;
         std::mem::take(&mut self.sets)
     }
@@ -114,7 +114,7 @@ pub(crate) fn spawn_writer(
 /// Sends a run of queued sets as one pipeline and counts the outcome.
 async fn send_sets(
     writer: &RedisStack,
-    sets: Vec<(CacheKey, Entry, SystemTime)>,
+    sets: Vec<QueuedSet>,
     (pending, counters): (&PendingWrites, &Counters),
     replay: &Replay,
 ) {
@@ -162,7 +162,7 @@ mod tests {
     use bytes::Bytes;
     use http::{HeaderMap, StatusCode};
 
-    fn set(i: u8, body_bytes: usize) -> (CacheKey, Entry, SystemTime) {
+    fn set(i: u8, body_bytes: usize) -> QueuedSet {
         let body = Bytes::from(vec![b'x'; body_bytes]);
         let response = CachedResponse::builder(StatusCode::OK, HeaderMap::new(), body).build();
         (
