@@ -2,8 +2,8 @@
 //! that had not caught up) from this replica's memory, instead of sending every
 //! replica back to the origin at once.
 //!
-//! Entries go back only where Redis holds nothing (`SET NX`), in pipelines of 64, with
-//! their tags' indexes. Each was stored before Redis came back, so every replica
+//! Entries go back only where Redis holds nothing (`SET NX`), in the writer's pipelines
+//! (64 entries, 4 MiB of bodies at most), with their tags' indexes. Each was stored before Redis came back, so every replica
 //! serves it once more and refreshes it (`detail=refresh-after-outage`, one refresh
 //! per URL for the cluster): the origin sees one refresh per URL spread over the
 //! requests' arrivals, not a stampede, and nothing invalidated during the outage is
@@ -15,11 +15,9 @@ use std::time::SystemTime;
 use super::memory::MemoryStore;
 use super::redis::RedisStore;
 use super::until_closed;
+use super::writer::SetRun;
 use crate::entry::Entry;
 use crate::telemetry::{Counter, Counters, TARGET};
-
-/// Entries per pipeline.
-const BATCH: usize = 64;
 
 /// Re-seeds Redis from `memory` each time the store finds it lost its data; ends when
 /// the store closes or is gone.
@@ -47,21 +45,20 @@ pub(crate) fn spawn_reseed(store: Weak<RedisStore>, memory: MemoryStore, counter
 /// Writes what memory holds where Redis holds nothing; returns how many entries were
 /// written (stops early if Redis stops answering).
 async fn reseed(store: &RedisStore, memory: &MemoryStore, counters: &Counters) -> usize {
-    let entries = memory.entries();
+    // When each entry's origin call started, as far as memory knows: an invalidation
+    // marked since supersedes it.
+    let sets = memory.entries().into_iter().map(|(key, entry)| {
+        let started = match &entry {
+            Entry::Response(response) => response.stored_at(),
+            _ => SystemTime::UNIX_EPOCH,
+        };
+        (key, entry, started)
+    });
+    let mut run = SetRun::default();
+    let mut batches = sets.filter_map(|set| run.push(set)).collect::<Vec<_>>();
+    batches.push(run.take());
     let mut written = 0;
-    for chunk in entries.chunks(BATCH) {
-        // When its origin call started, as far as memory knows: an invalidation
-        // marked since supersedes it.
-        let batch: Vec<_> = chunk
-            .iter()
-            .map(|(key, entry)| {
-                let started = match entry {
-                    Entry::Response(response) => response.stored_at(),
-                    _ => SystemTime::UNIX_EPOCH,
-                };
-                (*key, entry.clone(), started)
-            })
-            .collect();
+    for batch in batches.into_iter().filter(|batch| !batch.is_empty()) {
         match store.seed_many(&batch).await {
             Ok((count, _refused)) => {
                 written += count;

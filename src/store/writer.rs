@@ -25,30 +25,32 @@ const WRITE_BATCH: usize = 64;
 /// and waited in the replay (`benches/scaling.rs`, Redis misses with 1 MiB bodies).
 const PIPELINE_BYTES: usize = 4 << 20;
 
-/// A queued entry: its key, itself, and when its origin call started.
-type QueuedSet = (CacheKey, Entry, SystemTime);
+/// An entry to write: its key, itself, and when its origin call started.
+pub(super) type QueuedSet = (CacheKey, Entry, SystemTime);
 
-/// A run of sets to send as one pipeline, bounded by `PIPELINE_BYTES` of bodies.
+/// A run of sets to send as one pipeline, bounded by `WRITE_BATCH` entries and
+/// `PIPELINE_BYTES` of bodies; the writer's and the re-seed's.
 #[derive(Default)]
-struct SetRun {
+pub(super) struct SetRun {
     sets: Vec<QueuedSet>,
     bytes: usize,
 }
 
 impl SetRun {
-    /// Adds a set; returns the run before it when the set would take it past the
+    /// Adds a set; returns the run before it when the set would take it past a
     /// bound (that run is to be sent first).
-    fn push(&mut self, set: QueuedSet) -> Option<Vec<QueuedSet>> {
+    pub(super) fn push(&mut self, set: QueuedSet) -> Option<Vec<QueuedSet>> {
         let len = set.1.body_len();
-        let full = (!self.sets.is_empty() && self.bytes.saturating_add(len) > PIPELINE_BYTES)
-            .then(|| self.take());
+        let full = !self.sets.is_empty()
+            && (self.sets.len() >= WRITE_BATCH || self.bytes.saturating_add(len) > PIPELINE_BYTES);
+        let full = full.then(|| self.take());
         self.bytes = self.bytes.saturating_add(len);
         self.sets.push(set);
         full
     }
 
     /// The run so far, leaving an empty one.
-    fn take(&mut self) -> Vec<QueuedSet> {
+    pub(super) fn take(&mut self) -> Vec<QueuedSet> {
         self.bytes = 0;
         std::mem::take(&mut self.sets)
     }
@@ -197,6 +199,7 @@ mod tests {
         // Small entries fill one run up to the batch.
         let mut run = SetRun::default();
         assert!((0..64).all(|i| run.push(set(i, 3 << 10)).is_none()));
-        assert_eq!(run.take().len(), 64);
+        assert_eq!(run.push(set(64, 3 << 10)).map(|r| r.len()), Some(64));
+        assert_eq!(run.take().len(), 1);
     }
 }
