@@ -105,14 +105,8 @@ impl Engine {
     /// Stores a fill with no `Vary` that nothing was invalidated since: `put` waits
     /// on nothing then.
     fn commit_plain(self: &Arc<Self>, fill: Fill) {
-        let Fill {
-            key,
-            entry,
-            start,
-            guard,
-            detail,
-        } = fill;
-        let entry = Arc::new(entry);
+        let (key, start, guard, detail) = (fill.key, fill.start, fill.guard, fill.detail);
+        let entry = Arc::new(fill.entry);
         self.store
             .put(key, Entry::Response(Arc::clone(&entry)), start.at);
         if self.invalidations.none_since(start.seq) {
