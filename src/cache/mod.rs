@@ -91,13 +91,14 @@ impl HybridCache {
         self.engine.stats()
     }
 
-    /// Returns bytes held by the memory tier, as its weigher counts them (may lag by the
-    /// pending housekeeping).
+    /// Returns bytes held by the memory tier, as its weigher counts them (entries past
+    /// their time count until a lookup or the maintenance sweep removes them).
     pub fn memory_weighted_size(&self) -> u64 {
         self.engine.memory_weighted_size()
     }
 
-    /// Returns entries held by the memory tier (may lag by the pending housekeeping).
+    /// Returns entries held by the memory tier (entries past their time count until a
+    /// lookup or the maintenance sweep removes them).
     pub fn memory_entry_count(&self) -> u64 {
         self.engine.memory_entry_count()
     }

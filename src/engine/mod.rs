@@ -214,7 +214,7 @@ impl Engine {
 /// memory while the cache is idle; holds the engine weakly and ends with it.
 fn spawn_maintenance(engine: Weak<Engine>, every: Duration) {
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-        tracing::warn!(target: TARGET, "no tokio runtime: memory housekeeping runs only on access");
+        tracing::warn!(target: TARGET, "no tokio runtime: expired memory entries are removed only when read");
         return;
     };
     runtime.spawn(async move {
