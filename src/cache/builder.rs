@@ -159,9 +159,11 @@ impl HybridCacheBuilder {
         self
     }
 
-    /// Sets how often the memory tier sweeps its expired entries, so that they free
-    /// their memory even when the cache is idle (a lookup never serves one). A sweep
-    /// is a pass over every entry, skipped while none can have expired. Default 1 s.
+    /// Sets how often the memory tier sweeps expired entries, so that they free their
+    /// memory even when the cache is idle (a lookup never serves one). Each tick
+    /// sweeps one of the tier's shards (up to four a core, none under 8 MiB), a pass
+    /// over its entries skipped while none of them can have expired: an expired entry
+    /// is freed within as many ticks as there are shards. Default 1 s.
     ///
     /// # Examples
     ///

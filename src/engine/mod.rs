@@ -197,6 +197,11 @@ impl Engine {
         self.store.memory().remove_expired();
     }
 
+    /// One maintenance tick: the memory tier's next shard swept.
+    fn maintain(&self) {
+        self.store.memory().remove_expired_step();
+    }
+
     pub(crate) fn redis_breaker(&self) -> Option<CircuitBreaker> {
         self.store.redis_breaker()
     }
@@ -210,8 +215,9 @@ impl Engine {
     }
 }
 
-/// Sweeps the memory tier's expired entries every `every`, so that they free their
-/// memory while the cache is idle; holds the engine weakly and ends with it.
+/// Sweeps one shard of the memory tier's expired entries every `every` (each shard
+/// once every as many ticks as there are shards), so that they free their memory while
+/// the cache is idle; holds the engine weakly and ends with it.
 fn spawn_maintenance(engine: Weak<Engine>, every: Duration) {
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
         tracing::warn!(target: TARGET, "no tokio runtime: expired memory entries are removed only when read");
@@ -225,7 +231,7 @@ fn spawn_maintenance(engine: Weak<Engine>, every: Duration) {
             let Some(engine) = engine.upgrade() else {
                 return;
             };
-            engine.run_pending_tasks();
+            engine.maintain();
         }
     });
 }
