@@ -18,7 +18,7 @@ use crate::engine::{Engine, Lookup};
 use crate::entry::CachedResponse;
 use crate::key::CacheKey;
 use crate::policy::cache_control::CacheControl;
-use crate::policy::conditional::{has_origin_preconditions, is_not_modified};
+use crate::policy::conditional::{has_origin_preconditions, has_preconditions, is_not_modified};
 use crate::policy::range::{requested_part, Part};
 use crate::policy::settings::{RequestDirectives, RouteSettings};
 use crate::telemetry::{Counter, TARGET};
@@ -41,23 +41,27 @@ pub(crate) struct RequestHead<'a> {
     pub(crate) version: Version,
     /// It has a `Range` field.
     pub(crate) ranged: bool,
+    /// It has a precondition (`If-None-Match`, `If-Modified-Since`, `If-Match`,
+    /// `If-Unmodified-Since`).
+    pub(crate) conditional: bool,
 }
 
 impl<'a> RequestHead<'a> {
     pub(crate) fn of<B>(request: &'a Request<B>) -> Self {
         // A range is of a GET's response only (RFC 9110 §14.2).
         let ranged = request.method() == Method::GET && request.headers().contains_key(RANGE);
-        Self::with_range(request, ranged)
+        Self::with_fields(request, ranged, has_preconditions(request.headers()))
     }
 
-    /// As `of`, with whether it has `Range` already known (the hit path read every
-    /// field once to classify it).
-    pub(crate) fn with_range<B>(request: &'a Request<B>, ranged: bool) -> Self {
+    /// As `of`, with whether it has `Range` and any precondition already known (the
+    /// hit path read every field once to classify it).
+    pub(crate) fn with_fields<B>(request: &'a Request<B>, ranged: bool, conditional: bool) -> Self {
         RequestHead {
             headers: request.headers(),
             head: request.method() == Method::HEAD,
             version: request.version(),
             ranged,
+            conditional,
         }
     }
 }
@@ -180,25 +184,25 @@ impl<'a> Serving<'a> {
     pub(crate) fn verdict(
         &self,
         entry: &CachedResponse,
-        request: &HeaderMap,
+        request: &RequestHead<'_>,
         now: SystemTime,
     ) -> Verdict {
         let allowed = self.request_allows(entry, now);
+        let origin_preconditions =
+            || request.conditional && has_origin_preconditions(request.headers);
         if !entry.is_fresh(now) {
-            if allowed
-                && entry.may_serve_while_revalidating(now)
-                && !has_origin_preconditions(request)
-            {
+            if allowed && entry.may_serve_while_revalidating(now) && !origin_preconditions() {
                 return Verdict::StaleWhileRevalidate;
             }
             return Verdict::Stale;
         }
-        if !allowed || has_origin_preconditions(request) {
+        if !allowed || origin_preconditions() {
             return Verdict::Refused;
         }
         // Only a stored 200 is a representation the conditions can be about.
-        let not_modified = entry.status == StatusCode::OK
-            && is_not_modified(request, &entry.headers, entry.stored_at);
+        let not_modified = request.conditional
+            && entry.status == StatusCode::OK
+            && is_not_modified(request.headers, &entry.headers, entry.stored_at);
         Verdict::Fresh { not_modified }
     }
 
@@ -208,7 +212,7 @@ impl<'a> Serving<'a> {
             Lookup::Miss(miss) => return Answer::Miss(miss.into(), None),
         };
         let now = SystemTime::now();
-        match self.verdict(&entry, request.headers, now) {
+        match self.verdict(&entry, request, now) {
             Verdict::Fresh { not_modified } => {
                 self.engine.count(Counter::Hit);
                 tracing::debug!(target: TARGET, key = %self.primary, outcome = "hit", detail = tier.as_str(), not_modified);
@@ -313,7 +317,14 @@ mod tests {
         let headers = request(request_headers);
         let cc = CacheControl::from_headers(&headers);
         let key = CacheKey::from_bytes([0; 32]);
-        Serving::new(&engine, &settings, &key, &cc).verdict(entry, &headers, at(now))
+        let head = RequestHead {
+            headers: &headers,
+            head: false,
+            version: Version::HTTP_11,
+            ranged: false,
+            conditional: has_preconditions(&headers),
+        };
+        Serving::new(&engine, &settings, &key, &cc).verdict(entry, &head, at(now))
     }
 
     #[tokio::test]

@@ -24,6 +24,7 @@ use super::write::{invalidate_after, WriteTarget};
 use crate::engine::Engine;
 use crate::key::CacheKey;
 use crate::policy::cache_control::CacheControl;
+use crate::policy::conditional::is_precondition;
 use crate::policy::settings::RouteSettings;
 use crate::telemetry::{request_span, Counter};
 
@@ -108,8 +109,9 @@ enum RequestKind {
     /// A safe request the cache does not handle: other methods, and
     /// requests it must not answer or store for others (the detail says why).
     Bypass(Option<Detail>),
-    /// A GET or HEAD: served from the cache or stored; `ranged` when it has `Range`.
-    Cacheable { ranged: bool },
+    /// A GET or HEAD: served from the cache or stored; `ranged` when it has `Range`,
+    /// `conditional` when it has a precondition.
+    Cacheable { ranged: bool, conditional: bool },
     /// A `QUERY` (RFC 10008): its content is read, then served from the cache or
     /// stored under a key that covers it.
     Query,
@@ -139,7 +141,10 @@ fn classify<B>(request: &Request<B>, caches_query: bool) -> RequestKind {
     } else if !head.names_one_host(request.uri()) {
         RequestKind::Bypass(Some(Detail::InvalidHost))
     } else {
-        RequestKind::Cacheable { ranged: head.range }
+        RequestKind::Cacheable {
+            ranged: head.range,
+            conditional: head.conditional,
+        }
     }
 }
 
@@ -148,6 +153,8 @@ fn classify<B>(request: &Request<B>, caches_query: bool) -> RequestKind {
 struct HeadFields<'a> {
     /// A `Range` field (looked at only when a fresh 200 is found).
     range: bool,
+    /// A precondition field (`If-None-Match` and the others of RFC 9110 §13.1).
+    conditional: bool,
     /// A `Content-Length` other than 0 (junk included) or any `Transfer-Encoding`
     /// (RFC 9112 §6.1).
     body: bool,
@@ -160,6 +167,7 @@ impl<'a> HeadFields<'a> {
     fn of(headers: &'a HeaderMap) -> Self {
         let mut fields = HeadFields {
             range: false,
+            conditional: false,
             body: false,
             host: None,
             repeated_host: false,
@@ -167,6 +175,8 @@ impl<'a> HeadFields<'a> {
         for (name, value) in headers {
             if name == RANGE {
                 fields.range = true;
+            } else if is_precondition(name) {
+                fields.conditional = true;
             } else if name == TRANSFER_ENCODING
                 || (name == CONTENT_LENGTH && value.as_bytes().trim_ascii() != b"0")
             {
@@ -248,7 +258,10 @@ where
                     span.clone(),
                 )
             }
-            RequestKind::Cacheable { ranged } => self.cacheable(request, ranged, &span),
+            RequestKind::Cacheable {
+                ranged,
+                conditional,
+            } => self.cacheable(request, (ranged, conditional), &span),
             RequestKind::Query => {
                 let inner = self.take_inner();
                 let (engine, settings) = (Arc::clone(&self.engine), Arc::clone(&self.settings));
@@ -267,7 +280,7 @@ impl<S> HybridCacheService<S> {
     fn cacheable<ReqBody, ResBody>(
         &mut self,
         request: Request<ReqBody>,
-        ranged: bool,
+        (ranged, conditional): (bool, bool),
         span: &tracing::Span,
     ) -> ResponseFuture<S::Future, ResBody, S::Error>
     where
@@ -297,7 +310,7 @@ impl<S> HybridCacheService<S> {
         } else if !self.engine.reads_are_local() {
             None
         } else {
-            match serving.serve_now(&RequestHead::with_range(&request, ranged)) {
+            match serving.serve_now(&RequestHead::with_fields(&request, ranged, conditional)) {
                 Some(Answer::Hit(response)) => return ResponseFuture::ready(response),
                 Some(Answer::Refresh(response, stale)) => {
                     let inner = self.take_inner();
@@ -343,7 +356,14 @@ mod tests {
 
     #[test]
     fn requests_are_classified_by_method_range_body_and_host() {
-        let cacheable = RequestKind::Cacheable { ranged: false };
+        let cacheable = RequestKind::Cacheable {
+            ranged: false,
+            conditional: false,
+        };
+        let conditional = RequestKind::Cacheable {
+            ranged: false,
+            conditional: true,
+        };
         let body = RequestKind::Bypass(Some(Detail::RequestBody));
         let host = RequestKind::Bypass(Some(Detail::InvalidHost));
         let cases = [
@@ -355,8 +375,17 @@ mod tests {
             (
                 "GET",
                 &[("range", "bytes=0-1")],
-                RequestKind::Cacheable { ranged: true },
+                RequestKind::Cacheable {
+                    ranged: true,
+                    conditional: false,
+                },
             ),
+            // Checked against a fresh entry (or left to the origin) only when present.
+            ("GET", &[("if-none-match", "\"v1\"")], conditional),
+            ("GET", &[("if-modified-since", "junk")], conditional),
+            ("HEAD", &[("if-match", "*")], conditional),
+            ("GET", &[("if-unmodified-since", "x")], conditional),
+            ("GET", &[("if-range", "\"v1\"")], cacheable),
             ("OPTIONS", &[], RequestKind::Bypass(None)),
             ("TRACE", &[], RequestKind::Bypass(None)),
             ("QUERY", &[], RequestKind::Query),

@@ -7,9 +7,27 @@ use std::time::SystemTime;
 use http::header::{
     DATE, ETAG, IF_MATCH, IF_MODIFIED_SINCE, IF_NONE_MATCH, IF_UNMODIFIED_SINCE, LAST_MODIFIED,
 };
-use http::HeaderMap;
+use http::{HeaderMap, HeaderName};
 
 use super::http_date::parse_http_date;
+
+/// Whether `name` is one of the four preconditions (RFC 9110 §13.1) the cache
+/// looks at; a request with none of them skips every check below (the hit path reads
+/// the fields once, where each check here is a lookup).
+pub(crate) fn is_precondition(name: &HeaderName) -> bool {
+    name == IF_NONE_MATCH
+        || name == IF_MODIFIED_SINCE
+        || name == IF_MATCH
+        || name == IF_UNMODIFIED_SINCE
+}
+
+/// Whether `request` carries any of the preconditions of [`is_precondition`].
+pub(crate) fn has_preconditions(request: &HeaderMap) -> bool {
+    request.contains_key(IF_NONE_MATCH)
+        || request.contains_key(IF_MODIFIED_SINCE)
+        || request.contains_key(IF_MATCH)
+        || request.contains_key(IF_UNMODIFIED_SINCE)
+}
 
 /// Preconditions the cache leaves to the origin: their failure is a 412 only the origin
 /// may decide. (`If-Range` is the cache's to judge against a stored response: it only
