@@ -2,17 +2,39 @@
 //! (or its failure) and look again.
 
 use std::collections::hash_map::Entry;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::Notify;
 
 use crate::key::{CacheKey, KeyMap};
 
-/// The keys being fetched, each with the signal its followers wait on.
+/// The keys being fetched.
 #[derive(Default)]
 pub(crate) struct SingleFlight {
-    flights: Arc<Mutex<KeyMap<watch::Receiver<()>>>>,
+    flights: Arc<Mutex<Flights>>,
+}
+
+#[derive(Default)]
+struct Flights {
+    by_key: KeyMap<Slot>,
+    /// Numbers the flights, so that a leader removes only its own.
+    next: u64,
+}
+
+/// A key's flight: which one, and the signal its followers wait on, made by the first
+/// follower (most misses have none, and then a flight allocates nothing).
+struct Slot {
+    flight: u64,
+    signal: Option<Arc<Signal>>,
+}
+
+/// Set and notified when the leader ends.
+#[derive(Default)]
+struct Signal {
+    done: AtomicBool,
+    notify: Notify,
 }
 
 /// A request's place in the flight of its key.
@@ -29,15 +51,22 @@ impl SingleFlight {
             .flights
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let slot = match flights.entry(key) {
-            Entry::Occupied(flight) => return Flight::Follower(Follower(flight.get().clone())),
+        let flight = flights.next;
+        let slot = match flights.by_key.entry(key) {
+            Entry::Occupied(mut slot) => {
+                let signal = slot.get_mut().signal.get_or_insert_with(Arc::default);
+                return Flight::Follower(Follower(Arc::clone(signal)));
+            }
             Entry::Vacant(slot) => slot,
         };
-        let (tx, rx) = watch::channel(());
-        slot.insert(rx);
+        slot.insert(Slot {
+            flight,
+            signal: None,
+        });
+        flights.next = flight.wrapping_add(1);
         Flight::Leader(FlightGuard {
             key,
-            tx: Some(tx),
+            flight,
             flights: Arc::clone(&self.flights),
             on_release: None,
         })
@@ -45,16 +74,16 @@ impl SingleFlight {
 
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
-        self.flights.lock().map(|f| f.len()).unwrap_or(0)
+        self.flights.lock().map(|f| f.by_key.len()).unwrap_or(0)
     }
 }
 
 /// Held by a leader until its response is stored or known not to be; its drop wakes
-/// every follower (their `changed()` ends when the sender goes).
+/// every follower.
 pub(crate) struct FlightGuard {
     key: CacheKey,
-    tx: Option<watch::Sender<()>>,
-    flights: Arc<Mutex<KeyMap<watch::Receiver<()>>>>,
+    flight: u64,
+    flights: Arc<Mutex<Flights>>,
     /// Gives back the cross-replica fill lease, when this flight holds one.
     on_release: Option<Box<dyn FnOnce() + Send + Sync>>,
 }
@@ -76,26 +105,34 @@ impl Drop for FlightGuard {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         // The key's flight may be a later one (this one abandoned and replaced).
-        if let (Entry::Occupied(flight), Some(tx)) = (flights.entry(self.key), self.tx.as_ref()) {
-            if flight.get().same_channel(&tx.subscribe()) {
-                flight.remove();
-            }
-        }
+        let signal = match flights.by_key.entry(self.key) {
+            Entry::Occupied(slot) if slot.get().flight == self.flight => slot.remove().signal,
+            _ => None,
+        };
         drop(flights);
-        self.tx.take();
+        if let Some(signal) = signal {
+            signal.done.store(true, Ordering::Release);
+            signal.notify.notify_waiters();
+        }
     }
 }
 
 /// A request waiting for another's fetch of the same key.
-pub(crate) struct Follower(watch::Receiver<()>);
+pub(crate) struct Follower(Arc<Signal>);
 
 impl Follower {
     /// Waits for the leader at most `timeout`; returns whether the leader finished in
     /// time.
-    pub(crate) async fn wait(mut self, timeout: Duration) -> bool {
-        tokio::time::timeout(timeout, self.0.changed())
-            .await
-            .is_ok()
+    pub(crate) async fn wait(self, timeout: Duration) -> bool {
+        let notified = self.0.notify.notified();
+        let mut notified = std::pin::pin!(notified);
+        // Registered before the flag is read: a leader that ends in between is seen
+        // either way.
+        notified.as_mut().enable();
+        if self.0.done.load(Ordering::Acquire) {
+            return true;
+        }
+        tokio::time::timeout(timeout, notified).await.is_ok()
     }
 }
 
@@ -117,6 +154,28 @@ mod tests {
         drop(guard);
         assert!(waiter.await.unwrap(), "released, not timed out");
         assert_eq!(flights.len(), 0);
+        assert!(matches!(flights.join(key), Flight::Leader(_)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_follower_that_waits_after_its_leader_ended_is_released_at_once() {
+        let flights = SingleFlight::default();
+        let key = CacheKey::from_bytes([4; 32]);
+        let Flight::Leader(guard) = flights.join(key) else {
+            panic!("first is leader")
+        };
+        let followers: Vec<_> = (0..2)
+            .map(|_| match flights.join(key) {
+                Flight::Follower(follower) => follower,
+                Flight::Leader(_) => panic!("later ones follow"),
+            })
+            .collect();
+        drop(guard);
+        // Time is paused: a wait that missed the release would time out instead.
+        for follower in followers {
+            assert!(follower.wait(Duration::from_secs(60)).await);
+        }
+        // The next miss leads a flight of its own.
         assert!(matches!(flights.join(key), Flight::Leader(_)));
     }
 
