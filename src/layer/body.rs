@@ -31,7 +31,7 @@ pin_project! {
     enum Kind<B> {
         Full { data: Option<Bytes> },
         Passthrough { #[pin] inner: B },
-        Capturing { #[pin] inner: B, capture: Option<Capture> },
+        Capturing { #[pin] inner: B, capture: Option<Box<Capture>> },
     }
 }
 
@@ -60,7 +60,10 @@ impl<B> CacheBody<B> {
         CacheBody {
             kind: Kind::Capturing {
                 inner,
-                capture: Some(capture),
+                // Boxed: inline, it made every response the cache hands out (a
+                // hit's too) several hundred bytes larger, and a response is moved
+                // several times on its way out.
+                capture: Some(Box::new(capture)),
             },
         }
     }
