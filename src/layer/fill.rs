@@ -4,6 +4,7 @@
 //! holds it), or waits for the leader and looks again. A stale entry within its
 //! `stale-while-revalidate` window is refreshed in a task the layer owns.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,13 +40,14 @@ pub(crate) struct Prepared {
 /// Answers a cacheable request the service could not answer at once: from the cache
 /// if the lookup (run here when it had to wait) finds it, else from the origin,
 /// through single-flight.
-pub(crate) async fn serve_or_fill<S, ReqBody, ResBody>(
+#[allow(clippy::manual_async_fn)] // an `async fn` would keep its arguments twice (below)
+pub(crate) fn serve_or_fill<S, ReqBody, ResBody>(
     inner: S,
     engine: Arc<Engine>,
     settings: Arc<RouteSettings>,
     request: Request<ReqBody>,
     prepared: Prepared,
-) -> Result<Response<CacheBody<ResBody>>, S::Error>
+) -> impl Future<Output = Result<Response<CacheBody<ResBody>>, S::Error>>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send + 'static,
     S::Future: Send + 'static,
@@ -53,71 +55,76 @@ where
     ReqBody: Send + 'static,
     ResBody: Body<Data = Bytes> + Send + 'static,
 {
-    let Prepared {
-        primary,
-        request_cc,
-        known,
-    } = prepared;
-    let serving = Serving::new(&engine, &settings, &primary, &request_cc);
-    // The awaits that only some requests reach (a lookup that had to wait, the fill
-    // lease, a follower's look again) are boxed: inline, each would make every
-    // miss's future larger (about 3 KB), and a miss moves its future twice.
-    let (miss, stale) = match known {
-        Some(known) => known,
-        None if serving.must_forward() => (
-            Box::pin(serving.forward_reason(&RequestHead::of(&request))).await,
-            None,
-        ),
-        None => match Box::pin(serving.serve(&RequestHead::of(&request))).await {
-            Answer::Hit(response) => return Ok(response),
-            Answer::Refresh(response, stale) => {
-                let key = (primary, request_cc.clone());
-                spawn_refresh(
-                    inner,
-                    Arc::clone(&engine),
-                    Arc::clone(&settings),
-                    key,
-                    request,
-                    stale,
-                );
-                return Ok(response);
-            }
-            Answer::Miss(miss, stale) => (miss, stale),
-        },
-    };
-    // Honoured in either mode: it only asks for less than a miss would do.
-    if request_cc.only_if_cached {
-        return Ok(response::only_if_cached_miss(miss, serving.stamp()));
-    }
-    if request.method() == Method::HEAD || serving.must_forward() {
-        // A HEAD response has no body to store; a forced forward does not wait for
-        // others' fetches.
-        return Box::pin(forward(inner, &serving, request, miss, None, stale)).await;
-    }
-    let guard = match engine.join_flight(primary) {
-        Flight::Leader(guard) => match engine.fill_lease() {
-            None => Some(guard),
-            Some(ttl) => {
-                match Box::pin(lead(&serving, guard, ttl, &RequestHead::of(&request))).await {
-                    Led::Fetch(guard) => Some(guard),
-                    Led::Served(response) => return Ok(response),
+    // Not an `async fn`: one keeps its arguments twice in its future (as arguments,
+    // and as the body's locals), and a miss's future is moved into its box. The
+    // block uses what it captured in place.
+    async move {
+        let Prepared {
+            primary,
+            ref request_cc,
+            known,
+        } = prepared;
+        let serving = Serving::new(&engine, &settings, &primary, request_cc);
+        // The awaits that only some requests reach (a lookup that had to wait, the fill
+        // lease, a follower's look again) are boxed: inline, each would make every
+        // miss's future larger (about 3 KB), and a miss moves its future twice.
+        let (miss, stale) = match known {
+            Some(known) => known,
+            None if serving.must_forward() => (
+                Box::pin(serving.forward_reason(&RequestHead::of(&request))).await,
+                None,
+            ),
+            None => match Box::pin(serving.serve(&RequestHead::of(&request))).await {
+                Answer::Hit(response) => return Ok(response),
+                Answer::Refresh(response, stale) => {
+                    let key = (primary, request_cc.clone());
+                    spawn_refresh(
+                        inner,
+                        Arc::clone(&engine),
+                        Arc::clone(&settings),
+                        key,
+                        request,
+                        stale,
+                    );
+                    return Ok(response);
                 }
-            }
-        },
-        Flight::Follower(follower) => {
-            engine.count(Counter::Coalesced);
-            let released = Box::pin(follower.wait(engine.single_flight_timeout())).await;
-            if let Answer::Hit(response) | Answer::Refresh(response, _) =
-                Box::pin(serving.serve(&RequestHead::of(&request))).await
-            {
-                return Ok(response);
-            }
-            tracing::debug!(target: TARGET, key = %primary, outcome = "collapsed-miss", released);
-            None
+                Answer::Miss(miss, stale) => (miss, stale),
+            },
+        };
+        // Honoured in either mode: it only asks for less than a miss would do.
+        if request_cc.only_if_cached {
+            return Ok(response::only_if_cached_miss(miss, serving.stamp()));
         }
-    };
-    // Boxed for the same reason.
-    Box::pin(forward(inner, &serving, request, miss, guard, stale)).await
+        if request.method() == Method::HEAD || serving.must_forward() {
+            // A HEAD response has no body to store; a forced forward does not wait for
+            // others' fetches.
+            return Box::pin(forward(inner, &serving, request, miss, None, stale)).await;
+        }
+        let guard = match engine.join_flight(primary) {
+            Flight::Leader(guard) => match engine.fill_lease() {
+                None => Some(guard),
+                Some(ttl) => {
+                    match Box::pin(lead(&serving, guard, ttl, &RequestHead::of(&request))).await {
+                        Led::Fetch(guard) => Some(guard),
+                        Led::Served(response) => return Ok(response),
+                    }
+                }
+            },
+            Flight::Follower(follower) => {
+                engine.count(Counter::Coalesced);
+                let released = Box::pin(follower.wait(engine.single_flight_timeout())).await;
+                if let Answer::Hit(response) | Answer::Refresh(response, _) =
+                    Box::pin(serving.serve(&RequestHead::of(&request))).await
+                {
+                    return Ok(response);
+                }
+                tracing::debug!(target: TARGET, key = %primary, outcome = "collapsed-miss", released);
+                None
+            }
+        };
+        // Boxed for the same reason.
+        Box::pin(forward(inner, &serving, request, miss, guard, stale)).await
+    }
 }
 
 /// What the leader of a key's flight does.

@@ -4,6 +4,7 @@
 //! as it streams to the client.
 
 use std::borrow::Cow;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -39,137 +40,143 @@ type ServedAs = (bool, Version);
 /// set none) and takes a 304 as a refresh of it; serves it when the origin fails
 /// within its `stale-if-error` window. `guard` is the fill's single-flight guard,
 /// released once the fill is stored or known not to be.
-pub(crate) async fn forward<S, ReqBody, ResBody>(
+#[allow(clippy::manual_async_fn)] // an `async fn` would keep its arguments twice (below)
+pub(crate) fn forward<'a, S, ReqBody, ResBody>(
     mut inner: S,
-    serving: &Serving<'_>,
+    serving: &'a Serving<'a>,
     mut request: Request<ReqBody>,
     miss: Forward,
     guard: Option<FlightGuard>,
     stale: Option<Arc<CachedResponse>>,
-) -> Result<Response<CacheBody<ResBody>>, S::Error>
+) -> impl Future<Output = Result<Response<CacheBody<ResBody>>, S::Error>> + 'a
 where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
-    ResBody: Body,
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + 'a,
+    ReqBody: 'a,
+    ResBody: Body + 'a,
 {
-    let engine = serving.engine;
-    // A HEAD's response has no body to store; a QUERY's is stored like a GET's.
-    let storing = request.method() == Method::GET || request.method().as_str() == "QUERY";
-    let start = engine.fill_start();
-    let facts = RequestFacts {
-        has_authorization: request.headers().contains_key(AUTHORIZATION),
-        no_store: serving.request_cc.no_store,
-        request_time: Some(start.at()),
-    };
-    // The request's values of the response's `Vary` names are known only once the
-    // response is in; keep the headers for that, on the miss path only.
-    let request_headers = storing.then(|| request.headers().clone());
-    // The origin its cache groups belong to, if it names any (a cheap clone).
-    let uri_authority = request.uri().authority().cloned();
-    let revalidating = match &stale {
-        Some(entry) if storing => add_validators(request.headers_mut(), &entry.headers),
-        _ => false,
-    };
-    let served_as = (request.method() == Method::HEAD, request.version());
-    // Counted as a miss once the origin answered, unless a stale entry is served in
-    // its place: that is a hit (as its `Cache-Status` says), not both.
-    let response = match inner.call(request).await {
-        Ok(response) => response,
-        Err(error) => {
-            let failed = CacheStatus::with_origin_error;
-            return match stale_on_error(serving, stale.as_deref(), served_as, failed) {
-                Some(response) => Ok(response),
-                None => {
-                    engine.count(Counter::Miss);
-                    Err(error)
-                }
-            };
-        }
-    };
-    let response_time = SystemTime::now();
-    let origin_status = response.status();
-    if is_origin_error(origin_status) {
-        let failed = |status: CacheStatus| status.with_origin_status(origin_status);
-        if let Some(response) = stale_on_error(serving, stale.as_deref(), served_as, failed) {
-            return Ok(response);
-        }
-    }
-    engine.count(Counter::Miss);
-    if revalidating && origin_status == StatusCode::NOT_MODIFIED {
-        if let Some(entry) = stale.as_deref() {
-            let not_modified = response.headers();
-            let when = (facts, response_time, start);
-            return Ok(revalidated(
-                serving,
-                entry,
-                not_modified,
-                when,
-                served_as,
-                guard,
-            ));
-        }
-    }
-    let (mut parts, body) = response.into_parts();
-    // The handler's overrides and the tag header are for the cache, not the client.
-    let overrides = parts.extensions.remove::<CacheOverrides>();
-    let handler_tags = overrides.as_ref().map_or(&[][..], |o| o.tags.as_slice());
-    let groups = if parts.headers.contains_key(CACHE_GROUPS) {
-        let request_authority = match (&uri_authority, &request_headers) {
-            (Some(authority), _) => authority.as_str().to_ascii_lowercase(),
-            (None, Some(headers)) => headers
-                .get(HOST)
-                .and_then(|host| host.to_str().ok())
-                .unwrap_or_default()
-                .to_ascii_lowercase(),
-            (None, None) => String::new(),
+    // Not an `async fn`, which keeps its arguments twice in its future (the request
+    // among them): the block uses what it captured in place.
+    async move {
+        let engine = serving.engine;
+        // A HEAD's response has no body to store; a QUERY's is stored like a GET's.
+        let storing = request.method() == Method::GET || request.method().as_str() == "QUERY";
+        let start = engine.fill_start();
+        let facts = RequestFacts {
+            has_authorization: request.headers().contains_key(AUTHORIZATION),
+            no_store: serving.request_cc.no_store,
+            request_time: Some(start.at()),
         };
-        let scope = serving.settings.group_scope(&request_authority);
-        group_tags(&parts.headers, &CACHE_GROUPS, scope)
-    } else {
-        Vec::new()
-    };
-    let tags = response_tags(&mut parts.headers, serving.settings, handler_tags, &groups);
-    let status = CacheStatus::forward(miss).with_origin_status(parts.status);
-    // A HEAD's response has no body to store: no plan.
-    let planned = request_headers.map(|request_headers| {
-        let when = (facts, response_time);
-        let size = body.size_hint().lower();
-        let plan = plan_for(when, &parts, serving.settings, overrides.as_ref(), size);
-        (plan, request_headers)
-    });
-    // The targeted fields were read by the plan; they are for this cache alone.
-    serving.settings.hide_targeted_fields(&mut parts.headers);
-    let (status, body) = match planned {
-        None => (status, CacheBody::passthrough(body)),
-        Some((Err(reason), _)) => {
-            engine.count(Counter::NotStored);
-            tracing::debug!(target: TARGET, key = %serving.primary, outcome = "not-stored", detail = reason.as_str());
-            let status = status.with_detail(Detail::NotStored(reason));
-            (status, CacheBody::passthrough(body))
+        // The request's values of the response's `Vary` names are known only once the
+        // response is in; keep the headers for that, on the miss path only.
+        let request_headers = storing.then(|| request.headers().clone());
+        // The origin its cache groups belong to, if it names any (a cheap clone).
+        let uri_authority = request.uri().authority().cloned();
+        let revalidating = match &stale {
+            Some(entry) if storing => add_validators(request.headers_mut(), &entry.headers),
+            _ => false,
+        };
+        let served_as = (request.method() == Method::HEAD, request.version());
+        // Counted as a miss once the origin answered, unless a stale entry is served in
+        // its place: that is a hit (as its `Cache-Status` says), not both.
+        let response = match inner.call(request).await {
+            Ok(response) => response,
+            Err(error) => {
+                let failed = CacheStatus::with_origin_error;
+                return match stale_on_error(serving, stale.as_deref(), served_as, failed) {
+                    Some(response) => Ok(response),
+                    None => {
+                        engine.count(Counter::Miss);
+                        Err(error)
+                    }
+                };
+            }
+        };
+        let response_time = SystemTime::now();
+        let origin_status = response.status();
+        if is_origin_error(origin_status) {
+            let failed = |status: CacheStatus| status.with_origin_status(origin_status);
+            if let Some(response) = stale_on_error(serving, stale.as_deref(), served_as, failed) {
+                return Ok(response);
+            }
         }
-        Some((Ok(plan), request_headers)) => {
-            let entry = stored_entry(&parts, &plan, &request_headers, tags);
-            let fill = Fill {
-                key: *serving.primary,
-                entry,
-                start,
-                guard,
-                detail: None,
-            };
-            let max_bytes = serving.settings.max_body_bytes;
-            let capture = Capture::new(Arc::clone(engine), fill, max_bytes);
-            let body = if body.is_end_stream() {
-                // Nothing to read (a 204, an empty body): a server may never poll it,
-                // so store now.
-                capture.finish();
-                CacheBody::passthrough(body)
-            } else {
-                CacheBody::capturing(body, capture)
-            };
-            (status.stored(), body)
+        engine.count(Counter::Miss);
+        if revalidating && origin_status == StatusCode::NOT_MODIFIED {
+            if let Some(entry) = stale.as_deref() {
+                let not_modified = response.headers();
+                let when = (facts, response_time, start);
+                return Ok(revalidated(
+                    serving,
+                    entry,
+                    not_modified,
+                    when,
+                    served_as,
+                    guard,
+                ));
+            }
         }
-    };
-    serving.stamp().status(&mut parts.headers, status);
-    Ok(Response::from_parts(parts, body))
+        let (mut parts, body) = response.into_parts();
+        // The handler's overrides and the tag header are for the cache, not the client.
+        let overrides = parts.extensions.remove::<CacheOverrides>();
+        let handler_tags = overrides.as_ref().map_or(&[][..], |o| o.tags.as_slice());
+        let groups = if parts.headers.contains_key(CACHE_GROUPS) {
+            let request_authority = match (&uri_authority, &request_headers) {
+                (Some(authority), _) => authority.as_str().to_ascii_lowercase(),
+                (None, Some(headers)) => headers
+                    .get(HOST)
+                    .and_then(|host| host.to_str().ok())
+                    .unwrap_or_default()
+                    .to_ascii_lowercase(),
+                (None, None) => String::new(),
+            };
+            let scope = serving.settings.group_scope(&request_authority);
+            group_tags(&parts.headers, &CACHE_GROUPS, scope)
+        } else {
+            Vec::new()
+        };
+        let tags = response_tags(&mut parts.headers, serving.settings, handler_tags, &groups);
+        let status = CacheStatus::forward(miss).with_origin_status(parts.status);
+        // A HEAD's response has no body to store: no plan.
+        let planned = request_headers.map(|request_headers| {
+            let when = (facts, response_time);
+            let size = body.size_hint().lower();
+            let plan = plan_for(when, &parts, serving.settings, overrides.as_ref(), size);
+            (plan, request_headers)
+        });
+        // The targeted fields were read by the plan; they are for this cache alone.
+        serving.settings.hide_targeted_fields(&mut parts.headers);
+        let (status, body) = match planned {
+            None => (status, CacheBody::passthrough(body)),
+            Some((Err(reason), _)) => {
+                engine.count(Counter::NotStored);
+                tracing::debug!(target: TARGET, key = %serving.primary, outcome = "not-stored", detail = reason.as_str());
+                let status = status.with_detail(Detail::NotStored(reason));
+                (status, CacheBody::passthrough(body))
+            }
+            Some((Ok(plan), request_headers)) => {
+                let entry = stored_entry(&parts, &plan, &request_headers, tags);
+                let fill = Fill {
+                    key: *serving.primary,
+                    entry,
+                    start,
+                    guard,
+                    detail: None,
+                };
+                let max_bytes = serving.settings.max_body_bytes;
+                let capture = Capture::new(Arc::clone(engine), fill, max_bytes);
+                let body = if body.is_end_stream() {
+                    // Nothing to read (a 204, an empty body): a server may never poll it,
+                    // so store now.
+                    capture.finish();
+                    CacheBody::passthrough(body)
+                } else {
+                    CacheBody::capturing(body, capture)
+                };
+                (status.stored(), body)
+            }
+        };
+        serving.stamp().status(&mut parts.headers, status);
+        Ok(Response::from_parts(parts, body))
+    }
 }
 
 /// How to store a response, or why not: the route's rules with the handler's TTL and
