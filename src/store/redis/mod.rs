@@ -257,8 +257,10 @@ impl RedisStore {
         key: &CacheKey,
         attempt: u8,
     ) -> Result<Option<Bytes>, StoreError> {
-        self.reader(attempt)?
-            .get(self.keys.entry(key))
+        // Boxed: fred's `GET` future is about 7 KB, and every future that awaits a
+        // read (the attempts, the read flight, the lookup) would hold it inline and be
+        // moved with it.
+        Box::pin(self.reader(attempt)?.get(self.keys.entry(key)))
             .await
             .map_err(StoreError::command)
     }
