@@ -35,6 +35,10 @@ pub(crate) struct Prepared {
     /// Why the cache cannot answer (and the stale entry, if one is stored), when the
     /// lookup has run; `None` when it would have had to wait and must run here.
     pub(crate) known: Option<(Forward, Option<Arc<CachedResponse>>)>,
+    /// Whether it has `Range`, and any precondition: read once, with its other
+    /// fields ([`RequestHead::with_fields`]).
+    pub(crate) ranged: bool,
+    pub(crate) conditional: bool,
 }
 
 /// Answers a cacheable request the service could not answer at once: from the cache
@@ -63,6 +67,8 @@ where
             primary,
             ref request_cc,
             known,
+            ranged,
+            conditional,
         } = prepared;
         let serving = Serving::new(&engine, &settings, &primary, request_cc);
         // The awaits that only some requests reach (a lookup that had to wait, the fill
@@ -71,10 +77,21 @@ where
         let (miss, stale) = match known {
             Some(known) => known,
             None if serving.must_forward() => (
-                Box::pin(serving.forward_reason(&RequestHead::of(&request))).await,
+                Box::pin(serving.forward_reason(&RequestHead::with_fields(
+                    &request,
+                    ranged,
+                    conditional,
+                )))
+                .await,
                 None,
             ),
-            None => match Box::pin(serving.serve(&RequestHead::of(&request))).await {
+            None => match Box::pin(serving.serve(&RequestHead::with_fields(
+                &request,
+                ranged,
+                conditional,
+            )))
+            .await
+            {
                 Answer::Hit(response) => return Ok(response),
                 Answer::Refresh(response, stale) => {
                     let key = (primary, request_cc.clone());
@@ -104,7 +121,14 @@ where
             Flight::Leader(guard) => match engine.fill_lease() {
                 None => Some(guard),
                 Some(ttl) => {
-                    match Box::pin(lead(&serving, guard, ttl, &RequestHead::of(&request))).await {
+                    match Box::pin(lead(
+                        &serving,
+                        guard,
+                        ttl,
+                        &RequestHead::with_fields(&request, ranged, conditional),
+                    ))
+                    .await
+                    {
                         Led::Fetch(guard) => Some(guard),
                         Led::Served(response) => return Ok(response),
                     }
@@ -113,8 +137,10 @@ where
             Flight::Follower(follower) => {
                 engine.count(Counter::Coalesced);
                 let released = Box::pin(follower.wait(engine.single_flight_timeout())).await;
-                if let Answer::Hit(response) | Answer::Refresh(response, _) =
-                    Box::pin(serving.serve(&RequestHead::of(&request))).await
+                if let Answer::Hit(response) | Answer::Refresh(response, _) = Box::pin(
+                    serving.serve(&RequestHead::with_fields(&request, ranged, conditional)),
+                )
+                .await
                 {
                     return Ok(response);
                 }

@@ -19,6 +19,7 @@ use super::status::{CacheStatus, Detail};
 use crate::engine::Engine;
 use crate::key::CacheKey;
 use crate::policy::cache_control::CacheControl;
+use crate::policy::conditional::has_preconditions;
 use crate::policy::settings::RouteSettings;
 use crate::telemetry::Counter;
 
@@ -87,6 +88,7 @@ where
     match read_content(body, settings.max_query_bytes).await {
         Content::Whole(content) => {
             let request_cc = CacheControl::from_headers(&parts.headers);
+            let conditional = has_preconditions(&parts.headers);
             let primary = CacheKey::primary(&parts.method, &parts.uri, &parts.headers, &settings)
                 .with_content(&parts.headers, &content);
             let request = Request::from_parts(parts, RequestBody::replay(content, None, None));
@@ -94,6 +96,9 @@ where
                 primary,
                 request_cc,
                 known: None,
+                // A range is of a GET's response only (RFC 9110 §14.2).
+                ranged: false,
+                conditional,
             };
             serve_or_fill(inner, engine, settings, request, prepared).await
         }

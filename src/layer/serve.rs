@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::SystemTime;
 
-use http::header::RANGE;
 use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
 
 use super::body::CacheBody;
@@ -18,7 +17,7 @@ use crate::engine::{Engine, Lookup};
 use crate::entry::CachedResponse;
 use crate::key::CacheKey;
 use crate::policy::cache_control::CacheControl;
-use crate::policy::conditional::{has_origin_preconditions, has_preconditions, is_not_modified};
+use crate::policy::conditional::{has_origin_preconditions, is_not_modified};
 use crate::policy::range::{requested_part, Part};
 use crate::policy::settings::{RequestDirectives, RouteSettings};
 use crate::telemetry::{Counter, TARGET};
@@ -47,14 +46,8 @@ pub(crate) struct RequestHead<'a> {
 }
 
 impl<'a> RequestHead<'a> {
-    pub(crate) fn of<B>(request: &'a Request<B>) -> Self {
-        // A range is of a GET's response only (RFC 9110 §14.2).
-        let ranged = request.method() == Method::GET && request.headers().contains_key(RANGE);
-        Self::with_fields(request, ranged, has_preconditions(request.headers()))
-    }
-
-    /// As `of`, with whether it has `Range` and any precondition already known (the
-    /// hit path read every field once to classify it).
+    /// The request's head, with whether it has `Range` and any precondition, which
+    /// the service read with its other fields in one pass.
     pub(crate) fn with_fields<B>(request: &'a Request<B>, ranged: bool, conditional: bool) -> Self {
         RequestHead {
             headers: request.headers(),
@@ -322,7 +315,7 @@ mod tests {
             head: false,
             version: Version::HTTP_11,
             ranged: false,
-            conditional: has_preconditions(&headers),
+            conditional: crate::policy::conditional::has_preconditions(&headers),
         };
         Serving::new(&engine, &settings, &key, &cc).verdict(entry, &head, at(now))
     }

@@ -305,7 +305,7 @@ impl<S> HybridCacheService<S> {
             // Why it goes there, for `Cache-Status` (looked up in the fill when the
             // lookup must wait).
             serving
-                .forward_reason_now(&RequestHead::of(&request))
+                .forward_reason_now(&RequestHead::with_fields(&request, ranged, conditional))
                 .map(|why| (why, None))
         } else if !self.engine.reads_are_local() {
             None
@@ -333,6 +333,8 @@ impl<S> HybridCacheService<S> {
             primary,
             request_cc,
             known,
+            ranged,
+            conditional,
         };
         let inner = self.take_inner();
         let (engine, settings) = (Arc::clone(&self.engine), Arc::clone(&self.settings));
