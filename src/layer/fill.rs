@@ -18,7 +18,7 @@ use tower::Service;
 use super::body::CacheBody;
 use super::origin::forward;
 use super::response;
-use super::serve::{Answer, RequestHead, Serving};
+use super::serve::{Answer, FieldsSeen, RequestHead, Serving};
 use super::status::Forward;
 use crate::engine::{Engine, Flight, FlightGuard, Lease};
 use crate::entry::CachedResponse;
@@ -35,10 +35,8 @@ pub(crate) struct Prepared {
     /// Why the cache cannot answer (and the stale entry, if one is stored), when the
     /// lookup has run; `None` when it would have had to wait and must run here.
     pub(crate) known: Option<(Forward, Option<Arc<CachedResponse>>)>,
-    /// Whether it has `Range`, and any precondition: read once, with its other
-    /// fields ([`RequestHead::with_fields`]).
-    pub(crate) ranged: bool,
-    pub(crate) conditional: bool,
+    /// What the service's pass over its fields saw.
+    pub(crate) seen: FieldsSeen,
 }
 
 /// Answers a cacheable request the service could not answer at once: from the cache
@@ -67,8 +65,7 @@ where
             primary,
             ref request_cc,
             known,
-            ranged,
-            conditional,
+            seen,
         } = prepared;
         let serving = Serving::new(&engine, &settings, &primary, request_cc);
         // The awaits that only some requests reach (a lookup that had to wait, the fill
@@ -77,21 +74,10 @@ where
         let (miss, stale) = match known {
             Some(known) => known,
             None if serving.must_forward() => (
-                Box::pin(serving.forward_reason(&RequestHead::with_fields(
-                    &request,
-                    ranged,
-                    conditional,
-                )))
-                .await,
+                Box::pin(serving.forward_reason(&RequestHead::new(&request, seen))).await,
                 None,
             ),
-            None => match Box::pin(serving.serve(&RequestHead::with_fields(
-                &request,
-                ranged,
-                conditional,
-            )))
-            .await
-            {
+            None => match Box::pin(serving.serve(&RequestHead::new(&request, seen))).await {
                 Answer::Hit(response) => return Ok(response),
                 Answer::Refresh(response, stale) => {
                     let key = (primary, request_cc.clone());
@@ -125,7 +111,7 @@ where
                         &serving,
                         guard,
                         ttl,
-                        &RequestHead::with_fields(&request, ranged, conditional),
+                        &RequestHead::new(&request, seen),
                     ))
                     .await
                     {
@@ -137,10 +123,8 @@ where
             Flight::Follower(follower) => {
                 engine.count(Counter::Coalesced);
                 let released = Box::pin(follower.wait(engine.single_flight_timeout())).await;
-                if let Answer::Hit(response) | Answer::Refresh(response, _) = Box::pin(
-                    serving.serve(&RequestHead::with_fields(&request, ranged, conditional)),
-                )
-                .await
+                if let Answer::Hit(response) | Answer::Refresh(response, _) =
+                    Box::pin(serving.serve(&RequestHead::new(&request, seen))).await
                 {
                     return Ok(response);
                 }

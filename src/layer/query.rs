@@ -15,11 +15,10 @@ use super::body::CacheBody;
 use super::fill::{serve_or_fill, Prepared};
 use super::request_body::{BodyError, RequestBody};
 use super::response::Stamp;
+use super::serve::FieldsSeen;
 use super::status::{CacheStatus, Detail};
 use crate::engine::Engine;
 use crate::key::CacheKey;
-use crate::policy::cache_control::CacheControl;
-use crate::policy::conditional::has_preconditions;
 use crate::policy::settings::RouteSettings;
 use crate::telemetry::Counter;
 
@@ -87,8 +86,12 @@ where
     let (parts, body) = request.into_parts();
     match read_content(body, settings.max_query_bytes).await {
         Content::Whole(content) => {
-            let request_cc = CacheControl::from_headers(&parts.headers);
-            let conditional = has_preconditions(&parts.headers);
+            let seen = FieldsSeen {
+                // A range is of a GET's response only (RFC 9110 §14.2).
+                range: false,
+                ..FieldsSeen::of(&parts.headers)
+            };
+            let request_cc = seen.cache_control(&parts.headers);
             let primary = CacheKey::primary(&parts.method, &parts.uri, &parts.headers, &settings)
                 .with_content(&parts.headers, &content);
             let request = Request::from_parts(parts, RequestBody::replay(content, None, None));
@@ -96,9 +99,7 @@ where
                 primary,
                 request_cc,
                 known: None,
-                // A range is of a GET's response only (RFC 9110 §14.2).
-                ranged: false,
-                conditional,
+                seen,
             };
             serve_or_fill(inner, engine, settings, request, prepared).await
         }

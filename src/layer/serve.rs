@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::SystemTime;
 
-use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
+use http::header::{CACHE_CONTROL, RANGE};
+use http::{HeaderMap, HeaderName, Method, Request, Response, StatusCode, Version};
 
 use super::body::CacheBody;
 use super::response::{self, Served, Stamp};
@@ -17,7 +18,7 @@ use crate::engine::{Engine, Lookup};
 use crate::entry::CachedResponse;
 use crate::key::CacheKey;
 use crate::policy::cache_control::CacheControl;
-use crate::policy::conditional::{has_origin_preconditions, is_not_modified};
+use crate::policy::conditional::{has_origin_preconditions, is_not_modified, is_precondition};
 use crate::policy::range::{requested_part, Part};
 use crate::policy::settings::{RequestDirectives, RouteSettings};
 use crate::telemetry::{Counter, TARGET};
@@ -30,6 +31,50 @@ pub(crate) struct Serving<'a> {
     pub(crate) request_cc: &'a CacheControl,
     /// Whether the request's directives count (`RequestDirectives::Honour`).
     pub(crate) honour: bool,
+}
+
+/// What the service's one pass over a request's fields found that the steps after it
+/// ask about (each a hash lookup otherwise).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct FieldsSeen {
+    /// A `Range` field.
+    pub(crate) range: bool,
+    /// A precondition (`If-None-Match`, `If-Modified-Since`, `If-Match`,
+    /// `If-Unmodified-Since`).
+    pub(crate) precondition: bool,
+    /// A `Cache-Control` field.
+    pub(crate) cache_control: bool,
+}
+
+impl FieldsSeen {
+    /// Notes `name`, one of a request's field names.
+    pub(crate) fn see(&mut self, name: &HeaderName) {
+        if name == RANGE {
+            self.range = true;
+        } else if name == CACHE_CONTROL {
+            self.cache_control = true;
+        } else if is_precondition(name) {
+            self.precondition = true;
+        }
+    }
+
+    /// What `headers` hold, read name by name.
+    pub(crate) fn of(headers: &HeaderMap) -> Self {
+        let mut seen = FieldsSeen::default();
+        for name in headers.keys() {
+            seen.see(name);
+        }
+        seen
+    }
+
+    /// The request's `Cache-Control`, parsed only when it has one.
+    pub(crate) fn cache_control(self, headers: &HeaderMap) -> CacheControl {
+        if self.cache_control {
+            CacheControl::from_headers(headers)
+        } else {
+            CacheControl::default()
+        }
+    }
 }
 
 /// What serving from the cache needs of the request (borrowed apart from the body,
@@ -46,15 +91,14 @@ pub(crate) struct RequestHead<'a> {
 }
 
 impl<'a> RequestHead<'a> {
-    /// The request's head, with whether it has `Range` and any precondition, which
-    /// the service read with its other fields in one pass.
-    pub(crate) fn with_fields<B>(request: &'a Request<B>, ranged: bool, conditional: bool) -> Self {
+    /// The request's head, with what the service's pass over its fields saw.
+    pub(crate) fn new<B>(request: &'a Request<B>, seen: FieldsSeen) -> Self {
         RequestHead {
             headers: request.headers(),
             head: request.method() == Method::HEAD,
             version: request.version(),
-            ranged,
-            conditional,
+            ranged: seen.range,
+            conditional: seen.precondition,
         }
     }
 }
@@ -315,7 +359,7 @@ mod tests {
             head: false,
             version: Version::HTTP_11,
             ranged: false,
-            conditional: crate::policy::conditional::has_preconditions(&headers),
+            conditional: FieldsSeen::of(&headers).precondition,
         };
         Serving::new(&engine, &settings, &key, &cc).verdict(entry, &head, at(now))
     }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::header::{CONTENT_LENGTH, HOST, RANGE, TRANSFER_ENCODING};
+use http::header::{CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
 use http::{HeaderMap, Method, Request, Response, Uri};
 use http_body::Body;
 use tower::Service;
@@ -18,13 +18,11 @@ use super::future::ResponseFuture;
 use super::query::serve_query;
 use super::request_body::RequestBody;
 use super::response::Stamp;
-use super::serve::{Answer, RequestHead, Serving};
+use super::serve::{Answer, FieldsSeen, RequestHead, Serving};
 use super::status::{CacheStatus, Detail};
 use super::write::{invalidate_after, WriteTarget};
 use crate::engine::Engine;
 use crate::key::CacheKey;
-use crate::policy::cache_control::CacheControl;
-use crate::policy::conditional::is_precondition;
 use crate::policy::settings::RouteSettings;
 use crate::telemetry::{request_span, Counter};
 
@@ -109,9 +107,9 @@ enum RequestKind {
     /// A safe request the cache does not handle: other methods, and
     /// requests it must not answer or store for others (the detail says why).
     Bypass(Option<Detail>),
-    /// A GET or HEAD: served from the cache or stored; `ranged` when it has `Range`,
-    /// `conditional` when it has a precondition.
-    Cacheable { ranged: bool, conditional: bool },
+    /// A GET or HEAD: served from the cache or stored (with what its fields hold
+    /// that the later steps ask about).
+    Cacheable(FieldsSeen),
     /// A `QUERY` (RFC 10008): its content is read, then served from the cache or
     /// stored under a key that covers it.
     Query,
@@ -141,20 +139,15 @@ fn classify<B>(request: &Request<B>, caches_query: bool) -> RequestKind {
     } else if !head.names_one_host(request.uri()) {
         RequestKind::Bypass(Some(Detail::InvalidHost))
     } else {
-        RequestKind::Cacheable {
-            ranged: head.range,
-            conditional: head.conditional,
-        }
+        RequestKind::Cacheable(head.seen)
     }
 }
 
 /// What a GET's or HEAD's fields say about whether the cache may handle it, read in
 /// one pass over the fields (cheaper than a lookup per name on the hit path).
 struct HeadFields<'a> {
-    /// A `Range` field (looked at only when a fresh 200 is found).
-    range: bool,
-    /// A precondition field (`If-None-Match` and the others of RFC 9110 §13.1).
-    conditional: bool,
+    /// `Range`, the preconditions, `Cache-Control`.
+    seen: FieldsSeen,
     /// A `Content-Length` other than 0 (junk included) or any `Transfer-Encoding`
     /// (RFC 9112 §6.1).
     body: bool,
@@ -166,24 +159,21 @@ struct HeadFields<'a> {
 impl<'a> HeadFields<'a> {
     fn of(headers: &'a HeaderMap) -> Self {
         let mut fields = HeadFields {
-            range: false,
-            conditional: false,
+            seen: FieldsSeen::default(),
             body: false,
             host: None,
             repeated_host: false,
         };
         for (name, value) in headers {
-            if name == RANGE {
-                fields.range = true;
-            } else if is_precondition(name) {
-                fields.conditional = true;
-            } else if name == TRANSFER_ENCODING
+            if name == TRANSFER_ENCODING
                 || (name == CONTENT_LENGTH && value.as_bytes().trim_ascii() != b"0")
             {
                 fields.body = true;
             } else if name == HOST {
                 fields.repeated_host |= fields.host.is_some();
                 fields.host.get_or_insert(value);
+            } else {
+                fields.seen.see(name);
             }
         }
         fields
@@ -258,10 +248,7 @@ where
                     span.clone(),
                 )
             }
-            RequestKind::Cacheable {
-                ranged,
-                conditional,
-            } => self.cacheable(request, (ranged, conditional), &span),
+            RequestKind::Cacheable(seen) => self.cacheable(request, seen, &span),
             RequestKind::Query => {
                 let inner = self.take_inner();
                 let (engine, settings) = (Arc::clone(&self.engine), Arc::clone(&self.settings));
@@ -280,7 +267,7 @@ impl<S> HybridCacheService<S> {
     fn cacheable<ReqBody, ResBody>(
         &mut self,
         request: Request<ReqBody>,
-        (ranged, conditional): (bool, bool),
+        seen: FieldsSeen,
         span: &tracing::Span,
     ) -> ResponseFuture<S::Future, ResBody, S::Error>
     where
@@ -293,7 +280,7 @@ impl<S> HybridCacheService<S> {
         ReqBody: Send + 'static,
         ResBody: Body<Data = Bytes> + Send + 'static,
     {
-        let request_cc = CacheControl::from_headers(request.headers());
+        let request_cc = seen.cache_control(request.headers());
         let primary = CacheKey::primary(
             request.method(),
             request.uri(),
@@ -305,12 +292,12 @@ impl<S> HybridCacheService<S> {
             // Why it goes there, for `Cache-Status` (looked up in the fill when the
             // lookup must wait).
             serving
-                .forward_reason_now(&RequestHead::with_fields(&request, ranged, conditional))
+                .forward_reason_now(&RequestHead::new(&request, seen))
                 .map(|why| (why, None))
         } else if !self.engine.reads_are_local() {
             None
         } else {
-            match serving.serve_now(&RequestHead::with_fields(&request, ranged, conditional)) {
+            match serving.serve_now(&RequestHead::new(&request, seen)) {
                 Some(Answer::Hit(response)) => return ResponseFuture::ready(response),
                 Some(Answer::Refresh(response, stale)) => {
                     let inner = self.take_inner();
@@ -333,8 +320,7 @@ impl<S> HybridCacheService<S> {
             primary,
             request_cc,
             known,
-            ranged,
-            conditional,
+            seen,
         };
         let inner = self.take_inner();
         let (engine, settings) = (Arc::clone(&self.engine), Arc::clone(&self.settings));
@@ -358,14 +344,12 @@ mod tests {
 
     #[test]
     fn requests_are_classified_by_method_range_body_and_host() {
-        let cacheable = RequestKind::Cacheable {
-            ranged: false,
-            conditional: false,
-        };
-        let conditional = RequestKind::Cacheable {
-            ranged: false,
-            conditional: true,
-        };
+        let seen = |seen: FieldsSeen| RequestKind::Cacheable(seen);
+        let cacheable = seen(FieldsSeen::default());
+        let conditional = seen(FieldsSeen {
+            precondition: true,
+            ..FieldsSeen::default()
+        });
         let body = RequestKind::Bypass(Some(Detail::RequestBody));
         let host = RequestKind::Bypass(Some(Detail::InvalidHost));
         let cases = [
@@ -377,10 +361,19 @@ mod tests {
             (
                 "GET",
                 &[("range", "bytes=0-1")],
-                RequestKind::Cacheable {
-                    ranged: true,
-                    conditional: false,
-                },
+                seen(FieldsSeen {
+                    range: true,
+                    ..FieldsSeen::default()
+                }),
+            ),
+            // Parsed only when present.
+            (
+                "GET",
+                &[("cache-control", "no-cache")],
+                seen(FieldsSeen {
+                    cache_control: true,
+                    ..FieldsSeen::default()
+                }),
             ),
             // Checked against a fresh entry (or left to the origin) only when present.
             ("GET", &[("if-none-match", "\"v1\"")], conditional),

@@ -21,14 +21,6 @@ pub(crate) fn is_precondition(name: &HeaderName) -> bool {
         || name == IF_UNMODIFIED_SINCE
 }
 
-/// Whether `request` carries any of the preconditions of [`is_precondition`].
-pub(crate) fn has_preconditions(request: &HeaderMap) -> bool {
-    request.contains_key(IF_NONE_MATCH)
-        || request.contains_key(IF_MODIFIED_SINCE)
-        || request.contains_key(IF_MATCH)
-        || request.contains_key(IF_UNMODIFIED_SINCE)
-}
-
 /// Preconditions the cache leaves to the origin: their failure is a 412 only the origin
 /// may decide. (`If-Range` is the cache's to judge against a stored response: it only
 /// chooses between a range and the whole.)
