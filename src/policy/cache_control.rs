@@ -9,6 +9,8 @@
 //! value that is not visible ASCII marks the whole field as malformed so the response
 //! is not stored.
 
+use std::borrow::Cow;
+
 use http::header::CACHE_CONTROL;
 use http::HeaderMap;
 
@@ -81,21 +83,23 @@ impl CacheControl {
                 .unwrap_or(rest.len());
             let name = &rest[..name_end];
             rest = trim_start(&rest[name_end..]);
-            let mut arg: Option<Vec<u8>> = None;
+            // Borrowed from the line unless quoted (a quoted string may hold escapes):
+            // most arguments are numbers, and a copy each cost an allocation.
+            let mut arg: Option<Cow<'_, [u8]>> = None;
             if let Some((&b'=', after)) = rest.split_first() {
                 let after = trim_start(after);
                 let (value, remaining) = if after.first() == Some(&b'"') {
                     match read_quoted(&after[1..]) {
-                        Some(pair) => pair,
+                        Some((value, remaining)) => (Cow::Owned(value), remaining),
                         None => {
                             // An unterminated quote: nothing after it can be trusted.
                             self.malformed = true;
-                            (after[1..].to_vec(), &after[after.len()..])
+                            (Cow::Borrowed(&after[1..]), &after[after.len()..])
                         }
                     }
                 } else {
                     let end = after.iter().position(|&b| b == b',').unwrap_or(after.len());
-                    (trim_end(&after[..end]).to_vec(), &after[end..])
+                    (Cow::Borrowed(trim_end(&after[..end])), &after[end..])
                 };
                 arg = Some(value);
                 rest = remaining;
