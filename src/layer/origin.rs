@@ -24,6 +24,7 @@ use crate::engine::{Fill, FillStart, FlightGuard};
 use crate::entry::CachedResponse;
 use crate::key::normalised_value;
 use crate::policy::groups::{group_tags, CACHE_GROUPS};
+use crate::policy::presence::has_field;
 use crate::policy::range::Part;
 use crate::policy::revalidation::{add_validators, headers_after_304};
 use crate::policy::settings::{RouteSettings, TtlMode};
@@ -118,7 +119,7 @@ where
         // The handler's overrides and the tag header are for the cache, not the client.
         let overrides = parts.extensions.remove::<CacheOverrides>();
         let handler_tags = overrides.as_ref().map_or(&[][..], |o| o.tags.as_slice());
-        let groups = if parts.headers.contains_key(CACHE_GROUPS) {
+        let groups = if has_field(&parts.headers, &CACHE_GROUPS) {
             let request_authority = match (&uri_authority, &request_headers) {
                 (Some(authority), _) => authority.as_str().to_ascii_lowercase(),
                 (None, Some(headers)) => headers

@@ -4,6 +4,7 @@
 use http::HeaderMap;
 
 use crate::entry::{is_valid_tag, MAX_TAGS};
+use crate::policy::presence::has_field;
 use crate::policy::settings::RouteSettings;
 
 /// The tags in the route's tag header (separated by spaces or commas), then those of
@@ -21,7 +22,11 @@ pub(crate) fn response_tags(
             tags.push(tag.to_owned());
         }
     };
-    if let Some(name) = &settings.tag_header {
+    let tagged = settings
+        .tag_header
+        .as_ref()
+        .filter(|name| has_field(headers, name));
+    if let Some(name) = tagged {
         for value in headers.get_all(name) {
             if let Ok(text) = value.to_str() {
                 text.split([' ', ',']).for_each(&mut add);
@@ -31,7 +36,9 @@ pub(crate) fn response_tags(
     from_handler.iter().for_each(|tag| add(tag));
     groups.iter().for_each(|tag| add(tag));
     if let Some(name) = settings.hidden_tag_header() {
-        headers.remove(name);
+        if has_field(headers, name) {
+            headers.remove(name);
+        }
     }
     tags
 }

@@ -8,6 +8,7 @@ pub(crate) mod conditional;
 pub(crate) mod freshness;
 pub(crate) mod groups;
 pub(crate) mod http_date;
+pub(crate) mod presence;
 pub(crate) mod range;
 pub(crate) mod revalidation;
 pub(crate) mod settings;

@@ -4,6 +4,8 @@ use std::time::Duration;
 
 use http::HeaderName;
 
+use super::presence::has_field;
+
 /// The default largest `QUERY` content the layer reads to key it: 64 KiB.
 pub(crate) const DEFAULT_MAX_QUERY_BYTES: usize = 64 << 10;
 
@@ -197,7 +199,9 @@ impl RouteSettings {
     /// fields the route does not forward.
     pub(crate) fn hide_fields(&self, headers: &mut http::HeaderMap) {
         if let Some(name) = self.hidden_tag_header() {
-            headers.remove(name);
+            if has_field(headers, name) {
+                headers.remove(name);
+            }
         }
         self.hide_targeted_fields(headers);
     }
@@ -205,7 +209,7 @@ impl RouteSettings {
     /// Removes the targeted fields the route does not forward.
     pub(crate) fn hide_targeted_fields(&self, headers: &mut http::HeaderMap) {
         for name in &self.targeted_fields {
-            if !self.forwards(name) {
+            if !self.forwards(name) && has_field(headers, name) {
                 headers.remove(name);
             }
         }

@@ -8,6 +8,7 @@ use http::{HeaderMap, HeaderName};
 use sfv::{BareItem, Dictionary, ListEntry};
 
 use super::cache_control::{CacheControl, DELTA_SECONDS_CAP};
+use super::presence::has_field;
 use super::structured::parse_field;
 
 /// The directives of the first targeted field in `names` that `headers` carries and
@@ -20,6 +21,9 @@ pub(crate) fn targeted_cache_control(
 }
 
 fn read_field(headers: &HeaderMap, name: &HeaderName) -> Option<CacheControl> {
+    if !has_field(headers, name) {
+        return None;
+    }
     let dictionary: Dictionary = parse_field(headers, name)?;
     if dictionary.is_empty() {
         return None;
