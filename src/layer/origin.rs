@@ -63,7 +63,7 @@ where
         let storing = request.method() == Method::GET || request.method().as_str() == "QUERY";
         let start = engine.fill_start();
         let facts = RequestFacts {
-            has_authorization: request.headers().contains_key(AUTHORIZATION),
+            has_authorization: has_field(request.headers(), &AUTHORIZATION),
             no_store: serving.request_cc.no_store,
             request_time: Some(start.at()),
         };

@@ -7,6 +7,7 @@ use http::HeaderMap;
 
 use super::cache_control::{parse_delta, CacheControl, DELTA_SECONDS_CAP};
 use super::http_date::parse_http_date;
+use super::presence::{first_value, has_field};
 use super::settings::TtlMode;
 
 /// Longest lifetime the Last-Modified heuristic may give (Squid and Varnish use a
@@ -56,6 +57,9 @@ fn explicit_lifetime(
     if let Some(secs) = cc.s_maxage.or(cc.max_age) {
         return Some(Duration::from_secs(secs));
     }
+    if !has_field(headers, &EXPIRES) {
+        return None;
+    }
     let mut lines = headers.get_all(EXPIRES).iter();
     let first = lines.next()?;
     // An invalid Expires, "0" above all, means "already expired" (§5.3); so do two
@@ -82,8 +86,7 @@ pub(crate) fn initial_age(
 ) -> Duration {
     let date = header_date(headers, DATE).unwrap_or(response_time);
     let apparent_age = response_time.duration_since(date).unwrap_or(Duration::ZERO);
-    let age_value = headers
-        .get(AGE)
+    let age_value = first_value(headers, &AGE)
         .map(|v| Duration::from_secs(age_seconds(v.as_bytes())))
         .unwrap_or(Duration::ZERO);
     let response_delay = response_time
@@ -101,7 +104,7 @@ fn age_seconds(line: &[u8]) -> u64 {
 }
 
 fn header_date(headers: &HeaderMap, name: http::HeaderName) -> Option<SystemTime> {
-    parse_http_date(headers.get(name)?.as_bytes())
+    parse_http_date(first_value(headers, &name)?.as_bytes())
 }
 
 #[cfg(test)]

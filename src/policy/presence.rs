@@ -1,7 +1,8 @@
-//! Whether a message has a field: the check the request path makes for fields most
-//! messages lack (the tag header, the targeted cache-control fields, `Cache-Groups`).
+//! Whether a message has a field, and its first value: the checks the request path
+//! makes for fields most messages lack (the tag header, the targeted cache-control
+//! fields, `Cache-Groups`, `Vary`, `Set-Cookie`, `Date`, `Age`, `Expires`, …).
 
-use http::{HeaderMap, HeaderName};
+use http::{HeaderMap, HeaderName, HeaderValue};
 
 /// The most distinct names for which [`has_field`] scans rather than looks up.
 const SCANNED_NAMES: usize = 8;
@@ -17,10 +18,22 @@ pub(crate) fn has_field(headers: &HeaderMap, name: &HeaderName) -> bool {
     }
 }
 
+/// The first value of `name` in `headers`, found as [`has_field`] finds it.
+pub(crate) fn first_value<'a>(
+    headers: &'a HeaderMap,
+    name: &HeaderName,
+) -> Option<&'a HeaderValue> {
+    if headers.keys_len() <= SCANNED_NAMES {
+        headers
+            .iter()
+            .find_map(|(held, value)| (held == name).then_some(value))
+    } else {
+        headers.get(name)
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use http::HeaderValue;
-
     use super::*;
 
     #[test]
@@ -41,6 +54,15 @@ mod tests {
             // Names compare case-insensitively, as parsed.
             let upper = HeaderName::from_bytes(b"Cache-Tag").unwrap();
             assert!(has_field(&headers, &upper), "{fields} fields");
+            // The first value of several, as `get` gives it.
+            headers.append(custom.clone(), HeaderValue::from_static("b"));
+            assert_eq!(
+                first_value(&headers, &custom),
+                headers.get(&custom),
+                "{fields} fields"
+            );
+            assert_eq!(first_value(&headers, &custom).unwrap(), "a");
+            assert_eq!(first_value(&headers, &http::header::AGE), None);
         }
     }
 }

@@ -8,6 +8,7 @@ use http::{HeaderMap, HeaderName, StatusCode};
 
 use super::cache_control::CacheControl;
 use super::freshness::{self, LifetimeSource};
+use super::presence::has_field;
 use super::settings::RouteSettings;
 use super::targeted::targeted_cache_control;
 
@@ -129,11 +130,11 @@ pub(crate) fn store_plan(
     }
     // `no-cache` (bare or listing fields, treated alike): stored to be revalidated on
     // every use (RFC 9111 §5.2.2.4), so only with a validator to revalidate with.
-    let has_validator = headers.contains_key(ETAG) || headers.contains_key(LAST_MODIFIED);
+    let has_validator = has_field(headers, &ETAG) || has_field(headers, &LAST_MODIFIED);
     if cc.no_cache && !has_validator {
         return Err(NotStored::NoCache);
     }
-    if headers.contains_key(SET_COOKIE) {
+    if has_field(headers, &SET_COOKIE) {
         return Err(NotStored::SetCookie);
     }
     if headers.len() > MAX_HEADER_FIELDS {
@@ -212,6 +213,9 @@ pub(crate) fn store_plan(
 /// The field names a response varies on, lower-cased, in order, without repeats.
 pub(crate) fn vary_names(headers: &HeaderMap) -> Result<Vec<HeaderName>, NotStored> {
     let mut names: Vec<HeaderName> = Vec::new();
+    if !has_field(headers, &VARY) {
+        return Ok(names);
+    }
     for value in headers.get_all(VARY) {
         for item in value.as_bytes().split(|&b| b == b',') {
             let item = item.trim_ascii();

@@ -5,6 +5,8 @@
 use http::header::{AGE, CONNECTION};
 use http::{HeaderMap, HeaderName};
 
+use super::presence::has_field;
+
 /// Whether `name` is a hop-by-hop field, never stored.
 fn is_hop_by_hop(name: &HeaderName) -> bool {
     matches!(
@@ -24,12 +26,16 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 /// The fields of `headers` worth storing: one pass over the names finds those to
 /// drop (the usual response has none).
 pub(crate) fn storable_headers(headers: &HeaderMap) -> HeaderMap {
-    let named: Vec<HeaderName> = headers
-        .get_all(CONNECTION)
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim_ascii()).ok())
-        .collect();
+    let named: Vec<HeaderName> = if has_field(headers, &CONNECTION) {
+        headers
+            .get_all(CONNECTION)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .filter_map(|name| HeaderName::from_bytes(name.trim_ascii()).ok())
+            .collect()
+    } else {
+        Vec::new()
+    };
     let dropped = |name: &HeaderName| is_hop_by_hop(name) || name == AGE || named.contains(name);
     // Empty, and so no allocation, for the usual response.
     let names: Vec<HeaderName> = headers.keys().filter(|n| dropped(n)).cloned().collect();
