@@ -252,6 +252,26 @@ mod tests {
     }
 
     #[test]
+    fn every_known_directive_is_read_in_any_case_and_only_whole() {
+        let cc = CacheControl::parse(
+            "Stale-While-Revalidate=5, STALE-IF-ERROR=6, Min-Fresh=7, no-STORE, No-Cache, \
+             PRIVATE, must-REVALIDATE, Proxy-Revalidate, Only-If-Cached, IMMUTABLE, \
+             Must-Understand, Max-Stale",
+        );
+        assert_eq!(cc.stale_while_revalidate, Some(5));
+        assert_eq!(cc.stale_if_error, Some(6));
+        assert_eq!(cc.min_fresh, Some(7));
+        assert_eq!(cc.max_stale, Some(None));
+        assert!(cc.no_store && cc.no_cache && cc.private && cc.must_revalidate);
+        assert!(cc.proxy_revalidate && cc.only_if_cached && cc.immutable && cc.must_understand);
+        // A prefix, a longer name and a name past the longest known one are unknown.
+        let cc = CacheControl::parse(
+            "max-ag=1, max-ages=2, stale-while-revalidates=3, x-stale-while-revalidate-x=4",
+        );
+        assert_eq!(cc, CacheControl::default());
+    }
+
+    #[test]
     fn quoted_values_may_hold_commas() {
         let cc = CacheControl::parse(r#"private="Set-Cookie, X-Foo", max-age=5"#);
         assert!(cc.private);
