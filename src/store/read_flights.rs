@@ -52,8 +52,9 @@ struct Flight<V> {
 enum FlightKind<V> {
     /// Sent at once by the lookup that found no read of its key, and awaited by it
     /// alone (a lookup arriving now needs a later read): no shared future, the
-    /// common case.
-    Own(Arc<ReadEnded>),
+    /// common case. Its end is signalled only if a later read waits for it: the
+    /// signal is made by that read, so a read nobody follows allocates nothing.
+    Own(Option<Arc<ReadEnded>>),
     /// Waits for the read before it, and is shared by the lookups that arrive until
     /// it is sent.
     Waiting {
@@ -63,6 +64,10 @@ enum FlightKind<V> {
         /// Weak, so that a read every waiter gave up on is dropped, not kept by the
         /// map.
         read: WeakShared<BoxFuture<'static, V>>,
+        /// The own read this one waits for, by flight id, and the signal its end
+        /// gives: the own read's record was replaced by this one, and its end finds
+        /// the signal here.
+        after_own: Option<(u64, Arc<ReadEnded>)>,
     },
 }
 
@@ -160,15 +165,16 @@ pub(crate) struct OwnReadEnd<V> {
     state: Weak<FlightState<V>>,
     key: CacheKey,
     id: u64,
-    ended: Arc<ReadEnded>,
 }
 
 impl<V> Drop for OwnReadEnd<V> {
     fn drop(&mut self) {
+        // With the state gone, its map's drop has ended every signal it held.
         if let Some(state) = self.state.upgrade() {
-            state.finish(&self.key, self.id);
+            if let Some(ended) = state.finish_own(&self.key, self.id) {
+                ended.end();
+            }
         }
-        self.ended.end();
     }
 }
 
@@ -194,10 +200,15 @@ impl<V: Clone + Send + Sync + 'static> ReadFlights<V> {
         Fut: Future<Output = V> + Send + 'static,
     {
         let mut flights = self.state.lock();
-        let before = match flights.by_key.get(&key) {
-            Some(flight) => match &flight.kind {
-                FlightKind::Own(ended) => Some(Before::Own(Arc::clone(ended))),
-                FlightKind::Waiting { sent, read } => match read.upgrade() {
+        let mut after_own = None;
+        let before = match flights.by_key.get_mut(&key) {
+            Some(flight) => match &mut flight.kind {
+                FlightKind::Own(ended) => {
+                    let ended = Arc::clone(ended.get_or_insert_with(Arc::default));
+                    after_own = Some((flight.id, Arc::clone(&ended)));
+                    Some(Before::Own(ended))
+                }
+                FlightKind::Waiting { sent, read, .. } => match read.upgrade() {
                     Some(waiting) if !sent.load(Ordering::Acquire) => {
                         return Joined {
                             read: FlightRead::Shared { read: waiting },
@@ -212,12 +223,11 @@ impl<V: Clone + Send + Sync + 'static> ReadFlights<V> {
         let id = self.state.next_id.fetch_add(1, Ordering::Relaxed);
         flights.sweep();
         let Some(before) = before else {
-            let ended = Arc::new(ReadEnded::default());
             flights.by_key.insert(
                 key,
                 Flight {
                     id,
-                    kind: FlightKind::Own(Arc::clone(&ended)),
+                    kind: FlightKind::Own(None),
                 },
             );
             drop(flights);
@@ -228,7 +238,6 @@ impl<V: Clone + Send + Sync + 'static> ReadFlights<V> {
                         state: Arc::downgrade(&self.state),
                         key,
                         id,
-                        ended,
                     }),
                 },
                 shared: false,
@@ -253,7 +262,11 @@ impl<V: Clone + Send + Sync + 'static> ReadFlights<V> {
                 key,
                 Flight {
                     id,
-                    kind: FlightKind::Waiting { sent, read: weak },
+                    kind: FlightKind::Waiting {
+                        sent,
+                        read: weak,
+                        after_own,
+                    },
                 },
             );
         }
@@ -285,6 +298,23 @@ impl<V> Flights<V> {
     }
 }
 
+impl<V> Drop for Flights<V> {
+    /// Ends the signals still held, so that no read waits on an own read whose end
+    /// can no longer find its signal here.
+    fn drop(&mut self) {
+        for flight in self.by_key.values() {
+            match &flight.kind {
+                FlightKind::Own(Some(ended))
+                | FlightKind::Waiting {
+                    after_own: Some((_, ended)),
+                    ..
+                } => ended.end(),
+                _ => {}
+            }
+        }
+    }
+}
+
 impl<V> FlightState<V> {
     fn lock(&self) -> MutexGuard<'_, Flights<V>> {
         // A poisoned lock only means another lookup panicked while holding it; the
@@ -292,6 +322,27 @@ impl<V> FlightState<V> {
         self.flights
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Forgets the key once its own read `id` ended (a later one, waiting, stays),
+    /// and hands back the signal a later read waits on, if one was made.
+    fn finish_own(&self, key: &CacheKey, id: u64) -> Option<Arc<ReadEnded>> {
+        let mut flights = self.lock();
+        let flight = flights.by_key.get_mut(key)?;
+        if flight.id == id {
+            return match flights.by_key.remove(key)?.kind {
+                FlightKind::Own(ended) => ended,
+                FlightKind::Waiting { .. } => None,
+            };
+        }
+        match &mut flight.kind {
+            FlightKind::Waiting { after_own, .. }
+                if after_own.as_ref().is_some_and(|(own, _)| *own == id) =>
+            {
+                after_own.take().map(|(_, ended)| ended)
+            }
+            _ => None,
+        }
     }
 
     /// Forgets the key once its newest read ended (a later one, waiting, stays).
@@ -469,5 +520,34 @@ mod tests {
         .await;
         assert_eq!(value, 3);
         assert_eq!(sent.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_read_waiting_on_an_own_read_is_let_go_when_the_flights_are_dropped() {
+        let flights = ReadFlights::<usize>::new();
+        let (sent, source, gate) = redis_holding(5);
+        let own = flights.join(key(4), read(&sent, &source, &gate));
+        let next = flights.join(key(4), read(&sent, &source, &gate));
+        assert!(next.after_another());
+        // The own read never ends while the cache that made it is dropped: the
+        // read after it must not wait for an end nobody can signal any more.
+        drop(flights);
+        gate.add_permits(1);
+        assert_eq!(bounded("the next read", next.read).await, 5);
+        drop(own);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_own_read_nobody_follows_leaves_no_signal_behind() {
+        let flights = ReadFlights::<usize>::new();
+        let (sent, source, gate) = redis_holding(6);
+        gate.add_permits(3);
+        for _ in 0..3 {
+            let joined = flights.join(key(5), read(&sent, &source, &gate));
+            assert!(!joined.after_another());
+            assert_eq!(bounded("an own read", joined.read).await, 6);
+            assert_eq!(flights.len(), 0);
+        }
+        assert_eq!(sent.load(Ordering::SeqCst), 3);
     }
 }
