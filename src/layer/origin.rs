@@ -10,7 +10,7 @@ use std::time::SystemTime;
 
 use bytes::Bytes;
 use http::header::{AUTHORIZATION, HOST, SET_COOKIE};
-use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body::Body;
 use tower::Service;
 
@@ -68,8 +68,8 @@ where
             request_time: Some(start.at()),
         };
         // The request's values of the response's `Vary` names are known only once the
-        // response is in; keep the headers for that, on the miss path only.
-        let request_headers = storing.then(|| request.headers().clone());
+        // response is in; keep the fields for that, on the miss path only.
+        let request_headers = storing.then(|| RequestFields::of(request.headers()));
         // The origin its cache groups belong to, if it names any (a cheap clone).
         let uri_authority = request.uri().authority().cloned();
         let revalidating = match &stale {
@@ -122,8 +122,8 @@ where
         let groups = if has_field(&parts.headers, &CACHE_GROUPS) {
             let request_authority = match (&uri_authority, &request_headers) {
                 (Some(authority), _) => authority.as_str().to_ascii_lowercase(),
-                (None, Some(headers)) => headers
-                    .get(HOST)
+                (None, Some(fields)) => fields
+                    .first(&HOST)
                     .and_then(|host| host.to_str().ok())
                     .unwrap_or_default()
                     .to_ascii_lowercase(),
@@ -229,9 +229,10 @@ fn with_handler_ttl<'a>(
 fn stored_entry(
     parts: &http::response::Parts,
     plan: &StorePlan,
-    request_headers: &HeaderMap,
+    request_fields: &RequestFields,
     tags: Vec<String>,
 ) -> CachedResponse {
+    let request_headers = &request_fields.only(&plan.vary);
     let vary = plan
         .vary
         .iter()
@@ -248,6 +249,45 @@ fn stored_entry(
         .vary(vary)
         .tags(tags)
         .build()
+}
+
+/// A request's fields, kept past the origin call for the response's `Vary`: clones
+/// in one list, where a clone of the map took a second allocation for its index (a
+/// storing miss about 150 instructions more).
+struct RequestFields(Vec<(HeaderName, HeaderValue)>);
+
+impl RequestFields {
+    fn of(headers: &HeaderMap) -> Self {
+        RequestFields(
+            headers
+                .iter()
+                .map(|(name, value)| (name.clone(), value.clone()))
+                .collect(),
+        )
+    }
+
+    /// The first value of `name`.
+    fn first(&self, name: &HeaderName) -> Option<&HeaderValue> {
+        self.0
+            .iter()
+            .find_map(|(field, value)| (field == name).then_some(value))
+    }
+
+    /// The fields of `names` as a map, each name's values in the request's order; an
+    /// empty map, which allocates nothing, when there are no names.
+    fn only(&self, names: &[HeaderName]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        if names.is_empty() {
+            return map;
+        }
+        for (name, value) in &self.0 {
+            if names.contains(name) {
+                // No more fields than the request's own map held: never refused.
+                let _ = map.try_append(name.clone(), value.clone());
+            }
+        }
+        map
+    }
 }
 
 /// The stale entry, when the origin failed (`failed` says how) within its
@@ -343,4 +383,33 @@ fn revalidated<B>(
         detail: Some("revalidated"),
     });
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::header::{ACCEPT_LANGUAGE, USER_AGENT};
+
+    #[test]
+    fn kept_fields_give_the_vary_values_the_request_map_gave() {
+        let mut headers = HeaderMap::new();
+        headers.append(ACCEPT_LANGUAGE, HeaderValue::from_static("de"));
+        headers.append(HOST, HeaderValue::from_static("jobs.example"));
+        headers.append(ACCEPT_LANGUAGE, HeaderValue::from_static("en;q=0.5"));
+        headers.append(USER_AGENT, HeaderValue::from_static("probe"));
+        let fields = RequestFields::of(&headers);
+        assert_eq!(fields.first(&HOST).unwrap(), "jobs.example");
+        assert!(fields.first(&AUTHORIZATION).is_none());
+        let vary = [ACCEPT_LANGUAGE, AUTHORIZATION];
+        let only = fields.only(&vary);
+        assert_eq!(only.len(), 2, "the two lines of the one name, nothing else");
+        for name in &vary {
+            assert_eq!(only.contains_key(name), headers.contains_key(name));
+            assert_eq!(
+                normalised_value(&only, name),
+                normalised_value(&headers, name)
+            );
+        }
+        assert!(fields.only(&[]).is_empty());
+    }
 }
