@@ -47,6 +47,10 @@ fn is_canonical(query: &[u8], filter: &QueryFilter) -> bool {
 
 /// The query's pairs filtered, normalised and sorted by name, written out.
 fn write_sorted_query(query: &str, filter: &QueryFilter, out: &mut Vec<u8>) {
+    // One look for `%` over the whole query: without one, no name or value needs
+    // decoding or normalising, and each pair is taken as it is (three searches a
+    // pair fewer).
+    let escaped = query.as_bytes().contains(&b'%');
     // On the stack for the usual few pairs: every request's key is made here.
     let mut pairs: SmallVec<[Pair<'_>; 8]> = SmallVec::new();
     for pair in query.as_bytes().split(|&b| b == b'&') {
@@ -54,15 +58,31 @@ fn write_sorted_query(query: &str, filter: &QueryFilter, out: &mut Vec<u8>) {
             continue;
         }
         let (name, value) = match pair.iter().position(|&b| b == b'=') {
-            Some(i) => (&pair[..i], Some(&pair[i + 1..])),
+            Some(at) => {
+                let (name, rest) = pair.split_at(at);
+                (name, rest.get(1..))
+            }
             None => (pair, None),
         };
-        if !filter.keeps(&percent_decode(name)) {
+        let kept = match filter {
+            QueryFilter::All => true,
+            _ if escaped => filter.keeps(&percent_decode(name)),
+            _ => filter.keeps(name),
+        };
+        if !kept {
             continue;
         }
-        pairs.push((normalised(name), value));
+        let name = if escaped {
+            normalised(name)
+        } else {
+            Cow::Borrowed(name)
+        };
+        pairs.push((name, value));
     }
-    pairs.sort_by(|a, b| a.0.cmp(&b.0));
+    if pairs.len() > 1 {
+        pairs.sort_by(|a, b| a.0.cmp(&b.0));
+    }
+    out.reserve(query.len());
     for (i, (name, value)) in pairs.iter().enumerate() {
         if i > 0 {
             out.push(b'&');
@@ -70,7 +90,11 @@ fn write_sorted_query(query: &str, filter: &QueryFilter, out: &mut Vec<u8>) {
         out.extend_from_slice(name);
         if let Some(value) = value {
             out.push(b'=');
-            normalise_escapes_into(value, out);
+            if escaped {
+                normalise_escapes_into(value, out);
+            } else {
+                out.extend_from_slice(value);
+            }
         }
     }
 }
@@ -221,7 +245,53 @@ mod tests {
         assert_eq!(query(Some("a=1&utm_source=x"), &ignore), "a=1");
     }
 
+    /// The canonical query written the plain way: every pair's name decoded for the
+    /// filter and normalised, every value normalised, then sorted.
+    fn reference_query(query: &str, filter: &QueryFilter) -> Vec<u8> {
+        let mut pairs: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
+        for pair in query.as_bytes().split(|&b| b == b'&') {
+            if pair.is_empty() {
+                continue;
+            }
+            let mut parts = pair.splitn(2, |&b| b == b'=');
+            let name = parts.next().unwrap_or_default();
+            if !filter.keeps(&percent_decode(name)) {
+                continue;
+            }
+            let value = parts.next().map(|value| {
+                let mut out = Vec::new();
+                normalise_escapes_into(value, &mut out);
+                out
+            });
+            pairs.push((normalised(name).into_owned(), value));
+        }
+        pairs.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut out = Vec::new();
+        for (i, (name, value)) in pairs.iter().enumerate() {
+            if i > 0 {
+                out.push(b'&');
+            }
+            out.extend_from_slice(name);
+            if let Some(value) = value {
+                out.push(b'=');
+                out.extend_from_slice(value);
+            }
+        }
+        out
+    }
+
     proptest::proptest! {
+        #[test]
+        fn the_query_is_written_as_the_plain_way_writes_it(s in "[abu_=&%5F4]{0,24}") {
+            let ignore = QueryFilter::Ignore(vec![NamePattern::new("u_*")]);
+            for filter in [QueryFilter::All, ignore] {
+                proptest::prop_assert_eq!(
+                    query(Some(&s), &filter).into_bytes(),
+                    reference_query(&s, &filter)
+                );
+            }
+        }
+
         #[test]
         fn the_copied_form_is_the_sorted_form(s in "[ab=&%4]{0,16}") {
             let mut sorted = Vec::new();
