@@ -105,7 +105,7 @@ impl RedisStore {
         let millis = millis_i64(self.invalidation_millis());
         if self.health.scripts_allowed() {
             let args = vec![
-                Value::from(RAISE_MARK),
+                Value::Bytes(bytes::Bytes::from_static(RAISE_MARK.as_bytes())),
                 Value::Integer(1),
                 Value::from(mark.as_str()),
                 Value::Integer(now),

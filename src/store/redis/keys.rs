@@ -41,6 +41,8 @@ pub(crate) struct RedisKeys {
     gone_prefix: String,
     lease_prefix: String,
     staging_prefix: String,
+    /// `{ns}/purged`, named in every write script's call.
+    purged: String,
 }
 
 impl RedisKeys {
@@ -51,6 +53,7 @@ impl RedisKeys {
             gone_prefix: format!("{namespace}gone:"),
             lease_prefix: format!("{namespace}lease:"),
             staging_prefix: format!("{namespace}staging:"),
+            purged: format!("{namespace}purged"),
             namespace,
         }
     }
@@ -78,7 +81,7 @@ impl RedisKeys {
     }
 
     pub(crate) fn purged(&self) -> String {
-        format!("{}purged", self.namespace)
+        self.purged.clone()
     }
 
     pub(crate) fn tag_index(&self, tag: &str) -> String {
