@@ -49,6 +49,7 @@ mod load;
 #[allow(dead_code, unreachable_pub)]
 #[path = "../../../tests/support/redis.rs"]
 mod redis_support;
+#[allow(dead_code)]
 #[path = "../../support/mod.rs"]
 mod support;
 
