@@ -1,9 +1,11 @@
 //! [`ResponseFuture`] of a call through the breaker: the call's permit is recorded
-//! with its outcome (and how long it took), or given back if the call is dropped.
+//! with its outcome (and how long it took, for a breaker that counts slow calls), or
+//! given back if the call is dropped.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use pin_project_lite::pin_project;
 use tokio::time::Instant;
@@ -21,9 +23,10 @@ impl CircuitBreaker {
                 kind: Kind::Running {
                     future: make(),
                     call: Some(CallGuard {
+                        // The clock is read only for a breaker that counts slow calls.
+                        started: self.config.slow_call.map(|_| Instant::now()),
                         breaker: self.clone(),
                         permit,
-                        started: Instant::now(),
                         finished: false,
                     }),
                 },
@@ -39,13 +42,17 @@ impl CircuitBreaker {
 struct CallGuard {
     breaker: CircuitBreaker,
     permit: Permit,
-    started: Instant,
+    /// When the call started, if its time is needed (`slow_call`).
+    started: Option<Instant>,
     finished: bool,
 }
 
 impl CallGuard {
     fn finish(mut self, ok: bool) {
-        self.breaker.record(self.permit, ok, self.started.elapsed());
+        let took = self
+            .started
+            .map_or(Duration::ZERO, |started| started.elapsed());
+        self.breaker.record(self.permit, ok, took);
         self.finished = true;
     }
 }

@@ -255,9 +255,9 @@ impl CircuitBreaker {
     }
 
     /// Records how a permitted call went.
+    /// `took` counts only with `slow_call` set (the guard reads the clock only then).
     pub(crate) fn record(&self, permit: Permit, ok: bool, took: Duration) {
         let failed = !ok || self.config.slow_call.is_some_and(|slow| took > slow);
-        let now = Instant::now();
         let mut inner = self.lock();
         if permit.probe {
             let State::HalfOpen {
@@ -269,7 +269,7 @@ impl CircuitBreaker {
             };
             *in_flight = in_flight.saturating_sub(1);
             if failed {
-                self.trip(&mut inner, now);
+                self.trip(&mut inner, Instant::now());
             } else {
                 *succeeded += 1;
                 if *succeeded >= self.config.probes {
@@ -297,7 +297,7 @@ impl CircuitBreaker {
         let rate_tripped = inner.window.len() >= self.config.min_calls.max(1)
             && inner.window_failures as f64 >= self.config.failure_rate * inner.window.len() as f64;
         if inner.consecutive >= self.config.consecutive_failures.max(1) || rate_tripped {
-            self.trip(&mut inner, now);
+            self.trip(&mut inner, Instant::now());
         }
     }
 
@@ -513,6 +513,27 @@ mod tests {
             b.record(permit, true, Duration::from_millis(150));
         }
         assert_eq!(b.state(), BreakerState::Open);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn calls_through_the_guard_are_timed_only_when_slow_calls_count() {
+        let slow = |b: CircuitBreaker| async move {
+            for _ in 0..5 {
+                let call = b.guard(|| async {
+                    tokio::time::sleep(Duration::from_millis(150)).await;
+                    Ok::<(), tower::BoxError>(())
+                });
+                let _ = call.await;
+            }
+            b.state()
+        };
+        let counting = breaker(BreakerConfig {
+            slow_call: Some(Duration::from_millis(100)),
+            ..BreakerConfig::default()
+        });
+        assert_eq!(slow(counting).await, BreakerState::Open);
+        let not_counting = breaker(BreakerConfig::default());
+        assert_eq!(slow(not_counting).await, BreakerState::Closed);
     }
 
     #[tokio::test(start_paused = true)]
