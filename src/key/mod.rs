@@ -102,7 +102,7 @@ impl CacheKey {
     pub(crate) fn push_hex(&self, out: &mut String) {
         // Written on the stack, two digits a byte from one table, and appended once: a
         // `push` a digit checked the capacity and encoded a `char` 64 times (about 500
-        // instructions a key name), and a digit a lookup cost about 400 more than this.
+        // instructions a key name), and a lookup a digit about 320 more than this.
         let mut hex = [0_u8; 64];
         for (pair, byte) in hex.chunks_exact_mut(2).zip(self.0) {
             pair.copy_from_slice(&HEX_PAIRS[usize::from(byte)]);
