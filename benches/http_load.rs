@@ -21,7 +21,8 @@
 //!   Redis, so that only the misses' Redis reads remain (label `writes-search-reads`;
 //!   `writes-reads` is the same beside (g), with the cheap handler);
 //!   (h) against (h′), the same with the cross-replica fill lease (label
-//!   `writes-lease`);
+//!   `writes-lease`); (g) against (k), (h) with the written keys tracked, so that no
+//!   miss reads Redis (label `writes-tracked`);
 //! - (i) memory hits on a memory-only layer and (j) the same on a layer whose Redis
 //!   was killed (breaker open): the degraded mode;
 //! - memory: resident size before and after a load of unique URLs that stores far
@@ -288,6 +289,7 @@ async fn run(args: Args) {
         "writes-search",
         "writes-search-reads",
         "writes-lease",
+        "writes-tracked",
     ]
     .iter()
     .any(|pair| wanted(pair))
@@ -326,6 +328,9 @@ async fn run(args: Args) {
         }
         if wanted("writes-lease") {
             pairs.push(lease_pair(&redis.url()).await);
+        }
+        if wanted("writes-tracked") {
+            pairs.push(tracked_pair(&redis.url()).await);
         }
         if wanted("writes-search") {
             let config = tower_hybrid_cache::RedisConfig::new(redis.url());
@@ -660,6 +665,30 @@ async fn lease_pair(url: &str) -> Pair {
             "(h′) (h) with the fill lease: a SET NX per miss, a release after its write",
         ],
         [&without, &with],
+    )
+    .await
+}
+
+/// (g) against (k): all misses memory-only, and with Redis on and the written keys
+/// tracked (no miss reads Redis; each write is announced): with (h), what tracking
+/// takes off a miss's Redis cost.
+async fn tracked_pair(url: &str) -> Pair {
+    let memory_only = HybridCache::builder().build().await.unwrap();
+    let tracked = HybridCache::builder()
+        .redis(tower_hybrid_cache::RedisConfig::new(url).track_written_keys(1 << 22))
+        .build()
+        .await
+        .unwrap();
+    while tracked.redis_health().and_then(|h| h.written_keys_complete) != Some(true) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    render_pair(
+        "writes-tracked",
+        [
+            "(g) (c′) behind a memory-only layer, all misses, all stored",
+            "(k) (h) with track_written_keys: no miss reads Redis",
+        ],
+        [&memory_only, &tracked],
     )
     .await
 }

@@ -12,7 +12,9 @@
 //!   sent (`max_value_bytes(1)`): a miss's Redis read, without the write;
 //! - `misses`: the same with every entry written to Redis (the write path whole);
 //! - `tagged-misses`: `misses` with four tags on every response (`Cache-Tag`), each
-//!   indexed in Redis as the entry is written.
+//!   indexed in Redis as the entry is written;
+//! - `tracked-misses`: `misses` with `track_written_keys`: no miss reads Redis (its
+//!   key is known unwritten), and each write is announced and heard back.
 //!
 //! ```text
 //! cargo bench --bench redis_instructions --no-run   # prints the binary's path
@@ -132,10 +134,15 @@ async fn main() {
             });
             drive!(origin, 0..requests, in_flight);
         }
-        "hits" | "memory-misses" | "read-misses" | "misses" | "tagged-misses" => {
+        "hits" | "memory-misses" | "read-misses" | "misses" | "tagged-misses"
+        | "tracked-misses" => {
             let mut config = RedisConfig::new(redis.url());
             if mode == "read-misses" {
                 config = config.max_value_bytes(1);
+            }
+            let tracked = mode == "tracked-misses";
+            if tracked {
+                config = config.track_written_keys(1 << 20);
             }
             let builder = HybridCache::builder();
             let builder = match mode.as_str() {
@@ -143,6 +150,9 @@ async fn main() {
                 _ => builder.redis(config),
             };
             let cache = builder.build().await.unwrap();
+            while tracked && cache.redis_health().unwrap().written_keys_complete != Some(true) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
             let tagged = mode == "tagged-misses";
             let origin = tower::service_fn(move |_request: Request<RequestBody<Full<Bytes>>>| {
                 let body = body.clone();
@@ -176,7 +186,10 @@ async fn main() {
                 let stats = cache.stats();
                 assert_eq!(stats.stores, requests as u64, "every miss stored");
                 assert_eq!(stats.redis_errors, 0, "every Redis read answered");
-                if mode == "misses" || tagged {
+                if tracked {
+                    assert_eq!(stats.redis_reads_skipped, requests as u64, "no miss read");
+                }
+                if mode == "misses" || tagged || tracked {
                     // The writes' answers, before the counts are read.
                     let dropped = support::redis_written(&cache, requests as u64).await;
                     assert_eq!(dropped, 0, "every write counted");
@@ -184,7 +197,7 @@ async fn main() {
             }
         }
         other => panic!(
-            "unknown mode {other}: bare, hits, memory-misses, read-misses, misses or tagged-misses"
+            "unknown mode {other}: bare, hits, memory-misses, read-misses, misses, tagged-misses or tracked-misses"
         ),
     }
     if std::env::var_os("BENCH_REDIS_STATS").is_some() {

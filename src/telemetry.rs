@@ -61,6 +61,10 @@ pub struct CacheStats {
     /// sending their own (hot keys: at most one read in flight and one waiting per
     /// key).
     pub redis_reads_shared: u64,
+    /// Lookups that did not read Redis because no replica wrote their key (with
+    /// [`RedisConfig::track_written_keys`](crate::RedisConfig::track_written_keys)):
+    /// a miss known without a round trip.
+    pub redis_reads_skipped: u64,
     /// Keys invalidated: by a successful unsafe request (POST, PUT, PATCH, DELETE …)
     /// through the layer, or by `HybridCache::invalidate`.
     pub invalidations: u64,
@@ -97,6 +101,7 @@ pub(crate) struct Counters {
     redis_breaker_rejections: AtomicU64,
     fallback_hits: AtomicU64,
     redis_reads_shared: AtomicU64,
+    redis_reads_skipped: AtomicU64,
     invalidations: AtomicU64,
     redis_replays: AtomicU64,
     redis_removals_folded: AtomicU64,
@@ -129,6 +134,7 @@ impl Default for Counters {
             redis_breaker_rejections: AtomicU64::new(0),
             fallback_hits: AtomicU64::new(0),
             redis_reads_shared: AtomicU64::new(0),
+            redis_reads_skipped: AtomicU64::new(0),
             invalidations: AtomicU64::new(0),
             redis_replays: AtomicU64::new(0),
             redis_removals_folded: AtomicU64::new(0),
@@ -139,7 +145,7 @@ impl Default for Counters {
 }
 
 /// How many counters there are.
-const COUNTERS: usize = 20;
+const COUNTERS: usize = 21;
 
 /// Every counter, in declaration order (its index in `Counters::handles`).
 const ALL: [Counter; COUNTERS] = [
@@ -158,6 +164,7 @@ const ALL: [Counter; COUNTERS] = [
     Counter::RedisBreakerRejection,
     Counter::FallbackHit,
     Counter::RedisReadShared,
+    Counter::RedisReadSkipped,
     Counter::Invalidation,
     Counter::RedisReplay,
     Counter::RedisRemovalFolded,
@@ -182,6 +189,7 @@ pub(crate) enum Counter {
     RedisBreakerRejection,
     FallbackHit,
     RedisReadShared,
+    RedisReadSkipped,
     Invalidation,
     RedisReplay,
     RedisRemovalFolded,
@@ -208,6 +216,7 @@ impl Counter {
             Counter::RedisBreakerRejection => "tower_hybrid_cache_redis_breaker_rejections_total",
             Counter::FallbackHit => "tower_hybrid_cache_fallback_hits_total",
             Counter::RedisReadShared => "tower_hybrid_cache_redis_reads_shared_total",
+            Counter::RedisReadSkipped => "tower_hybrid_cache_redis_reads_skipped_total",
             Counter::Invalidation => "tower_hybrid_cache_invalidations_total",
             Counter::RedisReplay => "tower_hybrid_cache_redis_replays_total",
             Counter::RedisRemovalFolded => "tower_hybrid_cache_redis_removals_folded_total",
@@ -332,6 +341,7 @@ impl Counters {
             Counter::RedisBreakerRejection => &self.redis_breaker_rejections,
             Counter::FallbackHit => &self.fallback_hits,
             Counter::RedisReadShared => &self.redis_reads_shared,
+            Counter::RedisReadSkipped => &self.redis_reads_skipped,
             Counter::Invalidation => &self.invalidations,
             Counter::RedisReplay => &self.redis_replays,
             Counter::RedisRemovalFolded => &self.redis_removals_folded,
@@ -357,6 +367,7 @@ impl Counters {
             redis_breaker_rejections: self.redis_breaker_rejections.load(Ordering::Relaxed),
             fallback_hits: self.fallback_hits.load(Ordering::Relaxed),
             redis_reads_shared: self.redis_reads_shared.load(Ordering::Relaxed),
+            redis_reads_skipped: self.redis_reads_skipped.load(Ordering::Relaxed),
             invalidations: self.invalidations.load(Ordering::Relaxed),
             redis_replays: self.redis_replays.load(Ordering::Relaxed),
             redis_removals_folded: self.redis_removals_folded.load(Ordering::Relaxed),
@@ -402,6 +413,7 @@ mod tests {
             ("redis_breaker_rejections", s.redis_breaker_rejections),
             ("fallback_hits", s.fallback_hits),
             ("redis_reads_shared", s.redis_reads_shared),
+            ("redis_reads_skipped", s.redis_reads_skipped),
             ("invalidations", s.invalidations),
             ("redis_replays", s.redis_replays),
             ("redis_removals_folded", s.redis_removals_folded),

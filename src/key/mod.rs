@@ -70,6 +70,13 @@ impl CacheKey {
         CacheKey(*hasher.finalize().as_bytes())
     }
 
+    /// The digest's first eight bytes as one number, big-endian: what the first 16
+    /// of its hex digits say, as announced on Redis (`store::redis::written`).
+    pub(crate) fn fingerprint(&self) -> u64 {
+        let [a, b, c, d, e, f, g, h, ..] = self.0;
+        u64::from_be_bytes([a, b, c, d, e, f, g, h])
+    }
+
     /// The key written as 64 lower-case hex digits (as in storage keys); `None` for
     /// anything else.
     pub(crate) fn from_hex(hex: &str) -> Option<Self> {

@@ -12,11 +12,12 @@ use super::until_closed;
 use crate::entry::codec::millis_since_epoch;
 use crate::telemetry::{INVALIDATION_DELAY, TARGET};
 
-/// Forgets in memory what any replica invalidated: a near cache serves memory first,
-/// and any cache answers from memory while Redis cannot. The task ends when the
-/// store closes or is dropped.
+/// Forgets in memory what any replica invalidated (published on `channel`): a near
+/// cache serves memory first, and any cache answers from memory while Redis cannot.
+/// The task ends when the store closes or is dropped.
 pub(crate) fn spawn_listener(
     mut messages: tokio::sync::broadcast::Receiver<fred::types::Message>,
+    channel: String,
     mut closed: tokio::sync::watch::Receiver<bool>,
     memory: MemoryStore,
 ) {
@@ -28,6 +29,8 @@ pub(crate) fn spawn_listener(
                 () = until_closed(&mut closed) => return,
             };
             match received {
+                // Another channel of the same subscriber (written keys).
+                Ok(message) if *message.channel != *channel => {}
                 Ok(message) => {
                     let text = message.value.as_string().unwrap_or_default();
                     if let Some((invalidation, sent_at)) = Invalidation::parse_published(&text) {

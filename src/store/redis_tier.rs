@@ -112,8 +112,14 @@ impl RedisTier {
         let driven = breaker.breaker();
         driven.report_state();
         store.drive(driven);
-        spawn_listener(store.invalidations(), store.closed(), memory.clone());
+        spawn_listener(
+            store.invalidations(),
+            store.invalidation_channel(),
+            store.closed(),
+            memory.clone(),
+        );
         let store = Arc::new(store);
+        store.follow_written(config.probe_interval_value());
         spawn_reseed(
             Arc::downgrade(&store),
             memory.clone(),
@@ -205,6 +211,11 @@ impl RedisTier {
             self.counters.add(Counter::RedisError);
             self.counters.add(Counter::RedisBreakerRejection);
             return RedisRead::Failed;
+        }
+        if self.store.surely_absent(key) {
+            // No replica wrote it: what the read would answer, without the round trip.
+            self.counters.add(Counter::RedisReadSkipped);
+            return RedisRead::Absent;
         }
         let read = {
             let (reader, key) = (Arc::clone(&self.reader), *key);

@@ -41,6 +41,7 @@ pub struct RedisConfig {
     retry_budget: f32,
     reconnect_backoff: (Duration, Duration),
     invalidation_ttl: Duration,
+    written_keys: Option<usize>,
 }
 
 impl fmt::Debug for RedisConfig {
@@ -60,6 +61,7 @@ impl fmt::Debug for RedisConfig {
             .field("retry_budget", &self.retry_budget)
             .field("reconnect_backoff", &self.reconnect_backoff)
             .field("invalidation_ttl", &self.invalidation_ttl)
+            .field("written_keys", &self.written_keys)
             .finish_non_exhaustive()
     }
 }
@@ -85,6 +87,7 @@ impl RedisConfig {
             retry_budget: 0.2,
             reconnect_backoff: (Duration::from_millis(50), Duration::from_secs(1)),
             invalidation_ttl: Duration::from_secs(300),
+            written_keys: None,
         }
     }
 
@@ -179,6 +182,36 @@ impl RedisConfig {
         self
     }
 
+    /// Tracks which keys any replica wrote to Redis, so that a lookup of a key no
+    /// replica wrote is a miss at once, without a Redis read: the write path of a
+    /// miss-heavy load (unique URLs, expired entries) costs one round trip fewer.
+    /// Holds at most `max_keys` keys (about 40 bytes each); more keys in Redis than
+    /// that and every lookup reads Redis again, as without it, until a scan finds
+    /// fewer. Off by default.
+    ///
+    /// Writers announce what they write on a pub/sub channel, and each replica scans
+    /// the namespace's entries once subscribed (a `SCAN` and a `PTTL` per entry, in
+    /// pages of 1 000), and again after each reconnection of its subscriber: until a
+    /// scan ends, every lookup reads Redis. A key announced late (a writer's message
+    /// not arrived yet) costs one origin call, never a stale response. Every replica
+    /// sharing the namespace should turn it on: a replica without it announces
+    /// nothing, and the others then miss what it wrote. Not on a Redis Cluster (its
+    /// scans would span the primaries): there, lookups always read Redis.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use tower_hybrid_cache::RedisConfig;
+    ///
+    /// // Search pages: most URLs are asked for once; up to a million live in Redis.
+    /// let config = RedisConfig::new("redis://127.0.0.1:6379").track_written_keys(1_000_000);
+    /// # let _ = config;
+    /// ```
+    pub fn track_written_keys(mut self, max_keys: usize) -> Self {
+        self.written_keys = Some(max_keys);
+        self
+    }
+
     /// Sets how long invalidations are remembered in Redis: the marks that keep a fill
     /// which started before an invalidation from being written after it (by any
     /// replica), and the log a reconnected subscriber catches up from. A fill written
@@ -234,6 +267,11 @@ impl RedisConfig {
 
     pub(crate) fn write_queue_len(&self) -> usize {
         self.write_queue.max(1)
+    }
+
+    /// The most written keys tracked, if they are.
+    pub(crate) fn written_keys_value(&self) -> Option<usize> {
+        self.written_keys
     }
 
     pub(crate) fn invalidation_ttl_value(&self) -> Duration {

@@ -9,8 +9,11 @@ local codes = {}
 -- Each index to add keys to: the keys written, and the longest time to live among
 -- them (as text: Lua prints a large number in exponent form, which PEXPIRE refuses).
 local indexed = {}
+-- What was written, announced on the channel ARGV[2] (none when it is empty): the
+-- first 16 hex digits of each key, and its time to live.
+local announced = {}
 local k = 2
-for a = 2, #ARGV - 3, 4 do
+for a = 3, #ARGV - 3, 4 do
   local tags = tonumber(ARGV[a])
   local millis = ARGV[a + 1]
   local started = tonumber(ARGV[a + 2])
@@ -36,6 +39,7 @@ for a = 2, #ARGV - 3, 4 do
     else
       redis.call('SET', target, value, 'PX', millis)
     end
+    announced[#announced + 1] = string.sub(target, -64, -49) .. ':' .. millis
     for i = k + tags + 1, k + 2 * tags do
       local index = indexed[KEYS[i]]
       if not index then
@@ -56,5 +60,9 @@ for name, index in pairs(indexed) do
   redis.pcall('SADD', name, unpack(index.keys))
   redis.pcall('PEXPIRE', name, index.millis, 'NX')
   redis.pcall('PEXPIRE', name, index.millis, 'GT')
+end
+-- pcall: a user not allowed to publish still writes (other replicas then read).
+if ARGV[2] ~= '' and #announced > 0 then
+  redis.pcall('PUBLISH', ARGV[2], table.concat(announced, ' '))
 end
 return codes

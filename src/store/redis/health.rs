@@ -46,6 +46,10 @@ pub struct RedisHealth {
     pub missing_commands: Vec<String>,
     /// The server's version (`redis 7.0.15`, `valkey 8.0.1`), when `INFO` is allowed.
     pub server_version: Option<String>,
+    /// With [`RedisConfig::track_written_keys`](crate::RedisConfig::track_written_keys),
+    /// whether the set of written keys is complete (a lookup of a key no replica
+    /// wrote skips Redis); `None` when they are not tracked.
+    pub written_keys_complete: Option<bool>,
 }
 
 /// Per-call options of a command that fails at once rather than wait for a
@@ -234,6 +238,8 @@ impl HealthState {
                 .map(|f| f.missing.iter().map(|name| (*name).to_owned()).collect())
                 .unwrap_or_default(),
             server_version: findings.and_then(|f| f.version.clone()),
+            // The store that tracks them says.
+            written_keys_complete: None,
         }
     }
 

@@ -13,6 +13,8 @@
 //!                                deletes it
 //! {ns}/invalidation-log          recent invalidation messages, scored by their time
 //! {ns}/invalidations             the pub/sub channel of invalidation messages
+//! {ns}/written                   the pub/sub channel of written keys' announcements
+//!                                (`track_written_keys`)
 //! {ns}/outages                   scores: `recovered`, when Redis last came back after an
 //!                                outage (ms); `epoch`, set once (gone: Redis lost its data)
 //! {ns}/probe:{value|set|log|none} throwaway keys of the capability check (10 s at most)
@@ -112,6 +114,15 @@ impl RedisKeys {
         format!("{}invalidations", self.namespace)
     }
 
+    pub(crate) fn written_channel(&self) -> String {
+        format!("{}written", self.namespace)
+    }
+
+    /// `{ns}/v{format}:`, what every entry's name starts with.
+    pub(crate) fn entry_prefix(&self) -> &str {
+        &self.entry_prefix
+    }
+
     pub(crate) fn outages(&self) -> String {
         format!("{}outages", self.namespace)
     }
@@ -161,6 +172,7 @@ mod tests {
             keys.staging(&key, 7, 0),
             keys.invalidation_log(),
             keys.invalidation_channel(),
+            keys.written_channel(),
         ];
         for (i, a) in names.iter().enumerate() {
             assert!(a.starts_with("ns/"), "{a}");
@@ -193,5 +205,6 @@ mod tests {
             assert!(!name.starts_with(prefix), "{name} matches {pattern}");
         }
         assert!(!long.invalidation_channel().starts_with(prefix));
+        assert!(!long.written_channel().starts_with(prefix));
     }
 }

@@ -14,6 +14,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use fred::bytes_utils::Str;
 use fred::clients::{Client, WithOptions};
 use fred::prelude::*;
 use fred::types::config::Options;
@@ -28,6 +29,7 @@ mod outage;
 pub(crate) mod retry;
 mod subscription;
 mod writes;
+mod written;
 
 pub(crate) use invalidation::MAX_LOGGED;
 
@@ -35,6 +37,7 @@ pub use config::RedisConfig;
 pub use health::RedisHealth;
 pub(crate) use invalidation::Invalidation;
 pub(crate) use subscription::MissedWindows;
+pub(crate) use written::WrittenKeys;
 
 use self::health::{one_attempt, spawn_probe, watch_events, HealthState};
 use self::keys::RedisKeys;
@@ -80,6 +83,10 @@ pub(crate) struct RedisStore {
     max_value_bytes: usize,
     /// How long invalidation marks live, and the invalidation log reaches back.
     invalidation_ttl: Duration,
+    /// The keys any replica wrote, when tracked; writes announce theirs on
+    /// `written_channel`.
+    written: Option<Arc<WrittenKeys>>,
+    written_channel: Str,
     /// `true` once `quit` was called (dropping the store then has nothing left to
     /// close); dropped with the store. Our tasks that follow the subscriber end on it
     /// (fred's event streams end only with a client that quit).
@@ -141,6 +148,14 @@ impl RedisStore {
         let (closing, closed) = tokio::sync::watch::channel(false);
         let probe = (config.probe_interval_value(), config.probe_timeout_value());
         let keys = RedisKeys::new(namespace);
+        let written = config
+            .written_keys_value()
+            .map(|max_keys| Arc::new(WrittenKeys::new(max_keys)));
+        let written_channel = Str::from(keys.written_channel());
+        let mut channels = vec![keys.invalidation_channel()];
+        if written.is_some() {
+            channels.push(keys.written_channel());
+        }
         spawn_probe(
             pool.clients().to_vec(),
             Arc::downgrade(&health),
@@ -150,11 +165,12 @@ impl RedisStore {
         // Subscribes after every reconnection, without blocking start-up.
         let (missed, subscription) = subscription::subscribe(
             &subscriber,
-            keys.invalidation_channel(),
+            channels,
             SubscriberProbe {
                 every: probe.0,
                 timeout: probe.1,
                 closed,
+                written: written.clone(),
             },
         );
         connections.push(subscription);
@@ -169,6 +185,8 @@ impl RedisStore {
             options: one_attempt(command_timeout),
             max_value_bytes: config.max_value_bytes_value(),
             invalidation_ttl: config.invalidation_ttl_value(),
+            written,
+            written_channel,
             closing,
             connections,
             // Three commands (UNSUBSCRIBE, then the QUITs), each bounded by the
@@ -212,7 +230,9 @@ impl RedisStore {
     }
 
     pub(crate) fn health(&self) -> RedisHealth {
-        self.health.view()
+        let mut view = self.health.view();
+        view.written_keys_complete = self.written.as_ref().map(|written| written.complete());
+        view
     }
 
     /// When Redis last came back after an outage (ms since the epoch; 0: never).
@@ -265,6 +285,14 @@ impl RedisStore {
             .map_err(StoreError::command)
     }
 
+    /// Whether Redis surely holds nothing under `key` (the written keys are tracked,
+    /// complete, and hold no live one of it): a read would find nothing.
+    pub(crate) fn surely_absent(&self, key: &CacheKey) -> bool {
+        self.written
+            .as_ref()
+            .is_some_and(|written| written.surely_absent(key))
+    }
+
     /// Since when the subscriber may have missed invalidations, each time it is back;
     /// `None` after the first call.
     pub(crate) fn missed_windows(&self) -> Option<MissedWindows> {
@@ -274,7 +302,13 @@ impl RedisStore {
             .take()
     }
 
-    /// Invalidations published by any replica.
+    /// The channel invalidations are published on.
+    pub(crate) fn invalidation_channel(&self) -> String {
+        self.keys.invalidation_channel()
+    }
+
+    /// Messages on the subscriber's channels: invalidations published by any
+    /// replica, and the written keys' announcements when they are tracked.
     pub(crate) fn invalidations(&self) -> tokio::sync::broadcast::Receiver<fred::types::Message> {
         self.subscriber.message_rx()
     }

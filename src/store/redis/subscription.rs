@@ -12,6 +12,10 @@
 //! meanwhile would be lost. So the subscriber is PINGed like the pooled connections;
 //! two PINGs in a row unanswered force a reconnection, and the window reaches back
 //! to the last PING answered.
+//!
+//! The same connection carries the written keys' announcements when they are
+//! tracked: each loss and each (re)subscription is told to their set, which is
+//! complete only after a scan that began subscribed.
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
@@ -23,6 +27,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::AbortHandle;
 
 use super::health::{one_attempt, FAILED_PINGS_TO_DOWN};
+use super::written::WrittenKeys;
 use crate::store::until_closed;
 use crate::telemetry::TARGET;
 
@@ -35,6 +40,8 @@ pub(crate) struct SubscriberProbe {
     /// The subscription's tasks end once this says `true` or its sender is dropped
     /// (the store that owns the subscriber is closing or gone).
     pub(crate) closed: watch::Receiver<bool>,
+    /// The written keys the subscription hears announced, if tracked.
+    pub(crate) written: Option<Arc<WrittenKeys>>,
 }
 
 /// The earliest start of the windows not yet caught up on, and a signal per new one.
@@ -66,14 +73,14 @@ fn keep_earliest(slot: &Mutex<Option<SystemTime>>, at: SystemTime) {
     *held = Some(held.map_or(at, |held| held.min(at)));
 }
 
-/// Connects `subscriber` and subscribes it to `channel` after every (re)connection.
+/// Connects `subscriber` and subscribes it to `channels` after every (re)connection.
 /// Each subscription reports the window before it: from when a live connection was
 /// lost (or, with no loss seen, from the previous subscription; for the first, from
 /// now, as nothing can be in memory from before the cache existed).
 /// Also returns the connection task, for the store to stop once it closes.
 pub(crate) fn subscribe(
     subscriber: &SubscriberClient,
-    channel: String,
+    channels: Vec<String>,
     probe: SubscriberProbe,
 ) -> (MissedWindows, AbortHandle) {
     let started = SystemTime::now();
@@ -81,12 +88,17 @@ pub(crate) fn subscribe(
     // subscription.
     let lost = Arc::new(Mutex::new(Some(started)));
     let on_error = Arc::clone(&lost);
+    let written = probe.written.clone();
+    let written_on_error = written.clone();
     // Dropping the handle detaches the listener; it ends with the client.
     drop(subscriber.on_error(move |(_error, server)| {
         // `Some(server)`: a live connection was lost (a failed reconnection attempt
         // says `None`, and changes nothing).
         if server.is_some() {
             keep_earliest(&on_error, SystemTime::now());
+            if let Some(written) = &written_on_error {
+                written.lost_subscription();
+            }
         }
         async { Ok(()) }
     }));
@@ -111,7 +123,11 @@ pub(crate) fn subscribe(
                 Err(RecvError::Closed) => return,
             }
             let attempted = SystemTime::now();
-            if let Err(e) = subscribing.subscribe(channel.clone()).await {
+            // Whatever was announced while the connection was away is lost.
+            if let Some(written) = &written {
+                written.lost_subscription();
+            }
+            if let Err(e) = subscribing.subscribe(channels.clone()).await {
                 // The next reconnection tries again; the window stays open meanwhile.
                 tracing::warn!(target: TARGET, error = %e, "redis: no subscription to invalidations");
                 continue;
@@ -119,6 +135,9 @@ pub(crate) fn subscribe(
             let window = take(&lost).unwrap_or(subscribed_at);
             subscribed_at = attempted;
             keep_earliest(&missed, window);
+            if let Some(written) = &written {
+                written.subscribed();
+            }
             // Full: a window is already signalled, and `since` holds the earliest.
             let _ = signal.try_send(());
         }
@@ -166,6 +185,9 @@ fn spawn_probe(
                 unanswered = 0;
                 tracing::warn!(target: TARGET, "redis: the invalidations subscriber does not answer; reconnecting it");
                 keep_earliest(&lost, answered_at);
+                if let Some(written) = &probe.written {
+                    written.lost_subscription();
+                }
                 let _ = subscriber.force_reconnection().await;
             }
         }

@@ -34,7 +34,8 @@ use crate::telemetry::TARGET;
 ///
 /// `KEYS[1]` is the purge mark; then, for each entry: its key, its staged value (only
 /// for an entry staged, below), its key's mark, its tags' marks, its tags' indexes.
-/// `ARGV[1]` = 1 writes only where the key holds nothing; then, for each entry: its
+/// `ARGV[1]` = 1 writes only where the key holds nothing; `ARGV[2]` is the channel the
+/// written keys are announced on (`written.rs`), or empty; then, for each entry: its
 /// tag count, its time to live in ms, its fill's start (ms since the epoch), and its
 /// value, or an empty string for a value staged under a name of its own beforehand
 /// (an encoded entry is never empty). A small value passes through the arguments (one
@@ -101,6 +102,8 @@ enum Slot {
     Mark(usize),
     /// Every mark, in order (one `MGET`).
     Marks,
+    /// The announcement of the batch's keys (its outcome changes nothing).
+    Announce,
 }
 
 /// The time a mark holds; 0 (supersedes nothing) when it holds anything else.
@@ -364,10 +367,27 @@ impl RedisStore {
         } else if !guarded && pipeline.mget::<(), _>(marks).await.is_ok() {
             slots.push(Slot::Marks);
         }
+        // The script announces what it writes; without it, what is sent is announced
+        // (an entry superseded below then reads as present: a read, as untracked).
+        if !guarded && self.written.is_some() && !client.is_clustered() {
+            let mut announcement = String::with_capacity(sent.len() * 32);
+            for out in &sent {
+                super::written::announce(&mut announcement, out.key, out.millis.unsigned_abs());
+            }
+            let published = pipeline
+                .publish::<(), _, _>(self.written_channel.clone(), announcement)
+                .await;
+            if published.is_ok() {
+                slots.push(Slot::Announce);
+            }
+        }
         let results = pipeline.try_all::<Value>().await;
 
         let mut tally = WriteTally::default();
         let mut written = vec![false; sent.len()];
+        // What this replica wrote, for its own set of written keys: its lookups must
+        // find it as soon as the write is answered, announced or not.
+        let mut own = Vec::new();
         // A mark that cannot be read (another type, not a number) supersedes nothing.
         let mut times = vec![0_i64; mark_count];
         for (slot, result) in slots.into_iter().zip(results) {
@@ -377,7 +397,12 @@ impl RedisStore {
                         let key = sent.get(i).map(|out| out.key);
                         match code {
                             // The script checked its marks: nothing to undo below.
-                            Value::Integer(1) => tally.written += 1,
+                            Value::Integer(1) => {
+                                tally.written += 1;
+                                if let Some(out) = sent.get(i) {
+                                    own.push((out.key.fingerprint(), out.millis.unsigned_abs()));
+                                }
+                            }
                             Value::Integer(0) => {
                                 tracing::debug!(target: TARGET, key = ?key, outcome = "not-stored", detail = "invalidated");
                             }
@@ -417,10 +442,13 @@ impl RedisStore {
                     if let Some(written) = written.get_mut(i) {
                         *written = true;
                     }
+                    if let Some(out) = sent.get(i) {
+                        own.push((out.key.fingerprint(), out.millis.unsigned_abs()));
+                    }
                 }
                 (Slot::Write(_), Err(e)) => tally.failed(StoreError::command(e))?,
                 (Slot::Staged, Err(e)) => tally.failed(StoreError::command(e))?,
-                (Slot::Staged | Slot::Index, _) => {}
+                (Slot::Staged | Slot::Index | Slot::Announce, _) => {}
                 (Slot::Mark(i), Ok(value)) => times[i] = mark_time(value),
                 (Slot::Marks, Ok(Value::Array(values))) => {
                     for (time, value) in times.iter_mut().zip(values) {
@@ -436,6 +464,11 @@ impl RedisStore {
                         return Err(error);
                     }
                 }
+            }
+        }
+        if let Some(set) = &self.written {
+            if !own.is_empty() {
+                set.heard(own);
             }
         }
         // In `mark_keys` order: the purge, each entry's key, each tag of the batch.
@@ -500,6 +533,10 @@ impl RedisStore {
             args.extend(tags.iter().map(|tag| Value::from(self.keys.tag_index(tag))));
         }
         args.push(Value::Integer(i64::from(only_if_absent)));
+        args.push(match &self.written {
+            Some(_) => Value::from(self.written_channel.clone()),
+            None => Value::Bytes(Bytes::new()),
+        });
         for (out, staged) in run() {
             args.push(Value::Integer(
                 i64::try_from(tag_count(out)).unwrap_or(i64::MAX),

@@ -1,0 +1,501 @@
+//! The keys any replica wrote to Redis, as this replica heard of them, so that a
+//! lookup of a key nobody wrote need not ask Redis (`track_written_keys`).
+//!
+//! Writers announce what they wrote: the write script publishes each run's written
+//! keys (the first 16 hex digits of each, and its time to live) on `{ns}/written`;
+//! a write without the script publishes its batch in the same pipeline. What was
+//! written before this replica listened is found by a `SCAN` of the namespace's
+//! entries that starts after the subscription is up. Only then is the set complete,
+//! and a key absent from it (or past its time to live) absent from Redis.
+//!
+//! Anything that may have lost an announcement makes the set incomplete until a new
+//! scan ends: the subscriber's connection lost or re-made, the listener lagging
+//! behind, more keys than the set may hold. While incomplete, every lookup reads
+//! Redis, as without the set. A wrong "absent" (an announcement not yet arrived, a
+//! writer that cannot publish) costs one origin call, never a stale response: a
+//! miss only ever goes to the origin. A wrong "present" costs the read it would
+//! have cost anyway.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{PoisonError, RwLock};
+use std::time::{Duration, SystemTime};
+
+use fred::prelude::*;
+use fred::types::scan::Scanner;
+use tokio::sync::Notify;
+
+use super::RedisStore;
+use crate::entry::codec::millis_since_epoch;
+use crate::key::CacheKey;
+use crate::store::StoreError;
+use crate::telemetry::TARGET;
+
+/// Keys SCAN asks for a page (and PTTLs sent in one pipeline).
+const SCAN_PAGE: u32 = 1000;
+
+/// Announcements longer than this are not read (another writer's junk): a run of the
+/// write script announces at most 16 keys, a batch without it one pipeline's worth.
+const MAX_ANNOUNCEMENT_BYTES: usize = 256 * 1024;
+
+/// The state's bit: the subscription is up since the epoch began.
+const SUBSCRIBED: u64 = 0b10;
+/// The state's bit: a scan completed the set in this epoch.
+const COMPLETE: u64 = 0b01;
+
+/// The set of written keys: each key's fingerprint (`CacheKey::fingerprint`) and
+/// until when (ms since the epoch) Redis may hold it.
+pub(crate) struct WrittenKeys {
+    /// The most fingerprints held; one more makes the set incomplete until a scan.
+    max_keys: usize,
+    /// `epoch << 2 | SUBSCRIBED | COMPLETE`: each loss of announcements starts a new
+    /// epoch, and a scan completes the set only if it started subscribed and no loss
+    /// came while it ran.
+    state: AtomicU64,
+    keys: RwLock<HashMap<u64, u64, foldhash::fast::RandomState>>,
+    /// Asks the scanner for a scan (a permit is kept if it is busy).
+    rescan: Notify,
+}
+
+impl WrittenKeys {
+    pub(crate) fn new(max_keys: usize) -> Self {
+        WrittenKeys {
+            max_keys,
+            state: AtomicU64::new(0),
+            keys: RwLock::new(HashMap::default()),
+            rescan: Notify::new(),
+        }
+    }
+
+    /// Whether Redis surely holds no entry under `key`: the set is complete and has
+    /// no live fingerprint of it.
+    pub(crate) fn surely_absent(&self, key: &CacheKey) -> bool {
+        // The state is read under the lock that a loss holds while it clears the set:
+        // a lookup never sees a cleared set as complete.
+        let keys = self.keys.read().unwrap_or_else(PoisonError::into_inner);
+        if self.state.load(Ordering::Acquire) & COMPLETE == 0 {
+            return false;
+        }
+        match keys.get(&key.fingerprint()) {
+            None => true,
+            Some(until) => *until <= millis_since_epoch(SystemTime::now()),
+        }
+    }
+
+    /// Whether the set is complete.
+    pub(crate) fn complete(&self) -> bool {
+        self.state.load(Ordering::Acquire) & COMPLETE != 0
+    }
+
+    /// Records keys written, each with its time to live in ms. More keys than the
+    /// set may hold (once the expired ones are gone) make it incomplete, and ask for
+    /// a scan.
+    pub(crate) fn heard(&self, written: impl IntoIterator<Item = (u64, u64)>) {
+        let now = millis_since_epoch(SystemTime::now());
+        let mut keys = self.keys.write().unwrap_or_else(PoisonError::into_inner);
+        for (fingerprint, millis) in written {
+            let until = now.saturating_add(millis);
+            if keys.len() >= self.max_keys && !keys.contains_key(&fingerprint) {
+                keys.retain(|_, held| *held > now);
+                if keys.len() >= self.max_keys {
+                    tracing::warn!(target: TARGET, max_keys = self.max_keys, "redis: more written keys than the set may hold; reading every key until a scan finds fewer");
+                    self.lose(&mut keys, SUBSCRIBED);
+                    drop(keys);
+                    self.rescan.notify_one();
+                    return;
+                }
+            }
+            let held = keys.entry(fingerprint).or_insert(until);
+            *held = (*held).max(until);
+        }
+    }
+
+    /// Records an announcement as published; junk is ignored.
+    pub(crate) fn heard_announcement(&self, message: &[u8]) {
+        if message.len() > MAX_ANNOUNCEMENT_BYTES {
+            return;
+        }
+        let Ok(text) = std::str::from_utf8(message) else {
+            return;
+        };
+        self.heard(parse_announcement(text));
+    }
+
+    /// The subscription was lost (or is being made again): announcements may be
+    /// lost until it is back, and the set is incomplete until a scan started after
+    /// that ends.
+    pub(crate) fn lost_subscription(&self) {
+        let mut keys = self.keys.write().unwrap_or_else(PoisonError::into_inner);
+        self.lose(&mut keys, 0);
+    }
+
+    /// Announcements were dropped while the subscription stayed up: the set is
+    /// incomplete until the scan this asks for ends.
+    pub(crate) fn lost_announcements(&self) {
+        let mut keys = self.keys.write().unwrap_or_else(PoisonError::into_inner);
+        self.lose(&mut keys, SUBSCRIBED);
+        drop(keys);
+        self.rescan.notify_one();
+    }
+
+    /// The subscription is (back) up: a scan started now completes the set.
+    pub(crate) fn subscribed(&self) {
+        self.state.fetch_or(SUBSCRIBED, Ordering::AcqRel);
+        self.rescan.notify_one();
+    }
+
+    /// Forgets every key and starts a new epoch, incomplete, keeping of the
+    /// subscription's bit what `keep` says.
+    fn lose(&self, keys: &mut HashMap<u64, u64, foldhash::fast::RandomState>, keep: u64) {
+        keys.clear();
+        keys.shrink_to(0);
+        let _ = self
+            .state
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |state| {
+                Some(((state >> 2).wrapping_add(1)) << 2 | (state & keep & SUBSCRIBED))
+            });
+    }
+
+    /// The state a scan starting now would complete: `None` when the set is complete
+    /// already, or the subscription is not up (a scan then could miss what is
+    /// announced before it is).
+    fn scan_start(&self) -> Option<u64> {
+        let state = self.state.load(Ordering::Acquire);
+        (state & (SUBSCRIBED | COMPLETE) == SUBSCRIBED).then_some(state)
+    }
+
+    /// Completes the set if nothing was lost since the scan that began in `start`.
+    fn scanned(&self, start: u64) -> bool {
+        self.state
+            .compare_exchange(start, start | COMPLETE, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.keys
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+}
+
+/// One written key as announced: its first 16 hex digits, `:`, its time to live in
+/// ms.
+pub(crate) fn announce(out: &mut String, key: &CacheKey, millis: u64) {
+    use std::fmt::Write;
+    if !out.is_empty() {
+        out.push(' ');
+    }
+    let _ = write!(out, "{:016x}:{millis}", key.fingerprint());
+}
+
+/// The keys an announcement names, with their times to live; malformed words are
+/// skipped.
+fn parse_announcement(text: &str) -> impl Iterator<Item = (u64, u64)> + '_ {
+    text.split(' ').filter_map(|word| {
+        let (hex, millis) = word.split_once(':')?;
+        Some((fingerprint_of_hex(hex)?, millis.parse().ok()?))
+    })
+}
+
+/// The fingerprint 16 hex digits (the start of a key's) say.
+fn fingerprint_of_hex(hex: &str) -> Option<u64> {
+    if hex.len() != 16 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    u64::from_str_radix(hex, 16).ok()
+}
+
+/// The fingerprint in an entry's name: the 16 hex digits after the prefix.
+fn fingerprint_of_entry(name: &str, prefix: &str) -> Option<u64> {
+    fingerprint_of_hex(name.strip_prefix(prefix)?.get(..16)?)
+}
+
+/// Follows the announcements on the subscription into `written`; a listener that
+/// fell behind (messages dropped) makes the set incomplete. Ends with the store.
+fn spawn_listener(
+    mut messages: tokio::sync::broadcast::Receiver<fred::types::Message>,
+    channel: String,
+    mut closed: tokio::sync::watch::Receiver<bool>,
+    written: std::sync::Arc<WrittenKeys>,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    tokio::spawn(async move {
+        loop {
+            let received = tokio::select! {
+                received = messages.recv() => received,
+                () = crate::store::until_closed(&mut closed) => return,
+            };
+            match received {
+                Ok(message) if *message.channel == *channel => {
+                    if let Some(bytes) = message.value.as_bytes() {
+                        written.heard_announcement(bytes);
+                    }
+                }
+                Ok(_) => {}
+                Err(RecvError::Lagged(_)) => written.lost_announcements(),
+                Err(RecvError::Closed) => return,
+            }
+        }
+    });
+}
+
+/// Scans Redis whenever the set asks for it (a subscription up, a loss): each scan
+/// that ends with nothing lost since it started completes the set. A scan that fails
+/// or ends incomplete is followed by the next one after a backoff that starts at
+/// `every` and doubles up to 64 times that. Ends with the store.
+fn spawn_scanner(
+    store: std::sync::Weak<RedisStore>,
+    written: std::sync::Arc<WrittenKeys>,
+    every: Duration,
+) {
+    use tower::retry::backoff::{Backoff, ExponentialBackoffMaker, MakeBackoff};
+    use tower::util::rng::HasherRng;
+    let every = every.max(Duration::from_millis(1));
+    let most = every.saturating_mul(64);
+    let mut backoffs = ExponentialBackoffMaker::new(every, most, 0.5, HasherRng::default()).ok();
+    tokio::spawn(async move {
+        let mut backoff = backoffs.as_mut().map(MakeBackoff::make_backoff);
+        loop {
+            written.rescan.notified().await;
+            // Until complete, or the subscription is lost (its return asks again).
+            while let Some(start) = written.scan_start() {
+                let Some(store) = store.upgrade() else {
+                    return;
+                };
+                let scanned = store.scan_written(&written).await;
+                drop(store);
+                match scanned {
+                    Ok(()) if written.scanned(start) => {
+                        tracing::debug!(target: TARGET, outcome = "written-keys-complete");
+                        backoff = backoffs.as_mut().map(MakeBackoff::make_backoff);
+                        break;
+                    }
+                    // Something was lost meanwhile (too many keys, most likely).
+                    Ok(()) => {}
+                    Err(e) => {
+                        tracing::debug!(target: TARGET, error = %e, outcome = "written-keys-scan-failed");
+                    }
+                }
+                match backoff.as_mut() {
+                    Some(backoff) => backoff.next_backoff().await,
+                    None => tokio::time::sleep(every).await,
+                }
+            }
+        }
+    });
+}
+
+impl RedisStore {
+    /// Starts following the written keys, when they are tracked: the announcements
+    /// into the set, and a scan each time the set asks for one (the first once
+    /// subscribed). `every` starts the backoff after a failed scan.
+    pub(crate) fn follow_written(self: &std::sync::Arc<Self>, every: Duration) {
+        let Some(written) = &self.written else {
+            return;
+        };
+        spawn_listener(
+            self.invalidations(),
+            self.written_channel.to_string(),
+            self.closed(),
+            std::sync::Arc::clone(written),
+        );
+        spawn_scanner(
+            std::sync::Arc::downgrade(self),
+            std::sync::Arc::clone(written),
+            every,
+        );
+    }
+
+    /// Records every entry Redis holds in `written`, with its time to live: a `SCAN`
+    /// of the namespace's entries, each page's `PTTL`s in one pipeline.
+    async fn scan_written(&self, written: &WrittenKeys) -> Result<(), StoreError> {
+        use futures_util::StreamExt;
+        let client = self.healthy()?;
+        if client.is_clustered() {
+            // Each primary would need its own scan: a cluster reads every key.
+            return Err(StoreError::unavailable());
+        }
+        let prefix = self.keys.entry_prefix();
+        let mut pages = client.scan(format!("{prefix}*"), Some(SCAN_PAGE), None);
+        while let Some(page) = pages.next().await {
+            let mut page = page.map_err(StoreError::command)?;
+            if *self.closing.borrow() {
+                page.cancel();
+                return Err(StoreError::unavailable());
+            }
+            let names: Vec<Key> = page.take_results().unwrap_or_default();
+            let found: Vec<(u64, &Key)> = names
+                .iter()
+                .filter_map(|name| Some((fingerprint_of_entry(name.as_str()?, prefix)?, name)))
+                .collect();
+            if !found.is_empty() {
+                let pipeline = client.pipeline();
+                for (_, name) in &found {
+                    let _: Result<(), _> = pipeline.pttl(*name).await;
+                }
+                let ttls: Vec<Value> = pipeline.all().await.map_err(StoreError::command)?;
+                written.heard(
+                    found
+                        .iter()
+                        .zip(ttls)
+                        .filter_map(|((fingerprint, _), ttl)| {
+                            match ttl.as_i64()? {
+                                // No time to live: not ours to expire.
+                                -1 => Some((*fingerprint, u64::MAX)),
+                                millis => Some((*fingerprint, u64::try_from(millis).ok()?)),
+                            }
+                        }),
+                );
+            }
+            page.next();
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(first: u8) -> CacheKey {
+        CacheKey::from_bytes([first; 32])
+    }
+
+    fn announced(keys: &[(CacheKey, u64)]) -> String {
+        let mut text = String::new();
+        for (key, millis) in keys {
+            announce(&mut text, key, *millis);
+        }
+        text
+    }
+
+    /// A set subscribed and scanned, holding nothing.
+    fn complete(max_keys: usize) -> WrittenKeys {
+        let written = WrittenKeys::new(max_keys);
+        written.subscribed();
+        assert!(written.scanned(written.scan_start().unwrap()));
+        written
+    }
+
+    #[test]
+    fn nothing_is_absent_until_a_scan_started_subscribed_completes_the_set() {
+        let written = WrittenKeys::new(100);
+        assert!(!written.surely_absent(&key(1)));
+        assert_eq!(
+            written.scan_start(),
+            None,
+            "no scan before the subscription"
+        );
+        written.subscribed();
+        let start = written.scan_start().unwrap();
+        written.heard([(key(2).fingerprint(), 60_000)]);
+        assert!(!written.surely_absent(&key(1)));
+        assert!(written.scanned(start));
+        assert!(written.surely_absent(&key(1)));
+        assert!(!written.surely_absent(&key(2)));
+        assert_eq!(written.scan_start(), None, "complete: nothing to scan");
+    }
+
+    #[test]
+    fn a_loss_while_a_scan_runs_keeps_the_set_incomplete() {
+        for subscription in [true, false] {
+            let written = WrittenKeys::new(100);
+            written.subscribed();
+            let start = written.scan_start().unwrap();
+            written.heard([(key(2).fingerprint(), 60_000)]);
+            if subscription {
+                written.lost_subscription();
+            } else {
+                written.lost_announcements();
+            }
+            assert!(!written.scanned(start));
+            assert!(!written.surely_absent(&key(1)));
+            assert_eq!(written.len(), 0, "a loss forgets what it held");
+            if subscription {
+                // No scan until the subscription is back.
+                assert_eq!(written.scan_start(), None);
+                written.subscribed();
+            }
+            assert!(written.scanned(written.scan_start().unwrap()));
+            assert!(written.surely_absent(&key(2)));
+        }
+    }
+
+    #[test]
+    fn a_lost_subscription_completes_nothing_until_it_is_back() {
+        let written = complete(100);
+        written.lost_subscription();
+        assert!(!written.complete());
+        assert!(!written.surely_absent(&key(1)));
+        assert_eq!(written.scan_start(), None);
+        written.subscribed();
+        assert!(written.scan_start().is_some());
+    }
+
+    #[test]
+    fn an_expired_key_is_absent() {
+        let written = complete(100);
+        written.heard([(key(2).fingerprint(), 0), (key(3).fingerprint(), 60_000)]);
+        assert!(written.surely_absent(&key(2)));
+        assert!(!written.surely_absent(&key(3)));
+        // A later write of the same key lives on.
+        written.heard([(key(2).fingerprint(), 60_000)]);
+        assert!(!written.surely_absent(&key(2)));
+    }
+
+    #[test]
+    fn more_keys_than_the_set_holds_make_it_incomplete() {
+        let written = complete(3);
+        // Expired ones make room first.
+        written.heard((0..3).map(|i| (key(i).fingerprint(), 0)));
+        written.heard((3..6).map(|i| (key(i).fingerprint(), 60_000)));
+        assert!(written.complete());
+        assert_eq!(written.len(), 3);
+        written.heard([(key(9).fingerprint(), 60_000)]);
+        assert!(!written.complete());
+        assert!(!written.surely_absent(&key(7)));
+        assert_eq!(written.len(), 0);
+        // The subscription is still up: a scan may complete it again.
+        assert!(written.scan_start().is_some());
+    }
+
+    #[test]
+    fn announcements_roundtrip_and_junk_is_skipped() {
+        let written = complete(100);
+        let keys = [(key(0xab), 5_000), (key(0x01), u64::MAX)];
+        let text = announced(&keys);
+        assert_eq!(
+            text,
+            format!("{}:5000 {}:{}", "ab".repeat(8), "01".repeat(8), u64::MAX)
+        );
+        let junk = format!(
+            "{text} zz{h}:1 {h}:x {h} :5 {short}:1 {long}:1 {plus}:1  \u{e9}",
+            h = "cd".repeat(8),
+            short = "cd".repeat(7),
+            long = "cd".repeat(9),
+            plus = format_args!("+{}", "c".repeat(15)),
+        );
+        written.heard_announcement(junk.as_bytes());
+        written.heard_announcement(&[0xff, 0xfe, b' ']);
+        written.heard_announcement(" ".repeat(MAX_ANNOUNCEMENT_BYTES + 1).as_bytes());
+        assert_eq!(written.len(), 2);
+        assert!(!written.surely_absent(&key(0xab)));
+        assert!(!written.surely_absent(&key(0x01)));
+        assert!(written.surely_absent(&key(0xcd)));
+    }
+
+    #[test]
+    fn an_entry_name_gives_its_fingerprint() {
+        let name = format!("ns/v1:{}", key(0x5a).to_hex());
+        assert_eq!(
+            fingerprint_of_entry(&name, "ns/v1:"),
+            Some(key(0x5a).fingerprint())
+        );
+        assert_eq!(fingerprint_of_entry("ns/v1:5a5a", "ns/v1:"), None);
+        assert_eq!(fingerprint_of_entry(&name, "other/v1:"), None);
+        let accented = format!("ns/v1:{}", "\u{e9}".repeat(8));
+        assert_eq!(fingerprint_of_entry(&accented, "ns/v1:"), None);
+    }
+}

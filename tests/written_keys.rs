@@ -1,0 +1,322 @@
+//! `RedisConfig::track_written_keys` against real `redis-server` processes: a lookup of
+//! a key no replica wrote skips Redis; a key another replica wrote (announced, or
+//! found by the scan of a replica started later, or written while its subscriber was
+//! cut off) is read; junk on the channel and more keys than the set holds cost reads,
+//! never a wrong answer.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+#[path = "support/fault_proxy.rs"]
+mod fault_proxy;
+
+use std::time::Duration;
+
+use fault_proxy::{Fault, FaultProxy};
+use support::redis::RedisServer;
+use support::{call, eventually, get, get_with, Origin};
+use tower_hybrid_cache::{HybridCache, RedisConfig};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+async fn replica(redis_url: &str, max_keys: Option<usize>) -> HybridCache {
+    let mut config = RedisConfig::new(redis_url)
+        .command_timeout(Duration::from_millis(200))
+        .deadline(Duration::from_millis(200))
+        .probe_interval(Duration::from_millis(50))
+        .probe_timeout(Duration::from_millis(50));
+    if let Some(max_keys) = max_keys {
+        config = config.track_written_keys(max_keys);
+    }
+    HybridCache::builder()
+        .namespace("jobs")
+        .redis(config)
+        .build()
+        .await
+        .unwrap()
+}
+
+/// Waits until `cache`'s set of written keys is complete (or, with `false`, not).
+async fn written_keys_complete(cache: &HybridCache, complete: bool) {
+    eventually("the written keys' set", WAIT, || async {
+        cache
+            .redis_health()
+            .is_some_and(|h| h.written_keys_complete == Some(complete))
+    })
+    .await;
+}
+
+/// Waits for the capability check on connecting, which sends a GET of its own.
+async fn capabilities_checked(cache: &HybridCache) {
+    eventually("the capability check", WAIT, || async {
+        cache
+            .redis_health()
+            .is_some_and(|h| h.server_version.is_some())
+    })
+    .await;
+}
+
+fn app(origin: &Origin, cache: &HybridCache) -> axum::Router {
+    origin
+        .router()
+        .layer(cache.layer().ttl(Duration::from_secs(60)))
+}
+
+/// Asks `cache` for `url` without letting it call the origin: what it holds, or 504.
+async fn only_if_cached(origin: &Origin, cache: &HybridCache, url: &str) -> support::Got {
+    call(
+        app(origin, cache),
+        get_with(url, &[("cache-control", "only-if-cached")]),
+    )
+    .await
+}
+
+/// Asks `cache` for `url` (only if cached) until it is a hit, within `WAIT`.
+async fn hit_eventually(origin: &Origin, cache: &HybridCache, url: &str) -> support::Got {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let got = only_if_cached(origin, cache, url).await;
+        if got.is_hit() {
+            return got;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{url} never a hit: {}",
+            got.cache_status()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Stores `url` through `cache` and waits until Redis has it.
+async fn store(origin: &Origin, cache: &HybridCache, url: &str) -> support::Got {
+    let written = cache.stats().redis_writes;
+    let got = call(app(origin, cache), get(url)).await;
+    assert!(
+        got.cache_status().contains("stored"),
+        "{}",
+        got.cache_status()
+    );
+    eventually("the write to reach Redis", WAIT, || async {
+        cache.stats().redis_writes > written
+    })
+    .await;
+    got
+}
+
+#[tokio::test]
+async fn a_key_no_replica_wrote_is_a_miss_without_a_redis_read() {
+    let redis = RedisServer::start();
+    let origin = Origin::new();
+    let cache = replica(&redis.url(), Some(1000)).await;
+    capabilities_checked(&cache).await;
+    written_keys_complete(&cache, true).await;
+    let gets = redis.command_stat("get", "calls");
+    for n in 0..5 {
+        // Not stored: no write script (whose mark reads are GETs) runs after it.
+        let url = format!("http://api.test/jobs/{n}?h=cache-control:no-store");
+        let got = call(app(&origin, &cache), get(&url)).await;
+        assert!(
+            got.cache_status().contains("fwd=uri-miss"),
+            "{}",
+            got.cache_status()
+        );
+    }
+    assert_eq!(cache.stats().redis_reads_skipped, 5);
+    assert_eq!(
+        redis.command_stat("get", "calls"),
+        gets,
+        "no GET for unwritten keys"
+    );
+    assert_eq!(origin.log.calls(), 5);
+
+    // Untracked, every lookup reads.
+    let untracked = replica(&redis.url(), None).await;
+    capabilities_checked(&untracked).await;
+    assert_eq!(
+        untracked.redis_health().unwrap().written_keys_complete,
+        None
+    );
+    let gets = redis.command_stat("get", "calls");
+    call(
+        app(&origin, &untracked),
+        get("http://api.test/jobs/9?h=cache-control:no-store"),
+    )
+    .await;
+    assert_eq!(untracked.stats().redis_reads_skipped, 0);
+    assert_eq!(redis.command_stat("get", "calls"), gets + 1);
+}
+
+#[tokio::test]
+async fn a_key_another_replica_wrote_is_read_once_announced() {
+    let redis = RedisServer::start();
+    let origin = Origin::new();
+    let (one, two) = (
+        replica(&redis.url(), Some(1000)).await,
+        replica(&redis.url(), Some(1000)).await,
+    );
+    written_keys_complete(&one, true).await;
+    written_keys_complete(&two, true).await;
+    // Inline in the script's arguments, and staged (a large value).
+    for url in [
+        "http://api.test/jobs/7",
+        "http://api.test/jobs/8?size=20000",
+    ] {
+        let first = store(&origin, &one, url).await;
+        let calls = origin.log.calls();
+        // Before the announcement arrives, `two` answers 504 without asking Redis.
+        let found = hit_eventually(&origin, &two, url).await;
+        assert!(
+            found.cache_status().ends_with("detail=redis"),
+            "{}",
+            found.cache_status()
+        );
+        assert_eq!(found.body, first.body, "{url}");
+        assert_eq!(
+            origin.log.calls(),
+            calls,
+            "only-if-cached never calls the origin"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_replica_started_after_a_write_finds_it_by_its_scan() {
+    let redis = RedisServer::start();
+    let origin = Origin::new();
+    let one = replica(&redis.url(), Some(1000)).await;
+    let url = "http://api.test/jobs/11";
+    let first = store(&origin, &one, url).await;
+    let later = replica(&redis.url(), Some(1000)).await;
+    written_keys_complete(&later, true).await;
+    let found = only_if_cached(&origin, &later, url).await;
+    assert!(found.is_hit(), "{}", found.cache_status());
+    assert_eq!(found.body, first.body);
+    // A key nobody wrote is still skipped.
+    let none = only_if_cached(&origin, &later, "http://api.test/jobs/12").await;
+    assert_eq!(none.status, 504);
+    assert_eq!(later.stats().redis_reads_skipped, 1);
+}
+
+/// Announcements lost while a replica's connections were cut (reset at once, or
+/// silently discarding) are made up for by the scan after its subscriber is back.
+#[tokio::test]
+async fn a_write_announced_while_the_subscriber_was_cut_off_is_found_by_the_next_scan() {
+    for fault in [Fault::Reset, Fault::Discard] {
+        let redis = RedisServer::start();
+        let proxy = FaultProxy::start(redis.port());
+        let origin = Origin::new();
+        let one = replica(&redis.url(), Some(1000)).await;
+        let two = replica(&proxy.url(), Some(1000)).await;
+        written_keys_complete(&two, true).await;
+        proxy.set(fault.clone());
+        written_keys_complete(&two, false).await;
+        let url = "http://api.test/jobs/13";
+        let first = store(&origin, &one, url).await;
+        proxy.set(Fault::None);
+        written_keys_complete(&two, true).await;
+        // Read (the connection the reads use may take a moment longer to be back),
+        // never skipped: the scan found it.
+        let skipped = two.stats().redis_reads_skipped;
+        let found = hit_eventually(&origin, &two, url).await;
+        assert_eq!(found.body, first.body, "{fault:?}");
+        assert_eq!(two.stats().redis_reads_skipped, skipped, "{fault:?}");
+    }
+}
+
+#[tokio::test]
+async fn junk_on_the_channel_is_ignored() {
+    let redis = RedisServer::start();
+    let origin = Origin::new();
+    let cache = replica(&redis.url(), Some(1000)).await;
+    written_keys_complete(&cache, true).await;
+    for junk in [
+        "",
+        " ",
+        "hello",
+        "ffffffffffffffff",
+        "ffffffffffffffff:",
+        "ffffffffffffffff:-1",
+        "ffffffffffffffff:99999999999999999999999",
+        "fffffffffffffff:1 :1 :: ::::",
+    ] {
+        redis.cli(&["PUBLISH", "jobs/written", junk]);
+    }
+    // Over the most an announcement may be, and not text.
+    let huge = format!("{}:1 ", "9".repeat(16)).repeat(1 << 15);
+    for bytes in [huge.as_bytes(), &[0xff, 0xfe, 0x00, b':']] {
+        redis.cli_with_input(&["PUBLISH", "jobs/written"], bytes);
+    }
+    // The set is still complete, and a key nobody wrote still skipped.
+    let announced = "http://api.test/jobs/14";
+    let skipped = cache.stats().redis_reads_skipped;
+    let miss = only_if_cached(&origin, &cache, announced).await;
+    assert_eq!(miss.status, 504);
+    assert_eq!(cache.stats().redis_reads_skipped, skipped + 1);
+    assert!(cache.redis_health().unwrap().written_keys_complete == Some(true));
+}
+
+#[tokio::test]
+async fn more_keys_in_redis_than_the_set_holds_read_every_key() {
+    let redis = RedisServer::start();
+    let origin = Origin::new();
+    let writer = replica(&redis.url(), None).await;
+    let small = replica(&redis.url(), Some(2)).await;
+    written_keys_complete(&small, true).await;
+    for n in 0..3 {
+        store(&origin, &writer, &format!("http://api.test/jobs/2{n}")).await;
+    }
+    // The writer announces nothing (untracked): `small` learns of them only by
+    // scanning, which finds more than it holds.
+    for n in 3..6 {
+        store(&origin, &small, &format!("http://api.test/jobs/2{n}")).await;
+    }
+    written_keys_complete(&small, false).await;
+    let skipped = small.stats().redis_reads_skipped;
+    for n in 0..6 {
+        let found = only_if_cached(&origin, &small, &format!("http://api.test/jobs/2{n}")).await;
+        assert!(found.is_hit(), "{n}: {}", found.cache_status());
+    }
+    assert_eq!(small.stats().redis_reads_skipped, skipped);
+    // Scans go on (backing off) and keep finding too many.
+    assert_eq!(
+        small.redis_health().unwrap().written_keys_complete,
+        Some(false)
+    );
+}
+
+/// A replica whose Redis user may not run scripts writes without the script, and
+/// announces its batch in the same pipeline.
+#[tokio::test]
+async fn a_write_without_the_script_is_announced_too() {
+    let redis = RedisServer::start();
+    assert_eq!(
+        redis.cli(&[
+            "ACL",
+            "SETUSER",
+            "noscripts",
+            "on",
+            ">pw",
+            "~jobs/*",
+            "&*",
+            "+@all",
+            "-eval",
+            "-evalsha",
+        ]),
+        "OK"
+    );
+    let origin = Origin::new();
+    let url = format!("redis://noscripts:pw@127.0.0.1:{}", redis.port());
+    let writer = replica(&url, Some(1000)).await;
+    let reader = replica(&redis.url(), Some(1000)).await;
+    written_keys_complete(&writer, true).await;
+    written_keys_complete(&reader, true).await;
+    let page = "http://api.test/jobs/30";
+    let first = store(&origin, &writer, page).await;
+    capabilities_checked(&writer).await;
+    let missing = writer.redis_health().unwrap().missing_commands;
+    assert!(missing.iter().any(|c| c == "eval"), "{missing:?}");
+    let found = hit_eventually(&origin, &reader, page).await;
+    assert_eq!(found.body, first.body);
+}
