@@ -164,6 +164,11 @@ impl WrittenKeys {
         (state & (SUBSCRIBED | COMPLETE) == SUBSCRIBED).then_some(state)
     }
 
+    /// Whether the state is still `start`: nothing lost, not completed.
+    fn unchanged_since(&self, start: u64) -> bool {
+        self.state.load(Ordering::Acquire) == start
+    }
+
     /// Completes the set if nothing was lost since the scan that began in `start`.
     fn scanned(&self, start: u64) -> bool {
         self.state
@@ -264,7 +269,7 @@ fn spawn_scanner(
                 let Some(store) = store.upgrade() else {
                     return;
                 };
-                let scanned = store.scan_written(&written).await;
+                let scanned = store.scan_written(&written, start).await;
                 drop(store);
                 match scanned {
                     Ok(()) if written.scanned(start) => {
@@ -295,6 +300,11 @@ impl RedisStore {
         let Some(written) = &self.written else {
             return;
         };
+        // One scan would not cover a cluster's primaries: the set stays incomplete
+        // (and writes there announce nothing).
+        if self.pool.next().is_clustered() {
+            return;
+        }
         spawn_listener(
             self.invalidations(),
             self.written_channel.to_string(),
@@ -309,8 +319,10 @@ impl RedisStore {
     }
 
     /// Records every entry Redis holds in `written`, with its time to live: a `SCAN`
-    /// of the namespace's entries, each page's `PTTL`s in one pipeline.
-    async fn scan_written(&self, written: &WrittenKeys) -> Result<(), StoreError> {
+    /// of the namespace's entries, each page's `PTTL`s in one pipeline. Stops early
+    /// once something was lost since `start` (more keys than the set holds, most
+    /// likely): the scan could not complete the set then.
+    async fn scan_written(&self, written: &WrittenKeys, start: u64) -> Result<(), StoreError> {
         use futures_util::StreamExt;
         let client = self.healthy()?;
         if client.is_clustered() {
@@ -324,6 +336,10 @@ impl RedisStore {
             if *self.closing.borrow() {
                 page.cancel();
                 return Err(StoreError::unavailable());
+            }
+            if !written.unchanged_since(start) {
+                page.cancel();
+                return Ok(());
             }
             let names: Vec<Key> = page.take_results().unwrap_or_default();
             let found: Vec<(u64, &Key)> = names
