@@ -9,7 +9,7 @@ mod support;
 use std::time::Duration;
 
 use support::redis::RedisServer;
-use support::{call, eventually, get, Origin};
+use support::{call, capabilities_checked, eventually, get, Origin};
 use tower_hybrid_cache::{HybridCache, KeyAuthority, RedisConfig};
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -25,18 +25,6 @@ async fn replica(redis_url: &str) -> HybridCache {
         .build()
         .await
         .unwrap()
-}
-
-/// Waits for `cache`'s capability check on connecting, which sends commands of its
-/// own (a GET among its probes): done once the server's version is known (read after
-/// the probes). Seen: 11 GETs for 10 lookups when the check ran late, under load.
-async fn capabilities_checked(cache: &HybridCache) {
-    eventually("the capability check", WAIT, || async {
-        cache
-            .redis_health()
-            .is_some_and(|h| h.server_version.is_some())
-    })
-    .await;
 }
 
 fn app(origin: &Origin, cache: &HybridCache) -> axum::Router {
@@ -289,7 +277,7 @@ async fn each_lookup_costs_redis_one_get() {
         cache.stats().redis_writes == 1
     })
     .await;
-    capabilities_checked(&cache).await;
+    capabilities_checked(&cache, WAIT).await;
     assert_eq!(redis.cli(&["CONFIG", "RESETSTAT"]), "OK");
     for _ in 0..10 {
         assert!(call(app.clone(), get("http://api.test/counted"))
@@ -628,8 +616,8 @@ async fn near_cache_reads_memory_first_with_bounded_staleness() {
         "{}",
         first.cache_status()
     );
-    capabilities_checked(&writer).await;
-    capabilities_checked(&near).await;
+    capabilities_checked(&writer, WAIT).await;
+    capabilities_checked(&near, WAIT).await;
     assert_eq!(redis.cli(&["CONFIG", "RESETSTAT"]), "OK");
     let again = call(near_app.clone(), get(url)).await;
     assert!(

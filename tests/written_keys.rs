@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use fault_proxy::{Fault, FaultProxy};
 use support::redis::RedisServer;
-use support::{call, eventually, get, get_with, Origin};
+use support::{call, capabilities_checked, eventually, get, get_with, Origin};
 use tower_hybrid_cache::{HybridCache, RedisConfig};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -43,16 +43,6 @@ async fn written_keys_complete(cache: &HybridCache, complete: bool) {
         cache
             .redis_health()
             .is_some_and(|h| h.written_keys_complete == Some(complete))
-    })
-    .await;
-}
-
-/// Waits for the capability check on connecting, which sends a GET of its own.
-async fn capabilities_checked(cache: &HybridCache) {
-    eventually("the capability check", WAIT, || async {
-        cache
-            .redis_health()
-            .is_some_and(|h| h.server_version.is_some())
     })
     .await;
 }
@@ -110,7 +100,7 @@ async fn a_key_no_replica_wrote_is_a_miss_without_a_redis_read() {
     let redis = RedisServer::start();
     let origin = Origin::new();
     let cache = replica(&redis.url(), Some(1000)).await;
-    capabilities_checked(&cache).await;
+    capabilities_checked(&cache, WAIT).await;
     written_keys_complete(&cache, true).await;
     let gets = redis.command_stat("get", "calls");
     for n in 0..5 {
@@ -133,7 +123,7 @@ async fn a_key_no_replica_wrote_is_a_miss_without_a_redis_read() {
 
     // Untracked, every lookup reads.
     let untracked = replica(&redis.url(), None).await;
-    capabilities_checked(&untracked).await;
+    capabilities_checked(&untracked, WAIT).await;
     assert_eq!(
         untracked.redis_health().unwrap().written_keys_complete,
         None
@@ -314,7 +304,7 @@ async fn a_write_without_the_script_is_announced_too() {
     written_keys_complete(&reader, true).await;
     let page = "http://api.test/jobs/30";
     let first = store(&origin, &writer, page).await;
-    capabilities_checked(&writer).await;
+    capabilities_checked(&writer, WAIT).await;
     let missing = writer.redis_health().unwrap().missing_commands;
     assert!(missing.iter().any(|c| c == "eval"), "{missing:?}");
     let found = hit_eventually(&origin, &reader, page).await;
