@@ -14,7 +14,8 @@
 //! - `tagged-misses`: `misses` with four tags on every response (`Cache-Tag`), each
 //!   indexed in Redis as the entry is written;
 //! - `tracked-misses`: `misses` with `track_written_keys`: no miss reads Redis (its
-//!   key is known unwritten), and each write is announced and heard back.
+//!   key is known unwritten), and each write is announced and heard back;
+//!   `tracked-hits`: `hits` with it (each hit's key looked up in the set first).
 //!
 //! ```text
 //! cargo bench --bench redis_instructions --no-run   # prints the binary's path
@@ -135,12 +136,12 @@ async fn main() {
             drive!(origin, 0..requests, in_flight);
         }
         "hits" | "memory-misses" | "read-misses" | "misses" | "tagged-misses"
-        | "tracked-misses" => {
+        | "tracked-misses" | "tracked-hits" => {
             let mut config = RedisConfig::new(redis.url());
             if mode == "read-misses" {
                 config = config.max_value_bytes(1);
             }
-            let tracked = mode == "tracked-misses";
+            let tracked = mode.starts_with("tracked-");
             if tracked {
                 config = config.track_written_keys(1 << 20);
             }
@@ -167,7 +168,7 @@ async fn main() {
             });
             let service =
                 tower::Layer::layer(&cache.layer().ttl(Duration::from_secs(3600)), origin);
-            if mode == "hits" {
+            if mode.ends_with("hits") {
                 drive!(service, 0..KEYS, 1);
                 let dropped = support::redis_written(&cache, KEYS as u64).await;
                 assert_eq!(dropped, 0, "every key in Redis before the hits");
@@ -197,7 +198,7 @@ async fn main() {
             }
         }
         other => panic!(
-            "unknown mode {other}: bare, hits, memory-misses, read-misses, misses, tagged-misses or tracked-misses"
+            "unknown mode {other}: bare, hits, memory-misses, read-misses, misses, tagged-misses, tracked-misses or tracked-hits"
         ),
     }
     if std::env::var_os("BENCH_REDIS_STATS").is_some() {
