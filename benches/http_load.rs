@@ -1,8 +1,9 @@
 //! HTTP load benchmark: the layer against its baselines, in one run on one machine.
 //!
 //! `cargo bench --bench http_load` (options after `--`: `--seconds 2 --rounds 10
-//! --connections 32 --memory-requests 200000`, and `--http2` for the load over HTTP/2
-//! with prior knowledge).
+//! --connections 32 --memory-requests 200000`, `--http2` for the load over HTTP/2
+//! with prior knowledge, and `--rate N` to send at most N requests/s in all, so that
+//! CPU per request is compared at a rate every side sustains).
 //!
 //! - (a) a handler returning pre-rendered bytes;
 //! - (b) the same route behind the layer, every request a memory hit; (b‴) the same
@@ -71,7 +72,7 @@ mod load;
 mod document;
 
 use document::{render, Seed};
-use load::{load, median, Run, Urls, HTTP2};
+use load::{load, median, Run, Urls, HTTP2, RATE};
 
 struct Args {
     /// Pairs to run (`hits`, `hits-swr-tags`, `search`, `misses`, `redis`,
@@ -127,6 +128,9 @@ fn args() -> Args {
     }
     if std::env::args().any(|a| a == "--http2") {
         HTTP2.store(true, Ordering::Relaxed);
+    }
+    if let Some(v) = value("--rate") {
+        RATE.store(v.parse().expect("--rate N"), Ordering::Relaxed);
     }
     if let Some(v) = value("--memory-requests") {
         args.memory_requests = v.parse().expect("--memory-requests N");

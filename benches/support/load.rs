@@ -17,6 +17,12 @@ use hyper_util::rt::TokioIo;
 /// two protocols see the same concurrency.
 pub(crate) static HTTP2: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
+/// The most requests a second the load generator sends, over all its connections
+/// (`--rate N`); 0: as fast as the answers come. A paced load measures CPU per request
+/// at a rate every side sustains (a side whose Redis falls behind drops writes, and
+/// looks cheaper for it).
+pub(crate) static RATE: AtomicU64 = AtomicU64::new(0);
+
 pub(crate) struct Run {
     /// Responses received.
     pub(crate) requests: u64,
@@ -80,6 +86,11 @@ pub(crate) async fn load(
     let deadline = Instant::now() + Duration::from_secs_f64(seconds);
     let started = Instant::now();
     let cpu_started = cpu_seconds();
+    // Each connection's share of the rate, as the time between its sends.
+    let every = match RATE.load(Ordering::Relaxed) {
+        0 => None,
+        rate => Some(Duration::from_secs_f64(connections as f64 / rate as f64)),
+    };
     let tasks: Vec<_> = (0..connections)
         .map(|_| {
             let counter = counter.clone();
@@ -88,7 +99,17 @@ pub(crate) async fn load(
                 stream.set_nodelay(true).unwrap();
                 let mut sender = Sender::connect(stream).await;
                 let mut latencies = Vec::with_capacity(100_000);
+                let mut ticks = every.map(|every| {
+                    let mut ticks = tokio::time::interval(every);
+                    // Behind schedule, send at once and keep the pace from there
+                    // (no burst to catch up).
+                    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    ticks
+                });
                 while Instant::now() < deadline {
+                    if let Some(ticks) = ticks.as_mut() {
+                        ticks.tick().await;
+                    }
                     let sep = if path.contains('?') { '&' } else { '?' };
                     let uri = match urls {
                         Urls::Same => path.to_owned(),
