@@ -43,40 +43,67 @@ const SUBSCRIBED: u64 = 0b10;
 /// The state's bit: a scan completed the set in this epoch.
 const COMPLETE: u64 = 0b01;
 
+/// Shards of the set, each behind its own lock, by a fingerprint's top four bits: a
+/// shard's sweep (below) holds up only the lookups of its sixteenth.
+const SHARDS: usize = 16;
+
+/// One shard: fingerprints, and until when (ms since the epoch) Redis may hold each.
+type Shard = HashMap<u64, u64, foldhash::fast::RandomState>;
+
 /// The set of written keys: each key's fingerprint (`CacheKey::fingerprint`) and
-/// until when (ms since the epoch) Redis may hold it.
+/// until when Redis may hold it, in `SHARDS` shards.
 pub(crate) struct WrittenKeys {
-    /// The most fingerprints held; one more makes the set incomplete until a scan.
-    max_keys: usize,
+    /// The most fingerprints a shard holds (`max_keys` spread over the shards).
+    shard_max: usize,
     /// `epoch << 2 | SUBSCRIBED | COMPLETE`: each loss of announcements starts a new
     /// epoch, and a scan completes the set only if it started subscribed and no loss
     /// came while it ran.
     state: AtomicU64,
-    keys: RwLock<HashMap<u64, u64, foldhash::fast::RandomState>>,
+    shards: [RwLock<Shard>; SHARDS],
     /// Asks the scanner for a scan (a permit is kept if it is busy).
     rescan: Notify,
+}
+
+/// What recording one key came to.
+enum Recorded {
+    Held,
+    /// Its shard is full of live keys.
+    Full,
 }
 
 impl WrittenKeys {
     pub(crate) fn new(max_keys: usize) -> Self {
         WrittenKeys {
-            max_keys,
+            shard_max: max_keys.div_ceil(SHARDS).max(1),
             state: AtomicU64::new(0),
-            keys: RwLock::new(HashMap::default()),
+            shards: std::array::from_fn(|_| RwLock::new(Shard::default())),
             rescan: Notify::new(),
         }
+    }
+
+    /// The shard a fingerprint belongs to.
+    fn shard(&self, fingerprint: u64) -> &RwLock<Shard> {
+        let [first, ..] = &self.shards;
+        // The top four bits: always a shard.
+        let at = usize::try_from(fingerprint >> 60).unwrap_or(0);
+        self.shards.get(at).unwrap_or(first)
     }
 
     /// Whether Redis surely holds no entry under `key`: the set is complete and has
     /// no live fingerprint of it.
     pub(crate) fn surely_absent(&self, key: &CacheKey) -> bool {
-        // The state is read under the lock that a loss holds while it clears the set:
-        // a lookup never sees a cleared set as complete.
-        let keys = self.keys.read().unwrap_or_else(PoisonError::into_inner);
+        let fingerprint = key.fingerprint();
+        // The state is read under the shard's lock, which a loss holds (with every
+        // other shard's) while it clears them: a lookup never sees a cleared shard
+        // as complete.
+        let shard = self
+            .shard(fingerprint)
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
         if self.state.load(Ordering::Acquire) & COMPLETE == 0 {
             return false;
         }
-        match keys.get(&key.fingerprint()) {
+        match shard.get(&fingerprint) {
             None => true,
             Some(until) => *until <= millis_since_epoch(SystemTime::now()),
         }
@@ -87,27 +114,41 @@ impl WrittenKeys {
         self.state.load(Ordering::Acquire) & COMPLETE != 0
     }
 
-    /// Records keys written, each with its time to live in ms. More keys than the
-    /// set may hold (once the expired ones are gone) make it incomplete, and ask for
-    /// a scan.
+    /// Records keys written, each with its time to live in ms. A shard full of live
+    /// keys makes the set incomplete, and asks for a scan.
     pub(crate) fn heard(&self, written: impl IntoIterator<Item = (u64, u64)>) {
         let now = millis_since_epoch(SystemTime::now());
-        let mut keys = self.keys.write().unwrap_or_else(PoisonError::into_inner);
         for (fingerprint, millis) in written {
             let until = now.saturating_add(millis);
-            if keys.len() >= self.max_keys && !keys.contains_key(&fingerprint) {
-                keys.retain(|_, held| *held > now);
-                if keys.len() >= self.max_keys {
-                    tracing::warn!(target: TARGET, max_keys = self.max_keys, "redis: more written keys than the set may hold; reading every key until a scan finds fewer");
-                    self.lose(&mut keys, SUBSCRIBED);
-                    drop(keys);
-                    self.rescan.notify_one();
-                    return;
-                }
+            let recorded = {
+                let mut shard = self
+                    .shard(fingerprint)
+                    .write()
+                    .unwrap_or_else(PoisonError::into_inner);
+                self.record(&mut shard, fingerprint, until, now)
+            };
+            if let Recorded::Full = recorded {
+                tracing::warn!(target: TARGET, max_keys = self.shard_max * SHARDS, "redis: more written keys than the set may hold; reading every key until a scan finds fewer");
+                self.lost_announcements();
+                return;
             }
-            let held = keys.entry(fingerprint).or_insert(until);
-            *held = (*held).max(until);
         }
+    }
+
+    /// Adds one key to its shard. A full shard first drops its expired keys; if more
+    /// than seven eighths of it are still live, it is full: so a sweep, which visits
+    /// the whole shard, comes at most once every eighth of a shard's keys recorded.
+    fn record(&self, shard: &mut Shard, fingerprint: u64, until: u64, now: u64) -> Recorded {
+        if shard.len() >= self.shard_max && !shard.contains_key(&fingerprint) {
+            shard.retain(|_, held| *held > now);
+            let room = (self.shard_max / 8).max(1);
+            if shard.len() + room > self.shard_max {
+                return Recorded::Full;
+            }
+        }
+        let held = shard.entry(fingerprint).or_insert(until);
+        *held = (*held).max(until);
+        Recorded::Held
     }
 
     /// Records an announcement as published; junk is ignored.
@@ -125,16 +166,13 @@ impl WrittenKeys {
     /// lost until it is back, and the set is incomplete until a scan started after
     /// that ends.
     pub(crate) fn lost_subscription(&self) {
-        let mut keys = self.keys.write().unwrap_or_else(PoisonError::into_inner);
-        self.lose(&mut keys, 0);
+        self.lose(0);
     }
 
     /// Announcements were dropped while the subscription stayed up: the set is
     /// incomplete until the scan this asks for ends.
     pub(crate) fn lost_announcements(&self) {
-        let mut keys = self.keys.write().unwrap_or_else(PoisonError::into_inner);
-        self.lose(&mut keys, SUBSCRIBED);
-        drop(keys);
+        self.lose(SUBSCRIBED);
         self.rescan.notify_one();
     }
 
@@ -145,15 +183,23 @@ impl WrittenKeys {
     }
 
     /// Forgets every key and starts a new epoch, incomplete, keeping of the
-    /// subscription's bit what `keep` says.
-    fn lose(&self, keys: &mut HashMap<u64, u64, foldhash::fast::RandomState>, keep: u64) {
-        keys.clear();
-        keys.shrink_to(0);
+    /// subscription's bit what `keep` says. Every shard's lock is held meanwhile
+    /// (taken in order, as nothing else takes two).
+    fn lose(&self, keep: u64) {
+        let mut shards: Vec<_> = self
+            .shards
+            .iter()
+            .map(|shard| shard.write().unwrap_or_else(PoisonError::into_inner))
+            .collect();
         let _ = self
             .state
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |state| {
                 Some(((state >> 2).wrapping_add(1)) << 2 | (state & keep & SUBSCRIBED))
             });
+        for shard in &mut shards {
+            shard.clear();
+            shard.shrink_to(0);
+        }
     }
 
     /// The state a scan starting now would complete: `None` when the set is complete
@@ -178,10 +224,10 @@ impl WrittenKeys {
 
     #[cfg(test)]
     fn len(&self) -> usize {
-        self.keys
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .len()
+        self.shards
+            .iter()
+            .map(|shard| shard.read().unwrap_or_else(PoisonError::into_inner).len())
+            .sum()
     }
 }
 
@@ -462,8 +508,9 @@ mod tests {
     }
 
     #[test]
-    fn more_keys_than_the_set_holds_make_it_incomplete() {
-        let written = complete(3);
+    fn more_keys_than_a_shard_holds_make_the_set_incomplete() {
+        // Three keys a shard; `key(i)` for i < 16 is in the first shard.
+        let written = complete(3 * SHARDS);
         // Expired ones make room first.
         written.heard((0..3).map(|i| (key(i).fingerprint(), 0)));
         written.heard((3..6).map(|i| (key(i).fingerprint(), 60_000)));
@@ -475,6 +522,40 @@ mod tests {
         assert_eq!(written.len(), 0);
         // The subscription is still up: a scan may complete it again.
         assert!(written.scan_start().is_some());
+    }
+
+    #[test]
+    fn a_shard_still_seven_eighths_live_after_its_sweep_is_full() {
+        // Sixteen keys a shard; fingerprints under 2^60 are in the first shard.
+        let written = complete(16 * SHARDS);
+        written.heard([(100, 0)]);
+        written.heard((0..15).map(|fingerprint| (fingerprint, 60_000)));
+        assert_eq!(written.len(), 16);
+        // The sweep drops the expired key, but leaves room for one key, not two: a
+        // sweep on every insert from here would visit the shard each time.
+        written.heard([(200, 60_000)]);
+        assert!(!written.complete());
+        // One expired key more would have left room enough.
+        let written = complete(16 * SHARDS);
+        written.heard([(100, 0), (101, 0)]);
+        written.heard((0..14).map(|fingerprint| (fingerprint, 60_000)));
+        written.heard([(200, 60_000)]);
+        assert!(written.complete());
+        assert_eq!(written.len(), 15);
+    }
+
+    #[test]
+    fn keys_in_every_shard_are_found() {
+        let written = complete(100 * SHARDS);
+        let keys: Vec<CacheKey> = (0..=255).map(key).collect();
+        written.heard(keys.iter().map(|key| (key.fingerprint(), 60_000)));
+        assert_eq!(written.len(), 256);
+        for key in &keys {
+            assert!(!written.surely_absent(key));
+        }
+        let mut other = [1; 32];
+        other[0] = 0xf0;
+        assert!(written.surely_absent(&CacheKey::from_bytes(other)));
     }
 
     #[test]
