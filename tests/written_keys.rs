@@ -311,3 +311,49 @@ async fn a_write_without_the_script_is_announced_too() {
     let found = hit_eventually(&origin, &reader, page).await;
     assert_eq!(found.body, first.body);
 }
+
+/// A user allowed the invalidations' channel but not the written keys' keeps its
+/// invalidations subscribed and reads every key; allowed it later, the probe
+/// subscribes and the set completes.
+#[tokio::test]
+async fn a_user_not_allowed_the_channel_keeps_its_invalidations_and_reads() {
+    let redis = RedisServer::start();
+    assert_eq!(
+        redis.cli(&[
+            "ACL",
+            "SETUSER",
+            "limited",
+            "on",
+            ">pw",
+            "~jobs/*",
+            "&jobs/invalidations",
+            "+@all",
+        ]),
+        "OK"
+    );
+    let origin = Origin::new();
+    let url = format!("redis://limited:pw@127.0.0.1:{}", redis.port());
+    let cache = replica(&url, Some(1000)).await;
+    eventually("the invalidations subscribed", WAIT, || async {
+        redis
+            .cli(&["PUBSUB", "NUMSUB", "jobs/invalidations"])
+            .ends_with('1')
+    })
+    .await;
+    capabilities_checked(&cache, WAIT).await;
+    let none = only_if_cached(&origin, &cache, "http://api.test/jobs/40").await;
+    assert_eq!(none.status, 504);
+    assert_eq!(cache.stats().redis_reads_skipped, 0, "incomplete: read");
+    assert_eq!(
+        cache.redis_health().unwrap().written_keys_complete,
+        Some(false)
+    );
+
+    assert_eq!(
+        redis.cli(&["ACL", "SETUSER", "limited", "&jobs/written"]),
+        "OK"
+    );
+    written_keys_complete(&cache, true).await;
+    only_if_cached(&origin, &cache, "http://api.test/jobs/41").await;
+    assert_eq!(cache.stats().redis_reads_skipped, 1);
+}

@@ -152,10 +152,6 @@ impl RedisStore {
             .written_keys_value()
             .map(|max_keys| Arc::new(WrittenKeys::new(max_keys)));
         let written_channel = Str::from(keys.written_channel());
-        let mut channels = vec![keys.invalidation_channel()];
-        if written.is_some() {
-            channels.push(keys.written_channel());
-        }
         spawn_probe(
             pool.clients().to_vec(),
             Arc::downgrade(&health),
@@ -165,12 +161,14 @@ impl RedisStore {
         // Subscribes after every reconnection, without blocking start-up.
         let (missed, subscription) = subscription::subscribe(
             &subscriber,
-            channels,
+            keys.invalidation_channel(),
             SubscriberProbe {
                 every: probe.0,
                 timeout: probe.1,
                 closed,
-                written: written.clone(),
+                written: written
+                    .clone()
+                    .map(|written| (written, keys.written_channel())),
             },
         );
         connections.push(subscription);

@@ -14,8 +14,12 @@
 //! to the last PING answered.
 //!
 //! The same connection carries the written keys' announcements when they are
-//! tracked: each loss and each (re)subscription is told to their set, which is
-//! complete only after a scan that began subscribed.
+//! tracked, subscribed apart (a user not allowed that channel keeps the
+//! invalidations): each loss and each subscription is told to their set, which is
+//! complete only after a scan that began subscribed. The probe subscribes it again
+//! whenever the set waits for a subscription on a connection that answers (a
+//! subscription refused, or a loss reported after the subscription that followed
+//! it).
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
@@ -40,8 +44,21 @@ pub(crate) struct SubscriberProbe {
     /// The subscription's tasks end once this says `true` or its sender is dropped
     /// (the store that owns the subscriber is closing or gone).
     pub(crate) closed: watch::Receiver<bool>,
-    /// The written keys the subscription hears announced, if tracked.
-    pub(crate) written: Option<Arc<WrittenKeys>>,
+    /// The written keys, if tracked, and the channel they are announced on.
+    pub(crate) written: Option<(Arc<WrittenKeys>, String)>,
+}
+
+/// Subscribes to the written keys' channel, and tells their set once it is.
+async fn subscribe_written(
+    subscriber: &SubscriberClient,
+    (written, channel): &(Arc<WrittenKeys>, String),
+) {
+    match subscriber.subscribe(channel.clone()).await {
+        Ok(()) => written.subscribed(),
+        Err(e) => {
+            tracing::debug!(target: TARGET, error = %e, outcome = "written-keys-unsubscribed");
+        }
+    }
 }
 
 /// The earliest start of the windows not yet caught up on, and a signal per new one.
@@ -73,14 +90,15 @@ fn keep_earliest(slot: &Mutex<Option<SystemTime>>, at: SystemTime) {
     *held = Some(held.map_or(at, |held| held.min(at)));
 }
 
-/// Connects `subscriber` and subscribes it to `channels` after every (re)connection.
+/// Connects `subscriber` and subscribes it to `channel` (and the written keys'
+/// channel, when tracked) after every (re)connection.
 /// Each subscription reports the window before it: from when a live connection was
 /// lost (or, with no loss seen, from the previous subscription; for the first, from
 /// now, as nothing can be in memory from before the cache existed).
 /// Also returns the connection task, for the store to stop once it closes.
 pub(crate) fn subscribe(
     subscriber: &SubscriberClient,
-    channels: Vec<String>,
+    channel: String,
     probe: SubscriberProbe,
 ) -> (MissedWindows, AbortHandle) {
     let started = SystemTime::now();
@@ -96,7 +114,7 @@ pub(crate) fn subscribe(
         // says `None`, and changes nothing).
         if server.is_some() {
             keep_earliest(&on_error, SystemTime::now());
-            if let Some(written) = &written_on_error {
+            if let Some((written, _)) = &written_on_error {
                 written.lost_subscription();
             }
         }
@@ -124,10 +142,14 @@ pub(crate) fn subscribe(
             }
             let attempted = SystemTime::now();
             // Whatever was announced while the connection was away is lost.
-            if let Some(written) = &written {
+            if let Some((written, _)) = &written {
                 written.lost_subscription();
             }
-            if let Err(e) = subscribing.subscribe(channels.clone()).await {
+            let invalidations = subscribing.subscribe(channel.clone()).await;
+            if let Some(written) = &written {
+                subscribe_written(&subscribing, written).await;
+            }
+            if let Err(e) = invalidations {
                 // The next reconnection tries again; the window stays open meanwhile.
                 tracing::warn!(target: TARGET, error = %e, "redis: no subscription to invalidations");
                 continue;
@@ -135,9 +157,6 @@ pub(crate) fn subscribe(
             let window = take(&lost).unwrap_or(subscribed_at);
             subscribed_at = attempted;
             keep_earliest(&missed, window);
-            if let Some(written) = &written {
-                written.subscribed();
-            }
             // Full: a window is already signalled, and `since` holds the earliest.
             let _ = signal.try_send(());
         }
@@ -178,6 +197,11 @@ fn spawn_probe(
             if pinged.is_ok() {
                 answered_at = sent;
                 unanswered = 0;
+                if let Some(written) = &probe.written {
+                    if written.0.awaiting_subscription() {
+                        subscribe_written(&subscriber, written).await;
+                    }
+                }
                 continue;
             }
             unanswered += 1;
@@ -185,7 +209,7 @@ fn spawn_probe(
                 unanswered = 0;
                 tracing::warn!(target: TARGET, "redis: the invalidations subscriber does not answer; reconnecting it");
                 keep_earliest(&lost, answered_at);
-                if let Some(written) = &probe.written {
+                if let Some((written, _)) = &probe.written {
                     written.lost_subscription();
                 }
                 let _ = subscriber.force_reconnection().await;

@@ -5,8 +5,11 @@
 //! keys (the first 16 hex digits of each, and its time to live) on `{ns}/written`;
 //! a write without the script publishes its batch in the same pipeline. What was
 //! written before this replica listened is found by a `SCAN` of the namespace's
-//! entries that starts after the subscription is up. Only then is the set complete,
-//! and a key absent from it (or past its time to live) absent from Redis.
+//! entries that starts after the subscription is up, as proved by an echo: a random
+//! number this replica publishes on the channel and hears back (a `SUBSCRIBE` the
+//! server refused, to an ACL user not allowed the channel, can look like a success
+//! to the client). Only then is the set complete, and a key absent from it (or past
+//! its time to live) absent from Redis.
 //!
 //! Anything that may have lost an announcement makes the set incomplete until a new
 //! scan ends: the subscriber's connection lost or re-made, the listener lagging
@@ -62,6 +65,10 @@ pub(crate) struct WrittenKeys {
     shards: [RwLock<Shard>; SHARDS],
     /// Asks the scanner for a scan (a permit is kept if it is busy).
     rescan: Notify,
+    /// The last echo heard on the channel (`echo`): a scan starts only once its own
+    /// has come back, which proves the subscription up (a refused `SUBSCRIBE` can
+    /// look like a success to the client).
+    echoes: tokio::sync::watch::Sender<u64>,
 }
 
 /// What recording one key came to.
@@ -78,6 +85,7 @@ impl WrittenKeys {
             state: AtomicU64::new(0),
             shards: std::array::from_fn(|_| RwLock::new(Shard::default())),
             rescan: Notify::new(),
+            echoes: tokio::sync::watch::Sender::new(0),
         }
     }
 
@@ -159,6 +167,10 @@ impl WrittenKeys {
         let Ok(text) = std::str::from_utf8(message) else {
             return;
         };
+        if let Some(echo) = text.strip_prefix(ECHO).and_then(|n| n.parse().ok()) {
+            self.echoes.send_replace(echo);
+            return;
+        }
         self.heard(parse_announcement(text));
     }
 
@@ -174,6 +186,11 @@ impl WrittenKeys {
     pub(crate) fn lost_announcements(&self) {
         self.lose(SUBSCRIBED);
         self.rescan.notify_one();
+    }
+
+    /// Whether the set waits for a subscription (lost, or never made).
+    pub(crate) fn awaiting_subscription(&self) -> bool {
+        self.state.load(Ordering::Acquire) & SUBSCRIBED == 0
     }
 
     /// The subscription is (back) up: a scan started now completes the set.
@@ -210,6 +227,18 @@ impl WrittenKeys {
         (state & (SUBSCRIBED | COMPLETE) == SUBSCRIBED).then_some(state)
     }
 
+    /// The subscription turned out not to be up for the scan that began in `start`
+    /// (its echo never came back): the set waits for a subscription again, which
+    /// the subscriber's probe makes.
+    fn unconfirmed(&self, start: u64) {
+        let _ = self.state.compare_exchange(
+            start,
+            start & !SUBSCRIBED,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+    }
+
     /// Whether the state is still `start`: nothing lost, not completed.
     fn unchanged_since(&self, start: u64) -> bool {
         self.state.load(Ordering::Acquire) == start
@@ -230,6 +259,9 @@ impl WrittenKeys {
             .sum()
     }
 }
+
+/// What an echo on the channel starts with; the rest is a random number.
+const ECHO: &str = "echo:";
 
 /// One written key as announced: its first 16 hex digits, `:`, its time to live in
 /// ms.
@@ -315,7 +347,15 @@ fn spawn_scanner(
                 let Some(store) = store.upgrade() else {
                     return;
                 };
-                let scanned = store.scan_written(&written, start).await;
+                let scanned = match store.echo(&written, every).await {
+                    Ok(true) => store.scan_written(&written, start).await,
+                    Ok(false) => {
+                        tracing::debug!(target: TARGET, outcome = "written-keys-not-subscribed");
+                        written.unconfirmed(start);
+                        continue;
+                    }
+                    Err(e) => Err(e),
+                };
                 drop(store);
                 match scanned {
                     Ok(()) if written.scanned(start) => {
@@ -362,6 +402,24 @@ impl RedisStore {
             std::sync::Arc::clone(written),
             every,
         );
+    }
+
+    /// Publishes an echo on the written keys' channel and waits, at most `wait`, for
+    /// the listener to hear it: whether this replica's subscription is up.
+    async fn echo(&self, written: &WrittenKeys, wait: Duration) -> Result<bool, StoreError> {
+        use tower::util::rng::{HasherRng, Rng};
+        let echo = HasherRng::default().next_u64().max(1);
+        let mut heard = written.echoes.subscribe();
+        let client = self.client()?;
+        let _: i64 = client
+            .publish(self.written_channel.clone(), format!("{ECHO}{echo}"))
+            .await
+            .map_err(StoreError::command)?;
+        Ok(
+            tokio::time::timeout(wait, heard.wait_for(|last| *last == echo))
+                .await
+                .is_ok_and(|heard| heard.is_ok()),
+        )
     }
 
     /// Records every entry Redis holds in `written`, with its time to live: a `SCAN`
@@ -483,6 +541,23 @@ mod tests {
             assert!(written.scanned(written.scan_start().unwrap()));
             assert!(written.surely_absent(&key(2)));
         }
+    }
+
+    #[test]
+    fn an_echo_is_heard_apart_and_a_scan_whose_echo_never_came_waits_for_a_subscription() {
+        let written = WrittenKeys::new(100);
+        written.heard_announcement(b"echo:77");
+        assert_eq!(*written.echoes.borrow(), 77);
+        assert_eq!(written.len(), 0);
+        written.subscribed();
+        let start = written.scan_start().unwrap();
+        assert!(!written.awaiting_subscription());
+        written.unconfirmed(start);
+        assert!(written.awaiting_subscription());
+        assert_eq!(written.scan_start(), None);
+        assert!(!written.scanned(start));
+        written.subscribed();
+        assert!(written.scanned(written.scan_start().unwrap()));
     }
 
     #[test]
