@@ -1,8 +1,8 @@
 //! `RedisConfig::track_written_keys` against real `redis-server` processes: a lookup of
 //! a key no replica wrote skips Redis; a key another replica wrote (announced, or
 //! found by the scan of a replica started later, or written while its subscriber was
-//! cut off) is read; junk on the channel and more keys than the set holds cost reads,
-//! never a wrong answer.
+//! cut off) is read; junk on the channel, more keys than the set holds and a user not
+//! allowed the channel cost reads, never a wrong answer.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
