@@ -12,6 +12,10 @@
 //! - a plain Redis hit (`detail=redis`) is never older than a write whose
 //!   invalidation Redis took (no `detail=invalidation-queued`) before the read began.
 //!
+//! A third run tracks the written keys on every replica (`track_written_keys`), with one
+//! request in eight for a resource asked once, so that misses skip Redis through the
+//! same faults.
+//!
 //! CI runs a short seeded schedule; `scripts/soak` runs a long one
 //! (`SOAK_SECONDS`, `SOAK_SEED`, `SOAK_CLIENTS`) and prints the report.
 
@@ -141,15 +145,19 @@ fn version_of(body: &str, id: u32) -> Option<usize> {
     version.parse().ok()
 }
 
-async fn replica(url: &str) -> HybridCache {
+/// A replica; `tracked`: with `track_written_keys`, so that its misses on keys no
+/// replica wrote (or whose entries expired) skip Redis.
+async fn replica(url: &str, tracked: bool) -> HybridCache {
+    let mut config = RedisConfig::new(url)
+        .command_timeout(Duration::from_millis(100))
+        .deadline(Duration::from_millis(100))
+        .connect_timeout(Duration::from_millis(100));
+    if tracked {
+        config = config.track_written_keys(1 << 20);
+    }
     HybridCache::builder()
         .namespace("chaos")
-        .redis(
-            RedisConfig::new(url)
-                .command_timeout(Duration::from_millis(100))
-                .deadline(Duration::from_millis(100))
-                .connect_timeout(Duration::from_millis(100)),
-        )
+        .redis(config)
         .build()
         .await
         .unwrap()
@@ -199,6 +207,22 @@ async fn three_replicas_through_faults_serve_nothing_the_oracle_forbids() {
     soak(
         Topology::Proxied { redis, proxies },
         env("SOAK_SECONDS", 12),
+        false,
+    )
+    .await;
+}
+
+/// The same with every replica tracking the written keys: a miss that skips Redis
+/// (its set says no replica wrote the key) must never serve what the oracle forbids,
+/// through links cut, Redis frozen and restarted empty, and replicas restarted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_tracking_written_keys_through_faults_serve_nothing_the_oracle_forbids() {
+    let redis = RedisServer::start();
+    let proxies: Vec<FaultProxy> = (0..3).map(|_| FaultProxy::start(redis.port())).collect();
+    soak(
+        Topology::Proxied { redis, proxies },
+        env("SOAK_SECONDS", 12),
+        true,
     )
     .await;
 }
@@ -206,10 +230,15 @@ async fn three_replicas_through_faults_serve_nothing_the_oracle_forbids() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_through_sentinel_failovers_serve_nothing_the_oracle_forbids() {
     let group = RedisSentinelGroup::start();
-    soak(Topology::Sentinel(group), env("SOAK_SENTINEL_SECONDS", 15)).await;
+    soak(
+        Topology::Sentinel(group),
+        env("SOAK_SENTINEL_SECONDS", 15),
+        false,
+    )
+    .await;
 }
 
-async fn soak(mut topology: Topology, seconds: u64) {
+async fn soak(mut topology: Topology, seconds: u64, tracked: bool) {
     let seed = env("SOAK_SEED", 0x5eed_cafe).max(1);
     let clients = env("SOAK_CLIENTS", 6);
     let history = Arc::new(History::default());
@@ -217,7 +246,7 @@ async fn soak(mut topology: Topology, seconds: u64) {
     let apps: Arc<Mutex<Vec<Router>>> = Arc::new(Mutex::new(Vec::new()));
     let mut caches = Vec::new();
     for i in 0..3 {
-        let cache = replica(&topology.url(i)).await;
+        let cache = replica(&topology.url(i), tracked).await;
         apps.lock()
             .unwrap()
             .push(origin(Arc::clone(&history)).layer(cache.layer().ttl(TTL)));
@@ -240,7 +269,13 @@ async fn soak(mut topology: Topology, seconds: u64) {
             let mut rng = Seeded(seed ^ (client + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
             while !stop.load(Ordering::Relaxed) {
                 let app = apps.lock().unwrap()[rng.below(3) as usize].clone();
-                let id = rng.below(u64::from(RESOURCES)) as u32;
+                // Tracked: one request in eight for a resource of its own, as a search
+                // URL asked once (a miss a set that is complete answers without Redis).
+                let id = if tracked && rng.below(8) == 0 {
+                    RESOURCES + rng.below(1_000_000) as u32
+                } else {
+                    rng.below(u64::from(RESOURCES)) as u32
+                };
                 let uri = format!("http://api.test/r/{id}");
                 if rng.below(10) == 0 {
                     let request = http::Request::post(&uri)
@@ -334,7 +369,7 @@ async fn soak(mut topology: Topology, seconds: u64) {
                         // A replica dies (what it kept for Redis with it) and a new one
                         // takes its place, while its link is cut.
                         proxy.set(Fault::Reset);
-                        let fresh = replica(&proxy.url()).await;
+                        let fresh = replica(&proxy.url(), tracked).await;
                         let app = origin(Arc::clone(&history)).layer(fresh.layer().ttl(TTL));
                         apps.lock().unwrap()[victim] = app;
                         caches[victim] = fresh;
@@ -360,7 +395,7 @@ async fn soak(mut topology: Topology, seconds: u64) {
                     "failover to a replica that lost writes"
                 }
                 2 => {
-                    let fresh = replica(&group.url()).await;
+                    let fresh = replica(&group.url(), tracked).await;
                     let app = origin(Arc::clone(&history)).layer(fresh.layer().ttl(TTL));
                     apps.lock().unwrap()[victim] = app;
                     caches[victim] = fresh;
@@ -470,10 +505,17 @@ async fn soak(mut topology: Topology, seconds: u64) {
         "plain Redis hits older than a write Redis took: {}",
         after_taken.len()
     );
+    let skipped: u64 = caches.iter().map(|c| c.stats().redis_reads_skipped).sum();
+    println!("Redis reads skipped (written keys tracked: {tracked}): {skipped}");
     for violation in violations.iter().chain(&after_taken).take(20) {
         println!("violation: {violation}");
     }
     assert!(log.reads.len() > 100, "the load ran");
+    assert_eq!(
+        skipped > 0,
+        tracked,
+        "reads skipped only where tracked, and there"
+    );
     assert_eq!(failures, 0, "no request fails");
     assert!(
         after_taken.is_empty(),
