@@ -357,3 +357,67 @@ async fn a_user_not_allowed_the_channel_keeps_its_invalidations_and_reads() {
     only_if_cached(&origin, &cache, "http://api.test/jobs/41").await;
     assert_eq!(cache.stats().redis_reads_skipped, 1);
 }
+
+/// A burst of announcements (a pipeline of 1 500 `PUBLISH`es, read by the subscriber
+/// at once, under the 2 048 it may be behind by) does not make the listeners fall behind fred's broadcast: an invalidation
+/// published after it still finds this replica's memory whole (a listener that fell
+/// behind forgets all of memory), and the set stays complete.
+#[tokio::test]
+async fn a_burst_of_announcements_is_heard_without_falling_behind() {
+    let redis = RedisServer::start();
+    let origin = Origin::new();
+    let (one, two) = (
+        replica(&redis.url(), Some(100_000)).await,
+        replica(&redis.url(), Some(100_000)).await,
+    );
+    written_keys_complete(&one, true).await;
+    store(&origin, &one, "http://api.test/jobs/60").await;
+    store(&origin, &one, "http://api.test/jobs/61").await;
+    one.run_pending_tasks().await;
+    assert_eq!(one.memory_entry_count(), 2);
+    let burst: String = (0..1_500_u64)
+        .map(|i| {
+            let word = format!("{:016x}:60000", i.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            format!(
+                "*3\r\n$7\r\nPUBLISH\r\n$12\r\njobs/written\r\n${}\r\n{word}\r\n",
+                word.len()
+            )
+        })
+        .collect();
+    let piped = std::process::Command::new("redis-cli")
+        .args(["-p", &redis.port().to_string(), "--pipe"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        piped
+            .stdin
+            .as_ref()
+            .unwrap()
+            .write_all(burst.as_bytes())
+            .unwrap();
+    }
+    let out = piped.wait_with_output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("replies: 1500"));
+    // Published after the burst: heard after it.
+    assert!(
+        two.invalidate(&"http://api.test/jobs/61".parse().unwrap())
+            .await
+    );
+    eventually("the invalidation heard", WAIT, || async {
+        one.run_pending_tasks().await;
+        one.memory_entry_count() < 2
+    })
+    .await;
+    assert_eq!(
+        one.memory_entry_count(),
+        1,
+        "memory kept what was not invalidated"
+    );
+    assert_eq!(
+        one.redis_health().unwrap().written_keys_complete,
+        Some(true)
+    );
+}

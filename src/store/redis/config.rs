@@ -185,7 +185,7 @@ impl RedisConfig {
     /// Tracks which keys any replica wrote to Redis, so that a lookup of a key no
     /// replica wrote is a miss at once, without a Redis read: the write path of a
     /// miss-heavy load (unique URLs, expired entries) costs one round trip fewer.
-    /// Holds at most `max_keys` keys (about 25 bytes each, 40 at most), in 16
+    /// Holds at most `max_keys` keys (about 28 bytes each, 40 at most), in 16
     /// shards by the key's digest; more keys in Redis than a shard holds (once its
     /// expired keys are gone, seven eighths of it) and every lookup reads Redis
     /// again, as without it, until a scan finds fewer. Size it a quarter above the

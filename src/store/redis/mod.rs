@@ -61,6 +61,11 @@ pub(crate) fn decoded(key: &CacheKey, bytes: Bytes) -> Option<Entry> {
     }
 }
 
+/// Messages the subscriber's listeners may be behind by before one of them is told
+/// it missed some (it then forgets all of memory, or rescans the written keys). fred
+/// makes each of a client's event channels this long (about 0.4 MB a 1 000 here).
+const SUBSCRIBER_MESSAGES: usize = 2048;
+
 /// Milliseconds as Redis takes them (`PX`, scores), saturating.
 fn millis_i64(millis: u64) -> i64 {
     i64::try_from(millis).unwrap_or(i64::MAX)
@@ -115,8 +120,15 @@ impl RedisStore {
         );
         let subscriber = {
             let mut builder = fred::types::Builder::from_config(fred_config.clone());
+            // fred's broadcast of messages holds 32 by default: a burst read at once
+            // (measured: 1 500 announcements) overran it, and the invalidation
+            // listener, behind, forgot all of memory.
+            let subscriber_performance = fred::types::config::PerformanceConfig {
+                broadcast_channel_capacity: SUBSCRIBER_MESSAGES,
+                ..performance.clone()
+            };
             builder
-                .set_performance_config(performance.clone())
+                .set_performance_config(subscriber_performance)
                 .set_connection_config(connection.clone())
                 .set_policy(policy.clone());
             builder
