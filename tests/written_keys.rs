@@ -421,3 +421,27 @@ async fn a_burst_of_announcements_is_heard_without_falling_behind() {
         Some(true)
     );
 }
+
+/// The tracking's tasks (the listener, the scanner waiting for a scan to be asked
+/// for) end with the cache, shut down or dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tracking_cache_dropped_leaves_no_task_behind() {
+    let redis = RedisServer::start();
+    let tasks = || {
+        tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks()
+    };
+    let before = tasks();
+    for shut_down in [true, false] {
+        let cache = replica(&redis.url(), Some(1000)).await;
+        written_keys_complete(&cache, true).await;
+        if shut_down {
+            cache.shutdown().await;
+        }
+    }
+    eventually("every task of the dropped caches ended", WAIT, || async {
+        tasks() <= before
+    })
+    .await;
+}

@@ -327,11 +327,13 @@ fn spawn_listener(
 /// Scans Redis whenever the set asks for it (a subscription up, a loss): each scan
 /// that ends with nothing lost since it started completes the set. A scan that fails
 /// or ends incomplete is followed by the next one after a backoff that starts at
-/// `every` and doubles up to 64 times that. Ends with the store.
+/// `every` and doubles up to 64 times that. Ends with the store (told by `closed`,
+/// as it may wait for a scan to be asked for long after the store is gone).
 fn spawn_scanner(
     store: std::sync::Weak<RedisStore>,
     written: std::sync::Arc<WrittenKeys>,
     every: Duration,
+    mut closed: tokio::sync::watch::Receiver<bool>,
 ) {
     use tower::retry::backoff::{Backoff, ExponentialBackoffMaker, MakeBackoff};
     use tower::util::rng::HasherRng;
@@ -341,7 +343,10 @@ fn spawn_scanner(
     tokio::spawn(async move {
         let mut backoff = backoffs.as_mut().map(MakeBackoff::make_backoff);
         loop {
-            written.rescan.notified().await;
+            tokio::select! {
+                () = written.rescan.notified() => {}
+                () = crate::store::until_closed(&mut closed) => return,
+            }
             // Until complete, or the subscription is lost (its return asks again).
             while let Some(start) = written.scan_start() {
                 let Some(store) = store.upgrade() else {
@@ -401,6 +406,7 @@ impl RedisStore {
             std::sync::Arc::downgrade(self),
             std::sync::Arc::clone(written),
             every,
+            self.closed(),
         );
     }
 
