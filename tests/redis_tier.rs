@@ -9,7 +9,7 @@ mod support;
 use std::time::Duration;
 
 use support::redis::RedisServer;
-use support::{call, capabilities_checked, eventually, get, Origin};
+use support::{alive_tasks, call, capabilities_checked, eventually, get, Origin};
 use tower_hybrid_cache::{HybridCache, KeyAuthority, RedisConfig};
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -849,12 +849,7 @@ async fn one_deadline_bounds_a_read_whatever_the_command_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cache_dropped_leaves_no_task_or_connection_behind() {
     let redis = RedisServer::start();
-    let tasks = || {
-        tokio::runtime::Handle::current()
-            .metrics()
-            .num_alive_tasks()
-    };
-    let before = tasks();
+    let before = alive_tasks();
     // Shut down, then dropped; or dropped alone.
     for (i, shut_down) in [(0, true), (1, true), (2, false), (3, false)] {
         let cache = replica(&redis.url()).await;
@@ -873,7 +868,7 @@ async fn a_cache_dropped_leaves_no_task_or_connection_behind() {
         }
     }
     eventually("every task of the dropped caches ended", WAIT, || async {
-        tasks() <= before
+        alive_tasks() <= before
     })
     .await;
     eventually("every connection closed", WAIT, || async {
@@ -889,12 +884,7 @@ async fn a_cache_whose_redis_never_came_up_stops_reconnecting_once_dropped() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.local_addr().unwrap().port()
     };
-    let tasks = || {
-        tokio::runtime::Handle::current()
-            .metrics()
-            .num_alive_tasks()
-    };
-    let before = tasks();
+    let before = alive_tasks();
     for shut_down in [true, false] {
         let cache = replica(&format!("redis://127.0.0.1:{port}")).await;
         let origin = Origin::new();
@@ -904,7 +894,7 @@ async fn a_cache_whose_redis_never_came_up_stops_reconnecting_once_dropped() {
         }
     }
     eventually("every task of the dropped caches ended", WAIT, || async {
-        tasks() <= before
+        alive_tasks() <= before
     })
     .await;
 }

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use fault_proxy::{Fault, FaultProxy};
 use support::redis::RedisServer;
-use support::{call, capabilities_checked, eventually, get, get_with, Origin};
+use support::{alive_tasks, call, capabilities_checked, eventually, get, get_with, Origin};
 use tower_hybrid_cache::{HybridCache, RedisConfig};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -427,12 +427,7 @@ async fn a_burst_of_announcements_is_heard_without_falling_behind() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tracking_cache_dropped_leaves_no_task_behind() {
     let redis = RedisServer::start();
-    let tasks = || {
-        tokio::runtime::Handle::current()
-            .metrics()
-            .num_alive_tasks()
-    };
-    let before = tasks();
+    let before = alive_tasks();
     for shut_down in [true, false] {
         let cache = replica(&redis.url(), Some(1000)).await;
         written_keys_complete(&cache, true).await;
@@ -441,7 +436,7 @@ async fn a_tracking_cache_dropped_leaves_no_task_behind() {
         }
     }
     eventually("every task of the dropped caches ended", WAIT, || async {
-        tasks() <= before
+        alive_tasks() <= before
     })
     .await;
 }

@@ -75,6 +75,13 @@ pub async fn connected(cache: &tower_hybrid_cache::HybridCache, wait: Duration) 
     .await;
 }
 
+/// Tasks alive on the current tokio runtime (to see that nothing outlives a cache).
+pub fn alive_tasks() -> usize {
+    tokio::runtime::Handle::current()
+        .metrics()
+        .num_alive_tasks()
+}
+
 /// Waits (up to `wait`) for `cache`'s capability check on connecting, which sends
 /// commands of its own (a GET among its probes): done once the server's version is
 /// known (read after the probes). Seen: 11 GETs for 10 lookups when the check ran
