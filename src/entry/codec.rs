@@ -24,8 +24,8 @@ use bytes::{BufMut, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Version};
 
 use super::{
-    is_valid_tag, CachedResponse, Entry, StoredValue, VaryIndex, FORMAT_VERSION, MAX_HEADER_FIELDS,
-    MAX_TAGS, MAX_VARY_NAMES,
+    is_valid_tag, CachedResponse, Entry, StoredValue, VaryIndex, FORMAT_VERSION, HIT_FIELDS,
+    MAX_HEADER_FIELDS, MAX_TAGS, MAX_VARY_NAMES,
 };
 
 const MAGIC: &[u8; 4] = b"\xF0THC";
@@ -249,7 +249,9 @@ fn decode_response(r: &mut Reader) -> Result<CachedResponse, DecodeError> {
             "header fields",
         )
     })?;
-    let mut headers = HeaderMap::with_capacity(header_count);
+    // Room for the fields a hit adds, as a stored map made here has (`HIT_FIELDS`).
+    let mut headers = HeaderMap::try_with_capacity(header_count.saturating_add(HIT_FIELDS))
+        .map_err(|_| DecodeError::new(DecodeErrorKind::TooMany("header fields")))?;
     for _ in 0..header_count {
         let name = header_name(&r.short()?)?;
         let value = HeaderValue::from_maybe_shared(r.long()?)
@@ -429,6 +431,47 @@ mod tests {
 
     fn time_strategy() -> impl Strategy<Value = SystemTime> {
         (0u64..4_000_000_000_000).prop_map(|ms| UNIX_EPOCH + Duration::from_millis(ms))
+    }
+
+    /// A map of `fields` distinct fields, its table as small as it can be.
+    fn tight_map(fields: usize) -> HeaderMap {
+        let mut map = HeaderMap::with_capacity(fields);
+        for i in 0..fields {
+            let name = HeaderName::from_bytes(format!("x-field-{i}").as_bytes()).unwrap();
+            map.insert(name, HeaderValue::from_static("v"));
+        }
+        map
+    }
+
+    /// Whether a hit's clone of `stored` takes `Age` and `Cache-Status` without
+    /// rebuilding its table (an empty map has none: its first field makes one).
+    fn hit_fields_fit(stored: &HeaderMap) -> bool {
+        let mut hit = stored.clone();
+        let table = hit.capacity();
+        hit.insert(http::header::AGE, HeaderValue::from_static("1"));
+        let first = hit.capacity();
+        hit.append(
+            "cache-status",
+            HeaderValue::from_static("tower-hybrid-cache; hit"),
+        );
+        hit.capacity() == first && (table == 0 || first == table)
+    }
+
+    #[test]
+    fn stored_maps_have_room_for_the_fields_a_hit_adds() {
+        for fields in 0..70 {
+            let built =
+                CachedResponse::builder(StatusCode::OK, tight_map(fields), Bytes::new()).build();
+            assert!(hit_fields_fit(&built.headers), "built, {fields} fields");
+            let mut completed = built.clone();
+            completed.complete(Bytes::from_static(b"body"));
+            assert!(
+                hit_fields_fit(&completed.headers),
+                "completed, {fields} fields"
+            );
+            let decoded = CachedResponse::decode(completed.encode()).unwrap();
+            assert!(hit_fields_fit(&decoded.headers), "decoded, {fields} fields");
+        }
     }
 
     prop_compose! {
