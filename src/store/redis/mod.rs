@@ -219,8 +219,18 @@ impl RedisStore {
         Ok(self.healthy()?.with_options(&self.options))
     }
 
-    /// The readers' connection (another one for a retry), with the per-call limits.
-    fn reader(&self, attempt: u8) -> Result<WithOptions<Client>, StoreError> {
+    /// How long fred waits for the reply to one command.
+    pub(crate) fn command_timeout(&self) -> Duration {
+        self.options.timeout.unwrap_or(Duration::MAX)
+    }
+
+    /// The readers' connection (another one for a retry), with the per-call limits;
+    /// `timeout`, when given, in place of the command timeout.
+    fn reader(
+        &self,
+        attempt: u8,
+        timeout: Option<Duration>,
+    ) -> Result<WithOptions<Client>, StoreError> {
         let index = self
             .health
             .pick_reader(attempt)
@@ -230,7 +240,13 @@ impl RedisStore {
             .clients()
             .get(index)
             .ok_or_else(StoreError::unavailable)?;
-        Ok(client.with_options(&self.options))
+        Ok(match timeout {
+            None => client.with_options(&self.options),
+            Some(timeout) => client.with_options(&Options {
+                timeout: Some(timeout),
+                ..self.options.clone()
+            }),
+        })
     }
 
     /// Whether `entry` is too large to be sent, known without encoding it: its body
@@ -276,21 +292,23 @@ impl RedisStore {
         key: &CacheKey,
         attempt: u8,
     ) -> Result<Option<Entry>, StoreError> {
-        let value = self.get_encoded(key, attempt).await?;
+        let value = self.get_encoded(key, attempt, None).await?;
         Ok(value.and_then(|bytes| decoded(key, bytes)))
     }
 
     /// The value under `key` as Redis holds it, not decoded yet: a lookup that finds
     /// the same version in memory need not decode it (`decoded`, otherwise).
+    /// `timeout`, when given, replaces the command timeout for this attempt.
     pub(crate) async fn get_encoded(
         &self,
         key: &CacheKey,
         attempt: u8,
+        timeout: Option<Duration>,
     ) -> Result<Option<Bytes>, StoreError> {
         // Boxed: fred's `GET` future is about 7 KB, and every future that awaits a
         // read (the attempts, the read flight, the lookup) would hold it inline and be
         // moved with it.
-        Box::pin(self.reader(attempt)?.get(self.keys.entry(key)))
+        Box::pin(self.reader(attempt, timeout)?.get(self.keys.entry(key)))
             .await
             .map_err(StoreError::command)
     }
