@@ -37,6 +37,24 @@ async fn replica(redis_url: &str, max_keys: Option<usize>) -> HybridCache {
         .unwrap()
 }
 
+/// Makes the user `noscripts` (password `pw`): every command but `EVAL` and
+/// `EVALSHA`, on the namespace's keys and every channel.
+fn no_scripts_user(redis: &RedisServer) {
+    let made = redis.cli(&[
+        "ACL",
+        "SETUSER",
+        "noscripts",
+        "on",
+        ">pw",
+        "~jobs/*",
+        "&*",
+        "+@all",
+        "-eval",
+        "-evalsha",
+    ]);
+    assert_eq!(made, "OK");
+}
+
 /// Waits until `cache`'s set of written keys is complete (or, with `false`, not).
 async fn written_keys_complete(cache: &HybridCache, complete: bool) {
     eventually("the written keys' set", WAIT, || async {
@@ -174,19 +192,38 @@ async fn a_key_another_replica_wrote_is_read_once_announced() {
 #[tokio::test]
 async fn a_replica_started_after_a_write_finds_it_by_its_scan() {
     let redis = RedisServer::start();
+    no_scripts_user(&redis);
+    // Ten thousand more entries than the test writes, so that a scan takes pages.
+    let fill = "for i = 1, 10000 do redis.call('SET', 'jobs/v1:' .. \
+        redis.sha1hex(tostring(i)) .. '000000000000000000000000', 'x', 'PX', 600000) end";
+    redis.cli(&["EVAL", fill, "0"]);
     let origin = Origin::new();
-    let one = replica(&redis.url(), Some(1000)).await;
+    let one = replica(&redis.url(), Some(100_000)).await;
     let url = "http://api.test/jobs/11";
     let first = store(&origin, &one, url).await;
-    let later = replica(&redis.url(), Some(1000)).await;
-    written_keys_complete(&later, true).await;
-    let found = only_if_cached(&origin, &later, url).await;
-    assert!(found.is_hit(), "{}", found.cache_status());
-    assert_eq!(found.body, first.body);
-    // A key nobody wrote is still skipped.
-    let none = only_if_cached(&origin, &later, "http://api.test/jobs/12").await;
-    assert_eq!(none.status, 504);
-    assert_eq!(later.stats().redis_reads_skipped, 1);
+    // A page a script call where the user may run scripts; a `SCAN` and a pipeline
+    // of `PTTL`s where it may not.
+    let no_scripts = format!("redis://noscripts:pw@127.0.0.1:{}", redis.port());
+    for (user, scripted) in [(redis.url(), true), (no_scripts, false)] {
+        let evals = redis.command_stat("eval", "calls");
+        let later = replica(&user, Some(100_000)).await;
+        written_keys_complete(&later, true).await;
+        let scan_evals = redis.command_stat("eval", "calls") - evals;
+        if scripted {
+            // About forty pages of 250; the capability check's own probe is one call.
+            assert!(scan_evals >= 6, "{scan_evals} script calls");
+        } else {
+            assert_eq!(scan_evals, 0);
+        }
+        let found = only_if_cached(&origin, &later, url).await;
+        assert!(found.is_hit(), "{}", found.cache_status());
+        assert_eq!(found.body, first.body);
+        // A key nobody wrote is still skipped.
+        let none = only_if_cached(&origin, &later, "http://api.test/jobs/12").await;
+        assert_eq!(none.status, 504);
+        assert_eq!(later.stats().redis_reads_skipped, 1);
+        later.shutdown().await;
+    }
 }
 
 /// Announcements lost while a replica's connections were cut (reset at once, or
@@ -282,21 +319,7 @@ async fn more_keys_in_redis_than_the_set_holds_read_every_key() {
 #[tokio::test]
 async fn a_write_without_the_script_is_announced_too() {
     let redis = RedisServer::start();
-    assert_eq!(
-        redis.cli(&[
-            "ACL",
-            "SETUSER",
-            "noscripts",
-            "on",
-            ">pw",
-            "~jobs/*",
-            "&*",
-            "+@all",
-            "-eval",
-            "-evalsha",
-        ]),
-        "OK"
-    );
+    no_scripts_user(&redis);
     let origin = Origin::new();
     let url = format!("redis://noscripts:pw@127.0.0.1:{}", redis.port());
     let writer = replica(&url, Some(1000)).await;

@@ -5,10 +5,10 @@
 //! keys (the first 16 hex digits of each, and its time to live) on `{ns}/written`;
 //! a write without the script publishes its batch in the same pipeline. What was
 //! written before this replica listened is found by a `SCAN` of the namespace's
-//! entries that starts after the subscription is up, as proved by an echo: a random
-//! number this replica publishes on the channel and hears back (a `SUBSCRIBE` the
-//! server refused, to an ACL user not allowed the channel, can look like a success
-//! to the client). Only then is the set complete, and a key absent from it (or past
+//! entries (a script call a page, where scripts are allowed) that starts after the
+//! subscription is up, as proved by an echo: a random number this replica publishes
+//! on the channel and hears back (a `SUBSCRIBE` the server refused, to an ACL user
+//! not allowed the channel, can look like a success to the client). Only then is the set complete, and a key absent from it (or past
 //! its time to live) absent from Redis.
 //!
 //! Anything that may have lost an announcement makes the set incomplete until a new
@@ -24,8 +24,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{PoisonError, RwLock};
 use std::time::{Duration, SystemTime};
 
+use bytes::Bytes;
 use fred::prelude::*;
 use fred::types::scan::Scanner;
+use fred::types::{ClusterHash, CustomCommand};
 use tokio::sync::Notify;
 
 use super::RedisStore;
@@ -36,6 +38,10 @@ use crate::telemetry::TARGET;
 
 /// Keys SCAN asks for a page (and PTTLs sent in one pipeline).
 const SCAN_PAGE: u32 = 1000;
+/// Keys a scripted page's SCAN asks for: Redis runs nothing else while a script
+/// runs, and a page of 250 holds it about 0.4 ms (1.8 ms a page of 1 000: Redis's
+/// CPU time over a scan of a million entries, `benches/written_scan.rs`).
+const SCRIPTED_SCAN_PAGE: u32 = 250;
 
 /// Announcements longer than this are not read (another writer's junk): a run of the
 /// write script announces at most 16 keys, a batch without it one pipeline's worth.
@@ -295,6 +301,50 @@ fn fingerprint_of_entry(name: &str, prefix: &str) -> Option<u64> {
     fingerprint_of_hex(name.strip_prefix(prefix)?.get(..16)?)
 }
 
+/// How a scripted scan failed: Redis answered the script with an error (not allowed
+/// `EVAL`, or a command inside it; a server whose scripts must name their keys), and
+/// an unscripted scan may do; or Redis did not answer.
+enum ScanError {
+    Refused(StoreError),
+    Failed(StoreError),
+}
+
+/// One page of the scripted scan (`scan_page.lua`): `EVAL script 0 cursor pattern
+/// count from`, answering the next cursor, then each entry's digits and `PTTL`.
+const SCAN_PAGE_SCRIPT: &str = include_str!("scan_page.lua");
+
+/// A scan page's reply read: the next cursor, and each entry's fingerprint and time
+/// to live (`u64::MAX`: none). `None` when it is not such a reply (a cursor that is
+/// not a number, a pair cut short); an entry whose digits are not 16 hex digits is
+/// skipped, as the unscripted scan skips a name that is not an entry's.
+fn scan_page(reply: Value) -> Option<(String, Vec<(u64, u64)>)> {
+    let Value::Array(items) = reply else {
+        return None;
+    };
+    let mut items = items.into_iter();
+    let cursor = items.next()?.into_string()?;
+    if cursor.is_empty() || !cursor.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let mut found = Vec::with_capacity(items.len() / 2);
+    while let Some(digits) = items.next() {
+        let ttl = items.next()?.as_i64()?;
+        let Some(fingerprint) = digits.as_str().as_deref().and_then(fingerprint_of_hex) else {
+            continue;
+        };
+        match ttl {
+            // No time to live: not ours to expire.
+            -1 => found.push((fingerprint, u64::MAX)),
+            millis => {
+                if let Ok(millis) = u64::try_from(millis) {
+                    found.push((fingerprint, millis));
+                }
+            }
+        }
+    }
+    Some((cursor, found))
+}
+
 /// Follows the announcements on the subscription into `written`; a listener that
 /// fell behind (messages dropped) makes the set incomplete. Ends with the store.
 fn spawn_listener(
@@ -429,16 +479,95 @@ impl RedisStore {
     }
 
     /// Records every entry Redis holds in `written`, with its time to live: a `SCAN`
-    /// of the namespace's entries, each page's `PTTL`s in one pipeline. Stops early
-    /// once something was lost since `start` (more keys than the set holds, most
-    /// likely): the scan could not complete the set then.
+    /// of the namespace's entries, page by page. Stops early once something was lost
+    /// since `start` (more keys than the set holds, most likely): the scan could not
+    /// complete the set then.
+    ///
+    /// Each page is one script call (`SCAN`, then a `PTTL` an entry, inside Redis)
+    /// that answers each entry's 16 digits: a scan of a million entries cost this
+    /// process 3.3 s of CPU as a `SCAN` and a pipeline of `PTTL`s a page, with fred
+    /// handling each command and each name whole (BENCHMARKS.md, "Written keys").
+    /// A Redis that refuses the script (an ACL user without `EVAL`) is scanned that
+    /// way still.
     async fn scan_written(&self, written: &WrittenKeys, start: u64) -> Result<(), StoreError> {
-        use futures_util::StreamExt;
         let client = self.healthy()?;
         if client.is_clustered() {
             // Each primary would need its own scan: a cluster reads every key.
             return Err(StoreError::unavailable());
         }
+        match self.scan_written_scripted(client, written, start).await {
+            Err(ScanError::Refused(e)) => {
+                tracing::debug!(target: TARGET, error = %e, outcome = "written-keys-scan-unscripted");
+                self.scan_written_unscripted(client, written, start).await
+            }
+            Err(ScanError::Failed(e)) => Err(e),
+            Ok(()) => Ok(()),
+        }
+    }
+
+    /// [`scan_written`](Self::scan_written), a script call a page.
+    async fn scan_written_scripted(
+        &self,
+        client: &Client,
+        written: &WrittenKeys,
+        start: u64,
+    ) -> Result<(), ScanError> {
+        let prefix = self.keys.entry_prefix();
+        let pattern = Value::from(format!("{prefix}*"));
+        // Where the digits start in a name, as Lua counts (from 1).
+        let from = Value::Integer(
+            i64::try_from(prefix.len())
+                .unwrap_or(i64::MAX)
+                .saturating_add(1),
+        );
+        let eval = CustomCommand::new_static("EVAL", ClusterHash::Random, false);
+        let mut cursor = Value::from("0");
+        loop {
+            if *self.closing.borrow() {
+                return Err(ScanError::Failed(StoreError::unavailable()));
+            }
+            if !written.unchanged_since(start) {
+                return Ok(());
+            }
+            let args = vec![
+                Value::Bytes(Bytes::from_static(SCAN_PAGE_SCRIPT.as_bytes())),
+                Value::Integer(0),
+                cursor,
+                pattern.clone(),
+                Value::Integer(i64::from(SCRIPTED_SCAN_PAGE)),
+                from.clone(),
+            ];
+            let reply: Value = client.custom(eval.clone(), args).await.map_err(|e| {
+                let error = StoreError::command(e);
+                if error.is_outage() {
+                    ScanError::Failed(error)
+                } else {
+                    ScanError::Refused(error)
+                }
+            })?;
+            let (next, found) = scan_page(reply).ok_or_else(|| {
+                ScanError::Failed(StoreError::command(fred::error::Error::new(
+                    fred::error::ErrorKind::Parse,
+                    "a scan page's reply is not a cursor and pairs of digits and times",
+                )))
+            })?;
+            written.heard(found);
+            if next == "0" {
+                return Ok(());
+            }
+            cursor = Value::from(next);
+        }
+    }
+
+    /// [`scan_written`](Self::scan_written) without a script: a `SCAN` a page, and
+    /// its entries' `PTTL`s in one pipeline.
+    async fn scan_written_unscripted(
+        &self,
+        client: &Client,
+        written: &WrittenKeys,
+        start: u64,
+    ) -> Result<(), StoreError> {
+        use futures_util::StreamExt;
         let prefix = self.keys.entry_prefix();
         let mut pages = client.scan(format!("{prefix}*"), Some(SCAN_PAGE), None);
         while let Some(page) = pages.next().await {
@@ -675,5 +804,49 @@ mod tests {
         assert_eq!(fingerprint_of_entry(&name, "other/v1:"), None);
         let accented = format!("ns/v1:{}", "\u{e9}".repeat(8));
         assert_eq!(fingerprint_of_entry(&accented, "ns/v1:"), None);
+    }
+
+    #[test]
+    fn a_scan_page_reply_is_read_and_junk_in_it_skipped_or_refused() {
+        let digits = |k: u8| Value::from(key(k).to_hex()[..16].to_owned());
+        let page = |items: Vec<Value>| scan_page(Value::Array(items));
+        let read = page(vec![
+            Value::from("17"),
+            digits(1),
+            Value::Integer(5_000),
+            digits(2),
+            Value::Integer(-1),
+            // Not 16 hex digits, a negative time other than "none": skipped.
+            Value::from("zz"),
+            Value::Integer(5),
+            Value::from("\u{e9}".repeat(8)),
+            Value::Integer(5),
+            digits(3),
+            Value::Integer(-7),
+        ]);
+        assert_eq!(
+            read,
+            Some((
+                "17".to_owned(),
+                vec![
+                    (key(1).fingerprint(), 5_000),
+                    (key(2).fingerprint(), u64::MAX)
+                ]
+            ))
+        );
+        assert_eq!(page(vec![Value::from("0")]), Some(("0".to_owned(), vec![])));
+        for junk in [
+            vec![],
+            vec![Value::from("")],
+            vec![Value::from("-1")],
+            vec![Value::from("1x")],
+            vec![Value::from("0"), digits(1)],
+            vec![Value::from("0"), digits(1), Value::from("soon")],
+            vec![Value::Array(vec![])],
+        ] {
+            assert_eq!(page(junk.clone()), None, "{junk:?}");
+        }
+        assert_eq!(scan_page(Value::from("0")), None);
+        assert_eq!(scan_page(Value::Null), None);
     }
 }
