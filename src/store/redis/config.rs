@@ -192,13 +192,15 @@ impl RedisConfig {
     /// keys you expect. Off by default.
     ///
     /// Writers announce what they write on a pub/sub channel, and each replica scans
-    /// the namespace's entries once subscribed (a `SCAN` and a `PTTL` per entry, in
-    /// pages of 1 000), and again after each reconnection of its subscriber: until a
+    /// the namespace's entries once subscribed (a `SCAN` and a `PTTL` per entry: a
+    /// script call a page of 250, or without `EVAL` a pipeline a page of 1 000), and
+    /// again after each reconnection of its subscriber: until a
     /// scan ends, every lookup reads Redis. A key announced late (a writer's message
     /// not arrived yet) costs one origin call, never a stale response. Every replica
     /// sharing the namespace should turn it on: a replica without it announces
     /// nothing, and the others then miss what it wrote. Not on a Redis Cluster (its
-    /// scans would span the primaries): there, lookups always read Redis.
+    /// scans would span the primaries): there the setting does nothing (a warning at
+    /// build), and lookups always read Redis.
     ///
     /// # Examples
     ///

@@ -48,7 +48,8 @@ pub struct RedisHealth {
     pub server_version: Option<String>,
     /// With [`RedisConfig::track_written_keys`](crate::RedisConfig::track_written_keys),
     /// whether the set of written keys is complete (a lookup of a key no replica
-    /// wrote skips Redis); `None` when they are not tracked.
+    /// wrote skips Redis); `None` when they are not tracked (not asked for, or on a
+    /// Redis Cluster).
     pub written_keys_complete: Option<bool>,
 }
 

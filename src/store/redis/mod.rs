@@ -160,8 +160,15 @@ impl RedisStore {
         let (closing, closed) = tokio::sync::watch::channel(false);
         let probe = (config.probe_interval_value(), config.probe_timeout_value());
         let keys = RedisKeys::new(namespace);
+        // Not on a cluster: one scan would not cover its primaries, and its writes
+        // announce nothing; there every lookup reads Redis, as untracked.
+        let clustered = pool.clients().iter().any(ClientLike::is_clustered);
+        if clustered && config.written_keys_value().is_some() {
+            tracing::warn!(target: TARGET, "redis: track_written_keys does nothing on a Redis Cluster; every lookup reads Redis");
+        }
         let written = config
             .written_keys_value()
+            .filter(|_| !clustered)
             .map(|max_keys| Arc::new(WrittenKeys::new(max_keys)));
         let written_channel = Str::from(keys.written_channel());
         spawn_probe(

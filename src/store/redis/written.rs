@@ -441,11 +441,6 @@ impl RedisStore {
         let Some(written) = &self.written else {
             return;
         };
-        // One scan would not cover a cluster's primaries: the set stays incomplete
-        // (and writes there announce nothing).
-        if self.pool.next().is_clustered() {
-            return;
-        }
         spawn_listener(
             self.invalidations(),
             self.written_channel.to_string(),
@@ -490,11 +485,8 @@ impl RedisStore {
     /// A Redis that refuses the script (an ACL user without `EVAL`) is scanned that
     /// way still.
     async fn scan_written(&self, written: &WrittenKeys, start: u64) -> Result<(), StoreError> {
+        // Never a cluster's client: a cluster tracks nothing (`RedisStore::new`).
         let client = self.healthy()?;
-        if client.is_clustered() {
-            // Each primary would need its own scan: a cluster reads every key.
-            return Err(StoreError::unavailable());
-        }
         match self.scan_written_scripted(client, written, start).await {
             Err(ScanError::Refused(e)) => {
                 tracing::debug!(target: TARGET, error = %e, outcome = "written-keys-scan-unscripted");
