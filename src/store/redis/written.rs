@@ -8,8 +8,9 @@
 //! entries (a script call a page, where scripts are allowed) that starts after the
 //! subscription is up, as proved by an echo: a random number this replica publishes
 //! on the channel and hears back (a `SUBSCRIBE` the server refused, to an ACL user
-//! not allowed the channel, can look like a success to the client). Only then is the set complete, and a key absent from it (or past
-//! its time to live) absent from Redis.
+//! not allowed the channel, can look like a success to the client). Only then is the
+//! set complete, and a key absent from it (or past its time to live) absent from
+//! Redis.
 //!
 //! Anything that may have lost an announcement makes the set incomplete until a new
 //! scan ends: the subscriber's connection lost or re-made, the listener lagging
