@@ -8,6 +8,8 @@
 //! valgrind --tool=callgrind <binary> 2000; valgrind --tool=callgrind <binary> 12000
 //! # per hit: (Ir(12000) - Ir(2000)) / 10000
 //! ```
+//!
+//! A second argument puts that many more header fields on the stored response.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -28,13 +30,24 @@ async fn main() {
         .build()
         .await
         .unwrap();
+    // More header fields on the stored response (second argument, default none).
+    let fields: usize = std::env::args()
+        .nth(2)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(0);
     let origin = tower::service_fn(
-        |_request: Request<tower_hybrid_cache::layer::RequestBody<Full<Bytes>>>| async {
+        move |_request: Request<tower_hybrid_cache::layer::RequestBody<Full<Bytes>>>| async move {
             let mut response = Response::new(Full::new(Bytes::from_static(b"hello world")));
             response.headers_mut().insert(
                 "cache-control",
                 http::HeaderValue::from_static("max-age=600"),
             );
+            for i in 0..fields {
+                response.headers_mut().insert(
+                    http::HeaderName::try_from(format!("x-field-{i}")).unwrap(),
+                    http::HeaderValue::from_static("a value of 20 bytes."),
+                );
+            }
             Ok::<_, Infallible>(response)
         },
     );
