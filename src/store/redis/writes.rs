@@ -35,7 +35,7 @@ use crate::telemetry::TARGET;
 /// `KEYS[1]` is the purge mark; then, for each entry: its key, its staged value (only
 /// for an entry staged, below), its key's mark, its tags' marks, its tags' indexes.
 /// `ARGV[1]` = 1 writes only where the key holds nothing; `ARGV[2]` is the channel the
-/// written keys are announced on (`written.rs`), or empty; then, for each entry: its
+/// written keys are announced on (`written/`), or empty; then, for each entry: its
 /// tag count, its time to live in ms, its fill's start (ms since the epoch), and its
 /// value, or an empty string for a value staged under a name of its own beforehand
 /// (an encoded entry is never empty). A small value passes through the arguments (one

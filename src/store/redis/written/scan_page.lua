@@ -1,4 +1,4 @@
--- One page of the written keys' scan (SCAN_PAGE_SCRIPT in written.rs says how): the
+-- One page of the written keys' scan (SCAN_PAGE_SCRIPT in written/scan.rs says how): the
 -- entries a SCAN from cursor ARGV[1] finds under pattern ARGV[2] (ARGV[3] a page),
 -- each as the 16 hex digits from position ARGV[4] of its name and its PTTL. An entry
 -- gone between the SCAN and its PTTL (-2) is left out.
