@@ -115,11 +115,13 @@ impl RedisTier {
         let driven = breaker.breaker();
         driven.report_state();
         store.drive(driven);
+        let missed = store.missed_windows();
         spawn_listener(
             store.invalidations(),
             store.invalidation_channel(),
             store.closed(),
             memory.clone(),
+            missed.as_ref().map(|(_, reporter)| reporter.clone()),
         );
         let store = Arc::new(store);
         store.follow_written(config.probe_interval_value());
@@ -128,7 +130,7 @@ impl RedisTier {
             memory.clone(),
             Arc::clone(&counters),
         );
-        if let Some(missed) = store.missed_windows() {
+        if let Some((missed, _)) = missed {
             spawn_catch_up(
                 Arc::downgrade(&store),
                 memory.clone(),

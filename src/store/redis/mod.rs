@@ -36,7 +36,9 @@ pub(crate) use invalidation::MAX_LOGGED;
 pub use config::RedisConfig;
 pub use health::RedisHealth;
 pub(crate) use invalidation::Invalidation;
-pub(crate) use subscription::MissedWindows;
+#[cfg(test)]
+pub(crate) use subscription::missed_windows as subscription_windows;
+pub(crate) use subscription::{MissedWindows, WindowReporter};
 pub(crate) use written::WrittenKeys;
 
 use self::health::{one_attempt, spawn_probe, watch_events, HealthState};
@@ -62,7 +64,8 @@ pub(crate) fn decoded(key: &CacheKey, bytes: Bytes) -> Option<Entry> {
 }
 
 /// Messages the subscriber's listeners may be behind by before one of them is told
-/// it missed some (it then forgets all of memory, or rescans the written keys). fred
+/// it missed some (the invalidation listener then has the log read back from when it
+/// had last read everything; the written keys' listener rescans). fred
 /// makes each of a client's event channels this long (about 0.4 MB a 1 000 here).
 const SUBSCRIBER_MESSAGES: usize = 2048;
 
@@ -79,7 +82,7 @@ pub(crate) struct RedisStore {
     subscriber: fred::clients::SubscriberClient,
     /// Since when the subscriber may have missed messages, taken once by the hybrid
     /// store.
-    missed: std::sync::Mutex<Option<MissedWindows>>,
+    missed: std::sync::Mutex<Option<(MissedWindows, WindowReporter)>>,
     health: Arc<HealthState>,
     keys: RedisKeys,
     /// Names this process's staged values (`writes.rs`).
@@ -178,7 +181,7 @@ impl RedisStore {
             closed.clone(),
         );
         // Subscribes after every reconnection, without blocking start-up.
-        let (missed, subscription) = subscription::subscribe(
+        let (missed, reporter, subscription) = subscription::subscribe(
             &subscriber,
             keys.invalidation_channel(),
             SubscriberProbe {
@@ -195,7 +198,7 @@ impl RedisStore {
         Ok(RedisStore {
             pool,
             subscriber,
-            missed: std::sync::Mutex::new(Some(missed)),
+            missed: std::sync::Mutex::new(Some((missed, reporter))),
             health,
             keys,
             writer: writes::StagingWriter::new(),
@@ -328,9 +331,10 @@ impl RedisStore {
             .is_some_and(|written| written.surely_absent(key))
     }
 
-    /// Since when the subscriber may have missed invalidations, each time it is back;
+    /// Since when the subscriber may have missed invalidations, each time it is back
+    /// (and a reporter of windows, for its listener to report falling behind);
     /// `None` after the first call.
-    pub(crate) fn missed_windows(&self) -> Option<MissedWindows> {
+    pub(crate) fn missed_windows(&self) -> Option<(MissedWindows, WindowReporter)> {
         self.missed
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)

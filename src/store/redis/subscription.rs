@@ -67,6 +67,42 @@ pub(crate) struct MissedWindows {
     signal: mpsc::Receiver<()>,
 }
 
+/// Reports a window in which messages may have been missed, to be caught up on: kept
+/// by the subscription (each time it is back) and by the invalidation listener (each
+/// time it falls behind the subscriber's messages).
+#[derive(Clone)]
+pub(crate) struct WindowReporter {
+    since: Arc<Mutex<Option<SystemTime>>>,
+    signal: mpsc::Sender<()>,
+}
+
+impl WindowReporter {
+    /// Reports that messages sent after `since` may have been missed.
+    pub(crate) fn report(&self, since: SystemTime) {
+        keep_earliest(&self.since, since);
+        // Full: a window is already signalled, and `since` holds the earliest.
+        let _ = self.signal.try_send(());
+    }
+}
+
+/// A reporter and the windows it reports; the windows end once every reporter is
+/// dropped.
+pub(crate) fn missed_windows() -> (WindowReporter, MissedWindows) {
+    let since = Arc::new(Mutex::new(None));
+    let (signal, windows) = mpsc::channel(1);
+    let reporter = WindowReporter {
+        since: Arc::clone(&since),
+        signal,
+    };
+    (
+        reporter,
+        MissedWindows {
+            since,
+            signal: windows,
+        },
+    )
+}
+
 impl MissedWindows {
     /// Waits until the subscriber is back after a window, and returns since when it
     /// may have missed messages (the earliest, when several windows came first).
@@ -95,12 +131,13 @@ fn keep_earliest(slot: &Mutex<Option<SystemTime>>, at: SystemTime) {
 /// Each subscription reports the window before it: from when a live connection was
 /// lost (or, with no loss seen, from the previous subscription; for the first, from
 /// now, as nothing can be in memory from before the cache existed).
-/// Also returns the connection task, for the store to stop once it closes.
+/// Also returns the connection task, for the store to stop once it closes, and a
+/// reporter of the same windows for the listeners of the subscriber's messages.
 pub(crate) fn subscribe(
     subscriber: &SubscriberClient,
     channel: String,
     probe: SubscriberProbe,
-) -> (MissedWindows, AbortHandle) {
+) -> (MissedWindows, WindowReporter, AbortHandle) {
     let started = SystemTime::now();
     // When the connection that carried the subscription was lost; cleared by each
     // subscription.
@@ -125,10 +162,9 @@ pub(crate) fn subscribe(
     let connection = subscriber.connect().abort_handle();
     let mut closed = probe.closed.clone();
     spawn_probe(subscriber.clone(), Arc::clone(&lost), probe);
-    let since = Arc::new(Mutex::new(None));
-    let (signal, windows) = mpsc::channel(1);
+    let (reporter, windows) = missed_windows();
+    let report = reporter.clone();
     let subscribing = subscriber.clone();
-    let missed = Arc::clone(&since);
     tokio::spawn(async move {
         let mut subscribed_at = started;
         loop {
@@ -156,16 +192,10 @@ pub(crate) fn subscribe(
             }
             let window = take(&lost).unwrap_or(subscribed_at);
             subscribed_at = attempted;
-            keep_earliest(&missed, window);
-            // Full: a window is already signalled, and `since` holds the earliest.
-            let _ = signal.try_send(());
+            report.report(window);
         }
     });
-    let windows = MissedWindows {
-        since,
-        signal: windows,
-    };
-    (windows, connection)
+    (windows, reporter, connection)
 }
 
 /// PINGs the subscriber while it is connected; after two PINGs in a row unanswered,
