@@ -3,6 +3,7 @@
 //! subscriber was cut off or its listener fell behind, what the invalidation log holds
 //! for that window (or, past its reach, everything).
 
+use std::collections::HashSet;
 use std::sync::Weak;
 use std::time::{Duration, SystemTime};
 
@@ -83,6 +84,25 @@ fn forget(memory: &MemoryStore, invalidation: Invalidation) {
     }
 }
 
+/// Removes from memory what a catch-up read: keys one by one, tags in one pass over
+/// memory for them all (a catch-up may read thousands; each alone is a pass).
+fn forget_every(memory: &MemoryStore, invalidations: Vec<Invalidation>) {
+    let mut tags = HashSet::new();
+    for invalidation in invalidations {
+        match invalidation {
+            Invalidation::Key(key) => memory.remove(&key),
+            Invalidation::Tag(tag) => {
+                tags.insert(tag);
+            }
+            Invalidation::All => {
+                memory.remove_all();
+                return;
+            }
+        }
+    }
+    memory.remove_tagged_any(&tags);
+}
+
 /// How much earlier than this replica's own clock says the catch-up reads the
 /// invalidation log: other replicas' clocks stamp it.
 const CLOCK_MARGIN: Duration = Duration::from_secs(5);
@@ -118,9 +138,7 @@ pub(crate) fn spawn_catch_up(
                 match store.logged_since(since).await {
                     Ok(Some(invalidations)) => {
                         tracing::debug!(target: TARGET, missed = invalidations.len(), outcome = "invalidations-caught-up");
-                        for invalidation in invalidations {
-                            forget(&memory, invalidation);
-                        }
+                        forget_every(&memory, invalidations);
                         break;
                     }
                     Ok(None) => {
@@ -162,10 +180,38 @@ mod tests {
     }
 
     fn entry() -> Entry {
+        tagged(&[])
+    }
+
+    fn tagged(tags: &[&str]) -> Entry {
         let response = CachedResponse::builder(StatusCode::OK, HeaderMap::new(), Bytes::new())
             .fresh_until(SystemTime::now() + Duration::from_secs(600))
+            .tags(tags.iter().map(|t| (*t).to_owned()).collect())
             .build();
         Entry::Response(Arc::new(response))
+    }
+
+    #[test]
+    fn a_catch_up_forgets_the_keys_and_tags_it_read_and_nothing_else() {
+        let memory = MemoryStore::new(1 << 20, None);
+        memory.insert(key(1), entry());
+        memory.insert(key(2), entry());
+        memory.insert(key(3), tagged(&["jobs"]));
+        memory.insert(key(4), tagged(&["berlin", "remote"]));
+        memory.insert(key(5), tagged(&["paris"]));
+        forget_every(
+            &memory,
+            vec![
+                Invalidation::Key(key(1)),
+                Invalidation::Tag("jobs".to_owned()),
+                Invalidation::Tag("remote".to_owned()),
+                Invalidation::Tag("unheard-of".to_owned()),
+            ],
+        );
+        let held: Vec<u8> = (1..=5).filter(|n| memory.get(&key(*n)).is_some()).collect();
+        assert_eq!(held, [2, 5]);
+        forget_every(&memory, vec![Invalidation::All, Invalidation::Key(key(9))]);
+        assert!((1..=5).all(|n| memory.get(&key(n)).is_none()));
     }
 
     fn invalidation(key: CacheKey) -> Message {
