@@ -3,7 +3,9 @@
 //! "Miss path, instructions"): the key, the single-flight entry, the origin call, the
 //! body's tee, the entry built and stored in memory, the memory tier's insert. A
 //! second argument sets the memory capacity in bytes (default 64 MiB, which holds
-//! every miss): at 4194304, about 900 entries fit and every later miss evicts one.
+//! every miss): at 4194304, about 900 entries fit and every later miss evicts one. A
+//! third tags each response with that many tags (`Cache-Tag`), every response the
+//! same ones.
 //!
 //! ```text
 //! cargo bench --bench miss_instructions --no-run   # prints the binary's path
@@ -36,11 +38,26 @@ async fn main() {
         .build()
         .await
         .unwrap();
+    let tags: usize = std::env::args()
+        .nth(3)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(0);
+    let tags = (tags > 0).then(|| {
+        let names: Vec<String> = (0..tags).map(|t| format!("tag-{t}")).collect();
+        http::HeaderValue::try_from(names.join(" ")).unwrap()
+    });
     let body = Bytes::from(vec![b'j'; 3 * 1024]);
     let origin = tower::service_fn(
         move |_request: Request<tower_hybrid_cache::layer::RequestBody<Full<Bytes>>>| {
             let body = body.clone();
-            async move { Ok::<_, Infallible>(Response::new(Full::new(body))) }
+            let tags = tags.clone();
+            async move {
+                let mut response = Response::new(Full::new(body));
+                if let Some(tags) = tags {
+                    response.headers_mut().insert("cache-tag", tags);
+                }
+                Ok::<_, Infallible>(response)
+            }
         },
     );
     let mut service = tower::Layer::layer(&cache.layer().ttl(Duration::from_secs(3600)), origin);

@@ -10,7 +10,7 @@
 //! ```
 //!
 //! `--tables` takes a comma-separated list of `entries`, `body`, `vary`, `tags`,
-//! `commands` (default all).
+//! `invalidations`, `commands` (default all).
 //!
 //! Everything runs on one thread (a current-thread runtime: the layer, the handler,
 //! fred's connections), and each figure is that thread's CPU time per request
@@ -80,6 +80,26 @@ where
     rounds[1]
 }
 
+/// This thread's CPU time so far, to the nanosecond: `schedstat` moves at the
+/// scheduler's ticks, too coarse for a few milliseconds of calls.
+fn thread_cpu_now() -> Duration {
+    use nix::time::{clock_gettime, ClockId};
+    Duration::from(clock_gettime(ClockId::CLOCK_THREAD_CPUTIME_ID).expect("a thread CPU clock"))
+}
+
+/// `op(i)` for i = 0 to `count` - 1; this thread's CPU µs per call.
+async fn per_call<F, Fut>(count: u64, mut op: F) -> f64
+where
+    F: FnMut(u64) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let cpu = thread_cpu_now();
+    for i in 0..count {
+        op(i).await;
+    }
+    (thread_cpu_now() - cpu).as_secs_f64() * 1e6 / count as f64
+}
+
 /// What the origin answers: `size` bytes (one shared buffer, as pre-rendered bytes
 /// are), with `Vary: accept-language` when asked, and `tags` tags.
 #[derive(Clone)]
@@ -87,6 +107,8 @@ struct Origin {
     body: Bytes,
     vary: bool,
     tags: Option<HeaderValue>,
+    /// Also tags each response `item-{n}` after its URL's last segment.
+    own_tag: bool,
 }
 
 impl Origin {
@@ -95,7 +117,13 @@ impl Origin {
             body: Bytes::from(vec![b'x'; size]),
             vary: false,
             tags: None,
+            own_tag: false,
         }
+    }
+
+    fn own_tag(mut self) -> Self {
+        self.own_tag = true;
+        self
     }
 
     fn varying(mut self) -> Self {
@@ -116,7 +144,7 @@ impl Origin {
            + Send
            + 'static {
         let origin = self.clone();
-        tower::service_fn(move |_request: Req| {
+        tower::service_fn(move |request: Req| {
             let origin = origin.clone();
             async move {
                 let mut response = Response::new(Full::new(origin.body));
@@ -127,6 +155,11 @@ impl Origin {
                 }
                 if let Some(tags) = origin.tags {
                     headers.insert("cache-tag", tags);
+                }
+                if origin.own_tag {
+                    let item = request.uri().path().rsplit('/').next().unwrap_or_default();
+                    let tag = HeaderValue::try_from(format!("item-{item}")).unwrap();
+                    headers.append("cache-tag", tag);
                 }
                 Ok::<_, Infallible>(response)
             }
@@ -366,6 +399,56 @@ fn main() {
                     layer_costs(seconds, &origin, 1_000, 1, Some(&redis)).await;
                 println!("| {tags} | {hit:.2} | {miss:.2} | {rhit:.2} | {rmiss:.2} | {per_miss:.2} |");
                 let _ = redis.cli(&["FLUSHALL"]);
+            }
+        }
+
+        if wanted("invalidations") {
+            println!("\n### Invalidations against entries held (200 B bodies, memory only)\n");
+            println!("Each entry tagged `tag-0`, `tag-1` and `item-{{n}}` (its own); a key's");
+            println!("invalidation (`invalidate`), a tag naming one entry (`item-{{n}}`), a tag");
+            println!("naming none, each timed over min(entries / 2, 1 000) calls.\n");
+            println!("| entries held | key µs | tag naming one µs | tag naming none µs |");
+            println!("|---|---|---|---|");
+            let origin = Origin::new(200).tagged(2).own_tag();
+            let mut held = min_entries;
+            while held <= max_entries {
+                let cache = cache(None).await;
+                let service = cache
+                    .layer()
+                    .ttl(Duration::from_secs(3600))
+                    .layer(origin.service());
+                for u in 0..held {
+                    ask(&service, request(u, 0)).await;
+                }
+                cache.run_pending_tasks().await;
+                assert_eq!(cache.memory_entry_count(), held, "every entry held");
+                let calls = (held / 2).min(1_000);
+                let key = per_call(calls, |i| {
+                    let uri: http::Uri = format!("http://api.test/items/{i}").parse().unwrap();
+                    let cache = cache.clone();
+                    async move {
+                        cache.invalidate(&uri).await;
+                    }
+                })
+                .await;
+                let one = per_call(calls, |i| {
+                    let cache = cache.clone();
+                    async move {
+                        cache.invalidate_tag(&format!("item-{}", held - 1 - i)).await;
+                    }
+                })
+                .await;
+                let none = per_call(calls, |i| {
+                    let cache = cache.clone();
+                    async move {
+                        cache.invalidate_tag(&format!("nothing-{i}")).await;
+                    }
+                })
+                .await;
+                assert_eq!(cache.memory_entry_count(), held - 2 * calls, "each named one");
+                println!("| {held} | {key:.2} | {one:.2} | {none:.2} |");
+                cache.shutdown().await;
+                held *= 10;
             }
         }
 

@@ -2,7 +2,8 @@
 //! this test binary is counted (`stats_alloc`), and the heap that stored responses
 //! hold, per entry, is checked against the weight the tier charges for them, for
 //! small, middling and large bodies, from an exact `Vec` and from axum's `Json` (a
-//! buffer grown while serialising). A capacity in bytes is only a bound on memory if
+//! buffer grown while serialising), with more fields, and with tags (which the
+//! memory tier also indexes). A capacity in bytes is only a bound on memory if
 //! the weights are true.
 //!
 //! One test in its own binary: the counts are of the whole process.
@@ -37,9 +38,14 @@ enum Shape {
 }
 
 /// Stores `ENTRIES` responses of `size` bytes with `fields` header fields besides
-/// axum's two, and returns (heap bytes held per entry,
-/// the weight charged per entry).
-async fn held_and_charged(size: usize, shape: Shape, fields: usize) -> (f64, f64) {
+/// axum's two and `tags.0` tags every response carries and `tags.1` of each one's own,
+/// and returns (heap bytes held per entry, the weight charged per entry).
+async fn held_and_charged(
+    size: usize,
+    shape: Shape,
+    fields: usize,
+    (shared, own): (usize, usize),
+) -> (f64, f64) {
     let cache = HybridCache::builder()
         .memory_capacity_bytes(1 << 40)
         .build()
@@ -47,6 +53,7 @@ async fn held_and_charged(size: usize, shape: Shape, fields: usize) -> (f64, f64
         .unwrap();
     let origin = tower::service_fn(move |request: Request<RequestBody<Full<Bytes>>>| {
         let byte = request.uri().query().map_or(0, str::len) as u8 % 26 + b'a';
+        let page = request.uri().query().unwrap_or_default().to_owned();
         async move {
             let mut response = match shape {
                 Shape::Exact => vec![byte; size].into_response(),
@@ -59,6 +66,13 @@ async fn held_and_charged(size: usize, shape: Shape, fields: usize) -> (f64, f64
                 let name = http::HeaderName::try_from(format!("x-field-{i}")).unwrap();
                 let value = http::HeaderValue::from_static("a value of 20 bytes.");
                 response.headers_mut().insert(name, value);
+            }
+            if shared + own > 0 {
+                let shared = (0..shared).map(|t| format!("shared-{t}"));
+                let own = (0..own).map(|t| format!("own-{t}-{page}"));
+                let list: Vec<String> = shared.chain(own).collect();
+                let value = http::HeaderValue::try_from(list.join(" ")).unwrap();
+                response.headers_mut().insert("cache-tag", value);
             }
             Ok::<_, Infallible>(response)
         }
@@ -103,19 +117,23 @@ async fn the_weigher_charges_what_entries_hold() {
     let mut report = Vec::new();
     let mut wrong = Vec::new();
     let cases = [
-        (200, Shape::Exact, 0),
-        (200, Shape::Json, 0),
-        (200, Shape::Exact, 16),
-        (4096, Shape::Exact, 0),
-        (4096, Shape::Json, 0),
-        (4096, Shape::Exact, 4),
-        (64 * 1024, Shape::Exact, 0),
-        (64 * 1024, Shape::Json, 0),
+        (200, Shape::Exact, 0, (0, 0)),
+        (200, Shape::Json, 0, (0, 0)),
+        (200, Shape::Exact, 16, (0, 0)),
+        (200, Shape::Exact, 0, (16, 0)),
+        (200, Shape::Exact, 0, (0, 16)),
+        (200, Shape::Exact, 0, (2, 2)),
+        (4096, Shape::Exact, 0, (0, 0)),
+        (4096, Shape::Json, 0, (0, 0)),
+        (4096, Shape::Exact, 4, (0, 0)),
+        (4096, Shape::Exact, 0, (2, 2)),
+        (64 * 1024, Shape::Exact, 0, (0, 0)),
+        (64 * 1024, Shape::Json, 0, (0, 0)),
     ];
-    for (size, shape, fields) in cases {
-        let (held, charged) = held_and_charged(size, shape, fields).await;
+    for (size, shape, fields, (shared, own)) in cases {
+        let (held, charged) = held_and_charged(size, shape, fields, (shared, own)).await;
         let line = format!(
-            "{size} B {shape:?}, {fields} more fields: held {held:.0} B an entry, charged {charged:.0} B ({:.2})",
+            "{size} B {shape:?}, {fields} more fields, tags {shared} shared and {own} own: held {held:.0} B an entry, charged {charged:.0} B ({:.2})",
             held / charged
         );
         // Charged at least what is held (within 5 %), and not far more (the

@@ -19,7 +19,7 @@ use axum::routing::get;
 use axum::Router;
 use fault_proxy::{Fault, FaultProxy};
 use support::redis::RedisServer;
-use support::{call, capabilities_checked, eventually, get as get_request, get_with, Origin};
+use support::{call, eventually, get as get_request, get_with, Origin};
 use tower_hybrid_cache::breaker::CircuitBreakerLayer;
 use tower_hybrid_cache::{HybridCache, RedisConfig};
 
@@ -546,108 +546,6 @@ fn flood_the_log(redis: &RedisServer, count: usize) {
         &count.to_string(),
     ]);
     assert!(size.parse::<usize>().unwrap() >= count, "{size}");
-}
-
-/// Publishes `count` invalidations of tags nothing holds (`burst-{name}-{i}`) on the
-/// `inval` namespace's channel in one go, each logged and stamped as a replica does
-/// (scored a microsecond apart in the log: a page of its catch-up holds 1 000): a
-/// burst of writes elsewhere.
-fn burst_of_invalidations(redis: &RedisServer, name: &str, count: usize) {
-    let script = "local t = redis.call('TIME') \
-                  local now = t[1] * 1000 + math.floor(t[2] / 1000) \
-                  for i = 1, tonumber(ARGV[1]) do \
-                    local m = 't burst-' .. ARGV[2] .. '-' .. i \
-                    redis.call('ZADD', KEYS[1], now + i / 1000, m) \
-                    redis.call('PUBLISH', KEYS[2], '@' .. now .. ' ' .. m) \
-                  end \
-                  return 1";
-    let done = redis.cli(&[
-        "EVAL",
-        script,
-        "2",
-        "inval/invalidation-log",
-        "inval/invalidations",
-        &count.to_string(),
-        name,
-    ]);
-    assert_eq!(done, "1");
-}
-
-/// The ids of the connections subscribed to something: a new one for each
-/// resubscription.
-fn subscriber_ids(redis: &RedisServer) -> Vec<String> {
-    let mut ids: Vec<String> = redis
-        .cli(&["CLIENT", "LIST", "TYPE", "pubsub"])
-        .split_whitespace()
-        .filter(|field| field.starts_with("id="))
-        .map(str::to_owned)
-        .collect();
-    ids.sort();
-    ids
-}
-
-// Two workers: the subscriber's reader and the invalidation listener run side by
-// side, as in a server.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_listener_that_falls_behind_catches_up_from_the_log_and_keeps_the_rest_of_memory() {
-    let redis = RedisServer::start();
-    // Passes everything; counts A's commands apart from B's.
-    let proxy = FaultProxy::start(redis.port());
-    let a = replica_held_open_once_forced(&proxy.url()).await;
-    let b = replica(&redis.url()).await;
-    let origin = Origin::new();
-    let (gone, kept) = ("http://api.test/jobs/behind", "http://api.test/jobs/kept");
-    for url in [gone, kept] {
-        call(origin.behind(&a), get_request(url)).await;
-    }
-    // Each tag invalidation makes A's listener look at every entry in its memory:
-    // with thousands there, it reads far slower than a burst arrives.
-    for n in 0..3_000 {
-        a.set(&format!("filler:{n}"), &n, Duration::from_secs(600))
-            .await
-            .unwrap();
-    }
-    capabilities_checked(&a, WAIT).await;
-    capabilities_checked(&b, WAIT).await;
-    // A's catch-up after its first subscription.
-    eventually("A and B subscribed, A caught up", WAIT, || async {
-        subscribers(&redis).ends_with('2') && proxy.count("ZCOUNT") == 1
-    })
-    .await;
-    let subscribers_before = subscriber_ids(&redis);
-    // B's invalidation of `gone` between two bursts: A's listener, busy with the first,
-    // falls more than its subscriber keeps (2 048) behind, and the oldest unread,
-    // B's among them, are dropped.
-    burst_of_invalidations(&redis, "before", 3_000);
-    assert!(b.invalidate(&gone.parse().unwrap()).await);
-    burst_of_invalidations(&redis, "after", 3_000);
-    // It has the log read back from when it last had read everything: one more
-    // catch-up, on the same connections (no resubscription).
-    eventually("A's catch-up after falling behind", WAIT, || async {
-        proxy.count("ZCOUNT") == 2
-    })
-    .await;
-    assert_eq!(
-        subscriber_ids(&redis),
-        subscribers_before,
-        "a resubscription"
-    );
-    // Memory alone answers: it forgot `gone` (read back from the log), and kept
-    // `kept` (nothing named it).
-    a.redis_breaker().unwrap().force_open();
-    eventually(
-        "A's memory to forget the invalidated entry",
-        WAIT,
-        || async { !call(origin.behind(&a), get_request(gone)).await.is_hit() },
-    )
-    .await;
-    let still = call(origin.behind(&a), get_request(kept)).await;
-    assert!(
-        still.cache_status().ends_with("detail=memory"),
-        "{}",
-        still.cache_status()
-    );
-    assert_eq!(origin.log.calls(), 3);
 }
 
 #[tokio::test]

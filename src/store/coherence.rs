@@ -3,7 +3,6 @@
 //! subscriber was cut off or its listener fell behind, what the invalidation log holds
 //! for that window (or, past its reach, everything).
 
-use std::collections::HashSet;
 use std::sync::Weak;
 use std::time::{Duration, SystemTime};
 
@@ -84,23 +83,16 @@ fn forget(memory: &MemoryStore, invalidation: Invalidation) {
     }
 }
 
-/// Removes from memory what a catch-up read: keys one by one, tags in one pass over
-/// memory for them all (a catch-up may read thousands; each alone is a pass).
+/// Removes from memory what a catch-up read (up to a purge: nothing is left after
+/// it).
 fn forget_every(memory: &MemoryStore, invalidations: Vec<Invalidation>) {
-    let mut tags = HashSet::new();
     for invalidation in invalidations {
-        match invalidation {
-            Invalidation::Key(key) => memory.remove(&key),
-            Invalidation::Tag(tag) => {
-                tags.insert(tag);
-            }
-            Invalidation::All => {
-                memory.remove_all();
-                return;
-            }
+        let all = invalidation == Invalidation::All;
+        forget(memory, invalidation);
+        if all {
+            return;
         }
     }
-    memory.remove_tagged_any(&tags);
 }
 
 /// How much earlier than this replica's own clock says the catch-up reads the

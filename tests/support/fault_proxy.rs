@@ -101,6 +101,11 @@ impl FaultProxy {
         format!("redis://{}", self.addr)
     }
 
+    /// The port it listens on.
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
     /// Switches the fault; open connections follow at once.
     pub fn set(&self, fault: Fault) {
         self.shared.fault.send_replace(fault);

@@ -8,20 +8,24 @@
 //! against about 1 000 for quick_cache, whose entries sit in a slab under one lock a
 //! shard and whose lookup is a hash probe and one bit set (BENCHMARKS.md, "The memory
 //! tier's engine"). quick_cache has no timer wheel: an entry past its time is refused
-//! when read, and swept by the maintenance task.
+//! when read, and swept by the maintenance task. Responses' tags are indexed
+//! (`tags.rs`), so that a tag's invalidation visits only its entries.
 
-use std::cell::Cell;
-use std::collections::HashSet;
+use std::cell::{Cell, RefCell};
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use quick_cache::sync::Cache;
-use quick_cache::{OptionsBuilder, Weighter};
+use quick_cache::{Lifecycle, OptionsBuilder, Weighter};
 
 use crate::entry::Entry;
 use crate::key::{CacheKey, KeyHasher};
+
+mod tags;
+
+use tags::TagIndex;
 
 /// The least a shard holds, so that one entry of up to a few MiB (bodies are bounded
 /// by the layer's `max_body_bytes`, 1 MiB by default) fits in the shard its key falls
@@ -42,6 +46,59 @@ struct Slot {
     /// clock, without a subtraction.
     expires: Instant,
     weight: u64,
+    /// Which store put it, for the tag index (`tags.rs`): unique in this tier.
+    stamp: u64,
+}
+
+impl Slot {
+    /// The tags of the response it holds (none for other entries).
+    fn tags(&self) -> &[String] {
+        match &self.entry {
+            Entry::Response(response) => &response.tags,
+            _ => &[],
+        }
+    }
+}
+
+/// Takes out of the tag index what leaves a shard by quick_cache's own doing (an
+/// eviction, a replacement, an entry refused for its size), once the shard's lock
+/// is released.
+#[derive(Clone)]
+struct Unindex(Arc<TagIndex>);
+
+/// What left a shard during one quick_cache call: one slot without an allocation,
+/// the rest in a `Vec`.
+#[derive(Default)]
+struct Departed {
+    first: Option<(CacheKey, Slot)>,
+    more: Vec<(CacheKey, Slot)>,
+}
+
+impl Lifecycle<CacheKey, Slot> for Unindex {
+    type RequestState = Departed;
+
+    fn begin_request(&self) -> Departed {
+        Departed::default()
+    }
+
+    fn on_evict(&self, departed: &mut Departed, key: CacheKey, slot: Slot) {
+        if departed.first.is_none() {
+            departed.first = Some((key, slot));
+        } else {
+            departed.more.push((key, slot));
+        }
+    }
+
+    fn end_request(&self, departed: Departed) {
+        // Most stores evict nothing; `more` fills only after `first`.
+        let Some((key, slot)) = departed.first else {
+            return;
+        };
+        self.0.remove(key, slot.stamp, slot.tags());
+        for (key, slot) in departed.more {
+            self.0.remove(key, slot.stamp, slot.tags());
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -53,11 +110,19 @@ impl Weighter<CacheKey, Slot> for SlotWeigher {
     }
 }
 
+/// What an entry costs this tier: its own weight, and `indexed` bytes of the tag
+/// index. Never 0: quick_cache never evicts an entry of no weight.
+fn entry_weight(entry: &Entry, indexed: usize) -> u64 {
+    u64::try_from(entry.weight().saturating_add(indexed))
+        .unwrap_or(u64::MAX)
+        .max(1)
+}
+
 /// One of the tier's shards: a quick_cache of a single shard, so that the maintenance
 /// task can sweep one shard a tick (a `retain` over the whole tier cost 38 ms at a
 /// million entries, every lookup of a shard waiting while it was swept).
 struct Shard {
-    cache: Cache<CacheKey, Slot, SlotWeigher, KeyHasher>,
+    cache: Cache<CacheKey, Slot, SlotWeigher, KeyHasher, Unindex>,
     /// No slot of this shard expires before this (nanoseconds after the epoch): a
     /// sweep before it would find nothing.
     next_expiry: AtomicU64,
@@ -75,6 +140,10 @@ struct Inner {
     local_ttl: Option<Duration>,
     /// The origin of the slots' expiry times.
     epoch: Instant,
+    /// Which entries carry each tag.
+    tags: Arc<TagIndex>,
+    /// The next slot's stamp.
+    next_stamp: AtomicU64,
 }
 
 /// The memory tier. Cloning shares the same cache.
@@ -92,6 +161,7 @@ impl MemoryStore {
         let shards = (capacity_bytes / MIN_SHARD_BYTES).clamp(1, most_shards);
         let shard_bytes = capacity_bytes / shards;
         let shard_entries = (shard_bytes / TYPICAL_ENTRY_BYTES).max(32);
+        let tags = Arc::new(TagIndex::new());
         let shard = || {
             let options = OptionsBuilder::new()
                 .shards(1)
@@ -103,7 +173,7 @@ impl MemoryStore {
                     options,
                     SlotWeigher,
                     KeyHasher::default(),
-                    Default::default(),
+                    Unindex(Arc::clone(&tags)),
                 ),
                 // Only invalid fractions fail, and none is set: the defaults then.
                 Err(_) => Cache::with(
@@ -111,7 +181,7 @@ impl MemoryStore {
                     shard_bytes,
                     SlotWeigher,
                     KeyHasher::default(),
-                    Default::default(),
+                    Unindex(Arc::clone(&tags)),
                 ),
             };
             Shard {
@@ -126,6 +196,8 @@ impl MemoryStore {
                 next_sweep: AtomicUsize::new(0),
                 local_ttl,
                 epoch: Instant::now(),
+                tags,
+                next_stamp: AtomicU64::new(0),
             }),
         }
     }
@@ -152,8 +224,15 @@ impl MemoryStore {
         if slot.expires > now {
             return Some(slot.entry);
         }
-        cache.remove_if(key, |slot| slot.expires <= now);
+        self.unindex(cache.remove_if(key, |slot| slot.expires <= now));
         None
+    }
+
+    /// Takes a slot removed by this tier's own call out of the tag index.
+    fn unindex(&self, removed: Option<(CacheKey, Slot)>) {
+        if let Some((key, slot)) = removed {
+            self.inner.tags.remove(key, slot.stamp, slot.tags());
+        }
     }
 
     /// Stores `entry` under `key` until it can no longer be served (or, as a near
@@ -170,7 +249,7 @@ impl MemoryStore {
         };
         let shard = self.shard(&key);
         if lifetime.is_zero() {
-            shard.cache.remove(&key);
+            self.unindex(shard.cache.remove(&key));
             return;
         }
         // Past what an `Instant` holds (a lifetime of centuries): a year is as good.
@@ -179,53 +258,59 @@ impl MemoryStore {
             .checked_add(lifetime)
             .or_else(|| now.checked_add(Duration::from_secs(365 * 24 * 3600)))
             .unwrap_or(now);
-        // Never 0: quick_cache never evicts an entry of no weight.
-        let weight = u64::try_from(entry.weight()).unwrap_or(u64::MAX).max(1);
+        let stamp = self.inner.next_stamp.fetch_add(1, Ordering::Relaxed);
+        let slot = Slot {
+            entry,
+            expires,
+            weight: 0,
+            stamp,
+        };
+        let tags = slot.tags();
+        // Indexed before it is stored: the index never misses an entry memory holds.
+        let indexed = if tags.is_empty() {
+            0
+        } else {
+            self.inner.tags.add(key, stamp, tags)
+        };
+        // The index's share is the entry's too.
+        let weight = entry_weight(&slot.entry, indexed);
         shard
             .next_expiry
             .fetch_min(self.since_epoch(expires), Ordering::Relaxed);
-        shard.cache.insert(
-            key,
-            Slot {
-                entry,
-                expires,
-                weight,
-            },
-        );
+        shard.cache.insert(key, Slot { weight, ..slot });
     }
 
     pub(crate) fn remove(&self, key: &CacheKey) {
-        self.shard(key).cache.remove(key);
+        self.unindex(self.shard(key).cache.remove(key));
     }
 
-    /// Removes every response tagged `tag`, before it returns.
+    /// Removes every response tagged `tag`, before it returns; visits only the
+    /// entries the index names.
     pub(crate) fn remove_tagged(&self, tag: &str) {
-        for shard in &self.inner.shards {
-            shard.cache.retain(|_, slot| match &slot.entry {
-                Entry::Response(response) => !response.tags.iter().any(|t| t == tag),
-                _ => true,
-            });
-        }
-    }
-
-    /// Removes every response tagged with any of `tags`, in one pass over memory
-    /// (a pass a tag costs as much for each).
-    pub(crate) fn remove_tagged_any(&self, tags: &HashSet<String>) {
-        if tags.is_empty() {
-            return;
-        }
-        for shard in &self.inner.shards {
-            shard.cache.retain(|_, slot| match &slot.entry {
-                Entry::Response(response) => !response.tags.iter().any(|t| tags.contains(t)),
-                _ => true,
-            });
+        for key in self.inner.tags.keys(tag) {
+            let removed = self
+                .shard(&key)
+                .cache
+                .remove_if(&key, |slot| slot.tags().iter().any(|t| t == tag));
+            self.unindex(removed);
         }
     }
 
     /// Removes every entry.
     pub(crate) fn remove_all(&self) {
         for shard in &self.inner.shards {
-            shard.cache.clear();
+            // A pass that keeps nothing, not `clear`: what it removed leaves the
+            // index too, and only that (an entry stored meanwhile stays indexed).
+            let removed = RefCell::new(Vec::new());
+            shard.cache.retain(|key, slot| {
+                if !slot.tags().is_empty() {
+                    removed.borrow_mut().push((*key, slot.clone()));
+                }
+                false
+            });
+            for (key, slot) in removed.into_inner() {
+                self.unindex(Some((key, slot)));
+            }
         }
     }
 
@@ -257,16 +342,22 @@ impl MemoryStore {
         // time joins them after it.
         shard.next_expiry.store(u64::MAX, Ordering::Relaxed);
         let earliest = Cell::new(u64::MAX);
-        shard.cache.retain(|_, slot| {
+        let removed = RefCell::new(Vec::new());
+        shard.cache.retain(|key, slot| {
             let keep = slot.expires > now;
             if keep {
                 earliest.set(earliest.get().min(self.since_epoch(slot.expires)));
+            } else if !slot.tags().is_empty() {
+                removed.borrow_mut().push((*key, slot.clone()));
             }
             keep
         });
         shard
             .next_expiry
             .fetch_min(earliest.get(), Ordering::Relaxed);
+        for (key, slot) in removed.into_inner() {
+            self.unindex(Some((key, slot)));
+        }
     }
 
     /// Every entry held now (their bodies shared, not copied), for a re-seed.
@@ -410,6 +501,102 @@ mod tests {
         store.remove_tagged("jobs");
         assert!(store.get(&a).is_none());
         assert!(store.get(&b).is_some());
+    }
+
+    impl MemoryStore {
+        /// Checks the tag index against what memory holds: every tag of every entry
+        /// is indexed, and (nothing being stored meanwhile) nothing else is.
+        fn assert_indexed(&self) {
+            let mut pairs = 0;
+            for shard in &self.inner.shards {
+                for (key, slot) in shard.cache.iter() {
+                    for tag in slot.tags() {
+                        pairs += 1;
+                        assert!(
+                            self.inner.tags.keys(tag).contains(&key),
+                            "{key} holds {tag} unindexed"
+                        );
+                    }
+                }
+            }
+            assert_eq!(self.inner.tags.pairs(), pairs, "pairs of entries gone");
+        }
+    }
+
+    #[test]
+    fn the_tag_index_follows_entries_out_whichever_way_they_leave() {
+        let key = |n: u32| {
+            let mut bytes = [0; 32];
+            bytes[..4].copy_from_slice(&n.to_le_bytes());
+            CacheKey::from_bytes(bytes)
+        };
+        let tags = |n: u32| [format!("own-{n}"), "shared".to_owned()];
+        let tagged = |n: u32, servable_for: Duration| {
+            let [own, shared] = tags(n);
+            entry(servable_for, &[&own, &shared])
+        };
+        // Evicted: 2 000 entries of ~700 bytes in 1 MiB.
+        let store = MemoryStore::new(1 << 20, None);
+        for n in 0..2_000 {
+            store.insert(key(n), tagged(n, Duration::from_secs(600)));
+        }
+        assert!(store.entry_count() < 2_000, "nothing evicted");
+        store.assert_indexed();
+        // Replaced: the old tags leave with the old entry, the new ones name it.
+        let last = key(1_999);
+        store.insert(last, entry(Duration::from_secs(600), &["renamed"]));
+        store.assert_indexed();
+        store.remove_tagged("own-1999");
+        assert!(
+            store.get(&last).is_some(),
+            "removed by a tag it no longer has"
+        );
+        // Removed by key, by a tag, by a read past its time, by a sweep.
+        store.remove(&key(1_998));
+        store.remove_tagged("own-1997");
+        store.assert_indexed();
+        store.insert(key(5_000), tagged(5_000, Duration::from_millis(20)));
+        store.insert(key(5_001), tagged(5_001, Duration::from_millis(20)));
+        store.assert_indexed();
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(store.get(&key(5_000)).is_none());
+        store.remove_expired();
+        store.assert_indexed();
+        // Stored already past its time: the entry it replaces leaves.
+        store.insert(key(1_996), tagged(1_996, Duration::ZERO));
+        store.assert_indexed();
+        // A tag shared by every entry removes every one of them.
+        store.remove_tagged("shared");
+        assert_eq!(store.entry_count(), 1, "only the renamed entry left");
+        store.assert_indexed();
+        store.remove_all();
+        assert_eq!(store.entry_count(), 0);
+        assert_eq!(store.inner.tags.pairs(), 0);
+    }
+
+    #[test]
+    fn racing_stores_of_a_key_leave_the_one_memory_holds_indexed() {
+        let store = MemoryStore::new(1 << 20, None);
+        let key = CacheKey::from_bytes([9; 32]);
+        std::thread::scope(|scope| {
+            for _ in 0..3 {
+                scope.spawn(|| {
+                    for _ in 0..20_000 {
+                        store.insert(key, entry(Duration::from_secs(600), &["jobs"]));
+                    }
+                });
+            }
+            scope.spawn(|| {
+                for _ in 0..20_000 {
+                    store.remove_tagged("jobs");
+                }
+            });
+        });
+        store.assert_indexed();
+        if store.get(&key).is_some() {
+            store.remove_tagged("jobs");
+            assert!(store.get(&key).is_none(), "an entry its tag cannot remove");
+        }
     }
 
     #[test]
