@@ -14,7 +14,7 @@
 use std::cell::{Cell, RefCell};
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use quick_cache::sync::Cache;
@@ -142,6 +142,10 @@ struct Inner {
     epoch: Instant,
     /// Which entries carry each tag.
     tags: Arc<TagIndex>,
+    /// Held (shared) by a tagged entry's store from its indexing to its insert, and
+    /// (alone) by a purge: a purge clears the index wholesale, and must not clear the
+    /// pairs of an entry it did not remove.
+    purging: RwLock<()>,
     /// The next slot's stamp.
     next_stamp: AtomicU64,
 }
@@ -197,6 +201,7 @@ impl MemoryStore {
                 local_ttl,
                 epoch: Instant::now(),
                 tags,
+                purging: RwLock::new(()),
                 next_stamp: AtomicU64::new(0),
             }),
         }
@@ -267,10 +272,15 @@ impl MemoryStore {
         };
         let tags = slot.tags();
         // Indexed before it is stored: the index never misses an entry memory holds.
-        let indexed = if tags.is_empty() {
-            0
+        let (indexed, _purge_waits) = if tags.is_empty() {
+            (0, None)
         } else {
-            self.inner.tags.add(key, stamp, tags)
+            let purge_waits = self
+                .inner
+                .purging
+                .read()
+                .unwrap_or_else(PoisonError::into_inner);
+            (self.inner.tags.add(key, stamp, tags), Some(purge_waits))
         };
         // The index's share is the entry's too.
         let weight = entry_weight(&slot.entry, indexed);
@@ -296,22 +306,20 @@ impl MemoryStore {
         }
     }
 
-    /// Removes every entry.
+    /// Removes every entry, and empties the tag index with them: no tagged entry is
+    /// stored meanwhile (one indexed before and stored after would be left out of
+    /// the index). Taking each entry's pairs out instead cost 4 s at a million
+    /// entries of three tags.
     pub(crate) fn remove_all(&self) {
+        let _stores_wait = self
+            .inner
+            .purging
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
         for shard in &self.inner.shards {
-            // A pass that keeps nothing, not `clear`: what it removed leaves the
-            // index too, and only that (an entry stored meanwhile stays indexed).
-            let removed = RefCell::new(Vec::new());
-            shard.cache.retain(|key, slot| {
-                if !slot.tags().is_empty() {
-                    removed.borrow_mut().push((*key, slot.clone()));
-                }
-                false
-            });
-            for (key, slot) in removed.into_inner() {
-                self.unindex(Some((key, slot)));
-            }
+            shard.cache.clear();
         }
+        self.inner.tags.clear();
     }
 
     /// Frees the entries past their time in every shard.
@@ -597,6 +605,33 @@ mod tests {
             store.remove_tagged("jobs");
             assert!(store.get(&key).is_none(), "an entry its tag cannot remove");
         }
+    }
+
+    #[test]
+    fn a_purge_racing_stores_leaves_every_entry_it_spared_indexed() {
+        let store = MemoryStore::new(64 << 20, None);
+        std::thread::scope(|scope| {
+            for thread in 0..3_u8 {
+                let store = &store;
+                scope.spawn(move || {
+                    for n in 0..3_000_u32 {
+                        let mut bytes = [thread; 32];
+                        bytes[..4].copy_from_slice(&n.to_le_bytes());
+                        let tag = format!("item-{thread}-{n}");
+                        let entry = entry(Duration::from_secs(600), &["jobs", &tag]);
+                        store.insert(CacheKey::from_bytes(bytes), entry);
+                    }
+                });
+            }
+            scope.spawn(|| {
+                for _ in 0..100 {
+                    store.remove_all();
+                }
+            });
+        });
+        store.assert_indexed();
+        store.remove_tagged("jobs");
+        assert_eq!(store.entry_count(), 0, "an entry its tag cannot remove");
     }
 
     #[test]

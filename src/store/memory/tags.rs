@@ -70,10 +70,10 @@ impl Holders {
 }
 
 /// What the index holds for a tag no other entry carries (its slot in a shard's
-/// table: name and holder, 64 bytes in a table that grows by doubling; the name's
-/// allocation), charged to the entry that brings it. `tests/entry_weight.rs` checks
+/// table: hash and holder, 56 bytes in a table that grows by doubling), charged to
+/// the entry that brings it. `tests/entry_weight.rs` checks
 /// both figures against what the heap holds.
-pub(super) const NEW_TAG_BYTES: usize = 160;
+pub(super) const NEW_TAG_BYTES: usize = 120;
 
 /// What the index holds for an entry carrying a tag others carry too: a slot in that
 /// tag's set (40 bytes, in a table that grows by doubling).
@@ -82,12 +82,15 @@ pub(super) const SHARED_TAG_BYTES: usize = 80;
 /// Shards of the index, so that stores of tagged entries seldom wait on each other.
 const SHARDS: usize = 16;
 
-type Shard = HashMap<Box<str>, Holders, foldhash::quality::RandomState>;
+/// A tag's holders, under the tag's hash: no copy of its name to allocate, compare
+/// or free. Two tags of one hash share their holders, which only makes a removal
+/// visit entries it then leaves (each is checked for the tag itself).
+type Shard = HashMap<u64, Holders, KeyHasher>;
 
 /// Tag → the entries in memory that carry it.
 pub(super) struct TagIndex {
-    /// Tags come from origins and from other replicas' messages: a hasher with a
-    /// random seed a process picks their shard and slot.
+    /// Tags come from origins and from other replicas' messages: hashed with a
+    /// seed this process picks at random, so that no one can aim two at one hash.
     hasher: foldhash::quality::RandomState,
     shards: Box<[Mutex<Shard>]>,
 }
@@ -101,12 +104,15 @@ impl TagIndex {
         }
     }
 
-    fn shard(&self, tag: &str) -> MutexGuard<'_, Shard> {
-        let at = usize::try_from(self.hasher.hash_one(tag) % SHARDS as u64).unwrap_or(0);
+    /// `tag`'s hash, and its shard, locked.
+    fn shard(&self, tag: &str) -> (u64, MutexGuard<'_, Shard>) {
+        let hash = self.hasher.hash_one(tag);
+        let at = usize::try_from(hash % SHARDS as u64).unwrap_or(0);
         // In range: `at` is below the shard count.
-        self.shards[at]
+        let shard = self.shards[at]
             .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+            .unwrap_or_else(PoisonError::into_inner);
+        (hash, shard)
     }
 
     /// Notes that the entry about to be stored under `key` with `stamp` carries
@@ -114,14 +120,14 @@ impl TagIndex {
     pub(super) fn add(&self, key: CacheKey, stamp: u64, tags: &[String]) -> usize {
         let mut bytes = 0;
         for tag in tags {
-            let mut shard = self.shard(tag);
-            match shard.get_mut(tag.as_str()) {
+            let (hash, mut shard) = self.shard(tag);
+            match shard.get_mut(&hash) {
                 Some(holders) => {
                     holders.insert((key, stamp));
                     bytes += SHARED_TAG_BYTES;
                 }
                 None => {
-                    shard.insert(tag.as_str().into(), Holders::One((key, stamp)));
+                    shard.insert(hash, Holders::One((key, stamp)));
                     bytes += NEW_TAG_BYTES;
                 }
             }
@@ -133,22 +139,30 @@ impl TagIndex {
     /// left memory.
     pub(super) fn remove(&self, key: CacheKey, stamp: u64, tags: &[String]) {
         for tag in tags {
-            let mut shard = self.shard(tag);
+            let (hash, mut shard) = self.shard(tag);
             let emptied = shard
-                .get_mut(tag.as_str())
+                .get_mut(&hash)
                 .is_some_and(|holders| holders.remove(&(key, stamp)));
             if emptied {
-                shard.remove(tag.as_str());
+                shard.remove(&hash);
             }
+        }
+    }
+
+    /// Forgets every pair (memory was emptied).
+    pub(super) fn clear(&self) {
+        for shard in self.shards.iter() {
+            // Dropped outside the lock: a million pairs take a while to free.
+            let emptied =
+                std::mem::take(&mut *shard.lock().unwrap_or_else(PoisonError::into_inner));
+            drop(emptied);
         }
     }
 
     /// The keys of the entries that may carry `tag` now.
     pub(super) fn keys(&self, tag: &str) -> Vec<CacheKey> {
-        self.shard(tag)
-            .get(tag)
-            .map(Holders::keys)
-            .unwrap_or_default()
+        let (hash, shard) = self.shard(tag);
+        shard.get(&hash).map(Holders::keys).unwrap_or_default()
     }
 
     /// How many (tag, entry) pairs the index holds.
