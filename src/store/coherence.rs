@@ -83,15 +83,11 @@ fn forget(memory: &MemoryStore, invalidation: Invalidation) {
     }
 }
 
-/// Removes from memory what a catch-up read (up to a purge: nothing is left after
-/// it).
+/// Removes from memory what a catch-up read, in the log's order (what follows a
+/// purge still counts: an entry may have been stored again since).
 fn forget_every(memory: &MemoryStore, invalidations: Vec<Invalidation>) {
     for invalidation in invalidations {
-        let all = invalidation == Invalidation::All;
         forget(memory, invalidation);
-        if all {
-            return;
-        }
     }
 }
 
@@ -100,11 +96,12 @@ fn forget_every(memory: &MemoryStore, invalidations: Vec<Invalidation>) {
 const CLOCK_MARGIN: Duration = Duration::from_secs(5);
 
 /// After each window in which this replica's subscriber was cut off (or its listener
-/// fell behind and missed messages), memory forgets what was invalidated meanwhile (read back from Redis's log, in pages), so that a
-/// later outage cannot serve it. A log Redis cannot give now is asked for again after
-/// a backoff that starts at `every` and doubles (with jitter) up to 32 times that;
-/// once the log no longer reaches back to the window, or holds more than the catch-up
-/// reads, memory forgets everything. Ends with the store.
+/// fell behind and missed messages), memory forgets what was invalidated meanwhile
+/// (read back from Redis's log, in pages), so that a later outage cannot serve it. A
+/// log Redis cannot give now is asked for again after a backoff that starts at
+/// `every` and doubles (with jitter) up to 32 times that; once the log no longer
+/// reaches back to the window, or holds more than the catch-up reads, memory forgets
+/// everything. Ends with the store.
 pub(crate) fn spawn_catch_up(
     store: Weak<RedisStore>,
     memory: MemoryStore,
