@@ -532,10 +532,16 @@ async fn memory_catches_up_on_what_was_invalidated_while_its_subscriber_was_cut_
 /// (by Redis's clock), each a microsecond apart: what anonymous writes to distinct
 /// URLs leave there.
 fn flood_the_log(redis: &RedisServer, count: usize) {
+    flood_the_log_apart(redis, count, 1);
+}
+
+/// As `flood_the_log`, each message `apart` microseconds after the one before (0:
+/// all in one millisecond, as a replica scores them, in whole milliseconds).
+fn flood_the_log_apart(redis: &RedisServer, count: usize, apart: u32) {
     let script = "local t = redis.call('TIME') \
                   local now = t[1] * 1000 + math.floor(t[2] / 1000) \
                   for i = 1, tonumber(ARGV[1]) do \
-                    redis.call('ZADD', KEYS[1], now + i / 1000, 'k junk' .. i) \
+                    redis.call('ZADD', KEYS[1], now + i * tonumber(ARGV[2]) / 1000, 'k junk' .. i) \
                   end \
                   return redis.call('ZCARD', KEYS[1])";
     let size = redis.cli(&[
@@ -544,6 +550,7 @@ fn flood_the_log(redis: &RedisServer, count: usize) {
         "1",
         "inval/invalidation-log",
         &count.to_string(),
+        &apart.to_string(),
     ]);
     assert!(size.parse::<usize>().unwrap() >= count, "{size}");
 }
@@ -564,6 +571,23 @@ async fn a_catch_up_reads_the_log_in_pages() {
     cut_off.lift_and_expect_caught_up().await;
     let reads = cut_off.proxy.count("ZRANGEBYSCORE") - before;
     assert!(reads >= 3, "{reads} reads of 1 000 for 2 501 messages");
+}
+
+#[tokio::test]
+async fn a_catch_up_reads_a_millisecond_of_more_than_a_page_and_goes_on() {
+    let cut_off = CutOff::start("http://api.test/jobs/one-millisecond").await;
+    let redis = &cut_off.redis;
+    cut_off.proxy.set(Fault::Reset);
+    eventually("A's subscription gone", WAIT, || async {
+        subscribers(redis).ends_with('1')
+    })
+    .await;
+    // 2 500 messages of one score: no page of 1 000 gets past it by score alone.
+    flood_the_log_apart(redis, 2_500, 0);
+    // After them in the log: read only if the catch-up got past that millisecond,
+    // and `kept` stays in memory only if it did not give up and forget everything.
+    assert!(cut_off.b.invalidate(&cut_off.gone.parse().unwrap()).await);
+    cut_off.lift_and_expect_caught_up().await;
 }
 
 #[tokio::test]

@@ -7,6 +7,7 @@ use std::time::{Duration, SystemTime};
 
 use fred::clients::Client;
 use fred::prelude::*;
+use fred::types::sorted_sets::{ZRange, ZRangeBound, ZRangeKind};
 use fred::types::{ClusterHash, CustomCommand, Expiration};
 
 use super::{millis_i64, RedisStore};
@@ -86,6 +87,19 @@ const PAGE: usize = 1_000;
 /// since `since` (both in milliseconds since the epoch).
 fn log_reaches(since: u64, now: u64, ttl: Duration) -> bool {
     now.saturating_sub(since) < duration_millis(ttl)
+}
+
+/// The invalidations a page of the log names (anything else in it is junk, skipped).
+fn invalidations(page: &[(String, f64)]) -> impl Iterator<Item = Invalidation> + '_ {
+    page.iter()
+        .filter_map(|(message, _)| Invalidation::parse(message))
+}
+
+/// A score as a range's bound for `ZRANGEBYSCORE`, from it (`Inclusive`) or past it
+/// (`Exclusive`); an error for NaN, which no sorted set holds.
+fn score_bound(score: f64, kind: ZRangeKind) -> Result<ZRange, StoreError> {
+    let range = ZRangeBound::try_from(score).map_err(StoreError::command)?;
+    Ok(ZRange { kind, range })
 }
 
 fn duration_millis(duration: Duration) -> u64 {
@@ -285,26 +299,33 @@ impl RedisStore {
             return Ok(None);
         }
         let mut found = Vec::new();
-        let mut cursor = since as f64;
+        let mut from = score_bound(since as f64, ZRangeKind::Inclusive)?;
         // Pages by score, each from the last one's score (inclusive: a message read
         // twice is forgotten twice, which is harmless); bounded even if the log grows
         // while it is read.
         for _ in 0..=MAX_LOGGED / PAGE {
             let page: Vec<(String, f64)> = client
-                .zrangebyscore(&log, cursor, f64::INFINITY, true, Some((0, PAGE as i64)))
+                .zrangebyscore(&log, from, f64::INFINITY, true, Some((0, PAGE as i64)))
                 .await
                 .map_err(StoreError::command)?;
-            found.extend(
-                page.iter()
-                    .filter_map(|(message, _)| Invalidation::parse(message)),
-            );
+            found.extend(invalidations(&page));
+            let first = page.first().map(|(_, score)| *score);
             let last = page.last().map(|(_, score)| *score);
-            match last {
-                // A full page, every message in one millisecond: no way forward.
-                Some(score) if page.len() == PAGE && score <= cursor => return Ok(None),
-                Some(score) if page.len() == PAGE => cursor = score,
+            from = match (first, last) {
+                // A full page all of one score (a millisecond of more than a page of
+                // messages): that score read whole, then on past it. Bounded: the
+                // log held at most `MAX_LOGGED` since the window.
+                (Some(first), Some(last)) if page.len() == PAGE && first == last => {
+                    let same: Vec<(String, f64)> = client
+                        .zrangebyscore(&log, last, last, true, None)
+                        .await
+                        .map_err(StoreError::command)?;
+                    found.extend(invalidations(&same));
+                    score_bound(last, ZRangeKind::Exclusive)?
+                }
+                (_, Some(last)) if page.len() == PAGE => score_bound(last, ZRangeKind::Inclusive)?,
                 _ => return Ok(Some(found)),
-            }
+            };
         }
         Ok(None)
     }
