@@ -469,6 +469,16 @@ impl CutOff {
         cut_off
     }
 
+    /// Resets A's connections and keeps them down, until Redis counts A's
+    /// subscription gone.
+    async fn cut(&self) {
+        self.proxy.set(Fault::Reset);
+        eventually("A's subscription gone", WAIT, || async {
+            subscribers(&self.redis).ends_with('1')
+        })
+        .await;
+    }
+
     /// Lifts the fault; once A is subscribed and connected again, Redis is put out of
     /// A's reach, so that memory alone answers: it must have forgotten `gone`, and
     /// only that.
@@ -511,11 +521,7 @@ async fn memory_catches_up_on_what_was_invalidated_while_its_subscriber_was_cut_
     let cut_off = CutOff::start("http://api.test/jobs/cut-off").await;
     let redis = &cut_off.redis;
     // A is cut off: B's invalidation message cannot reach it.
-    cut_off.proxy.set(Fault::Reset);
-    eventually("A's subscription gone", WAIT, || async {
-        subscribers(redis).ends_with('1')
-    })
-    .await;
+    cut_off.cut().await;
     assert!(cut_off.b.invalidate(&cut_off.gone.parse().unwrap()).await);
     // The log that keeps it for A holds each message once, for as long as the marks.
     assert_eq!(redis.cli(&["ZCARD", "inval/invalidation-log"]), "1");
@@ -559,11 +565,7 @@ fn flood_the_log_apart(redis: &RedisServer, count: usize, apart: u32) {
 async fn a_catch_up_reads_the_log_in_pages() {
     let cut_off = CutOff::start("http://api.test/jobs/paged").await;
     let redis = &cut_off.redis;
-    cut_off.proxy.set(Fault::Reset);
-    eventually("A's subscription gone", WAIT, || async {
-        subscribers(redis).ends_with('1')
-    })
-    .await;
+    cut_off.cut().await;
     flood_the_log(redis, 2_500);
     let before = cut_off.proxy.count("ZRANGEBYSCORE");
     // Last in the log: read only if every page before it was.
@@ -577,11 +579,7 @@ async fn a_catch_up_reads_the_log_in_pages() {
 async fn a_catch_up_reads_a_millisecond_of_more_than_a_page_and_goes_on() {
     let cut_off = CutOff::start("http://api.test/jobs/one-millisecond").await;
     let redis = &cut_off.redis;
-    cut_off.proxy.set(Fault::Reset);
-    eventually("A's subscription gone", WAIT, || async {
-        subscribers(redis).ends_with('1')
-    })
-    .await;
+    cut_off.cut().await;
     // 2 500 messages of one score: no page of 1 000 gets past it by score alone.
     flood_the_log_apart(redis, 2_500, 0);
     // After them in the log: read only if the catch-up got past that millisecond,
@@ -594,11 +592,7 @@ async fn a_catch_up_reads_a_millisecond_of_more_than_a_page_and_goes_on() {
 async fn a_log_too_long_to_catch_up_on_makes_memory_forget_everything() {
     let cut_off = CutOff::start("http://api.test/jobs/flooded").await;
     let redis = &cut_off.redis;
-    cut_off.proxy.set(Fault::Reset);
-    eventually("A's subscription gone", WAIT, || async {
-        subscribers(redis).ends_with('1')
-    })
-    .await;
+    cut_off.cut().await;
     // More than the catch-up reads, none of them about A's entries.
     flood_the_log(redis, 10_001);
     // A's reads alone (B, on its own connections, may catch up too).
@@ -630,11 +624,7 @@ async fn a_log_too_long_to_catch_up_on_makes_memory_forget_everything() {
 async fn a_log_trimmed_into_the_window_makes_memory_forget_everything() {
     let cut_off = CutOff::start("http://api.test/jobs/trimmed").await;
     let redis = &cut_off.redis;
-    cut_off.proxy.set(Fault::Reset);
-    eventually("A's subscription gone", WAIT, || async {
-        subscribers(redis).ends_with('1')
-    })
-    .await;
+    cut_off.cut().await;
     // B's invalidation of `gone` is pushed out of the full log by later ones.
     assert!(cut_off.b.invalidate(&cut_off.gone.parse().unwrap()).await);
     flood_the_log(redis, 10_000);
@@ -668,11 +658,7 @@ async fn a_log_trimmed_into_the_window_makes_memory_forget_everything() {
 async fn an_unreadable_log_is_asked_for_again_with_a_growing_backoff() {
     let cut_off = CutOff::start("http://api.test/jobs/unreadable").await;
     let redis = &cut_off.redis;
-    cut_off.proxy.set(Fault::Reset);
-    eventually("A's subscription gone", WAIT, || async {
-        subscribers(redis).ends_with('1')
-    })
-    .await;
+    cut_off.cut().await;
     // Every read of the log now fails (WRONGTYPE).
     assert_eq!(redis.cli(&["SET", "inval/invalidation-log", "junk"]), "OK");
     // A's attempts alone (B, on its own connections, may catch up too).
