@@ -4,6 +4,7 @@
 use http::HeaderMap;
 
 use crate::entry::{is_valid_tag, MAX_TAGS};
+use crate::policy::distinct_tags::DistinctTags;
 use crate::policy::presence::has_field;
 use crate::policy::settings::RouteSettings;
 
@@ -16,10 +17,10 @@ pub(crate) fn response_tags(
     from_handler: &[String],
     groups: &[String],
 ) -> Vec<String> {
-    let mut tags: Vec<String> = Vec::new();
+    let mut tags = DistinctTags::with_limit(MAX_TAGS);
     let mut add = |tag: &str| {
-        if is_valid_tag(tag) && tags.len() < MAX_TAGS && !tags.iter().any(|t| t == tag) {
-            tags.push(tag.to_owned());
+        if is_valid_tag(tag) {
+            tags.add(tag);
         }
     };
     let tagged = settings
@@ -29,7 +30,7 @@ pub(crate) fn response_tags(
     if let Some(name) = tagged {
         for value in headers.get_all(name) {
             if let Ok(text) = value.to_str() {
-                text.split([' ', ',']).for_each(&mut add);
+                split_tags(text, &mut add);
             }
         }
     }
@@ -40,7 +41,22 @@ pub(crate) fn response_tags(
             headers.remove(name);
         }
     }
-    tags
+    tags.into_vec()
+}
+
+/// Passes each word of `text` between spaces and commas to `add`, empty ones too.
+/// By bytes: `str::split` on two separators decoded each character and compared it
+/// with both (about 25 instructions a byte).
+fn split_tags(text: &str, add: &mut impl FnMut(&str)) {
+    let mut start = 0;
+    for (at, byte) in text.bytes().enumerate() {
+        if byte == b' ' || byte == b',' {
+            // ASCII separators: `start..at` lies on character boundaries.
+            add(text.get(start..at).unwrap_or_default());
+            start = at + 1;
+        }
+    }
+    add(text.get(start..).unwrap_or_default());
 }
 
 #[cfg(test)]
@@ -52,6 +68,7 @@ mod tests {
     fn tags_are_split_deduplicated_bounded_and_the_header_hidden() {
         let mut headers = HeaderMap::new();
         headers.append("cache-tag", HeaderValue::from_static("a b,a,,c"));
+        headers.append("cache-tag", HeaderValue::from_static(" c,"));
         let long = "x".repeat(300);
         headers.append("cache-tag", HeaderValue::from_str(&long).unwrap());
         let from_handler = vec!["c".to_owned(), "d".to_owned(), String::new()];

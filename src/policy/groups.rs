@@ -7,6 +7,7 @@
 use http::{HeaderMap, HeaderName};
 use sfv::{BareItem, List, ListEntry};
 
+use super::distinct_tags::DistinctTags;
 use super::structured::parse_field;
 
 /// The response field listing the groups a response belongs to.
@@ -26,18 +27,18 @@ pub(crate) fn group_tags(headers: &HeaderMap, field: &HeaderName, scope: &str) -
     let Some(list) = parse_field::<List>(headers, field) else {
         return Vec::new();
     };
-    let mut tags: Vec<String> = Vec::new();
+    let mut tags = DistinctTags::with_limit(MAX_GROUPS);
     for member in &list {
+        if tags.is_full() {
+            break;
+        }
         if let ListEntry::Item(item) = member {
             if let BareItem::String(group) = &item.bare_item {
-                let tag = group_tag(scope, group.as_str());
-                if !tags.contains(&tag) && tags.len() < MAX_GROUPS {
-                    tags.push(tag);
-                }
+                tags.add_owned(group_tag(scope, group.as_str()));
             }
         }
     }
-    tags
+    tags.into_vec()
 }
 
 /// The tag a group of `scope` is stored as. Groups are compared case-sensitively;
