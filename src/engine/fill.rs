@@ -13,7 +13,7 @@ use tokio::runtime::Handle;
 
 use super::flight::FlightGuard;
 use super::Engine;
-use crate::entry::{CachedResponse, Entry};
+use crate::entry::{CachedResponse, Entry, Tags};
 use crate::key::CacheKey;
 use crate::telemetry::{Counter, TARGET};
 
@@ -133,7 +133,7 @@ impl Engine {
     async fn settle(
         &self,
         key: CacheKey,
-        tags: &[String],
+        tags: &Tags,
         seq: u64,
         guard: Option<FlightGuard>,
         detail: Option<&'static str>,

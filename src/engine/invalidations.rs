@@ -5,6 +5,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use crate::entry::Tags;
 use crate::key::CacheKey;
 
 /// Invalidations by key, by tag and the last purge, each with its sequence number.
@@ -73,7 +74,7 @@ impl Invalidations {
     }
 
     /// Whether `key`, or one of `tags`, or everything, was invalidated after `since`.
-    pub(crate) async fn since(&self, key: &CacheKey, tags: &[String], since: u64) -> bool {
+    pub(crate) async fn since(&self, key: &CacheKey, tags: &Tags, since: u64) -> bool {
         if self.none_since(since) {
             return false;
         }
@@ -85,7 +86,7 @@ impl Invalidations {
     }
 
     /// Whether the tables record `key`, or one of `tags`, as invalidated after `since`.
-    async fn recorded_since(&self, key: &CacheKey, tags: &[String], since: u64) -> bool {
+    async fn recorded_since(&self, key: &CacheKey, tags: &Tags, since: u64) -> bool {
         if self.marks.get(key).await.is_some_and(|seq| seq > since) {
             return true;
         }
@@ -109,14 +110,24 @@ mod tests {
         invalidations.mark(a).await;
         let since = invalidations.now();
         assert!(
-            !invalidations.since(&a, &[], since).await,
+            !invalidations.since(&a, &Tags::default(), since).await,
             "before the start"
         );
         invalidations.mark_tag("jobs").await;
-        assert!(!invalidations.since(&a, &[], since).await, "another tag");
-        assert!(invalidations.since(&b, &["jobs".to_owned()], since).await);
+        assert!(
+            !invalidations.since(&a, &Tags::default(), since).await,
+            "another tag"
+        );
+        assert!(
+            invalidations
+                .since(&b, &["jobs"].into_iter().collect(), since)
+                .await
+        );
         let since = invalidations.now();
         invalidations.mark_all();
-        assert!(invalidations.since(&b, &[], since).await, "a purge");
+        assert!(
+            invalidations.since(&b, &Tags::default(), since).await,
+            "a purge"
+        );
     }
 }

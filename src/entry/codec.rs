@@ -24,8 +24,8 @@ use bytes::{BufMut, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Version};
 
 use super::{
-    is_valid_tag, CachedResponse, Entry, StoredValue, VaryIndex, FORMAT_VERSION, HIT_FIELDS,
-    MAX_HEADER_FIELDS, MAX_TAGS, MAX_VARY_NAMES,
+    is_valid_tag, CachedResponse, Entry, StoredValue, TagsBuilder, VaryIndex, FORMAT_VERSION,
+    HIT_FIELDS, MAX_HEADER_FIELDS, MAX_TAGS, MAX_VARY_NAMES,
 };
 
 const MAGIC: &[u8; 4] = b"\xF0THC";
@@ -124,14 +124,9 @@ pub(crate) fn encode_entry(entry: &Entry) -> Bytes {
                 }
             }
             // Within the bounds decoding checks, as the store path keeps them.
-            let tags: Vec<&String> = r
-                .tags
-                .iter()
-                .filter(|t| is_valid_tag(t))
-                .take(MAX_TAGS)
-                .collect();
-            out.put_u16(tags.len() as u16);
-            for tag in tags {
+            // `Tags` holds valid tags only, at most `MAX_TAGS`.
+            out.put_u16(r.tags.len() as u16);
+            for tag in &r.tags {
                 put_short(&mut out, tag.as_bytes());
             }
             out.put_u64(r.body.len() as u64);
@@ -272,14 +267,16 @@ fn decode_response(r: &mut Reader) -> Result<CachedResponse, DecodeError> {
         vary.push((name, value));
     }
     let tag_count = r.count(MAX_TAGS, "tags")?;
-    let mut tags = Vec::with_capacity(tag_count);
+    let mut tags = TagsBuilder::default();
     for _ in 0..tag_count {
-        let tag = String::from_utf8(r.short()?.to_vec())
+        let bytes = r.short()?;
+        let tag = std::str::from_utf8(&bytes)
             .ok()
             .filter(|tag| is_valid_tag(tag))
             .ok_or(DecodeError::new(DecodeErrorKind::BadTag))?;
-        tags.push(tag);
+        tags.add(tag);
     }
+    let tags = tags.finish();
     let body_len = r.u64()?;
     let body = r.take(
         usize::try_from(body_len).map_err(|_| DecodeError::new(DecodeErrorKind::Truncated))?,
@@ -503,7 +500,7 @@ mod tests {
                 swr_until: swr,
                 sie_until: sie,
                 vary: vary.into_iter().map(|(n, v)| (n, v.map(Bytes::from))).collect(),
-                tags,
+                tags: tags.into_iter().collect(),
             }
         }
     }

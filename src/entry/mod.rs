@@ -9,10 +9,13 @@ use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Version};
 
 pub(crate) mod codec;
 mod decimal;
+mod tags;
 
 pub use codec::DecodeError;
 pub(crate) use codec::{decode_entry, encode_entry, encodes_version_of};
 pub(crate) use decimal::decimal_value;
+pub(crate) use tags::TagsBuilder;
+pub use tags::{TagIter, Tags};
 
 /// The version of the stored-entry format; part of every storage key, so a new format
 /// never reads an old one.
@@ -29,9 +32,10 @@ pub(crate) const MAX_TAGS: usize = 64;
 /// Longest tag kept, in bytes.
 pub(crate) const MAX_TAG_BYTES: usize = 256;
 
-/// Whether a tag is kept: not empty, and at most [`MAX_TAG_BYTES`].
+/// Whether a tag is kept: not empty, at most [`MAX_TAG_BYTES`], and no newline (what
+/// [`Tags`] puts between tags).
 pub(crate) fn is_valid_tag(tag: &str) -> bool {
-    !tag.is_empty() && tag.len() <= MAX_TAG_BYTES
+    !tag.is_empty() && tag.len() <= MAX_TAG_BYTES && !tag.as_bytes().contains(&b'\n')
 }
 
 /// A response as the cache stores it.
@@ -72,7 +76,7 @@ pub struct CachedResponse {
     pub(crate) sie_until: SystemTime,
     /// The `Vary` names and the storing request's values (`None`: header absent).
     pub(crate) vary: Vec<(HeaderName, Option<Bytes>)>,
-    pub(crate) tags: Vec<String>,
+    pub(crate) tags: Tags,
 }
 
 impl CachedResponse {
@@ -97,7 +101,7 @@ impl CachedResponse {
             swr_until: now,
             sie_until: now,
             vary: Vec::new(),
-            tags: Vec::new(),
+            tags: Tags::default(),
         })
     }
 
@@ -154,7 +158,7 @@ impl CachedResponse {
     }
 
     /// Returns the tags (surrogate keys) the entry carries.
-    pub fn tags(&self) -> &[String] {
+    pub fn tags(&self) -> &Tags {
         &self.tags
     }
 
@@ -233,8 +237,7 @@ impl CachedResponse {
             .iter()
             .map(|(name, value)| 64 + name.as_str().len() + value.as_ref().map_or(0, Bytes::len))
             .sum();
-        let tags: usize = self.tags.iter().map(|tag| 32 + tag.len()).sum();
-        RESPONSE + headers + vary + tags + self.body.len()
+        RESPONSE + headers + vary + self.tags.heap_bytes() + self.body.len()
     }
 }
 
@@ -325,8 +328,18 @@ impl CachedResponseBuilder {
         self
     }
 
-    /// Sets the tags (surrogate keys).
-    pub fn tags(mut self, tags: Vec<String>) -> Self {
+    /// Sets the tags (surrogate keys): each valid one once, at most 64 (see [`Tags`]).
+    pub fn tags<I, S>(mut self, tags: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        self.0.tags = tags.into_iter().collect();
+        self
+    }
+
+    /// Sets tags already made.
+    pub(crate) fn with_tags(mut self, tags: Tags) -> Self {
         self.0.tags = tags;
         self
     }
@@ -390,10 +403,10 @@ impl Entry {
     }
 
     /// The tags of a stored response (none for the other kinds).
-    pub(crate) fn tags(&self) -> &[String] {
+    pub(crate) fn tags(&self) -> &Tags {
         match self {
             Entry::Response(response) => &response.tags,
-            _ => &[],
+            _ => &tags::NO_TAGS,
         }
     }
 

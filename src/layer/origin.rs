@@ -21,7 +21,7 @@ use super::serve::Serving;
 use super::status::{CacheStatus, Detail, Forward};
 use super::tags::response_tags;
 use crate::engine::{Fill, FillStart, FlightGuard};
-use crate::entry::CachedResponse;
+use crate::entry::{CachedResponse, Tags};
 use crate::key::normalised_value;
 use crate::policy::groups::{group_tags, CACHE_GROUPS};
 use crate::policy::presence::has_field;
@@ -230,7 +230,7 @@ fn stored_entry(
     parts: &http::response::Parts,
     plan: &StorePlan,
     request_fields: &RequestFields,
-    tags: Vec<String>,
+    tags: Tags,
 ) -> CachedResponse {
     let request_headers = &request_fields.only(&plan.vary);
     let vary = plan
@@ -247,7 +247,7 @@ fn stored_entry(
         .version(parts.version)
         .times(plan)
         .vary(vary)
-        .tags(tags)
+        .with_tags(tags)
         .build()
 }
 
@@ -359,7 +359,7 @@ fn revalidated<B>(
     let refreshed = CachedResponse::builder(stale.status, headers, stale.body.clone())
         .version(stale.version)
         .vary(stale.vary.clone())
-        .tags(stale.tags.clone());
+        .with_tags(stale.tags.clone());
     let Ok(plan) = plan else {
         let entry = refreshed.build();
         let status = status.with_detail(Detail::NotStoredAfter304);

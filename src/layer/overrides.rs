@@ -72,8 +72,8 @@ impl CacheOverrides {
         self
     }
 
-    /// Adds tags (surrogate keys) to this response. Empty tags and tags over 256 bytes
-    /// are dropped.
+    /// Adds tags (surrogate keys) to this response. Empty tags, tags over 256 bytes
+    /// and tags with a newline are dropped.
     pub fn tags<I, T>(mut self, tags: I) -> Self
     where
         I: IntoIterator<Item = T>,
@@ -87,7 +87,8 @@ impl CacheOverrides {
     /// 3xx), with the URIs the request invalidates anyway: all of them concurrently,
     /// so that a sick Redis costs the request one deadline, not one per tag. What
     /// Redis could not take is queued and replayed, as with
-    /// `HybridCache::invalidate_tag`. Empty tags and tags over 256 bytes are dropped.
+    /// `HybridCache::invalidate_tag`. Empty tags, tags over 256 bytes
+    /// and tags with a newline are dropped.
     ///
     /// # Examples
     ///
@@ -118,7 +119,7 @@ impl CacheOverrides {
     }
 }
 
-/// The tags worth keeping: not empty, at most 256 bytes.
+/// The tags worth keeping: not empty, at most 256 bytes, no newline.
 fn valid_tags<I, T>(tags: I) -> impl Iterator<Item = String>
 where
     I: IntoIterator<Item = T>,

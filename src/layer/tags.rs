@@ -3,8 +3,7 @@
 
 use http::HeaderMap;
 
-use crate::entry::{is_valid_tag, MAX_TAGS};
-use crate::policy::distinct_tags::DistinctTags;
+use crate::entry::{Tags, TagsBuilder};
 use crate::policy::presence::has_field;
 use crate::policy::settings::RouteSettings;
 
@@ -16,13 +15,9 @@ pub(crate) fn response_tags(
     settings: &RouteSettings,
     from_handler: &[String],
     groups: &[String],
-) -> Vec<String> {
-    let mut tags = DistinctTags::with_limit(MAX_TAGS);
-    let mut add = |tag: &str| {
-        if is_valid_tag(tag) {
-            tags.add(tag);
-        }
-    };
+) -> Tags {
+    let mut tags = TagsBuilder::default();
+    let mut add = |tag: &str| tags.add(tag);
     let tagged = settings
         .tag_header
         .as_ref()
@@ -41,7 +36,7 @@ pub(crate) fn response_tags(
             headers.remove(name);
         }
     }
-    tags.into_vec()
+    tags.finish()
 }
 
 /// Passes each word of `text` between spaces and commas to `add`, empty ones too.
@@ -78,7 +73,7 @@ mod tests {
 
         let many: Vec<String> = (0..100).map(|i| format!("t{i}")).collect();
         let tags = response_tags(&mut HeaderMap::new(), &RouteSettings::default(), &many, &[]);
-        assert_eq!(tags.len(), MAX_TAGS);
+        assert_eq!(tags.len(), crate::entry::MAX_TAGS);
     }
 
     #[test]

@@ -7,7 +7,6 @@
 use http::{HeaderMap, HeaderName};
 use sfv::{BareItem, List, ListEntry};
 
-use super::distinct_tags::DistinctTags;
 use super::structured::parse_field;
 
 /// The response field listing the groups a response belongs to.
@@ -27,18 +26,21 @@ pub(crate) fn group_tags(headers: &HeaderMap, field: &HeaderName, scope: &str) -
     let Some(list) = parse_field::<List>(headers, field) else {
         return Vec::new();
     };
-    let mut tags = DistinctTags::with_limit(MAX_GROUPS);
+    let mut tags: Vec<String> = Vec::new();
     for member in &list {
-        if tags.is_full() {
+        if tags.len() == MAX_GROUPS {
             break;
         }
         if let ListEntry::Item(item) = member {
             if let BareItem::String(group) = &item.bare_item {
-                tags.add_owned(group_tag(scope, group.as_str()));
+                let tag = group_tag(scope, group.as_str());
+                if !tags.contains(&tag) {
+                    tags.push(tag);
+                }
             }
         }
     }
-    tags.into_vec()
+    tags
 }
 
 /// The tag a group of `scope` is stored as. Groups are compared case-sensitively;

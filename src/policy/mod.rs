@@ -5,7 +5,6 @@
 
 pub(crate) mod cache_control;
 pub(crate) mod conditional;
-pub(crate) mod distinct_tags;
 pub(crate) mod freshness;
 pub(crate) mod groups;
 pub(crate) mod http_date;

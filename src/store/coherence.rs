@@ -175,7 +175,7 @@ mod tests {
     fn tagged(tags: &[&str]) -> Entry {
         let response = CachedResponse::builder(StatusCode::OK, HeaderMap::new(), Bytes::new())
             .fresh_until(SystemTime::now() + Duration::from_secs(600))
-            .tags(tags.iter().map(|t| (*t).to_owned()).collect())
+            .tags(tags)
             .build();
         Entry::Response(Arc::new(response))
     }

@@ -19,6 +19,7 @@ use tower::ServiceExt;
 
 use super::redis_tier::{counts_against_redis, RedisStack};
 use super::{StoreOp, StoreRequest};
+use crate::entry::Tags;
 use crate::key::CacheKey;
 use crate::telemetry::{Counter, Counters, TARGET};
 
@@ -102,7 +103,7 @@ impl Replay {
     /// Whether a removal waiting here (of `key`, of one of `tags`, or a purge) would
     /// remove the entry stored under `key`: until it is replayed, Redis's copy is one
     /// this replica already invalidated.
-    pub(crate) fn invalidates(&self, key: &CacheKey, tags: &[String]) -> bool {
+    pub(crate) fn invalidates(&self, key: &CacheKey, tags: &Tags) -> bool {
         if self.shared.removals.load(Ordering::Acquire) == 0 {
             return false;
         }
@@ -111,9 +112,7 @@ impl Replay {
         };
         pending.purge.is_some()
             || pending.keys.contains_key(key)
-            || tags
-                .iter()
-                .any(|tag| pending.tags.contains_key(tag.as_str()))
+            || tags.iter().any(|tag| pending.tags.contains_key(tag))
     }
 
     /// Operations waiting.

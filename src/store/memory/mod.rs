@@ -20,7 +20,7 @@ use std::time::{Duration, Instant, SystemTime};
 use quick_cache::sync::Cache;
 use quick_cache::{Lifecycle, OptionsBuilder, Weighter};
 
-use crate::entry::Entry;
+use crate::entry::{Entry, Tags};
 use crate::key::{CacheKey, KeyHasher};
 
 mod tags;
@@ -52,11 +52,8 @@ struct Slot {
 
 impl Slot {
     /// The tags of the response it holds (none for other entries).
-    fn tags(&self) -> &[String] {
-        match &self.entry {
-            Entry::Response(response) => &response.tags,
-            _ => &[],
-        }
+    fn tags(&self) -> &Tags {
+        self.entry.tags()
     }
 }
 
@@ -301,7 +298,7 @@ impl MemoryStore {
             let removed = self
                 .shard(&key)
                 .cache
-                .remove_if(&key, |slot| slot.tags().iter().any(|t| t == tag));
+                .remove_if(&key, |slot| slot.tags().contains(tag));
             self.unindex(removed);
         }
     }
@@ -401,7 +398,7 @@ mod tests {
         let now = SystemTime::now();
         let response = CachedResponse::builder(StatusCode::OK, HeaderMap::new(), Bytes::new())
             .fresh_until(now + servable_for)
-            .tags(tags.iter().map(|t| (*t).to_owned()).collect())
+            .tags(tags)
             .build();
         Entry::Response(Arc::new(response))
     }

@@ -14,6 +14,7 @@ use std::collections::{HashMap, HashSet};
 use std::hash::BuildHasher;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
+use crate::entry::Tags;
 use crate::key::{CacheKey, KeyHasher};
 
 /// An entry in memory: its key, and the stamp of the store that put it there.
@@ -117,7 +118,7 @@ impl TagIndex {
 
     /// Notes that the entry about to be stored under `key` with `stamp` carries
     /// `tags`; returns what that costs the index, in bytes.
-    pub(super) fn add(&self, key: CacheKey, stamp: u64, tags: &[String]) -> usize {
+    pub(super) fn add(&self, key: CacheKey, stamp: u64, tags: &Tags) -> usize {
         let mut bytes = 0;
         for tag in tags {
             let (hash, mut shard) = self.shard(tag);
@@ -137,7 +138,7 @@ impl TagIndex {
 
     /// Notes that the entry stored under `key` with `stamp`, carrying `tags`, has
     /// left memory.
-    pub(super) fn remove(&self, key: CacheKey, stamp: u64, tags: &[String]) {
+    pub(super) fn remove(&self, key: CacheKey, stamp: u64, tags: &Tags) {
         for tag in tags {
             let (hash, mut shard) = self.shard(tag);
             let emptied = shard

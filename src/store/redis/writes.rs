@@ -146,7 +146,7 @@ impl<'a> BatchTags<'a> {
     fn add(&mut self, out: &'a Outgoing<'a>) {
         for tag in out.entry.tags() {
             let next = self.tags.len();
-            let at = *self.positions.entry(tag.as_str()).or_insert(next);
+            let at = *self.positions.entry(tag).or_insert(next);
             match self.tags.get_mut(at) {
                 Some(known) => {
                     known.keys.push(&*out.storage_key);
@@ -601,7 +601,7 @@ mod tests {
         let tagged = |tags: &[&str]| {
             Entry::Response(Arc::new(
                 CachedResponse::builder(http::StatusCode::OK, http::HeaderMap::new(), Bytes::new())
-                    .tags(tags.iter().map(|t| (*t).to_owned()).collect())
+                    .tags(tags)
                     .build(),
             ))
         };
