@@ -45,7 +45,7 @@ impl Tags {
 
     /// Returns an iterator over the tags, in order.
     pub fn iter(&self) -> TagIter<'_> {
-        TagIter(self.0.as_deref().map(|joined| joined.split('\n')))
+        TagIter(self.0.as_deref())
     }
 
     /// Returns how many tags there are.
@@ -118,13 +118,25 @@ impl<'a> IntoIterator for &'a Tags {
 
 /// An iterator over a response's [`Tags`].
 #[derive(Clone, Debug)]
-pub struct TagIter<'a>(Option<std::str::Split<'a, char>>);
+pub struct TagIter<'a>(Option<&'a str>);
 
 impl<'a> Iterator for TagIter<'a> {
     type Item = &'a str;
 
     fn next(&mut self) -> Option<&'a str> {
-        self.0.as_mut()?.next()
+        // Byte by byte: tags are short, and `str::split` set up a `memchr` for each.
+        let rest = self.0?;
+        match rest.bytes().position(|b| b == b'\n') {
+            Some(at) => {
+                // An ASCII newline: both sides lie on character boundaries.
+                self.0 = rest.get(at + 1..);
+                rest.get(..at)
+            }
+            None => {
+                self.0 = None;
+                Some(rest)
+            }
+        }
     }
 }
 
@@ -143,6 +155,13 @@ pub(crate) struct TagsBuilder {
 }
 
 impl TagsBuilder {
+    /// Makes room for `bytes` of tags (a tag field's length holds its tags and the
+    /// separators between them): the text grows once, not by doubling as it goes.
+    pub(crate) fn reserve(&mut self, bytes: usize) {
+        self.joined
+            .reserve(bytes.min(super::MAX_TAGS * (super::MAX_TAG_BYTES + 1)));
+    }
+
     /// Whether the builder holds as many tags as a response may.
     pub(crate) fn is_full(&self) -> bool {
         self.spans.len() >= MAX_TAGS

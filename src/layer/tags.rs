@@ -17,20 +17,21 @@ pub(crate) fn response_tags(
     groups: &[String],
 ) -> Tags {
     let mut tags = TagsBuilder::default();
-    let mut add = |tag: &str| tags.add(tag);
     let tagged = settings
         .tag_header
         .as_ref()
         .filter(|name| has_field(headers, name));
     if let Some(name) = tagged {
         for value in headers.get_all(name) {
+            tags.reserve(value.len());
             if let Ok(text) = value.to_str() {
-                split_tags(text, &mut add);
+                split_tags(text, &mut |tag| tags.add(tag));
             }
         }
     }
-    from_handler.iter().for_each(|tag| add(tag));
-    groups.iter().for_each(|tag| add(tag));
+    for tag in from_handler.iter().chain(groups) {
+        tags.add(tag);
+    }
     if let Some(name) = settings.hidden_tag_header() {
         if has_field(headers, name) {
             headers.remove(name);
