@@ -160,8 +160,8 @@ impl RedisStore {
     /// were removed.
     pub(crate) async fn invalidate_tag(&self, tag: &str) -> Result<usize, StoreError> {
         let client = self.healthy()?;
-        self.mark(client, self.keys.gone_tag(tag)).await?;
-        let index = self.keys.tag_index(tag);
+        let (mark, index) = self.keys.tag_names(tag);
+        self.mark(client, mark).await?;
         let members: Vec<String> = client
             .smembers(index.clone())
             .await

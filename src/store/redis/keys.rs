@@ -37,12 +37,15 @@ pub(crate) const NAMESPACE_END: char = '/';
 pub(crate) struct RedisKeys {
     /// The namespace and its end, `{ns}/`.
     namespace: String,
-    /// `{ns}/v{format}:`, `{ns}/gone:`, `{ns}/lease:`, `{ns}/staging:`, made once:
-    /// these keys are made for every command or every entry written.
+    /// `{ns}/v{format}:`, `{ns}/gone:`, `{ns}/lease:`, `{ns}/staging:`,
+    /// `{ns}/gonetag:`, `{ns}/tag:`, made once: these keys are made for every command,
+    /// every entry written or every tag of one.
     entry_prefix: String,
     gone_prefix: String,
     lease_prefix: String,
     staging_prefix: String,
+    gone_tag_prefix: String,
+    tag_prefix: String,
     /// `{ns}/purged`, named in every write script's call.
     purged: String,
 }
@@ -55,6 +58,8 @@ impl RedisKeys {
             gone_prefix: format!("{namespace}gone:"),
             lease_prefix: format!("{namespace}lease:"),
             staging_prefix: format!("{namespace}staging:"),
+            gone_tag_prefix: format!("{namespace}gonetag:"),
+            tag_prefix: format!("{namespace}tag:"),
             purged: format!("{namespace}purged"),
             namespace,
         }
@@ -79,7 +84,7 @@ impl RedisKeys {
     }
 
     pub(crate) fn gone_tag(&self, tag: &str) -> String {
-        format!("{}gonetag:{}", self.namespace, tag_digest(tag))
+        Self::keyed(&self.gone_tag_prefix, &tag_digest(tag))
     }
 
     pub(crate) fn purged(&self) -> String {
@@ -87,7 +92,17 @@ impl RedisKeys {
     }
 
     pub(crate) fn tag_index(&self, tag: &str) -> String {
-        format!("{}tag:{}", self.namespace, tag_digest(tag))
+        Self::keyed(&self.tag_prefix, &tag_digest(tag))
+    }
+
+    /// A tag's mark and its index ([`gone_tag`](Self::gone_tag),
+    /// [`tag_index`](Self::tag_index)), from one digest: a write script names both.
+    pub(crate) fn tag_names(&self, tag: &str) -> (String, String) {
+        let digest = tag_digest(tag);
+        (
+            Self::keyed(&self.gone_tag_prefix, &digest),
+            Self::keyed(&self.tag_prefix, &digest),
+        )
     }
 
     pub(crate) fn lease(&self, key: &CacheKey) -> String {
@@ -138,9 +153,11 @@ impl RedisKeys {
     }
 }
 
-/// A tag as it appears in keys: hashed, so that no tag can reach a key's syntax.
-fn tag_digest(tag: &str) -> blake3::Hash {
-    blake3::hash(tag.as_bytes())
+/// A tag as it appears in keys: hashed, so that no tag can reach a key's syntax. Its
+/// BLAKE3 digest in hex, written as a key's is (`format!` with the digest's `Display`
+/// cost about 1 400 instructions a name, and a tagged write names two a tag).
+fn tag_digest(tag: &str) -> CacheKey {
+    CacheKey::from_bytes(*blake3::hash(tag.as_bytes()).as_bytes())
 }
 
 #[cfg(test)]
@@ -181,6 +198,16 @@ mod tests {
             }
         }
         assert!(!keys.tag_index("{t}").contains('{'));
+        // Tags' names as the schema says, unchanged from one version to the next (a
+        // tag's index and mark written before must be found after): the tag's BLAKE3
+        // digest in lower-case hex.
+        let hex = blake3::hash(b"t").to_hex();
+        assert_eq!(keys.gone_tag("t"), format!("ns/gonetag:{hex}"));
+        assert_eq!(keys.tag_index("t"), format!("ns/tag:{hex}"));
+        assert_eq!(
+            keys.tag_names("t"),
+            (keys.gone_tag("t"), keys.tag_index("t"))
+        );
         // Each write stages under a name of its own.
         assert_ne!(keys.staging(&key, 7, 0), keys.staging(&key, 7, 1));
         assert_ne!(keys.staging(&key, 7, 0), keys.staging(&key, 8, 0));

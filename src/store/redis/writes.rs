@@ -528,9 +528,15 @@ impl RedisStore {
                 args.push(Value::from(name.clone()));
             }
             args.push(Value::from(self.keys.gone(out.key)));
+            // Each tag's mark, then each tag's index.
             let tags = out.entry.tags();
-            args.extend(tags.iter().map(|tag| Value::from(self.keys.gone_tag(tag))));
-            args.extend(tags.iter().map(|tag| Value::from(self.keys.tag_index(tag))));
+            let mut indexes = Vec::with_capacity(tags.len());
+            for tag in tags {
+                let (mark, index) = self.keys.tag_names(tag);
+                args.push(Value::from(mark));
+                indexes.push(Value::from(index));
+            }
+            args.extend(indexes);
         }
         args.push(Value::Integer(i64::from(only_if_absent)));
         args.push(match &self.written {
