@@ -646,6 +646,27 @@ mod tests {
     }
 
     #[test]
+    fn a_stored_tag_no_tag_may_be_is_an_error() {
+        let entry = CachedResponse::builder(StatusCode::OK, HeaderMap::new(), Bytes::new())
+            .tags(["tagtag"])
+            .build();
+        let bytes = entry.encode().to_vec();
+        let at = bytes
+            .windows(6)
+            .position(|w| w == b"tagtag")
+            .expect("the tag is in the value");
+        // A newline (what `Tags` puts between tags), and bytes that are not UTF-8.
+        for bad in [&b"tag\ntg"[..], &b"tag\xfftg"[..]] {
+            let mut value = bytes.clone();
+            value[at..at + 6].copy_from_slice(bad);
+            assert_eq!(
+                decode_entry(Bytes::from(value)).unwrap_err().kind,
+                DecodeErrorKind::BadTag
+            );
+        }
+    }
+
+    #[test]
     fn trailing_bytes_are_rejected() {
         let entry = CachedResponse::builder(StatusCode::OK, HeaderMap::new(), Bytes::new()).build();
         let mut bytes = entry.encode().to_vec();
