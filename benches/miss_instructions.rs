@@ -5,7 +5,8 @@
 //! second argument sets the memory capacity in bytes (default 64 MiB, which holds
 //! every miss): at 4194304, about 900 entries fit and every later miss evicts one. A
 //! third tags each response with that many tags (`Cache-Tag`), every response the
-//! same ones.
+//! same ones; a fourth, `own`, makes them each response's own (`item-{n}-{t}`, as an
+//! item's tags are), so that each tag names one entry.
 //!
 //! ```text
 //! cargo bench --bench miss_instructions --no-run   # prints the binary's path
@@ -42,15 +43,35 @@ async fn main() {
         .nth(3)
         .and_then(|a| a.parse().ok())
         .unwrap_or(0);
-    let tags = (tags > 0).then(|| {
+    let own = std::env::args().nth(4).is_some_and(|a| a == "own");
+    let shared = (tags > 0 && !own).then(|| {
         let names: Vec<String> = (0..tags).map(|t| format!("tag-{t}")).collect();
         http::HeaderValue::try_from(names.join(" ")).unwrap()
     });
+    let responses = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let body = Bytes::from(vec![b'j'; 3 * 1024]);
     let origin = tower::service_fn(
         move |_request: Request<tower_hybrid_cache::layer::RequestBody<Full<Bytes>>>| {
             let body = body.clone();
-            let tags = tags.clone();
+            let tags = shared.clone().or_else(|| {
+                (tags > 0).then(|| {
+                    // Written by hand: a `format!` a tag would cost more than the cache.
+                    let n = responses.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let (mut item, mut number) = (itoa::Buffer::new(), itoa::Buffer::new());
+                    let item = item.format(n);
+                    let mut text = String::with_capacity(tags * (item.len() + 8));
+                    for t in 0..tags {
+                        if t > 0 {
+                            text.push(' ');
+                        }
+                        text.push_str("item-");
+                        text.push_str(item);
+                        text.push('-');
+                        text.push_str(number.format(t));
+                    }
+                    http::HeaderValue::try_from(text).unwrap()
+                })
+            });
             async move {
                 let mut response = Response::new(Full::new(body));
                 if let Some(tags) = tags {
