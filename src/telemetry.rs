@@ -13,7 +13,7 @@
 //! (label `tier`) times each tier's lookups, through handles registered when the
 //! cache is built (the recorder must be installed first).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
 
 /// The `tracing` target of every event the crate emits.
@@ -84,29 +84,45 @@ pub struct CacheStats {
 /// What the cache counts: atomics for [`CacheStats`], and a `metrics` handle per
 /// counter, registered with the recorder installed when the cache is built (one
 /// `counter!` per count builds and hashes its key: about 200 instructions a hit).
+///
+/// The atomics are striped: each thread adds to a stripe of its own (threads are
+/// dealt stripes in turn), a cache line apart from the others, and a snapshot sums
+/// them. One atomic per counter made every hit on two cores bounce its line between
+/// them (about 20 ns a hit over HTTP, `perf`).
 pub(crate) struct Counters {
     handles: [metrics::Counter; COUNTERS],
-    hits: AtomicU64,
-    misses: AtomicU64,
-    bypasses: AtomicU64,
-    stores: AtomicU64,
-    not_stored: AtomicU64,
-    coalesced: AtomicU64,
-    redis_writes: AtomicU64,
-    redis_errors: AtomicU64,
-    redis_writes_dropped: AtomicU64,
-    redis_retries: AtomicU64,
-    retry_budget_exhausted: AtomicU64,
-    redis_deadline_hits: AtomicU64,
-    redis_breaker_rejections: AtomicU64,
-    fallback_hits: AtomicU64,
-    redis_reads_shared: AtomicU64,
-    redis_reads_skipped: AtomicU64,
-    invalidations: AtomicU64,
-    redis_replays: AtomicU64,
-    redis_removals_folded: AtomicU64,
-    redis_replays_refused: AtomicU64,
-    redis_reseeds: AtomicU64,
+    stripes: Box<[Stripe; STRIPES]>,
+}
+
+/// How many stripes the counters are split into (a power of two).
+const STRIPES: usize = 8;
+
+/// One stripe of every counter, alone on its cache lines.
+#[repr(align(128))]
+#[derive(Default)]
+struct Stripe([AtomicU64; COUNTERS]);
+
+thread_local! {
+    /// This thread's stripe, dealt on its first count.
+    static STRIPE: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+
+/// The next stripe to deal to a thread.
+static NEXT_STRIPE: AtomicUsize = AtomicUsize::new(0);
+
+/// The stripe the calling thread adds to.
+fn this_threads_stripe() -> usize {
+    STRIPE
+        .try_with(|stripe| match stripe.get() {
+            Some(at) => at,
+            None => {
+                let at = NEXT_STRIPE.fetch_add(1, Ordering::Relaxed) & (STRIPES - 1);
+                stripe.set(Some(at));
+                at
+            }
+        })
+        // A thread tearing down its locals adds to the first stripe.
+        .unwrap_or(0)
 }
 
 impl std::fmt::Debug for Counters {
@@ -119,27 +135,7 @@ impl Default for Counters {
     fn default() -> Self {
         Counters {
             handles: ALL.map(|counter| metrics::counter!(counter.metric_name())),
-            hits: AtomicU64::new(0),
-            misses: AtomicU64::new(0),
-            bypasses: AtomicU64::new(0),
-            stores: AtomicU64::new(0),
-            not_stored: AtomicU64::new(0),
-            coalesced: AtomicU64::new(0),
-            redis_writes: AtomicU64::new(0),
-            redis_errors: AtomicU64::new(0),
-            redis_writes_dropped: AtomicU64::new(0),
-            redis_retries: AtomicU64::new(0),
-            retry_budget_exhausted: AtomicU64::new(0),
-            redis_deadline_hits: AtomicU64::new(0),
-            redis_breaker_rejections: AtomicU64::new(0),
-            fallback_hits: AtomicU64::new(0),
-            redis_reads_shared: AtomicU64::new(0),
-            redis_reads_skipped: AtomicU64::new(0),
-            invalidations: AtomicU64::new(0),
-            redis_replays: AtomicU64::new(0),
-            redis_removals_folded: AtomicU64::new(0),
-            redis_replays_refused: AtomicU64::new(0),
-            redis_reseeds: AtomicU64::new(0),
+            stripes: Box::default(),
         }
     }
 }
@@ -305,74 +301,67 @@ impl LookupTimers {
 impl Counters {
     pub(crate) fn add_n(&self, counter: Counter, n: usize) {
         if n > 0 {
-            self.cell(counter).fetch_add(n as u64, Ordering::Relaxed);
+            self.add_to_stripe(counter, n as u64);
             self.handle(counter).increment(n as u64);
         }
     }
 
     pub(crate) fn add(&self, counter: Counter) {
-        self.cell(counter).fetch_add(1, Ordering::Relaxed);
+        self.add_to_stripe(counter, 1);
         self.handle(counter).increment(1);
     }
 
-    fn handle(&self, counter: Counter) -> &metrics::Counter {
+    fn add_to_stripe(&self, counter: Counter, n: u64) {
         // `ALL` lists every variant in declaration order: the discriminant is the
-        // index (checked by the tests).
+        // index (checked by the tests), and the stripe is masked into range.
+        if let Some(cell) = self
+            .stripes
+            .get(this_threads_stripe())
+            .and_then(|stripe| stripe.0.get(counter as usize))
+        {
+            cell.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    fn handle(&self, counter: Counter) -> &metrics::Counter {
         match self.handles.get(counter as usize) {
             Some(handle) => handle,
             None => &NOOP,
         }
     }
 
-    fn cell(&self, counter: Counter) -> &AtomicU64 {
-        match counter {
-            Counter::Hit => &self.hits,
-            Counter::Miss => &self.misses,
-            Counter::Bypass => &self.bypasses,
-            Counter::Store => &self.stores,
-            Counter::NotStored => &self.not_stored,
-            Counter::Coalesced => &self.coalesced,
-            Counter::RedisWrite => &self.redis_writes,
-            Counter::RedisError => &self.redis_errors,
-            Counter::RedisWriteDropped => &self.redis_writes_dropped,
-            Counter::RedisRetry => &self.redis_retries,
-            Counter::RetryBudgetExhausted => &self.retry_budget_exhausted,
-            Counter::RedisDeadlineHit => &self.redis_deadline_hits,
-            Counter::RedisBreakerRejection => &self.redis_breaker_rejections,
-            Counter::FallbackHit => &self.fallback_hits,
-            Counter::RedisReadShared => &self.redis_reads_shared,
-            Counter::RedisReadSkipped => &self.redis_reads_skipped,
-            Counter::Invalidation => &self.invalidations,
-            Counter::RedisReplay => &self.redis_replays,
-            Counter::RedisRemovalFolded => &self.redis_removals_folded,
-            Counter::RedisReplayRefused => &self.redis_replays_refused,
-            Counter::RedisReseed => &self.redis_reseeds,
-        }
+    /// The sum of `counter` over the stripes.
+    fn total(&self, counter: Counter) -> u64 {
+        self.stripes
+            .iter()
+            .filter_map(|stripe| stripe.0.get(counter as usize))
+            .map(|cell| cell.load(Ordering::Relaxed))
+            .fold(0, u64::wrapping_add)
     }
 
     pub(crate) fn snapshot(&self) -> CacheStats {
         CacheStats {
-            hits: self.hits.load(Ordering::Relaxed),
-            misses: self.misses.load(Ordering::Relaxed),
-            bypasses: self.bypasses.load(Ordering::Relaxed),
-            stores: self.stores.load(Ordering::Relaxed),
-            not_stored: self.not_stored.load(Ordering::Relaxed),
-            coalesced: self.coalesced.load(Ordering::Relaxed),
-            redis_writes: self.redis_writes.load(Ordering::Relaxed),
-            redis_errors: self.redis_errors.load(Ordering::Relaxed),
-            redis_writes_dropped: self.redis_writes_dropped.load(Ordering::Relaxed),
-            redis_retries: self.redis_retries.load(Ordering::Relaxed),
-            retry_budget_exhausted: self.retry_budget_exhausted.load(Ordering::Relaxed),
-            redis_deadline_hits: self.redis_deadline_hits.load(Ordering::Relaxed),
-            redis_breaker_rejections: self.redis_breaker_rejections.load(Ordering::Relaxed),
-            fallback_hits: self.fallback_hits.load(Ordering::Relaxed),
-            redis_reads_shared: self.redis_reads_shared.load(Ordering::Relaxed),
-            redis_reads_skipped: self.redis_reads_skipped.load(Ordering::Relaxed),
-            invalidations: self.invalidations.load(Ordering::Relaxed),
-            redis_replays: self.redis_replays.load(Ordering::Relaxed),
-            redis_removals_folded: self.redis_removals_folded.load(Ordering::Relaxed),
-            redis_replays_refused: self.redis_replays_refused.load(Ordering::Relaxed),
-            redis_reseeds: self.redis_reseeds.load(Ordering::Relaxed),
+            hits: self.total(Counter::Hit),
+            misses: self.total(Counter::Miss),
+            bypasses: self.total(Counter::Bypass),
+            stores: self.total(Counter::Store),
+            not_stored: self.total(Counter::NotStored),
+            coalesced: self.total(Counter::Coalesced),
+            redis_writes: self.total(Counter::RedisWrite),
+            redis_errors: self.total(Counter::RedisError),
+            redis_writes_dropped: self.total(Counter::RedisWriteDropped),
+            redis_retries: self.total(Counter::RedisRetry),
+            retry_budget_exhausted: self.total(Counter::RetryBudgetExhausted),
+            redis_deadline_hits: self.total(Counter::RedisDeadlineHit),
+            redis_breaker_rejections: self.total(Counter::RedisBreakerRejection),
+            fallback_hits: self.total(Counter::FallbackHit),
+            redis_reads_shared: self.total(Counter::RedisReadShared),
+            redis_reads_skipped: self.total(Counter::RedisReadSkipped),
+            invalidations: self.total(Counter::Invalidation),
+            redis_replays: self.total(Counter::RedisReplay),
+            redis_removals_folded: self.total(Counter::RedisRemovalFolded),
+            redis_replays_refused: self.total(Counter::RedisReplayRefused),
+            redis_reseeds: self.total(Counter::RedisReseed),
         }
     }
 }
@@ -381,6 +370,27 @@ impl Counters {
 mod tests {
     use super::*;
     use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+
+    #[test]
+    fn counts_from_many_threads_add_up_across_the_stripes() {
+        let counters = Counters::default();
+        // More threads than stripes: some share one.
+        let threads = STRIPES + 4;
+        std::thread::scope(|scope| {
+            for _ in 0..threads {
+                scope.spawn(|| {
+                    for _ in 0..1_000 {
+                        counters.add(Counter::Hit);
+                    }
+                    counters.add_n(Counter::Store, 3);
+                });
+            }
+        });
+        let stats = counters.snapshot();
+        assert_eq!(stats.hits, threads as u64 * 1_000);
+        assert_eq!(stats.stores, threads as u64 * 3);
+        assert_eq!(stats.misses, 0);
+    }
 
     #[test]
     fn every_counter_has_its_own_field_and_metric_named_after_it() {

@@ -149,7 +149,7 @@ impl HybridStore {
     /// The memory tier's entry under `key`, its lookup time recorded.
     fn timed_memory_get(&self, key: &CacheKey) -> Option<Entry> {
         let started = Instant::now();
-        let found = self.memory.get(key);
+        let found = self.memory.get_at(key, started);
         self.timers.memory(started);
         found
     }
