@@ -114,7 +114,7 @@ pub(crate) fn from_stored<B>(
 }
 
 /// Most fields a stored map has for a hit to copy it by appends rather than clone
-/// it (BENCHMARKS, "Hit path, instructions").
+/// it (BENCHMARKS, "A hit's header map", under HTTP load).
 const APPENDED_FIELDS: usize = 8;
 
 /// A copy of `stored` with room for the fields a hit adds. A clone has none: its
