@@ -41,6 +41,14 @@ use crate::telemetry::{request_span, Counter};
 #[derive(Clone)]
 pub struct HybridCacheService<S> {
     inner: S,
+    route: Arc<Route>,
+}
+
+/// What every clone of a route's service shares, behind one reference count: axum
+/// clones a layered route's service for each request, and each count is a cache
+/// line the cores contend for (one count instead of two saved about 13 ns a request
+/// over HTTP, `perf`).
+struct Route {
     engine: Arc<Engine>,
     settings: Arc<RouteSettings>,
 }
@@ -49,7 +57,7 @@ impl<S: std::fmt::Debug> std::fmt::Debug for HybridCacheService<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("HybridCacheService")
             .field("inner", &self.inner)
-            .field("settings", &self.settings)
+            .field("settings", &self.route.settings)
             .finish_non_exhaustive()
     }
 }
@@ -58,8 +66,7 @@ impl<S> HybridCacheService<S> {
     pub(crate) fn new(inner: S, engine: Arc<Engine>, settings: Arc<RouteSettings>) -> Self {
         HybridCacheService {
             inner,
-            engine,
-            settings,
+            route: Arc::new(Route { engine, settings }),
         }
     }
 
@@ -81,12 +88,12 @@ impl<S> HybridCacheService<S> {
     /// Counts a request the cache does not answer; its `Cache-Status` (with why, when
     /// that is not plain from the method), if on.
     fn bypass(&self, why: Option<Detail>) -> Option<http::HeaderValue> {
-        self.engine.count(Counter::Bypass);
+        self.route.engine.count(Counter::Bypass);
         let status = match why {
             Some(detail) => CacheStatus::bypass().with_detail(detail),
             None => CacheStatus::bypass(),
         };
-        Stamp::new(&self.engine, &self.settings).value(status)
+        Stamp::new(&self.route.engine, &self.route.settings).value(status)
     }
 
     /// The ready inner service, for a future; a clone stays for the next call.
@@ -225,22 +232,23 @@ where
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
         let span = request_span();
         let _entered = span.enter();
-        match classify(&request, self.settings.max_query_bytes > 0) {
+        match classify(&request, self.route.settings.max_query_bytes > 0) {
             RequestKind::Write => {
-                self.engine.count(Counter::Bypass);
+                self.route.engine.count(Counter::Bypass);
                 CacheStatus::bypass().trace();
-                let target = WriteTarget::of(&request, &self.settings);
+                let target = WriteTarget::of(&request, &self.route.settings);
                 let future = self.inner.call(request.map(RequestBody::new));
-                let engine = Arc::clone(&self.engine);
+                let engine = Arc::clone(&self.route.engine);
                 let future = invalidate_after(future, engine, target);
                 ResponseFuture::cached(future, &span)
             }
             RequestKind::Bypass(why) => {
                 let status = self.bypass(why);
                 let strip = self
+                    .route
                     .settings
                     .hides_fields()
-                    .then(|| Arc::clone(&self.settings));
+                    .then(|| Arc::clone(&self.route.settings));
                 ResponseFuture::bypass(
                     self.inner.call(request.map(RequestBody::new)),
                     status,
@@ -251,7 +259,10 @@ where
             RequestKind::Cacheable(seen) => self.cacheable(request, seen, &span),
             RequestKind::Query => {
                 let inner = self.take_inner();
-                let (engine, settings) = (Arc::clone(&self.engine), Arc::clone(&self.settings));
+                let (engine, settings) = (
+                    Arc::clone(&self.route.engine),
+                    Arc::clone(&self.route.settings),
+                );
                 let future = serve_query(inner, engine, settings, request);
                 ResponseFuture::cached(future, &span)
             }
@@ -285,23 +296,31 @@ impl<S> HybridCacheService<S> {
             request.method(),
             request.uri(),
             request.headers(),
-            &self.settings,
+            &self.route.settings,
         );
-        let serving = Serving::new(&self.engine, &self.settings, &primary, &request_cc);
+        let serving = Serving::new(
+            &self.route.engine,
+            &self.route.settings,
+            &primary,
+            &request_cc,
+        );
         let known = if serving.must_forward() {
             // Why it goes there, for `Cache-Status` (looked up in the fill when the
             // lookup must wait).
             serving
                 .forward_reason_now(&RequestHead::new(&request, seen))
                 .map(|why| (why, None))
-        } else if !self.engine.reads_are_local() {
+        } else if !self.route.engine.reads_are_local() {
             None
         } else {
             match serving.serve_now(&RequestHead::new(&request, seen)) {
                 Some(Answer::Hit(response)) => return ResponseFuture::ready(response),
                 Some(Answer::Refresh(response, stale)) => {
                     let inner = self.take_inner();
-                    let (engine, settings) = (Arc::clone(&self.engine), Arc::clone(&self.settings));
+                    let (engine, settings) = (
+                        Arc::clone(&self.route.engine),
+                        Arc::clone(&self.route.settings),
+                    );
                     spawn_refresh(
                         inner,
                         engine,
@@ -323,7 +342,10 @@ impl<S> HybridCacheService<S> {
             seen,
         };
         let inner = self.take_inner();
-        let (engine, settings) = (Arc::clone(&self.engine), Arc::clone(&self.settings));
+        let (engine, settings) = (
+            Arc::clone(&self.route.engine),
+            Arc::clone(&self.route.settings),
+        );
         let request = request.map(RequestBody::new);
         let future = serve_or_fill(inner, engine, settings, request, prepared);
         ResponseFuture::cached(future, span)
