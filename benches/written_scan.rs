@@ -38,7 +38,7 @@ const WAIT: Duration = Duration::from_secs(300);
 /// Fills Redis with entries `from..to`, their names spread as digests are (a SHA-1 of
 /// the number, padded to 64 hex digits), each with 10 minutes to live.
 const FILL: &str = "for i = tonumber(ARGV[1]), tonumber(ARGV[2]) - 1 do \
-    redis.call('SET', 'jobs/v1:' .. redis.sha1hex(tostring(i)) .. '000000000000000000000000', 'x', 'PX', 600000) \
+    redis.call('SET', 'jobs/v2:' .. redis.sha1hex(tostring(i)) .. '000000000000000000000000', 'x', 'PX', 600000) \
   end return 0";
 
 /// Redis's CPU time so far (user and system), in seconds.

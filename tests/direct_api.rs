@@ -87,8 +87,8 @@ async fn values_are_shared_through_redis_and_deleted_in_both_tiers() {
     })
     .await;
     assert_eq!(two.get::<Matches>(key).await, Some(matches()));
-    let stored = redis.cli(&["--scan", "--pattern", "app/v1:*"]);
-    assert_eq!(stored.len(), "app/v1:".len() + 64, "{stored}");
+    let stored = redis.cli(&["--scan", "--pattern", "app/v2:*"]);
+    assert_eq!(stored.len(), "app/v2:".len() + 64, "{stored}");
     let pttl: i64 = redis.cli(&["PTTL", &stored]).parse().unwrap();
     assert!((55_000..=60_000).contains(&pttl), "{pttl}");
 

@@ -424,20 +424,36 @@ async fn a_reply_cut_short_is_never_served_corrupted() {
     })
     .await;
     // Every connection now closes after 512 bytes of replies: the 20 KB value never
-    // arrives whole.
+    // arrives whole. This replica holds the edition Redis holds, so the value's head
+    // (14 bytes) is all it reads: a Redis hit served from its whole copy.
     proxy.set(Fault::CutAfter(512));
     for _ in 0..5 {
         let got = call(app.clone(), get(url)).await;
         assert_eq!(got.status, 200);
-        assert_eq!(got.body, first.body, "the whole body, from memory");
+        assert_eq!(got.body, first.body, "the whole body, from memory's copy");
         assert!(
-            got.cache_status().ends_with("detail=memory"),
+            got.cache_status().ends_with("detail=redis"),
             "{}",
             got.cache_status()
         );
     }
-    assert!(cache.stats().fallback_hits >= 5);
     assert_eq!(origin.log.calls(), 1);
+    // A replica that holds nothing must read the value whole, which never arrives:
+    // it answers from the origin, never with what was cut.
+    let empty = self::cache(config(&proxy.url()), CircuitBreakerLayer::new()).await;
+    let empty_app = self::app(&origin, &empty);
+    for _ in 0..5 {
+        let got = call(empty_app.clone(), get(url)).await;
+        assert_eq!(got.status, 200);
+        assert_eq!(got.body, first.body, "the whole body");
+        assert!(
+            !got.cache_status().ends_with("detail=redis"),
+            "{}",
+            got.cache_status()
+        );
+    }
+    assert!(empty.stats().redis_errors >= 1, "{:?}", empty.stats());
+    assert!(origin.log.calls() >= 2);
 }
 
 /// A cache reaching Redis through `proxy`, making `retries` retries, once every pooled
@@ -658,7 +674,8 @@ async fn a_hot_key_on_a_slow_redis_costs_two_reads_not_one_per_lookup() {
     warm(&app, &cache, &[url.to_owned()]).await;
     let stored = call(app.clone(), get(url)).await.body;
     proxy.set(Fault::Latency(Duration::from_millis(300)));
-    let gets = proxy.count("GET");
+    // This replica holds the edition: each read is of the value's head.
+    let gets = proxy.count("GETRANGE");
     let lookups: Vec<_> = (0..40)
         .map(|_| tokio::spawn(call(app.clone(), get(url))))
         .collect();
@@ -672,7 +689,7 @@ async fn a_hot_key_on_a_slow_redis_costs_two_reads_not_one_per_lookup() {
         assert_eq!(got.body, stored);
     }
     // One read on its way when the lookups arrived, one shared by all of them after.
-    let reads = proxy.count("GET") - gets;
+    let reads = proxy.count("GETRANGE") - gets;
     assert!((1..=3).contains(&reads), "{reads} reads for 40 lookups");
     assert!(
         cache.stats().redis_reads_shared >= 37,

@@ -67,7 +67,7 @@ async fn entries_spread_over_the_masters_and_are_shared() {
     let per_node: Vec<usize> = cluster
         .nodes
         .iter()
-        .map(|n| n.cli(&["--scan", "--pattern", "jobs/v1:*"]).lines().count())
+        .map(|n| n.cli(&["--scan", "--pattern", "jobs/v2:*"]).lines().count())
         .collect();
     assert_eq!(per_node.iter().sum::<usize>(), 30);
     assert!(
@@ -77,7 +77,7 @@ async fn entries_spread_over_the_masters_and_are_shared() {
     for node in &cluster.nodes {
         for key in node.cli(&["--scan"]).lines() {
             // Entries, and the record of outages and this Redis's epoch.
-            let ours = key.starts_with("jobs/v1:") || key == "jobs/outages";
+            let ours = key.starts_with("jobs/v2:") || key == "jobs/outages";
             assert!(ours && !key.contains('{'), "{key}");
         }
     }

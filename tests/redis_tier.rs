@@ -68,7 +68,7 @@ async fn a_response_stored_by_one_replica_is_a_redis_hit_on_another() {
     }
 
     // Stored under the namespace, with Redis's own expiry at the entry's lifetime.
-    let keys = redis.cli(&["--scan", "--pattern", "jobs/v1:*"]);
+    let keys = redis.cli(&["--scan", "--pattern", "jobs/v2:*"]);
     assert_eq!(keys.lines().count(), urls.len(), "{keys}");
     for key in keys.lines() {
         let pttl: i64 = redis.cli(&["PTTL", key]).parse().unwrap();
@@ -91,7 +91,7 @@ async fn garbage_under_our_key_is_a_miss_and_is_overwritten() {
         cache.stats().redis_writes == 1
     })
     .await;
-    let key = redis.cli(&["--scan", "--pattern", "jobs/v1:*"]);
+    let key = redis.cli(&["--scan", "--pattern", "jobs/v2:*"]);
     for (written, garbage) in [(2, "not an entry"), (3, "{\"json\": true}")] {
         assert_eq!(redis.cli(&["SET", key.trim(), garbage]), "OK");
         let got = call(app.clone(), get(url)).await;
@@ -160,7 +160,7 @@ async fn redis_down_at_start_serves_from_memory_then_uses_redis_once_up() {
         }
     })
     .await;
-    assert!(!redis.cli(&["--scan", "--pattern", "jobs/v1:*"]).is_empty());
+    assert!(!redis.cli(&["--scan", "--pattern", "jobs/v2:*"]).is_empty());
 }
 
 #[tokio::test]
@@ -267,25 +267,91 @@ async fn a_frozen_redis_does_not_hang_requests() {
 }
 
 #[tokio::test]
-async fn each_lookup_costs_redis_one_get() {
+async fn each_lookup_costs_redis_one_read_of_the_head_of_what_memory_holds() {
+    let redis = RedisServer::start();
+    let origin = Origin::new();
+    let (one, two) = (replica(&redis.url()).await, replica(&redis.url()).await);
+    let url = "http://api.test/counted?size=20000";
+    let stored = call(app(&origin, &one), get(url)).await;
+    eventually("the write", WAIT, || async {
+        one.stats().redis_writes == 1
+    })
+    .await;
+    capabilities_checked(&one, WAIT).await;
+    capabilities_checked(&two, WAIT).await;
+    assert_eq!(redis.cli(&["CONFIG", "RESETSTAT"]), "OK");
+    // The replica that filled it holds the edition Redis holds: a head a lookup.
+    for _ in 0..10 {
+        let got = call(app(&origin, &one), get(url)).await;
+        assert!(got.cache_status().ends_with("detail=redis"));
+        assert_eq!(got.body, stored.body);
+    }
+    assert_eq!(redis.command_stat("getrange", "calls"), 10);
+    assert_eq!(redis.command_stat("get", "calls"), 0);
+    // Another replica reads the value whole once, and its head from then on.
+    for _ in 0..10 {
+        let got = call(app(&origin, &two), get(url)).await;
+        assert!(got.cache_status().ends_with("detail=redis"));
+        assert_eq!(got.body, stored.body);
+    }
+    assert_eq!(redis.command_stat("get", "calls"), 1);
+    assert_eq!(redis.command_stat("getrange", "calls"), 19);
+    assert_eq!(origin.log.calls(), 1);
+}
+
+/// What a replica serves is the edition Redis names: another response with the same
+/// times and body length is read whole and served, and one under the held edition's
+/// name is not read past its head.
+#[tokio::test]
+async fn a_redis_hit_serves_the_edition_redis_holds() {
+    use std::time::SystemTime;
+    use tower_hybrid_cache::entry::CachedResponse;
+
     let redis = RedisServer::start();
     let origin = Origin::new();
     let cache = replica(&redis.url()).await;
     let app = app(&origin, &cache);
-    call(app.clone(), get("http://api.test/counted")).await;
+    let url = "http://api.test/editions";
+    call(app.clone(), get(url)).await;
     eventually("the write", WAIT, || async {
         cache.stats().redis_writes == 1
     })
     .await;
-    capabilities_checked(&cache, WAIT).await;
-    assert_eq!(redis.cli(&["CONFIG", "RESETSTAT"]), "OK");
-    for _ in 0..10 {
-        assert!(call(app.clone(), get("http://api.test/counted"))
-            .await
-            .cache_status()
-            .ends_with("detail=redis"));
+    let key = redis.cli(&["--scan", "--pattern", "jobs/v2:*"]);
+    let key = key.trim();
+    let now = SystemTime::now();
+    let response = |body: &'static [u8]| {
+        CachedResponse::builder(
+            http::StatusCode::OK,
+            http::HeaderMap::new(),
+            bytes::Bytes::from_static(body),
+        )
+        .stored_at(now)
+        .fresh_until(now + Duration::from_secs(60))
+        .build()
+        .encode()
+    };
+    let (first, second) = (response(b"first"), response(b"other"));
+    // The same times and length; only the editions (bytes 6 to 13) and bodies differ.
+    assert_eq!(first.len(), second.len());
+    assert_ne!(first[6..14], second[6..14]);
+    for (value, body) in [(&first, "first"), (&second, "other")] {
+        assert_eq!(redis.cli_with_input(&["SET", key], value), "OK");
+        let got = call(app.clone(), get(url)).await;
+        assert!(
+            got.cache_status().ends_with("detail=redis"),
+            "{}",
+            got.cache_status()
+        );
+        assert_eq!(got.text(), body);
     }
-    assert_eq!(redis.command_stat("get", "calls"), 10);
+    // Other bytes under the edition memory holds: the head says it is memory's.
+    let mut renamed = first.to_vec();
+    renamed[6..14].copy_from_slice(&second[6..14]);
+    assert_eq!(redis.cli_with_input(&["SET", key], &renamed), "OK");
+    let got = call(app.clone(), get(url)).await;
+    assert_eq!(got.text(), "other");
+    assert_eq!(origin.log.calls(), 1);
 }
 
 #[tokio::test]
@@ -307,7 +373,7 @@ async fn invalidation_marks_holding_garbage_supersede_nothing() {
         cache.stats().redis_writes == 2
     })
     .await;
-    let keys = redis.cli(&["--scan", "--pattern", "jobs/v1:*"]);
+    let keys = redis.cli(&["--scan", "--pattern", "jobs/v2:*"]);
     assert_eq!(keys.lines().count(), 2, "{keys}");
 }
 
@@ -363,6 +429,7 @@ async fn password_and_acl_user_limited_to_the_namespace() {
         let health = cache.redis_health().unwrap();
         let expected: &[&str] = if url.contains("cache:pw") {
             &[
+                "getrange",
                 "mget",
                 "pexpire",
                 "exists",
@@ -438,6 +505,75 @@ async fn an_acl_user_without_rename_writes_without_the_script() {
     stored_in_redis_without_errors(&origin, &cache, "http://api.test/acl/late").await;
     // The refused batch's staged value is deleted, not left for its 10 s.
     assert_eq!(staged(), "", "nothing staged");
+}
+
+/// An ACL user without `GETRANGE`: found by the check, lookups read values whole;
+/// refused as it runs (the ACL changed since the check), the lookup reads the value
+/// whole and so do the ones after it. Redis hits either way, no error.
+#[tokio::test]
+async fn an_acl_user_without_getrange_reads_values_whole() {
+    let redis = RedisServer::start_with(&["--requirepass", "s3cret"]);
+    let admin = |args: &[&str]| {
+        let mut full = vec!["-a", "s3cret", "--no-auth-warning"];
+        full.extend_from_slice(args);
+        redis.cli(&full)
+    };
+    for (user, getrange) in [("nogetrange", "-getrange"), ("late", "+getrange")] {
+        let acl = [
+            "ACL", "SETUSER", user, "on", ">pw", "~jobs/*", "&*", "+@all",
+        ];
+        assert_eq!(admin(&[&acl[..], &[getrange]].concat()), "OK");
+    }
+    let origin = Origin::new();
+    let url = |user: &str| format!("redis://{user}:pw@127.0.0.1:{}", redis.port());
+    // A field of `INFO commandstats`: `calls` ran, `rejected_calls` refused.
+    let stat = |command: &str, field: &str| {
+        let stats = admin(&["INFO", "commandstats"]);
+        let prefix = format!("cmdstat_{command}:");
+        stats
+            .lines()
+            .find_map(|line| line.strip_prefix(&prefix))
+            .and_then(|fields| {
+                fields.split(',').find_map(|kv| {
+                    let (k, v) = kv.split_once('=')?;
+                    (k == field).then(|| v.parse::<u64>().unwrap())
+                })
+            })
+            .unwrap_or(0)
+    };
+
+    let cache = checked_replica(&url("nogetrange")).await;
+    assert_eq!(cache.redis_health().unwrap().missing_commands, ["getrange"]);
+    stored_in_redis_without_errors(&origin, &cache, "http://api.test/acl/whole").await;
+    // The check's probe was refused; no lookup tried one.
+    assert_eq!(stat("getrange", "rejected_calls"), 1);
+    assert_eq!(stat("getrange", "calls"), 0);
+
+    let cache = checked_replica(&url("late")).await;
+    assert!(cache.redis_health().unwrap().missing_commands.is_empty());
+    let app = app(&origin, &cache);
+    let path = "http://api.test/acl/late";
+    let stored = call(app.clone(), get(path)).await;
+    eventually("the write", WAIT, || async {
+        cache.stats().redis_writes == 1
+    })
+    .await;
+    assert_eq!(admin(&["ACL", "SETUSER", "late", "-getrange"]), "OK");
+    let gets = stat("get", "calls");
+    for _ in 0..3 {
+        let hit = call(app.clone(), get(path)).await;
+        assert!(
+            hit.cache_status().ends_with("detail=redis"),
+            "{}",
+            hit.cache_status()
+        );
+        assert_eq!(hit.body, stored.body);
+    }
+    assert_eq!(cache.stats().redis_errors, 0);
+    // One head read refused (besides the first user's probe), then every lookup
+    // reads the value whole.
+    assert_eq!(stat("getrange", "rejected_calls"), 2);
+    assert_eq!(stat("get", "calls") - gets, 3);
 }
 
 /// A replica whose first capability check is done.
@@ -543,7 +679,7 @@ async fn health_follows_a_kill_and_a_restart() {
         .await
         .unwrap();
     eventually("the write to reach Redis", WAIT, || async {
-        !redis.cli(&["--scan", "--pattern", "thc/v1:*"]).is_empty()
+        !redis.cli(&["--scan", "--pattern", "thc/v2:*"]).is_empty()
     })
     .await;
 }
@@ -633,7 +769,7 @@ async fn near_cache_reads_memory_first_with_bounded_staleness() {
     );
 
     // Deleted in Redis: the near cache may serve it only until its local TTL ends.
-    let key = redis.cli(&["--scan", "--pattern", "jobs/v1:*"]);
+    let key = redis.cli(&["--scan", "--pattern", "jobs/v2:*"]);
     assert_eq!(redis.cli(&["DEL", key.trim()]), "1");
     eventually("the local copy to expire", WAIT, || {
         let near_app = near_app.clone();
@@ -927,7 +1063,7 @@ async fn entries_over_max_value_bytes_stay_in_memory_only() {
         cache.stats().redis_writes == 1
     })
     .await;
-    let keys = redis.cli(&["--scan", "--pattern", "jobs/v1:*"]);
+    let keys = redis.cli(&["--scan", "--pattern", "jobs/v2:*"]);
     assert_eq!(keys.lines().count(), 1, "{keys}");
     assert_eq!(cache.stats().stores, 2);
     // Redis is asked first and has no copy; with Redis out of reach, memory has one.

@@ -46,7 +46,7 @@ async fn two_proxy_processes_share_entries_through_redis() {
     };
     let stored_keys = || {
         redis
-            .cli(&["--scan", "--pattern", "caching_proxy/v1:*"])
+            .cli(&["--scan", "--pattern", "caching_proxy/v2:*"])
             .lines()
             .count()
     };

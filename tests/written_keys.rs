@@ -194,7 +194,7 @@ async fn a_replica_started_after_a_write_finds_it_by_its_scan() {
     let redis = RedisServer::start();
     no_scripts_user(&redis);
     // Ten thousand more entries than the test writes, so that a scan takes pages.
-    let fill = "for i = 1, 10000 do redis.call('SET', 'jobs/v1:' .. \
+    let fill = "for i = 1, 10000 do redis.call('SET', 'jobs/v2:' .. \
         redis.sha1hex(tostring(i)) .. '000000000000000000000000', 'x', 'PX', 600000) end";
     redis.cli(&["EVAL", fill, "0"]);
     let origin = Origin::new();

@@ -63,7 +63,7 @@ async fn a_tracked_key_costs_at_most_about_forty_bytes() {
         let pipeline = pool.next().pipeline();
         for i in chunk {
             let name = format!(
-                "jobs/v1:{:016x}{}",
+                "jobs/v2:{:016x}{}",
                 i.wrapping_mul(0x9E37_79B9_7F4A_7C15),
                 "0".repeat(48)
             );

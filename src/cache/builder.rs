@@ -96,7 +96,7 @@ impl HybridCacheBuilder {
         self
     }
 
-    /// Sets the namespace that starts every storage key (`{namespace}/v1:{digest}`), so
+    /// Sets the namespace that starts every storage key (`{namespace}/v2:{digest}`), so
     /// several applications can share one store. ASCII letters, digits and `-_.:`,
     /// 1 to 64 characters. Default `thc`. The namespace ends at `/`, which it cannot
     /// hold, so no two namespaces share a key, even when one starts with the other

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! magic "\xF0THC" | format u8 | kind u8 | payload
-//! kind 1, response: status u16 | version u8 | stored_at u64 ms | initial_age u64 ms
+//! kind 1, response: edition u64 | status u16 | version u8 | stored_at u64 ms | initial_age u64 ms
 //!                   | fresh_until u64 ms | stale_until u64 ms
 //!                   | swr_until u64 ms | sie_until u64 ms
 //!                   | headers: u32 count × (name u16-len bytes, value u32-len bytes)
@@ -11,6 +11,8 @@
 //! kind 2, variants: stale_until u64 ms | generation u64 | names: u16 count × (u16-len bytes)
 //! kind 3, value:    stale_until u64 ms | bytes u64-len
 //! ```
+//! A response's first 14 bytes (up to its edition) are its head: they say which
+//! version a key holds, so a replica holding that version reads no more of it.
 //! Integers are big-endian. Decoding checks every length against what is left and
 //! every count against the bound the store path keeps (header fields, `Vary` names,
 //! tags), so a truncated, foreign or hostile value is an error, never a panic or a
@@ -97,6 +99,7 @@ pub(crate) fn encode_entry(entry: &Entry) -> Bytes {
     match entry {
         Entry::Response(r) => {
             out.put_u8(KIND_RESPONSE);
+            out.put_u64(r.edition);
             out.put_u16(r.status.as_u16());
             out.put_u8(version_code(r.version));
             out.put_u64(millis_since_epoch(r.stored_at));
@@ -191,43 +194,27 @@ pub(crate) fn decode_entry(bytes: Bytes) -> Result<Entry, DecodeError> {
     Ok(entry)
 }
 
-/// Bytes of a response's fields before its headers: magic, format, kind, status,
-/// version, then six times.
-const RESPONSE_HEAD: usize = 4 + 1 + 1 + 2 + 1 + 6 * 8;
+/// Bytes of a stored value that say which version of a response it is: magic, format,
+/// kind and edition. A read of only these many (`GETRANGE`) is enough to tell that a
+/// replica holds the version Redis does.
+pub(crate) const VERSION_HEAD: usize = 4 + 1 + 1 + 8;
 
-/// Whether `raw`, as read from a store, encodes the version of `held` that
-/// [`Entry::same_version`] would find in it (the same stored and stale-until times,
-/// the same body length), read from its fixed fields and from its body's length, which
-/// ends the value, without decoding the rest. `false` for anything else, a value that
-/// is not a response (or not an entry at all) included.
+/// Whether `raw`, as read from a store (the whole value, or at least its first
+/// [`VERSION_HEAD`] bytes), is the version of `held`: a response of its edition.
 pub(crate) fn encodes_version_of(raw: &[u8], held: &Entry) -> bool {
     let Entry::Response(held) = held else {
         return false;
     };
-    let be_u64 = |at: usize| {
-        raw.get(at..at.saturating_add(8))
-            .and_then(|field| <[u8; 8]>::try_from(field).ok())
-            .map(u64::from_be_bytes)
-    };
-    let (Some(stored_at), Some(stale_until)) = (be_u64(9), be_u64(33)) else {
-        return false;
-    };
-    let body = held.body.len();
-    // The body's length field, right before the body at the value's end.
-    let body_field = raw
-        .len()
-        .checked_sub(body)
-        .and_then(|at| at.checked_sub(8))
-        .filter(|&at| at >= RESPONSE_HEAD);
-    raw.get(..4) == Some(&MAGIC[..])
-        && raw.get(4) == Some(&FORMAT_VERSION)
-        && raw.get(5) == Some(&KIND_RESPONSE)
-        && body_field.and_then(be_u64) == u64::try_from(body).ok()
-        && time_from_millis(stored_at) == held.stored_at
-        && time_from_millis(stale_until) == held.stale_until
+    let mut head = [0; VERSION_HEAD];
+    head[..4].copy_from_slice(MAGIC);
+    head[4] = FORMAT_VERSION;
+    head[5] = KIND_RESPONSE;
+    head[6..].copy_from_slice(&held.edition.to_be_bytes());
+    raw.get(..VERSION_HEAD) == Some(&head[..])
 }
 
 fn decode_response(r: &mut Reader) -> Result<CachedResponse, DecodeError> {
+    let edition = r.u64()?;
     let status =
         StatusCode::from_u16(r.u16()?).map_err(|_| DecodeError::new(DecodeErrorKind::BadStatus))?;
     let version = version_from_code(r.u8()?)?;
@@ -294,6 +281,7 @@ fn decode_response(r: &mut Reader) -> Result<CachedResponse, DecodeError> {
         sie_until,
         vary,
         tags,
+        edition,
     })
 }
 
@@ -485,6 +473,7 @@ mod tests {
             sie in time_strategy(),
             vary in proptest::collection::vec((header_name_strategy(), proptest::option::of(proptest::collection::vec(any::<u8>(), 0..20))), 0..4),
             tags in proptest::collection::vec("\\PC{1,12}", 0..4),
+            edition in any::<u64>(),
         ) -> CachedResponse {
             let mut map = HeaderMap::new();
             for (n, v) in headers { map.append(n, v); }
@@ -501,6 +490,7 @@ mod tests {
                 sie_until: sie,
                 vary: vary.into_iter().map(|(n, v)| (n, v.map(Bytes::from))).collect(),
                 tags: tags.into_iter().collect(),
+                edition,
             }
         }
     }
@@ -529,29 +519,24 @@ mod tests {
             let _ = decode_entry(Bytes::from(bytes));
         }
 
-        /// The peek at an encoded version says what decoding it and comparing would.
+        /// The peek at an encoded version, at the whole value or its head alone, says
+        /// what decoding it and comparing would: whether it is the held edition.
         #[test]
         fn the_version_peek_agrees_with_a_decode(
             stored in response_strategy(),
             held in response_strategy(),
-            same_stored_at in any::<bool>(),
-            same_stale_until in any::<bool>(),
-            same_body_len in any::<bool>(),
+            same_edition in any::<bool>(),
         ) {
             let mut held = held;
-            if same_stored_at {
-                held.stored_at = time_from_millis(millis_since_epoch(stored.stored_at));
-            }
-            if same_stale_until {
-                held.stale_until = time_from_millis(millis_since_epoch(stored.stale_until));
-            }
-            if same_body_len {
-                held.body = Bytes::from(vec![b'x'; stored.body.len()]);
+            if same_edition {
+                held.edition = stored.edition;
             }
             let raw = encode_entry(&Entry::Response(Arc::new(stored)));
             let held = Entry::Response(Arc::new(held));
             let decoded = decode_entry(raw.clone()).unwrap();
-            prop_assert_eq!(encodes_version_of(&raw, &held), decoded.same_version(&held));
+            prop_assert_eq!(decoded.same_version(&held), same_edition);
+            prop_assert_eq!(encodes_version_of(&raw, &held), same_edition);
+            prop_assert_eq!(encodes_version_of(&raw[..VERSION_HEAD], &held), same_edition);
         }
 
         #[test]
@@ -580,42 +565,37 @@ mod tests {
     }
 
     #[test]
-    fn the_version_peek_reads_only_responses() {
-        let built = CachedResponse::builder(
-            StatusCode::OK,
-            HeaderMap::new(),
-            Bytes::from_static(b"body"),
-        );
-        // As read back from a store, its times to the millisecond.
-        let response =
-            decode_entry(encode_entry(&Entry::Response(Arc::new(built.build())))).unwrap();
+    fn the_version_peek_reads_only_responses_heads() {
+        let build = || {
+            CachedResponse::builder(
+                StatusCode::OK,
+                HeaderMap::new(),
+                Bytes::from_static(b"body"),
+            )
+            .build()
+        };
+        let response = Entry::Response(Arc::new(build()));
         let raw = encode_entry(&response);
         assert!(encodes_version_of(&raw, &response));
-        // Any cut of it, or anything after it, reads as another value.
+        // The head alone says it; less than the head does not.
         for cut in 0..raw.len() {
-            assert!(!encodes_version_of(&raw[..cut], &response), "cut at {cut}");
+            assert_eq!(
+                encodes_version_of(&raw[..cut], &response),
+                cut >= VERSION_HEAD,
+                "cut at {cut}"
+            );
         }
-        let mut longer = raw.to_vec();
-        longer.push(0);
-        assert!(!encodes_version_of(&longer, &response));
-        // Another magic, format or kind in the same bytes.
-        for at in [0, 4, 5] {
+        // Another magic, format, kind or edition in the same bytes.
+        for at in 0..VERSION_HEAD {
             let mut other = raw.to_vec();
             other[at] ^= 0x7f;
             assert!(!encodes_version_of(&other, &response), "byte {at}");
         }
-        // An empty body whose length field would be read from the head's last time
-        // (zero here) were the value cut there.
-        let Entry::Response(held) = &response else {
-            unreachable!()
-        };
-        let mut empty = CachedResponse::clone(held);
-        empty.body = Bytes::new();
-        empty.sie_until = UNIX_EPOCH;
-        let empty = Entry::Response(Arc::new(empty));
-        let raw = encode_entry(&empty);
-        assert!(encodes_version_of(&raw, &empty));
-        assert!(!encodes_version_of(&raw[..RESPONSE_HEAD], &empty));
+        // The same response built again is another edition: its bytes differ only
+        // there, and say it.
+        let again = Entry::Response(Arc::new(build()));
+        assert!(!encodes_version_of(&encode_entry(&again), &response));
+        assert!(!again.same_version(&response));
         let value = Entry::Value(Arc::new(StoredValue {
             bytes: Bytes::from_static(b"body"),
             stale_until: UNIX_EPOCH,
@@ -636,7 +616,9 @@ mod tests {
             "stored entry has unsupported format version 9"
         );
         let mut huge = MAGIC.to_vec();
-        huge.extend_from_slice(&[FORMAT_VERSION, KIND_RESPONSE, 0, 200, 2]);
+        huge.extend_from_slice(&[FORMAT_VERSION, KIND_RESPONSE]);
+        huge.extend_from_slice(&[0; 8]);
+        huge.extend_from_slice(&[0, 200, 2]);
         huge.extend_from_slice(&[0; 32]);
         huge.extend_from_slice(&u32::MAX.to_be_bytes());
         assert_eq!(

@@ -19,7 +19,7 @@ pub use tags::{TagIter, Tags};
 
 /// The version of the stored-entry format; part of every storage key, so a new format
 /// never reads an old one.
-pub const FORMAT_VERSION: u8 = 1;
+pub const FORMAT_VERSION: u8 = 2;
 
 /// Most header fields a stored response holds: a response with more is not stored, and
 /// a stored value with more is corrupt (a miss), so that no value read from Redis can
@@ -77,6 +77,10 @@ pub struct CachedResponse {
     /// The `Vary` names and the storing request's values (`None`: header absent).
     pub(crate) vary: Vec<(HeaderName, Option<Bytes>)>,
     pub(crate) tags: Tags,
+    /// Names this stored version: drawn when the entry is built, kept through encoding
+    /// and decoding. Two entries of one edition hold the same bytes, so a replica that
+    /// holds the edition Redis holds need not read more of it than its head.
+    pub(crate) edition: u64,
 }
 
 impl CachedResponse {
@@ -102,6 +106,7 @@ impl CachedResponse {
             sie_until: now,
             vary: Vec::new(),
             tags: Tags::default(),
+            edition: new_edition(),
         })
     }
 
@@ -239,6 +244,16 @@ impl CachedResponse {
             .sum();
         RESPONSE + headers + vary + self.tags.heap_bytes() + self.body.len()
     }
+}
+
+/// A new entry's edition: random, so that replicas draw different ones (a thread's
+/// generator, keyed at random, hashes a counter).
+fn new_edition() -> u64 {
+    use tower::util::rng::{HasherRng, Rng};
+    thread_local! {
+        static EDITIONS: std::cell::RefCell<HasherRng> = std::cell::RefCell::new(HasherRng::default());
+    }
+    EDITIONS.with(|rng| rng.borrow_mut().next_u64())
 }
 
 /// The fields every response from the cache adds to the stored ones: `Age` and
@@ -385,15 +400,10 @@ pub(crate) enum Entry {
 }
 
 impl Entry {
-    /// Whether two entries are the same stored version (as read back from a shared
-    /// store, which keeps times to the millisecond).
+    /// Whether two entries are the same stored version.
     pub(crate) fn same_version(&self, other: &Entry) -> bool {
         match (self, other) {
-            (Entry::Response(a), Entry::Response(b)) => {
-                a.stored_at == b.stored_at
-                    && a.stale_until == b.stale_until
-                    && a.body.len() == b.body.len()
-            }
+            (Entry::Response(a), Entry::Response(b)) => a.edition == b.edition,
             (Entry::Variants(a), Entry::Variants(b)) => a == b,
             (Entry::Value(a), Entry::Value(b)) => {
                 a.stale_until == b.stale_until && a.bytes == b.bytes

@@ -36,6 +36,7 @@ use super::{
     RedisTierService, StoreAnswer, StoreError, StoreErrorKind, StoreRequest, StoreResponse,
 };
 use crate::breaker::{BreakerState, CircuitBreaker, CircuitBreakerLayer, CircuitOpen};
+use crate::entry::codec::VERSION_HEAD;
 use crate::entry::{encodes_version_of, Entry};
 use crate::key::CacheKey;
 use crate::telemetry::{Counter, Counters, TARGET};
@@ -387,18 +388,26 @@ enum Fetched {
     Decoded(Entry),
     /// Straight from the store, as Redis holds it.
     Encoded(Bytes),
+    /// The edition memory holds, told by the value's head alone.
+    Held,
 }
 
 impl RedisReader {
     /// Reads `key`, fills memory with a hit, and counts a failure.
+    ///
+    /// Memory is looked up first: when it holds a response, Redis is asked for the
+    /// head of its value only (`GETRANGE`, 14 bytes), and memory's copy serves when
+    /// Redis holds the same edition, as it does on most hits; the value is read whole
+    /// only when Redis holds another. The lookup also tells memory the key is in use,
+    /// so that memory keeps what Redis serves most.
     async fn read_and_keep(self: Arc<Self>, key: CacheKey) -> RedisRead {
-        match self.read(key).await {
+        let held = self.memory.get(&key);
+        match self.read(key, held.as_ref()).await {
+            Ok(Some(Fetched::Held)) => match held {
+                Some(held) => RedisRead::Found(held),
+                None => RedisRead::Absent,
+            },
             Ok(Some(found)) => {
-                // Most hits find the same version in memory already: they serve it
-                // without decoding Redis's copy, and skip memory's insert. The lookup
-                // also tells memory the key is in use, so that memory keeps what Redis
-                // serves most.
-                let held = self.memory.get(&key);
                 let entry = match found {
                     Fetched::Decoded(entry) => entry,
                     Fetched::Encoded(bytes) => match held {
@@ -410,6 +419,7 @@ impl RedisReader {
                             None => return RedisRead::Absent,
                         },
                     },
+                    Fetched::Held => return RedisRead::Absent,
                 };
                 if !held.is_some_and(|held| held.same_version(&entry)) {
                     self.memory.insert(key, entry.clone());
@@ -425,7 +435,7 @@ impl RedisReader {
         }
     }
 
-    async fn read(&self, key: CacheKey) -> Result<Option<Fetched>, BoxError> {
+    async fn read(&self, key: CacheKey, held: Option<&Entry>) -> Result<Option<Fetched>, BoxError> {
         if let Some(stack) = &self.layered {
             let response = stack.clone().oneshot(StoreRequest::get(key)).await?;
             return Ok(match response.answer {
@@ -434,19 +444,29 @@ impl RedisReader {
             });
         }
         self.breaker
-            .guard(|| self.attempts(key, after(self.deadline)))
+            .guard(|| self.attempts(key, held, after(self.deadline)))
             .await
     }
 
     /// The store's answer by `until`, retried as the retry policy says (asked only
-    /// once an attempt failed; a success tells it as `tower::retry` would).
+    /// once an attempt failed; a success tells it as `tower::retry` would). With a
+    /// response `held` in memory, the value's head is read first, and the whole
+    /// value only if it is another edition.
     ///
     /// The deadline is each attempt's timeout, where it comes before the command
     /// timeout, rather than a timer of its own around them: one timer a read, not two
     /// (about 800 instructions a Redis hit; BENCHMARKS, "Redis path, instructions").
-    async fn attempts(&self, key: CacheKey, until: Instant) -> Result<Option<Fetched>, BoxError> {
+    async fn attempts(
+        &self,
+        key: CacheKey,
+        held: Option<&Entry>,
+        until: Instant,
+    ) -> Result<Option<Fetched>, BoxError> {
         let mut request = StoreRequest::get(key);
         let mut policy: Option<RedisRetry> = None;
+        let mut head_of = held
+            .filter(|held| matches!(held, Entry::Response(_)))
+            .filter(|_| self.store.head_reads_allowed());
         loop {
             let left = until.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -454,10 +474,31 @@ impl RedisReader {
             }
             // `Some`: the deadline cuts this attempt before the command timeout would.
             let cut = (left <= self.store.command_timeout()).then_some(left);
-            let error = match self.store.get_encoded(&key, request.attempt, cut).await {
+            let answer = match head_of {
+                Some(held) => {
+                    let head = self
+                        .store
+                        .get_head(&key, VERSION_HEAD, request.attempt, cut)
+                        .await;
+                    match head {
+                        Ok(Some(head)) if !encodes_version_of(&head, held) => {
+                            // Another edition: read it whole, within the same deadline.
+                            head_of = None;
+                            continue;
+                        }
+                        head => head.map(|head| head.map(|_| Fetched::Held)),
+                    }
+                }
+                None => self
+                    .store
+                    .get_encoded(&key, request.attempt, cut)
+                    .await
+                    .map(|found| found.map(Fetched::Encoded)),
+            };
+            let error = match answer {
                 Ok(found) => {
                     self.retry.succeeded();
-                    return Ok(found.map(Fetched::Encoded));
+                    return Ok(found);
                 }
                 Err(error) if cut.is_some() && error.kind() == StoreErrorKind::Timeout => {
                     return Err(Elapsed::new().into());

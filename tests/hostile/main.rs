@@ -50,6 +50,8 @@ fn app(origin: &Origin, cache: &HybridCache) -> axum::Router {
 fn entry_with_fields(fields: u32) -> Vec<u8> {
     let mut out = b"\xF0THC".to_vec();
     out.extend_from_slice(&[FORMAT_VERSION, 1]);
+    // Its edition: one no fill draws.
+    out.extend_from_slice(&0x5eed_u64.to_be_bytes());
     out.extend_from_slice(&200u16.to_be_bytes());
     out.push(2);
     let now = std::time::SystemTime::now()
@@ -88,7 +90,7 @@ async fn a_redis_value_with_too_many_fields_is_a_miss_and_is_overwritten() {
         cache.stats().redis_writes == 1
     })
     .await;
-    let key = redis.cli(&["--scan", "--pattern", "hostile/v1:*"]);
+    let key = redis.cli(&["--scan", "--pattern", "hostile/v2:*"]);
     assert_eq!(key.lines().count(), 1, "{key}");
     // 24 576 names is where `http`'s map gives up (the hit path's `Age` then panics);
     // past it, appending the names panics; 1 025 is one past the store path's bound.
@@ -274,23 +276,23 @@ async fn a_namespace_never_reaches_into_one_it_starts() {
         .await;
     }
     let count = |pattern: &str| redis.cli(&["--scan", "--pattern", pattern]).lines().count();
-    assert_eq!((count("jobs/v1:*"), count("jobs:prod/v1:*")), (3, 3));
+    assert_eq!((count("jobs/v2:*"), count("jobs:prod/v2:*")), (3, 3));
     // A key, a tag, then everything, each through the shorter namespace.
     assert!(
         short
             .invalidate(&"http://api.test/c".parse().unwrap())
             .await
     );
-    assert_eq!((count("jobs/v1:*"), count("jobs:prod/v1:*")), (2, 3));
+    assert_eq!((count("jobs/v2:*"), count("jobs:prod/v2:*")), (2, 3));
     assert!(short.invalidate_tag("t").await);
-    assert_eq!((count("jobs/v1:*"), count("jobs:prod/v1:*")), (0, 3));
+    assert_eq!((count("jobs/v2:*"), count("jobs:prod/v2:*")), (0, 3));
     assert!(short.purge_all().await);
-    assert_eq!(count("jobs/v1:*") + count("jobs/tag:*"), 0);
-    assert_eq!(count("jobs:prod/v1:*"), 3);
+    assert_eq!(count("jobs/v2:*") + count("jobs/tag:*"), 0);
+    assert_eq!(count("jobs:prod/v2:*"), 3);
     assert_eq!(count("jobs:prod/tag:*"), 1);
     // And the other way round.
     assert!(long.purge_all().await);
-    assert_eq!(count("jobs:prod/v1:*"), 0);
+    assert_eq!(count("jobs:prod/v2:*"), 0);
     let hit = call(app(&origin, &long), get(urls[0])).await;
     assert!(!hit.is_hit(), "{}", hit.cache_status());
 }

@@ -236,7 +236,7 @@ async fn a_redis_that_lost_its_data_is_reseeded_from_memory_not_refetched() {
     .await;
     let entries = |redis: &RedisServer| {
         redis
-            .cli(&["--scan", "--pattern", "outage/v1:*"])
+            .cli(&["--scan", "--pattern", "outage/v2:*"])
             .lines()
             .count()
     };

@@ -32,7 +32,7 @@ async fn replica(url: &str) -> HybridCache {
 
 fn entries(server: &RedisServer) -> usize {
     server
-        .cli(&["--scan", "--pattern", "sentinel/v1:*"])
+        .cli(&["--scan", "--pattern", "sentinel/v2:*"])
         .lines()
         .count()
 }

@@ -3,6 +3,7 @@
 //! on throwaway keys of the namespace, and the server's version.
 //!
 //! A Redis older than 7 refuses `PEXPIRE … NX|GT` (tag indexes would never expire);
+//! an ACL user without `GETRANGE` reads every Redis hit's value whole;
 //! an ACL user without `MGET`, `PUBLISH` or the sorted-set commands turns the
 //! invalidation marks, pub/sub or the invalidation log off. Each is an error reply
 //! the tier tolerates as it runs, so without this check nothing would say so: what is
@@ -52,6 +53,7 @@ fn probes(keys: &RedisKeys) -> Vec<Probe> {
     vec![
         probe("set", "SET", &[&value, "1", "PX", "10000"]),
         probe("get", "GET", &[&value]),
+        probe(GETRANGE, "GETRANGE", &[&value, "0", "13"]),
         probe("mget", "MGET", &[&value, &value]),
         probe("pexpire", "PEXPIRE", &[&value, "10000"]),
         probe("exists", "EXISTS", &[&value]),
@@ -94,6 +96,10 @@ fn probes(keys: &RedisKeys) -> Vec<Probe> {
         probe("del", "DEL", &[&log]),
     ]
 }
+
+/// The command a lookup reads a value's head with; without it, lookups read values
+/// whole.
+pub(crate) const GETRANGE: &str = "getrange";
 
 /// The commands the cache's scripts run: with any of them refused (or `EVAL`), writes
 /// and invalidation marks go without the scripts.

@@ -108,6 +108,10 @@ pub(crate) struct HealthState {
     /// `EVAL` or a command the scripts run refused, or a script is refused as it runs
     /// (its batch is then written again without it).
     scripts: AtomicBool,
+    /// Whether a lookup holding a response in memory reads only the head of Redis's
+    /// value (`GETRANGE`): until a capability check finds it refused, or Redis refuses
+    /// one as it runs (lookups then read values whole).
+    head_reads: AtomicBool,
 }
 
 impl HealthState {
@@ -124,6 +128,7 @@ impl HealthState {
             data_lost: Arc::new(tokio::sync::Notify::new()),
             reseeding: AtomicBool::new(false),
             scripts: AtomicBool::new(true),
+            head_reads: AtomicBool::new(true),
         };
         for client in &state.clients {
             client.up.store(all_up, Ordering::Relaxed);
@@ -266,6 +271,16 @@ impl HealthState {
         self.scripts.store(false, Ordering::Relaxed);
     }
 
+    /// Whether lookups may read only the head of a value (`GETRANGE` not refused).
+    pub(crate) fn head_reads_allowed(&self) -> bool {
+        self.head_reads.load(Ordering::Relaxed)
+    }
+
+    /// Stops head reads (Redis refused `GETRANGE`), until a check finds it allowed.
+    pub(crate) fn refuse_head_reads(&self) {
+        self.head_reads.store(false, Ordering::Relaxed);
+    }
+
     /// Whether memory is re-seeding a Redis that lost its data.
     pub(crate) fn reseeding(&self) -> bool {
         self.reseeding.load(Ordering::Relaxed)
@@ -327,6 +342,10 @@ impl HealthState {
             .iter()
             .any(|command| findings.missing.contains(command));
         self.scripts.store(scripts, Ordering::Relaxed);
+        self.head_reads.store(
+            !findings.missing.contains(&capabilities::GETRANGE),
+            Ordering::Relaxed,
+        );
         if !findings.missing.is_empty() {
             tracing::warn!(
                 target: TARGET,

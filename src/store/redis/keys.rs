@@ -168,10 +168,10 @@ mod tests {
     fn entry_keys_are_bounded_and_plain() {
         let keys = RedisKeys::new("thc");
         let key = CacheKey::from_bytes([7; 32]);
-        assert_eq!(keys.entry(&key), format!("thc/v1:{}", "07".repeat(32)));
+        assert_eq!(keys.entry(&key), format!("thc/v2:{}", "07".repeat(32)));
         let long = format!("{}:{}", "x".repeat(8000), "{tag}".repeat(200));
         let entry = keys.entry(&CacheKey::for_value(&long));
-        assert_eq!(entry.len(), "thc/v1:".len() + 64);
+        assert_eq!(entry.len(), "thc/v2:".len() + 64);
         assert!(!entry.contains('{'));
     }
 

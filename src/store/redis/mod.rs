@@ -323,6 +323,37 @@ impl RedisStore {
             .map_err(StoreError::command)
     }
 
+    /// At least the first `len` bytes of the value under `key` (`GETRANGE`): enough
+    /// to tell which version Redis holds without reading it all. `Ok(None)` when
+    /// absent. Where Redis refuses `GETRANGE` (an ACL user without it), the value is
+    /// read whole, and so are the lookups' from then on (until a capability check
+    /// finds it allowed). `timeout` as for [`get_encoded`](Self::get_encoded).
+    pub(crate) async fn get_head(
+        &self,
+        key: &CacheKey,
+        len: usize,
+        attempt: u8,
+        timeout: Option<Duration>,
+    ) -> Result<Option<Bytes>, StoreError> {
+        let last = len.saturating_sub(1);
+        let reader = self.reader(attempt, timeout)?;
+        match Box::pin(reader.getrange::<Bytes, _>(self.keys.entry(key), 0, last)).await {
+            // Redis answers an absent key's range as empty; no stored value is empty.
+            Ok(head) => Ok((!head.is_empty()).then_some(head)),
+            Err(error) if capabilities::refused(&error) => {
+                self.health.refuse_head_reads();
+                tracing::warn!(target: TARGET, error = %error, "redis refuses GETRANGE: lookups read values whole");
+                self.get_encoded(key, attempt, timeout).await
+            }
+            Err(error) => Err(StoreError::command(error)),
+        }
+    }
+
+    /// Whether lookups may read only the head of a value.
+    pub(crate) fn head_reads_allowed(&self) -> bool {
+        self.health.head_reads_allowed()
+    }
+
     /// Whether Redis surely holds nothing under `key` (the written keys are tracked,
     /// complete, and hold no live one of it): a read would find nothing.
     pub(crate) fn surely_absent(&self, key: &CacheKey) -> bool {

@@ -532,14 +532,14 @@ mod tests {
 
     #[test]
     fn an_entry_name_gives_its_fingerprint() {
-        let name = format!("ns/v1:{}", key(0x5a).to_hex());
+        let name = format!("ns/v2:{}", key(0x5a).to_hex());
         assert_eq!(
-            fingerprint_of_entry(&name, "ns/v1:"),
+            fingerprint_of_entry(&name, "ns/v2:"),
             Some(key(0x5a).fingerprint())
         );
-        assert_eq!(fingerprint_of_entry("ns/v1:5a5a", "ns/v1:"), None);
-        assert_eq!(fingerprint_of_entry(&name, "other/v1:"), None);
-        let accented = format!("ns/v1:{}", "\u{e9}".repeat(8));
-        assert_eq!(fingerprint_of_entry(&accented, "ns/v1:"), None);
+        assert_eq!(fingerprint_of_entry("ns/v2:5a5a", "ns/v2:"), None);
+        assert_eq!(fingerprint_of_entry(&name, "other/v2:"), None);
+        let accented = format!("ns/v2:{}", "\u{e9}".repeat(8));
+        assert_eq!(fingerprint_of_entry(&accented, "ns/v2:"), None);
     }
 }
