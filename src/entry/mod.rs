@@ -41,6 +41,8 @@ pub(crate) fn is_valid_tag(tag: &str) -> bool {
 /// A response as the cache stores it.
 ///
 /// Bodies are [`Bytes`]: a hit hands out a reference-counted view, never a copy.
+/// Each built response is an edition of its own: two are equal (`==`) when one is the
+/// other's copy or decoded from its encoding, not when they were built alike.
 ///
 /// ```
 /// use std::time::{Duration, SystemTime};

@@ -402,37 +402,32 @@ impl RedisReader {
     /// so that memory keeps what Redis serves most.
     async fn read_and_keep(self: Arc<Self>, key: CacheKey) -> RedisRead {
         let held = self.memory.get(&key);
-        match self.read(key, held.as_ref()).await {
-            Ok(Some(Fetched::Held)) => match held {
-                Some(held) => RedisRead::Found(held),
-                None => RedisRead::Absent,
-            },
-            Ok(Some(found)) => {
-                let entry = match found {
-                    Fetched::Decoded(entry) => entry,
-                    Fetched::Encoded(bytes) => match held {
-                        Some(held) if encodes_version_of(&bytes, &held) => {
-                            return RedisRead::Found(held);
-                        }
-                        _ => match decoded(&key, bytes) {
-                            Some(entry) => entry,
-                            None => return RedisRead::Absent,
-                        },
-                    },
-                    Fetched::Held => return RedisRead::Absent,
-                };
-                if !held.is_some_and(|held| held.same_version(&entry)) {
-                    self.memory.insert(key, entry.clone());
-                }
-                RedisRead::Found(entry)
-            }
-            Ok(None) => RedisRead::Absent,
+        let found = match self.read(key, held.as_ref()).await {
+            Ok(Some(found)) => found,
+            Ok(None) => return RedisRead::Absent,
             Err(e) => {
                 count_failure(&self.counters, &e);
                 tracing::debug!(target: TARGET, key = %key, error = %e, outcome = "redis-read-failed");
-                RedisRead::Failed
+                return RedisRead::Failed;
             }
+        };
+        let entry = match found {
+            Fetched::Held => return held.map_or(RedisRead::Absent, RedisRead::Found),
+            Fetched::Decoded(entry) => entry,
+            Fetched::Encoded(bytes) => match &held {
+                Some(held) if encodes_version_of(&bytes, held) => {
+                    return RedisRead::Found(held.clone());
+                }
+                _ => match decoded(&key, bytes) {
+                    Some(entry) => entry,
+                    None => return RedisRead::Absent,
+                },
+            },
+        };
+        if !held.is_some_and(|held| held.same_version(&entry)) {
+            self.memory.insert(key, entry.clone());
         }
+        RedisRead::Found(entry)
     }
 
     async fn read(&self, key: CacheKey, held: Option<&Entry>) -> Result<Option<Fetched>, BoxError> {
