@@ -65,6 +65,11 @@ pub struct CacheStats {
     /// [`RedisConfig::track_written_keys`](crate::RedisConfig::track_written_keys)):
     /// a miss known without a round trip.
     pub redis_reads_skipped: u64,
+    /// Redis reads answered by the value's head alone (`GETRANGE`, 14 bytes): memory
+    /// held the edition Redis holds and served its copy (a read shared by several
+    /// lookups counts once). Other Redis hits read the value whole: another edition,
+    /// or nothing in memory.
+    pub redis_head_hits: u64,
     /// Keys invalidated: by a successful unsafe request (POST, PUT, PATCH, DELETE …)
     /// through the layer, or by `HybridCache::invalidate`.
     pub invalidations: u64,
@@ -141,7 +146,7 @@ impl Default for Counters {
 }
 
 /// How many counters there are.
-const COUNTERS: usize = 21;
+const COUNTERS: usize = 22;
 
 /// Every counter, in declaration order (its index in `Counters::handles`).
 const ALL: [Counter; COUNTERS] = [
@@ -161,6 +166,7 @@ const ALL: [Counter; COUNTERS] = [
     Counter::FallbackHit,
     Counter::RedisReadShared,
     Counter::RedisReadSkipped,
+    Counter::RedisHeadHit,
     Counter::Invalidation,
     Counter::RedisReplay,
     Counter::RedisRemovalFolded,
@@ -186,6 +192,7 @@ pub(crate) enum Counter {
     FallbackHit,
     RedisReadShared,
     RedisReadSkipped,
+    RedisHeadHit,
     Invalidation,
     RedisReplay,
     RedisRemovalFolded,
@@ -213,6 +220,7 @@ impl Counter {
             Counter::FallbackHit => "tower_hybrid_cache_fallback_hits_total",
             Counter::RedisReadShared => "tower_hybrid_cache_redis_reads_shared_total",
             Counter::RedisReadSkipped => "tower_hybrid_cache_redis_reads_skipped_total",
+            Counter::RedisHeadHit => "tower_hybrid_cache_redis_head_hits_total",
             Counter::Invalidation => "tower_hybrid_cache_invalidations_total",
             Counter::RedisReplay => "tower_hybrid_cache_redis_replays_total",
             Counter::RedisRemovalFolded => "tower_hybrid_cache_redis_removals_folded_total",
@@ -357,6 +365,7 @@ impl Counters {
             fallback_hits: self.total(Counter::FallbackHit),
             redis_reads_shared: self.total(Counter::RedisReadShared),
             redis_reads_skipped: self.total(Counter::RedisReadSkipped),
+            redis_head_hits: self.total(Counter::RedisHeadHit),
             invalidations: self.total(Counter::Invalidation),
             redis_replays: self.total(Counter::RedisReplay),
             redis_removals_folded: self.total(Counter::RedisRemovalFolded),
@@ -424,6 +433,7 @@ mod tests {
             ("fallback_hits", s.fallback_hits),
             ("redis_reads_shared", s.redis_reads_shared),
             ("redis_reads_skipped", s.redis_reads_skipped),
+            ("redis_head_hits", s.redis_head_hits),
             ("invalidations", s.invalidations),
             ("redis_replays", s.redis_replays),
             ("redis_removals_folded", s.redis_removals_folded),

@@ -288,6 +288,7 @@ async fn each_lookup_costs_redis_one_read_of_the_head_of_what_memory_holds() {
     }
     assert_eq!(redis.command_stat("getrange", "calls"), 10);
     assert_eq!(redis.command_stat("get", "calls"), 0);
+    assert_eq!(one.stats().redis_head_hits, 10);
     // Another replica reads the value whole once, and its head from then on.
     for _ in 0..10 {
         let got = call(app(&origin, &two), get(url)).await;
@@ -296,6 +297,7 @@ async fn each_lookup_costs_redis_one_read_of_the_head_of_what_memory_holds() {
     }
     assert_eq!(redis.command_stat("get", "calls"), 1);
     assert_eq!(redis.command_stat("getrange", "calls"), 19);
+    assert_eq!(two.stats().redis_head_hits, 9);
     assert_eq!(origin.log.calls(), 1);
 }
 

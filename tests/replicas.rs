@@ -161,7 +161,7 @@ enum Expect {
 
 /// Every metric the README lists, and what the load below makes of it on the
 /// replica that took the writes while Redis was frozen.
-const EXPECTED: [(&str, Expect); 27] = [
+const EXPECTED: [(&str, Expect); 28] = [
     ("tower_hybrid_cache_hits_total", Expect::Moved),
     ("tower_hybrid_cache_misses_total", Expect::Moved),
     ("tower_hybrid_cache_bypasses_total", Expect::Moved),
@@ -192,6 +192,7 @@ const EXPECTED: [(&str, Expect); 27] = [
     ("tower_hybrid_cache_redis_reads_shared_total", Expect::Moved),
     // job_match does not track written keys.
     ("tower_hybrid_cache_redis_reads_skipped_total", Expect::Zero),
+    ("tower_hybrid_cache_redis_head_hits_total", Expect::Moved),
     ("tower_hybrid_cache_invalidations_total", Expect::Moved),
     ("tower_hybrid_cache_redis_replays_total", Expect::Moved),
     (
@@ -264,6 +265,10 @@ async fn two_replicas_share_one_database_and_one_redis_and_report_every_metric()
     );
     let through_a = a.get(search).await;
     assert_eq!(total_of(&through_a), total_of(&before) + 1);
+    // Again through A: its memory holds the edition Redis holds now, and Redis is
+    // asked for the value's head only.
+    let again = a.get(search).await;
+    assert!(again.is_hit(), "{}", again.cache_status());
 
     // The rest of the load, on A: a malformed job id (a 400, not stored), concurrent
     // misses of one match list (coalesced, sharing one Redis read).

@@ -412,7 +412,10 @@ impl RedisReader {
             }
         };
         let entry = match found {
-            Fetched::Held => return held.map_or(RedisRead::Absent, RedisRead::Found),
+            Fetched::Held => {
+                self.counters.add(Counter::RedisHeadHit);
+                return held.map_or(RedisRead::Absent, RedisRead::Found);
+            }
             Fetched::Decoded(entry) => entry,
             Fetched::Encoded(bytes) => match &held {
                 Some(held) if encodes_version_of(&bytes, held) => {
