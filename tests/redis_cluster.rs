@@ -54,6 +54,18 @@ async fn entries_spread_over_the_masters_and_are_shared() {
             hit.cache_status()
         );
     }
+    // The replica that filled them holds each edition: it reads only the values'
+    // heads, each from the master that holds its key.
+    for url in &urls {
+        let hit = call(app_one.clone(), get(url)).await;
+        assert!(
+            hit.cache_status().ends_with("detail=redis"),
+            "{url}: {}",
+            hit.cache_status()
+        );
+    }
+    assert_eq!(one.stats().redis_head_hits, 30);
+    assert_eq!(one.stats().redis_errors, 0);
     assert_eq!(origin.log.calls(), 30);
     assert_eq!(two.stats().redis_reads_skipped, 0);
     assert_eq!(two.redis_health().unwrap().written_keys_complete, None);
