@@ -8,7 +8,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::redis::RedisServer;
+use support::redis::{command_stat_in, RedisServer};
 use support::{alive_tasks, call, capabilities_checked, eventually, get, Origin};
 use tower_hybrid_cache::{HybridCache, KeyAuthority, RedisConfig};
 
@@ -475,23 +475,33 @@ async fn password_and_acl_user_limited_to_the_namespace() {
         .ends_with("detail=memory"));
 }
 
+/// A Redis that needs the password `s3cret`, with each user (password `pw`, keys
+/// `jobs/*`, every channel) allowed every command and then `rule` (`-rename`).
+fn acl_redis(users: &[(&str, &str)]) -> RedisServer {
+    let redis = RedisServer::start_with(&["--requirepass", "s3cret"]);
+    for (user, rule) in users {
+        let acl = [
+            "ACL", "SETUSER", user, "on", ">pw", "~jobs/*", "&*", "+@all", rule,
+        ];
+        assert_eq!(admin(&redis, &acl), "OK");
+    }
+    redis
+}
+
+/// `redis-cli` as the default user of an [`acl_redis`].
+fn admin(redis: &RedisServer, args: &[&str]) -> String {
+    let mut full = vec!["-a", "s3cret", "--no-auth-warning"];
+    full.extend_from_slice(args);
+    redis.cli(&full)
+}
+
 /// An ACL user allowed `EVAL` but not a command the write script runs: the script
 /// would fail every write. Found by the check, writes go without the script; refused
 /// as it runs (the ACL changed since the check), the batch is written again without it.
 #[tokio::test]
 async fn an_acl_user_without_rename_writes_without_the_script() {
-    let redis = RedisServer::start_with(&["--requirepass", "s3cret"]);
-    let admin = |args: &[&str]| {
-        let mut full = vec!["-a", "s3cret", "--no-auth-warning"];
-        full.extend_from_slice(args);
-        redis.cli(&full)
-    };
-    for (user, rename) in [("norename", "-rename"), ("late", "+rename")] {
-        let acl = [
-            "ACL", "SETUSER", user, "on", ">pw", "~jobs/*", "&*", "+@all",
-        ];
-        assert_eq!(admin(&[&acl[..], &[rename]].concat()), "OK");
-    }
+    let redis = acl_redis(&[("norename", "-rename"), ("late", "+rename")]);
+    let admin = |args: &[&str]| admin(&redis, args);
     let origin = Origin::new();
     let staged = || admin(&["--scan", "--pattern", "jobs/staging:*"]);
 
@@ -514,34 +524,13 @@ async fn an_acl_user_without_rename_writes_without_the_script() {
 /// whole and so do the ones after it. Redis hits either way, no error.
 #[tokio::test]
 async fn an_acl_user_without_getrange_reads_values_whole() {
-    let redis = RedisServer::start_with(&["--requirepass", "s3cret"]);
-    let admin = |args: &[&str]| {
-        let mut full = vec!["-a", "s3cret", "--no-auth-warning"];
-        full.extend_from_slice(args);
-        redis.cli(&full)
-    };
-    for (user, getrange) in [("nogetrange", "-getrange"), ("late", "+getrange")] {
-        let acl = [
-            "ACL", "SETUSER", user, "on", ">pw", "~jobs/*", "&*", "+@all",
-        ];
-        assert_eq!(admin(&[&acl[..], &[getrange]].concat()), "OK");
-    }
+    let redis = acl_redis(&[("nogetrange", "-getrange"), ("late", "+getrange")]);
+    let admin = |args: &[&str]| admin(&redis, args);
     let origin = Origin::new();
     let url = |user: &str| format!("redis://{user}:pw@127.0.0.1:{}", redis.port());
     // A field of `INFO commandstats`: `calls` ran, `rejected_calls` refused.
     let stat = |command: &str, field: &str| {
-        let stats = admin(&["INFO", "commandstats"]);
-        let prefix = format!("cmdstat_{command}:");
-        stats
-            .lines()
-            .find_map(|line| line.strip_prefix(&prefix))
-            .and_then(|fields| {
-                fields.split(',').find_map(|kv| {
-                    let (k, v) = kv.split_once('=')?;
-                    (k == field).then(|| v.parse::<u64>().unwrap())
-                })
-            })
-            .unwrap_or(0)
+        command_stat_in(&admin(&["INFO", "commandstats"]), command, field)
     };
 
     let cache = checked_replica(&url("nogetrange")).await;

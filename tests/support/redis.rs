@@ -240,18 +240,7 @@ impl RedisServer {
     /// `failed_calls`), under the name Redis gives it (`get`, `script|load`); 0 when
     /// the command was never called.
     pub fn command_stat(&self, command: &str, field: &str) -> u64 {
-        let stats = self.cli(&["INFO", "commandstats"]);
-        let prefix = format!("cmdstat_{command}:");
-        stats
-            .lines()
-            .find_map(|line| line.strip_prefix(&prefix))
-            .and_then(|fields| {
-                fields.split(',').find_map(|kv| {
-                    let (k, v) = kv.split_once('=')?;
-                    (k == field).then(|| v.parse().ok()).flatten()
-                })
-            })
-            .unwrap_or(0)
+        command_stat_in(&self.cli(&["INFO", "commandstats"]), command, field)
     }
 
     /// Runs `redis-cli` against this server and returns its output.
@@ -541,4 +530,20 @@ impl Drop for RedisSentinelGroup {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// A field of `command`'s line in the text of `INFO commandstats`, as
+/// [`RedisServer::command_stat`] reads it (for a server that needs a password).
+pub fn command_stat_in(stats: &str, command: &str, field: &str) -> u64 {
+    let prefix = format!("cmdstat_{command}:");
+    stats
+        .lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .and_then(|fields| {
+            fields.split(',').find_map(|kv| {
+                let (k, v) = kv.split_once('=')?;
+                (k == field).then(|| v.parse().ok()).flatten()
+            })
+        })
+        .unwrap_or(0)
 }
