@@ -465,3 +465,22 @@ impl Entry {
             }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::new_edition;
+
+    #[test]
+    fn editions_drawn_on_several_threads_are_all_distinct() {
+        let threads: Vec<_> = (0..4)
+            .map(|_| std::thread::spawn(|| (0..10_000).map(|_| new_edition()).collect::<Vec<_>>()))
+            .collect();
+        let mut all: Vec<u64> = threads
+            .into_iter()
+            .flat_map(|thread| thread.join().unwrap())
+            .collect();
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(all.len(), 40_000);
+    }
+}
