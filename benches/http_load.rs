@@ -34,7 +34,9 @@
 //! The Redis pairs start their own `redis-server` (it must be on PATH);
 //! `BENCH_REDIS_STATS=1` prints its `INFO commandstats` after the rounds. `--side 0|1`
 //! loads one side of each pair only and prints its own figures (for profiling).
-//! `--redis-cpu N` pins that redis-server to CPU N; run the bench itself under
+//! `--redis-body BYTES` sets the body of the Redis hit pairs (e)/(f) and (e′)/(f′)
+//! (default: the pre-rendered document, about 3 KiB). `--redis-cpu N` pins that
+//! redis-server to CPU N; run the bench itself under
 //! `taskset -c` on the other CPUs to measure as if Redis had a host of its own.
 //!
 //! Each scenario runs `rounds` times, interleaved, and the table shows the median
@@ -89,6 +91,9 @@ struct Args {
     /// serialising, with room to spare) instead of an exact `Vec` (`--memory-json`).
     memory_json: bool,
     side: Option<usize>,
+    /// The body size of the Redis hit pairs (e)/(f) and (e′)/(f′) (`--redis-body`,
+    /// bytes; default: the pre-rendered document, about 3 KiB).
+    redis_body: Option<usize>,
     /// Pins the bench's redis-server to this CPU (`taskset`), for runs where the bench
     /// itself is pinned to others: Redis then takes no CPU from the server under test,
     /// as on a host of its own.
@@ -105,6 +110,7 @@ fn args() -> Args {
         memory_body: 4096,
         memory_json: false,
         side: None,
+        redis_body: None,
         redis_cpu: None,
     };
     let value = support::option;
@@ -122,6 +128,9 @@ fn args() -> Args {
     }
     if let Some(v) = value("--side") {
         args.side = Some(v.parse::<usize>().expect("--side 0|1").min(1));
+    }
+    if let Some(v) = value("--redis-body") {
+        args.redis_body = Some(v.parse().expect("--redis-body BYTES"));
     }
     if let Some(v) = value("--redis-cpu") {
         args.redis_cpu = Some(v.parse().expect("--redis-cpu N"));
@@ -306,10 +315,24 @@ async fn run(args: Args) {
                 .expect("run taskset");
             assert!(pinned.status.success(), "taskset failed: {pinned:?}");
         }
+        // The document repeated to the size asked for, if one was.
+        let redis_body = args.redis_body.map_or_else(
+            || pre_rendered.clone(),
+            |n| {
+                Bytes::from(
+                    pre_rendered
+                        .iter()
+                        .copied()
+                        .cycle()
+                        .take(n)
+                        .collect::<Vec<u8>>(),
+                )
+            },
+        );
         pairs.extend(
             redis_pairs(
                 &redis.url(),
-                pre_rendered.clone(),
+                redis_body,
                 wanted("redis"),
                 wanted("redis-spread"),
                 wanted("writes"),
