@@ -36,7 +36,6 @@ use super::{
     RedisTierService, StoreAnswer, StoreError, StoreErrorKind, StoreRequest, StoreResponse,
 };
 use crate::breaker::{BreakerState, CircuitBreaker, CircuitBreakerLayer, CircuitOpen};
-use crate::entry::codec::VERSION_HEAD;
 use crate::entry::{encodes_version_of, Entry};
 use crate::key::CacheKey;
 use crate::telemetry::{Counter, Counters, TARGET};
@@ -474,10 +473,7 @@ impl RedisReader {
             let cut = (left <= self.store.command_timeout()).then_some(left);
             let answer = match head_of {
                 Some(held) => {
-                    let head = self
-                        .store
-                        .get_head(&key, VERSION_HEAD, request.attempt, cut)
-                        .await;
+                    let head = self.store.get_head(&key, request.attempt, cut).await;
                     match head {
                         Ok(Some(head)) if !encodes_version_of(&head, held) => {
                             // Another edition: read it whole, within the same deadline.

@@ -46,6 +46,7 @@ use self::keys::RedisKeys;
 use self::subscription::SubscriberProbe;
 use super::{StoreAnswer, StoreError, StoreOp, StoreRequest, StoreResponse};
 use crate::breaker::CircuitBreaker;
+use crate::entry::codec::VERSION_HEAD;
 use crate::entry::{decode_entry, Entry};
 use crate::error::BuildError;
 use crate::key::CacheKey;
@@ -323,19 +324,18 @@ impl RedisStore {
             .map_err(StoreError::command)
     }
 
-    /// At least the first `len` bytes of the value under `key` (`GETRANGE`): enough
-    /// to tell which version Redis holds without reading it all. `Ok(None)` when
+    /// At least the head of the value under `key` (its first [`VERSION_HEAD`] bytes,
+    /// `GETRANGE`): enough to tell which version Redis holds without reading it all. `Ok(None)` when
     /// absent. Where Redis refuses `GETRANGE` (an ACL user without it), the value is
     /// read whole, and so are the lookups' from then on (until a capability check
     /// finds it allowed). `timeout` as for [`get_encoded`](Self::get_encoded).
     pub(crate) async fn get_head(
         &self,
         key: &CacheKey,
-        len: usize,
         attempt: u8,
         timeout: Option<Duration>,
     ) -> Result<Option<Bytes>, StoreError> {
-        let last = len.saturating_sub(1);
+        let last = VERSION_HEAD - 1;
         let reader = self.reader(attempt, timeout)?;
         match Box::pin(reader.getrange::<Bytes, _>(self.keys.entry(key), 0, last)).await {
             // Redis answers an absent key's range as empty; no stored value is empty.
