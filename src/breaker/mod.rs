@@ -152,6 +152,11 @@ pub struct CircuitBreaker {
     /// Whether the state is Closed, kept beside the lock (written under it) so that
     /// asking while closed, which is every call of a healthy dependency, takes no lock.
     closed: Arc<AtomicBool>,
+    /// Whether the breaker is closed with a full window of successes (written under
+    /// the lock): a success then changes nothing, and is recorded without taking
+    /// the lock, which every call of a healthy dependency would otherwise take from
+    /// every thread.
+    settled: Arc<AtomicBool>,
 }
 
 /// Permission for one call; `probe` when the breaker is half-open.
@@ -182,6 +187,7 @@ impl CircuitBreaker {
                 transitions: 0,
             })),
             closed: Arc::new(AtomicBool::new(true)),
+            settled: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -258,6 +264,11 @@ impl CircuitBreaker {
     /// `took` counts only with `slow_call` set (the guard reads the clock only then).
     pub(crate) fn record(&self, permit: Permit, ok: bool, took: Duration) {
         let failed = !ok || self.config.slow_call.is_some_and(|slow| took > slow);
+        if !failed && !permit.probe && self.settled.load(Ordering::Acquire) {
+            // A success pushed into a window of successes drops one: nothing changes.
+            // One racing a failure that clears the flag counts as before it.
+            return;
+        }
         let mut inner = self.lock();
         if permit.probe {
             let State::HalfOpen {
@@ -294,6 +305,8 @@ impl CircuitBreaker {
                 inner.window_failures -= 1;
             }
         }
+        let settled = inner.window_failures == 0 && inner.window.len() >= self.config.window.max(1);
+        self.settled.store(settled, Ordering::Release);
         let rate_tripped = inner.window.len() >= self.config.min_calls.max(1)
             && inner.window_failures as f64 >= self.config.failure_rate * inner.window.len() as f64;
         if inner.consecutive >= self.config.consecutive_failures.max(1) || rate_tripped {
@@ -355,6 +368,7 @@ impl CircuitBreaker {
     }
 
     fn enter(&self, inner: &mut Inner, state: State, name: &'static str) {
+        self.settled.store(false, Ordering::Release);
         self.closed
             .store(matches!(state, State::Closed), Ordering::Release);
         metrics::gauge!(BREAKER_STATE).set(gauge_value(&state));
@@ -424,6 +438,37 @@ mod tests {
         );
         call(&b, false).unwrap();
         assert_eq!(b.state(), BreakerState::Open);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_window_of_successes_records_the_next_without_the_lock_and_counts_failures_as_before()
+    {
+        let b = breaker(BreakerConfig {
+            consecutive_failures: 100,
+            ..BreakerConfig::default()
+        });
+        for _ in 0..20 {
+            call(&b, true).unwrap();
+        }
+        // With the lock held here, a success recorded on another thread still returns.
+        let held = b.lock();
+        let (done, recorded) = std::sync::mpsc::channel();
+        let other = b.clone();
+        std::thread::spawn(move || {
+            other.record(Permit { probe: false }, true, Duration::ZERO);
+            let _ = done.send(());
+        });
+        let returned = recorded.recv_timeout(Duration::from_secs(10));
+        drop(held);
+        assert!(returned.is_ok(), "a success waited for the lock");
+        // The window is still the last 20 calls: failures trip it at half of them.
+        for _ in 0..9 {
+            call(&b, false).unwrap();
+            call(&b, true).unwrap();
+        }
+        assert_eq!(b.state(), BreakerState::Closed, "9 failures of 20");
+        call(&b, false).unwrap();
+        assert_eq!(b.state(), BreakerState::Open, "10 failures of 20");
     }
 
     #[tokio::test(start_paused = true)]
