@@ -65,6 +65,7 @@
 mod cache;
 mod engine;
 mod policy;
+mod random;
 mod telemetry;
 
 pub mod breaker;

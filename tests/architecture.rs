@@ -114,11 +114,15 @@ fn each_part_depends_only_on_the_parts_below_it() {
     let allowed: &[(&str, &[&str])] = &[
         ("policy", &[]),
         ("telemetry", &[]),
+        ("random", &[]),
         ("key", &["policy"]),
-        ("entry", &["policy"]),
+        ("entry", &["policy", "random"]),
         ("error", &["entry"]),
         ("breaker", &["telemetry"]),
-        ("store", &["breaker", "entry", "error", "key", "telemetry"]),
+        (
+            "store",
+            &["breaker", "entry", "error", "key", "random", "telemetry"],
+        ),
         (
             "engine",
             &["breaker", "entry", "error", "key", "store", "telemetry"],

@@ -248,27 +248,10 @@ impl CachedResponse {
     }
 }
 
-/// A new entry's edition: random, so that replicas draw different ones. Each thread
-/// steps a counter from a random start and mixes it (SplitMix64, a bijection), so a
-/// thread never draws one twice and two threads or replicas share one with odds of
-/// about one in 2⁶⁴ a pair of draws; a hasher a draw cost about 150 instructions a
-/// stored miss (BENCHMARKS, "A Redis hit reads the head of what memory holds").
+/// A new entry's edition: random ([`crate::random::next_u64`]), so that replicas draw
+/// different ones and a thread never draws one twice.
 fn new_edition() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    thread_local! {
-        static NEXT: std::cell::Cell<u64> = std::cell::Cell::new(
-            std::collections::hash_map::RandomState::new().build_hasher().finish(),
-        );
-    }
-    let step = NEXT.with(|next| {
-        let step = next.get().wrapping_add(0x9e37_79b9_7f4a_7c15);
-        next.set(step);
-        step
-    });
-    let mut z = step;
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
+    crate::random::next_u64()
 }
 
 /// The fields every response from the cache adds to the stored ones: `Age` and

@@ -22,8 +22,18 @@ pub(crate) struct RedisRetry {
     attempts_left: u32,
     backoff: ExponentialBackoff<HasherRng>,
     budget: Arc<TpsBudget>,
+    /// One success in this many, drawn at random, deposits in the budget, which is
+    /// made to count each deposit as this many (1: every success deposits).
+    deposit_every: u64,
     counters: Arc<Counters>,
 }
+
+/// How many successes a sampled deposit stands for. tower's budget takes a lock every
+/// thread shares and reads the clock on each deposit, which every successful Redis
+/// operation made; one in sixteen (at random, so that no pattern of calls always or
+/// never deposits) keeps the budget's share within a tenth of a percent at the
+/// default 20 % (the budget rounds a share to whole units of a thousandth).
+const DEPOSIT_EVERY: u64 = 16;
 
 impl RedisRetry {
     /// `retries` more attempts at most per operation, each after an exponential
@@ -39,14 +49,24 @@ impl RedisRetry {
             ExponentialBackoffMaker::new(min_backoff, max_backoff, 0.5, HasherRng::default())
                 .map_err(|e| BuildError::invalid("redis retry backoff", e))?
                 .make_backoff();
+        let share = budget_percent.clamp(0.0, 1000.0);
+        // Sampled only where the budget keeps the scaled share exactly enough: above
+        // 1 it counts in thousandths; up to 1 it rounds how many successes earn a retry.
+        let deposit_every =
+            if share * DEPOSIT_EVERY as f32 > 1.0 && share * DEPOSIT_EVERY as f32 <= 1000.0 {
+                DEPOSIT_EVERY
+            } else {
+                1
+            };
         Ok(RedisRetry {
             attempts_left: retries,
             backoff,
             budget: Arc::new(TpsBudget::new(
                 Duration::from_secs(10),
                 10,
-                budget_percent.clamp(0.0, 1000.0),
+                share * deposit_every as f32,
             )),
+            deposit_every,
             counters,
         })
     }
@@ -54,7 +74,9 @@ impl RedisRetry {
     /// What `retry` does with a success (it earns retries for the budget), for a
     /// caller that only asks the policy once an attempt has failed.
     pub(crate) fn succeeded(&self) {
-        self.budget.deposit();
+        if self.deposit_every == 1 || crate::random::next_u64() % self.deposit_every == 0 {
+            self.budget.deposit();
+        }
     }
 }
 
@@ -164,5 +186,59 @@ mod tests {
         }
         assert!(retried <= 110, "{retried} retries for 1000 failing calls");
         assert!(counters.snapshot().retry_budget_exhausted >= 890);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn successes_earn_the_budget_its_share_of_retries() {
+        let counters = Arc::new(Counters::default());
+        let policy = RedisRetry::new(
+            1,
+            (Duration::from_millis(1), Duration::from_millis(4)),
+            0.2,
+            counters.clone(),
+        )
+        .unwrap();
+        assert_eq!(
+            policy.deposit_every, DEPOSIT_EVERY,
+            "the default share is sampled"
+        );
+        for _ in 0..20_000 {
+            policy.succeeded();
+        }
+        let mut request = StoreRequest::delete(crate::key::CacheKey::from_bytes([0; 32]));
+        let mut retried = 0;
+        while retried < 10_000 {
+            let mut per_call = policy.clone();
+            let mut failed = command(ErrorKind::IO, "reset");
+            if per_call.retry(&mut request, &mut failed).is_none() {
+                break;
+            }
+            retried += 1;
+        }
+        // 20 % of 20 000 successes, and 10 a second over the 10 s window: 4 100. The
+        // sampled deposits (1 250 expected) are off by more than 150 once in 10⁵ runs.
+        assert!(
+            (3_500..=4_700).contains(&retried),
+            "{retried} retries earned by 20 000 successes"
+        );
+    }
+
+    #[test]
+    fn a_share_the_budget_cannot_scale_exactly_is_deposited_on_every_success() {
+        let counters = Arc::new(Counters::default());
+        let new = |share| {
+            RedisRetry::new(
+                1,
+                (Duration::from_millis(1), Duration::from_millis(4)),
+                share,
+                counters.clone(),
+            )
+            .unwrap()
+            .deposit_every
+        };
+        assert_eq!(new(0.0), 1);
+        assert_eq!(new(0.05), 1, "16 × 0.05 rounds to a retry a success");
+        assert_eq!(new(0.1), DEPOSIT_EVERY);
+        assert_eq!(new(100.0), 1, "16 × 100 is past the budget's largest share");
     }
 }
