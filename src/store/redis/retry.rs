@@ -31,8 +31,8 @@ pub(crate) struct RedisRetry {
 /// How many successes a sampled deposit stands for. tower's budget takes a lock every
 /// thread shares and reads the clock on each deposit, which every successful Redis
 /// operation made; one in sixteen (at random, so that no pattern of calls always or
-/// never deposits) keeps the budget's share within a tenth of a percent at the
-/// default 20 % (the budget rounds a share to whole units of a thousandth).
+/// never deposits) keeps the budget's share within 0.2 % of itself at the default
+/// 20 % (the budget rounds what a retry costs to whole thousandths of a deposit).
 const DEPOSIT_EVERY: u64 = 16;
 
 impl RedisRetry {
