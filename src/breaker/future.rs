@@ -24,7 +24,7 @@ impl CircuitBreaker {
                     future: make(),
                     call: Some(CallGuard {
                         // The clock is read only for a breaker that counts slow calls.
-                        started: self.config.slow_call.map(|_| Instant::now()),
+                        started: self.config().slow_call.map(|_| Instant::now()),
                         breaker: self.clone(),
                         permit,
                         finished: false,

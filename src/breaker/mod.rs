@@ -147,16 +147,22 @@ struct Inner {
 /// ```
 #[derive(Clone)]
 pub struct CircuitBreaker {
-    config: Arc<BreakerConfig>,
-    inner: Arc<Mutex<Inner>>,
+    /// One allocation for all of it: a call clones the breaker into its guard, and
+    /// each `Arc` cloned is a count every thread's calls write.
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    config: BreakerConfig,
+    inner: Mutex<Inner>,
     /// Whether the state is Closed, kept beside the lock (written under it) so that
     /// asking while closed, which is every call of a healthy dependency, takes no lock.
-    closed: Arc<AtomicBool>,
+    closed: AtomicBool,
     /// Whether the breaker is closed with a full window of successes (written under
     /// the lock): a success then changes nothing, and is recorded without taking
     /// the lock, which every call of a healthy dependency would otherwise take from
     /// every thread.
-    settled: Arc<AtomicBool>,
+    settled: AtomicBool,
 }
 
 /// Permission for one call; `probe` when the breaker is half-open.
@@ -177,33 +183,36 @@ fn gauge_value(state: &State) -> f64 {
 impl CircuitBreaker {
     pub(crate) fn new(config: BreakerConfig) -> Self {
         CircuitBreaker {
-            config: Arc::new(config),
-            inner: Arc::new(Mutex::new(Inner {
-                state: State::Closed,
-                consecutive: 0,
-                window: VecDeque::new(),
-                window_failures: 0,
-                trips: 0,
-                transitions: 0,
-            })),
-            closed: Arc::new(AtomicBool::new(true)),
-            settled: Arc::new(AtomicBool::new(false)),
+            shared: Arc::new(Shared {
+                config,
+                inner: Mutex::new(Inner {
+                    state: State::Closed,
+                    consecutive: 0,
+                    window: VecDeque::new(),
+                    window_failures: 0,
+                    trips: 0,
+                    transitions: 0,
+                }),
+                closed: AtomicBool::new(true),
+                settled: AtomicBool::new(false),
+            }),
         }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner
+        self.shared
+            .inner
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     pub(crate) fn config(&self) -> &BreakerConfig {
-        &self.config
+        &self.shared.config
     }
 
     /// Returns the state now (an Open breaker whose time is up reads as HalfOpen).
     pub fn state(&self) -> BreakerState {
-        if self.closed.load(Ordering::Acquire) {
+        if self.shared.closed.load(Ordering::Acquire) {
             return BreakerState::Closed;
         }
         let now = Instant::now();
@@ -223,7 +232,7 @@ impl CircuitBreaker {
     pub(crate) fn acquire(&self) -> Result<Permit, CircuitOpen> {
         // A breaker opening meanwhile lets this call through as if it had asked just
         // before; its outcome is then not counted (see `record`).
-        if self.closed.load(Ordering::Acquire) {
+        if self.shared.closed.load(Ordering::Acquire) {
             return Ok(Permit { probe: false });
         }
         let now = Instant::now();
@@ -240,7 +249,7 @@ impl CircuitBreaker {
                 in_flight,
                 succeeded,
             } => {
-                if *in_flight + *succeeded < self.config.probes {
+                if *in_flight + *succeeded < self.shared.config.probes {
                     *in_flight += 1;
                     Ok(Permit { probe: true })
                 } else {
@@ -263,8 +272,8 @@ impl CircuitBreaker {
     /// Records how a permitted call went.
     /// `took` counts only with `slow_call` set (the guard reads the clock only then).
     pub(crate) fn record(&self, permit: Permit, ok: bool, took: Duration) {
-        let failed = !ok || self.config.slow_call.is_some_and(|slow| took > slow);
-        if !failed && !permit.probe && self.settled.load(Ordering::Acquire) {
+        let failed = !ok || self.shared.config.slow_call.is_some_and(|slow| took > slow);
+        if !failed && !permit.probe && self.shared.settled.load(Ordering::Acquire) {
             // A success pushed into a window of successes drops one: nothing changes.
             // One racing a failure that clears the flag counts as before it.
             return;
@@ -283,7 +292,7 @@ impl CircuitBreaker {
                 self.trip(&mut inner, Instant::now());
             } else {
                 *succeeded += 1;
-                if *succeeded >= self.config.probes {
+                if *succeeded >= self.shared.config.probes {
                     inner.trips = 0;
                     inner.consecutive = 0;
                     inner.window.clear();
@@ -300,16 +309,18 @@ impl CircuitBreaker {
         inner.consecutive = if failed { inner.consecutive + 1 } else { 0 };
         inner.window.push_back(failed);
         inner.window_failures += usize::from(failed);
-        while inner.window.len() > self.config.window.max(1) {
+        while inner.window.len() > self.shared.config.window.max(1) {
             if inner.window.pop_front() == Some(true) {
                 inner.window_failures -= 1;
             }
         }
-        let settled = inner.window_failures == 0 && inner.window.len() >= self.config.window.max(1);
-        self.settled.store(settled, Ordering::Release);
-        let rate_tripped = inner.window.len() >= self.config.min_calls.max(1)
-            && inner.window_failures as f64 >= self.config.failure_rate * inner.window.len() as f64;
-        if inner.consecutive >= self.config.consecutive_failures.max(1) || rate_tripped {
+        let settled =
+            inner.window_failures == 0 && inner.window.len() >= self.shared.config.window.max(1);
+        self.shared.settled.store(settled, Ordering::Release);
+        let rate_tripped = inner.window.len() >= self.shared.config.min_calls.max(1)
+            && inner.window_failures as f64
+                >= self.shared.config.failure_rate * inner.window.len() as f64;
+        if inner.consecutive >= self.shared.config.consecutive_failures.max(1) || rate_tripped {
             self.trip(&mut inner, Instant::now());
         }
     }
@@ -335,11 +346,13 @@ impl CircuitBreaker {
         inner.trips = inner.trips.saturating_add(1);
         let doubling = 2u32.saturating_pow(inner.trips.saturating_sub(1).min(16));
         let base = self
+            .shared
             .config
             .open_for
             .saturating_mul(doubling)
-            .min(self.config.max_open_for);
-        let open_for = with_jitter(base, self.config.jitter).min(self.config.max_open_for);
+            .min(self.shared.config.max_open_for);
+        let open_for =
+            with_jitter(base, self.shared.config.jitter).min(self.shared.config.max_open_for);
         inner.consecutive = 0;
         inner.window.clear();
         inner.window_failures = 0;
@@ -368,8 +381,9 @@ impl CircuitBreaker {
     }
 
     fn enter(&self, inner: &mut Inner, state: State, name: &'static str) {
-        self.settled.store(false, Ordering::Release);
-        self.closed
+        self.shared.settled.store(false, Ordering::Release);
+        self.shared
+            .closed
             .store(matches!(state, State::Closed), Ordering::Release);
         metrics::gauge!(BREAKER_STATE).set(gauge_value(&state));
         metrics::counter!(BREAKER_TRANSITIONS).increment(1);
