@@ -122,9 +122,9 @@ impl RedisConfig {
     }
 
     /// Lets retries add at most this share of the operations of the last 10 s (plus 10
-    /// a second), so a sick Redis never sees a retry storm. Default 0.2 (20 %). Above
-    /// 1/16, successes are counted by a random sixteenth of them, each worth sixteen,
-    /// so that they take no lock every thread shares.
+    /// a second), so a sick Redis never sees a retry storm. Default 0.2 (20 %). For a
+    /// share above 1/16 and up to 5/8, successes are counted by a random sixteenth of
+    /// them, each worth sixteen, so that they take no lock every thread shares.
     pub fn retry_budget(mut self, share: f32) -> Self {
         self.retry_budget = share;
         self

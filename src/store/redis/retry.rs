@@ -50,14 +50,16 @@ impl RedisRetry {
                 .map_err(|e| BuildError::invalid("redis retry backoff", e))?
                 .make_backoff();
         let share = budget_percent.clamp(0.0, 1000.0);
-        // Sampled only where the budget keeps the scaled share exactly enough: above
-        // 1 it counts in thousandths; up to 1 it rounds how many successes earn a retry.
-        let deposit_every =
-            if share * DEPOSIT_EVERY as f32 > 1.0 && share * DEPOSIT_EVERY as f32 <= 1000.0 {
-                DEPOSIT_EVERY
-            } else {
-                1
-            };
+        // Sampled only where the budget keeps the scaled share within 1 %: a scaled
+        // share up to 1 is rounded to a whole number of deposits a retry, and one
+        // above it to whole thousandths of a deposit a retry, at least 100 of them
+        // up to a scaled share of 10 (a share of 5/8).
+        let scaled = share * DEPOSIT_EVERY as f32;
+        let deposit_every = if scaled > 1.0 && scaled <= 10.0 {
+            DEPOSIT_EVERY
+        } else {
+            1
+        };
         Ok(RedisRetry {
             attempts_left: retries,
             backoff,
@@ -239,6 +241,8 @@ mod tests {
         assert_eq!(new(0.0), 1);
         assert_eq!(new(0.05), 1, "16 × 0.05 rounds to a retry a success");
         assert_eq!(new(0.1), DEPOSIT_EVERY);
+        assert_eq!(new(0.625), DEPOSIT_EVERY);
+        assert_eq!(new(1.0), 1, "16 × 1 would cost a retry 62.5 thousandths");
         assert_eq!(new(100.0), 1, "16 × 100 is past the budget's largest share");
     }
 }
