@@ -128,6 +128,17 @@ mod tests {
     use super::*;
     use fred::error::{Error, ErrorKind};
 
+    /// A policy with `retries` and `share`, backing off 1 to 4 ms.
+    fn retry_policy(retries: u32, share: f32, counters: &Arc<Counters>) -> RedisRetry {
+        RedisRetry::new(
+            retries,
+            (Duration::from_millis(1), Duration::from_millis(4)),
+            share,
+            Arc::clone(counters),
+        )
+        .unwrap()
+    }
+
     fn command(kind: ErrorKind, details: &'static str) -> Result<StoreResponse, BoxError> {
         Err(Box::new(StoreError::command(Error::new(kind, details))))
     }
@@ -135,13 +146,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn attempts_are_capped_and_successes_are_not_retried() {
         let counters = Arc::new(Counters::default());
-        let mut policy = RedisRetry::new(
-            2,
-            (Duration::from_millis(1), Duration::from_millis(4)),
-            0.2,
-            counters.clone(),
-        )
-        .unwrap();
+        let mut policy = retry_policy(2, 0.2, &counters);
         let mut request = StoreRequest::delete(crate::key::CacheKey::from_bytes([0; 32]));
         let mut ok: Result<StoreResponse, BoxError> =
             Ok(StoreResponse::new(crate::store::StoreAnswer::Deleted));
@@ -155,13 +160,7 @@ mod tests {
             "two retries at most"
         );
         let mut oom = command(ErrorKind::Unknown, "OOM");
-        let mut fresh = RedisRetry::new(
-            2,
-            (Duration::from_millis(1), Duration::from_millis(4)),
-            0.2,
-            counters.clone(),
-        )
-        .unwrap();
+        let mut fresh = retry_policy(2, 0.2, &counters);
         assert!(fresh.retry(&mut request, &mut oom).is_none());
         assert_eq!(counters.snapshot().redis_retries, 2);
     }
@@ -169,13 +168,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_budget_stops_a_retry_storm() {
         let counters = Arc::new(Counters::default());
-        let policy = RedisRetry::new(
-            1,
-            (Duration::from_millis(1), Duration::from_millis(4)),
-            0.0,
-            counters.clone(),
-        )
-        .unwrap();
+        let policy = retry_policy(1, 0.0, &counters);
         let mut request = StoreRequest::delete(crate::key::CacheKey::from_bytes([0; 32]));
         // Every call fails: the budget (10 a second, no share of calls) runs dry.
         let mut retried = 0;
@@ -193,13 +186,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn successes_earn_the_budget_its_share_of_retries() {
         let counters = Arc::new(Counters::default());
-        let policy = RedisRetry::new(
-            1,
-            (Duration::from_millis(1), Duration::from_millis(4)),
-            0.2,
-            counters.clone(),
-        )
-        .unwrap();
+        let policy = retry_policy(1, 0.2, &counters);
         assert_eq!(
             policy.deposit_every, DEPOSIT_EVERY,
             "the default share is sampled"
@@ -228,16 +215,7 @@ mod tests {
     #[test]
     fn a_share_the_budget_cannot_scale_exactly_is_deposited_on_every_success() {
         let counters = Arc::new(Counters::default());
-        let new = |share| {
-            RedisRetry::new(
-                1,
-                (Duration::from_millis(1), Duration::from_millis(4)),
-                share,
-                counters.clone(),
-            )
-            .unwrap()
-            .deposit_every
-        };
+        let new = |share| retry_policy(1, share, &counters).deposit_every;
         assert_eq!(new(0.0), 1);
         assert_eq!(new(0.05), 1, "16 × 0.05 rounds to a retry a success");
         assert_eq!(new(0.1), DEPOSIT_EVERY);
