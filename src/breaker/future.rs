@@ -5,62 +5,28 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use pin_project_lite::pin_project;
-use tokio::time::Instant;
 use tower::BoxError;
 
-use super::{CircuitBreaker, CircuitOpen, Permit};
+use super::call::Call;
+use super::{CircuitBreaker, CircuitOpen};
 
 impl CircuitBreaker {
     /// A call through the breaker: `make` starts it if the breaker lets it through
     /// (refused: `CircuitOpen`, and `make` is not run), and its outcome is recorded
     /// (a call dropped before it ends gives its place back).
     pub(crate) fn guard<F>(&self, make: impl FnOnce() -> F) -> ResponseFuture<F> {
-        match self.acquire() {
-            Ok(permit) => ResponseFuture {
+        match self.owned_call() {
+            Ok(call) => ResponseFuture {
                 kind: Kind::Running {
                     future: make(),
-                    call: Some(CallGuard {
-                        // The clock is read only for a breaker that counts slow calls.
-                        started: self.config().slow_call.map(|_| Instant::now()),
-                        breaker: self.clone(),
-                        permit,
-                        finished: false,
-                    }),
+                    call: Some(call),
                 },
             },
             Err(open) => ResponseFuture {
                 kind: Kind::Refused { error: Some(open) },
             },
-        }
-    }
-}
-
-/// A permitted call; given back uncounted if dropped before it finished.
-struct CallGuard {
-    breaker: CircuitBreaker,
-    permit: Permit,
-    /// When the call started, if its time is needed (`slow_call`).
-    started: Option<Instant>,
-    finished: bool,
-}
-
-impl CallGuard {
-    fn finish(mut self, ok: bool) {
-        let took = self
-            .started
-            .map_or(Duration::ZERO, |started| started.elapsed());
-        self.breaker.record(self.permit, ok, took);
-        self.finished = true;
-    }
-}
-
-impl Drop for CallGuard {
-    fn drop(&mut self) {
-        if !self.finished {
-            self.breaker.release(self.permit);
         }
     }
 }
@@ -76,7 +42,7 @@ pin_project! {
 pin_project! {
     #[project = KindProj]
     enum Kind<F> {
-        Running { #[pin] future: F, call: Option<CallGuard> },
+        Running { #[pin] future: F, call: Option<Call<CircuitBreaker>> },
         Refused { error: Option<CircuitOpen> },
     }
 }
@@ -99,12 +65,7 @@ where
             KindProj::Running { future, call } => {
                 let result = std::task::ready!(future.poll(cx)).map_err(Into::into);
                 if let Some(call) = call.take() {
-                    let failed = match (&result, &call.breaker.config().counts) {
-                        (Ok(_), _) => false,
-                        (Err(error), Some(counts)) => counts(error),
-                        (Err(_), None) => true,
-                    };
-                    call.finish(!failed);
+                    call.finish(&result);
                 }
                 Poll::Ready(result)
             }

@@ -19,6 +19,7 @@ use tower::util::rng::{HasherRng, Rng};
 
 use crate::telemetry::{BREAKER_STATE, BREAKER_TRANSITIONS, TARGET};
 
+mod call;
 mod future;
 mod layer;
 mod service;

@@ -9,10 +9,8 @@
 //! missed, as with a read of its own.
 
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::task::{Context, Poll};
 
 use futures_util::future::{BoxFuture, FutureExt, Shared, WeakShared};
 use tokio::sync::Notify;
@@ -115,48 +113,18 @@ impl<V: Clone> Before<V> {
 const FIRST_SWEEP: usize = 1024;
 
 /// A lookup's place in the reads of its key.
-pub(crate) struct Joined<V, Fut> {
-    /// The read whose answer it takes.
-    pub(crate) read: FlightRead<V, Fut>,
-    /// Whether another lookup started that read.
-    pub(crate) shared: bool,
-}
-
-impl<V, Fut> Joined<V, Fut> {
-    /// Whether that read waits for an earlier one (only shared reads do): the lookup
-    /// may then wait up to two reads' time.
-    pub(crate) fn after_another(&self) -> bool {
-        matches!(self.read, FlightRead::Shared { .. })
-    }
-}
-
-/// The answer of a lookup's read: its own, or one it shares.
-pub(crate) enum FlightRead<V, Fut> {
-    /// Boxed: a read's future is large, and the lookup's future, which holds this,
-    /// is allocated for every request, read or not.
-    Own {
-        read: Pin<Box<Fut>>,
-        ended: Option<OwnReadEnd<V>>,
-    },
+pub(crate) enum Joined<V> {
+    /// No read of the key was on its way: the lookup sends its own at once, in its
+    /// own future (no shared future, no allocation: the common case), and drops the
+    /// end once it has the answer, which lets the next read go.
+    Own(OwnReadEnd<V>),
+    /// A read that waits for the one on its way, shared by the lookups that arrive
+    /// until it is sent: the lookup may wait up to two reads' time.
     Shared {
         read: Shared<BoxFuture<'static, V>>,
+        /// Whether another lookup started it.
+        joined: bool,
     },
-}
-
-impl<V: Clone, Fut: Future<Output = V>> Future for FlightRead<V, Fut> {
-    type Output = V;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<V> {
-        match self.get_mut() {
-            FlightRead::Own { read, ended } => {
-                let value = std::task::ready!(read.as_mut().poll(cx));
-                // At once, not when the lookup drops this: the next read may go.
-                drop(ended.take());
-                Poll::Ready(value)
-            }
-            FlightRead::Shared { read } => read.poll_unpin(cx),
-        }
-    }
 }
 
 /// Ends a lookup's own read when dropped: the key is forgotten (unless a later read
@@ -191,12 +159,13 @@ impl<V: Clone + Send + Sync + 'static> ReadFlights<V> {
         }
     }
 
-    /// A read of `key` sent after this call: a waiting read another lookup started,
-    /// or a new one made with `read` (sent at once, or once the read on its way
-    /// ends).
-    pub(crate) fn join<F, Fut>(&self, key: CacheKey, read: F) -> Joined<V, Fut>
+    /// A read of `key` sent after this call: the lookup's own, sent at once when no
+    /// read of the key is on its way; else a waiting read another lookup started, or
+    /// a new one made with `read` (called only then), sent once the read on its way
+    /// ends.
+    pub(crate) fn join<F, Fut>(&self, key: CacheKey, read: F) -> Joined<V>
     where
-        F: FnOnce() -> Fut + Send + 'static,
+        F: FnOnce() -> Fut,
         Fut: Future<Output = V> + Send + 'static,
     {
         let mut flights = self.state.lock();
@@ -210,9 +179,9 @@ impl<V: Clone + Send + Sync + 'static> ReadFlights<V> {
                 }
                 FlightKind::Waiting { sent, read, .. } => match read.upgrade() {
                     Some(waiting) if !sent.load(Ordering::Acquire) => {
-                        return Joined {
-                            read: FlightRead::Shared { read: waiting },
-                            shared: true,
+                        return Joined::Shared {
+                            read: waiting,
+                            joined: true,
                         }
                     }
                     on_its_way => on_its_way.map(Before::Shared),
@@ -231,25 +200,21 @@ impl<V: Clone + Send + Sync + 'static> ReadFlights<V> {
                 },
             );
             drop(flights);
-            return Joined {
-                read: FlightRead::Own {
-                    read: Box::pin(read()),
-                    ended: Some(OwnReadEnd {
-                        state: Arc::downgrade(&self.state),
-                        key,
-                        id,
-                    }),
-                },
-                shared: false,
-            };
+            return Joined::Own(OwnReadEnd {
+                state: Arc::downgrade(&self.state),
+                key,
+                id,
+            });
         };
         let sent = Arc::new(AtomicBool::new(false));
         let state = Arc::downgrade(&self.state);
         let sending = Arc::clone(&sent);
+        // Not polled, so not sent, before the read on its way ended.
+        let read = read();
         let shared = async move {
             before.ended().await;
             sending.store(true, Ordering::Release);
-            let value = read().await;
+            let value = read.await;
             if let Some(state) = state.upgrade() {
                 state.finish(&key, id);
             }
@@ -270,9 +235,9 @@ impl<V: Clone + Send + Sync + 'static> ReadFlights<V> {
                 },
             );
         }
-        Joined {
-            read: FlightRead::Shared { read: shared },
-            shared: false,
+        Joined::Shared {
+            read: shared,
+            joined: false,
         }
     }
 
@@ -370,7 +335,7 @@ mod tests {
         sent: &Arc<AtomicUsize>,
         source: &Arc<AtomicUsize>,
         gate: &Arc<Semaphore>,
-    ) -> impl FnOnce() -> BoxFuture<'static, usize> + Send + 'static {
+    ) -> impl FnOnce() -> BoxFuture<'static, usize> + Clone + Send + 'static {
         let (sent, source, gate) = (Arc::clone(sent), Arc::clone(source), Arc::clone(gate));
         move || {
             async move {
@@ -411,14 +376,44 @@ mod tests {
         )
     }
 
+    /// Which read a lookup took its answer from.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum Took {
+        /// Its own, sent at once.
+        Own,
+        /// A shared read it started, after the one on its way.
+        Started,
+        /// A shared read another lookup started.
+        Joined,
+    }
+
+    /// The answer a lookup of `key` gets, and which read it came from.
+    async fn look_up(
+        flights: &ReadFlights<usize>,
+        key: CacheKey,
+        read: impl FnOnce() -> BoxFuture<'static, usize> + Clone,
+    ) -> (Took, usize) {
+        match flights.join(key, read.clone()) {
+            Joined::Own(end) => {
+                let value = read().await;
+                drop(end);
+                (Took::Own, value)
+            }
+            Joined::Shared { read, joined } => {
+                let took = if joined { Took::Joined } else { Took::Started };
+                (took, read.await)
+            }
+        }
+    }
+
     /// A lookup of `key` on its own task.
     fn spawn_lookup(
         flights: &ReadFlights<usize>,
         key: CacheKey,
-        read: impl FnOnce() -> BoxFuture<'static, usize> + Send + 'static,
+        read: impl FnOnce() -> BoxFuture<'static, usize> + Clone + Send + 'static,
     ) -> tokio::task::JoinHandle<usize> {
         let flights = flights.clone();
-        tokio::spawn(async move { flights.join(key, read).read.await })
+        tokio::spawn(async move { look_up(&flights, key, read).await.1 })
     }
 
     /// `future`'s output; a panic, not a hang, when it never ends (time is paused: the
@@ -442,11 +437,7 @@ mod tests {
             .map(|_| {
                 let flights = flights.clone();
                 let read = read(&sent, &source, &gate);
-                tokio::spawn(async move {
-                    let joined = flights.join(key(1), read);
-                    assert!(joined.after_another());
-                    (joined.shared, joined.read.await)
-                })
+                tokio::spawn(async move { look_up(&flights, key(1), read).await })
             })
             .collect();
         let_others_run().await;
@@ -457,14 +448,16 @@ mod tests {
         );
         gate.add_permits(100);
         assert_eq!(bounded("the first read", first).await.unwrap(), 1);
-        let mut shared = 0;
+        let mut took = Vec::new();
         for lookup in later {
-            let (joined, value) = bounded("a later lookup", lookup).await.unwrap();
+            let (read, value) = bounded("a later lookup", lookup).await.unwrap();
             assert_eq!(value, 2);
-            shared += usize::from(joined);
+            took.push(read);
         }
+        took.sort_by_key(|read| *read == Took::Joined);
         assert_eq!(
-            shared, 9,
+            took,
+            [[Took::Started].as_slice(), &[Took::Joined; 9]].concat(),
             "one lookup started the second read, nine joined it"
         );
         assert_eq!(sent.load(Ordering::SeqCst), 2, "ten lookups, one read");
@@ -513,9 +506,9 @@ mod tests {
         let _ = abandoned.await;
         // Its gate never opens; a new lookup must not wait for it.
         gate.add_permits(1);
-        let value = bounded(
+        let (_, value) = bounded(
             "the new lookup",
-            flights.join(key(9), read(&sent, &source, &gate)).read,
+            look_up(&flights, key(9), read(&sent, &source, &gate)),
         )
         .await;
         assert_eq!(value, 3);
@@ -527,13 +520,16 @@ mod tests {
         let flights = ReadFlights::<usize>::new();
         let (sent, source, gate) = redis_holding(5);
         let own = flights.join(key(4), read(&sent, &source, &gate));
-        let next = flights.join(key(4), read(&sent, &source, &gate));
-        assert!(next.after_another());
+        assert!(matches!(own, Joined::Own(_)));
+        let Joined::Shared { read: next, .. } = flights.join(key(4), read(&sent, &source, &gate))
+        else {
+            panic!("a lookup during an own read shares the next read");
+        };
         // The own read never ends while the cache that made it is dropped: the
         // read after it must not wait for an end nobody can signal any more.
         drop(flights);
         gate.add_permits(1);
-        assert_eq!(bounded("the next read", next.read).await, 5);
+        assert_eq!(bounded("the next read", next).await, 5);
         drop(own);
     }
 
@@ -543,9 +539,12 @@ mod tests {
         let (sent, source, gate) = redis_holding(6);
         gate.add_permits(3);
         for _ in 0..3 {
-            let joined = flights.join(key(5), read(&sent, &source, &gate));
-            assert!(!joined.after_another());
-            assert_eq!(bounded("an own read", joined.read).await, 6);
+            let (took, value) = bounded(
+                "an own read",
+                look_up(&flights, key(5), read(&sent, &source, &gate)),
+            )
+            .await;
+            assert_eq!((took, value), (Took::Own, 6));
             assert_eq!(flights.len(), 0);
         }
         assert_eq!(sent.load(Ordering::SeqCst), 3);

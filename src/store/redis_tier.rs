@@ -26,7 +26,7 @@ use tower::{BoxError, ServiceBuilder, ServiceExt};
 
 use super::coherence::{spawn_catch_up, spawn_listener};
 use super::memory::MemoryStore;
-use super::read_flights::ReadFlights;
+use super::read_flights::{Joined, ReadFlights};
 use super::redis::retry::RedisRetry;
 use super::redis::{decoded, RedisConfig, RedisHealth, RedisService, RedisStore};
 use super::replay::Replay;
@@ -222,25 +222,30 @@ impl RedisTier {
             self.counters.add(Counter::RedisReadSkipped);
             return RedisRead::Absent;
         }
-        let read = {
-            let (reader, key) = (Arc::clone(&self.reader), *key);
-            move || reader.read_and_keep(key)
-        };
-        let joined = self.reads.join(*key, read);
-        if joined.shared {
-            self.counters.add(Counter::RedisReadShared);
-        }
-        if joined.after_another() {
-            // Two reads' time at most; the lookup's own bound stays one deadline.
-            match tokio::time::timeout(self.reader.deadline, joined.read).await {
-                Ok(outcome) => outcome,
-                Err(_) => {
-                    self.counters.add(Counter::RedisDeadlineHit);
-                    RedisRead::Failed
+        let reader = &self.reader;
+        match self
+            .reads
+            .join(*key, || Arc::clone(reader).read_and_keep(*key))
+        {
+            Joined::Own(end) => {
+                let outcome = reader.look_up(*key).await;
+                // At once, not when the caller drops this future: the next read may go.
+                drop(end);
+                outcome
+            }
+            Joined::Shared { read, joined } => {
+                if joined {
+                    self.counters.add(Counter::RedisReadShared);
+                }
+                // Two reads' time at most; the lookup's own bound stays one deadline.
+                match tokio::time::timeout(self.reader.deadline, read).await {
+                    Ok(outcome) => outcome,
+                    Err(_) => {
+                        self.counters.add(Counter::RedisDeadlineHit);
+                        RedisRead::Failed
+                    }
                 }
             }
-        } else {
-            joined.read.await
         }
     }
 
@@ -392,6 +397,11 @@ enum Fetched {
 }
 
 impl RedisReader {
+    /// [`RedisReader::look_up`] in a future of its own, for a read shared by lookups.
+    async fn read_and_keep(self: Arc<Self>, key: CacheKey) -> RedisRead {
+        self.look_up(key).await
+    }
+
     /// Reads `key`, fills memory with a hit, and counts a failure.
     ///
     /// Memory is looked up first: when it holds a response, Redis is asked for the
@@ -399,7 +409,7 @@ impl RedisReader {
     /// Redis holds the same edition, as it does on most hits; the value is read whole
     /// only when Redis holds another. The lookup also tells memory the key is in use,
     /// so that memory keeps what Redis serves most.
-    async fn read_and_keep(self: Arc<Self>, key: CacheKey) -> RedisRead {
+    async fn look_up(&self, key: CacheKey) -> RedisRead {
         let held = self.memory.get(&key);
         let found = match self.read(key, held.as_ref()).await {
             Ok(Some(found)) => found,
@@ -440,76 +450,130 @@ impl RedisReader {
                 _ => None,
             });
         }
-        self.breaker
-            .guard(|| self.attempts(key, held, after(self.deadline)))
-            .await
+        let call = self.breaker.call()?;
+        let found = self.attempts(key, held).await;
+        call.finish(&found);
+        found
     }
 
-    /// The store's answer by `until`, retried as the retry policy says (asked only
-    /// once an attempt failed; a success tells it as `tower::retry` would). With a
-    /// response `held` in memory, the value's head is read first, and the whole
+    /// The store's answer within the deadline, retried as the retry policy says. With
+    /// a response `held` in memory, the value's head is read first, and the whole
     /// value only if it is another edition.
     ///
-    /// The deadline is each attempt's timeout, where it comes before the command
-    /// timeout, rather than a timer of its own around them: one timer a read, not two
-    /// (about 800 instructions a Redis hit; BENCHMARKS, "Redis path, instructions").
+    /// The first attempt is written out, and the policy asked (in a boxed future of
+    /// its own) only once it failed: most reads succeed at once, and what only a
+    /// retry needs (the policy, the request it counts, the backoff) stays out of
+    /// their future.
     async fn attempts(
         &self,
         key: CacheKey,
         held: Option<&Entry>,
-        until: Instant,
     ) -> Result<Option<Fetched>, BoxError> {
-        let mut request = StoreRequest::get(key);
-        let mut policy: Option<RedisRetry> = None;
+        let until = after(self.deadline);
         let mut head_of = held
             .filter(|held| matches!(held, Entry::Response(_)))
             .filter(|_| self.store.head_reads_allowed());
+        // The whole deadline is left: `until` was taken just now.
+        let first = self.cut(self.deadline);
+        match self.attempt(key, &mut head_of, 0, first, until).await {
+            Ok(found) => {
+                self.retry.succeeded();
+                Ok(found)
+            }
+            Err(error) if error.is::<Elapsed>() => Err(error),
+            Err(error) => Box::pin(self.retried(key, head_of, until, error)).await,
+        }
+    }
+
+    /// Attempts after a first that failed with `error`, while the policy allows and
+    /// the deadline `until` lasts.
+    async fn retried(
+        &self,
+        key: CacheKey,
+        mut head_of: Option<&Entry>,
+        until: Instant,
+        error: BoxError,
+    ) -> Result<Option<Fetched>, BoxError> {
+        let mut request = StoreRequest::get(key);
+        let mut policy = self.retry.clone();
+        let mut failed: Result<StoreResponse, BoxError> = Err(error);
         loop {
-            let left = until.saturating_duration_since(Instant::now());
-            if left.is_zero() {
+            let Some(backoff) = policy.retry(&mut request, &mut failed) else {
+                return failed.map(|_| None);
+            };
+            if tokio::time::timeout_at(until, backoff).await.is_err() {
                 return Err(Elapsed::new().into());
             }
-            // `Some`: the deadline cuts this attempt before the command timeout would.
-            let cut = (left <= self.store.command_timeout()).then_some(left);
-            let answer = match head_of {
-                Some(held) => {
-                    let head = self.store.get_head(&key, request.attempt, cut).await;
-                    match head {
-                        Ok(Some(head)) if !encodes_version_of(&head, held) => {
-                            // Another edition: read it whole, within the same deadline.
-                            head_of = None;
-                            continue;
-                        }
-                        head => head.map(|head| head.map(|_| Fetched::Held)),
-                    }
-                }
-                None => self
-                    .store
-                    .get_encoded(&key, request.attempt, cut)
-                    .await
-                    .map(|found| found.map(Fetched::Encoded)),
-            };
-            let error = match answer {
+            let cut = self.cut(until.saturating_duration_since(Instant::now()));
+            match self
+                .attempt(key, &mut head_of, request.attempt, cut, until)
+                .await
+            {
                 Ok(found) => {
                     self.retry.succeeded();
                     return Ok(found);
                 }
-                Err(error) if cut.is_some() && error.kind() == StoreErrorKind::Timeout => {
-                    return Err(Elapsed::new().into());
-                }
-                Err(error) => error,
-            };
-            let mut failed: Result<StoreResponse, BoxError> = Err(error.into());
-            let policy = policy.get_or_insert_with(|| self.retry.clone());
-            match policy.retry(&mut request, &mut failed) {
-                Some(backoff) => {
-                    if tokio::time::timeout_at(until, backoff).await.is_err() {
-                        return Err(Elapsed::new().into());
-                    }
-                }
-                None => return failed.map(|_| None),
+                Err(error) if error.is::<Elapsed>() => return Err(error),
+                Err(error) => failed = Err(error),
             }
         }
+    }
+
+    /// One attempt: the value's head when memory holds `head_of` (forgotten if Redis
+    /// holds another edition, which is then read whole by `until`), else the whole
+    /// value. `cut` is the attempt's [`RedisReader::cut`]; a timeout it caused is the
+    /// deadline's `Elapsed`, which ends the read.
+    async fn attempt(
+        &self,
+        key: CacheKey,
+        head_of: &mut Option<&Entry>,
+        attempt: u8,
+        cut: Result<Option<Duration>, Elapsed>,
+        until: Instant,
+    ) -> Result<Option<Fetched>, BoxError> {
+        let mut cut = cut?;
+        if let Some(held) = *head_of {
+            match self.store.get_head(&key, attempt, cut).await {
+                Ok(Some(head)) if !encodes_version_of(&head, held) => {
+                    // Another edition: read it whole, within the same deadline.
+                    *head_of = None;
+                    cut = self.cut(until.saturating_duration_since(Instant::now()))?;
+                }
+                head => {
+                    return head
+                        .map(|head| head.map(|_| Fetched::Held))
+                        .map_err(|error| cut_off(error, cut));
+                }
+            }
+        }
+        self.store
+            .get_encoded(&key, attempt, cut)
+            .await
+            .map(|found| found.map(Fetched::Encoded))
+            .map_err(|error| cut_off(error, cut))
+    }
+
+    /// How an attempt with `left` of the deadline is bounded: `Some(left)` when the
+    /// deadline cuts it before the command timeout would (its timeout is then the
+    /// deadline, rather than a timer of its own around the attempt: one timer a read,
+    /// not two, about 800 instructions a Redis hit; BENCHMARKS, "Redis path,
+    /// instructions"), `None` when the command timeout comes first, `Elapsed` when
+    /// nothing is left.
+    fn cut(&self, left: Duration) -> Result<Option<Duration>, Elapsed> {
+        if left.is_zero() {
+            return Err(Elapsed::new());
+        }
+        Ok((left <= self.store.command_timeout()).then_some(left))
+    }
+}
+
+/// A failed attempt's error: the deadline's `Elapsed` when the attempt timed out
+/// under its `cut`, the store's error otherwise.
+fn cut_off(error: StoreError, cut: Option<Duration>) -> BoxError {
+    if cut.is_some() && error.kind() == StoreErrorKind::Timeout {
+        Elapsed::new().into()
+    } else {
+        error.into()
     }
 }
 
