@@ -301,6 +301,122 @@ async fn each_lookup_costs_redis_one_read_of_the_head_of_what_memory_holds() {
     assert_eq!(origin.log.calls(), 1);
 }
 
+/// Fills `count` URLs through `cache` and waits for their writes to reach Redis and
+/// for its capability check; answers the URLs and their bodies.
+async fn filled(origin: &Origin, cache: &HybridCache, count: usize) -> Vec<(String, Vec<u8>)> {
+    let mut stored = Vec::new();
+    for n in 0..count {
+        let url = format!("http://api.test/batch/{n}?size=3000");
+        let response = call(app(origin, cache), get(&url)).await;
+        stored.push((url, response.body.to_vec()));
+    }
+    eventually("the writes", WAIT, || async {
+        cache.stats().redis_writes == count as u64
+    })
+    .await;
+    capabilities_checked(cache, WAIT).await;
+    stored
+}
+
+/// Every URL looked up at once; each answer checked against what was stored, and
+/// the tier that answered.
+async fn looked_up_at_once(
+    origin: &Origin,
+    cache: &HybridCache,
+    stored: &[(String, Vec<u8>)],
+    tier: &str,
+) {
+    let lookups = stored
+        .iter()
+        .map(|(url, _)| call(app(origin, cache), get(url)));
+    let answers = futures_util::future::join_all(lookups).await;
+    for ((url, body), got) in stored.iter().zip(answers) {
+        assert!(
+            got.cache_status().ends_with(&format!("detail={tier}")),
+            "{url}: {}",
+            got.cache_status()
+        );
+        assert_eq!(got.body.as_ref(), body.as_slice(), "{url}");
+    }
+}
+
+/// Lookups of different keys that arrive while a head read is on its way are read
+/// together, by one script call a batch: one `GETRANGE` a lookup still (the script's
+/// count in `INFO commandstats`), in far fewer commands, each answer its own key's.
+#[tokio::test]
+async fn concurrent_lookups_of_different_keys_read_their_heads_in_batches() {
+    let redis = RedisServer::start();
+    let origin = Origin::new();
+    let cache = replica(&redis.url()).await;
+    let stored = filled(&origin, &cache, 150).await;
+    assert_eq!(redis.cli(&["CONFIG", "RESETSTAT"]), "OK");
+    looked_up_at_once(&origin, &cache, &stored, "redis").await;
+    assert_eq!(cache.stats().redis_head_hits, 150);
+    assert_eq!(redis.command_stat("getrange", "calls"), 150);
+    let scripts = redis.command_stat("eval", "calls");
+    assert!(
+        (1..=10).contains(&scripts),
+        "150 lookups at once, in {scripts} script calls"
+    );
+    assert_eq!(cache.stats().redis_errors, 0);
+    assert_eq!(origin.log.calls(), 150);
+}
+
+/// A Redis that refuses the head script as it runs (the ACL changed since the
+/// check): the queued lookups' values are read whole and each gets its own, with no
+/// error; from then on lookups read their heads alone.
+#[tokio::test]
+async fn a_refused_head_script_answers_its_lookups_and_lookups_read_alone_after() {
+    let redis = acl_redis(&[("late", "+eval")]);
+    let admin = |args: &[&str]| admin(&redis, args);
+    let stat = |command: &str, field: &str| {
+        command_stat_in(&admin(&["INFO", "commandstats"]), command, field)
+    };
+    let origin = Origin::new();
+    let cache = checked_replica(&format!("redis://late:pw@127.0.0.1:{}", redis.port())).await;
+    let stored = filled(&origin, &cache, 100).await;
+    assert_eq!(admin(&["ACL", "SETUSER", "late", "-eval"]), "OK");
+    looked_up_at_once(&origin, &cache, &stored, "redis").await;
+    assert_eq!(cache.stats().redis_errors, 0);
+    let refused = stat("eval", "rejected_calls");
+    assert!(refused >= 1, "the script was tried and refused");
+    looked_up_at_once(&origin, &cache, &stored, "redis").await;
+    assert_eq!(stat("eval", "rejected_calls"), refused, "not tried again");
+    assert_eq!(cache.stats().redis_errors, 0);
+    assert_eq!(origin.log.calls(), 100);
+}
+
+/// Lookups queued behind a read that a frozen Redis never answers wait no longer
+/// than their own bound, are served from memory, and the queue is not left stuck:
+/// once Redis is back, lookups at once are Redis hits again.
+#[tokio::test]
+async fn a_frozen_redis_bounds_queued_head_reads_and_leaves_no_queue_behind() {
+    let redis = RedisServer::start();
+    let origin = Origin::new();
+    let cache = replica(&redis.url()).await;
+    let stored = filled(&origin, &cache, 60).await;
+    redis.freeze();
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        looked_up_at_once(&origin, &cache, &stored, "memory"),
+    )
+    .await
+    .expect("no lookup hangs");
+    redis.resume();
+    eventually("Redis hits again", WAIT, || async {
+        let lookups = stored
+            .iter()
+            .map(|(url, _)| call(app(&origin, &cache), get(url)));
+        futures_util::future::join_all(lookups)
+            .await
+            .iter()
+            .all(|got| got.cache_status().ends_with("detail=redis"))
+    })
+    .await;
+    looked_up_at_once(&origin, &cache, &stored, "redis").await;
+    assert_eq!(origin.log.calls(), 60);
+}
+
 /// What a replica serves is the edition Redis names: another response with the same
 /// times and body length is read whole and served, and one under the held edition's
 /// name is not read past its head.

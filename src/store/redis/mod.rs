@@ -21,6 +21,7 @@ use fred::types::config::Options;
 
 mod capabilities;
 mod config;
+mod heads;
 pub(crate) mod health;
 mod invalidation;
 mod keys;
@@ -41,6 +42,7 @@ pub(crate) use subscription::missed_windows as subscription_windows;
 pub(crate) use subscription::{MissedWindows, WindowReporter};
 pub(crate) use written::WrittenKeys;
 
+use self::heads::{HeadReads, Turn};
 use self::health::{one_attempt, spawn_probe, watch_events, HealthState};
 use self::keys::RedisKeys;
 use self::subscription::SubscriberProbe;
@@ -105,6 +107,8 @@ pub(crate) struct RedisStore {
     connections: Vec<tokio::task::AbortHandle>,
     /// How long closing may wait for the QUITs.
     close_within: Duration,
+    /// Lookups' head reads, gathered while one is on its way.
+    heads: Arc<HeadReads>,
 }
 
 impl RedisStore {
@@ -213,6 +217,7 @@ impl RedisStore {
             // Three commands (UNSUBSCRIBE, then the QUITs), each bounded by the
             // command timeout.
             close_within: command_timeout.saturating_mul(3),
+            heads: Arc::new(HeadReads::new(clustered)),
         })
     }
 
@@ -337,7 +342,22 @@ impl RedisStore {
     ) -> Result<Option<Bytes>, StoreError> {
         let last = VERSION_HEAD - 1;
         let reader = self.reader(attempt, timeout)?;
-        match Box::pin(reader.getrange::<Bytes, _>(self.keys.entry(key), 0, last)).await {
+        let name = self.keys.entry(key);
+        // A retry reads alone, on another connection.
+        let turn = if attempt == 0 {
+            self.heads.turn(&name, &reader, &self.health)
+        } else {
+            Turn::Alone
+        };
+        let _lead = match turn {
+            Turn::Wait(answer) => {
+                let bound = timeout.unwrap_or_else(|| self.command_timeout());
+                return heads::wait(answer, bound).await;
+            }
+            Turn::Lead(lead) => Some(lead),
+            Turn::Alone => None,
+        };
+        match Box::pin(reader.getrange::<Bytes, _>(name, 0, last)).await {
             // Redis answers an absent key's range as empty; no stored value is empty.
             Ok(head) => Ok((!head.is_empty()).then_some(head)),
             Err(error) if capabilities::refused(&error) => {
