@@ -362,6 +362,40 @@ async fn concurrent_lookups_of_different_keys_read_their_heads_in_batches() {
     assert_eq!(origin.log.calls(), 150);
 }
 
+/// A key holding another type (a hash, written by something else) fails its own
+/// lookup's head read only (memory answers it): the batch it is in is read again key by key, and every
+/// other lookup is a Redis hit.
+#[tokio::test]
+async fn a_key_of_another_type_in_a_batch_fails_only_its_own_lookup() {
+    let redis = RedisServer::start();
+    let origin = Origin::new();
+    let cache = replica(&redis.url()).await;
+    let stored = filled(&origin, &cache, 40).await;
+    // Two: whichever lookup leads reads alone, so at least one is in a batch.
+    let keys = redis.cli(&["--scan", "--pattern", "jobs/v2:*"]);
+    for clobbered in keys.lines().take(2) {
+        assert_eq!(redis.cli(&["DEL", clobbered]), "1");
+        assert_eq!(redis.cli(&["HSET", clobbered, "not", "ours"]), "1");
+    }
+    assert_eq!(redis.cli(&["CONFIG", "RESETSTAT"]), "OK");
+    let lookups = stored
+        .iter()
+        .map(|(url, _)| call(app(&origin, &cache), get(url)));
+    let answers = futures_util::future::join_all(lookups).await;
+    for ((url, body), got) in stored.iter().zip(&answers) {
+        assert_eq!(got.body.as_ref(), body.as_slice(), "{url}");
+    }
+    let from_redis = answers
+        .iter()
+        .filter(|got| got.cache_status().ends_with("detail=redis"))
+        .count();
+    assert_eq!(from_redis, 38, "every lookup but the clobbered keys'");
+    assert!(
+        redis.command_stat("eval", "calls") >= 1,
+        "the batch was tried"
+    );
+}
+
 /// A Redis that refuses the head script as it runs (the ACL changed since the
 /// check): the queued lookups' values are read whole and each gets its own, with no
 /// error; from then on lookups read their heads alone.

@@ -25,6 +25,7 @@ use super::capabilities::refused;
 use super::health::HealthState;
 use super::StoreError;
 use crate::entry::codec::VERSION_HEAD;
+use crate::store::StoreErrorKind;
 use crate::telemetry::TARGET;
 
 /// The script: the first `VERSION_HEAD` bytes of each key, empty for an absent one.
@@ -229,7 +230,23 @@ async fn read_batch(client: &WithOptions<Client>, health: &HealthState, batch: V
                 let _ = waiter.answer.send(answer);
             }
         }
+        Err(error) if StoreError::command(error.clone()).kind() == StoreErrorKind::Reply => {
+            // An error reply for the call as a whole (a key holding another type, say):
+            // each key read alone, so that one key's error is its own lookup's only.
+            let last = VERSION_HEAD - 1;
+            let reads = batch
+                .iter()
+                .map(|waiter| Box::pin(client.getrange::<Bytes, _>(waiter.key.as_str(), 0, last)));
+            let heads = futures_util::future::join_all(reads).await;
+            for (waiter, head) in batch.into_iter().zip(heads) {
+                let answer = head
+                    .map(|head| (!head.is_empty()).then_some(head))
+                    .map_err(StoreError::command);
+                let _ = waiter.answer.send(answer);
+            }
+        }
         Err(error) => {
+            // Redis unreachable, slow or busy: every lookup of the batch would be.
             for waiter in batch {
                 let _ = waiter.answer.send(Err(StoreError::command(error.clone())));
             }
