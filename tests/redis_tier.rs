@@ -318,6 +318,32 @@ async fn filled(origin: &Origin, cache: &HybridCache, count: usize) -> Vec<(Stri
     stored
 }
 
+/// Every URL looked up at once, and what each got; each body checked against what
+/// was stored.
+async fn at_once(
+    origin: &Origin,
+    cache: &HybridCache,
+    stored: &[(String, Vec<u8>)],
+) -> Vec<support::Got> {
+    let lookups = stored
+        .iter()
+        .map(|(url, _)| call(app(origin, cache), get(url)));
+    let answers = futures_util::future::join_all(lookups).await;
+    for ((url, body), got) in stored.iter().zip(&answers) {
+        assert_eq!(got.body.as_ref(), body.as_slice(), "{url}");
+    }
+    answers
+}
+
+/// How many of `answers` came from `tier`.
+fn from_tier(answers: &[support::Got], tier: &str) -> usize {
+    let detail = format!("detail={tier}");
+    answers
+        .iter()
+        .filter(|got| got.cache_status().ends_with(&detail))
+        .count()
+}
+
 /// Every URL looked up at once; each answer checked against what was stored, and
 /// the tier that answered.
 async fn looked_up_at_once(
@@ -326,17 +352,13 @@ async fn looked_up_at_once(
     stored: &[(String, Vec<u8>)],
     tier: &str,
 ) {
-    let lookups = stored
-        .iter()
-        .map(|(url, _)| call(app(origin, cache), get(url)));
-    let answers = futures_util::future::join_all(lookups).await;
-    for ((url, body), got) in stored.iter().zip(answers) {
+    let answers = at_once(origin, cache, stored).await;
+    for ((url, _), got) in stored.iter().zip(&answers) {
         assert!(
             got.cache_status().ends_with(&format!("detail={tier}")),
             "{url}: {}",
             got.cache_status()
         );
-        assert_eq!(got.body.as_ref(), body.as_slice(), "{url}");
     }
 }
 
@@ -363,8 +385,8 @@ async fn concurrent_lookups_of_different_keys_read_their_heads_in_batches() {
 }
 
 /// A key holding another type (a hash, written by something else) fails its own
-/// lookup's head read only (memory answers it): the batch it is in is read again key by key, and every
-/// other lookup is a Redis hit.
+/// lookup's head read only (memory answers it): the batch it is in is read again
+/// key by key, and every other lookup is a Redis hit.
 #[tokio::test]
 async fn a_key_of_another_type_in_a_batch_fails_only_its_own_lookup() {
     let redis = RedisServer::start();
@@ -378,18 +400,12 @@ async fn a_key_of_another_type_in_a_batch_fails_only_its_own_lookup() {
         assert_eq!(redis.cli(&["HSET", clobbered, "not", "ours"]), "1");
     }
     assert_eq!(redis.cli(&["CONFIG", "RESETSTAT"]), "OK");
-    let lookups = stored
-        .iter()
-        .map(|(url, _)| call(app(&origin, &cache), get(url)));
-    let answers = futures_util::future::join_all(lookups).await;
-    for ((url, body), got) in stored.iter().zip(&answers) {
-        assert_eq!(got.body.as_ref(), body.as_slice(), "{url}");
-    }
-    let from_redis = answers
-        .iter()
-        .filter(|got| got.cache_status().ends_with("detail=redis"))
-        .count();
-    assert_eq!(from_redis, 38, "every lookup but the clobbered keys'");
+    let answers = at_once(&origin, &cache, &stored).await;
+    assert_eq!(
+        from_tier(&answers, "redis"),
+        38,
+        "every lookup but the clobbered keys'"
+    );
     assert!(
         redis.command_stat("eval", "calls") >= 1,
         "the batch was tried"
@@ -438,13 +454,8 @@ async fn a_frozen_redis_bounds_queued_head_reads_and_leaves_no_queue_behind() {
     .expect("no lookup hangs");
     redis.resume();
     eventually("Redis hits again", WAIT, || async {
-        let lookups = stored
-            .iter()
-            .map(|(url, _)| call(app(&origin, &cache), get(url)));
-        futures_util::future::join_all(lookups)
-            .await
-            .iter()
-            .all(|got| got.cache_status().ends_with("detail=redis"))
+        let answers = at_once(&origin, &cache, &stored).await;
+        from_tier(&answers, "redis") == stored.len()
     })
     .await;
     looked_up_at_once(&origin, &cache, &stored, "redis").await;
