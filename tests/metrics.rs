@@ -17,7 +17,7 @@ use tower_hybrid_cache::{CacheStats, HybridCache, RedisConfig};
 const WAIT: Duration = Duration::from_secs(15);
 
 /// Every field of `CacheStats` with its value, by the name its metric carries.
-fn fields(stats: &CacheStats) -> [(&'static str, u64); 22] {
+fn fields(stats: &CacheStats) -> [(&'static str, u64); 23] {
     [
         ("hits", stats.hits),
         ("misses", stats.misses),
@@ -36,6 +36,7 @@ fn fields(stats: &CacheStats) -> [(&'static str, u64); 22] {
         ("redis_reads_shared", stats.redis_reads_shared),
         ("redis_reads_skipped", stats.redis_reads_skipped),
         ("redis_head_hits", stats.redis_head_hits),
+        ("redis_heads_batched", stats.redis_heads_batched),
         ("invalidations", stats.invalidations),
         ("redis_replays", stats.redis_replays),
         ("redis_removals_folded", stats.redis_removals_folded),

@@ -380,6 +380,10 @@ async fn concurrent_lookups_of_different_keys_read_their_heads_in_batches() {
         (1..=10).contains(&scripts),
         "150 lookups at once, in {scripts} script calls"
     );
+    // Counted apart: every lookup but the one that read first (and any that found
+    // the queue empty again) was read in a batch.
+    let batched = cache.stats().redis_heads_batched;
+    assert!((100..150).contains(&batched), "{batched} heads batched");
     assert_eq!(cache.stats().redis_errors, 0);
     assert_eq!(origin.log.calls(), 150);
 }
@@ -433,6 +437,8 @@ async fn a_refused_head_script_answers_its_lookups_and_lookups_read_alone_after(
     looked_up_at_once(&origin, &cache, &stored, "redis").await;
     assert_eq!(stat("eval", "rejected_calls"), refused, "not tried again");
     assert_eq!(cache.stats().redis_errors, 0);
+    // The refused batch's values were read one by one: no head came from a script.
+    assert_eq!(cache.stats().redis_heads_batched, 0);
     assert_eq!(origin.log.calls(), 100);
 }
 

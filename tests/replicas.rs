@@ -161,7 +161,7 @@ enum Expect {
 
 /// Every metric the README lists, and what the load below makes of it on the
 /// replica that took the writes while Redis was frozen.
-const EXPECTED: [(&str, Expect); 28] = [
+const EXPECTED: [(&str, Expect); 29] = [
     ("tower_hybrid_cache_hits_total", Expect::Moved),
     ("tower_hybrid_cache_misses_total", Expect::Moved),
     ("tower_hybrid_cache_bypasses_total", Expect::Moved),
@@ -193,6 +193,10 @@ const EXPECTED: [(&str, Expect); 28] = [
     // job_match does not track written keys.
     ("tower_hybrid_cache_redis_reads_skipped_total", Expect::Zero),
     ("tower_hybrid_cache_redis_head_hits_total", Expect::Moved),
+    (
+        "tower_hybrid_cache_redis_heads_batched_total",
+        Expect::Moved,
+    ),
     ("tower_hybrid_cache_invalidations_total", Expect::Moved),
     ("tower_hybrid_cache_redis_replays_total", Expect::Moved),
     (
@@ -288,6 +292,32 @@ async fn two_replicas_share_one_database_and_one_redis_and_report_every_metric()
     for request in matches {
         assert_eq!(request.await.unwrap().status, http::StatusCode::OK);
     }
+    // Hits of different searches at once: heads read while another is on its way
+    // go together in one script call (as many bursts as it takes to overlap).
+    let searches: Vec<String> = (0..16)
+        .map(|i| format!("/jobs/search?q=burst{i}&location=Lisbon"))
+        .collect();
+    for search in &searches {
+        assert_eq!(a.get(search).await.status, http::StatusCode::OK);
+    }
+    eventually("head reads batched", WAIT, || async {
+        let burst: Vec<_> = searches
+            .iter()
+            .map(|search| {
+                let url = a.url(search);
+                tokio::spawn(async move { fetch(&support::client(), "GET", &url, &[]).await })
+            })
+            .collect();
+        for request in burst {
+            assert_eq!(request.await.unwrap().status, http::StatusCode::OK);
+        }
+        total(
+            &a.scrape().await,
+            "tower_hybrid_cache_redis_heads_batched_total",
+        )
+        .is_some_and(|n| n > 0.0)
+    })
+    .await;
     // Redis frozen: lookups time out (retried, cut at the deadline), the breaker
     // opens and refuses, memory answers; a write's invalidation is kept.
     redis.freeze();

@@ -28,7 +28,7 @@ use super::coherence::{spawn_catch_up, spawn_listener};
 use super::memory::MemoryStore;
 use super::read_flights::{Joined, ReadFlights};
 use super::redis::retry::RedisRetry;
-use super::redis::{decoded, RedisConfig, RedisHealth, RedisService, RedisStore};
+use super::redis::{decoded, HeadRead, RedisConfig, RedisHealth, RedisService, RedisStore};
 use super::replay::Replay;
 use super::reseed::spawn_reseed;
 use super::writer::{spawn_writer, QueuedWrite};
@@ -533,7 +533,11 @@ impl RedisReader {
     ) -> Result<Option<Fetched>, BoxError> {
         let mut cut = cut?;
         if let Some(held) = *head_of {
-            match self.store.get_head(&key, attempt, cut).await {
+            let read = self.store.get_head(&key, attempt, cut).await;
+            if read.as_ref().is_ok_and(HeadRead::batched) {
+                self.counters.add(Counter::RedisHeadBatched);
+            }
+            match read.map(HeadRead::into_head) {
                 Ok(Some(head)) if !encodes_version_of(&head, held) => {
                     // Another edition: read it whole, within the same deadline.
                     *head_of = None;

@@ -41,7 +41,35 @@ const MAX_BATCH: usize = 64;
 /// must not grow the queue without bound).
 const MAX_WAITING: usize = 4096;
 
-type Answer = Result<Option<Bytes>, StoreError>;
+type Answer = Result<HeadRead, StoreError>;
+
+/// A head read's answer: the value's head (`None`: Redis holds no value), and
+/// whether a script call read it with other keys'.
+#[derive(Debug)]
+pub(crate) struct HeadRead {
+    head: Option<Bytes>,
+    batched: bool,
+}
+
+impl HeadRead {
+    /// A head read by a command of its own (or a value read whole, and cut).
+    pub(crate) fn alone(head: Option<Bytes>) -> Self {
+        HeadRead {
+            head,
+            batched: false,
+        }
+    }
+
+    /// Whether the head came from a script call that read other keys' heads too.
+    pub(crate) fn batched(&self) -> bool {
+        self.batched
+    }
+
+    /// The value's head, `None` if Redis holds no value.
+    pub(crate) fn into_head(self) -> Option<Bytes> {
+        self.head
+    }
+}
 
 /// The queue of head reads, and whether a read is on its way.
 pub(crate) struct HeadReads {
@@ -64,14 +92,14 @@ struct Waiter {
     answer: oneshot::Sender<Answer>,
 }
 
-/// How a lookup reads its head.
+/// How a lookup reads its head; the key's name comes back with a turn to read alone.
 pub(crate) enum Turn<'a> {
     /// Alone, now; the lookups that queue meanwhile are read when `Lead` is dropped.
-    Lead(Lead<'a>),
+    Lead(Lead<'a>, String),
     /// Queued: the answer comes from a script call sent after it arrived.
     Wait(oneshot::Receiver<Answer>),
     /// Alone, outside the queue (no batching here, or the queue is full).
-    Alone,
+    Alone(String),
 }
 
 /// The lookup whose read is on its way: dropped (answered or not), it hands the
@@ -118,33 +146,32 @@ impl HeadReads {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Where a head read of `key` goes: `client` is the reader it would use alone.
+    /// Where a head read of `key` (its name in Redis) goes: `client` is the reader it
+    /// would use alone.
     pub(crate) fn turn<'a>(
         self: &'a Arc<Self>,
-        key: &str,
+        key: String,
         client: &'a WithOptions<Client>,
         health: &'a Arc<HealthState>,
     ) -> Turn<'a> {
         if !self.batching || !health.scripts_allowed() {
-            return Turn::Alone;
+            return Turn::Alone(key);
         }
         let mut queue = self.lock();
         if !queue.on_its_way {
             queue.on_its_way = true;
-            return Turn::Lead(Lead {
+            let lead = Lead {
                 heads: self,
                 client,
                 health,
-            });
+            };
+            return Turn::Lead(lead, key);
         }
         if queue.waiting.len() >= MAX_WAITING {
-            return Turn::Alone;
+            return Turn::Alone(key);
         }
         let (answer, receiver) = oneshot::channel();
-        queue.waiting.push(Waiter {
-            key: key.to_owned(),
-            answer,
-        });
+        queue.waiting.push(Waiter { key, answer });
         Turn::Wait(receiver)
     }
 
@@ -204,7 +231,10 @@ async fn read_batch(client: &WithOptions<Client>, health: &HealthState, batch: V
         Ok(heads) if heads.len() == batch.len() => {
             for (waiter, head) in batch.into_iter().zip(heads) {
                 // Redis answers an absent key's range as empty; no stored value is.
-                let _ = waiter.answer.send(Ok((!head.is_empty()).then_some(head)));
+                let _ = waiter.answer.send(Ok(HeadRead {
+                    head: (!head.is_empty()).then_some(head),
+                    batched: true,
+                }));
             }
         }
         Ok(heads) => {
@@ -226,6 +256,7 @@ async fn read_batch(client: &WithOptions<Client>, health: &HealthState, batch: V
             for (waiter, value) in batch.into_iter().zip(values) {
                 let answer = value
                     .map(|value| value.map(|value| value.slice(..value.len().min(VERSION_HEAD))))
+                    .map(HeadRead::alone)
                     .map_err(StoreError::command);
                 let _ = waiter.answer.send(answer);
             }
@@ -240,7 +271,7 @@ async fn read_batch(client: &WithOptions<Client>, health: &HealthState, batch: V
             let heads = futures_util::future::join_all(reads).await;
             for (waiter, head) in batch.into_iter().zip(heads) {
                 let answer = head
-                    .map(|head| (!head.is_empty()).then_some(head))
+                    .map(|head| HeadRead::alone((!head.is_empty()).then_some(head)))
                     .map_err(StoreError::command);
                 let _ = waiter.answer.send(answer);
             }

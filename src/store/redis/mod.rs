@@ -42,6 +42,7 @@ pub(crate) use subscription::missed_windows as subscription_windows;
 pub(crate) use subscription::{MissedWindows, WindowReporter};
 pub(crate) use written::WrittenKeys;
 
+pub(crate) use self::heads::HeadRead;
 use self::heads::{HeadReads, Turn};
 use self::health::{one_attempt, spawn_probe, watch_events, HealthState};
 use self::keys::RedisKeys;
@@ -330,40 +331,43 @@ impl RedisStore {
     }
 
     /// At least the head of the value under `key` (its first [`VERSION_HEAD`] bytes,
-    /// `GETRANGE`): enough to tell which version Redis holds without reading it all. `Ok(None)` when
-    /// absent. Where Redis refuses `GETRANGE` (an ACL user without it), the value is
-    /// read whole, and so are the lookups' from then on (until a capability check
-    /// finds it allowed). `timeout` as for [`get_encoded`](Self::get_encoded).
+    /// `GETRANGE`): enough to tell which version Redis holds without reading it all;
+    /// no head when absent. Where Redis refuses `GETRANGE` (an ACL user without it),
+    /// the value is read whole, and so are the lookups' from then on (until a
+    /// capability check finds it allowed). `timeout` as for
+    /// [`get_encoded`](Self::get_encoded).
     pub(crate) async fn get_head(
         &self,
         key: &CacheKey,
         attempt: u8,
         timeout: Option<Duration>,
-    ) -> Result<Option<Bytes>, StoreError> {
+    ) -> Result<HeadRead, StoreError> {
         let last = VERSION_HEAD - 1;
         let reader = self.reader(attempt, timeout)?;
         let name = self.keys.entry(key);
         // A retry reads alone, on another connection.
         let turn = if attempt == 0 {
-            self.heads.turn(&name, &reader, &self.health)
+            self.heads.turn(name, &reader, &self.health)
         } else {
-            Turn::Alone
+            Turn::Alone(name)
         };
-        let _lead = match turn {
+        let (_lead, name) = match turn {
             Turn::Wait(answer) => {
                 let bound = timeout.unwrap_or_else(|| self.command_timeout());
                 return heads::wait(answer, bound).await;
             }
-            Turn::Lead(lead) => Some(lead),
-            Turn::Alone => None,
+            Turn::Lead(lead, name) => (Some(lead), name),
+            Turn::Alone(name) => (None, name),
         };
         match Box::pin(reader.getrange::<Bytes, _>(name, 0, last)).await {
             // Redis answers an absent key's range as empty; no stored value is empty.
-            Ok(head) => Ok((!head.is_empty()).then_some(head)),
+            Ok(head) => Ok(HeadRead::alone((!head.is_empty()).then_some(head))),
             Err(error) if capabilities::refused(&error) => {
                 self.health.refuse_head_reads();
                 tracing::warn!(target: TARGET, error = %error, "redis refuses GETRANGE: lookups read values whole");
-                self.get_encoded(key, attempt, timeout).await
+                self.get_encoded(key, attempt, timeout)
+                    .await
+                    .map(HeadRead::alone)
             }
             Err(error) => Err(StoreError::command(error)),
         }
