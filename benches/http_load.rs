@@ -374,6 +374,11 @@ async fn run(args: Args) {
     } else {
         None
     };
+    // Its CPU is read beside each side's run: what a request costs in redis-server.
+    let redis_pid: Option<String> = _redis
+        .as_ref()
+        .and_then(redis_support::RedisServer::pid)
+        .map(|pid| pid.to_string());
 
     // Killed before the rounds start; the handle keeps its directory until the end.
     let dead_redis = if wanted("degraded") {
@@ -407,24 +412,32 @@ async fn run(args: Args) {
             };
             let mut runs: [Option<Run>; 2] = [None, None];
             for side in order {
-                runs[side] = Some(
-                    load(
-                        pair.servers[side],
-                        pair.path,
-                        pair.urls,
-                        args.seconds,
-                        args.connections,
-                        counter.clone(),
-                    )
-                    .await,
-                );
+                let redis_before = redis_pid.as_deref().map(load::process_cpu_seconds);
+                let mut run = load(
+                    pair.servers[side],
+                    pair.path,
+                    pair.urls,
+                    args.seconds,
+                    args.connections,
+                    counter.clone(),
+                )
+                .await;
+                if let (Some(before), Some(pid)) = (redis_before, redis_pid.as_deref()) {
+                    let spent = load::process_cpu_seconds(pid) - before;
+                    run.redis_cpu_us = Some(spent * 1e6 / run.requests.max(1) as f64);
+                }
+                runs[side] = Some(run);
             }
             let [Some(base), Some(layered)] = runs else {
                 // One side only (--side): its own figures.
                 for run in runs.iter().flatten() {
                     line.push_str(&format!(
-                        " {} {:.0} req/s at {:.1} CPU µs/req;",
-                        pair.label, run.rps, run.cpu_us
+                        " {} {:.0} req/s at {:.1} CPU µs/req{};",
+                        pair.label,
+                        run.rps,
+                        run.cpu_us,
+                        run.redis_cpu_us
+                            .map_or(String::new(), |us| format!(" (Redis {us:.1})"))
                     ));
                 }
                 continue;
@@ -456,12 +469,23 @@ async fn run(args: Args) {
             "(b) was served from the cache"
         );
     }
-    println!("| scenario | req/s | CPU µs/req | p50 µs | p99 µs | ratio by req/s | ratio by CPU |");
-    println!("|---|---|---|---|---|---|---|");
+    println!("| scenario | req/s | CPU µs/req | Redis CPU µs/req | p50 µs | p99 µs | ratio by req/s | ratio by CPU |");
+    println!("|---|---|---|---|---|---|---|---|");
     for (pair, result) in pairs.iter().zip(&mut results) {
         for side in 0..2 {
             let mut rps: Vec<f64> = result.runs.iter().map(|r| r[side].rps).collect();
             let mut cpu: Vec<f64> = result.runs.iter().map(|r| r[side].cpu_us).collect();
+            // Over every run, or none: a run without the bench's Redis shows a dash.
+            let mut redis_cpu: Vec<f64> = result
+                .runs
+                .iter()
+                .filter_map(|r| r[side].redis_cpu_us)
+                .collect();
+            let redis_cpu = if redis_cpu.is_empty() {
+                "-".to_owned()
+            } else {
+                format!("{:.1}", median(&mut redis_cpu))
+            };
             let mut p50: Vec<f64> = result
                 .runs
                 .iter()
@@ -482,7 +506,7 @@ async fn run(args: Args) {
                 )
             };
             println!(
-                "| {} | {:.0} | {:.1} | {:.0} | {:.0} | {ratios} |",
+                "| {} | {:.0} | {:.1} | {redis_cpu} | {:.0} | {:.0} | {ratios} |",
                 pair.names[side],
                 median(&mut rps),
                 median(&mut cpu),

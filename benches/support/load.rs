@@ -29,6 +29,8 @@ pub(crate) struct Run {
     pub(crate) rps: f64,
     /// CPU µs the whole process (server and load generator) spent per request.
     pub(crate) cpu_us: f64,
+    /// CPU µs the bench's redis-server spent per request, for runs beside one.
+    pub(crate) redis_cpu_us: Option<f64>,
     pub(crate) p50_us: u32,
     pub(crate) p99_us: u32,
 }
@@ -152,6 +154,7 @@ pub(crate) async fn load(
         requests: all.len() as u64,
         rps: all.len() as f64 / elapsed,
         cpu_us: cpu * 1e6 / all.len().max(1) as f64,
+        redis_cpu_us: None,
         p50_us: pct(0.50),
         p99_us: pct(0.99),
     }
@@ -160,7 +163,13 @@ pub(crate) async fn load(
 /// CPU time (user + system) this process has used: steadier than wall time on a
 /// shared machine, since time stolen by other processes does not count.
 pub(crate) fn cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    process_cpu_seconds("self")
+}
+
+/// CPU time (user + system) process `pid` (or `"self"`) has used, 0 if unreadable:
+/// the Redis pairs read their redis-server's beside their own.
+pub(crate) fn process_cpu_seconds(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the parenthesised command name; utime and stime are 14 and 15.
     let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
     let fields: Vec<&str> = rest.split_whitespace().collect();
