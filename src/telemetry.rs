@@ -70,11 +70,12 @@ pub struct CacheStats {
     /// lookups counts once). Other Redis hits read the value whole: another edition,
     /// or nothing in memory.
     pub redis_head_hits: u64,
-    /// Redis head reads sent with other keys' in one script call: lookups that
-    /// arrived while another head read was on its way, and queued for the next batch
-    /// instead of sending a command each (not on a Redis Cluster, nor where scripts
-    /// are refused).
-    pub redis_heads_batched: u64,
+    /// Redis reads sent with other keys' in one command (a script call of
+    /// `GETRANGE`s for heads, an `MGET` for whole values): lookups that arrived while
+    /// another read of the same kind was on its way, and queued for the next batch
+    /// instead of sending a command each (not on a Redis Cluster, nor where Redis
+    /// refuses the batch's command).
+    pub redis_reads_batched: u64,
     /// Keys invalidated: by a successful unsafe request (POST, PUT, PATCH, DELETE …)
     /// through the layer, or by `HybridCache::invalidate`.
     pub invalidations: u64,
@@ -172,7 +173,7 @@ const ALL: [Counter; COUNTERS] = [
     Counter::RedisReadShared,
     Counter::RedisReadSkipped,
     Counter::RedisHeadHit,
-    Counter::RedisHeadBatched,
+    Counter::RedisReadBatched,
     Counter::Invalidation,
     Counter::RedisReplay,
     Counter::RedisRemovalFolded,
@@ -199,7 +200,7 @@ pub(crate) enum Counter {
     RedisReadShared,
     RedisReadSkipped,
     RedisHeadHit,
-    RedisHeadBatched,
+    RedisReadBatched,
     Invalidation,
     RedisReplay,
     RedisRemovalFolded,
@@ -228,7 +229,7 @@ impl Counter {
             Counter::RedisReadShared => "tower_hybrid_cache_redis_reads_shared_total",
             Counter::RedisReadSkipped => "tower_hybrid_cache_redis_reads_skipped_total",
             Counter::RedisHeadHit => "tower_hybrid_cache_redis_head_hits_total",
-            Counter::RedisHeadBatched => "tower_hybrid_cache_redis_heads_batched_total",
+            Counter::RedisReadBatched => "tower_hybrid_cache_redis_reads_batched_total",
             Counter::Invalidation => "tower_hybrid_cache_invalidations_total",
             Counter::RedisReplay => "tower_hybrid_cache_redis_replays_total",
             Counter::RedisRemovalFolded => "tower_hybrid_cache_redis_removals_folded_total",
@@ -374,7 +375,7 @@ impl Counters {
             redis_reads_shared: self.total(Counter::RedisReadShared),
             redis_reads_skipped: self.total(Counter::RedisReadSkipped),
             redis_head_hits: self.total(Counter::RedisHeadHit),
-            redis_heads_batched: self.total(Counter::RedisHeadBatched),
+            redis_reads_batched: self.total(Counter::RedisReadBatched),
             invalidations: self.total(Counter::Invalidation),
             redis_replays: self.total(Counter::RedisReplay),
             redis_removals_folded: self.total(Counter::RedisRemovalFolded),
@@ -443,7 +444,7 @@ mod tests {
             ("redis_reads_shared", s.redis_reads_shared),
             ("redis_reads_skipped", s.redis_reads_skipped),
             ("redis_head_hits", s.redis_head_hits),
-            ("redis_heads_batched", s.redis_heads_batched),
+            ("redis_reads_batched", s.redis_reads_batched),
             ("invalidations", s.invalidations),
             ("redis_replays", s.redis_replays),
             ("redis_removals_folded", s.redis_removals_folded),

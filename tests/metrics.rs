@@ -36,7 +36,7 @@ fn fields(stats: &CacheStats) -> [(&'static str, u64); 23] {
         ("redis_reads_shared", stats.redis_reads_shared),
         ("redis_reads_skipped", stats.redis_reads_skipped),
         ("redis_head_hits", stats.redis_head_hits),
-        ("redis_heads_batched", stats.redis_heads_batched),
+        ("redis_reads_batched", stats.redis_reads_batched),
         ("invalidations", stats.invalidations),
         ("redis_replays", stats.redis_replays),
         ("redis_removals_folded", stats.redis_removals_folded),

@@ -382,7 +382,7 @@ async fn concurrent_lookups_of_different_keys_read_their_heads_in_batches() {
     );
     // Counted apart: every lookup but the one that read first (and any that found
     // the queue empty again) was read in a batch.
-    let batched = cache.stats().redis_heads_batched;
+    let batched = cache.stats().redis_reads_batched;
     assert!((100..150).contains(&batched), "{batched} heads batched");
     assert_eq!(cache.stats().redis_errors, 0);
     assert_eq!(origin.log.calls(), 150);
@@ -438,7 +438,7 @@ async fn a_refused_head_script_answers_its_lookups_and_lookups_read_alone_after(
     assert_eq!(stat("eval", "rejected_calls"), refused, "not tried again");
     assert_eq!(cache.stats().redis_errors, 0);
     // The refused batch's values were read one by one: no head came from a script.
-    assert_eq!(cache.stats().redis_heads_batched, 0);
+    assert_eq!(cache.stats().redis_reads_batched, 0);
     assert_eq!(origin.log.calls(), 100);
 }
 
@@ -466,6 +466,163 @@ async fn a_frozen_redis_bounds_queued_head_reads_and_leaves_no_queue_behind() {
     .await;
     looked_up_at_once(&origin, &cache, &stored, "redis").await;
     assert_eq!(origin.log.calls(), 60);
+}
+
+/// A replica whose memory holds none of them reads other replicas' entries whole:
+/// lookups that arrive while one such read is on its way are read together, one
+/// `MGET` a batch, each answer its own key's value.
+#[tokio::test]
+async fn concurrent_whole_reads_of_different_keys_go_in_one_mget() {
+    let redis = RedisServer::start();
+    let origin = Origin::new();
+    let writer = replica(&redis.url()).await;
+    let stored = filled(&origin, &writer, 150).await;
+    let reader = checked_replica(&redis.url()).await;
+    assert_eq!(redis.cli(&["CONFIG", "RESETSTAT"]), "OK");
+    looked_up_at_once(&origin, &reader, &stored, "redis").await;
+    let (mgets, gets) = (
+        redis.command_stat("mget", "calls"),
+        redis.command_stat("get", "calls"),
+    );
+    assert!(
+        (1..=10).contains(&mgets),
+        "150 whole reads at once, in {mgets} MGETs"
+    );
+    assert!(gets < 10, "{gets} GETs: one a lookup that read alone");
+    let batched = reader.stats().redis_reads_batched;
+    assert!((100..150).contains(&batched), "{batched} reads batched");
+    assert_eq!(reader.stats().redis_errors, 0);
+    assert_eq!(origin.log.calls(), 150);
+}
+
+/// Misses at once ask Redis in batches too (an absent key is a nil in the `MGET`'s
+/// answer): each is still a miss, its own origin's answer is served and stored.
+#[tokio::test]
+async fn concurrent_misses_ask_redis_in_batches_and_each_is_stored() {
+    let redis = RedisServer::start();
+    let origin = Origin::new();
+    let cache = checked_replica(&redis.url()).await;
+    assert_eq!(redis.cli(&["CONFIG", "RESETSTAT"]), "OK");
+    let urls: Vec<String> = (0..120)
+        .map(|n| format!("http://api.test/miss/{n}"))
+        .collect();
+    let lookups = urls.iter().map(|url| call(app(&origin, &cache), get(url)));
+    let answers = futures_util::future::join_all(lookups).await;
+    for (n, got) in answers.iter().enumerate() {
+        assert!(
+            got.text().starts_with(&format!("body of /miss/{n} #")),
+            "{n}: {}",
+            got.text()
+        );
+        assert!(!got.is_hit(), "{}", got.cache_status());
+    }
+    assert!(redis.command_stat("mget", "calls") >= 1, "no MGET sent");
+    assert!(cache.stats().redis_reads_batched >= 100);
+    assert_eq!(origin.log.calls(), 120);
+    eventually("the writes", WAIT, || async {
+        cache.stats().redis_writes == 120
+    })
+    .await;
+}
+
+/// Whole reads queued behind one that a frozen Redis never answers wait no longer
+/// than their own bound (the origin answers them: memory holds nothing), and the
+/// queue is not left stuck: once Redis is back, whole reads at once are Redis hits.
+#[tokio::test]
+async fn a_frozen_redis_bounds_queued_whole_reads_and_leaves_no_queue_behind() {
+    let redis = RedisServer::start();
+    let origin = Origin::new();
+    let writer = replica(&redis.url()).await;
+    let stored = filled(&origin, &writer, 120).await;
+    let (first, second) = stored.split_at(60);
+    let reader = checked_replica(&redis.url()).await;
+    redis.freeze();
+    let lookups = first
+        .iter()
+        .map(|(url, _)| call(app(&origin, &reader), get(url)));
+    let answers = tokio::time::timeout(
+        Duration::from_secs(30),
+        futures_util::future::join_all(lookups),
+    )
+    .await
+    .expect("no lookup hangs");
+    assert_eq!(from_tier(&answers, "redis"), 0);
+    redis.resume();
+    eventually("Redis hits again", WAIT, || async {
+        let got = call(app(&origin, &reader), get(&second[0].0)).await;
+        got.cache_status().ends_with("detail=redis")
+    })
+    .await;
+    looked_up_at_once(&origin, &reader, &second[1..], "redis").await;
+    assert!(reader.stats().redis_reads_batched > 0);
+}
+
+/// A key holding another type, read in a batch, is absent to `MGET`: its lookup
+/// misses (the origin answers, and the store writes over it), and every other
+/// lookup of the batch is a Redis hit.
+#[tokio::test]
+async fn a_key_of_another_type_in_a_value_batch_misses_alone() {
+    let redis = RedisServer::start();
+    let origin = Origin::new();
+    let writer = replica(&redis.url()).await;
+    let stored = filled(&origin, &writer, 40).await;
+    let keys = redis.cli(&["--scan", "--pattern", "jobs/v2:*"]);
+    // Two: whichever lookup leads reads alone, so at least one is in a batch.
+    for clobbered in keys.lines().take(2) {
+        assert_eq!(redis.cli(&["DEL", clobbered]), "1");
+        assert_eq!(redis.cli(&["HSET", clobbered, "not", "ours"]), "1");
+    }
+    let reader = checked_replica(&redis.url()).await;
+    let lookups = stored
+        .iter()
+        .map(|(url, _)| call(app(&origin, &reader), get(url)));
+    let answers = futures_util::future::join_all(lookups).await;
+    assert_eq!(from_tier(&answers, "redis"), 38, "every lookup but two");
+    assert_eq!(
+        origin.log.calls(),
+        40 + 2,
+        "the clobbered keys' origin calls"
+    );
+}
+
+/// An ACL user whose `MGET` is refused: found by the check, lookups read alone and
+/// no `MGET` is sent; refused as it runs (the ACL changed since the check), the
+/// queued lookups are read one by one with no error, and `MGET` is not tried again.
+#[tokio::test]
+async fn a_refused_mget_reads_values_alone() {
+    let redis = acl_redis(&[("nomget", "-mget"), ("late", "+mget")]);
+    let admin = |args: &[&str]| admin(&redis, args);
+    let stat = |command: &str, field: &str| {
+        command_stat_in(&admin(&["INFO", "commandstats"]), command, field)
+    };
+    let origin = Origin::new();
+    let writer = checked_replica(&format!("redis://late:pw@127.0.0.1:{}", redis.port())).await;
+    let stored = filled(&origin, &writer, 120).await;
+    let (first, second) = stored.split_at(60);
+
+    let checked = checked_replica(&format!("redis://nomget:pw@127.0.0.1:{}", redis.port())).await;
+    assert!(checked
+        .redis_health()
+        .unwrap()
+        .missing_commands
+        .contains(&"mget".to_owned()));
+    let rejected = stat("mget", "rejected_calls");
+    looked_up_at_once(&origin, &checked, first, "redis").await;
+    assert_eq!(stat("mget", "rejected_calls"), rejected, "no MGET tried");
+    assert_eq!(checked.stats().redis_errors, 0);
+
+    let late = checked_replica(&format!("redis://late:pw@127.0.0.1:{}", redis.port())).await;
+    assert_eq!(admin(&["ACL", "SETUSER", "late", "-mget"]), "OK");
+    looked_up_at_once(&origin, &late, first, "redis").await;
+    let refused = stat("mget", "rejected_calls");
+    assert!(refused > rejected, "the batch was tried and refused");
+    assert_eq!(late.stats().redis_errors, 0);
+    assert_eq!(late.stats().redis_reads_batched, 0);
+    // Entries its memory does not hold yet: read whole again, each alone.
+    looked_up_at_once(&origin, &late, second, "redis").await;
+    assert_eq!(stat("mget", "rejected_calls"), refused, "not tried again");
+    assert_eq!(late.stats().redis_errors, 0);
+    assert_eq!(origin.log.calls(), 120);
 }
 
 /// What a replica serves is the edition Redis names: another response with the same

@@ -194,7 +194,7 @@ const EXPECTED: [(&str, Expect); 29] = [
     ("tower_hybrid_cache_redis_reads_skipped_total", Expect::Zero),
     ("tower_hybrid_cache_redis_head_hits_total", Expect::Moved),
     (
-        "tower_hybrid_cache_redis_heads_batched_total",
+        "tower_hybrid_cache_redis_reads_batched_total",
         Expect::Moved,
     ),
     ("tower_hybrid_cache_invalidations_total", Expect::Moved),
@@ -313,7 +313,7 @@ async fn two_replicas_share_one_database_and_one_redis_and_report_every_metric()
         }
         total(
             &a.scrape().await,
-            "tower_hybrid_cache_redis_heads_batched_total",
+            "tower_hybrid_cache_redis_reads_batched_total",
         )
         .is_some_and(|n| n > 0.0)
     })

@@ -28,7 +28,7 @@ use super::coherence::{spawn_catch_up, spawn_listener};
 use super::memory::MemoryStore;
 use super::read_flights::{Joined, ReadFlights};
 use super::redis::retry::RedisRetry;
-use super::redis::{decoded, HeadRead, RedisConfig, RedisHealth, RedisService, RedisStore};
+use super::redis::{decoded, KeyRead, RedisConfig, RedisHealth, RedisService, RedisStore};
 use super::replay::Replay;
 use super::reseed::spawn_reseed;
 use super::writer::{spawn_writer, QueuedWrite};
@@ -534,10 +534,7 @@ impl RedisReader {
         let mut cut = cut?;
         if let Some(held) = *head_of {
             let read = self.store.get_head(&key, attempt, cut).await;
-            if read.as_ref().is_ok_and(HeadRead::batched) {
-                self.counters.add(Counter::RedisHeadBatched);
-            }
-            match read.map(HeadRead::into_head) {
+            match self.counted(read).map(KeyRead::into_bytes) {
                 Ok(Some(head)) if !encodes_version_of(&head, held) => {
                     // Another edition: read it whole, within the same deadline.
                     *head_of = None;
@@ -550,11 +547,18 @@ impl RedisReader {
                 }
             }
         }
-        self.store
-            .get_encoded(&key, attempt, cut)
-            .await
-            .map(|found| found.map(Fetched::Encoded))
+        let read = self.store.get_encoded(&key, attempt, cut).await;
+        self.counted(read)
+            .map(|found| found.into_bytes().map(Fetched::Encoded))
             .map_err(|error| cut_off(error, cut))
+    }
+
+    /// `read`, counted if a batch read it.
+    fn counted(&self, read: Result<KeyRead, StoreError>) -> Result<KeyRead, StoreError> {
+        if read.as_ref().is_ok_and(KeyRead::was_batched) {
+            self.counters.add(Counter::RedisReadBatched);
+        }
+        read
     }
 
     /// How an attempt with `left` of the deadline is bounded: `Some(left)` when the

@@ -54,7 +54,7 @@ fn probes(keys: &RedisKeys) -> Vec<Probe> {
         probe("set", "SET", &[&value, "1", "PX", "10000"]),
         probe("get", "GET", &[&value]),
         probe(GETRANGE, "GETRANGE", &[&value, "0", "13"]),
-        probe("mget", "MGET", &[&value, &value]),
+        probe(MGET, "MGET", &[&value, &value]),
         probe("pexpire", "PEXPIRE", &[&value, "10000"]),
         probe("exists", "EXISTS", &[&value]),
         // Onto itself: allowed, it changes nothing (and needs no second slot).
@@ -100,6 +100,10 @@ fn probes(keys: &RedisKeys) -> Vec<Probe> {
 /// The command a lookup reads a value's head with; without it, lookups read values
 /// whole.
 pub(crate) const GETRANGE: &str = "getrange";
+
+/// The name under which `MGET` is reported: lookups' whole-value reads go in batches
+/// with it.
+pub(crate) const MGET: &str = "mget";
 
 /// The commands the cache's scripts run: with any of them refused (or `EVAL`), writes
 /// and invalidation marks go without the scripts.

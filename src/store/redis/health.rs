@@ -112,6 +112,9 @@ pub(crate) struct HealthState {
     /// value (`GETRANGE`): until a capability check finds it refused, or Redis refuses
     /// one as it runs (lookups then read values whole).
     head_reads: AtomicBool,
+    /// Whether lookups' whole-value reads go in batches (`MGET`): until a capability
+    /// check finds `MGET` refused, or Redis refuses one as it runs.
+    value_batches: AtomicBool,
 }
 
 impl HealthState {
@@ -129,6 +132,7 @@ impl HealthState {
             reseeding: AtomicBool::new(false),
             scripts: AtomicBool::new(true),
             head_reads: AtomicBool::new(true),
+            value_batches: AtomicBool::new(true),
         };
         for client in &state.clients {
             client.up.store(all_up, Ordering::Relaxed);
@@ -281,6 +285,16 @@ impl HealthState {
         self.head_reads.store(false, Ordering::Relaxed);
     }
 
+    /// Whether lookups' whole-value reads may go in batches (`MGET` not refused).
+    pub(crate) fn value_batches_allowed(&self) -> bool {
+        self.value_batches.load(Ordering::Relaxed)
+    }
+
+    /// Stops value batches (Redis refused `MGET`), until a check finds it allowed.
+    pub(crate) fn refuse_value_batches(&self) {
+        self.value_batches.store(false, Ordering::Relaxed);
+    }
+
     /// Whether memory is re-seeding a Redis that lost its data.
     pub(crate) fn reseeding(&self) -> bool {
         self.reseeding.load(Ordering::Relaxed)
@@ -344,6 +358,10 @@ impl HealthState {
         self.scripts.store(scripts, Ordering::Relaxed);
         self.head_reads.store(
             !findings.missing.contains(&capabilities::GETRANGE),
+            Ordering::Relaxed,
+        );
+        self.value_batches.store(
+            !findings.missing.contains(&capabilities::MGET),
             Ordering::Relaxed,
         );
         if !findings.missing.is_empty() {

@@ -19,6 +19,7 @@ use fred::clients::{Client, WithOptions};
 use fred::prelude::*;
 use fred::types::config::Options;
 
+mod batches;
 mod capabilities;
 mod config;
 mod heads;
@@ -29,6 +30,7 @@ mod lease;
 mod outage;
 pub(crate) mod retry;
 mod subscription;
+mod values;
 mod writes;
 mod written;
 
@@ -42,8 +44,8 @@ pub(crate) use subscription::missed_windows as subscription_windows;
 pub(crate) use subscription::{MissedWindows, WindowReporter};
 pub(crate) use written::WrittenKeys;
 
-pub(crate) use self::heads::HeadRead;
-use self::heads::{HeadReads, Turn};
+pub(crate) use self::batches::KeyRead;
+use self::batches::{ReadBatches, ReadKind, Turn};
 use self::health::{one_attempt, spawn_probe, watch_events, HealthState};
 use self::keys::RedisKeys;
 use self::subscription::SubscriberProbe;
@@ -109,7 +111,9 @@ pub(crate) struct RedisStore {
     /// How long closing may wait for the QUITs.
     close_within: Duration,
     /// Lookups' head reads, gathered while one is on its way.
-    heads: Arc<HeadReads>,
+    heads: Arc<ReadBatches>,
+    /// Lookups' whole-value reads, gathered while one is on its way.
+    values: Arc<ReadBatches>,
 }
 
 impl RedisStore {
@@ -218,7 +222,16 @@ impl RedisStore {
             // Three commands (UNSUBSCRIBE, then the QUITs), each bounded by the
             // command timeout.
             close_within: command_timeout.saturating_mul(3),
-            heads: Arc::new(HeadReads::new(clustered)),
+            heads: Arc::new(ReadBatches::new(
+                ReadKind::Heads,
+                clustered,
+                one_attempt(command_timeout),
+            )),
+            values: Arc::new(ReadBatches::new(
+                ReadKind::Values,
+                clustered,
+                one_attempt(command_timeout),
+            )),
         })
     }
 
@@ -241,29 +254,28 @@ impl RedisStore {
         self.options.timeout.unwrap_or(Duration::MAX)
     }
 
-    /// The readers' connection (another one for a retry), with the per-call limits;
-    /// `timeout`, when given, in place of the command timeout.
-    fn reader(
-        &self,
-        attempt: u8,
-        timeout: Option<Duration>,
-    ) -> Result<WithOptions<Client>, StoreError> {
+    /// `connection` with the per-call limits; `timeout`, when given, in place of the
+    /// command timeout.
+    fn limited(&self, connection: &Client, timeout: Option<Duration>) -> WithOptions<Client> {
+        match timeout {
+            None => connection.with_options(&self.options),
+            Some(timeout) => connection.with_options(&Options {
+                timeout: Some(timeout),
+                ..self.options.clone()
+            }),
+        }
+    }
+
+    /// The readers' connection (another one for a retry).
+    fn reader_connection(&self, attempt: u8) -> Result<&Client, StoreError> {
         let index = self
             .health
             .pick_reader(attempt)
             .ok_or_else(StoreError::unavailable)?;
-        let client = self
-            .pool
+        self.pool
             .clients()
             .get(index)
-            .ok_or_else(StoreError::unavailable)?;
-        Ok(match timeout {
-            None => client.with_options(&self.options),
-            Some(timeout) => client.with_options(&Options {
-                timeout: Some(timeout),
-                ..self.options.clone()
-            }),
-        })
+            .ok_or_else(StoreError::unavailable)
     }
 
     /// Whether `entry` is too large to be sent, known without encoding it: its body
@@ -309,7 +321,7 @@ impl RedisStore {
         key: &CacheKey,
         attempt: u8,
     ) -> Result<Option<Entry>, StoreError> {
-        let value = self.get_encoded(key, attempt, None).await?;
+        let value = self.get_encoded(key, attempt, None).await?.into_bytes();
         Ok(value.and_then(|bytes| decoded(key, bytes)))
     }
 
@@ -321,13 +333,42 @@ impl RedisStore {
         key: &CacheKey,
         attempt: u8,
         timeout: Option<Duration>,
-    ) -> Result<Option<Bytes>, StoreError> {
+    ) -> Result<KeyRead, StoreError> {
+        let connection = self.reader_connection(attempt)?;
+        let (_lead, name) = match self.turn(&self.values, key, attempt, connection) {
+            Turn::Wait(answer) => return batches::wait(answer, self.bound(timeout)).await,
+            Turn::Lead(lead, name) => (Some(lead), name),
+            Turn::Alone(name) => (None, name),
+        };
         // Boxed: fred's `GET` future is about 7 KB, and every future that awaits a
         // read (the attempts, the read flight, the lookup) would hold it inline and be
         // moved with it.
-        Box::pin(self.reader(attempt, timeout)?.get(self.keys.entry(key)))
+        Box::pin(self.limited(connection, timeout).get(name))
             .await
+            .map(KeyRead::alone)
             .map_err(StoreError::command)
+    }
+
+    /// Where a lookup's read of `key` goes: into `batches`' queue, or alone (a retry
+    /// reads alone, on another connection).
+    fn turn<'a>(
+        &'a self,
+        batches: &'a Arc<ReadBatches>,
+        key: &CacheKey,
+        attempt: u8,
+        connection: &'a Client,
+    ) -> Turn<'a> {
+        let name = self.keys.entry(key);
+        if attempt == 0 {
+            batches.turn(name, connection, &self.health)
+        } else {
+            Turn::Alone(name)
+        }
+    }
+
+    /// How long a queued lookup waits for its batch: its own attempt's bound.
+    fn bound(&self, timeout: Option<Duration>) -> Duration {
+        timeout.unwrap_or_else(|| self.command_timeout())
     }
 
     /// At least the head of the value under `key` (its first [`VERSION_HEAD`] bytes,
@@ -341,33 +382,25 @@ impl RedisStore {
         key: &CacheKey,
         attempt: u8,
         timeout: Option<Duration>,
-    ) -> Result<HeadRead, StoreError> {
+    ) -> Result<KeyRead, StoreError> {
         let last = VERSION_HEAD - 1;
-        let reader = self.reader(attempt, timeout)?;
-        let name = self.keys.entry(key);
-        // A retry reads alone, on another connection.
-        let turn = if attempt == 0 {
-            self.heads.turn(name, &reader, &self.health)
-        } else {
-            Turn::Alone(name)
-        };
-        let (_lead, name) = match turn {
-            Turn::Wait(answer) => {
-                let bound = timeout.unwrap_or_else(|| self.command_timeout());
-                return heads::wait(answer, bound).await;
-            }
+        let connection = self.reader_connection(attempt)?;
+        let (_lead, name) = match self.turn(&self.heads, key, attempt, connection) {
+            Turn::Wait(answer) => return batches::wait(answer, self.bound(timeout)).await,
             Turn::Lead(lead, name) => (Some(lead), name),
             Turn::Alone(name) => (None, name),
         };
+        let reader = self.limited(connection, timeout);
         match Box::pin(reader.getrange::<Bytes, _>(name, 0, last)).await {
             // Redis answers an absent key's range as empty; no stored value is empty.
-            Ok(head) => Ok(HeadRead::alone((!head.is_empty()).then_some(head))),
+            Ok(head) => Ok(KeyRead::alone((!head.is_empty()).then_some(head))),
             Err(error) if capabilities::refused(&error) => {
                 self.health.refuse_head_reads();
                 tracing::warn!(target: TARGET, error = %error, "redis refuses GETRANGE: lookups read values whole");
-                self.get_encoded(key, attempt, timeout)
+                Box::pin(reader.get(self.keys.entry(key)))
                     .await
-                    .map(HeadRead::alone)
+                    .map(KeyRead::alone)
+                    .map_err(StoreError::command)
             }
             Err(error) => Err(StoreError::command(error)),
         }
