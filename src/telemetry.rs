@@ -74,7 +74,9 @@ pub struct CacheStats {
     /// `GETRANGE`s for heads, an `MGET` for whole values): lookups that arrived while
     /// another read of the same kind was on its way, and queued for the next batch
     /// instead of sending a command each (not on a Redis Cluster, nor where Redis
-    /// refuses the batch's command).
+    /// refuses the batch's command). Lookups through
+    /// [`HybridCacheBuilder::redis_layer`](crate::HybridCacheBuilder::redis_layer)
+    /// layers are batched but not counted here.
     pub redis_reads_batched: u64,
     /// Keys invalidated: by a successful unsafe request (POST, PUT, PATCH, DELETE …)
     /// through the layer, or by `HybridCache::invalidate`.
