@@ -442,6 +442,25 @@ async fn a_refused_head_script_answers_its_lookups_and_lookups_read_alone_after(
     assert_eq!(origin.log.calls(), 100);
 }
 
+/// Head batching needs only `EVAL` and `GETRANGE`: an ACL user without `rename`
+/// (whose writes go without the write script) still reads the heads of lookups at
+/// once in script calls.
+#[tokio::test]
+async fn an_acl_user_without_rename_still_reads_heads_in_batches() {
+    let redis = acl_redis(&[("norename", "-rename")]);
+    let admin = |args: &[&str]| admin(&redis, args);
+    let origin = Origin::new();
+    let cache = checked_replica(&format!("redis://norename:pw@127.0.0.1:{}", redis.port())).await;
+    assert_eq!(cache.redis_health().unwrap().missing_commands, ["rename"]);
+    let stored = filled(&origin, &cache, 60).await;
+    let scripts = command_stat_in(&admin(&["INFO", "commandstats"]), "eval", "calls");
+    looked_up_at_once(&origin, &cache, &stored, "redis").await;
+    let after = command_stat_in(&admin(&["INFO", "commandstats"]), "eval", "calls");
+    assert!(after > scripts, "no head script sent");
+    assert!(cache.stats().redis_reads_batched > 0);
+    assert_eq!(cache.stats().redis_errors, 0);
+}
+
 /// Lookups queued behind a read that a frozen Redis never answers wait no longer
 /// than their own bound, are served from memory, and the queue is not left stuck:
 /// once Redis is back, lookups at once are Redis hits again.

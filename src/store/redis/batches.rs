@@ -86,7 +86,7 @@ impl ReadKind {
     /// Whether this Redis lets this kind of read go in batches now.
     fn allowed(self, health: &HealthState) -> bool {
         match self {
-            ReadKind::Heads => health.scripts_allowed(),
+            ReadKind::Heads => health.head_batches_allowed(),
             ReadKind::Values => health.value_batches_allowed(),
         }
     }

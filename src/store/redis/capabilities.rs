@@ -105,7 +105,11 @@ pub(crate) const GETRANGE: &str = "getrange";
 /// with it.
 pub(crate) const MGET: &str = "mget";
 
-/// The commands the cache's scripts run: with any of them refused (or `EVAL`), writes
+/// The commands the head script runs (`EVAL`, and a `GETRANGE` a key): with either
+/// refused, lookups read their heads alone.
+pub(crate) const HEAD_SCRIPT_COMMANDS: [&str; 2] = ["eval", GETRANGE];
+
+/// The commands the cache's write scripts run: with any of them refused (or `EVAL`), writes
 /// and invalidation marks go without the scripts.
 pub(crate) const SCRIPT_COMMANDS: [&str; 7] =
     ["eval", "get", "set", "del", "exists", "rename", "pexpire"];

@@ -47,7 +47,7 @@ pub(super) async fn read(client: &WithOptions<Client>, health: &HealthState, bat
             // `EVAL`, or the `GETRANGE` in it: the values are read whole, once, and
             // their heads answered (lookups read alone from now on).
             tracing::warn!(target: TARGET, error = %error, "redis refuses the head script: lookups read heads alone");
-            health.refuse_scripts();
+            health.refuse_head_batches();
             let reads = batch
                 .iter()
                 .map(|waiter| Box::pin(client.get::<Option<Bytes>, _>(waiter.key())));

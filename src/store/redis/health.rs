@@ -112,6 +112,10 @@ pub(crate) struct HealthState {
     /// value (`GETRANGE`): until a capability check finds it refused, or Redis refuses
     /// one as it runs (lookups then read values whole).
     head_reads: AtomicBool,
+    /// Whether lookups' head reads go in batches (a script of `GETRANGE`s): until a
+    /// capability check finds `EVAL` or `GETRANGE` refused, or Redis refuses the
+    /// script as it runs.
+    head_batches: AtomicBool,
     /// Whether lookups' whole-value reads go in batches (`MGET`): until a capability
     /// check finds `MGET` refused, or Redis refuses one as it runs.
     value_batches: AtomicBool,
@@ -132,6 +136,7 @@ impl HealthState {
             reseeding: AtomicBool::new(false),
             scripts: AtomicBool::new(true),
             head_reads: AtomicBool::new(true),
+            head_batches: AtomicBool::new(true),
             value_batches: AtomicBool::new(true),
         };
         for client in &state.clients {
@@ -285,6 +290,17 @@ impl HealthState {
         self.head_reads.store(false, Ordering::Relaxed);
     }
 
+    /// Whether lookups' head reads may go in batches (the head script not refused).
+    pub(crate) fn head_batches_allowed(&self) -> bool {
+        self.head_batches.load(Ordering::Relaxed)
+    }
+
+    /// Stops head batches (Redis refused the head script), until a check finds
+    /// `EVAL` and `GETRANGE` allowed.
+    pub(crate) fn refuse_head_batches(&self) {
+        self.head_batches.store(false, Ordering::Relaxed);
+    }
+
     /// Whether lookups' whole-value reads may go in batches (`MGET` not refused).
     pub(crate) fn value_batches_allowed(&self) -> bool {
         self.value_batches.load(Ordering::Relaxed)
@@ -358,6 +374,12 @@ impl HealthState {
         self.scripts.store(scripts, Ordering::Relaxed);
         self.head_reads.store(
             !findings.missing.contains(&capabilities::GETRANGE),
+            Ordering::Relaxed,
+        );
+        self.head_batches.store(
+            !capabilities::HEAD_SCRIPT_COMMANDS
+                .iter()
+                .any(|command| findings.missing.contains(command)),
             Ordering::Relaxed,
         );
         self.value_batches.store(
