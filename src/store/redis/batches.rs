@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use fred::clients::{Client, WithOptions};
-use fred::interfaces::ClientLike;
+use fred::interfaces::{ClientLike, KeysInterface};
 use fred::types::config::Options;
 use tokio::sync::oneshot;
 
@@ -267,6 +267,33 @@ async fn read_batch(
     match kind {
         ReadKind::Heads => heads::read(client, health, batch).await,
         ReadKind::Values => values::read(client, health, batch).await,
+    }
+}
+
+/// Answers every waiter of `batch` with `error()`: what failed the batch's command
+/// would have failed each read of it.
+pub(super) fn fail_all(batch: Vec<Waiter>, error: impl Fn() -> StoreError) {
+    for waiter in batch {
+        waiter.answer(Err(error()));
+    }
+}
+
+/// Reads each waiter's value whole by a `GET` of its own (Redis refused the batch's
+/// command), and answers it with `keep` of the value.
+pub(super) async fn read_each_whole(
+    client: &WithOptions<Client>,
+    batch: Vec<Waiter>,
+    keep: impl Fn(Bytes) -> Bytes,
+) {
+    let reads = batch
+        .iter()
+        .map(|waiter| Box::pin(client.get::<Option<Bytes>, _>(waiter.key())));
+    let values = futures_util::future::join_all(reads).await;
+    for (waiter, value) in batch.into_iter().zip(values) {
+        let answer = value
+            .map(|value| KeyRead::alone(value.map(&keep)))
+            .map_err(StoreError::command);
+        waiter.answer(answer);
     }
 }
 

@@ -6,7 +6,7 @@ use fred::clients::{Client, WithOptions};
 use fred::prelude::*;
 use fred::types::{ClusterHash, CustomCommand, Value};
 
-use super::batches::{KeyRead, Waiter};
+use super::batches::{self, KeyRead, Waiter};
 use super::capabilities::refused;
 use super::health::HealthState;
 use super::StoreError;
@@ -39,26 +39,15 @@ pub(super) async fn read(client: &WithOptions<Client>, health: &HealthState, bat
         Ok(heads) => {
             // Not what the script returns: no waiter is given another key's head.
             tracing::warn!(target: TARGET, keys = batch.len(), heads = heads.len(), "redis: a head batch came back with the wrong count");
-            for waiter in batch {
-                waiter.answer(Err(StoreError::unavailable()));
-            }
+            batches::fail_all(batch, StoreError::unavailable);
         }
         Err(error) if refused(&error) => {
             // `EVAL`, or the `GETRANGE` in it: the values are read whole, once, and
             // their heads answered (lookups read alone from now on).
             tracing::warn!(target: TARGET, error = %error, "redis refuses the head script: lookups read heads alone");
             health.refuse_head_batches();
-            let reads = batch
-                .iter()
-                .map(|waiter| Box::pin(client.get::<Option<Bytes>, _>(waiter.key())));
-            let values = futures_util::future::join_all(reads).await;
-            for (waiter, value) in batch.into_iter().zip(values) {
-                let answer = value
-                    .map(|value| value.map(|value| value.slice(..value.len().min(VERSION_HEAD))))
-                    .map(KeyRead::alone)
-                    .map_err(StoreError::command);
-                waiter.answer(answer);
-            }
+            let head = |value: Bytes| value.slice(..value.len().min(VERSION_HEAD));
+            batches::read_each_whole(client, batch, head).await;
         }
         Err(error) if StoreError::command(error.clone()).kind() == StoreErrorKind::Reply => {
             // An error reply for the call as a whole (a key holding another type, say):
@@ -75,11 +64,7 @@ pub(super) async fn read(client: &WithOptions<Client>, health: &HealthState, bat
                 waiter.answer(answer);
             }
         }
-        Err(error) => {
-            // Redis unreachable, slow or busy: every lookup of the batch would be.
-            for waiter in batch {
-                waiter.answer(Err(StoreError::command(error.clone())));
-            }
-        }
+        // Redis unreachable, slow or busy: every lookup of the batch would be.
+        Err(error) => batches::fail_all(batch, || StoreError::command(error.clone())),
     }
 }

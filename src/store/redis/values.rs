@@ -8,7 +8,7 @@ use bytes::Bytes;
 use fred::clients::{Client, WithOptions};
 use fred::prelude::*;
 
-use super::batches::{KeyRead, Waiter};
+use super::batches::{self, KeyRead, Waiter};
 use super::capabilities::refused;
 use super::health::HealthState;
 use super::StoreError;
@@ -27,27 +27,15 @@ pub(super) async fn read(client: &WithOptions<Client>, health: &HealthState, bat
         Ok(values) => {
             // Not what `MGET` returns: no waiter is given another key's value.
             tracing::warn!(target: TARGET, keys = batch.len(), values = values.len(), "redis: a value batch came back with the wrong count");
-            for waiter in batch {
-                waiter.answer(Err(StoreError::unavailable()));
-            }
+            batches::fail_all(batch, StoreError::unavailable);
         }
         Err(error) if refused(&error) => {
             // The values are read one by one, once (lookups read alone from now on).
             tracing::warn!(target: TARGET, error = %error, "redis refuses MGET: lookups read values alone");
             health.refuse_value_batches();
-            let reads = batch
-                .iter()
-                .map(|waiter| Box::pin(client.get::<Option<Bytes>, _>(waiter.key())));
-            let values = futures_util::future::join_all(reads).await;
-            for (waiter, value) in batch.into_iter().zip(values) {
-                waiter.answer(value.map(KeyRead::alone).map_err(StoreError::command));
-            }
+            batches::read_each_whole(client, batch, |value| value).await;
         }
-        Err(error) => {
-            // Redis unreachable, slow or busy: every lookup of the batch would be.
-            for waiter in batch {
-                waiter.answer(Err(StoreError::command(error.clone())));
-            }
-        }
+        // Redis unreachable, slow or busy: every lookup of the batch would be.
+        Err(error) => batches::fail_all(batch, || StoreError::command(error.clone())),
     }
 }
