@@ -597,6 +597,7 @@ async fn a_key_of_another_type_in_a_value_batch_misses_alone() {
         .map(|(url, _)| call(app(&origin, &reader), get(url)));
     let answers = futures_util::future::join_all(lookups).await;
     assert_eq!(from_tier(&answers, "redis"), 38, "every lookup but two");
+    assert!(reader.stats().redis_reads_batched >= 30, "read in batches");
     assert_eq!(
         origin.log.calls(),
         40 + 2,
