@@ -72,7 +72,7 @@ pub struct CacheStats {
     pub redis_head_hits: u64,
     /// Redis reads sent with other keys' in one command (a script call of
     /// `GETRANGE`s for heads, an `MGET` for whole values): lookups that arrived while
-    /// another read of the same kind was on its way, and queued for the next batch
+    /// four reads of the same kind were on their way, and queued for the next batch
     /// instead of sending a command each (not on a Redis Cluster, nor where Redis
     /// refuses the batch's command). Lookups through
     /// [`HybridCacheBuilder::redis_layer`](crate::HybridCacheBuilder::redis_layer)

@@ -1,10 +1,10 @@
-//! Reads of different keys gathered into one command while one is on its way.
+//! Reads of different keys gathered into one command while others are on their way.
 //!
 //! Most of a Redis read's cost on this side is fred's work for one command (building
 //! it, a hop to its router task, encoding, the reply's parsing and the wake-up), not
-//! the bytes it reads. A lookup that finds no read of its kind on its way sends its
-//! own at once; the lookups that arrive meanwhile queue, and when it ends their keys
-//! are read together ([`heads`](super::heads): one script call of `GETRANGE`s;
+//! the bytes it reads. A lookup that finds fewer than [`ALONE_AT_ONCE`] reads of its
+//! kind on their way sends its own at once; the lookups that arrive while that many
+//! are on their way queue, and when one ends their keys are read together ([`heads`](super::heads): one script call of `GETRANGE`s;
 //! [`values`](super::values): one `MGET`), up to [`MAX_BATCH`] keys a command, by a
 //! task that goes on while lookups keep queueing. Every lookup still gets an answer
 //! from a read sent after it arrived, and waits at most its own bound. Not on a Redis
@@ -28,6 +28,14 @@ use super::{heads, values, StoreError};
 /// and 64 `GETRANGE`s (about 1.2 µs each, `INFO commandstats`) or a 64-key `MGET` of
 /// entries of a few KiB hold it for well under a millisecond.
 pub(super) const MAX_BATCH: usize = 64;
+
+/// Reads of one kind that go alone at once before lookups queue: with fewer in
+/// flight a batch would hold one or two keys, and its hop through a task of its own
+/// cost more than it saved (`redis_instructions` at 2 requests in flight: a Redis hit
+/// 43 483 instructions queueing behind one read, 34 143 with four alone; a miss's read
+/// 50 130 against 40 934), while at 16 and more nearly every read still goes in a
+/// batch (BENCHMARKS.md, "Whole-value reads in batches").
+const ALONE_AT_ONCE: usize = 4;
 
 /// Lookups that may queue at most; past it a lookup reads alone (a frozen Redis
 /// must not grow the queue without bound).
@@ -92,7 +100,7 @@ impl ReadKind {
     }
 }
 
-/// The queue of one kind of read, and whether one is on its way.
+/// The queue of one kind of read, and how many are on their way.
 pub(crate) struct ReadBatches {
     state: Mutex<Queue>,
     kind: ReadKind,
@@ -103,11 +111,11 @@ pub(crate) struct ReadBatches {
     options: Options,
 }
 
-/// Whether a read (a lookup's own, or a batch) is on its way, and the lookups that
+/// How many reads (lookups' own, and batches) are on their way, and the lookups that
 /// wait for the next batch.
 #[derive(Default)]
 struct Queue {
-    on_its_way: bool,
+    on_their_way: usize,
     waiting: Vec<Waiter>,
 }
 
@@ -198,8 +206,8 @@ impl ReadBatches {
             return Turn::Alone(key);
         }
         let mut queue = self.lock();
-        if !queue.on_its_way {
-            queue.on_its_way = true;
+        if queue.on_their_way < ALONE_AT_ONCE {
+            queue.on_their_way += 1;
             let lead = Lead {
                 batches: self,
                 client,
@@ -215,23 +223,25 @@ impl ReadBatches {
         Turn::Wait(receiver)
     }
 
-    /// The lookups queued so far; none left: nothing is on its way any more.
+    /// The lookups queued so far, for the read that just ended to hand on; none left:
+    /// that read's place is free.
     fn next_batch(&self) -> Option<Vec<Waiter>> {
         let mut queue = self.lock();
         // A lookup that gave up needs no read.
         queue.waiting.retain(|waiter| !waiter.answer.is_closed());
         if queue.waiting.is_empty() {
-            queue.on_its_way = false;
+            queue.on_their_way = queue.on_their_way.saturating_sub(1);
             return None;
         }
         Some(std::mem::take(&mut queue.waiting))
     }
 
-    /// Drops the queue: its lookups read alone (their receivers end).
+    /// Drops the queue (its lookups' receivers end) and frees the place of the read
+    /// that ended.
     fn forget(&self) {
         let mut queue = self.lock();
         queue.waiting.clear();
-        queue.on_its_way = false;
+        queue.on_their_way = queue.on_their_way.saturating_sub(1);
     }
 
     /// Reads the queued keys, batch after batch, until no lookup is waiting.
